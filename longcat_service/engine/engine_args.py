@@ -1,0 +1,67 @@
+"""Engine options (vLLM names) with validation that names the bad field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longcat_service.engine.errors import EngineArgsError
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+@dataclass
+class EngineArgs:
+    model: str | Path | None = None  # checkpoint dir; None -> the generated demo model
+    dtype: str | torch.dtype | None = None  # None -> the loader's default
+    device: str | None = None  # None -> cuda if available, else cpu
+    load_format: str = "auto"
+    seed: int = 0  # for requests without their own seed
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None -> from kv_cache_memory_bytes or a default budget
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9  # share of the free GPU memory for the KV cache when nothing is given
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None -> config max_position_embeddings (capped to the cache size)
+    enable_prefix_caching: bool = True
+    step_timeout_s: float = 120.0  # AsyncEngine health: one step longer than this marks the engine unhealthy
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise EngineArgsError(name, f"must be a positive integer, got {value!r}")
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise EngineArgsError(name, f"must be a positive integer or None, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise EngineArgsError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.step_timeout_s > 0:
+            raise EngineArgsError("step_timeout_s", f"must be > 0, got {self.step_timeout_s}")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in _DTYPES:
+            raise EngineArgsError("dtype", f"unknown dtype {self.dtype!r}; use one of {sorted(_DTYPES)}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise EngineArgsError("device", f"invalid device {self.device!r}: {e}") from None
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        if self.dtype is None or isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

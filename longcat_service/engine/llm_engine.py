@@ -1,0 +1,181 @@
+"""The synchronous engine loop: schedule -> run the model -> process outputs, one step at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from longcat_service.engine.block_manager import BlockManager
+from longcat_service.engine.engine_args import EngineArgs
+from longcat_service.engine.errors import EngineArgsError, PromptError
+from longcat_service.engine.model_runner import ModelRunner
+from longcat_service.engine.output_processor import OutputProcessor, RequestState
+from longcat_service.engine.scheduler import Scheduler
+from longcat_service.engine.sequence import SequenceGroup
+from longcat_service.outputs import RequestOutput
+from longcat_service.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLoad:
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    kv_cache_usage: float  # share of KV blocks in use, 0..1
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs | None = None, **kwargs):
+        from longcat_service.tokenizer import load_tokenizer
+
+        self.args = args = args if args is not None else EngineArgs(**kwargs)
+        if args.model is None:
+            from longcat_service.demo_model import ensure_demo_model
+
+            model_path = ensure_demo_model()
+        else:
+            model_path = args.model
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(model_path)
+        self.runner = ModelRunner(args, model_path)
+        self.model_config = self.runner.config
+        self.vocab_size = self.runner.vocab_size
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = self.runner.sampler.eos_token_id
+        self.eos_token_id = self.runner.sampler.eos_token_id = eos
+        self.max_model_len = self._decide_max_model_len()
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_id, self.max_model_len)
+        self.states: dict[str, RequestState] = {}
+        self._pending: list[RequestOutput] = []  # final outputs of requests finished between steps (abort)
+
+    def _decide_max_model_len(self) -> int:
+        limit = int(getattr(self.model_config, "max_position_embeddings", 0) or 0) or None
+        capacity = self.runner.num_blocks * self.args.block_size
+        wanted = self.args.max_model_len
+        if wanted is not None:
+            if limit is not None and wanted > limit:
+                raise EngineArgsError("max_model_len", f"{wanted} exceeds the model's max_position_embeddings {limit}")
+            if wanted > capacity:
+                raise EngineArgsError(
+                    "num_kv_blocks", f"the KV cache holds {capacity} tokens, less than max_model_len {wanted}"
+                )
+            return wanted
+        wanted = limit or capacity
+        if wanted > capacity:
+            logger.warning("max_model_len capped to the KV cache capacity: %d tokens (model allows %d)", capacity, wanted)
+        return min(wanted, capacity)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def validate_request(self, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        """Raise PromptError / SamplingParamsError for a request this engine cannot serve (no state touched)."""
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        if prompt_token_ids is None or len(prompt_token_ids) == 0:
+            raise PromptError("prompt", "the prompt is empty")
+        if len(prompt_token_ids) + 1 > self.max_model_len:
+            raise PromptError(
+                "prompt",
+                f"{len(prompt_token_ids)} prompt tokens leave no room for an output token "
+                f"(max_model_len {self.max_model_len})",
+            )
+        for i, tok in enumerate(prompt_token_ids):
+            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
+                raise PromptError("token_ids", f"token {i} is {tok!r}, outside the vocabulary [0, {self.vocab_size})")
+        sampling_params.validate(self.vocab_size)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        deadline: float | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        prompt_token_ids = list(prompt_token_ids) if prompt_token_ids is not None else []
+        self.validate_request(prompt_token_ids, params)
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id: must be a non-empty string")
+        if request_id in self.states:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        now = time.monotonic()
+        group = SequenceGroup(request_id, prompt_token_ids, params, arrival_time or now, deadline)
+        self.scheduler.add(group)
+        self.states[request_id] = self.output_processor.new_state(group)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Finish the request now (its blocks are freed); the next step() returns its final output."""
+        if self.scheduler.abort(request_id) is None:
+            return False
+        self._pending.append(self._finalize(request_id))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_waiting_tokens=self.scheduler.num_waiting_tokens,
+            kv_cache_usage=self.block_manager.usage,
+        )
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule(time.monotonic())
+        for group in sched.expired:
+            outputs.append(self._finalize(group.request_id))
+        if not sched.scheduled:
+            return outputs
+        try:
+            results = self.runner.execute(sched.scheduled)
+        except Exception as e:  # fail this batch's requests, keep the engine serving
+            logger.exception("engine step failed for %d sequences", len(sched.scheduled))
+            failed = dict.fromkeys(s.seq.request_id for s in sched.scheduled)
+            for rid in failed:
+                group = self.scheduler.groups.get(rid)
+                if group is not None:
+                    self.scheduler.finish_group(group, "error")
+                    self.states[rid].error = f"{type(e).__name__}: {e}"
+                    outputs.append(self._finalize(rid))
+            return outputs
+
+        now = time.monotonic()
+        touched: dict[str, RequestState] = {}
+        for s, r in zip(sched.scheduled, results, strict=True):
+            seq = s.seq
+            state = self.states[seq.request_id]
+            self.scheduler.on_computed(s)
+            if r.prompt_logprobs:
+                self.output_processor.record_prompt_logprobs(state, s.start_pos, r.prompt_logprobs)
+            if r.token_id is None:
+                continue
+            seq.append_token(r.token_id)
+            finish = self.output_processor.on_token(state, seq, r.token_id, r.logprob, now)
+            if finish is not None:
+                self.scheduler.finish_seq(seq, *finish)
+                self.runner.release(seq.seq_id)
+            touched[seq.request_id] = state
+        for rid, state in touched.items():
+            if state.group.is_finished:
+                outputs.append(self._finalize(rid))
+            else:
+                outputs.append(self.output_processor.make_output(state, state.group.num_cached_tokens))
+        return outputs
+
+    def _finalize(self, request_id: str) -> RequestOutput:
+        """Last output of a request whose samples are all finished; forget it."""
+        state = self.states.pop(request_id)
+        for seq in state.group.seqs:
+            self.output_processor.finish_without_token(state, seq)
+            self.runner.release(seq.seq_id)
+        state.finished_time = time.monotonic()
+        return self.output_processor.make_output(state, state.group.num_cached_tokens)

@@ -1,0 +1,166 @@
+"""Batched token sampling on device tensors, vLLM semantics.
+
+Order per row: logit_bias, min_tokens mask (EOS and stop ids), repetition penalty (prompt + output tokens),
+frequency / presence penalties (output tokens), then greedy argmax (temperature 0) or temperature, top-k,
+top-p, min-p and a draw. Logprobs are the RAW log-softmax of the model logits (vLLM's default
+"raw_logprobs"): they describe the model, not the processed distribution the token was drawn from.
+
+A request with a seed draws from its own torch.Generator (seed + sample index), so its tokens do not depend on
+what else is in the batch; unseeded rows share the engine's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longcat_service.outputs import Logprob
+from longcat_service.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None  # per-request seed
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_id: int | None, device: torch.device | str, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed % 2**64)
+        return g
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[Logprob | None]]:
+        """logits: fp32 [M, vocab] -> (token id per row, Logprob per row or None when not asked)."""
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"logits has {logits.shape[0]} rows for {len(rows)} sampling rows")
+        logits = logits.float()
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        processed = self._process(logits.clone(), rows)
+        tokens = self._draw(processed, rows)
+
+        top_ids = top_vals = chosen = None
+        if raw_logprobs is not None:
+            max_n = max((r.params.logprobs or 0) for r in rows)
+            chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            if max_n > 0:
+                top = raw_logprobs.topk(max_n, dim=-1)
+                top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+        token_list = tokens.tolist()  # the one device -> host copy of the step (plus logprobs when asked)
+        logprobs: list[Logprob | None] = []
+        for i, row in enumerate(rows):
+            if not want_logprobs[i]:
+                logprobs.append(None)
+                continue
+            n = row.params.logprobs
+            top = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True)) if n else {}
+            top[token_list[i]] = chosen[i]
+            logprobs.append(Logprob(token_list[i], chosen[i], top))
+        return token_list, logprobs
+
+    # ---- logits processing ---------------------------------------------------------------------
+    def _process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        for i, row in enumerate(rows):
+            p = row.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[i].index_add_(0, ids, vals)
+            if len(row.output_token_ids) < p.min_tokens:
+                banned = list(p.stop_token_ids)
+                if self.eos_token_id is not None and not p.ignore_eos:
+                    banned.append(self.eos_token_id)
+                if banned:
+                    logits[i, banned] = _NEG_INF
+        if any(r.params.repetition_penalty != 1.0 for r in rows):
+            logits = self._repetition_penalty(logits, rows)
+        if any(r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows):
+            counts = self._token_counts([r.output_token_ids for r in rows], logits.device)
+            freq = self._column([r.params.frequency_penalty for r in rows], logits)
+            pres = self._column([r.params.presence_penalty for r in rows], logits)
+            logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
+        return logits
+
+    def _repetition_penalty(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        seen = self._token_counts([r.prompt_token_ids + r.output_token_ids for r in rows], logits.device) > 0
+        penalty = self._column([r.params.repetition_penalty for r in rows], logits).expand_as(logits)
+        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return torch.where(seen, scaled, logits)
+
+    def _token_counts(self, token_lists: list[list[int]], device: torch.device) -> torch.Tensor:
+        """[M, vocab] occurrence counts; padding goes to an extra column that is dropped."""
+        width = max((len(t) for t in token_lists), default=0)
+        padded = torch.full((len(token_lists), max(width, 1)), self.vocab_size, dtype=torch.long)
+        for i, t in enumerate(token_lists):
+            if t:
+                padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=device)
+        counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+        return counts[:, : self.vocab_size]
+
+    @staticmethod
+    def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+    # ---- drawing -------------------------------------------------------------------------------
+    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+        argmax = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return argmax
+        temps = self._column([r.params.temperature if not r.params.greedy else 1.0 for r in rows], logits)
+        logits = logits / temps
+        logits = self._top_k(logits, [r.params.top_k for r in rows])
+        probs = torch.softmax(logits, dim=-1)
+        probs = self._top_p_min_p(probs, rows)
+        # exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a host sync
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                noise[i].exponential_(generator=row.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, argmax, sampled)
+
+    @staticmethod
+    def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        ks = [k if 0 < k < vocab else vocab for k in top_ks]
+        if all(k == vocab for k in ks):
+            return logits
+        k_max = max(ks)
+        kth = logits.topk(k_max, dim=-1).values  # [M, k_max], descending
+        idx = torch.tensor(ks, device=logits.device)[:, None] - 1
+        threshold = kth.gather(1, idx)
+        return logits.masked_fill(logits < threshold, _NEG_INF)
+
+    def _top_p_min_p(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        top_ps = [r.params.top_p for r in rows]
+        min_ps = [r.params.min_p for r in rows]
+        if any(p < 1.0 for p in top_ps):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop_sorted = mass_before >= self._column(top_ps, probs)
+            drop_sorted[:, 0] = False
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        if any(p > 0.0 for p in min_ps):
+            threshold = self._column(min_ps, probs) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
