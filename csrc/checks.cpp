@@ -1,0 +1,78 @@
+// Input validation shared by every backend: errors name the offending argument.
+#include "ops.h"
+
+namespace longcat {
+
+int64_t check_router_args(const at::Tensor& logits, const at::Tensor& correction_bias, int64_t top_k,
+                          int64_t num_experts) {
+  TORCH_CHECK(logits.dim() == 2, "router_topk: logits must be 2-D [T, E+Z], got shape ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "router_topk: logits must be floating point, got ",
+              logits.scalar_type());
+  const int64_t width = logits.size(1);
+  TORCH_CHECK(correction_bias.dim() == 1 && correction_bias.size(0) == width,
+              "router_topk: correction_bias must have shape [", width, "], got ", correction_bias.sizes());
+  TORCH_CHECK(correction_bias.device() == logits.device(), "router_topk: correction_bias is on ",
+              correction_bias.device(), " but logits are on ", logits.device());
+  TORCH_CHECK(top_k >= 1 && top_k <= width, "router_topk: top_k must be in [1, ", width, "], got ", top_k);
+  TORCH_CHECK(num_experts >= 0 && num_experts <= width, "router_topk: num_experts must be in [0, ", width,
+              "], got ", num_experts);
+  return width;
+}
+
+void check_align_args(const at::Tensor& topk_ids, int64_t num_experts) {
+  TORCH_CHECK(topk_ids.dim() == 2, "moe_align: topk_ids must be 2-D [T, k], got shape ", topk_ids.sizes());
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+              "moe_align: topk_ids must be int32 or int64, got ", topk_ids.scalar_type());
+  TORCH_CHECK(num_experts >= 1, "moe_align: num_experts must be >= 1, got ", num_experts);
+}
+
+void check_ffn_args(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                    const at::Tensor& expert_offsets, const at::Tensor& sorted_slots, int64_t top_k) {
+  TORCH_CHECK(hidden.dim() == 2, "expert_ffn: hidden must be 2-D [T, H], got shape ", hidden.sizes());
+  TORCH_CHECK(w13.dim() == 3, "expert_ffn: w13 must be 3-D [E, 2I, H], got shape ", w13.sizes());
+  TORCH_CHECK(w2.dim() == 3, "expert_ffn: w2 must be 3-D [E, H, I], got shape ", w2.sizes());
+  const int64_t E = w13.size(0), H = hidden.size(1), I = w2.size(2);
+  TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == H, "expert_ffn: w13 must have shape [", E, ", ", 2 * I, ", ",
+              H, "], got ", w13.sizes());
+  TORCH_CHECK(w2.size(0) == E && w2.size(1) == H, "expert_ffn: w2 must have shape [", E, ", ", H, ", ", I,
+              "], got ", w2.sizes());
+  TORCH_CHECK(w13.scalar_type() == hidden.scalar_type() && w2.scalar_type() == hidden.scalar_type(),
+              "expert_ffn: hidden, w13 and w2 must share one dtype, got ", hidden.scalar_type(), ", ",
+              w13.scalar_type(), ", ", w2.scalar_type());
+  TORCH_CHECK(expert_offsets.dim() == 1 && expert_offsets.size(0) == E + 1 && expert_offsets.scalar_type() == at::kInt,
+              "expert_offsets must be int32 [", E + 1, "], got ", expert_offsets.scalar_type(), " ",
+              expert_offsets.sizes());
+  TORCH_CHECK(sorted_slots.dim() == 1 && sorted_slots.scalar_type() == at::kInt,
+              "expert_ffn: sorted_slots must be int32 [T*k], got ", sorted_slots.scalar_type(), " ",
+              sorted_slots.sizes());
+  TORCH_CHECK(top_k >= 1, "expert_ffn: top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(sorted_slots.size(0) == hidden.size(0) * top_k, "expert_ffn: sorted_slots must have T*k = ",
+              hidden.size(0) * top_k, " entries, got ", sorted_slots.size(0));
+  for (const auto* t : {&w13, &w2, &expert_offsets, &sorted_slots}) {
+    TORCH_CHECK(t->device() == hidden.device(), "expert_ffn: all tensors must be on ", hidden.device(),
+                ", got one on ", t->device());
+  }
+}
+
+void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slot_rows, const at::Tensor& topk_weights,
+                        const at::Tensor& hidden, const at::Tensor& zero_weight) {
+  TORCH_CHECK(topk_weights.dim() == 2, "combine: topk_weights must be 2-D [T, k], got shape ", topk_weights.sizes());
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == topk_weights.size(0),
+              "combine: hidden must be [T, H] with T = ", topk_weights.size(0), ", got ", hidden.sizes());
+  const int64_t T = topk_weights.size(0), k = topk_weights.size(1), H = hidden.size(1);
+  TORCH_CHECK(expert_out.dim() == 2 && expert_out.size(1) == H, "combine: expert_out must be [rows, ", H,
+              "], got ", expert_out.sizes());
+  TORCH_CHECK(slot_rows.numel() == T * k && slot_rows.scalar_type() == at::kInt,
+              "combine: slot_rows must be int32 with T*k = ", T * k, " entries, got ", slot_rows.scalar_type(), " ",
+              slot_rows.sizes());
+  TORCH_CHECK(zero_weight.dim() == 1 && zero_weight.size(0) == T, "combine: zero_weight must be [", T, "], got ",
+              zero_weight.sizes());
+  TORCH_CHECK(at::isFloatingType(expert_out.scalar_type()) && at::isFloatingType(hidden.scalar_type()),
+              "combine: expert_out and hidden must be floating point");
+  for (const auto* t : {&expert_out, &slot_rows, &topk_weights, &zero_weight}) {
+    TORCH_CHECK(t->device() == hidden.device(), "combine: all tensors must be on ", hidden.device(),
+                ", got one on ", t->device());
+  }
+}
+
+}  // namespace longcat

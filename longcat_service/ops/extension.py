@@ -1,0 +1,77 @@
+"""The ops backed by the compiled extension (torch.ops.longcat.*), with reference.py's signatures.
+
+The dispatcher picks the CPU or CUDA kernel from the tensors' device. On CUDA, expert_ffn has two
+regimes: a weight-streaming kernel for few tokens per expert (decode) and torch._grouped_mm for many
+(prefill); the choice uses only T, k and E, never device values, so it is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ops = torch.ops.longcat
+
+# Expected rows per expert (T*k/E) at or above which a grouped GEMM beats streaming weights with
+# CUDA-core FMAs (tensor cores win once each weight byte is reused by ~8+ rows).
+GROUPED_MM_MIN_ROWS_PER_EXPERT = 8
+
+
+def router_topk(logits, correction_bias, top_k, routed_scaling_factor, num_experts):
+    return _ops.router_topk(logits, correction_bias, top_k, float(routed_scaling_factor), num_experts)
+
+
+def moe_align(topk_ids, num_experts):
+    return _ops.moe_align(topk_ids, num_experts)
+
+
+def _use_grouped_mm(hidden: torch.Tensor, w13: torch.Tensor, num_slots: int) -> bool:
+    if not hidden.is_cuda or hidden.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.cuda.get_device_capability(hidden.device) < (9, 0):
+        return False
+    if hidden.shape[-1] % 8 or w13.shape[1] % 16:  # 16-byte row alignment for the grouped GEMM
+        return False
+    return num_slots >= GROUPED_MM_MIN_ROWS_PER_EXPERT * w13.shape[0]
+
+
+def _expert_ffn_grouped_mm(hidden, w13, w2, expert_offsets, sorted_slots, top_k):
+    """Prefill path: gather rows into expert order, two grouped GEMMs (bf16, fp32 accumulate), SwiGLU."""
+    num_rows = sorted_slots.shape[0]
+    inter = w2.shape[-1]
+    tokens = torch.div(sorted_slots.clamp(min=0), top_k, rounding_mode="floor")
+    x = hidden.index_select(0, tokens)
+    ends = expert_offsets[1:]
+    gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
+    act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=ends)
+    # _grouped_mm leaves rows past the last group's end unwritten; the op's contract says they are zero.
+    valid = torch.arange(num_rows, device=hidden.device) < expert_offsets[-1]
+    return torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def expert_ffn(hidden, w13, w2, expert_offsets, sorted_slots, top_k, active_experts=None, num_active=None):
+    if _use_grouped_mm(hidden, w13, sorted_slots.shape[0]):
+        return _expert_ffn_grouped_mm(hidden, w13, w2, expert_offsets, sorted_slots, top_k)
+    return _ops.expert_ffn(hidden, w13, w2, expert_offsets, sorted_slots, top_k, active_experts, num_active)
+
+
+def combine(expert_out, slot_rows, topk_weights, hidden, zero_weight, add_identity):
+    return _ops.combine(expert_out, slot_rows, topk_weights, hidden, zero_weight, bool(add_identity))
+
+
+def moe_forward(
+    hidden,
+    router_logits,
+    correction_bias,
+    w13,
+    w2,
+    top_k,
+    routed_scaling_factor,
+    add_identity=True,
+):
+    num_experts = w13.shape[0]
+    ids, weights, zero_weight = router_topk(router_logits, correction_bias, top_k, routed_scaling_factor, num_experts)
+    offsets, sorted_slots, slot_rows, active, num_active = moe_align(ids, num_experts)
+    expert_out = expert_ffn(hidden, w13, w2, offsets, sorted_slots, top_k, active, num_active)
+    return combine(expert_out, slot_rows, weights, hidden, zero_weight, add_identity)
