@@ -1,0 +1,1 @@
+"""Tensor-parallel state and collectives (no-ops at tp_size 1)."""

@@ -1,0 +1,78 @@
+"""LongCat-Flash MLA attention (projections, LoRA scales, RoPE) over the paged latent KV cache.
+
+Heads are split across tensor-parallel ranks: q_b_proj and kv_b_proj are column-parallel on heads, o_proj
+is row-parallel; q_a_proj / kv_a_proj_with_mqa and the latent cache are replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from longcat_service.config import ModelConfig
+from longcat_service.distributed.parallel_state import get_tp_size
+from longcat_service.layers.layernorm import RMSNorm
+from longcat_service.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from longcat_service.layers.paged_attention import AttentionPlan, decode_attention, prefill_attention, write_kv_cache
+from longcat_service.layers.rotary import apply_rope
+from longcat_service.layers.weight_utils import divide
+
+# transformers builds q_a_layernorm / kv_a_layernorm without eps, i.e. the class default (spec §2.1).
+LORA_NORM_EPS = 1e-6
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        c = config
+        self.num_heads = divide(c.num_attention_heads, get_tp_size(), "num_attention_heads")
+        self.kv_lora_rank = c.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.qk_head_dim = c.qk_head_dim
+        self.scale = c.softmax_scale
+        self.q_scale, self.kv_scale = c.mla_q_scale, c.mla_kv_scale
+        bias = c.attention_bias
+        self.q_a_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank, dtype, bias=bias)
+        self.q_a_layernorm = RMSNorm(c.q_lora_rank, LORA_NORM_EPS, dtype)
+        self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, dtype)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, dtype, bias=bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LORA_NORM_EPS, dtype)
+        self.kv_b_proj = ColumnParallelLinear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), dtype)
+        self.o_proj = RowParallelLinear(c.num_attention_heads * c.v_head_dim, c.hidden_size, dtype, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [N, H] -> [N, H]; writes the N new tokens' cache entries first, then attends."""
+        n = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(n, self.num_heads, self.qk_head_dim)
+        q = q * self.q_scale  # the q LoRA scale covers both the nope and the rope part, in the model dtype
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent) * self.kv_scale  # scales k_nope and v, not the rope key
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope, cos, sin)
+        write_kv_cache(kv_cache, plan.slot_mapping, latent, k_rope)
+
+        out = x.new_empty(n, self.num_heads, self.v_head_dim)
+        dims = (self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.scale)
+        w_kv_b = self.kv_b_proj.weight
+        if plan.decode_slots is not None:
+            rows = plan.decode_tokens
+            qn, qr = (q_nope, q_rope) if rows is None else (q_nope[rows], q_rope[rows])
+            dec = decode_attention(qn, qr, kv_cache, plan.decode_slots, plan.decode_valid, w_kv_b, *dims)
+            if rows is None:
+                out = dec
+            else:
+                out[rows] = dec
+        q_full = torch.cat((q_nope, q_rope), dim=-1) if plan.prefills else None
+        for seg in plan.prefills:
+            out[seg.token_start : seg.token_end] = prefill_attention(
+                q_full[seg.token_start : seg.token_end], kv_cache, seg, w_kv_b, *dims
+            )
+        return self.o_proj(out.reshape(n, self.num_heads * self.v_head_dim))

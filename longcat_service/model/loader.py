@@ -1,0 +1,202 @@
+"""load_model: build LongcatFlashForCausalLM on the target device and fill it from a HF checkpoint directory
+(or with random "dummy" weights).
+
+- Checkpoint: `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json`. Tensors are
+  streamed from memory-mapped files with `safe_open`; each parameter's weight_loader reads only this rank's
+  slice. All keys are checked (missing / unexpected / listed in the index but absent) before any data is read.
+- `model.mtp.*` (the multi-token-prediction layer) is set aside: recorded in `model.mtp_weight_names`.
+- dtype None -> the config's `torch_dtype`; if the config has none: bfloat16 on CUDA, float32 on CPU.
+- Parameters are allocated directly on the target device (uninitialised, then overwritten), so a full-size
+  model is never built twice nor materialised on the host.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from longcat_service.config import ModelConfig
+from longcat_service.layers.weight_utils import CheckpointError, WeightLoadError
+from longcat_service.model.longcat_flash import LongcatFlashForCausalLM, WeightTarget
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MTP_PREFIX = "model.mtp."
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DUMMY_STD = 0.02  # transformers' initializer_range: keeps activations finite through many layers
+DUMMY_BIAS_STD = 0.01
+
+__all__ = ["CheckpointError", "WeightLoadError", "load_model", "resolve_dtype"]
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        if config.torch_dtype is not None:
+            return DTYPES[config.torch_dtype]
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
+        if name not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[name]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype}")
+    return dtype
+
+
+def load_model(
+    model_path: str | Path | ModelConfig | None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> LongcatFlashForCausalLM:
+    """Return an eval-mode LongcatFlashForCausalLM on `device`.
+
+    model_path: a checkpoint directory, a ModelConfig (dummy weights only), or None for the demo checkpoint.
+    load_format: "auto" (safetensors) or "dummy" (random weights from `seed`; only the config is read).
+    """
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format: must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
+    if model_path is None:
+        from longcat_service.demo_model import ensure_demo_model  # the tokenizer owner's demo checkpoint
+
+        model_path = ensure_demo_model()
+    model_dir: Path | None = None
+    if isinstance(model_path, ModelConfig):
+        if load_format != "dummy":
+            raise ValueError("load_format: a ModelConfig carries no weights; use load_format='dummy'")
+        config = model_path
+    else:
+        model_dir = Path(model_path)
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError("config.json not found", file=str(config_path))
+        config = ModelConfig.from_pretrained(config_path)
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(dtype, config, device)
+
+    checkpoint = None if load_format == "dummy" else _CheckpointIndex.open(model_dir)  # type: ignore[arg-type]
+    with torch.device(device):
+        model = LongcatFlashForCausalLM(config, dtype)
+    model.eval()
+    if checkpoint is None:
+        _init_dummy(model, seed)
+    else:
+        model.mtp_weight_names = _load_checkpoint(model, checkpoint)
+    return model
+
+
+class _CheckpointIndex:
+    """Which key lives in which file (from the index json or the single file's header)."""
+
+    def __init__(self, key_to_file: dict[str, Path], index_path: Path | None):
+        self.key_to_file = key_to_file
+        self.index_path = index_path
+
+    @classmethod
+    def open(cls, model_dir: Path) -> _CheckpointIndex:
+        index_path = model_dir / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"unreadable index ({exc})", file=str(index_path)) from exc
+            key_to_file = {key: model_dir / name for key, name in weight_map.items()}
+            for key, path in key_to_file.items():
+                if not path.is_file():
+                    raise CheckpointError(f"shard '{path.name}' listed in {INDEX_FILE} is missing", file=str(path), key=key)
+            return cls(key_to_file, index_path)
+        single = model_dir / SINGLE_FILE
+        if not single.is_file():
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in the checkpoint directory", file=str(model_dir))
+        with _open_safetensors(single) as f:
+            return cls({key: single for key in f.keys()}, None)
+
+
+class _open_safetensors:
+    """safe_open that reports a corrupt / truncated file as a CheckpointError naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._ctx: Any = None
+
+    def __enter__(self):
+        try:
+            self._ctx = safe_open(str(self.path), framework="pt", device="cpu")
+            return self._ctx.__enter__()
+        except Exception as exc:  # safetensors raises its own error types for bad headers / short files
+            raise CheckpointError(f"corrupt or truncated safetensors file ({exc})", file=str(self.path)) from exc
+
+    def __exit__(self, *exc_info):
+        return self._ctx.__exit__(*exc_info)
+
+
+def _load_checkpoint(model: LongcatFlashForCausalLM, checkpoint: _CheckpointIndex) -> list[str]:
+    targets = model.checkpoint_targets()
+    mtp = sorted(k for k in checkpoint.key_to_file if k.startswith(MTP_PREFIX))
+    for key, path in checkpoint.key_to_file.items():
+        if key not in targets and not key.startswith(MTP_PREFIX):
+            raise CheckpointError("unexpected key (not part of LongCat-Flash as configured)", file=str(path), key=key)
+    missing = [k for k in targets if k not in checkpoint.key_to_file]
+    if missing:
+        where = checkpoint.index_path or next(iter(checkpoint.key_to_file.values()), None)
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing key{more}", file=str(where) if where else None, key=missing[0])
+
+    by_file: dict[Path, list[str]] = {}
+    for key, path in checkpoint.key_to_file.items():
+        if key in targets:
+            by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with _open_safetensors(path) as f:  # one shard mapped at a time
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise CheckpointError(f"key listed in {INDEX_FILE} is not in this shard", file=str(path), key=key)
+                _load_one(targets[key], f, key, path)
+    return mtp
+
+
+def _load_one(target: WeightTarget, f: Any, key: str, path: Path) -> None:
+    if target.param is None:
+        return
+    try:
+        loaded = f.get_slice(key)
+        target.param.weight_loader(target.param, loaded, *target.args)
+    except WeightLoadError as exc:
+        raise WeightLoadError(exc.detail, file=str(path), key=key) from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a short read of a truncated file surfaces here
+        raise CheckpointError(f"could not read tensor ({type(exc).__name__}: {exc})", file=str(path), key=key) from exc
+
+
+@torch.no_grad()
+def _init_dummy(model: LongcatFlashForCausalLM, seed: int) -> None:
+    """Random weights generated on the target device: N(0, 0.02) matrices, norms = 1, small router bias."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    for name, param in _unique_params(model):
+        if name.endswith("norm.weight") or ".layernorm" in name or "_layernorm." in name:
+            param.fill_(1.0)
+        elif name.endswith("e_score_correction_bias") or name.endswith(".bias"):
+            param.normal_(0.0, DUMMY_BIAS_STD, generator=gen)
+        else:
+            param.normal_(0.0, DUMMY_STD, generator=gen)
+
+
+def _unique_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in seen:
+            seen.add(id(param))
+            yield name, param

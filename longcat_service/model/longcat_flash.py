@@ -1,0 +1,136 @@
+"""LongcatFlashForCausalLM over a paged latent KV cache (the layer wiring of transformers 4.57, spec §2).
+
+Parameter names mirror the HF checkpoint where the layout is the same; `checkpoint_targets()` maps every
+expected checkpoint key to the parameter (and loader arguments) that receives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from longcat_service.config import ModelConfig
+from longcat_service.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from longcat_service.layers.layernorm import RMSNorm
+from longcat_service.layers.mla_attention import MLAAttention
+from longcat_service.layers.mlp import DenseMLP
+from longcat_service.layers.moe import LongcatMoE
+from longcat_service.layers.paged_attention import AttentionPlan, build_attention_plan
+from longcat_service.layers.rotary import RotaryEmbedding
+from longcat_service.model.attention_metadata import AttentionMetadata
+
+
+class LongcatDecoderLayer(nn.Module):
+    """Two attention + two dense-MLP sublayers; the MoE reads post_attention_layernorm[0]'s output (the
+    same input as MLP 0) and its output joins the residual only at the very end (shortcut MoE)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = nn.ModuleList([RMSNorm(hidden, eps, dtype) for _ in range(2)])
+        self.post_attention_layernorm = nn.ModuleList([RMSNorm(hidden, eps, dtype) for _ in range(2)])
+        self.self_attn = nn.ModuleList([MLAAttention(config, dtype) for _ in range(2)])
+        self.mlps = nn.ModuleList([DenseMLP(hidden, config.ffn_hidden_size, dtype) for _ in range(2)])
+        self.mlp = LongcatMoE(config, dtype)
+
+    def forward(self, h, cos, sin, plan: AttentionPlan, kv_caches: tuple[torch.Tensor, torch.Tensor]):
+        h = h + self.self_attn[0](self.input_layernorm[0](h), cos, sin, plan, kv_caches[0])
+        n0 = self.post_attention_layernorm[0](h)
+        moe_out = self.mlp(n0)
+        h = h + self.mlps[0](n0)
+        h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, plan, kv_caches[1])
+        return h + self.mlps[1](self.post_attention_layernorm[1](h)) + moe_out
+
+
+class LongcatFlashModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList([LongcatDecoderLayer(config, dtype) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """Where one checkpoint tensor goes: param.weight_loader(param, loaded, *args). param None = read nothing."""
+
+    param: nn.Parameter | None
+    args: tuple = ()
+
+
+class LongcatFlashForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.model = LongcatFlashModel(config, dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+        self.mtp_weight_names: list[str] = []  # filled by the loader: model.mtp.* keys set aside
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Flat batch of new tokens [N] -> final-normed hidden states [N, H] (model dtype)."""
+        if len(kv_caches) != self.config.num_attention_sublayers:
+            raise ValueError(f"kv_caches: expected {self.config.num_attention_sublayers} tensors, got {len(kv_caches)}")
+        if input_ids.shape != positions.shape or input_ids.dim() != 1:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal 1-D")
+        plan = build_attention_plan(attn_metadata)
+        if plan.num_tokens != input_ids.shape[0]:
+            raise ValueError(f"attention metadata covers {plan.num_tokens} tokens, input_ids has {input_ids.shape[0]}")
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)  # shared by all attention sublayers
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, plan, (kv_caches[2 * i], kv_caches[2 * i + 1]))
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[M, H] -> fp32 [M, vocab] (the projection runs in the model dtype, as transformers does)."""
+        return self.lm_head(hidden)
+
+    def checkpoint_targets(self) -> dict[str, WeightTarget]:
+        """Every HF checkpoint key this model expects (mtp keys excluded) -> its target."""
+        c = self.config
+        t: dict[str, WeightTarget] = {"model.embed_tokens.weight": WeightTarget(self.model.embed_tokens.weight)}
+        for i, layer in enumerate(self.model.layers):
+            p = f"model.layers.{i}."
+            for j in range(2):
+                t[f"{p}input_layernorm.{j}.weight"] = WeightTarget(layer.input_layernorm[j].weight)
+                t[f"{p}post_attention_layernorm.{j}.weight"] = WeightTarget(layer.post_attention_layernorm[j].weight)
+                attn = layer.self_attn[j]
+                for name in ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"):
+                    module = getattr(attn, name)
+                    t[f"{p}self_attn.{j}.{name}.weight"] = WeightTarget(module.weight)
+                    if getattr(module, "bias", None) is not None:
+                        t[f"{p}self_attn.{j}.{name}.bias"] = WeightTarget(module.bias)
+                mlp = layer.mlps[j]
+                t[f"{p}mlps.{j}.gate_proj.weight"] = WeightTarget(mlp.gate_up_proj.weight, (0,))
+                t[f"{p}mlps.{j}.up_proj.weight"] = WeightTarget(mlp.gate_up_proj.weight, (1,))
+                t[f"{p}mlps.{j}.down_proj.weight"] = WeightTarget(mlp.down_proj.weight)
+            moe = layer.mlp
+            t[f"{p}mlp.router.classifier.weight"] = WeightTarget(moe.router.classifier.weight)
+            t[f"{p}mlp.router.e_score_correction_bias"] = WeightTarget(moe.router.e_score_correction_bias)
+            if c.router_bias:
+                t[f"{p}mlp.router.classifier.bias"] = WeightTarget(None)  # transformers never applies it
+            for e in range(c.n_routed_experts):
+                q = f"{p}mlp.experts.{e}."
+                t[q + "gate_proj.weight"] = WeightTarget(moe.experts.w13, (e, "gate"))
+                t[q + "up_proj.weight"] = WeightTarget(moe.experts.w13, (e, "up"))
+                t[q + "down_proj.weight"] = WeightTarget(moe.experts.w2, (e, "down"))
+        t["model.norm.weight"] = WeightTarget(self.model.norm.weight)
+        if not c.tie_word_embeddings:
+            t["lm_head.weight"] = WeightTarget(self.lm_head.weight)
+        return t
