@@ -1,0 +1,159 @@
+"""asyncio client: AsyncLongCatClient (same surface as LongCatClient, awaitable)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from longcat_service.client.channel import ChannelConfig
+from longcat_service.client.errors import from_rpc_error
+from longcat_service.client.request import generate_request, tokenize_request
+from longcat_service.client.retry import RetryPolicy
+from longcat_service.client.sync_client import _UNSET, DEFAULT_TIMEOUT_S, _remaining
+from longcat_service.client.types import GenerationChunk, GenerationResult, ResultBuilder, chunk_from_proto
+from longcat_service.server.generated import longcat_pb2 as pb
+from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
+
+
+class AsyncGenerationStream:
+    """Async iterator of GenerationChunk and an async context manager; leaving it early (or
+    `await close()`) cancels the call. `result` is everything received so far."""
+
+    def __init__(self, stub, request: pb.GenerateRequest, metadata, timeout_s: float | None, retry: RetryPolicy):
+        self._stub, self._request, self._metadata, self._retry = stub, request, metadata, retry
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._builder = ResultBuilder()
+        self._call = None
+        self._closed = False
+        self._iterator = self._iterate()
+
+    @property
+    def result(self) -> GenerationResult:
+        return self._builder.result
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        return await self._iterator.__anext__()
+
+    async def _iterate(self):
+        attempt = 0
+        while True:
+            self._call = self._stub.Generate(self._request, timeout=_remaining(self._deadline),
+                                             metadata=self._metadata)
+            try:
+                async for msg in self._call:
+                    chunk = chunk_from_proto(msg)
+                    self._builder.add(chunk)
+                    yield chunk
+                return
+            except grpc.RpcError as e:
+                if self._closed:
+                    return
+                code = e.code()
+                if self._retry.should_retry(code, attempt, self._builder.num_chunks > 0):
+                    pause = self._retry.backoff_s(attempt)
+                    left = _remaining(self._deadline)
+                    if left is None or pause < left:
+                        await asyncio.sleep(pause)
+                        attempt += 1
+                        continue
+                raise from_rpc_error(code, e.details(), e.trailing_metadata(), self._builder.result) from None
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+        await self._iterator.aclose()
+
+    cancel = close
+
+    async def __aenter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncLongCatClient:
+    """Create inside a running event loop; `async with AsyncLongCatClient(addr) as client: ...`."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: bool | None = None,
+                 root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
+                 client_key: bytes | str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
+                 retry: RetryPolicy | None = None, channel_options: Sequence = ()):
+        self._config = ChannelConfig(address, tls, root_certificates, client_certificate, client_key, api_key,
+                                     tuple(channel_options))
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._channel = self._config.aio_channel()
+        self._stub = pb_grpc.LongCatStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate_stream(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Mapping] | None = None,
+                        request_id: str | None = None, timeout=_UNSET, timeout_ms: int | None = None,
+                        **sampling) -> AsyncGenerationStream:
+        request = generate_request(prompt, messages=messages, request_id=request_id, timeout_ms=timeout_ms,
+                                   **sampling)
+        return AsyncGenerationStream(self._stub, request, self._config.metadata(), self._timeout(timeout),
+                                     self.retry)
+
+    async def generate(self, prompt=None, **kwargs) -> GenerationResult:
+        async with self.generate_stream(prompt, **kwargs) as stream:
+            async for _ in stream:
+                pass
+            return stream.result
+
+    def chat_stream(self, messages: Sequence[Mapping], **kwargs) -> AsyncGenerationStream:
+        return self.generate_stream(messages=messages, **kwargs)
+
+    async def chat(self, messages: Sequence[Mapping], **kwargs) -> GenerationResult:
+        return await self.generate(messages=messages, **kwargs)
+
+    async def abort(self, *request_ids: str, timeout=_UNSET) -> list[str]:
+        response = await self._unary(self._stub.Abort, pb.AbortRequest(request_ids=request_ids), timeout)
+        return list(response.aborted_request_ids)
+
+    async def model_info(self, timeout=_UNSET) -> pb.ModelInfo:
+        return await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    async def tokenize(self, text: str | None = None, *, messages: Sequence[Mapping] | None = None,
+                       timeout=_UNSET) -> list[int]:
+        return list((await self._unary(self._stub.Tokenize, tokenize_request(text, messages), timeout)).token_ids)
+
+    async def health(self, service: str = "", timeout=_UNSET) -> str:
+        response = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def _unary(self, method, request, timeout):
+        timeout_s = self._timeout(timeout)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=_remaining(deadline), metadata=self._config.metadata())
+            except grpc.RpcError as e:
+                if self.retry.should_retry(e.code(), attempt):
+                    pause = self.retry.backoff_s(attempt)
+                    if deadline is None or time.monotonic() + pause < deadline:
+                        await asyncio.sleep(pause)
+                        attempt += 1
+                        continue
+                raise from_rpc_error(e.code(), e.details(), e.trailing_metadata()) from None
+
+    def _timeout(self, timeout) -> float | None:
+        return self.timeout if timeout is _UNSET else timeout
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncLongCatClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,51 @@
+"""Prometheus metrics for the server (one registry per server, so several can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# Outcome labels of longcat_requests_total.
+OUTCOMES = ("ok", "aborted", "cancelled", "deadline", "invalid_argument", "resource_exhausted",
+            "slow_reader", "unavailable", "error")
+
+
+class ServerMetrics:
+    def __init__(self, engine, admission):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("longcat_requests", "Generate calls by outcome", ["outcome"], registry=r)
+        self.time_to_first_token = Histogram(
+            "longcat_time_to_first_token_seconds", "Call start to first streamed token", buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.time_per_output_token = Histogram(
+            "longcat_time_per_output_token_seconds", "Mean time per output token after the first, per request",
+            buckets=_TPOT_BUCKETS, registry=r)
+        self.output_tokens = Counter("longcat_output_tokens", "Output tokens streamed (rate() = tokens/s)", registry=r)
+        self.prompt_tokens = Counter("longcat_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        Gauge("longcat_queued_requests", "Admitted requests waiting for their first token",
+              registry=r).set_function(lambda: admission.queued_requests)
+        Gauge("longcat_queued_prompt_tokens", "Prompt tokens of queued requests",
+              registry=r).set_function(lambda: admission.queued_tokens)
+        Gauge("longcat_engine_waiting_requests", "Requests in the engine's waiting queue",
+              registry=r).set_function(lambda: engine.load().num_waiting)
+        Gauge("longcat_running_requests", "Requests the engine is running",
+              registry=r).set_function(lambda: engine.load().num_running)
+        Gauge("longcat_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
+              registry=r).set_function(lambda: engine.load().kv_cache_usage)
+        for outcome in OUTCOMES:  # export zeros so that rate() works from the first scrape
+            self.requests.labels(outcome)
+        self._http = None
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port (useful with port 0)."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

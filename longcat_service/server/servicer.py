@@ -1,0 +1,255 @@
+"""The LongCat gRPC servicer: validates, admits, and streams engine output to the client.
+
+Each Generate call runs two tasks joined by a bounded queue (--stream-buffer-size responses):
+a pump that consumes the engine's output stream, and the handler itself, which writes to the
+client. A client that stops reading stalls the handler's write; after --slow-reader-timeout-s the
+request is aborted and the call ends UNAVAILABLE, so a stalled client holds at most the queue plus
+what the engine produced meanwhile. Leaving the engine's stream (aclosing) aborts the request in the
+engine, which is how client cancellation, disconnects and slow readers free the KV cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import grpc
+
+from longcat_service import __version__
+from longcat_service.engine.errors import PromptError
+from longcat_service.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParamsError
+from longcat_service.server import convert
+from longcat_service.server.admission import AdmissionController, Overloaded
+from longcat_service.server.generated import longcat_pb2 as pb
+from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
+from longcat_service.server.health import ServingState
+from longcat_service.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+MAX_ABORT_IDS = 1024
+_END = object()  # end of the engine's output stream
+
+
+@dataclass
+class ServerOptions:
+    max_queued_requests: int = 512
+    max_queued_tokens: int = 262_144
+    stream_buffer_size: int = 64
+    slow_reader_timeout_s: float = 30.0
+    log_prompts: bool = False
+    model_name: str = "longcat-flash"
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self):
+        if self.stream_buffer_size < 1:
+            raise ValueError(f"stream_buffer_size must be >= 1, got {self.stream_buffer_size}")
+        if not self.slow_reader_timeout_s > 0:
+            raise ValueError(f"slow_reader_timeout_s must be > 0, got {self.slow_reader_timeout_s}")
+
+
+class CallFailed(Exception):
+    """Ends a Generate call with a non-OK status; `outcome` labels it in the metrics."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, outcome: str, trailing_metadata=()):
+        super().__init__(message)
+        self.code, self.message, self.outcome, self.trailing_metadata = code, message, outcome, trailing_metadata
+
+
+@dataclass
+class _Stats:
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    num_tokens: int = 0
+    finish_reasons: tuple = ()
+    output_text: str = ""
+
+
+class LongCatServicer(pb_grpc.LongCatServicer):
+    def __init__(self, engine, state: ServingState, admission: AdmissionController, metrics: ServerMetrics,
+                 options: ServerOptions):
+        self.engine = engine
+        self.state = state
+        self.admission = admission
+        self.metrics = metrics
+        self.options = options
+        self._running: set[str] = set()
+
+    # ---- Generate --------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        started_at = time.monotonic()
+        outcome = "error"
+        self.state.request_started()
+        try:
+            outcome = await self._generate(request, context, started_at)
+        except CallFailed as failure:
+            outcome = failure.outcome
+            await context.abort(failure.code, failure.message, trailing_metadata=failure.trailing_metadata)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+            self.state.request_finished()
+
+    async def _generate(self, request, context, started_at: float) -> str:
+        if not self.state.accepting:
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE,
+                             "server is draining" if self.state.draining else "server is loading", "unavailable")
+        if not self.state.engine_healthy():
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, "engine is not healthy", "unavailable")
+        try:
+            prompt = convert.prompt_from_request(request, self.engine.tokenizer, self.engine.max_model_len)
+            params = convert.sampling_params_from_proto(request.sampling, self.engine.tokenizer.vocab_size)
+            convert.validate_request_id(request.request_id)
+        except convert.RequestError as e:
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid_argument") from e
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._running:
+            raise CallFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running",
+                             "invalid_argument")
+        try:
+            ticket = self.admission.admit(len(prompt.token_ids))
+        except Overloaded as e:
+            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}", "resource_exhausted",
+                             (("retry-after-ms", str(e.retry_after_ms)),)) from e
+        deadline = convert.engine_deadline(request, context.time_remaining())
+        self._running.add(request_id)
+        self.metrics.prompt_tokens.inc(len(prompt.token_ids))
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.options.stream_buffer_size)
+        pump = asyncio.create_task(self._pump(prompt, params, request_id, deadline, queue, ticket))
+        stats = _Stats()
+        try:
+            await self._write_responses(queue, context, stats, prompt)
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            self.admission.release(ticket)
+            self._running.discard(request_id)
+            self._record(request_id, prompt, stats, started_at)
+        return self._final_status(stats)
+
+    async def _pump(self, prompt, params, request_id, deadline, queue: asyncio.Queue, ticket) -> None:
+        """Engine outputs -> proto responses on the queue, then _END (or the exception)."""
+        completed: set[int] = set()
+        try:
+            stream = self.engine.generate(prompt.token_ids, params, request_id, deadline=deadline)
+            async with aclosing(stream):
+                async for out in stream:
+                    self.admission.started(ticket)
+                    for seq in out.outputs:
+                        chunk = convert.chunk_response(request_id, seq)
+                        if chunk is not None:
+                            await queue.put(chunk)
+                        if seq.finished and seq.index not in completed:
+                            completed.add(seq.index)
+                            await queue.put(convert.complete_response(request_id, out, seq))
+            await queue.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # handed to the writer, which maps it to a status
+            await queue.put(e)
+
+    async def _write_responses(self, queue: asyncio.Queue, context, stats: _Stats, prompt) -> None:
+        timeout = self.options.slow_reader_timeout_s
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise self._engine_failure(item, prompt)
+            kind = item.WhichOneof("response")
+            if kind == "chunk" and item.chunk.token_ids:
+                now = time.monotonic()
+                stats.first_token_at = stats.first_token_at or now
+                stats.last_token_at = now
+                stats.num_tokens += len(item.chunk.token_ids)
+                self.metrics.output_tokens.inc(len(item.chunk.token_ids))
+                if self.options.log_prompts:
+                    stats.output_text += item.chunk.text
+            elif kind == "complete":
+                stats.finish_reasons += (item.complete.finish_reason,)
+            try:
+                await asyncio.wait_for(context.write(item), timeout)
+            except TimeoutError as e:
+                raise CallFailed(grpc.StatusCode.UNAVAILABLE,
+                                 f"client stopped reading the stream for {timeout:g}s; the request was aborted",
+                                 "slow_reader") from e
+
+    @staticmethod
+    def _engine_failure(error: Exception, prompt) -> CallFailed:
+        if isinstance(error, PromptError):
+            # The engine names its own argument ("prompt" / "token_ids"); report the field the client set.
+            message = str(error).removeprefix(f"{error.field}: ")
+            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{prompt.kind}: {message}", "invalid_argument")
+        if isinstance(error, SamplingParamsError):
+            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{error}", "invalid_argument")
+        logger.exception("engine failed", exc_info=error)
+        return CallFailed(grpc.StatusCode.INTERNAL, f"engine error: {type(error).__name__}: {error}", "error")
+
+    @staticmethod
+    def _final_status(stats: _Stats) -> str:
+        reasons = stats.finish_reasons
+        if pb.FINISH_REASON_DEADLINE in reasons:
+            raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"deadline passed after {stats.num_tokens} output token(s); partial output delivered",
+                             "deadline")
+        if pb.FINISH_REASON_ERROR in reasons:
+            raise CallFailed(grpc.StatusCode.INTERNAL, "the engine failed while generating", "error")
+        return "aborted" if pb.FINISH_REASON_ABORT in reasons else "ok"
+
+    def _record(self, request_id: str, prompt, stats: _Stats, started_at: float) -> None:
+        if stats.first_token_at is not None:
+            self.metrics.time_to_first_token.observe(stats.first_token_at - started_at)
+            if stats.num_tokens > 1:
+                self.metrics.time_per_output_token.observe(
+                    (stats.last_token_at - stats.first_token_at) / (stats.num_tokens - 1))
+        reasons = ",".join(convert.finish_reason_name(r) for r in stats.finish_reasons) or "none"
+        elapsed_ms = (time.monotonic() - started_at) * 1000
+        if self.options.log_prompts:
+            logger.info("request %s: %d prompt tokens, %d output tokens, finish=%s, %.0f ms, prompt=%r, output=%r",
+                        request_id, len(prompt.token_ids), stats.num_tokens, reasons, elapsed_ms,
+                        prompt.text if prompt.text is not None else prompt.token_ids, stats.output_text)
+        else:
+            logger.info("request %s: %d prompt tokens, %d output tokens, finish=%s, %.0f ms",
+                        request_id, len(prompt.token_ids), stats.num_tokens, reasons, elapsed_ms)
+
+    # ---- unary RPCs --------------------------------------------------------------------------------
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        if len(request.request_ids) > MAX_ABORT_IDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_ids: at most {MAX_ABORT_IDS} ids")
+        aborted = [rid for rid in request.request_ids if rid in self._running and await self.engine.abort(rid)]
+        return pb.AbortResponse(aborted_request_ids=aborted)
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        if not self.state.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading")
+        cfg, tok = self.engine.model_config, self.engine.tokenizer
+        return pb.ModelInfo(
+            model_name=self.options.model_name,
+            config=pb.ModelConfigSummary(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_attention_heads, num_experts=cfg.n_routed_experts,
+                num_zero_experts=cfg.zero_expert_num, experts_per_token=cfg.moe_topk,
+                dtype=str(getattr(self.engine, "dtype", "") or cfg.torch_dtype or "").removeprefix("torch."),
+            ),
+            max_context_length=self.engine.max_model_len,
+            special_tokens=tok.special_tokens,
+            eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else -1,
+            bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else -1,
+            tensor_parallel_size=self.options.tensor_parallel_size,
+            max_n=MAX_N, max_stop_strings=MAX_STOP_STRINGS, max_logprobs=MAX_LOGPROBS,
+            server_version=__version__,
+        )
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        if not self.state.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading")
+        try:
+            prompt = convert.prompt_from_request(request, self.engine.tokenizer, self.engine.max_model_len)
+        except convert.RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=prompt.token_ids, prompt_text=prompt.text or "")
