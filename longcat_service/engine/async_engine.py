@@ -1,0 +1,214 @@
+"""AsyncEngine: the LLMEngine step loop in its own thread, streamed to asyncio consumers.
+
+The loop thread owns the LLMEngine; the event loop only enqueues commands (add / abort) and receives outputs
+through per-request asyncio queues fed with loop.call_soon_threadsafe. Requests added while a step runs join at
+the next step. A consumer that stops early (aclose, cancellation) aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from longcat_service.engine.engine_args import EngineArgs
+from longcat_service.engine.llm_engine import EngineLoad, LLMEngine
+from longcat_service.outputs import CompletionOutput, RequestOutput
+from longcat_service.sampling_params import SamplingParams
+
+__all__ = ["AsyncEngine", "EngineLoad", "EngineDeadError"]
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.05  # the idle loop also wakes this often to notice shutdown
+
+
+class EngineDeadError(RuntimeError):
+    """The engine is not running (not started, shut down, or its loop thread died)."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    prompt_token_ids: list[int]
+    n: int
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs | None = None, **kwargs):
+        self.args = args if args is not None else EngineArgs(**kwargs)
+        self.engine: LLMEngine | None = None
+        self._lock = threading.Lock()
+        self._commands: list[tuple] = []
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._step_started: float | None = None
+        self._dead_reason: str | None = None
+        self._load = EngineLoad(0, 0, 0, 0.0)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model (off the event loop) and start the step loop thread."""
+        if self._thread is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self.engine = await loop.run_in_executor(None, LLMEngine, self.args)
+        self._thread = threading.Thread(target=self._run, name="longcat-engine-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the loop thread; unfinished requests end with finish_reason "abort"."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._fail_all("abort", None)
+
+    @property
+    def model_config(self):
+        return self._engine().model_config
+
+    @property
+    def tokenizer(self):
+        return self._engine().tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine().max_model_len
+
+    def is_healthy(self) -> bool:
+        if self._thread is None or not self._thread.is_alive() or self._dead_reason is not None:
+            return False
+        started = self._step_started
+        return started is None or time.monotonic() - started <= self.args.step_timeout_s
+
+    def load(self) -> EngineLoad:
+        with self._lock:
+            pending = [c for c in self._commands if c[0] == "add"]
+        snap = self._load
+        return EngineLoad(
+            num_running=snap.num_running,
+            num_waiting=snap.num_waiting + len(pending),
+            num_waiting_tokens=snap.num_waiting_tokens + sum(len(c[2]) for c in pending),
+            kv_cache_usage=snap.kv_cache_usage,
+        )
+
+    def _engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise EngineDeadError("the engine is not started; await engine.start() first")
+        return self.engine
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs (this step's deltas plus totals) until the request finishes."""
+        engine = self._engine()
+        if self._stopping or not self.is_alive():
+            raise EngineDeadError(self._dead_reason or "the engine is shutting down")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        prompt = list(prompt_token_ids)
+        engine.validate_request(prompt, params)  # PromptError / SamplingParamsError before anything is queued
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, params.n)
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id: {request_id!r} is already in use")
+            self._streams[request_id] = stream
+            self._commands.append(("add", request_id, prompt, params, deadline, time.monotonic()))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+                if not finished:
+                    self._commands.append(("abort", request_id))
+            self._wake.set()
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running request; its stream ends with finish_reason "abort". False if unknown."""
+        with self._lock:
+            known = request_id in self._streams
+            if known:
+                self._commands.append(("abort", request_id))
+        self._wake.set()
+        return known
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead_reason is None
+
+    # ---- the loop thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._apply_commands(engine)
+                if not engine.has_unfinished_requests():
+                    self._wake.wait(IDLE_POLL_S)
+                    self._wake.clear()
+                    continue
+                self._step_started = time.monotonic()
+                try:
+                    outputs = engine.step()
+                finally:
+                    self._step_started = None
+                self._load = engine.load()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # the loop is gone: say so and end every stream
+            logger.exception("engine loop died")
+            self._dead_reason = f"engine loop died: {type(e).__name__}: {e}"
+            self._fail_all("error", self._dead_reason)
+
+    def _apply_commands(self, engine: LLMEngine) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for cmd in commands:
+            if cmd[0] == "add":
+                _, rid, prompt, params, deadline, arrival = cmd
+                try:
+                    engine.add_request(rid, prompt, params, deadline=deadline, arrival_time=arrival)
+                except Exception as e:
+                    self._deliver(rid, e)
+            else:
+                engine.abort_request(cmd[1])
+        if commands:
+            self._load = engine.load()
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            return  # the consumer is gone (its abort is queued)
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # its event loop is closed
+            pass
+
+    def _fail_all(self, reason: str, error: str | None) -> None:
+        with self._lock:
+            streams = list(self._streams.items())
+        for rid, stream in streams:
+            outputs = [CompletionOutput(index=i, finish_reason=reason) for i in range(stream.n)]
+            self._deliver(rid, RequestOutput(rid, stream.prompt_token_ids, outputs, finished=True, error=error))
