@@ -77,9 +77,12 @@ def prompt_from_request(request: pb.GenerateRequest | pb.TokenizeRequest, tokeni
         return Prompt(list(request.token_ids.ids), kind)
     if kind == "text":
         text = request.text
+        if not text:
+            raise RequestError("text", "the prompt is empty")
         if len(text) > max_chars:
             raise RequestError("text", f"{len(text)} characters is more than the limit of {max_chars}")
-        return Prompt(encode_prompt(tokenizer, text), kind, text)
+        # As the offline LLM does for text: special tokens (BOS) as the tokenizer config asks.
+        return Prompt(tokenizer.encode(text, add_special_tokens=True), kind, text)
     messages = request.messages.messages
     if len(messages) > MAX_CHAT_MESSAGES:
         raise RequestError("messages", f"{len(messages)} messages is more than the limit of {MAX_CHAT_MESSAGES}")
@@ -93,12 +96,8 @@ def prompt_from_request(request: pb.GenerateRequest | pb.TokenizeRequest, tokeni
                                              add_generation_prompt=True)
     except ChatTemplateError as e:
         raise RequestError(e.field, e.message) from e
-    return Prompt(encode_prompt(tokenizer, text), kind, text)
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    # Same call as the offline LLM: special tokens (BOS) as the tokenizer config asks.
-    return tokenizer.encode(text, add_special_tokens=True)
+    # The rendered template already holds its special tokens (as in the offline LLM.chat).
+    return Prompt(tokenizer.encode(text, add_special_tokens=False), kind, text)
 
 
 def engine_deadline(request: pb.GenerateRequest, grpc_time_remaining: float | None) -> float | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from longcat_service import __version__
+from longcat_service.engine.async_engine import EngineDeadError
 from longcat_service.engine.errors import PromptError
 from longcat_service.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParamsError
 from longcat_service.server import convert
@@ -187,7 +188,9 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{prompt.kind}: {message}", "invalid_argument")
         if isinstance(error, SamplingParamsError):
             return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{error}", "invalid_argument")
-        logger.exception("engine failed", exc_info=error)
+        if isinstance(error, EngineDeadError):
+            return CallFailed(grpc.StatusCode.UNAVAILABLE, f"engine unavailable: {error}", "unavailable")
+        logger.error("engine failed", exc_info=error)
         return CallFailed(grpc.StatusCode.INTERNAL, f"engine error: {type(error).__name__}: {error}", "error")
 
     @staticmethod

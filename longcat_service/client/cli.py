@@ -1,0 +1,87 @@
+"""`longcat-client`: stream a completion (or, with --chat, a chat reply) to the terminal.
+
+    longcat-client "Once upon a time" --max-tokens 64
+    echo "Hello" | longcat-client --chat --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from longcat_service.client.errors import LongCatError
+from longcat_service.client.sync_client import LongCatClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longcat-client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="*", help="prompt text (read from stdin when absent)")
+    p.add_argument("--address", default="127.0.0.1:50051", help="host:port, grpc:// or grpcs://")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user message (chat template)")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--json", action="store_true", help="one JSON object per streamed event")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--root-cert", default=None, help="PEM file of the CA that signed the server certificate")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--frequency-penalty", type=float)
+    s.add_argument("--presence-penalty", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--min-tokens", type=int)
+    s.add_argument("--ignore-eos", action="store_true", default=None)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--logprobs", type=int)
+    s.add_argument("-n", type=int, dest="n")
+    return p
+
+
+_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+             "presence_penalty", "seed", "min_tokens", "ignore_eos", "stop", "logprobs", "n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    text = " ".join(args.prompt) if args.prompt else sys.stdin.read()
+    sampling = {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": text})
+        target = {"messages": messages}
+    else:
+        target = {"prompt": text}
+    client = LongCatClient(args.address, api_key=args.api_key, tls=args.tls or None,
+                           root_certificates=args.root_cert, timeout=args.timeout)
+    try:
+        with client, client.generate_stream(**target, **sampling) as stream:
+            for chunk in stream:
+                if args.json:
+                    print(json.dumps(dataclasses.asdict(chunk)), flush=True)
+                elif chunk.finished:
+                    if (args.n or 1) == 1:
+                        print(flush=True)
+                    print(f"[{chunk.index}: {chunk.finish_reason}, {chunk.usage.completion_tokens} tokens]",
+                          file=sys.stderr)
+                else:
+                    print(chunk.text, end="", flush=True)
+    except LongCatError as e:
+        if args.json:
+            print(json.dumps({"error": e.code.name if e.code else "UNKNOWN", "details": e.details}), flush=True)
+        print(f"longcat-client: {e.code.name if e.code else 'error'}: {e.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""`longcat-serve`: the gRPC server. SIGTERM/SIGINT drain: health NOT_SERVING, new calls UNAVAILABLE,
+in-flight calls finish within --drain-grace-s, then exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from longcat_service.server.app import LongCatServer, ServerConfig, TlsConfig
+from longcat_service.server.servicer import ServerOptions
+
+logger = logging.getLogger("longcat_service.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longcat-serve", description="LongCat-Flash gRPC inference server")
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at startup)")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (off if unset)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    g.add_argument("--load-format", default="auto", help="auto | dummy (random weights of the config's shape)")
+    g.add_argument("--dtype", default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g = p.add_argument_group("security")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
+    g.add_argument("--tls-key", default=None)
+    g.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    g.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable)")
+    g.add_argument("--api-key-file", default=None, help="file with one accepted key per line")
+    g = p.add_argument_group("limits")
+    d = ServerOptions()
+    g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests)
+    g.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens)
+    g.add_argument("--stream-buffer-size", type=int, default=d.stream_buffer_size, help="responses per stream")
+    g.add_argument("--slow-reader-timeout-s", type=float, default=d.slow_reader_timeout_s)
+    g.add_argument("--drain-grace-s", type=float, default=30.0)
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--log-prompts", action="store_true", help="log prompt and output text (off: counts only)")
+    return p
+
+
+def engine_args_from(args: argparse.Namespace):
+    from longcat_service.engine.engine_args import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    wanted = {
+        "model": args.model, "dtype": args.dtype, "device": args.device, "load_format": args.load_format,
+        "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+        "num_kv_blocks": args.num_kv_blocks, "tensor_parallel_size": args.tensor_parallel_size,
+    }
+    if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
+        raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")
+    return EngineArgs(**{k: v for k, v in wanted.items() if k in known and v is not None})
+
+
+def server_config_from(args: argparse.Namespace) -> ServerConfig:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+    keys = list(args.api_key)
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    options = ServerOptions(
+        max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+        stream_buffer_size=args.stream_buffer_size, slow_reader_timeout_s=args.slow_reader_timeout_s,
+        log_prompts=args.log_prompts, model_name=str(args.model or "longcat-demo"),
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+    tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    return ServerConfig(host=args.host, port=args.port, options=options, api_keys=keys, tls=tls,
+                        metrics_port=args.metrics_port)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from longcat_service.engine.async_engine import AsyncEngine
+
+    config = server_config_from(args)
+    server = LongCatServer(AsyncEngine(engine_args_from(args)), config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await server.start()
+    print(f"longcat-serve listening on {config.host}:{port}", flush=True)  # scripts wait for this line
+    if server.metrics_port is not None:
+        print(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
+    await stop.wait()
+    logger.info("signal received: draining (grace %.1fs)", args.drain_grace_s)
+    finished = await server.drain_and_stop(args.drain_grace_s)
+    logger.info("stopped (%s)", "all requests finished" if finished else "grace period expired")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
