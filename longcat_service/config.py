@@ -1,8 +1,8 @@
 """ModelConfig: the one place that turns a LongCat-Flash HF `config.json` into a frozen dataclass.
 
 Decisions (see docs/interfaces.md and the architecture spec §1, §8):
-- `num_layers` is the decoder-layer count. transformers 4.57 also writes `num_hidden_layers = 2 * num_layers`
-  (the attention-sublayer count); when both are present, num_hidden_layers must be num_layers or 2*num_layers.
+- `num_layers` is the decoder-layer count. When present, `num_hidden_layers` is ignored, as transformers does
+  (4.57 overwrites it with 2*num_layers in the model and a bare LongcatFlashConfig keeps its default 56).
   When only `num_hidden_layers` is present it is taken as the decoder-layer count, as Meituan's original remote
   code, vLLM and SGLang do (a wrong guess cannot pass silently: the checkpoint's layer keys would not match).
 - Structural sizes are required (a missing `hidden_size` must not silently become 6144); numeric knobs default
@@ -265,13 +265,7 @@ def _num_layers(r: _Reader) -> int:
         if num_hidden is None:
             raise r.error("num_layers", "missing (and no num_hidden_layers to fall back on)")
         return num_hidden  # original remote-code / vLLM convention: decoder-layer count
-    num_layers = r.int("num_layers")
-    if num_hidden is not None and num_hidden not in (num_layers, 2 * num_layers):
-        raise r.error(
-            "num_hidden_layers",
-            f"must be num_layers ({num_layers}) or 2*num_layers ({2 * num_layers}) as transformers writes it, got {num_hidden}",
-        )
-    return num_layers
+    return r.int("num_layers")
 
 
 def _rope(r: _Reader) -> tuple[float, RopeScaling | None]:
