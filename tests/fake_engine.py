@@ -55,6 +55,7 @@ class FakeEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []  # ids aborted by abort() or by leaving the stream early
         self.finished: list[str] = []
+        self.tokens_produced: dict[str, int] = {}
         self._abort_flags: dict[str, asyncio.Event] = {}
         self.started = False
 
@@ -105,6 +106,7 @@ class FakeEngine:
                     seq.new_token_ids = [ord("x")]
                     seq.text_delta = s.token_text
                     seq.token_ids.append(ord("x"))
+                    self.tokens_produced[request_id] = len(seq.token_ids)
                     seq.text += s.token_text
                     if len(seq.token_ids) >= (sampling_params.max_tokens or self.max_model_len):
                         seq.finish_reason = "length"
