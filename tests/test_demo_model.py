@@ -1,5 +1,9 @@
 import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ from safetensors.torch import load_file
 from longcat_service.demo_model import DEMO_CONFIG, ensure_demo_model
 from longcat_service.tokenizer import load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
@@ -17,7 +22,11 @@ def demo_dir(tmp_path_factory):
 
 
 def test_two_builds_are_byte_identical(demo_dir, tmp_path):
-    other = ensure_demo_model(tmp_path)
+    # built in another process with another hash seed: nothing may depend on set/dict hashing order
+    code = f"from longcat_service.demo_model import ensure_demo_model; print(ensure_demo_model({str(tmp_path)!r}))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    other = Path(out.stdout.strip())
     assert other != demo_dir and other.name == demo_dir.name  # the name is the recipe hash
     assert sorted(p.name for p in other.iterdir()) == FILES
     for name in FILES:
