@@ -16,7 +16,7 @@ from longcat_service.outputs import Logprob
 
 logger = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_CACHE_BYTES = 512 * 2**20
+CPU_DEFAULT_KV_CACHE_BYTES = 128 * 2**20
 PROMPT_LOGPROB_ROWS_PER_CHUNK = 256  # bounds the [rows, vocab] fp32 logits held at once
 
 
@@ -45,6 +45,9 @@ class ModelRunner:
         self.vocab_size = int(self.config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self._eos_token_id(), self.device, args.seed)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> per-request generator
+        from longcat_service.engine.cuda_graph_runner import create_graph_runner
+
+        self.graph_runner = create_graph_runner(self)  # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.config, "eos_token_id", None)
@@ -81,6 +84,12 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> list[SeqStepResult]:
+        if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
+            from longcat_service.engine.cuda_graph_runner import execute_decode_with_graph
+
+            results = execute_decode_with_graph(self.graph_runner, self, batch)
+            if results is not None:
+                return results
         input_ids: list[int] = []
         positions: list[int] = []
         for s in batch:

@@ -1,0 +1,166 @@
+"""AsyncEngine: concurrent streams, early exit aborts, explicit abort, health, loop failure, shutdown."""
+
+import asyncio
+import time
+
+import pytest
+
+from longcat_service.engine.async_engine import AsyncEngine, EngineDeadError
+from longcat_service.engine.engine_args import EngineArgs
+from longcat_service.engine.errors import PromptError
+from tests.engine_utils import PROMPTS, greedy, reference_greedy
+
+ARGS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_model_len=128)
+
+
+def run(coro_fn, **kw):
+    """Start an engine, run coro_fn(engine), always shut down."""
+
+    async def main():
+        engine = AsyncEngine(EngineArgs(**{**ARGS, **kw}))
+        await engine.start()
+        try:
+            return await coro_fn(engine)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+async def collect(engine, prompt, params, rid):
+    outs = [o async for o in engine.generate(prompt, params, rid)]
+    return outs
+
+
+async def wait_until(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_concurrent_generate_streams_and_matches_reference():
+    async def body(engine):
+        assert engine.is_healthy()
+        results = await asyncio.gather(*[collect(engine, p, greedy(5), f"r{i}") for i, p in enumerate(PROMPTS)])
+        model = engine.engine.runner.model
+        for prompt, outs in zip(PROMPTS, results, strict=True):
+            assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+            streamed = sum((o.outputs[0].new_token_ids for o in outs), [])
+            assert streamed == outs[-1].outputs[0].token_ids == reference_greedy(model, prompt, 5)
+        load = engine.load()
+        assert (load.num_running, load.num_waiting) == (0, 0)
+
+    run(body)
+
+
+def test_early_aclose_aborts_and_frees_blocks():
+    async def body(engine):
+        bm = engine.engine.block_manager
+        gen = engine.generate(PROMPTS[2], greedy(10_000), "long")
+        first = await gen.__anext__()
+        assert not first.finished
+        assert bm.num_free_blocks < bm.num_blocks
+        await gen.aclose()
+        await wait_until(lambda: bm.num_free_blocks == bm.num_blocks and not engine.engine.has_unfinished_requests())
+
+    run(body)
+
+
+def test_cancelled_consumer_aborts():
+    async def body(engine):
+        bm = engine.engine.block_manager
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(PROMPTS[0], greedy(10_000), "c"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: bm.num_free_blocks == bm.num_blocks and not engine.engine.has_unfinished_requests())
+
+    run(body)
+
+
+def test_explicit_abort_ends_stream_with_abort():
+    async def body(engine):
+        gen = engine.generate(PROMPTS[0], greedy(10_000), "x")
+        await gen.__anext__()
+        assert await engine.abort("x")
+        outs = [o async for o in gen]
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+        assert not await engine.abort("x") and not await engine.abort("never-seen")
+
+    run(body)
+
+
+def test_bad_prompt_raises_before_streaming():
+    async def body(engine):
+        with pytest.raises(PromptError) as e:
+            await collect(engine, [], greedy(1), "e")
+        assert e.value.field == "prompt"
+        assert engine.is_healthy()
+
+    run(body)
+
+
+def test_deadline_through_async_engine():
+    async def body(engine):
+        outs = [o async for o in engine.generate(PROMPTS[0], greedy(10_000), "d", deadline=time.monotonic() + 0.3)]
+        assert outs[-1].outputs[0].finish_reason == "deadline"
+
+    run(body)
+
+
+def test_loop_death_fails_requests_and_marks_unhealthy():
+    async def body(engine):
+        gen = engine.generate(PROMPTS[0], greedy(10_000), "victim")
+        await gen.__anext__()
+
+        def broken(now):
+            raise RuntimeError("scheduler bug")
+
+        engine.engine.scheduler.schedule = broken
+        outs = [o async for o in gen]
+        assert outs[-1].outputs[0].finish_reason == "error" and "scheduler bug" in outs[-1].error
+        await wait_until(lambda: not engine.is_healthy())
+        with pytest.raises(EngineDeadError):
+            await collect(engine, PROMPTS[1], greedy(1), "after")
+
+    run(body)
+
+
+def test_slow_step_marks_unhealthy():
+    async def body(engine):
+        real = engine.engine.step
+
+        def slow_step():
+            time.sleep(0.6)
+            return real()
+
+        engine.engine.step = slow_step
+        gen = engine.generate(PROMPTS[0], greedy(3), "slow")
+        task = asyncio.create_task(gen.__anext__())
+        await wait_until(lambda: not engine.is_healthy(), timeout=5)
+        await task
+        await gen.aclose()
+
+    run(body, step_timeout_s=0.2)
+
+
+def test_shutdown_ends_open_streams():
+    async def main():
+        engine = AsyncEngine(EngineArgs(**ARGS))
+        await engine.start()
+        gen = engine.generate(PROMPTS[0], greedy(10_000), "open")
+        await gen.__anext__()
+        await engine.shutdown()
+        assert not engine.is_healthy()
+        outs = [o async for o in gen]
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+    asyncio.run(main())
