@@ -49,6 +49,10 @@ class MLAAttention(nn.Module):
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         """x [N, H] -> [N, H]; writes the N new tokens' cache entries first, then attends."""
+        if getattr(plan, "fast_decode", False):  # decode-only CUDA batch: Triton path (longcat_service/kernels)
+            from longcat_service.kernels.fast_decode import mla_decode_forward
+
+            return mla_decode_forward(self, x, cos, sin, plan, kv_cache)
         n = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(n, self.num_heads, self.qk_head_dim)
         q = q * self.q_scale  # the q LoRA scale covers both the nope and the rope part, in the model dtype

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from longcat_service.config import ModelConfig
+from longcat_service.kernels.fast_decode import build_decode_plan, use_fast_decode
 from longcat_service.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from longcat_service.layers.layernorm import RMSNorm
 from longcat_service.layers.mla_attention import MLAAttention
@@ -88,7 +89,10 @@ class LongcatFlashForCausalLM(nn.Module):
             raise ValueError(f"kv_caches: expected {self.config.num_attention_sublayers} tensors, got {len(kv_caches)}")
         if input_ids.shape != positions.shape or input_ids.dim() != 1:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal 1-D")
-        plan = build_attention_plan(attn_metadata)
+        if use_fast_decode(attn_metadata, input_ids):  # device-only metadata: CUDA-graph capturable
+            plan = build_decode_plan(attn_metadata)
+        else:
+            plan = build_attention_plan(attn_metadata)
         if plan.num_tokens != input_ids.shape[0]:
             raise ValueError(f"attention metadata covers {plan.num_tokens} tokens, input_ids has {input_ids.shape[0]}")
         h = self.model.embed_tokens(input_ids)

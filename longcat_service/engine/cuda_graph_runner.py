@@ -1,0 +1,174 @@
+"""CUDA-graph capture and replay of the decode step (model forward + compute_logits).
+
+One graph per batch-size bucket (1, 2, 4, ..., 256), captured on first use, all sharing one memory pool.
+The inputs live in static device buffers; a replay copies the step's values in (one host-to-device copy
+of a packed int64 buffer plus the used block-table columns) and pads the batch up to the bucket with
+rows that write no cache entry (slot -1) and attend to nothing (seq_len 0). Capture needs the decode
+forward to be free of host syncs: longcat_service.kernels (attention, norms) plus the CUDA MoE ops.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from longcat_service.model.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket_for(batch_size: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
+    for b in buckets:
+        if b >= batch_size:
+            return b
+    return None
+
+
+class CUDAGraphRunner:
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, max_blocks_per_seq: int,
+                 buckets: tuple[int, ...] = BUCKETS):
+        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ValueError(f"buckets must be ascending positive batch sizes, got {buckets}")
+        if max_blocks_per_seq < 1:
+            raise ValueError(f"max_blocks_per_seq must be >= 1, got {max_blocks_per_seq}")
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.buckets = tuple(buckets)
+        self.max_batch = self.buckets[-1]
+        self.max_blocks = max_blocks_per_seq
+        dev = model.device
+        if dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {dev}")
+        n = self.max_batch
+        # packed rows: input_ids, positions, slot_mapping, seq_lens (int64; seq_lens is cast on the device)
+        self.packed = torch.zeros(4, n, dtype=torch.int64, device=dev)
+        self.packed_host = torch.zeros(4, n, dtype=torch.int64).pin_memory()
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.block_tables_host = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.copy_done = torch.cuda.Event()
+
+    def can_run(self, batch_size: int, max_seq_len: int) -> bool:
+        return 0 < batch_size <= self.max_batch and -(-max_seq_len // self.block_size) <= self.max_blocks
+
+    def _metadata(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            block_size=self.block_size,
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=self.packed.device),
+            seq_lens=self.seq_lens[:b],
+            block_tables=self.block_tables[:b],
+            slot_mapping=self.packed[2, :b],
+            query_lens_cpu=[1] * b,
+            seq_lens_cpu=[1] * b,  # host copies are unused on the fast decode path
+        )
+
+    def _forward(self, b: int) -> torch.Tensor:
+        self.seq_lens[:b].copy_(self.packed[3, :b])
+        hidden = self.model(self.packed[0, :b], self.packed[1, :b], self._metadata(b), self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self, b: int) -> None:
+        """Capture bucket b (inputs hold padding: no cache writes happen during warm-up or capture)."""
+        self._fill_padding(0, b)
+        self.packed.copy_(self.packed_host, non_blocking=True)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(b)  # compiles the Triton kernels and warms cuBLAS outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(b)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[b], self.logits[b] = graph, logits
+        logger.info("captured decode CUDA graph for batch bucket %d", b)
+
+    def _fill_padding(self, start: int, end: int) -> None:
+        self.packed_host[0, start:end] = 0
+        self.packed_host[1, start:end] = 0
+        self.packed_host[2, start:end] = -1
+        self.packed_host[3, start:end] = 0
+
+    @torch.inference_mode()
+    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """One decode step for len(input_ids) sequences -> fp32 logits [B, vocab] (a view valid until the
+        next replay)."""
+        batch = len(input_ids)
+        if not (len(positions) == len(slot_mapping) == len(seq_lens) == len(block_tables) == batch):
+            raise ValueError("cuda graph run: input_ids, positions, slot_mapping, seq_lens, block_tables disagree")
+        b = bucket_for(batch, self.buckets)
+        width = max((len(t) for t in block_tables), default=0)
+        if b is None or width > self.max_blocks:
+            raise ValueError(f"cuda graph run: batch {batch} / {width} blocks exceed {self.max_batch} / {self.max_blocks}")
+        if b not in self.graphs:
+            self.capture(b)
+        self.copy_done.synchronize()  # the last step's async copies must finish before the host buffers change
+        host = self.packed_host
+        host[0, :batch] = torch.tensor(input_ids, dtype=torch.int64)
+        host[1, :batch] = torch.tensor(positions, dtype=torch.int64)
+        host[2, :batch] = torch.tensor(slot_mapping, dtype=torch.int64)
+        host[3, :batch] = torch.tensor(seq_lens, dtype=torch.int64)
+        self._fill_padding(batch, b)
+        width = max(width, 1)
+        tables = self.block_tables_host[:b, :width]
+        tables[:batch] = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        tables[batch:] = 0
+        # pinned host buffers: the copies are asynchronous; the sampler's read-back is the step's only sync
+        self.packed[:, :b].copy_(host[:, :b], non_blocking=True)
+        self.block_tables[:b, :width].copy_(tables, non_blocking=True)
+        self.copy_done.record()
+        self.graphs[b].replay()
+        return self.logits[b][:batch]
+
+
+def create_graph_runner(model_runner) -> CUDAGraphRunner | None:
+    """A graph runner for this ModelRunner, or None where graphs cannot be used (CPU, no triton, or
+    LONGCAT_ENFORCE_EAGER=1)."""
+    import os
+
+    from longcat_service.kernels import fast_path_enabled
+
+    if os.environ.get("LONGCAT_ENFORCE_EAGER", "0") == "1" or not fast_path_enabled(model_runner.kv_caches[0]):
+        return None
+    cfg = model_runner.config
+    max_len = model_runner.args.max_model_len or int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    max_len = min(max_len or 1 << 30, model_runner.num_blocks * model_runner.block_size)
+    max_blocks = -(-max_len // model_runner.block_size)
+    buckets = tuple(b for b in BUCKETS if b <= max(model_runner.args.max_num_seqs, 1)) or (1,)
+    if buckets[-1] < model_runner.args.max_num_seqs:
+        buckets = buckets + (bucket_for(model_runner.args.max_num_seqs) or buckets[-1],)
+    return CUDAGraphRunner(model_runner.model, model_runner.kv_caches, model_runner.block_size, max_blocks,
+                           tuple(sorted(set(buckets))))
+
+
+def execute_decode_with_graph(graph_runner: CUDAGraphRunner, model_runner, batch) -> list | None:
+    """ModelRunner.execute for a pure decode batch through the graph; None when the batch does not qualify
+    (a prefill chunk, prompt logprobs, or too large), so the caller runs it eagerly."""
+    from longcat_service.engine.model_runner import SeqStepResult
+
+    for s in batch:
+        if s.num_new_tokens != 1 or not s.needs_sample or s.start_pos < s.seq.num_prompt_tokens - 1:
+            return None
+    if not graph_runner.can_run(len(batch), max(s.end_pos for s in batch)):
+        return None
+    bs = graph_runner.block_size
+    input_ids, positions, slots, seq_lens, tables = [], [], [], [], []
+    for s in batch:
+        pos, table = s.start_pos, s.seq.block_table
+        input_ids.append(s.seq.token_ids[pos])
+        positions.append(pos)
+        slots.append(table[pos // bs] * bs + pos % bs)
+        seq_lens.append(s.end_pos)
+        tables.append(list(table))
+    logits = graph_runner.run(input_ids, positions, slots, seq_lens, tables)
+    tokens, logprobs = model_runner.sampler(logits, [model_runner._sampling_row(s.seq) for s in batch])
+    return [SeqStepResult(token_id=t, logprob=lp) for t, lp in zip(tokens, logprobs, strict=True)]

@@ -1,0 +1,34 @@
+"""Triton kernels for the GPU decode path (imported lazily: triton is optional and GPU-only in production).
+
+Every kernel module holds its pure-PyTorch reference next to it. Callers ask `fast_path_enabled(t)` before
+using a kernel: it is true only for CUDA tensors when triton imports and LONGCAT_DISABLE_TRITON is unset.
+Tests run the kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails on import
+        return False
+    return True
+
+
+def interpreter_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fast_path_enabled(t: torch.Tensor) -> bool:
+    """Use the Triton kernels for this tensor? (CUDA tensor, triton importable, not disabled by env)."""
+    if os.environ.get("LONGCAT_DISABLE_TRITON", "0") == "1":
+        return False
+    return t.is_cuda and triton_available()

@@ -1,0 +1,136 @@
+"""The Triton side of mla_decode (kept apart so that importing mla_decode never imports triton)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longcat_service.kernels import interpreter_mode
+
+
+@triton.jit
+def _stage1(
+    q_lat_ptr, q_rope_ptr, cache_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+    scale, num_heads, block_size,
+    s_qlb, s_qlh, s_qrb, s_qrh, s_cb, s_ct, s_tb,
+    s_pob, s_poh, s_pos, s_plb, s_plh,
+    RANK: tl.constexpr, ROPE: tl.constexpr, RANK_PAD: tl.constexpr, ROPE_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # head block varies fastest so programs that read the same cache chunk run together (L2 reuse)
+    hb = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = heads < num_heads
+    offs_r = tl.arange(0, RANK_PAD)
+    offs_d = tl.arange(0, ROPE_PAD)
+    rmask = offs_r < RANK
+    dmask = offs_d < ROPE
+    q_lat = tl.load(q_lat_ptr + b * s_qlb + heads[:, None] * s_qlh + offs_r[None, :],
+                    mask=hmask[:, None] & rmask[None, :], other=0.0)
+    q_rope = tl.load(q_rope_ptr + b * s_qrb + heads[:, None] * s_qrh + offs_d[None, :],
+                     mask=hmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        q_lat = q_lat.to(tl.float32)
+        q_rope = q_rope.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, RANK_PAD], tl.float32)
+    n0 = start
+    while n0 < end:  # (a while loop: Triton's CPU interpreter cannot take device values as range() bounds)
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pmask = pos < end
+        page = tl.load(tables_ptr + b * s_tb + pos // block_size, mask=pmask, other=0).to(tl.int64)
+        row = page * s_cb + (pos % block_size).to(tl.int64) * s_ct
+        lat = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=pmask[:, None] & rmask[None, :], other=0.0)
+        rope = tl.load(cache_ptr + row[:, None] + RANK + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
+                       other=0.0)
+        if UPCAST:
+            lat = lat.to(tl.float32)
+            rope = rope.to(tl.float32)
+        qk = tl.dot(q_lat, tl.trans(lat), input_precision=DOT_PRECISION)
+        qk += tl.dot(q_rope, tl.trans(rope), input_precision=DOT_PRECISION)
+        qk = tl.where(pmask[None, :], qk * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp(qk - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=DOT_PRECISION)
+        m_i = m_new
+        n0 += BLOCK_N
+
+    has = l_i > 0.0  # empty split (past the end, or a padded row with seq_len 0)
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(part_out_ptr + b * s_pob + heads[:, None] * s_poh + split * s_pos + offs_r[None, :], out,
+             mask=hmask[:, None] & rmask[None, :])
+    tl.store(part_lse_ptr + b * s_plb + heads * s_plh + split, lse, mask=hmask)
+
+
+@triton.jit
+def _stage2(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
+    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_r = tl.arange(0, RANK_PAD)
+    rmask = offs_r < RANK
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([RANK_PAD], tl.float32)
+    for s in range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + s + tl.arange(0, 1))
+        part = tl.load(part_out_ptr + b * s_pob + h * s_poh + s * s_pos + offs_r, mask=rmask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        safe = m_new > float("-inf")
+        m_ref = tl.where(safe, m_new, 0.0)
+        alpha = tl.where(safe, tl.exp(m - m_ref), 0.0)
+        w = tl.where(safe, tl.exp(lse - m_ref), 0.0)
+        acc = acc * alpha + w * part
+        total = total * alpha + w
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n, next_pow2):
+    batch, heads, rank = q_latent.shape
+    rope = q_rope.shape[-1]
+    dev = q_latent.device
+    part_out = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=dev)
+    part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=dev)
+    out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
+    if batch == 0:
+        return out
+    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
+    grid1 = (triton.cdiv(heads, block_h), num_splits, batch)
+    _stage1[grid1](
+        q_latent, q_rope, kv_cache, block_tables, seq_lens, part_out, part_lse,
+        float(scale), heads, kv_cache.shape[1],
+        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        RANK=rank, ROPE=rope, RANK_PAD=next_pow2(rank), ROPE_PAD=next_pow2(rope),
+        NUM_SPLITS=num_splits, BLOCK_H=block_h, BLOCK_N=block_n, DOT_PRECISION=precision,
+        UPCAST=interpreter_mode(),  # the CPU interpreter has no bf16 matmul: compute in fp32 there
+        num_warps=4, num_stages=2,
+    )
+    _stage2[(heads, batch)](
+        part_out, part_lse, out,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        RANK=rank, RANK_PAD=next_pow2(rank), NUM_SPLITS=num_splits,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,62 @@
+"""The decode-only GPU path of MLA attention: device-resident metadata, fused kernels, no host reads.
+
+`build_decode_plan` replaces layers/paged_attention.build_attention_plan for batches where every sequence
+adds one token, on CUDA with triton: it only wraps the metadata's device tensors, so a forward that uses it
+can be captured in a CUDA graph and replayed with new block tables, lengths and slots. Padded batch rows
+carry slot -1 (no cache write) and seq_len 0 (zero attention output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longcat_service.kernels import fast_path_enabled
+from longcat_service.model.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class DecodePlan:
+    num_tokens: int
+    slot_mapping: torch.Tensor  # [B] int64, -1 = padding row (no cache write)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32 on the device, 0 = padding row
+    fast_decode: bool = True  # MLAAttention checks this flag to take mla_decode_forward
+
+
+def use_fast_decode(meta: AttentionMetadata, input_ids: torch.Tensor) -> bool:
+    return fast_path_enabled(input_ids) and meta.is_decode_only and meta.num_seqs > 0
+
+
+def build_decode_plan(meta: AttentionMetadata) -> DecodePlan:
+    n = meta.slot_mapping.shape[0]
+    if meta.block_tables.shape[0] != n or meta.seq_lens.shape[0] != n:
+        raise ValueError(
+            f"decode metadata: slot_mapping ({n}), block_tables ({meta.block_tables.shape[0]}) and "
+            f"seq_lens ({meta.seq_lens.shape[0]}) must all have one row per sequence"
+        )
+    return DecodePlan(n, meta.slot_mapping, meta.block_tables, meta.seq_lens)
+
+
+def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: DecodePlan,
+                       kv_cache: torch.Tensor) -> torch.Tensor:
+    """What layers/mla_attention.MLAAttention.forward computes for a decode-only batch, with Triton kernels:
+    fused q_a norm, one prep kernel (scales, RoPE, norm, cache write), absorbed split-K attention."""
+    from longcat_service.kernels.mla_decode import mla_decode
+    from longcat_service.kernels.mla_prep import mla_prep
+    from longcat_service.kernels.rmsnorm import rms_norm
+
+    n = x.shape[0]
+    heads, dn, dr, dv = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
+    q_a = rms_norm(attn.q_a_proj(x), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
+    q = attn.q_b_proj(q_a).view(n, heads, dn + dr)
+    kv_a = attn.kv_a_proj_with_mqa(x)
+    q = mla_prep(q, kv_a, cos, sin, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, attn.q_scale,
+                 attn.kv_scale, plan.slot_mapping, kv_cache, dr)
+    w = attn.kv_b_proj.weight.view(heads, dn + dv, attn.kv_lora_rank)
+    w_uk, w_uv = w[:, :dn, :], w[:, dn:, :]
+    q_latent = torch.bmm(q[..., :dn].transpose(0, 1), w_uk).transpose(0, 1)  # [n, h, r]
+    o_latent = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale)
+    out = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, h, dv]
+    return attn.o_proj(out.reshape(n, heads * dv))

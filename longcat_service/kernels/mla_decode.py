@@ -1,0 +1,99 @@
+"""Weight-absorbed MLA decode attention over the paged latent cache (flash-decoding split-K, Triton).
+
+One query token per sequence. With q_nope already multiplied by W_UK, every head scores the shared cache
+entries [latent | rope key] directly, and the output stays in the latent space (the caller applies W_UV):
+
+    o_latent[b, h] = softmax_t(scale * (q_latent[b, h] . latent_t + q_rope[b, h] . rope_t)) @ latent
+
+The sequence is cut into `num_splits` chunks (so batch 1 still fills the GPU); stage 1 writes each chunk's
+normalised partial output and log-sum-exp, stage 2 merges them. Sequence lengths are read from device memory
+and every grid size depends only on B, the head count and the fixed split count, so a launch can be captured
+in a CUDA graph and replayed with new lengths. Rows with seq_len 0 (batch padding) produce zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_N = 32  # cache tokens per inner step
+BLOCK_H = 16  # heads per program (tl.dot needs >= 16 rows)
+TARGET_PROGRAMS = 2 * 132  # ~2 programs per H200 SM
+MAX_SPLITS = 32
+
+
+def mla_decode_reference(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Pure-PyTorch spec: fp32 scores and softmax, output in q_latent's dtype. Reads seq_lens on the host."""
+    rank = q_latent.shape[-1]
+    block_size = kv_cache.shape[1]
+    flat = kv_cache.reshape(-1, kv_cache.shape[-1])
+    out = torch.zeros_like(q_latent)
+    for b, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        pos = torch.arange(length, device=kv_cache.device)
+        slots = block_tables[b].long()[pos // block_size] * block_size + pos % block_size
+        entries = flat[slots].float()  # [L, rank + rope]
+        q = torch.cat((q_latent[b], q_rope[b]), dim=-1).float()  # [h, rank + rope]
+        probs = torch.softmax((q @ entries.t()) * scale, dim=-1)
+        out[b] = (probs @ entries[:, :rank]).to(out.dtype)
+    return out
+
+
+def _check_inputs(q_latent, q_rope, kv_cache, block_tables, seq_lens) -> None:
+    if q_latent.dim() != 3 or q_rope.dim() != 3 or q_latent.shape[:2] != q_rope.shape[:2]:
+        raise ValueError(f"q_latent {tuple(q_latent.shape)} and q_rope {tuple(q_rope.shape)} must be [B, heads, *]")
+    rank, rope = q_latent.shape[-1], q_rope.shape[-1]
+    if kv_cache.dim() != 3 or kv_cache.shape[-1] != rank + rope:
+        raise ValueError(f"kv_cache {tuple(kv_cache.shape)} must be [num_blocks, block_size, {rank}+{rope}]")
+    batch = q_latent.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} must be [{batch}, max_blocks]")
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} must be [{batch}]")
+    if q_latent.dtype != kv_cache.dtype or q_rope.dtype != kv_cache.dtype:
+        raise ValueError(f"q_latent/q_rope/kv_cache dtypes differ: {q_latent.dtype}, {q_rope.dtype}, {kv_cache.dtype}")
+    if q_latent.stride(-1) != 1 or q_rope.stride(-1) != 1 or not kv_cache.is_contiguous():
+        raise ValueError("q_latent and q_rope need a unit last stride and kv_cache must be contiguous")
+    for name, t in (("q_rope", q_rope), ("kv_cache", kv_cache), ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.device != q_latent.device:
+            raise ValueError(f"{name} is on {t.device}, q_latent on {q_latent.device}")
+
+
+def choose_num_splits(batch: int, num_heads: int) -> int:
+    """A function of the batch and head count only (so one CUDA-graph bucket always uses the same grid)."""
+    programs = batch * -(-num_heads // BLOCK_H)
+    return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // programs)))
+
+
+def _next_pow2(n: int, minimum: int = 16) -> int:
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """q_latent [B, h, r], q_rope [B, h, dr], kv_cache [nb, bs, r+dr], block_tables [B, mb] int,
+    seq_lens [B] int (device) -> o_latent [B, h, r] in the input dtype."""
+    _check_inputs(q_latent, q_rope, kv_cache, block_tables, seq_lens)
+    from longcat_service.kernels._mla_decode_triton import launch
+
+    batch, heads, _ = q_latent.shape
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, heads)
+    return launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, BLOCK_H, BLOCK_N, _next_pow2)

@@ -1,0 +1,78 @@
+"""One kernel for everything MLA does between its projections and attention (decode and prefill alike):
+
+    q      = q * q_scale;  q_rope part <- RoPE(q_rope)                  (returned, [N, h, dn+dr])
+    latent = kv_a_layernorm(latent) * kv_scale;  k_rope <- RoPE(k_rope)
+    kv_cache[slot] = [latent | k_rope]                                  (skipped where slot < 0: batch padding)
+
+The eager layer (layers/mla_attention.py + rotary.py + paged_attention.write_kv_cache) runs ~25 small kernels
+for this. Every elementwise step rounds to the model dtype where the eager code does, so the two agree to
+rounding of the fp32 norm reduction. RoPE is the interleaved-pair form with de-interleaved output (spec §3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    c, s = cos.view(shape), sin.view(shape)
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x_even * c - x_odd * s, x_odd * c + x_even * s), dim=-1)
+
+
+def mla_prep_reference(
+    q: torch.Tensor,
+    kv_a: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    q_scale: float,
+    kv_scale: float,
+    slot_mapping: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rope_dim: int,
+) -> torch.Tensor:
+    """q [N, h, dn+dr], kv_a [N, r+dr] (kv_a_proj_with_mqa output) -> scaled, rotated q; writes kv_cache."""
+    q = q * q_scale
+    q_nope, q_rope = q.split([q.shape[-1] - rope_dim, rope_dim], dim=-1)
+    rank = kv_a.shape[-1] - rope_dim
+    latent, k_rope = kv_a.split([rank, rope_dim], dim=-1)
+    lf = latent.float()
+    latent = norm_weight * (lf * torch.rsqrt(lf.pow(2).mean(-1, keepdim=True) + eps)).to(latent.dtype)
+    latent = latent * kv_scale
+    q = torch.cat((q_nope, _rope_reference(q_rope, cos, sin)), dim=-1)
+    entry = torch.cat((latent, _rope_reference(k_rope, cos, sin)), dim=-1).to(kv_cache.dtype)
+    keep = slot_mapping >= 0
+    kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep]] = entry[keep]
+    return q
+
+
+def mla_prep(
+    q: torch.Tensor,
+    kv_a: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    q_scale: float,
+    kv_scale: float,
+    slot_mapping: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rope_dim: int,
+) -> torch.Tensor:
+    n, heads, head_dim = q.shape
+    rank = kv_a.shape[-1] - rope_dim
+    if kv_a.dim() != 2 or kv_a.shape[0] != n or kv_cache.shape[-1] != rank + rope_dim:
+        raise ValueError(f"kv_a {tuple(kv_a.shape)} / kv_cache {tuple(kv_cache.shape)} do not fit q {tuple(q.shape)}")
+    if cos.shape != (n, rope_dim // 2) or sin.shape != cos.shape:
+        raise ValueError(f"cos/sin {tuple(cos.shape)} must be [{n}, {rope_dim // 2}]")
+    if slot_mapping.shape != (n,) or norm_weight.shape != (rank,):
+        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [{n}], norm weight [{rank}]")
+    if q.stride(-1) != 1 or kv_a.stride(-1) != 1 or not kv_cache.is_contiguous():
+        raise ValueError("mla_prep: q and kv_a need a unit last stride and kv_cache must be contiguous")
+    from longcat_service.kernels._mla_prep_triton import launch
+
+    return launch(q, kv_a, cos.contiguous(), sin.contiguous(), norm_weight, eps, q_scale, kv_scale, slot_mapping,
+                  kv_cache, rope_dim)

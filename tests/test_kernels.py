@@ -1,0 +1,185 @@
+"""Triton kernels (longcat_service/kernels) against their pure-PyTorch references.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before the kernel
+modules are first imported); without triton the module is skipped. The interpreter rounds fp32 -> bf16
+by truncation, so bf16 comparisons there allow a few bf16 ulps; fp32 comparisons are tight.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from longcat_service.config import ModelConfig  # noqa: E402
+from longcat_service.kernels import fast_decode as fast_decode_mod  # noqa: E402
+from longcat_service.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
+from longcat_service.kernels.mla_prep import mla_prep, mla_prep_reference  # noqa: E402
+from longcat_service.kernels.rmsnorm import (  # noqa: E402
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+)
+from longcat_service.layers import layernorm as layernorm_mod  # noqa: E402
+from longcat_service.model.attention_metadata import AttentionMetadata  # noqa: E402
+from longcat_service.model.kv_cache import allocate_kv_caches  # noqa: E402
+from longcat_service.model.loader import load_model  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+# relative; the interpreter truncates at each of up to 3 bf16 roundings, a GPU rounds to nearest
+BF16_TOL = 2e-3 if ON_GPU else 3 * 2**-7
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def _paged_case(gen, batch, heads, rank, rope, block_size, lens, dtype):
+    max_blocks = max(-(-max(lens) // block_size), 1)
+    num_blocks = batch * max_blocks + 3
+    cache = torch.randn(num_blocks, block_size, rank + rope, generator=gen).to(dtype).to(DEVICE)
+    perm = torch.randperm(num_blocks, generator=gen)[: batch * max_blocks]  # scattered, non-contiguous pages
+    tables = perm.view(batch, max_blocks).int().to(DEVICE)
+    q_lat = torch.randn(batch, heads, rank, generator=gen).to(dtype).to(DEVICE)
+    q_rope = torch.randn(batch, heads, rope, generator=gen).to(dtype).to(DEVICE)
+    return q_lat, q_rope, cache, tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "heads,rank,rope,block_size,lens",
+    [
+        (4, 16, 4, 4, [1, 13, 0, 40]),  # spec tiny shapes; a padded row (0); lengths across pages
+        (5, 12, 6, 16, [17, 33]),  # not powers of two, one split boundary inside a page
+        (20, 32, 16, 8, [70]),  # heads over one head block
+    ],
+)
+def test_mla_decode_matches_reference(dtype, heads, rank, rope, block_size, lens):
+    gen = torch.Generator().manual_seed(len(lens) * 100 + heads)
+    args = _paged_case(gen, len(lens), heads, rank, rope, block_size, lens, dtype)
+    ref = mla_decode_reference(*args, scale=0.37)
+    for splits in (1, 3, None):
+        out = mla_decode(*args, scale=0.37, num_splits=splits)
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert torch.isfinite(out).all()
+        tol = 1e-5 if dtype == torch.float32 else 2 * BF16_TOL
+        assert _rel(out, ref) < tol, f"splits={splits}"
+        zero_rows = [i for i, n in enumerate(lens) if n == 0]
+        if zero_rows:
+            assert (out[zero_rows] == 0).all()
+
+
+def test_mla_decode_attends_only_within_seq_len():
+    """Entries past seq_len (and in other sequences' pages) must not leak in: changing them changes nothing."""
+    gen = torch.Generator().manual_seed(7)
+    q_lat, q_rope, cache, tables, lens = _paged_case(gen, 2, 4, 16, 4, 4, [6, 9], torch.float32)
+    before = mla_decode(q_lat, q_rope, cache, tables, lens, 0.5, num_splits=2)
+    poisoned = cache.clone()
+    poisoned[tables[0, 1].long(), 2:] = 1e4  # positions 6.. of sequence 0
+    poisoned[tables[1, 2].long(), 1:] = -1e4  # positions 9.. of sequence 1
+    after = mla_decode(q_lat, q_rope, poisoned, tables, lens, 0.5, num_splits=2)
+    assert torch.equal(before, after)
+
+
+def test_mla_decode_rejects_bad_shapes():
+    gen = torch.Generator().manual_seed(0)
+    q_lat, q_rope, cache, tables, lens = _paged_case(gen, 2, 4, 16, 4, 4, [3, 5], torch.float32)
+    with pytest.raises(ValueError, match="seq_lens"):
+        mla_decode(q_lat, q_rope, cache, tables, lens[:1], 1.0)
+    with pytest.raises(ValueError, match="kv_cache"):
+        mla_decode(q_lat, q_rope, cache[..., :-1].contiguous(), tables, lens, 1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        mla_decode(q_lat, q_rope, cache, tables[:1], lens, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 100])
+def test_rms_norm_and_fused_add_match_reference(dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x = (3 * torch.randn(5, hidden, generator=gen)).to(dtype).to(DEVICE)
+    res = torch.randn(5, hidden, generator=gen).to(dtype).to(DEVICE)
+    w = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    tol = 1e-6 if dtype == torch.float32 else BF16_TOL
+    out = rms_norm(x, w, 1e-5)
+    assert _rel(out, rms_norm_reference(x, w, 1e-5)) < tol
+    normed, total = add_rms_norm(x, res, w, 1e-5)
+    ref_normed, ref_total = add_rms_norm_reference(x, res, w, 1e-5)
+    assert _rel(total, ref_total) < tol and _rel(normed, ref_normed) < tol
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, w[:-1], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_prep_matches_reference_and_skips_padding_slots(dtype):
+    gen = torch.Generator().manual_seed(3)
+    n, heads, dn, dr, rank = 4, 5, 8, 6, 12
+    q = torch.randn(n, heads, dn + dr, generator=gen).to(dtype).to(DEVICE)
+    kv_a = torch.randn(n, rank + dr, generator=gen).to(dtype).to(DEVICE)
+    ang = torch.randn(n, dr // 2, generator=gen)
+    cos, sin = ang.cos().to(dtype).to(DEVICE), ang.sin().to(dtype).to(DEVICE)
+    w = (1 + 0.2 * torch.randn(rank, generator=gen)).to(dtype).to(DEVICE)
+    slots = torch.tensor([5, -1, 2, 7], device=DEVICE)
+    sentinel = torch.full((3, 4, rank + dr), 123.0, dtype=dtype, device=DEVICE)
+    ours, ref_cache = sentinel.clone(), sentinel.clone()
+    q_out = mla_prep(q, kv_a, cos, sin, w, 1e-6, 2.0, 3.4641016, slots, ours, dr)
+    q_ref = mla_prep_reference(q, kv_a, cos, sin, w, 1e-6, 2.0, 3.4641016, slots, ref_cache, dr)
+    tol = 1e-6 if dtype == torch.float32 else BF16_TOL
+    assert _rel(q_out, q_ref) < tol
+    assert _rel(ours, ref_cache) < tol
+    flat = ours.view(-1, rank + dr)
+    untouched = [s for s in range(12) if s not in (5, 2, 7)]
+    assert (flat[untouched] == 123.0).all()  # slot -1 wrote nothing; other slots kept
+    assert not (flat[[5, 2, 7]] == 123.0).any()
+
+
+TINY = dict(
+    vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4,
+    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, head_dim=4,
+    v_head_dim=8, ffn_hidden_size=96, expert_ffn_hidden_size=16,
+    n_routed_experts=6, zero_expert_num=3, moe_topk=3, routed_scaling_factor=6.0,
+    rope_theta=1e7, max_position_embeddings=256, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def _decode_logits(model, caches, prompts, block_size, tables):
+    """Prefill each prompt (eager path), then one decode step for all; returns the decode logits."""
+    for i, p in enumerate(prompts):
+        meta = AttentionMetadata.build([len(p)], [len(p)], [tables[i]], block_size, DEVICE)
+        ids = torch.tensor(p, device=DEVICE)
+        model(ids, torch.arange(len(p), device=DEVICE), meta, caches)
+    lens = [len(p) + 1 for p in prompts]
+    meta = AttentionMetadata.build([1] * len(prompts), lens, tables, block_size, DEVICE)
+    ids = torch.tensor([(7 * i + 3) % 128 for i in range(len(prompts))], device=DEVICE)
+    hidden = model(ids, torch.tensor([n - 1 for n in lens], device=DEVICE), meta, caches)
+    return model.compute_logits(hidden), caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_decode_path_equals_eager_model(monkeypatch, dtype):
+    """The whole model: the Triton decode path (norms, prep, split-K attention) vs the eager layers."""
+    config = ModelConfig.from_dict(TINY)
+    model = load_model(config, dtype=dtype, device=DEVICE, load_format="dummy", seed=1)
+    block_size, prompts = 4, [[5, 9, 11, 3, 8, 1, 4], [2, 60, 7], [99] * 13]
+    tables = [[0, 1], [4], [6, 2, 8, 9]]
+    with torch.inference_mode():
+        monkeypatch.setenv("LONGCAT_DISABLE_TRITON", "1")
+        eager, eager_caches = _decode_logits(model, allocate_kv_caches(config, 12, block_size, dtype, DEVICE),
+                                             prompts, block_size, tables)
+        monkeypatch.delenv("LONGCAT_DISABLE_TRITON")
+        if not ON_GPU:  # route CPU tensors through the interpreted kernels
+            monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
+            monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
+        fast, fast_caches = _decode_logits(model, allocate_kv_caches(config, 12, block_size, dtype, DEVICE),
+                                           prompts, block_size, tables)
+    tol = 1e-5 if dtype == torch.float32 else 0.03
+    assert _rel(fast, eager) < tol
+    for a, b in zip(fast_caches, eager_caches, strict=True):
+        assert _rel(a, b) < tol
