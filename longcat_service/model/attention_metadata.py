@@ -43,14 +43,14 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         """Derive the tensors from plain lists (new tokens are the last query_len of each context)."""
         max_blocks = max((len(b) for b in block_tables), default=0)
         table = torch.full((len(block_tables), max(max_blocks, 1)), -1, dtype=torch.int32)
         for i, blocks in enumerate(block_tables):
             table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         slots: list[int] = []
-        for q, s, blocks in zip(query_lens, seq_lens, block_tables):
+        for q, s, blocks in zip(query_lens, seq_lens, block_tables, strict=True):
             for pos in range(s - q, s):
                 slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         starts = [0]
