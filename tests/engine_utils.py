@@ -50,11 +50,11 @@ def full_forward_logits(model, token_ids: list[int]) -> torch.Tensor:
     """Logits of every position from one prefill over a fresh cache (no reuse of earlier steps)."""
     block_size = 16
     num_blocks = -(-len(token_ids) // block_size)
-    dtype = next(model.parameters()).dtype
-    caches = allocate_kv_caches(model.config, num_blocks, block_size, dtype, torch.device("cpu"))
+    param = next(model.parameters())
+    caches = allocate_kv_caches(model.config, num_blocks, block_size, param.dtype, param.device)
     n = len(token_ids)
-    md = AttentionMetadata.build([n], [n], [list(range(num_blocks))], block_size)
-    hidden = model(torch.tensor(token_ids), torch.arange(n), md, caches)
+    md = AttentionMetadata.build([n], [n], [list(range(num_blocks))], block_size, param.device)
+    hidden = model(torch.tensor(token_ids, device=param.device), torch.arange(n, device=param.device), md, caches)
     return model.compute_logits(hidden).float()
 
 

@@ -1,7 +1,9 @@
 """The engine's paged, batched, chunked, cached and preempted execution gives the tokens of a plain forward."""
 
 import pytest
+import torch
 
+from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import (
     PROMPTS,
     assert_all_blocks_free,
@@ -84,4 +86,19 @@ def test_preemption_with_tiny_cache_gives_identical_outputs(expected):
     final, _ = run_to_completion(eng, batch())
     assert preempted, "the cache was meant to be too small"
     assert tokens(final, len(PROMPTS)) == expected
+    assert_all_blocks_free(eng)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_batched_preempted_and_seeded():
+    eng = make_engine(device="cuda", num_kv_blocks=12, max_model_len=48)
+    model = eng.runner.model
+    want = [reference_greedy(model, p, NUM_TOKENS) for p in PROMPTS]
+    final, _ = run_to_completion(eng, batch())
+    assert tokens(final, len(PROMPTS)) == want
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=6, seed=5, ignore_eos=True, logprobs=2)
+    alone, _ = run_to_completion(eng, {"s": (PROMPTS[0], params)})
+    mixed, _ = run_to_completion(eng, {"s": (PROMPTS[0], params), **batch()})
+    assert alone["s"].outputs[0].token_ids == mixed["s"].outputs[0].token_ids
     assert_all_blocks_free(eng)

@@ -87,7 +87,12 @@ class ModelRunner:
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
             from longcat_service.engine.cuda_graph_runner import execute_decode_with_graph
 
-            results = execute_decode_with_graph(self.graph_runner, self, batch)
+            try:
+                results = execute_decode_with_graph(self.graph_runner, self, batch)
+            except Exception:  # e.g. a capture-unsafe op (host sync) in the decode path: serve eagerly instead
+                logger.exception("CUDA-graph decode failed; running eagerly from now on")
+                self.graph_runner = None
+                results = None
             if results is not None:
                 return results
         input_ids: list[int] = []
