@@ -86,6 +86,8 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         if self._thread is None or not self._thread.is_alive() or self._dead_reason is not None:
             return False
+        if not getattr(self.engine.runner, "is_healthy", lambda: True)():  # e.g. a tensor-parallel rank was lost
+            return False
         started = self._step_started
         return started is None or time.monotonic() - started <= self.args.step_timeout_s
 

@@ -32,9 +32,10 @@ class EngineArgs:
     max_model_len: int | None = None  # None -> config max_position_embeddings (capped to the cache size)
     enable_prefix_caching: bool = True
     step_timeout_s: float = 120.0  # AsyncEngine health: one step longer than this marks the engine unhealthy
+    tensor_parallel_size: int = 1  # > 1: local ranks are spawned (or torchrun's ranks joined); see engine/tp_worker.py
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise EngineArgsError(name, f"must be a positive integer, got {value!r}")

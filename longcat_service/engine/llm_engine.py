@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from longcat_service.engine.block_manager import BlockManager
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError, PromptError
-from longcat_service.engine.model_runner import ModelRunner
 from longcat_service.engine.output_processor import OutputProcessor, RequestState
 from longcat_service.engine.scheduler import Scheduler
 from longcat_service.engine.sequence import SequenceGroup
+from longcat_service.engine.tp_worker import create_model_runner
 from longcat_service.outputs import RequestOutput
 from longcat_service.sampling_params import SamplingParams
 
@@ -40,7 +40,7 @@ class LLMEngine:
             model_path = args.model
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path)
-        self.runner = ModelRunner(args, model_path)
+        self.runner = create_model_runner(args, model_path)  # ModelRunner, or rank 0 of a TP group
         self.model_config = self.runner.config
         self.vocab_size = self.runner.vocab_size
         eos = getattr(self.tokenizer, "eos_token_id", None)
