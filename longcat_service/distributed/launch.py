@@ -80,3 +80,17 @@ def local_device(device_type: str, info: RankInfo) -> str:
 
 def default_backend(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
+
+
+def torchrun_job(tensor_parallel_size: int, environ: Mapping[str, str] | None = None) -> RankInfo | None:
+    """The torchrun job this process belongs to (None: not under torchrun, or a single rank).
+
+    Every rank of the job is one tensor-parallel rank: a --tensor-parallel-size other than 1 (the default) must
+    equal WORLD_SIZE."""
+    info = torchrun_env(environ)
+    if info is None or info.world_size == 1:
+        return None
+    if tensor_parallel_size not in (1, info.world_size):
+        raise ValueError(f"--tensor-parallel-size: {tensor_parallel_size} does not match the {info.world_size} "
+                         "ranks torchrun started (WORLD_SIZE)")
+    return info

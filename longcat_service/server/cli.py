@@ -106,7 +106,20 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from longcat_service.distributed.launch import torchrun_job
+
+    try:  # under torchrun every rank runs this CLI: global rank 0 serves, the others follow it
+        job = torchrun_job(args.tensor_parallel_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    where = f" [rank {job.rank}]" if job else ""
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
+    if job is not None:
+        args.tensor_parallel_size = job.world_size
+        if job.rank != 0:
+            from longcat_service.engine.tp_worker import run_worker
+
+            return run_worker(engine_args_from(args), args.model, job)
     return asyncio.run(serve(args))
 
 
