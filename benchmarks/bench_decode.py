@@ -236,6 +236,11 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
     runner = ModelRunner(eargs, str(tmp))
     print(f"model ready in {time.perf_counter() - t0:.1f}s; graphs: {runner.graph_runner is not None}", flush=True)
     model, drv = runner.model, Driver(runner, 16)
+    with torch.no_grad():
+        # The dummy correction bias, N(0, 0.01), dwarfs softmax probabilities of ~1/768, so every token would
+        # pick the same experts; the real bias balances load. Zero bias spreads tokens like spec §4's D(B).
+        for layer in model.model.layers:
+            layer.mlp.router.e_score_correction_bias.zero_()
     pb = param_bytes(model)
     entry_bytes = raw["kv_lora_rank"] + raw["qk_rope_head_dim"]
     n_sub = 2 * raw["num_layers"]
@@ -377,8 +382,8 @@ def run_hf_child(args) -> dict | None:
 # ---- report -------------------------------------------------------------------------------------------
 def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: torch.device) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = os.environ.get("LONGCAT_COMMIT") or subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         f"## {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {gpu} | commit {commit} | torch {torch.__version__}",
         "",

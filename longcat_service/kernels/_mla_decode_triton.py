@@ -10,6 +10,32 @@ from longcat_service.kernels import interpreter_mode
 
 
 @triton.jit
+def _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb, s_cb, s_ct, block_size, scale,
+           offs_r, offs_d, rmask, dmask, RANK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+           UPCAST: tl.constexpr):
+    """One BLOCK_N-token step of the online softmax."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    pmask = pos < end
+    page = tl.load(tables_ptr + b * s_tb + pos // block_size, mask=pmask, other=0).to(tl.int64)
+    row = page * s_cb + (pos % block_size).to(tl.int64) * s_ct
+    lat = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=pmask[:, None] & rmask[None, :], other=0.0)
+    rope = tl.load(cache_ptr + row[:, None] + RANK + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
+                   other=0.0)
+    if UPCAST:
+        lat = lat.to(tl.float32)
+        rope = rope.to(tl.float32)
+    qk = tl.dot(q_lat, tl.trans(lat), input_precision=DOT_PRECISION)
+    qk += tl.dot(q_rope, tl.trans(rope), input_precision=DOT_PRECISION)
+    qk = tl.where(pmask[None, :], qk * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp(qk - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _stage1(
     q_lat_ptr, q_rope_ptr, cache_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
     scale, num_heads, block_size,
@@ -17,7 +43,7 @@ def _stage1(
     s_pob, s_poh, s_pos, s_plb, s_plh,
     RANK: tl.constexpr, ROPE: tl.constexpr, RANK_PAD: tl.constexpr, ROPE_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     # head block varies fastest so programs that read the same cache chunk run together (L2 reuse)
     hb = tl.program_id(0)
@@ -45,28 +71,18 @@ def _stage1(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, RANK_PAD], tl.float32)
-    n0 = start
-    while n0 < end:  # (a while loop: Triton's CPU interpreter cannot take device values as range() bounds)
-        pos = n0 + tl.arange(0, BLOCK_N)
-        pmask = pos < end
-        page = tl.load(tables_ptr + b * s_tb + pos // block_size, mask=pmask, other=0).to(tl.int64)
-        row = page * s_cb + (pos % block_size).to(tl.int64) * s_ct
-        lat = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=pmask[:, None] & rmask[None, :], other=0.0)
-        rope = tl.load(cache_ptr + row[:, None] + RANK + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
-                       other=0.0)
-        if UPCAST:
-            lat = lat.to(tl.float32)
-            rope = rope.to(tl.float32)
-        qk = tl.dot(q_lat, tl.trans(lat), input_precision=DOT_PRECISION)
-        qk += tl.dot(q_rope, tl.trans(rope), input_precision=DOT_PRECISION)
-        qk = tl.where(pmask[None, :], qk * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp(qk - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=DOT_PRECISION)
-        m_i = m_new
-        n0 += BLOCK_N
+    if USE_WHILE:  # Triton's CPU interpreter cannot take device values as range() bounds
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb, s_cb, s_ct,
+                                   block_size, scale, offs_r, offs_d, rmask, dmask, RANK, BLOCK_N, DOT_PRECISION,
+                                   UPCAST)
+            n0 += BLOCK_N
+    else:  # a for loop, so that the compiler software-pipelines the cache loads (num_stages)
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb, s_cb, s_ct,
+                                   block_size, scale, offs_r, offs_d, rmask, dmask, RANK, BLOCK_N, DOT_PRECISION,
+                                   UPCAST)
 
     has = l_i > 0.0  # empty split (past the end, or a padded row with seq_len 0)
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -124,6 +140,7 @@ def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits
         RANK=rank, ROPE=rope, RANK_PAD=next_pow2(rank), ROPE_PAD=next_pow2(rope),
         NUM_SPLITS=num_splits, BLOCK_H=block_h, BLOCK_N=block_n, DOT_PRECISION=precision,
         UPCAST=interpreter_mode(),  # the CPU interpreter has no bf16 matmul: compute in fp32 there
+        USE_WHILE=interpreter_mode(),
         num_warps=4, num_stages=2,
     )
     _stage2[(heads, batch)](
