@@ -167,8 +167,9 @@ def test_dummy_full_width_layer_stays_finite():
 
 
 def test_dtype_resolution():
-    cfg = ModelConfig.from_dict({**json.loads(json.dumps(_BASE_RAW)), "torch_dtype": "bfloat16"})
-    assert resolve_dtype(None, cfg, torch.device("cpu")) == torch.bfloat16
+    cfg = ModelConfig.from_dict({**json.loads(json.dumps(_BASE_RAW)), "torch_dtype": "float16"})
+    assert resolve_dtype(None, cfg, torch.device("cpu")) == torch.float32  # CPU: fp32 whatever the checkpoint says
+    assert resolve_dtype(None, cfg, torch.device("cuda")) == torch.float16
     cfg = ModelConfig.from_dict(_BASE_RAW)
     assert resolve_dtype(None, cfg, torch.device("cpu")) == torch.float32
     assert resolve_dtype(None, cfg, torch.device("cuda")) == torch.bfloat16

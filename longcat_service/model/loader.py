@@ -5,7 +5,8 @@
   streamed from memory-mapped files with `safe_open`; each parameter's weight_loader reads only this rank's
   slice. All keys are checked (missing / unexpected / listed in the index but absent) before any data is read.
 - `model.mtp.*` (the multi-token-prediction layer) is set aside: recorded in `model.mtp_weight_names`.
-- dtype None -> the config's `torch_dtype`; if the config has none: bfloat16 on CUDA, float32 on CPU.
+- dtype None -> float32 on CPU (half-precision matmuls are slow on most CPUs and fp32 is the reference
+  precision); on an accelerator the config's `torch_dtype`, else bfloat16.
 - Parameters are allocated directly on the target device (uninitialised, then overwritten), so a full-size
   model is never built twice nor materialised on the host.
 """
@@ -36,9 +37,9 @@ __all__ = ["CheckpointError", "WeightLoadError", "load_model", "resolve_dtype"]
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig, device: torch.device) -> torch.dtype:
     if dtype is None:
-        if config.torch_dtype is not None:
-            return DTYPES[config.torch_dtype]
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPES[config.torch_dtype] if config.torch_dtype is not None else torch.bfloat16
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
