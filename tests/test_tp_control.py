@@ -180,3 +180,22 @@ def test_model_group_collectives_are_noops_at_tp1():
     t = torch.ones(3)
     assert parallel_state.all_reduce(t) is t and parallel_state.all_gather(t) is t
     assert parallel_state.get_cpu_group() is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs a host with fewer than 2 GPUs")
+def test_more_ranks_than_gpus_is_refused_before_spawning():
+    from longcat_service.engine.tp_worker import create_model_runner
+
+    with pytest.raises(EngineArgsError, match=r"^tensor_parallel_size: needs 2 GPUs on this node"):
+        create_model_runner(EngineArgs(device="cuda", tensor_parallel_size=2), None)
+
+
+def test_under_torchrun_only_rank0_builds_the_engine_and_sizes_must_agree(monkeypatch):
+    from longcat_service.engine.tp_worker import create_model_runner
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(EngineArgsError, match="only global rank 0 runs the engine"):
+        create_model_runner(EngineArgs(device="cpu", tensor_parallel_size=2), None)
+    with pytest.raises(EngineArgsError, match="WORLD_SIZE=2"):
+        create_model_runner(EngineArgs(device="cpu", tensor_parallel_size=4), None)

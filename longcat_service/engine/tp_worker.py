@@ -67,12 +67,20 @@ def create_model_runner(args: EngineArgs, model_path) -> ModelRunner:
     return TPDriverRunner(args, model_path, None)
 
 
+def _check_gpu_count(needed: int) -> None:
+    visible = torch.cuda.device_count()
+    if visible < needed:
+        raise EngineArgsError("tensor_parallel_size", f"needs {needed} GPUs on this node (one per local rank), "
+                              f"{visible} visible")
+
+
 class _TPRunnerMixin:
     """Joining the group before the model is built (layers read the tp rank/size when constructed)."""
 
     def _join(self, args: EngineArgs, info: RankInfo, store: dist.TCPStore) -> EngineArgs:
         device_type = args.torch_device.type
         if device_type == "cuda":
+            _check_gpu_count(info.local_rank + 1)
             torch.cuda.set_device(info.local_rank)
         elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks share the host's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
@@ -101,6 +109,8 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
         self.encoder = StepEncoder()
         tp = args.tensor_parallel_size
         if env is None:  # local: this process hosts the store and spawns ranks 1..tp-1
+            if args.torch_device.type == "cuda":
+                _check_gpu_count(tp)
             store = open_store(RankInfo(0, tp, 0, "127.0.0.1", 0))
             info = RankInfo(0, tp, 0, "127.0.0.1", store.port)
             self._spawn_workers(args, model_path, info)
