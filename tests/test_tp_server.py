@@ -212,3 +212,23 @@ def test_local_rank0_killed_spawned_worker_exits():
         assert not stat.exists() or stat.read_text().split()[2] == "Z", "the worker outlived rank 0"
     finally:
         server.kill_group()
+
+
+def test_local_tp2_sigterm_drains_in_flight_request_then_all_ranks_exit_0():
+    server = Proc([sys.executable, "-m", "longcat_service.server.cli", "--port", "0",
+                   "--tensor-parallel-size", "2", *SERVE_ARGS])
+    try:
+        port = int(server.wait_for(r"longcat-serve listening on [\d.]+:(\d+)", 120).group(1))
+        worker = _spawned_worker(server)
+        with LongCatClient(f"127.0.0.1:{port}", retry=NO_RETRY) as client:
+            stream = client.generate_stream([5, 17, 200], max_tokens=40, temperature=0.0, ignore_eos=True)
+            tokens = list(next(iter(stream)).token_ids)
+            server.p.send_signal(signal.SIGTERM)
+            for chunk in stream:  # the in-flight request finishes during the drain
+                tokens += chunk.token_ids
+        assert len(tokens) == 40
+        assert server.p.wait(timeout=60) == 0, server.text[-3000:]
+        assert "rank 1: shut down" in server.text and "all ranks shut down" in server.text
+        assert not Path(f"/proc/{worker}").exists() or Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z"
+    finally:
+        server.kill_group()
