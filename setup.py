@@ -50,7 +50,8 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(min(4, os.cpu_count() or 1))
         cmake = shutil.which("cmake") or "cmake"
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
-        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+        verbose = ["--verbose"] if os.environ.get("LONGCAT_VERBOSE_BUILD") else []
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs, *verbose], check=True)
         if not out_path.exists():
             raise RuntimeError(f"CMake did not produce {out_path}")
 

@@ -148,15 +148,35 @@ def bench_case(w13, w2, batch, copy_tbps, mm_tflops, reps):
     }
 
 
+def profile_case(inter: int, batch: int) -> None:
+    """Per-kernel CUDA time of one eager moe_forward (torch.profiler), to see where the time goes."""
+    w13 = torch.empty(E, 2 * inter, H, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02)
+    w2 = torch.empty(E, H, inter, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02)
+    hidden = torch.randn(batch, H, device="cuda").to(torch.bfloat16)
+    logits, bias = torch.randn(batch, E + Z, device="cuda"), torch.zeros(E + Z, device="cuda")
+    for _ in range(3):
+        ops.moe_forward(hidden, logits, bias, w13, w2, K, SCALE)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            ops.moe_forward(hidden, logits, bias, w13, w2, K, SCALE)
+        torch.cuda.synchronize()
+    print(f"profile I={inter} B={batch} (10 calls)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,64,512,4096")
     parser.add_argument("--inter", default="2048,256")
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, help="I,B: print a per-kernel profile of that shape first")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  ops backend: {ops.ACTIVE_BACKEND}")
+    if args.profile:
+        profile_case(*[int(v) for v in args.profile.split(",")])
     copy_tbps, mm_tflops = measure_copy_tbps(), measure_matmul_tflops()
     print(f"measured: d2d copy {copy_tbps:.2f} TB/s, bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
     results = []

@@ -88,3 +88,18 @@ def test_setup_with_torch_declares_the_extension():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['longcat_service._C']"
+
+
+@pytest.mark.skipif(not _extension_built(), reason="extension not built: pip install --no-build-isolation -e .")
+def test_cxx_error_from_extension_becomes_runtime_error():
+    # In a subprocess: a mislinked extension (static libstdc++) segfaults here instead of raising.
+    proc = _run_python(
+        "import torch, longcat_service._C\n"
+        "try:\n"
+        "    torch.ops.longcat.router_topk(torch.zeros(2, 8), torch.zeros(7), 2, 1.0, 4)\n"
+        "except RuntimeError as exc:\n"
+        "    print('raised', 'correction_bias' in str(exc))\n",
+        LONGCAT_FORCE_REFERENCE="0",
+    )
+    assert proc.returncode == 0, f"rc={proc.returncode} {proc.stderr[-2000:]}"
+    assert proc.stdout.strip() == "raised True"

@@ -143,6 +143,7 @@ at::Tensor expert_ffn_cuda(const at::Tensor& hidden_in, const at::Tensor& w13_in
   if (num_slots == 0 || E == 0) return y;
   // Without the align outputs, walk all experts: empty ones exit at once.
   at::Tensor active, num_active;
+  int64_t max_active = E;
   if (active_in.has_value() && num_active_in.has_value()) {
     active = active_in->contiguous();
     num_active = num_active_in->contiguous();
@@ -150,24 +151,24 @@ at::Tensor expert_ffn_cuda(const at::Tensor& hidden_in, const at::Tensor& w13_in
                 E, "]");
     TORCH_CHECK(num_active.scalar_type() == at::kInt && num_active.numel() == 1,
                 "expert_ffn: num_active must be int32 [1]");
+    max_active = std::min<int64_t>(E, num_slots);  // a compact list has at most T*k entries
   } else {
     active = at::arange(E, offsets.options());
     num_active = at::full({1}, E, offsets.options());
   }
-  const int max_active = static_cast<int>(std::min<int64_t>(E, num_slots));
   auto h = at::empty({num_slots, I}, hidden.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int Hi = static_cast<int>(H), Ii = static_cast<int>(I), k = static_cast<int>(top_k);
   switch (hidden.scalar_type()) {
     case at::kFloat:
-      dispatch_ffn<float>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, max_active, Hi, Ii, k, stream);
+      dispatch_ffn<float>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), Hi, Ii, k, stream);
       break;
     case at::kBFloat16:
-      dispatch_ffn<__nv_bfloat16>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, max_active, Hi, Ii,
+      dispatch_ffn<__nv_bfloat16>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), Hi, Ii,
                                   k, stream);
       break;
     case at::kHalf:
-      dispatch_ffn<__half>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, max_active, Hi, Ii, k,
+      dispatch_ffn<__half>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), Hi, Ii, k,
                            stream);
       break;
     default:
