@@ -94,6 +94,8 @@ def test_llm_tp2_greedy_tokens_and_logprobs_equal_tp1(checkpoints):
         again = llm.generate(prompts[:2], params)  # the workers keep following across generate() calls
     finally:
         llm.engine.runner.close()
+    closed = llm.generate(prompts[:1], params)[0]  # after close(): a clear error, not a hang
+    assert closed.finished and "closed" in closed.error
     for r, g in zip(ref + ref[:2], got + again, strict=True):
         assert g.outputs[0].token_ids == r.outputs[0].token_ids
         for lr, lg in zip(r.outputs[0].logprobs, g.outputs[0].logprobs, strict=True):

@@ -116,8 +116,9 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
             self._spawn_workers(args, model_path, info)
         else:
             info, store = env, open_store(env)
-        self.heartbeat = Heartbeat(open_heartbeat_store(info, store.port), 0, list(range(1, tp)), self.fail).start()
+        self.heartbeat: Heartbeat | None = None
         try:
+            self.heartbeat = Heartbeat(open_heartbeat_store(info, store.port), 0, list(range(1, tp)), self.fail).start()
             rank_args = self._join(args, info, store)
             super().__init__(rank_args, model_path)
         except BaseException:
@@ -149,11 +150,13 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
     # ---- the step ------------------------------------------------------------------------------
     def execute(self, batch):
         with self._lock:
-            if self.failure is not None or self._closing:
+            if self.failure is not None:
                 self._wait_for_exit()
+            if self._closing:
+                raise RuntimeError("the tensor-parallel runner is closed (its workers have exited)")
             rows, released = self.encoder.encode(batch)
-            self.channel.send((MSG_STEP, rows, released))
             try:
+                self.channel.send((MSG_STEP, rows, released))
                 return super().execute(batch)
             except BaseException as e:  # the workers may be inside a collective this rank never reaches
                 self.fail(f"step failed on rank 0 after its inputs were broadcast ({type(e).__name__}: {e})")
@@ -186,7 +189,8 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
 
     def _abandon_workers(self) -> None:
         self._closing = True
-        self.heartbeat.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         for p in self._procs:
             if p.is_alive():
                 p.kill()
@@ -213,7 +217,8 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
                 if p.is_alive():
                     logger.error("tensor parallel: %s did not exit; killing it", p.name)
                     p.kill()
-            self.heartbeat.stop()
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             parallel_state.destroy_distributed()
             logger.info("tensor parallel: all ranks shut down")
         finally:
