@@ -33,6 +33,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     step_timeout_s: float = 120.0  # AsyncEngine health: one step longer than this marks the engine unhealthy
     tensor_parallel_size: int = 1  # > 1: local ranks are spawned (or torchrun's ranks joined); see engine/tp_worker.py
+    hf_overrides: dict | None = None  # config.json keys replaced before the model config is parsed ({"num_layers": 2})
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
@@ -43,6 +44,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise EngineArgsError(name, f"must be a positive integer or None, got {value!r}")
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise EngineArgsError("hf_overrides", f"must be a dict of config.json keys, got {self.hf_overrides!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise EngineArgsError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if not self.step_timeout_s > 0:

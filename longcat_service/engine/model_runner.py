@@ -33,7 +33,8 @@ class ModelRunner:
 
         self.args = args
         self.device = args.torch_device
-        self.model = load_model(model_path, dtype=args.torch_dtype, device=self.device, load_format=args.load_format)
+        self.model = load_model(model_path, dtype=args.torch_dtype, device=self.device, load_format=args.load_format,
+                                hf_overrides=args.hf_overrides)
         self.model.eval()
         self.config = self.model.config
         self.dtype = next(self.model.parameters()).dtype

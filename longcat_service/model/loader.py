@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from longcat_service.config import ModelConfig
+from longcat_service.config import ConfigError, ModelConfig
 from longcat_service.layers.weight_utils import CheckpointError, WeightLoadError
 from longcat_service.model.longcat_flash import LongcatFlashForCausalLM, WeightTarget
 
@@ -57,11 +57,13 @@ def load_model(
     device: torch.device | str | None = None,
     load_format: str = "auto",
     seed: int = 0,
+    hf_overrides: dict[str, Any] | None = None,
 ) -> LongcatFlashForCausalLM:
     """Return an eval-mode LongcatFlashForCausalLM on `device`.
 
     model_path: a checkpoint directory, a ModelConfig (dummy weights only), or None for the demo checkpoint.
     load_format: "auto" (safetensors) or "dummy" (random weights from `seed`; only the config is read).
+    hf_overrides: keys replacing those of the raw config.json before it is parsed (e.g. {"num_layers": 2}).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format: must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
@@ -71,6 +73,8 @@ def load_model(
         model_path = ensure_demo_model()
     model_dir: Path | None = None
     if isinstance(model_path, ModelConfig):
+        if hf_overrides:
+            raise ValueError("hf_overrides: applies to a config.json, not to a ModelConfig")
         if load_format != "dummy":
             raise ValueError("load_format: a ModelConfig carries no weights; use load_format='dummy'")
         config = model_path
@@ -79,7 +83,7 @@ def load_model(
         config_path = model_dir / "config.json"
         if not config_path.is_file():
             raise CheckpointError("config.json not found", file=str(config_path))
-        config = ModelConfig.from_pretrained(config_path)
+        config = _read_config(config_path, hf_overrides)
 
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(dtype, config, device)
@@ -93,6 +97,20 @@ def load_model(
     else:
         model.mtp_weight_names = _load_checkpoint(model, checkpoint)
     return model
+
+
+def _read_config(config_path: Path, hf_overrides: dict[str, Any] | None) -> ModelConfig:
+    if not hf_overrides:
+        return ModelConfig.from_pretrained(config_path)
+    if not isinstance(hf_overrides, dict):
+        raise ValueError(f"hf_overrides: must be a dict of config.json keys, got {type(hf_overrides).__name__}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError("config.json", f"not valid JSON ({exc})", str(config_path)) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json", "top level must be a JSON object", str(config_path))
+    return ModelConfig.from_dict({**raw, **hf_overrides}, source=f"{config_path} with hf_overrides")
 
 
 class _CheckpointIndex:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--hf-overrides", type=hf_overrides_json, default=None, metavar="JSON",
+                   help='config.json keys to replace, e.g. \'{"num_layers": 2}\'')
     g = p.add_argument_group("security")
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     g.add_argument("--tls-key", default=None)
@@ -50,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hf_overrides_json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of config.json keys, got {text!r}")
+    return value
+
+
 def engine_args_from(args: argparse.Namespace):
     from longcat_service.engine.engine_args import EngineArgs
 
@@ -58,6 +71,7 @@ def engine_args_from(args: argparse.Namespace):
         "model": args.model, "dtype": args.dtype, "device": args.device, "load_format": args.load_format,
         "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
         "num_kv_blocks": args.num_kv_blocks, "tensor_parallel_size": args.tensor_parallel_size,
+        "hf_overrides": args.hf_overrides,
     }
     if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
         raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")
