@@ -76,6 +76,8 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, through the chat template."""
+        if self.tokenizer is None:
+            raise ValueError("messages: this model has no tokenizer (no tokenizer.json) to render a chat")
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         prompts = [
             {"prompt": self.tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt),
@@ -94,6 +96,9 @@ class LLM:
         return prompts
 
     def _to_token_ids(self, prompt, index: int) -> list[int]:
+        if self.tokenizer is None and (isinstance(prompt, str) or (isinstance(prompt, Mapping) and "prompt" in prompt
+                                                                   and "prompt_token_ids" not in prompt)):
+            raise ValueError(f"prompts[{index}]: this model has no tokenizer (no tokenizer.json); pass token ids")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, Mapping):

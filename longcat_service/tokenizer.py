@@ -108,6 +108,11 @@ class Tokenizer:
         return self.vocab_size
 
 
+def has_tokenizer(model_dir: str | Path) -> bool:
+    """Whether the checkpoint ships a fast tokenizer (dummy-weight benchmark configs hold only config.json)."""
+    return (Path(model_dir) / "tokenizer.json").is_file()
+
+
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     model_dir = Path(model_dir)
     tokenizer_file = model_dir / "tokenizer.json"

@@ -14,7 +14,7 @@ from longcat_service.engine.scheduler import Scheduler
 from longcat_service.engine.sequence import SequenceGroup
 from longcat_service.engine.tp_worker import create_model_runner
 from longcat_service.outputs import RequestOutput
-from longcat_service.sampling_params import SamplingParams
+from longcat_service.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class EngineLoad:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
-        from longcat_service.tokenizer import load_tokenizer
+        from longcat_service.tokenizer import has_tokenizer, load_tokenizer
 
         self.args = args = args if args is not None else EngineArgs(**kwargs)
         if args.model is None:
@@ -39,7 +39,10 @@ class LLMEngine:
         else:
             model_path = args.model
         self.model_path = model_path
-        self.tokenizer = load_tokenizer(model_path)
+        # Without tokenizer.json the engine serves token ids only: empty text, EOS from config.json, no stop strings.
+        self.tokenizer = load_tokenizer(model_path) if has_tokenizer(model_path) else None
+        if self.tokenizer is None:
+            logger.warning("%s has no tokenizer.json: serving token ids only (no text)", model_path)
         self.runner = create_model_runner(args, model_path)  # ModelRunner, or rank 0 of a TP group
         self.model_config = self.runner.config
         self.vocab_size = self.runner.vocab_size
@@ -88,6 +91,9 @@ class LLMEngine:
             if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
                 raise PromptError("token_ids", f"token {i} is {tok!r}, outside the vocabulary [0, {self.vocab_size})")
         sampling_params.validate(self.vocab_size)
+        if self.tokenizer is None and sampling_params.stop:
+            raise SamplingParamsError("stop", "stop strings need a tokenizer and this model has none "
+                                      "(no tokenizer.json); use stop_token_ids")
 
     def add_request(
         self,

@@ -8,9 +8,10 @@ from longcat_service.outputs import CompletionOutput, Logprob, RequestMetrics, R
 
 
 class SeqOutputState:
-    def __init__(self, tokenizer: Decoder, seq: Sequence):
+    def __init__(self, tokenizer: Decoder | None, seq: Sequence):
         self.seq = seq
-        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.params.skip_special_tokens)
+        # No tokenizer (token-ids-only model): the text stays empty.
+        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.params.skip_special_tokens) if tokenizer is not None else None
         self.text = ""  # output text so far, cut before a matched stop string
         self.logprobs: list[Logprob] | None = [] if seq.params.logprobs is not None else None
         self.num_emitted_tokens = 0
@@ -19,7 +20,7 @@ class SeqOutputState:
 
 
 class RequestState:
-    def __init__(self, tokenizer: Decoder, group: SequenceGroup):
+    def __init__(self, tokenizer: Decoder | None, group: SequenceGroup):
         self.group = group
         self.seqs = [SeqOutputState(tokenizer, s) for s in group.seqs]
         self.prompt_logprobs: list[Logprob | None] | None = None
@@ -33,7 +34,7 @@ class RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Decoder, eos_token_id: int | None, max_model_len: int):
+    def __init__(self, tokenizer: Decoder | None, eos_token_id: int | None, max_model_len: int):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.max_model_len = max_model_len
@@ -58,7 +59,8 @@ class OutputProcessor:
         if may_stop and token_id in p.stop_token_ids:
             return self._finish_text(out, ("stop", token_id))  # the stop token is kept out of the text
         prev_len = len(out.text)
-        out.text += out.detokenizer.add([token_id])
+        if out.detokenizer is not None:
+            out.text += out.detokenizer.add([token_id])
         if p.stop and may_stop:
             hit = self._find_stop(out.text, prev_len, p.stop)
             if hit is not None:
@@ -78,7 +80,8 @@ class OutputProcessor:
 
     def _finish_text(self, out: SeqOutputState, result):
         if not out.closed:
-            out.text += out.detokenizer.flush()
+            if out.detokenizer is not None:
+                out.text += out.detokenizer.flush()
             out.closed = True
         return result
 

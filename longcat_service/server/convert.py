@@ -75,6 +75,9 @@ def prompt_from_request(request: pb.GenerateRequest | pb.TokenizeRequest, tokeni
         raise RequestError(oneof, "set one of text, token_ids or messages")
     if kind == "token_ids":
         return Prompt(list(request.token_ids.ids), kind)
+    if tokenizer is None:
+        raise RequestError(kind, "this model has no tokenizer (no tokenizer.json in its checkpoint); "
+                                 "send token_ids instead")
     if kind == "text":
         text = request.text
         if not text:

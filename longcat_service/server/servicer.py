@@ -104,7 +104,7 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             raise CallFailed(grpc.StatusCode.UNAVAILABLE, "engine is not healthy", "unavailable")
         try:
             prompt = convert.prompt_from_request(request, self.engine.tokenizer, self.engine.max_model_len)
-            params = convert.sampling_params_from_proto(request.sampling, self.engine.tokenizer.vocab_size)
+            params = convert.sampling_params_from_proto(request.sampling, self._vocab_size())
             convert.validate_request_id(request.request_id)
         except convert.RequestError as e:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid_argument") from e
@@ -220,6 +220,10 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             logger.info("request %s: %d prompt tokens, %d output tokens, finish=%s, %.0f ms",
                         request_id, len(prompt.token_ids), stats.num_tokens, reasons, elapsed_ms)
 
+    def _vocab_size(self) -> int:
+        tok = self.engine.tokenizer
+        return tok.vocab_size if tok is not None else self.engine.model_config.vocab_size
+
     # ---- unary RPCs --------------------------------------------------------------------------------
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         if len(request.request_ids) > MAX_ABORT_IDS:
@@ -240,9 +244,10 @@ class LongCatServicer(pb_grpc.LongCatServicer):
                 dtype=str(getattr(self.engine, "dtype", "") or cfg.torch_dtype or "").removeprefix("torch."),
             ),
             max_context_length=self.engine.max_model_len,
-            special_tokens=tok.special_tokens,
-            eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else -1,
-            bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else -1,
+            special_tokens=tok.special_tokens if tok is not None else {},
+            eos_token_id=_id_or_minus_one(tok.eos_token_id if tok is not None else cfg.eos_token_id),
+            bos_token_id=_id_or_minus_one(tok.bos_token_id if tok is not None else cfg.bos_token_id),
+            token_ids_only=tok is None,
             tensor_parallel_size=self.options.tensor_parallel_size,
             max_n=MAX_N, max_stop_strings=MAX_STOP_STRINGS, max_logprobs=MAX_LOGPROBS,
             server_version=__version__,
@@ -256,3 +261,7 @@ class LongCatServicer(pb_grpc.LongCatServicer):
         except convert.RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=prompt.token_ids, prompt_text=prompt.text or "")
+
+
+def _id_or_minus_one(token_id: int | None) -> int:
+    return token_id if token_id is not None else -1

@@ -216,7 +216,7 @@ class ModelConfigSummary(_message.Message):
     def __init__(self, vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_zero_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "config", "max_context_length", "special_tokens", "eos_token_id", "bos_token_id", "tensor_parallel_size", "max_n", "max_stop_strings", "max_logprobs", "server_version")
+    __slots__ = ("model_name", "config", "max_context_length", "special_tokens", "eos_token_id", "bos_token_id", "tensor_parallel_size", "max_n", "max_stop_strings", "max_logprobs", "server_version", "token_ids_only")
     class SpecialTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class ModelInfo(_message.Message):
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_ONLY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     config: ModelConfigSummary
     max_context_length: int
@@ -246,7 +247,8 @@ class ModelInfo(_message.Message):
     max_stop_strings: int
     max_logprobs: int
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., config: _Optional[_Union[ModelConfigSummary, _Mapping]] = ..., max_context_length: _Optional[int] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., max_n: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    token_ids_only: bool
+    def __init__(self, model_name: _Optional[str] = ..., config: _Optional[_Union[ModelConfigSummary, _Mapping]] = ..., max_context_length: _Optional[int] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., max_n: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., server_version: _Optional[str] = ..., token_ids_only: _Optional[bool] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "messages")
