@@ -85,8 +85,10 @@ def test_each_cuda_op_matches_reference(case):
         got = L.combine(r_y, slot_rows, r_weights, hidden, r_zero_w, add_identity)
         assert torch.equal(got, ref.combine(r_y, slot_rows, r_weights, hidden, r_zero_w, add_identity))
 
+    # y's bf16 rounding differences reach the output multiplied by a routing weight (up to SCALE).
     full = ops.moe_forward(hidden, logits, bias, w13, w2, k, SCALE)
-    torch.testing.assert_close(full, ref.moe_forward(hidden, logits, bias, w13, w2, k, SCALE), **_tol(dtype))
+    tol = _tol(dtype) if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2 * SCALE}
+    torch.testing.assert_close(full, ref.moe_forward(hidden, logits, bias, w13, w2, k, SCALE), **tol)
 
 
 @pytest.mark.parametrize("num_tokens", [64, 1000])

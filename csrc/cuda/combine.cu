@@ -1,4 +1,5 @@
-// CUDA combine: one block per token; out[t,h] = sum_j w[t,j] * y[row(t,j), h] in slot order, then
+// CUDA combine: blocks over (token, chunk of H), one output element per thread (a block per whole token
+// left too few loads in flight at decode: 40 us at T=1); out[t,h] = sum_j w[t,j] * y[row(t,j), h] in slot order, then
 // zero_weight[t] * x[t,h], in fp32 with every product rounded before its add (__fmul_rn/__fadd_rn forbid
 // FMA contraction), i.e. exactly the reference's order and rounding.
 #include "../ops.h"
@@ -16,7 +17,8 @@ __global__ void combine_kernel(const Y* __restrict__ y, const int32_t* __restric
   const int64_t t = blockIdx.x;
   const int32_t* rows = slot_rows + t * top_k;
   const float* wt = w + t * top_k;
-  for (int h = threadIdx.x; h < H; h += blockDim.x) {
+  const int h = blockIdx.y * blockDim.x + threadIdx.x;
+  if (h < H) {
     float acc = 0.f;
     for (int j = 0; j < top_k; ++j) {
       const int r = rows[j];
@@ -43,7 +45,8 @@ at::Tensor combine_cuda(const at::Tensor& expert_out_in, const at::Tensor& slot_
     const YT* yp = reinterpret_cast<const YT*>(y.data_ptr<scalar_t>());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "combine_cuda_x", [&] {
       using XT = typename CudaType<scalar_t>::type;
-      combine_kernel<YT, XT><<<static_cast<unsigned>(T), kThreads, 0, stream>>>(
+      const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>((H + kThreads - 1) / kThreads));
+      combine_kernel<YT, XT><<<grid, kThreads, 0, stream>>>(
           yp, rows.data_ptr<int32_t>(), w.data_ptr<float>(), reinterpret_cast<const XT*>(x.data_ptr<scalar_t>()),
           zw.data_ptr<float>(), static_cast<int>(k), static_cast<int>(H), add_identity, out.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,9 +24,12 @@ __global__ void router_topk_kernel(const float* __restrict__ logits, const float
   const float* row = logits + static_cast<int64_t>(token) * width;
 
   float mx = -FLT_MAX;
+  // Unrolled so that many independent loads are in flight (one token per warp is latency-bound).
+#pragma unroll 8
   for (int i = lane; i < width; i += kWarp) {
     const float v = row[i];
     probs[i] = v;
+    scores[i] = bias[i];
     mx = fmaxf(mx, v);
   }
 #pragma unroll
@@ -41,7 +44,7 @@ __global__ void router_topk_kernel(const float* __restrict__ logits, const float
   for (int i = lane; i < width; i += kWarp) {
     const float p = probs[i] / sum;
     probs[i] = p;
-    scores[i] = p + bias[i];
+    scores[i] += p;  // bias + p: the same single rounding as the reference's probs + bias
   }
   __syncwarp();
 
