@@ -1,13 +1,20 @@
 """Serving benchmark: N concurrent streaming gRPC clients vs the offline engine on the same workload.
 
-    python benchmarks/bench_serve.py                          # demo model, server started in-process
+    python benchmarks/bench_serve.py                          # demo model, CPU
     python benchmarks/bench_serve.py --address host:50051     # an already running longcat-serve
-    python benchmarks/bench_serve.py --model /ckpt --load-format dummy --num-layers 2 --device cuda
+    # the issue-6 target on one H200: LongCat-Flash-2L, dummy weights, 64 streams
+    python benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
+        --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128
+    # CPU check that the gRPC path keeps up with H200 step rates: the model replaced by a 15 ms sleep
+    python benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-tiny --load-format dummy \
+        --device cpu --concurrency 64 --num-requests 128 --max-tokens 128 --fake-compute-ms 15
 
 Workload: --num-requests prompts of --prompt-len random token ids (seeded), greedy, ignore_eos,
---max-tokens output tokens each, at most --concurrency streams at a time. Reports output tokens/s
-and TTFT / time-per-output-token p50 and p99 for the server (client-side timings) and for the
-offline LLM (engine timings, all requests submitted at once).
+--max-tokens output tokens each, at most --concurrency streams at a time. The server (engine + gRPC) runs in
+a child process, the clients in this one, so the load generator does not compete with the service for the
+GIL; the offline LLM runs afterwards in another child (a fresh process: neither holds the other's device
+memory). Reports output tokens/s, the service/offline ratio, and TTFT / time-per-output-token p50 and p99
+(client-side for the service, engine timings for the offline run, where all requests are submitted at once).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import multiprocessing
 import random
 import statistics
@@ -24,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # fake_compute, for the spawned children
 
 from longcat_service.client import AsyncLongCatClient  # noqa: E402
 
@@ -82,11 +91,15 @@ async def run_serve(address: str, prompts, max_tokens: int, concurrency: int, ap
         return RunResult(f"gRPC serve ({concurrency} concurrent streams)", time.perf_counter() - start, timings)
 
 
-def run_offline(engine_kwargs: dict, prompts, max_tokens: int, batch: int) -> RunResult:
+def run_offline(engine_kwargs: dict, fake: tuple | None, prompts, max_tokens: int, batch: int) -> RunResult:
     from longcat_service.llm import LLM
     from longcat_service.sampling_params import SamplingParams
 
     llm = LLM(**{**engine_kwargs, "max_num_seqs": batch})  # the same batch width as the served run
+    if fake is not None:
+        import fake_compute
+
+        fake_compute.install(llm.engine, *fake)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], params)  # warm-up
     start = time.perf_counter()
@@ -95,6 +108,28 @@ def run_offline(engine_kwargs: dict, prompts, max_tokens: int, batch: int) -> Ru
     timings = [RequestTiming(o.metrics.time_to_first_token_s or float("nan"), o.metrics.mean_time_per_output_token_s,
                              len(o.outputs[0].token_ids)) for o in outputs]
     return RunResult(f"offline LLM.generate (all submitted, max_num_seqs={batch})", wall, timings)
+
+
+def serve_in_child(engine_kwargs: dict, fake: tuple | None, max_queued_requests: int, conn) -> None:
+    """Child process: start the server, send (address, vocab_size), serve until told to stop."""
+    from longcat_service.engine.async_engine import AsyncEngine
+    from longcat_service.engine.engine_args import EngineArgs
+    from longcat_service.server.app import ServerConfig
+    from longcat_service.server.background import BackgroundServer
+    from longcat_service.server.servicer import ServerOptions
+
+    config = ServerConfig(port=0, options=ServerOptions(max_queued_requests=max_queued_requests))
+    try:
+        with BackgroundServer(lambda: AsyncEngine(EngineArgs(**engine_kwargs)), config) as server:
+            if fake is not None:  # the engine loop is idle until the first request: safe to swap its runner
+                import fake_compute
+
+                fake_compute.install(server.engine.engine, *fake)
+            conn.send((server.address, server.engine.model_config.vocab_size))
+            conn.recv()  # stop
+    except BaseException as e:
+        conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
+        raise
 
 
 def table(results: list[RunResult]) -> str:
@@ -109,50 +144,60 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(rows)
 
 
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default=None, help="benchmark this running server instead of starting one")
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None, help="checkpoint dir (default: the demo model)")
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--hf-overrides", type=json.loads, default=None, help="config.json keys to replace (JSON)")
     p.add_argument("--num-layers", type=int, default=None, help="override the config's decoder-layer count")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine batch width (default: --concurrency)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--fake-compute-ms", type=float, default=None,
+                   help="replace the model by a step of this many ms (fake_compute.py): measures the service path")
+    p.add_argument("--fake-host-ms", type=float, default=2.0, help="GIL-holding part of each fake step")
     args = p.parse_args(argv)
 
-    from longcat_service.engine.engine_args import EngineArgs
-
-    engine_kwargs = {"model": args.model, "load_format": args.load_format, "dtype": args.dtype,
-                     "device": args.device, "max_num_seqs": args.max_num_seqs}
+    if args.hf_overrides is not None and not isinstance(args.hf_overrides, dict):
+        p.error("--hf-overrides: must be a JSON object")
+    overrides = dict(args.hf_overrides or {})
     if args.num_layers is not None:
-        fields = {f.name for f in dataclasses.fields(EngineArgs)}
-        if "num_layers" in fields:
-            engine_kwargs["num_layers"] = args.num_layers
-        elif "hf_overrides" in fields:
-            engine_kwargs["hf_overrides"] = {"num_layers": args.num_layers}
-        else:
-            p.error("--num-layers: this engine build has no layer-count override yet")
+        overrides["num_layers"] = args.num_layers
+    max_num_seqs = args.max_num_seqs or args.concurrency
+    engine_kwargs = {"model": args.model, "load_format": args.load_format, "dtype": args.dtype,
+                     "device": args.device, "max_num_seqs": max_num_seqs, "hf_overrides": overrides or None}
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
+    fake = (args.fake_compute_ms, args.fake_host_ms) if args.fake_compute_ms is not None else None
+    spawn = multiprocessing.get_context("spawn")
 
     results = []
     if args.address is None:
-        from longcat_service.engine.async_engine import AsyncEngine
-        from longcat_service.server.app import ServerConfig
-        from longcat_service.server.background import BackgroundServer
-        from longcat_service.server.servicer import ServerOptions
-
-        config = ServerConfig(port=0, options=ServerOptions(max_queued_requests=max(512, args.num_requests)))
-        with BackgroundServer(lambda: AsyncEngine(EngineArgs(**engine_kwargs)), config) as server:
-            vocab = server.engine.tokenizer.vocab_size
+        parent, child = spawn.Pipe()
+        server = spawn.Process(target=serve_in_child, args=(engine_kwargs, fake, max(512, args.num_requests), child))
+        server.start()
+        try:
+            reply = parent.recv()
+            if isinstance(reply, BaseException):
+                raise RuntimeError("the server process failed to start") from reply
+            address, vocab = reply
             prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed)
-            results.append(asyncio.run(run_serve(server.address, prompts, args.max_tokens, args.concurrency, None)))
+            results.append(asyncio.run(run_serve(address, prompts, args.max_tokens, args.concurrency, None)))
+        finally:
+            if server.is_alive():
+                parent.send("stop")
+                server.join(120)
+            if server.is_alive():
+                server.kill()
     else:
         from longcat_service.client import LongCatClient
 
@@ -161,13 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         results.append(asyncio.run(run_serve(args.address, prompts, args.max_tokens, args.concurrency,
                                              args.api_key)))
     if not args.skip_offline:
-        # A fresh process, so that neither engine's memory or threads slow the other down.
-        batch = min(args.max_num_seqs, args.concurrency)
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results.append(pool.submit(run_offline, engine_kwargs, prompts, args.max_tokens, batch).result())
-    print(f"workload: {args.num_requests} requests, prompt {args.prompt_len} tokens, {args.max_tokens} output "
-          f"tokens each, greedy, ignore_eos")
+        batch = min(max_num_seqs, args.concurrency)
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            results.append(pool.submit(run_offline, engine_kwargs, fake, prompts, args.max_tokens, batch).result())
+    extra = f", hf_overrides {overrides}" if overrides else ""
+    extra += f", fake compute {args.fake_compute_ms:g} ms/step ({args.fake_host_ms:g} ms host)" if fake else ""
+    print(f"model: {args.model or 'demo model'} ({args.load_format}{extra}); workload: {args.num_requests} requests, "
+          f"prompt {args.prompt_len} tokens, {args.max_tokens} output tokens each, greedy, ignore_eos, "
+          f"{args.concurrency} concurrent streams")
     print(table(results))
+    if len(results) == 2:
+        serve, offline = (r.output_tokens / r.wall_s for r in results)
+        print(f"service / offline output tokens/s: {serve / offline:.3f}")
     return 0
 
 
