@@ -176,8 +176,7 @@ class AsyncEngine:
                 finally:
                     self._step_started = None
                 self._load = engine.load()
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                self._deliver_step(outputs)
         except BaseException as e:  # the loop is gone: say so and end every stream
             logger.exception("engine loop died")
             self._dead_reason = f"engine loop died: {type(e).__name__}: {e}"
@@ -198,6 +197,21 @@ class AsyncEngine:
         if commands:
             self._load = engine.load()
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs in one callback per event loop: one wake-up and one lock per step, not per request,
+        so that the loop thread takes the GIL from this one less often (64 streams at ~15 ms steps)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:  # else the consumer is gone (its abort is queued)
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, puts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:  # its event loop is closed
+                pass
+
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
@@ -214,3 +228,8 @@ class AsyncEngine:
         for rid, stream in streams:
             outputs = [CompletionOutput(index=i, finish_reason=reason) for i in range(stream.n)]
             self._deliver(rid, RequestOutput(rid, stream.prompt_token_ids, outputs, finished=True, error=error))
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in puts:
+        queue.put_nowait(item)

@@ -32,6 +32,9 @@ from longcat_service.server.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 MAX_ABORT_IDS = 1024
+# Bounds of one coalesced chunk message (text in characters: <= 1 MiB of UTF-8, well under gRPC's 4 MiB default).
+MAX_COALESCED_TOKENS = 256
+MAX_COALESCED_TEXT_CHARS = 256 * 1024
 _END = object()  # end of the engine's output stream
 
 
@@ -67,6 +70,25 @@ class _Stats:
     num_tokens: int = 0
     finish_reasons: tuple = ()
     output_text: str = ""
+
+
+def _coalesce(response: pb.GenerateResponse, queue: asyncio.Queue):
+    """Merge the chunks of the same sample already waiting behind `response` into it: a client (or transport)
+    that lags behind the engine gets fewer, larger messages instead of a growing backlog of one-token writes.
+    Returns the first waiting item that cannot be merged (to be written next), or None."""
+    chunk = response.chunk
+    while not queue.empty():
+        item = queue.get_nowait()
+        mergeable = (isinstance(item, pb.GenerateResponse) and item.WhichOneof("response") == "chunk"
+                     and item.index == response.index
+                     and len(chunk.token_ids) + len(item.chunk.token_ids) <= MAX_COALESCED_TOKENS
+                     and len(chunk.text) + len(item.chunk.text) <= MAX_COALESCED_TEXT_CHARS)
+        if not mergeable:
+            return item
+        chunk.token_ids.extend(item.chunk.token_ids)
+        chunk.text += item.chunk.text
+        chunk.logprobs.extend(item.chunk.logprobs)
+    return None
 
 
 class LongCatServicer(pb_grpc.LongCatServicer):
@@ -156,13 +178,16 @@ class LongCatServicer(pb_grpc.LongCatServicer):
 
     async def _write_responses(self, queue: asyncio.Queue, context, stats: _Stats, prompt) -> None:
         timeout = self.options.slow_reader_timeout_s
+        held = None  # an item taken from the queue while coalescing, written next
         while True:
-            item = await queue.get()
+            item, held = (held, None) if held is not None else (await queue.get(), None)
             if item is _END:
                 return
             if isinstance(item, Exception):
                 raise self._engine_failure(item, prompt)
             kind = item.WhichOneof("response")
+            if kind == "chunk":
+                held = _coalesce(item, queue)
             if kind == "chunk" and item.chunk.token_ids:
                 now = time.monotonic()
                 stats.first_token_at = stats.first_token_at or now
