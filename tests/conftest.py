@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels decide interpreter mode when their module is first imported, and collection imports every
+# test module (GPU-only ones too) before any test runs: on a machine without a GPU, set it before all of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
