@@ -6,6 +6,8 @@ the normalised, mla_scale_kv_lora-scaled latent, then the post-RoPE rope key.
 Two paths:
 - prefill / chunked prefill (query_len > 1): expand the sequence's latent through kv_b_proj into per-head
   K and V, causal with query offset seq_len - query_len, softmax in fp32 (as transformers' eager path);
+  LONGCAT_PREFILL_ATTN=sdpa computes the same attention with F.scaled_dot_product_attention (flash /
+  memory-efficient kernels on CUDA: no [h, Q, S] score tensor) instead of the eager S x S path (default);
 - decode (query_len == 1), weight-absorbed and batched: q_nope goes through W_UK into the latent space,
   scores are taken against [latent | rope key] directly, and the output P @ latent goes through W_UV.
 An `AttentionPlan` (index tensors shared by every attention sublayer) is built once per forward.
@@ -13,9 +15,11 @@ An `AttentionPlan` (index tensors shared by every attention sublayer) is built o
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from longcat_service.model.attention_metadata import AttentionMetadata
 
@@ -90,6 +94,28 @@ def write_kv_cache(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, latent: t
     flat[slot_mapping] = torch.cat((latent, k_rope), dim=-1).to(kv_cache.dtype)
 
 
+PREFILL_ATTN_BACKENDS = ("eager", "sdpa")
+
+
+def prefill_attention_backend() -> str:
+    """LONGCAT_PREFILL_ATTN: 'eager' (default, the reference) or 'sdpa'."""
+    name = os.environ.get("LONGCAT_PREFILL_ATTN", "eager").strip().lower() or "eager"
+    if name not in PREFILL_ATTN_BACKENDS:
+        raise ValueError(f"LONGCAT_PREFILL_ATTN must be one of {PREFILL_ATTN_BACKENDS}, got {name!r}")
+    return name
+
+
+def _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
+    """The sequence's cache entries through kv_b_proj -> k [S, h, dn+dr], v [S, h, dv]."""
+    entries = kv_cache.view(-1, kv_cache.shape[-1])[segment.slots]  # [S, r+dr]
+    rank = w_kv_b.shape[1]
+    latent, k_rope = entries[:, :rank], entries[:, rank:]
+    kv = torch.nn.functional.linear(latent, w_kv_b).view(-1, num_heads, qk_nope_head_dim + v_head_dim)
+    k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
+    k = torch.cat((k_nope, k_rope[:, None, :].expand(-1, num_heads, -1)), dim=-1)  # [S, h, dqk]
+    return k, v
+
+
 def prefill_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -101,16 +127,41 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [Q, h, dn+dr] of one sequence -> [Q, h, dv]. w_kv_b: this rank's kv_b_proj weight [h*(dn+dv), r]."""
-    entries = kv_cache.view(-1, kv_cache.shape[-1])[segment.slots]  # [S, r+dr]
-    rank = w_kv_b.shape[1]
-    latent, k_rope = entries[:, :rank], entries[:, rank:]
-    kv = torch.nn.functional.linear(latent, w_kv_b).view(-1, num_heads, qk_nope_head_dim + v_head_dim)
-    k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
-    k = torch.cat((k_nope, k_rope[:, None, :].expand(-1, num_heads, -1)), dim=-1)  # [S, h, dqk]
+    if prefill_attention_backend() == "sdpa":
+        return prefill_attention_sdpa(q, kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim, scale)
+    k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * scale  # [h, Q, S]
     scores = scores.masked_fill(~segment.allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [Q, h, dv]
+
+
+def prefill_attention_sdpa(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    segment: PrefillSegment,
+    w_kv_b: torch.Tensor,
+    num_heads: int,
+    qk_nope_head_dim: int,
+    v_head_dim: int,
+    scale: float,
+    pad_v: bool | None = None,
+) -> torch.Tensor:
+    """prefill_attention through F.scaled_dot_product_attention (same arguments and result).
+    pad_v (default: on CUDA) zero-pads V to the qk head dim and drops the extra output columns."""
+    k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
+    num_queries, seq_len, head_dim = q.shape[0], k.shape[0], q.shape[-1]
+    if (q.is_cuda if pad_v is None else pad_v) and v_head_dim != head_dim:
+        # The flash backend wants one head dim for q, k and v (as transformers' flash path): zero-pad V.
+        v = F.pad(v, (0, head_dim - v_head_dim))
+    if num_queries == seq_len:  # a whole prompt: plain causal, the flash kernel's fast case
+        mask, causal = None, True
+    else:  # a chunk after cached context: bottom-right-aligned causal mask, broadcast over heads
+        mask, causal = segment.allowed, False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, is_causal=causal, scale=scale
+    )  # [h, Q, dv or dqk]
+    return out[..., :v_head_dim].transpose(0, 1)
 
 
 def decode_attention(
