@@ -1,6 +1,7 @@
 """AsyncEngine: concurrent streams, early exit aborts, explicit abort, health, loop failure, shutdown."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -164,3 +165,33 @@ def test_shutdown_ends_open_streams():
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
 
     asyncio.run(main())
+
+
+def test_reused_request_id_gets_only_its_own_outputs():
+    """A caller leaves request "x" while a step that computes it is in flight and at once reuses the id: that
+    step's output (and the old request's abort) belong to the old request, never to the new stream."""
+
+    async def body(engine):
+        gen_old = engine.generate(PROMPTS[2], greedy(10_000), "x")
+        await gen_old.__anext__()
+        real_step, in_step, release = engine.engine.step, threading.Event(), threading.Event()
+
+        def gated_step():
+            in_step.set()
+            release.wait(10)
+            return real_step()
+
+        engine.engine.step = gated_step
+        await wait_until(in_step.is_set)  # the loop thread is inside a step that computes the old "x"
+        await gen_old.aclose()
+        new = asyncio.create_task(collect(engine, PROMPTS[0], greedy(3), "x"))
+        await wait_until(lambda: engine.load().num_waiting == 1)  # the new stream is registered, its add queued
+        engine.engine.step = real_step
+        release.set()
+        outs = await asyncio.wait_for(new, 30)
+        assert all(o.request_id == "x" and o.prompt_token_ids == PROMPTS[0] for o in outs)
+        assert outs[-1].outputs[0].finish_reason == "length"
+        assert outs[-1].outputs[0].token_ids == reference_greedy(engine.engine.runner.model, PROMPTS[0], 3)
+        await wait_until(lambda: not engine.engine.has_unfinished_requests())
+
+    run(body)

@@ -108,8 +108,8 @@ def test_engine_delivers_a_step_in_one_event_loop_callback():
         engine = AsyncEngine.__new__(AsyncEngine)  # only the delivery path: no model
         engine._lock = threading.Lock()
         loop, queues = Loop(), {rid: asyncio.Queue() for rid in "abc"}
-        engine._streams = {rid: _Stream(loop, q, [1], 1) for rid, q in queues.items()}
-        outputs = [RequestOutput(rid, [1], [CompletionOutput(index=0)]) for rid in ["a", "b", "gone", "c"]]
+        engine._streams = {f"{rid}#0": _Stream(loop, q, [1], 1, rid) for rid, q in queues.items()}
+        outputs = [RequestOutput(f"{rid}#0", [1], [CompletionOutput(index=0)]) for rid in ["a", "b", "gone", "c"]]
         engine._deliver_step(outputs)
         assert len(calls) == 1
         fn, args = calls[0]

@@ -3,11 +3,15 @@
 The loop thread owns the LLMEngine; the event loop only enqueues commands (add / abort) and receives outputs
 through per-request asyncio queues fed with loop.call_soon_threadsafe. Requests added while a step runs join at
 the next step. A consumer that stops early (aclose, cancellation) aborts its request.
+
+The engine knows each stream by a key unique to it, not by the caller's request id: a caller may reuse an id as
+soon as its previous stream ended, while the engine still finishes (aborts) the old request under that id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -37,6 +41,7 @@ class _Stream:
     queue: asyncio.Queue
     prompt_token_ids: list[int]
     n: int
+    request_id: str  # the caller's id (outputs carry it); the engine and _streams know the stream by its key
 
 
 class AsyncEngine:
@@ -45,7 +50,9 @@ class AsyncEngine:
         self.engine: LLMEngine | None = None
         self._lock = threading.Lock()
         self._commands: list[tuple] = []
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # engine key -> stream
+        self._keys: dict[str, str] = {}  # caller's request id -> engine key of its open stream
+        self._key_counter = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -123,12 +130,14 @@ class AsyncEngine:
         prompt = list(prompt_token_ids)
         engine.validate_request(prompt, params)  # PromptError / SamplingParamsError before anything is queued
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, params.n)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, params.n, request_id)
         with self._lock:
-            if request_id in self._streams:
+            if request_id in self._keys:
                 raise ValueError(f"request_id: {request_id!r} is already in use")
-            self._streams[request_id] = stream
-            self._commands.append(("add", request_id, prompt, params, deadline, time.monotonic()))
+            key = f"{request_id}#{next(self._key_counter)}"
+            self._keys[request_id] = key
+            self._streams[key] = stream
+            self._commands.append(("add", key, prompt, params, deadline, time.monotonic()))
         self._wake.set()
         finished = False
         try:
@@ -143,19 +152,20 @@ class AsyncEngine:
                     return
         finally:
             with self._lock:
-                self._streams.pop(request_id, None)
+                self._streams.pop(key, None)
+                self._keys.pop(request_id, None)
                 if not finished:
-                    self._commands.append(("abort", request_id))
+                    self._commands.append(("abort", key))
             self._wake.set()
 
     async def abort(self, request_id: str) -> bool:
         """Abort a running request; its stream ends with finish_reason "abort". False if unknown."""
         with self._lock:
-            known = request_id in self._streams
-            if known:
-                self._commands.append(("abort", request_id))
+            key = self._keys.get(request_id)
+            if key is not None:
+                self._commands.append(("abort", key))
         self._wake.set()
-        return known
+        return key is not None
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead_reason is None
@@ -187,11 +197,11 @@ class AsyncEngine:
             commands, self._commands = self._commands, []
         for cmd in commands:
             if cmd[0] == "add":
-                _, rid, prompt, params, deadline, arrival = cmd
+                _, key, prompt, params, deadline, arrival = cmd
                 try:
-                    engine.add_request(rid, prompt, params, deadline=deadline, arrival_time=arrival)
+                    engine.add_request(key, prompt, params, deadline=deadline, arrival_time=arrival)
                 except Exception as e:
-                    self._deliver(rid, e)
+                    self._deliver(key, e)
             else:
                 engine.abort_request(cmd[1])
         if commands:
@@ -205,6 +215,7 @@ class AsyncEngine:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:  # else the consumer is gone (its abort is queued)
+                    out.request_id = stream.request_id
                     by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, puts in by_loop.items():
             try:
@@ -212,9 +223,9 @@ class AsyncEngine:
             except RuntimeError:  # its event loop is closed
                 pass
 
-    def _deliver(self, request_id: str, item) -> None:
+    def _deliver(self, key: str, item) -> None:
         with self._lock:
-            stream = self._streams.get(request_id)
+            stream = self._streams.get(key)
         if stream is None:
             return  # the consumer is gone (its abort is queued)
         try:
@@ -225,9 +236,10 @@ class AsyncEngine:
     def _fail_all(self, reason: str, error: str | None) -> None:
         with self._lock:
             streams = list(self._streams.items())
-        for rid, stream in streams:
+        for key, stream in streams:
             outputs = [CompletionOutput(index=i, finish_reason=reason) for i in range(stream.n)]
-            self._deliver(rid, RequestOutput(rid, stream.prompt_token_ids, outputs, finished=True, error=error))
+            self._deliver(key, RequestOutput(stream.request_id, stream.prompt_token_ids, outputs, finished=True,
+                                             error=error))
 
 
 def _put_all(puts: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
