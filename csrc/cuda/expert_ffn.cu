@@ -5,8 +5,12 @@
 // ACTIVE expert's weights are streamed from HBM exactly once per chunk of kRows rows. Each warp owns NR
 // output columns (SwiGLU: gate and up rows of each), lanes split K in 16-byte vectors, fp32 accumulation,
 // warp-shuffle reduction. Many rows per expert take the grouped-GEMM path in Python (ops/extension.py).
+#include <cstdlib>
+#include <cstring>
+
 #include "../ops.h"
 #include "common.cuh"
+#include "expert_ffn_v2.cuh"
 
 namespace longcat {
 namespace {
@@ -114,6 +118,15 @@ void run_ffn(const T* x, const T* w13, const T* w2, T* h, T* y, const at::Tensor
                                 int64_t{H} * I, stream);
 }
 
+// LONGCAT_FFN_DECODE_KERNEL: "v1" (default) or "v2" (expert_ffn_v2.cuh). Read at every call (cheap), so a
+// process may switch; a CUDA graph keeps the variant it was captured with.
+bool use_decode_kernel_v2() {
+  const char* v = std::getenv("LONGCAT_FFN_DECODE_KERNEL");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "v1") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "v2") == 0, "LONGCAT_FFN_DECODE_KERNEL must be v1 or v2, got '", v, "'");
+  return true;
+}
+
 template <typename T>
 void dispatch_ffn(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2, at::Tensor& h, at::Tensor& y,
                   const at::Tensor& offsets, const at::Tensor& sorted_slots, const at::Tensor& active,
@@ -124,7 +137,16 @@ void dispatch_ffn(const at::Tensor& hidden, const at::Tensor& w13, const at::Ten
   T* hp = static_cast<T*>(h.data_ptr());
   T* yp = static_cast<T*>(y.data_ptr());
   constexpr int kVec = 16 / sizeof(T);
-  if (aligned16(x, H) && aligned16(a, H) && aligned16(b, I) && aligned16(hp, I)) {
+  const bool vec = aligned16(x, H) && aligned16(a, H) && aligned16(b, I) && aligned16(hp, I);
+  if (use_decode_kernel_v2()) {
+    if (vec) {
+      v2::run_ffn<T, kVec>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);
+    } else {
+      v2::run_ffn<T, 1>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);
+    }
+    return;
+  }
+  if (vec) {
     run_ffn<T, kVec>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);
   } else {  // sizes not a multiple of 16 bytes: scalar loads, same kernel
     run_ffn<T, 1>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);

@@ -1,0 +1,115 @@
+"""The opt-in CUDA kernel variants (LONGCAT_FFN_DECODE_KERNEL=v2, LONGCAT_ROUTER_KERNEL=v2) against
+reference.py and against v1, at the real LongCat-Flash shapes (H=6144, I=2048 and the TP-8 shard I=256)
+and at odd sizes that hit every remainder / scalar-load branch. Both variants run in one process: the
+extension reads the env vars at every call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longcat_service.ops as ops
+from longcat_service.ops import reference as ref
+from longcat_service.ops.testing import make_router_inputs
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+if ops.ACTIVE_BACKEND != "extension cpu+cuda":
+    pytest.skip(f"CUDA kernels not built (ops backend: {ops.ACTIVE_BACKEND})", allow_module_level=True)
+
+L = torch.ops.longcat
+DEV = "cuda"
+
+# (T, E, k, H, I, dtype): real shapes (SwiGLU split-K over 8 warps; down with K=2048 and K=256); sizes just
+# past one K step (remainder guards); sizes that are not 16-byte rows (scalar loads); many rows per expert.
+FFN_CASES = [
+    (1, 16, 12, 6144, 2048, torch.bfloat16),
+    (3, 16, 12, 6144, 2048, torch.bfloat16),
+    (40, 16, 12, 6144, 2048, torch.bfloat16),
+    (1, 32, 12, 6144, 256, torch.bfloat16),
+    (64, 32, 12, 6144, 256, torch.bfloat16),
+    (5, 8, 4, 2056, 1032, torch.bfloat16),
+    (5, 8, 4, 2050, 1030, torch.bfloat16),
+    (9, 8, 4, 2048, 1024, torch.float32),
+    (9, 8, 4, 200, 40, torch.float32),
+]
+
+
+def _ffn_inputs(t, e, k, h, i, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    hidden = torch.randn(t, h, device=DEV, generator=g).to(dtype)
+    w13 = (torch.randn(e, 2 * i, h, device=DEV, generator=g) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, device=DEV, generator=g) / i**0.5).to(dtype)
+    ids = torch.randint(0, e, (t, k), device=DEV, generator=g, dtype=torch.int32)
+    return hidden, w13, w2, ids
+
+
+@pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-k{c[2]}-H{c[3]}-I{c[4]}-{c[5]}")
+def test_expert_ffn_v2_matches_reference_and_v1(case, monkeypatch):
+    t, e, k, h, i, dtype = case
+    hidden, w13, w2, ids = _ffn_inputs(*case, seed=t * 31 + h)
+    offsets, sorted_slots, _, active, num_active = L.moe_align(ids, e)
+    want = ref.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k)
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v1")
+    v1 = L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k, active, num_active)
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v2")
+    v2 = L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k, active, num_active)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert not v2.isnan().any()
+    torch.testing.assert_close(v2, want, **tol)
+    torch.testing.assert_close(v2, v1, **tol)
+    # Without the align outputs the kernel walks all experts: same result.
+    torch.testing.assert_close(L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k), v2, rtol=0, atol=0)
+
+
+def test_expert_ffn_v2_in_a_cuda_graph(monkeypatch):
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v2")
+    hidden, w13, w2, ids = _ffn_inputs(4, 16, 12, 6144, 256, torch.bfloat16, seed=3)
+    offsets, sorted_slots, _, active, num_active = L.moe_align(ids, 16)
+    args = (hidden, w13, w2, offsets, sorted_slots, 12, active, num_active)
+    eager = L.expert_ffn(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = L.expert_ffn(*args)
+    graph.replay()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+def test_bad_variant_names_are_refused(monkeypatch):
+    hidden, w13, w2, ids = _ffn_inputs(1, 4, 2, 64, 32, torch.bfloat16, seed=0)
+    offsets, sorted_slots, _, active, num_active = L.moe_align(ids, 4)
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v3")
+    with pytest.raises(RuntimeError, match="LONGCAT_FFN_DECODE_KERNEL"):
+        L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, 2, active, num_active)
+    monkeypatch.setenv("LONGCAT_ROUTER_KERNEL", "fast")
+    logits, bias = make_router_inputs(1, 4, 2, device=DEV)
+    with pytest.raises(RuntimeError, match="LONGCAT_ROUTER_KERNEL"):
+        L.router_topk(logits, bias, 2, 1.0, 4)
+
+
+# (T, E, Z, k, zero_share, ties): the 560B router width (768), widths for each per-thread register count
+# (<= 1024, <= 2048, <= 6144), exact ties, the T=64 limit and T=65 (back to the warp kernel).
+ROUTER_CASES = [
+    (1, 512, 256, 12, "mixed", False),
+    (64, 512, 256, 12, "mixed", False),
+    (3, 512, 256, 12, "mixed", True),
+    (5, 1300, 700, 12, "all", False),
+    (2, 4096, 2048, 12, "none", False),
+    (7, 20, 12, 12, "mixed", False),
+    (65, 512, 256, 12, "mixed", False),
+]
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-Z{c[2]}-k{c[3]}-{c[4]}-ties{c[5]}")
+def test_router_v2_matches_reference(case, monkeypatch):
+    t, e, z, k, share, ties = case
+    g = torch.Generator().manual_seed(t + e)
+    logits, bias = make_router_inputs(t, e, z, zero_share=share, ties=ties, generator=g, device=DEV)
+    monkeypatch.setenv("LONGCAT_ROUTER_KERNEL", "v2")
+    ids, weights, zero_w = L.router_topk(logits, bias, k, 6.0, e)
+    r_ids, r_weights, r_zero_w = ref.router_topk(logits, bias, k, 6.0, e)
+    assert torch.equal(ids, r_ids)
+    torch.testing.assert_close(weights, r_weights, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(zero_w, r_zero_w, rtol=1e-5, atol=1e-6)
