@@ -195,3 +195,32 @@ def test_reused_request_id_gets_only_its_own_outputs():
         await wait_until(lambda: not engine.engine.has_unfinished_requests())
 
     run(body)
+
+
+def test_shutdown_does_not_wait_forever_for_a_hung_step():
+    """SIGTERM on a server whose engine step hangs (a stuck device or collective) must still finish: shutdown
+    stops waiting for the loop thread once the step is past step_timeout_s, and ends every open stream."""
+
+    async def main():
+        engine = AsyncEngine(EngineArgs(**{**ARGS, "step_timeout_s": 0.3}))
+        await engine.start()
+        gen = engine.generate(PROMPTS[0], greedy(10_000), "hung")
+        await gen.__anext__()
+        real_step, in_step, release = engine.engine.step, threading.Event(), threading.Event()
+
+        def hung_step():
+            in_step.set()
+            release.wait(60)
+            return real_step()
+
+        engine.engine.step = hung_step
+        try:
+            await wait_until(in_step.is_set)
+            await asyncio.wait_for(engine.shutdown(), 30)
+            outs = [o async for o in gen]
+            assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+            assert not engine.is_healthy()
+        finally:
+            release.set()
+
+    asyncio.run(main())

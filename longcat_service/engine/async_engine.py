@@ -71,12 +71,22 @@ class AsyncEngine:
         self._thread.start()
 
     async def shutdown(self) -> None:
-        """Stop the loop thread; unfinished requests end with finish_reason "abort"."""
+        """Stop the loop thread; unfinished requests end with finish_reason "abort". A step that hangs (a stuck
+        device or collective) is waited for only until it is step_timeout_s old, so that shutdown always ends."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            await asyncio.get_running_loop().run_in_executor(None, self._join_loop_thread)
         self._fail_all("abort", None)
+
+    def _join_loop_thread(self) -> None:
+        while self._thread.is_alive():
+            self._thread.join(IDLE_POLL_S)
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.args.step_timeout_s:
+                logger.error("shutdown: the engine step has run for %.0fs; not waiting for it",
+                             time.monotonic() - started)
+                return
 
     @property
     def model_config(self):
