@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The one combined H200 run for the opt-in speed variants (issues 3 and 5). Run from the repo root:
+#   bash benchmarks/gpu_session.sh        ($OUT: where logs go; default ./gpu_out)
+# Budget: 8 minutes wall. Every step runs under `timeout`, capped by what is left of a 465 s budget, in
+# priority order, so a hang or a slow step drops the optional steps at the end, never the summary.
+# Variants (all default off; "new" turns all on; the GPU tests of "default" also run v1 and v2 side by side):
+#   LONGCAT_FFN_DECODE_KERNEL=v2   expert SwiGLU/down GEMV with in-block split-K (csrc/cuda/expert_ffn_v2.cuh)
+#   LONGCAT_ROUTER_KERNEL=v2       router_topk: one block per token at T <= 64
+#   LONGCAT_PREFILL_ATTN=sdpa      prefill attention through F.scaled_dot_product_attention
+#   LONGCAT_FUSED_RESIDUAL=1       residual adds fused into add_rms_norm in the decoder layer
+set -x
+OUT=${OUT:-$PWD/gpu_out}
+L=$OUT/logs
+mkdir -p "$L"
+BUDGET=465
+NEW_ENV="LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 LONGCAT_PREFILL_ATTN=sdpa LONGCAT_FUSED_RESIDUAL=1"
+: > "$L/steps.tsv"
+
+# step NAME CAP_SECONDS CMD... : run CMD (through env, so VAR=value prefixes work) with a timeout of
+# min(CAP, time left); skip when under 25 s are left. Records name, exit code and seconds in steps.tsv.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  if ((left < 25)); then
+    printf '%s\tskipped\t0\n' "$name" >>"$L/steps.tsv"
+    return
+  fi
+  local t=$((cap < left ? cap : left)) t0=$SECONDS
+  timeout -k 5 "$t" env "$@" >"$L/$name.log" 2>&1
+  printf '%s\t%s\t%s\n' "$name" "$?" "$((SECONDS - t0))" >>"$L/steps.tsv"
+}
+
+PY=$(command -v python || command -v python3)
+pip install --no-index --no-deps --target /tmp/site .whl/*.whl >"$L/wheels.log" 2>&1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv >"$L/gpu.txt" 2>&1
+git log --oneline -1 >"$L/commit.txt" 2>&1
+export LONGCAT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null)
+
+step build 200 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
+
+TESTS="tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py"
+MINE="tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"
+step pytest_default 120 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
+
+# MoE layer, B in {1, 64}, both shapes; per-kernel profile of I=2048 B=1 first (router, GEMVs, combine).
+step moe_default 60 $PY benchmarks/bench_moe.py --batches 1,64 --reps 50 --profile 2048,1 --out "$L/moe_default.json"
+step moe_new 60 LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 $PY benchmarks/bench_moe.py --batches 1,64 \
+  --reps 50 --profile 2048,1 --out "$L/moe_new.json"
+
+step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
+
+# Decode (all batches) and the 4096-token prefill, without the transformers baseline (in RESULTS.md).
+DEC="--hf-batches= --eager-steps 2 --new-tokens 48 --profile-batches 1"
+step decode_new 110 $NEW_ENV $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_new" \
+  --results-md "$L/decode_new.md"
+step decode_default 110 $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_default" \
+  --results-md "$L/decode_default.md"
+
+step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
+  --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128
+
+# Optional, only if time is left: the full B list of the default MoE, the transformers baseline (3 steps).
+step moe_default_full 60 $PY benchmarks/bench_moe.py --reps 30 --out "$L/moe_default_full.json"
+step decode_hf 90 $PY benchmarks/bench_decode.py --batches 1 --new-tokens 8 --eager-steps 0 --profile-batches= \
+  --hf-batches 1,64 --hf-steps 3 --prefill-len 512 --out-dir "$L/decode_hf" --results-md "$L/decode_hf.md"
+
+$PY - "$L" >"$OUT/summary.txt" 2>&1 <<'EOF'
+import json, re, sys
+from pathlib import Path
+
+L = Path(sys.argv[1])
+print("== steps (name, exit code: 0 ok, 124 timeout, skipped; seconds) ==")
+print((L / "steps.tsv").read_text())
+for name in ("pytest_default", "pytest_new"):
+    f = L / f"{name}.log"
+    lines = f.read_text().splitlines() if f.exists() else []
+    tail = [ln for ln in lines if re.search(r"passed|failed|error", ln)][-1:] or ["(no log)"]
+    fails = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    print(f"{name}: {tail[0]}")
+    for ln in fails[:15]:
+        print("   ", ln)
+print("\n== MoE layer (bench_moe): us, CUDA-graph replay; x floor; rel err vs grouped_mm ==")
+print(f"{'I':>5} {'B':>4} | {'default':>9} {'xfl':>5} | {'new(v2)':>9} {'xfl':>5} {'relerr':>8} | new/default")
+runs = {k: json.loads((L / f"moe_{k}.json").read_text())["results"] for k in ("default", "new")
+        if (L / f"moe_{k}.json").exists()}
+keys = sorted({(r["I"], r["B"]) for rs in runs.values() for r in rs}, key=lambda x: (-x[0], x[1]))
+for key in keys:
+    row = {k: next((r for r in rs if (r["I"], r["B"]) == key), None) for k, rs in runs.items()}
+    d, n = row.get("default"), row.get("new")
+    cell = lambda r: f"{r['ours_graph_us']:>9.1f} {r['ours_graph_us'] / r['floor_us']:>5.2f}" if r else f"{'-':>9} {'-':>5}"
+    ratio = f"{n['ours_graph_us'] / d['ours_graph_us']:.3f}" if d and n else "-"
+    err = f"{n['rel_err_vs_grouped']:>8.1e}" if n else f"{'-':>8}"
+    print(f"{key[0]:>5} {key[1]:>4} | {cell(d)} | {cell(n)} {err} | {ratio}")
+print("\n== decode / prefill (bench_decode, LongCat-Flash-2L) ==")
+dec = {k: json.loads((L / f"decode_{k}" / "bench_decode.json").read_text())["ours"] for k in ("default", "new")
+       if (L / f"decode_{k}" / "bench_decode.json").exists()}
+print(f"{'batch':>5} | {'default ms/step':>15} {'replay':>7} | {'new ms/step':>11} {'replay':>7} | floor ms")
+for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
+    get = lambda k: dec.get(k, {}).get("decode", {}).get(str(b)) or dec.get(k, {}).get("decode", {}).get(b)
+    d, n = get("default"), get("new")
+    f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
+    print(f"{b:>5} | {f(d, 'step_ms'):>15} {f(d, 'gpu_replay_ms'):>7} | {f(n, 'step_ms'):>11} "
+          f"{f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
+for k, v in dec.items():
+    p = v.get("prefill") or {}
+    if p:
+        print(f"prefill {p['tokens']} tokens, {k}: {p['tokens_per_s']:.0f} tok/s, {p['tflops']:.0f} TFLOP/s "
+              f"= {100 * p['share_of_matmul']:.1f}% of matmul")
+print("\n== serving (bench_serve, default variant): last lines ==")
+f = L / "serve.log"
+print("\n".join(f.read_text().splitlines()[-8:]) if f.exists() else "(no log)")
+f = L / "decode_hf.log"
+if f.exists():
+    print("\n== transformers baseline ==")
+    print("\n".join(ln for ln in f.read_text().splitlines() if "HF" in ln or "transformers" in ln)[-1500:])
+EOF
+cp "$OUT/summary.txt" "$L/"
+tar -czf "$OUT/gpu_session_logs.tar.gz" -C "$OUT" logs
+rm -rf "$L"
+echo "total ${SECONDS}s"
+cat "$OUT/summary.txt"
