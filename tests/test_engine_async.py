@@ -224,3 +224,24 @@ def test_shutdown_does_not_wait_forever_for_a_hung_step():
             release.set()
 
     asyncio.run(main())
+
+
+def test_loop_death_while_a_request_is_being_validated_fails_it_instead_of_hanging():
+    async def body(engine):
+        real_validate = engine.engine.validate_request
+
+        def validate_while_the_loop_dies(prompt, params):
+            real_validate(prompt, params)
+
+            def broken():
+                raise RuntimeError("loop bug")
+
+            engine.engine.has_unfinished_requests = broken
+            engine._wake.set()
+            engine._thread.join(10)  # the loop thread is gone (and has failed every stream it knew) before we return
+
+        engine.engine.validate_request = validate_while_the_loop_dies
+        with pytest.raises(EngineDeadError, match="loop bug"):
+            await asyncio.wait_for(collect(engine, PROMPTS[0], greedy(2), "late"), 10)
+
+    run(body)

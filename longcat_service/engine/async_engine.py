@@ -142,6 +142,8 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, params.n, request_id)
         with self._lock:
+            if self._dead_reason is not None or self._stopping:  # since the check above: no _fail_all would see us
+                raise EngineDeadError(self._dead_reason or "the engine is shutting down")
             if request_id in self._keys:
                 raise ValueError(f"request_id: {request_id!r} is already in use")
             key = f"{request_id}#{next(self._key_counter)}"
@@ -199,7 +201,8 @@ class AsyncEngine:
                 self._deliver_step(outputs)
         except BaseException as e:  # the loop is gone: say so and end every stream
             logger.exception("engine loop died")
-            self._dead_reason = f"engine loop died: {type(e).__name__}: {e}"
+            with self._lock:  # generate() registers under this lock: a stream is refused or failed below
+                self._dead_reason = f"engine loop died: {type(e).__name__}: {e}"
             self._fail_all("error", self._dead_reason)
 
     def _apply_commands(self, engine: LLMEngine) -> None:
