@@ -12,7 +12,7 @@ set -x
 OUT=${OUT:-$PWD/gpu_out}
 L=$OUT/logs
 mkdir -p "$L"
-BUDGET=465
+BUDGET=${BUDGET:-465}
 NEW_ENV="LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 LONGCAT_PREFILL_ATTN=sdpa LONGCAT_FUSED_RESIDUAL=1"
 : > "$L/steps.tsv"
 
@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 git log --oneline -1 >"$L/commit.txt" 2>&1
 export LONGCAT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null)
 
-step build 200 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
+step build 200 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
 
 TESTS="tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py"
 MINE="tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"
@@ -49,17 +49,18 @@ step moe_default 60 $PY benchmarks/bench_moe.py --batches 1,64 --reps 50 --profi
 step moe_new 60 LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 $PY benchmarks/bench_moe.py --batches 1,64 \
   --reps 50 --profile 2048,1 --out "$L/moe_new.json"
 
-step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # Decode (all batches) and the 4096-token prefill, without the transformers baseline (in RESULTS.md).
 DEC="--hf-batches= --eager-steps 2 --new-tokens 48 --profile-batches 1"
 step decode_new 110 $NEW_ENV $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_new" \
   --results-md "$L/decode_new.md"
+step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
+  --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128
 step decode_default 110 $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_default" \
   --results-md "$L/decode_default.md"
 
-step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
-  --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128
+
+step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # Optional, only if time is left: the full B list of the default MoE, the transformers baseline (3 steps).
 step moe_default_full 60 $PY benchmarks/bench_moe.py --reps 30 --out "$L/moe_default_full.json"

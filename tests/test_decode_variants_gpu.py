@@ -1,4 +1,4 @@
-"""The opt-in CUDA kernel variants (LONGCAT_FFN_DECODE_KERNEL=v2, LONGCAT_ROUTER_KERNEL=v2) against
+"""The CUDA kernel variants (LONGCAT_FFN_DECODE_KERNEL=auto|v1|v2, LONGCAT_ROUTER_KERNEL=v2|v1) against
 reference.py and against v1, at the real LongCat-Flash shapes (H=6144, I=2048 and the TP-8 shard I=256)
 and at odd sizes that hit every remainder / scalar-load branch. Both variants run in one process: the
 extension reads the env vars at every call."""
@@ -103,11 +103,12 @@ ROUTER_CASES = [
 
 
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-Z{c[2]}-k{c[3]}-{c[4]}-ties{c[5]}")
-def test_router_v2_matches_reference(case, monkeypatch):
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_router_variants_match_reference(case, variant, monkeypatch):
     t, e, z, k, share, ties = case
     g = torch.Generator().manual_seed(t + e)
     logits, bias = make_router_inputs(t, e, z, zero_share=share, ties=ties, generator=g, device=DEV)
-    monkeypatch.setenv("LONGCAT_ROUTER_KERNEL", "v2")
+    monkeypatch.setenv("LONGCAT_ROUTER_KERNEL", variant)
     ids, weights, zero_w = L.router_topk(logits, bias, k, 6.0, e)
     r_ids, r_weights, r_zero_w = ref.router_topk(logits, bias, k, 6.0, e)
     assert torch.equal(ids, r_ids)

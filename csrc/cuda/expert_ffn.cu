@@ -118,12 +118,16 @@ void run_ffn(const T* x, const T* w13, const T* w2, T* h, T* y, const at::Tensor
                                 int64_t{H} * I, stream);
 }
 
-// LONGCAT_FFN_DECODE_KERNEL: "v1" (default) or "v2" (expert_ffn_v2.cuh). Read at every call (cheap), so a
-// process may switch; a CUDA graph keeps the variant it was captured with.
-bool use_decode_kernel_v2() {
+// LONGCAT_FFN_DECODE_KERNEL: "auto" (default), "v1" or "v2" (expert_ffn_v2.cuh). Read at every call (cheap), so
+// a process may switch; a CUDA graph keeps the variant it was captured with. auto = v2 for narrow experts
+// (I <= 512: tensor-parallel shards), v1 otherwise: on the H200 v2 took 0.77x / 0.95x of v1's time at I=256
+// (B=1 / 64) but 1.16x / 1.24x at I=2048 (benchmarks/RESULTS.md).
+constexpr int kV2MaxIntermediate = 512;
+bool use_decode_kernel_v2(int I) {
   const char* v = std::getenv("LONGCAT_FFN_DECODE_KERNEL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "v1") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "v2") == 0, "LONGCAT_FFN_DECODE_KERNEL must be v1 or v2, got '", v, "'");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return I <= kV2MaxIntermediate;
+  if (std::strcmp(v, "v1") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "v2") == 0, "LONGCAT_FFN_DECODE_KERNEL must be auto, v1 or v2, got '", v, "'");
   return true;
 }
 
@@ -138,7 +142,7 @@ void dispatch_ffn(const at::Tensor& hidden, const at::Tensor& w13, const at::Ten
   T* yp = static_cast<T*>(y.data_ptr());
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned16(x, H) && aligned16(a, H) && aligned16(b, I) && aligned16(hp, I);
-  if (use_decode_kernel_v2()) {
+  if (use_decode_kernel_v2(I)) {
     if (vec) {
       v2::run_ffn<T, kVec>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);
     } else {
