@@ -1,4 +1,7 @@
-"""AsyncEngine: concurrent streams, early exit aborts, explicit abort, health, loop failure, shutdown."""
+"""AsyncEngine: concurrent streams, early exit aborts, explicit abort, health, loop failure, shutdown.
+
+Tests that reach into the engine (engine.engine) run the thread mode; those that only use the public API run
+both modes (the process mode's own failure tests are in test_engine_process.py)."""
 
 import asyncio
 import threading
@@ -11,7 +14,8 @@ from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import PromptError
 from tests.engine_utils import PROMPTS, greedy, reference_greedy
 
-ARGS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_model_len=128)
+ARGS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_model_len=128, engine_mode="thread")
+both_modes = pytest.mark.parametrize("mode", ["thread", "process"])
 
 
 def run(coro_fn, **kw):
@@ -87,7 +91,8 @@ def test_cancelled_consumer_aborts():
     run(body)
 
 
-def test_explicit_abort_ends_stream_with_abort():
+@both_modes
+def test_explicit_abort_ends_stream_with_abort(mode):
     async def body(engine):
         gen = engine.generate(PROMPTS[0], greedy(10_000), "x")
         await gen.__anext__()
@@ -96,25 +101,27 @@ def test_explicit_abort_ends_stream_with_abort():
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
         assert not await engine.abort("x") and not await engine.abort("never-seen")
 
-    run(body)
+    run(body, engine_mode=mode)
 
 
-def test_bad_prompt_raises_before_streaming():
+@both_modes
+def test_bad_prompt_raises_before_streaming(mode):
     async def body(engine):
         with pytest.raises(PromptError) as e:
             await collect(engine, [], greedy(1), "e")
         assert e.value.field == "prompt"
         assert engine.is_healthy()
 
-    run(body)
+    run(body, engine_mode=mode)
 
 
-def test_deadline_through_async_engine():
+@both_modes
+def test_deadline_through_async_engine(mode):
     async def body(engine):
-        outs = [o async for o in engine.generate(PROMPTS[0], greedy(10_000), "d", deadline=time.monotonic() + 0.3)]
+        outs = [o async for o in engine.generate(PROMPTS[0], greedy(10_000), "d", deadline=time.monotonic() + 0.05)]
         assert outs[-1].outputs[0].finish_reason == "deadline"
 
-    run(body)
+    run(body, engine_mode=mode)
 
 
 def test_loop_death_fails_requests_and_marks_unhealthy():
@@ -153,9 +160,10 @@ def test_slow_step_marks_unhealthy():
     run(body, step_timeout_s=0.2)
 
 
-def test_shutdown_ends_open_streams():
+@both_modes
+def test_shutdown_ends_open_streams(mode):
     async def main():
-        engine = AsyncEngine(EngineArgs(**ARGS))
+        engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": mode}))
         await engine.start()
         gen = engine.generate(PROMPTS[0], greedy(10_000), "open")
         await gen.__anext__()

@@ -1,8 +1,13 @@
-"""AsyncEngine: the LLMEngine step loop in its own thread, streamed to asyncio consumers.
+"""AsyncEngine: the LLMEngine step loop, streamed to asyncio consumers.
 
-The loop thread owns the LLMEngine; the event loop only enqueues commands (add / abort) and receives outputs
-through per-request asyncio queues fed with loop.call_soon_threadsafe. Requests added while a step runs join at
-the next step. A consumer that stops early (aclose, cancellation) aborts its request.
+Two modes (EngineArgs.engine_mode). "process" (default on a single node): the step loop runs in a spawned
+engine-core process (engine_core_process.py) that sends one message of deltas per step; a reader thread here hands
+each step to the event loop in one callback, and the consumer rebuilds RequestOutputs, so the server's event loop
+never shares a GIL with the engine's host work. "thread": the loop runs in a thread of this process and owns the
+LLMEngine (self.engine); the event loop only enqueues commands (add / abort).
+
+Outputs reach per-request asyncio queues through loop.call_soon_threadsafe. Requests added while a step runs join
+at the next step. A consumer that stops early (aclose, cancellation) aborts its request.
 
 The engine knows each stream by a key unique to it, not by the caller's request id: a caller may reuse an id as
 soon as its previous stream ended, while the engine still finishes (aborts) the old request under that id.
@@ -11,6 +16,8 @@ soon as its previous stream ended, while the engine still finishes (aborts) the 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import itertools
 import logging
 import threading
@@ -20,6 +27,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from longcat_service.engine.engine_args import EngineArgs
+from longcat_service.engine.engine_core_process import (
+    CoreStatus,
+    EngineCoreClient,
+    OutputRebuilder,
+    StepDelta,
+    heartbeat_interval,
+    rebuild_error,
+    resolve_engine_mode,
+)
 from longcat_service.engine.llm_engine import EngineLoad, LLMEngine
 from longcat_service.outputs import CompletionOutput, RequestOutput
 from longcat_service.sampling_params import SamplingParams
@@ -47,7 +63,16 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         self.args = args if args is not None else EngineArgs(**kwargs)
-        self.engine: LLMEngine | None = None
+        self.mode = resolve_engine_mode(self.args)
+        self.engine: LLMEngine | None = None  # thread mode only: the process mode's engine lives in the child
+        self._core: EngineCoreClient | None = None  # process mode
+        self._info = None  # process mode: CoreInfo from the child
+        self._tokenizer = None
+        self._validator = None  # process mode: what LLMEngine.validate_request reads, without a model
+        self._core_status: CoreStatus | None = None
+        self._add_seq = itertools.count(1)
+        self._pending_adds: collections.deque = collections.deque()  # (seq, prompt tokens) not yet in a status
+        self._started = False
         self._lock = threading.Lock()
         self._commands: list[tuple] = []
         self._streams: dict[str, _Stream] = {}  # engine key -> stream
@@ -62,19 +87,39 @@ class AsyncEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the model (off the event loop) and start the step loop thread."""
-        if self._thread is not None:
+        """Load the model (off the event loop) and start the step loop (thread or engine-core process)."""
+        if self._started:
             return
+        self._started = True
         loop = asyncio.get_running_loop()
+        if self.mode == "process":
+            await loop.run_in_executor(None, self._start_core)
+            return
         self.engine = await loop.run_in_executor(None, LLMEngine, self.args)
+        if self.args.engine_hook is not None:
+            self.args.engine_hook(self.engine)
         self._thread = threading.Thread(target=self._run, name="longcat-engine-loop", daemon=True)
         self._thread.start()
+
+    def _start_core(self) -> None:
+        from types import SimpleNamespace
+
+        from longcat_service.tokenizer import load_tokenizer
+
+        self._core = EngineCoreClient(self.args, self._on_core_message, self._on_core_exit)
+        info = self._core.start()
+        self._info = info
+        self._tokenizer = load_tokenizer(info.model_path) if info.has_tokenizer else None
+        self._validator = SimpleNamespace(max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                                          tokenizer=self._tokenizer)
 
     async def shutdown(self) -> None:
         """Stop the loop thread; unfinished requests end with finish_reason "abort". A step that hangs (a stuck
         device or collective) is waited for only until it is step_timeout_s old, so that shutdown always ends."""
         self._stopping = True
         self._wake.set()
+        if self._core is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._core.shutdown, self.args.step_timeout_s)
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._join_loop_thread)
         self._fail_all("abort", None)
@@ -90,17 +135,22 @@ class AsyncEngine:
 
     @property
     def model_config(self):
-        return self._engine().model_config
+        return self._core_info().model_config if self.mode == "process" else self._engine().model_config
 
     @property
     def tokenizer(self):
+        if self.mode == "process":
+            self._core_info()
+            return self._tokenizer
         return self._engine().tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self._engine().max_model_len
+        return self._core_info().max_model_len if self.mode == "process" else self._engine().max_model_len
 
     def is_healthy(self) -> bool:
+        if self.mode == "process":
+            return self._core_healthy()
         if self._thread is None or not self._thread.is_alive() or self._dead_reason is not None:
             return False
         if not getattr(self.engine.runner, "is_healthy", lambda: True)():  # e.g. a tensor-parallel rank was lost
@@ -109,6 +159,8 @@ class AsyncEngine:
         return started is None or time.monotonic() - started <= self.args.step_timeout_s
 
     def load(self) -> EngineLoad:
+        if self.mode == "process":
+            return self._core_load()
         with self._lock:
             pending = [c for c in self._commands if c[0] == "add"]
         snap = self._load
@@ -133,12 +185,17 @@ class AsyncEngine:
         deadline: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs (this step's deltas plus totals) until the request finishes."""
-        engine = self._engine()
+        # PromptError / SamplingParamsError before anything is queued (process mode: the engine's checks, run here)
+        if self.mode == "process":
+            self._core_info()
+            validate = functools.partial(LLMEngine.validate_request, self._validator)
+        else:
+            validate = self._engine().validate_request
         if self._stopping or not self.is_alive():
             raise EngineDeadError(self._dead_reason or "the engine is shutting down")
         params = sampling_params if sampling_params is not None else SamplingParams()
         prompt = list(prompt_token_ids)
-        engine.validate_request(prompt, params)  # PromptError / SamplingParamsError before anything is queued
+        validate(prompt, params)
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt, params.n, request_id)
         with self._lock:
@@ -149,14 +206,20 @@ class AsyncEngine:
             key = f"{request_id}#{next(self._key_counter)}"
             self._keys[request_id] = key
             self._streams[key] = stream
-            self._commands.append(("add", key, prompt, params, deadline, time.monotonic()))
+            if self._core is None:
+                self._commands.append(("add", key, prompt, params, deadline, time.monotonic()))
+        if self._core is not None:
+            self._send_add(key, prompt, params, deadline)
         self._wake.set()
+        rebuilder = OutputRebuilder(request_id, prompt, params.n) if self._core is not None else None
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, StepDelta):
+                    item = rebuilder.rebuild(item)
                 if item.finished:
                     finished = True
                 yield item
@@ -166,21 +229,99 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(key, None)
                 self._keys.pop(request_id, None)
-                if not finished:
+                if not finished and self._core is None:
                     self._commands.append(("abort", key))
+            if not finished and self._core is not None:
+                self._send_abort(key)
             self._wake.set()
 
     async def abort(self, request_id: str) -> bool:
         """Abort a running request; its stream ends with finish_reason "abort". False if unknown."""
         with self._lock:
             key = self._keys.get(request_id)
-            if key is not None:
+            if key is not None and self._core is None:
                 self._commands.append(("abort", key))
+        if key is not None and self._core is not None:
+            self._send_abort(key)
         self._wake.set()
         return key is not None
 
     def is_alive(self) -> bool:
+        if self.mode == "process":
+            return self._core is not None and self._core.is_alive() and self._dead_reason is None
         return self._thread is not None and self._thread.is_alive() and self._dead_reason is None
+
+    # ---- process mode: the engine-core child -----------------------------------------------------
+    def _core_info(self):
+        if self._info is None:
+            raise EngineDeadError("the engine is not started; await engine.start() first")
+        return self._info
+
+    def _send_add(self, key: str, prompt: list[int], params: SamplingParams, deadline: float | None) -> None:
+        seq = next(self._add_seq)
+        with self._lock:
+            self._pending_adds.append((seq, len(prompt)))
+        try:
+            self._core.send(("add", key, seq, prompt, params, deadline, time.monotonic()))
+        except (OSError, ValueError) as e:  # the child is gone; its reader thread fails the streams
+            logger.warning("engine core unreachable: %s", e)
+
+    def _send_abort(self, key: str) -> None:
+        try:
+            self._core.send(("abort", key))
+        except (OSError, ValueError):
+            pass  # the child is gone: nothing to abort
+
+    def _core_healthy(self) -> bool:
+        if not self.is_alive():
+            return False
+        status = self._core_status
+        if status is not None and not status.runner_healthy:
+            return False
+        # the child speaks after every step and every heartbeat_interval when idle: longer silence is a hung step
+        silence = time.monotonic() - self._core.last_message_at
+        return silence <= self.args.step_timeout_s + heartbeat_interval(self.args.step_timeout_s)
+
+    def _core_load(self) -> EngineLoad:
+        snap = self._core_status
+        with self._lock:
+            pending = list(self._pending_adds)
+        if snap is None:
+            return EngineLoad(0, len(pending), sum(n for _, n in pending), 0.0)
+        return EngineLoad(num_running=snap.num_running, num_waiting=snap.num_waiting + len(pending),
+                          num_waiting_tokens=snap.num_waiting_tokens + sum(n for _, n in pending),
+                          kv_cache_usage=snap.kv_cache_usage)
+
+    def _on_core_message(self, msg: tuple) -> None:
+        """Reader thread: one child message; a step's deltas reach each event loop in one callback."""
+        status = msg[1]
+        with self._lock:
+            while self._pending_adds and self._pending_adds[0][0] <= status.last_add_seq:
+                self._pending_adds.popleft()
+        self._core_status = status
+        if msg[0] != "step":
+            return
+        _, _, deltas, errors = msg
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for key, error in errors:
+                stream = self._streams.get(key)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, rebuild_error(error)))
+            for d in deltas:
+                stream = self._streams.get(d.key)
+                if stream is not None:  # else the consumer is gone (its abort is sent)
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, d))
+        _post(by_loop)
+
+    def _on_core_exit(self, reason: str | None) -> None:
+        """Reader thread: the child's pipe closed. reason None: after shutdown() (which ends the streams)."""
+        if reason is None:
+            return
+        logger.error("engine core died: %s", reason)
+        with self._lock:  # generate() registers under this lock: a stream is refused or failed below
+            self._dead_reason = reason
+        self._fail_all("error", reason)
 
     # ---- the loop thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -230,11 +371,7 @@ class AsyncEngine:
                 if stream is not None:  # else the consumer is gone (its abort is queued)
                     out.request_id = stream.request_id
                     by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-        for loop, puts in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, puts)
-            except RuntimeError:  # its event loop is closed
-                pass
+        _post(by_loop)
 
     def _deliver(self, key: str, item) -> None:
         with self._lock:
@@ -253,6 +390,14 @@ class AsyncEngine:
             outputs = [CompletionOutput(index=i, finish_reason=reason) for i in range(stream.n)]
             self._deliver(key, RequestOutput(stream.request_id, stream.prompt_token_ids, outputs, finished=True,
                                              error=error))
+
+
+def _post(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:
+    for loop, puts in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, puts)
+        except RuntimeError:  # its event loop is closed
+            pass
 
 
 def _put_all(puts: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,12 @@ class EngineArgs:
     step_timeout_s: float = 120.0  # AsyncEngine health: one step longer than this marks the engine unhealthy
     tensor_parallel_size: int = 1  # > 1: local ranks are spawned (or torchrun's ranks joined); see engine/tp_worker.py
     hf_overrides: dict | None = None  # config.json keys replaced before the model config is parsed ({"num_layers": 2})
+    # AsyncEngine: "process" runs the step loop in a spawned engine-core process (the server's event loop keeps its
+    # own GIL), "thread" in a thread of the server process; "auto": process, but thread under torchrun
+    engine_mode: str = "auto"
+    # called with the built LLMEngine wherever it runs (the engine-core process too); must be picklable (a module
+    # function or functools.partial of one): benchmarks and tests swap its runner
+    engine_hook: Callable | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
@@ -46,6 +53,10 @@ class EngineArgs:
                 raise EngineArgsError(name, f"must be a positive integer or None, got {value!r}")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise EngineArgsError("hf_overrides", f"must be a dict of config.json keys, got {self.hf_overrides!r}")
+        if self.engine_mode not in ("auto", "process", "thread"):
+            raise EngineArgsError("engine_mode", f"must be 'auto', 'process' or 'thread', got {self.engine_mode!r}")
+        if self.engine_hook is not None and not callable(self.engine_hook):
+            raise EngineArgsError("engine_hook", f"must be callable, got {self.engine_hook!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise EngineArgsError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if not self.step_timeout_s > 0:

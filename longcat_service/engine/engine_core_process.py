@@ -1,0 +1,349 @@
+"""The engine core in its own process: the LLMEngine step loop runs in a spawned child, so its host work (scheduler,
+sampler, detokenizer, output processing) never shares a GIL with the server's event loop (vLLM's EngineCore).
+
+Two one-way pipes. Parent -> child: ("add", key, seq, prompt, params, deadline, arrival), ("abort", key),
+("shutdown",). Child -> parent: ("ready", CoreInfo) once, then ONE ("step", status, deltas, errors) per engine
+step and ("heartbeat", status) while idle, and ("dead", reason) if the loop dies. A delta holds only what the
+step added (StepDelta), never a request's whole history; the parent rebuilds totals (OutputRebuilder).
+
+The child ignores SIGINT / SIGTERM (the parent drains and then sends shutdown) and exits when the parent's end
+of the command pipe closes (the parent died), so it is never orphaned.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from longcat_service.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+# (index, new_token_ids, text_delta, new_logprobs as (token_id, logprob, top) tuples or None, finish_reason,
+#  stop_reason) per sample
+SampleDelta = tuple[int, list[int], str, list[tuple] | None, str | None, Any]
+
+
+@dataclass
+class StepDelta:
+    key: str  # the engine-side key of the stream
+    finished: bool
+    num_cached_tokens: int
+    metrics: tuple  # RequestMetrics fields in order
+    error: str | None
+    prompt_logprobs: list | None  # sent once, the first step it is complete
+    samples: list[SampleDelta]
+
+
+@dataclass
+class CoreStatus:
+    """Load and health, on every message so that load() / is_healthy() in the parent never block."""
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    kv_cache_usage: float
+    runner_healthy: bool  # e.g. False when a tensor-parallel rank was lost
+    last_add_seq: int  # the last add command applied (the parent counts later ones as still waiting)
+
+
+@dataclass
+class CoreInfo:
+    model_config: Any
+    max_model_len: int
+    vocab_size: int
+    model_path: str
+    has_tokenizer: bool
+
+
+def heartbeat_interval(step_timeout_s: float) -> float:
+    """Idle heartbeat period: well inside step_timeout_s, so silence longer than that means a hung child."""
+    return min(0.5, step_timeout_s / 4)
+
+
+# ---- child side ---------------------------------------------------------------------------------------------
+def encode_output(out: RequestOutput, prompt_logprobs_sent: set[str]) -> StepDelta:
+    """This step's additions of one RequestOutput (its full-history lists are left behind)."""
+    samples = []
+    for c in out.outputs:
+        lps = [(lp.token_id, lp.logprob, lp.top) for lp in c.new_logprobs] if c.new_logprobs is not None else None
+        samples.append((c.index, c.new_token_ids, c.text_delta, lps, c.finish_reason, c.stop_reason))
+    plp = None
+    if out.prompt_logprobs is not None and out.request_id not in prompt_logprobs_sent:
+        prompt_logprobs_sent.add(out.request_id)
+        plp = out.prompt_logprobs
+    if out.finished:
+        prompt_logprobs_sent.discard(out.request_id)
+    m = out.metrics
+    metrics = (m.arrival_time, m.queue_time_s, m.time_to_first_token_s, m.mean_time_per_output_token_s,
+               m.finished_time)
+    return StepDelta(out.request_id, out.finished, out.num_cached_tokens, metrics, out.error, plp, samples)
+
+
+def _status(engine, last_add_seq: int) -> CoreStatus:
+    load = engine.load()
+    healthy = bool(getattr(engine.runner, "is_healthy", lambda: True)())
+    return CoreStatus(load.num_running, load.num_waiting, load.num_waiting_tokens, load.kv_cache_usage, healthy,
+                      last_add_seq)
+
+
+def run_engine_core(args, cmd_conn, out_conn) -> None:
+    """Child process entry: build the LLMEngine, then step while requests are open."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains on these, then tells us to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        from longcat_service.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(args)
+        if args.engine_hook is not None:
+            args.engine_hook(engine)
+        info = CoreInfo(engine.model_config, engine.max_model_len, engine.vocab_size, str(engine.model_path),
+                        engine.tokenizer is not None)
+    except BaseException as e:
+        logger.exception("engine core failed to start")
+        out_conn.send(("failed", portable_error(e)))
+        return
+    out_conn.send(("ready", info))
+    _CoreLoop(engine, cmd_conn, out_conn, heartbeat_interval(args.step_timeout_s)).run()
+
+
+class _CoreLoop:
+    def __init__(self, engine, cmd_conn, out_conn, heartbeat_s: float):
+        self.engine, self.out_conn, self.heartbeat_s = engine, out_conn, heartbeat_s
+        self.commands: collections.deque = collections.deque()
+        self.wake = threading.Event()
+        self.last_add_seq = 0
+        self.prompt_logprobs_sent: set[str] = set()
+        # A reader thread keeps the command pipe drained while a step runs, so the parent's send never blocks.
+        threading.Thread(target=self._read_commands, args=(cmd_conn,), name="longcat-core-commands",
+                         daemon=True).start()
+
+    def _read_commands(self, conn) -> None:
+        while True:
+            try:
+                cmd = conn.recv()
+            except (EOFError, OSError):  # the parent is gone
+                cmd = ("shutdown",)
+            self.commands.append(cmd)
+            self.wake.set()
+            if cmd[0] == "shutdown":
+                return
+
+    def run(self) -> None:
+        engine = self.engine
+        last_sent = time.monotonic()
+        try:
+            while True:
+                errors = self._apply_commands()
+                if errors is None:
+                    return  # shutdown
+                if not engine.has_unfinished_requests():
+                    if errors or time.monotonic() - last_sent >= self.heartbeat_s:
+                        kind = ("step", _status(engine, self.last_add_seq), [], errors) if errors else \
+                            ("heartbeat", _status(engine, self.last_add_seq))
+                        self.out_conn.send(kind)
+                        last_sent = time.monotonic()
+                    self.wake.wait(self.heartbeat_s)
+                    self.wake.clear()
+                    continue
+                outputs = engine.step()
+                deltas = [encode_output(o, self.prompt_logprobs_sent) for o in outputs]
+                self.out_conn.send(("step", _status(engine, self.last_add_seq), deltas, errors))
+                last_sent = time.monotonic()
+        except BaseException as e:  # the loop is gone: tell the parent, which ends every stream
+            logger.exception("engine core loop died")
+            try:
+                self.out_conn.send(("dead", f"engine loop died: {type(e).__name__}: {e}"))
+            except (OSError, ValueError):
+                pass
+
+    def _apply_commands(self) -> list[tuple[str, tuple]] | None:
+        """Apply queued commands; None on shutdown, else the adds that failed as (key, portable_error)."""
+        errors = []
+        while self.commands:
+            cmd = self.commands.popleft()
+            if cmd[0] == "add":
+                _, key, seq, prompt, params, deadline, arrival = cmd
+                self.last_add_seq = seq
+                try:
+                    self.engine.add_request(key, prompt, params, deadline=deadline, arrival_time=arrival)
+                except Exception as e:
+                    errors.append((key, portable_error(e)))
+            elif cmd[0] == "abort":
+                self.engine.abort_request(cmd[1])
+            elif cmd[0] == "shutdown":
+                return None
+        return errors
+
+
+def portable_error(e: BaseException) -> tuple:
+    """An exception as (class, field, text): the field errors (PromptError, EngineArgsError, ...) take
+    (field, message) and do not survive a plain pickle."""
+    return type(e), getattr(e, "field", None), str(e)
+
+
+def rebuild_error(portable: tuple) -> BaseException:
+    cls, field, text = portable
+    try:
+        if field is not None:
+            return cls(field, text.removeprefix(f"{field}: "))
+        return cls(text)
+    except Exception:
+        return RuntimeError(f"{cls.__name__}: {text}")
+
+
+# ---- parent side --------------------------------------------------------------------------------------------
+class EngineCoreClient:
+    """Spawns the child and talks to it; `on_message(msg)` runs in a reader thread for every child message
+    after "ready", and `on_exit(reason)` once when the child's pipe closes (reason None after shutdown())."""
+
+    def __init__(self, args, on_message, on_exit):
+        self.args = args
+        self._on_message, self._on_exit = on_message, on_exit
+        self._send_lock = threading.Lock()
+        self.process = None
+        self._cmd_conn = self._out_conn = None
+        self._reader: threading.Thread | None = None
+        self.last_message_at = time.monotonic()
+        self.stopping = False
+
+    def start(self) -> CoreInfo:
+        """Blocking: spawn the child and wait until its engine is built."""
+        ctx = multiprocessing.get_context("spawn")
+        cmd_recv, self._cmd_conn = ctx.Pipe(duplex=False)
+        self._out_conn, out_send = ctx.Pipe(duplex=False)
+        # A daemonic process may not spawn children: tensor-parallel ranks need a non-daemonic one (atexit below).
+        self.process = ctx.Process(target=run_engine_core, args=(self.args, cmd_recv, out_send),
+                                   name="longcat-engine-core", daemon=self.args.tensor_parallel_size == 1)
+        self.process.start()
+        cmd_recv.close()  # our copies: the pipes close (EOF) when the other side's process ends
+        out_send.close()
+        atexit.register(self._kill_at_exit)
+        try:
+            msg = self._out_conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            raise RuntimeError(f"the engine core process exited while starting (exit code {self.process.exitcode})"
+                               ) from None
+        if msg[0] != "ready":  # the same error the thread engine raises (e.g. EngineArgsError naming the field)
+            self.process.join(30)
+            raise rebuild_error(msg[1])
+        self.last_message_at = time.monotonic()
+        self._reader = threading.Thread(target=self._read, name="longcat-engine-core-reader", daemon=True)
+        self._reader.start()
+        return msg[1]
+
+    def send(self, cmd: tuple) -> None:
+        with self._send_lock:
+            self._cmd_conn.send(cmd)
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def _read(self) -> None:
+        reason = None
+        while True:
+            try:
+                msg = self._out_conn.recv()  # blocks with the GIL released
+            except (EOFError, OSError):
+                self.process.join(5)
+                reason = f"engine core process exited (exit code {self.process.exitcode})"
+                break
+            self.last_message_at = time.monotonic()
+            if msg[0] == "dead":
+                reason = msg[1]
+                break
+            self._on_message(msg)
+        self._on_exit(None if self.stopping else reason)
+
+    def shutdown(self, step_timeout_s: float) -> None:
+        """Blocking: ask the child to stop; kill it once it has been silent (a hung step) past step_timeout_s."""
+        self.stopping = True
+        if self.process is None:
+            return
+        try:
+            self.send(("shutdown",))
+        except (OSError, ValueError):
+            pass  # already gone
+        while self.process.is_alive():
+            self.process.join(0.05)
+            if time.monotonic() - self.last_message_at > step_timeout_s and self.process.is_alive():
+                logger.error("shutdown: the engine core has been silent for %.0fs; killing it",
+                             time.monotonic() - self.last_message_at)
+                self.process.kill()
+                self.process.join(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        self._cmd_conn.close()
+        atexit.unregister(self._kill_at_exit)
+
+    def _kill_at_exit(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+class OutputRebuilder:
+    """Parent side of one stream: StepDeltas -> RequestOutputs. Each output carries the step's deltas; a sample's
+    totals (token_ids, text, logprobs) are filled on its final output only, so a long stream costs O(1) per token
+    (the thread engine fills them on every output)."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], n: int):
+        self.request_id, self.prompt_token_ids = request_id, prompt_token_ids
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
+        self.text: list[list[str]] = [[] for _ in range(n)]
+        self.logprobs: list[list[Logprob] | None] = [None] * n
+        self.final: dict[int, CompletionOutput] = {}
+        self.prompt_logprobs = None
+
+    def rebuild(self, d: StepDelta) -> RequestOutput:
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
+        outputs = []
+        for index, new_ids, text_delta, new_lps, finish_reason, stop_reason in d.samples:
+            done = self.final.get(index)
+            if done is not None:  # finished in an earlier step (n > 1): repeat its totals, no new deltas
+                outputs.append(CompletionOutput(index, done.token_ids, done.text, done.logprobs, done.finish_reason,
+                                                done.stop_reason, [], "", [] if done.logprobs is not None else None))
+                continue
+            self.token_ids[index].extend(new_ids)
+            if text_delta:
+                self.text[index].append(text_delta)
+            lps = None
+            if new_lps is not None:
+                lps = [Logprob(t, lp, top) for t, lp, top in new_lps]
+                if self.logprobs[index] is None:
+                    self.logprobs[index] = []
+                self.logprobs[index].extend(lps)
+            out = CompletionOutput(index=index, finish_reason=finish_reason, stop_reason=stop_reason,
+                                   new_token_ids=new_ids, text_delta=text_delta, new_logprobs=lps)
+            if finish_reason is not None:
+                out.token_ids, out.text = self.token_ids[index], "".join(self.text[index])
+                out.logprobs = self.logprobs[index] if new_lps is not None else None
+                self.final[index] = out
+            outputs.append(out)
+        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, finished=d.finished,
+                             num_cached_tokens=d.num_cached_tokens, prompt_logprobs=self.prompt_logprobs,
+                             metrics=RequestMetrics(*d.metrics), error=d.error)
+
+
+def resolve_engine_mode(args) -> str:
+    """"auto": the engine core in its own process on a single node; under torchrun (WORLD_SIZE > 1) the serving
+    rank keeps the thread, because its LLMEngine joins the torchrun process group in this process."""
+    if args.engine_mode != "auto":
+        return args.engine_mode
+    return "thread" if _under_torchrun() else "process"
+
+
+def _under_torchrun() -> bool:
+    try:
+        return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
