@@ -155,6 +155,16 @@ def execute_decode_with_graph(graph_runner: CUDAGraphRunner, model_runner, batch
     (a prefill chunk, prompt logprobs, or too large), so the caller runs it eagerly."""
     from longcat_service.engine.model_runner import SeqStepResult
 
+    logits = decode_logits_with_graph(graph_runner, batch)
+    if logits is None:
+        return None
+    tokens, logprobs = model_runner.sampler(logits, [model_runner._sampling_row(s.seq) for s in batch])
+    return [SeqStepResult(token_id=t, logprob=lp) for t, lp in zip(tokens, logprobs, strict=True)]
+
+
+def decode_logits_with_graph(graph_runner: CUDAGraphRunner, batch) -> torch.Tensor | None:
+    """Replay the graph for a pure decode batch -> its logits (a view valid until the next replay); None when
+    the batch does not qualify. Only enqueues work: the caller samples and reads back."""
     for s in batch:
         if s.num_new_tokens != 1 or not s.needs_sample or s.start_pos < s.seq.num_prompt_tokens - 1:
             return None
@@ -169,6 +179,4 @@ def execute_decode_with_graph(graph_runner: CUDAGraphRunner, model_runner, batch
         slots.append(table[pos // bs] * bs + pos % bs)
         seq_lens.append(s.end_pos)
         tables.append(list(table))
-    logits = graph_runner.run(input_ids, positions, slots, seq_lens, tables)
-    tokens, logprobs = model_runner.sampler(logits, [model_runner._sampling_row(s.seq) for s in batch])
-    return [SeqStepResult(token_id=t, logprob=lp) for t, lp in zip(tokens, logprobs, strict=True)]
+    return graph_runner.run(input_ids, positions, slots, seq_lens, tables)

@@ -35,6 +35,7 @@ class EngineArgs:
     step_timeout_s: float = 120.0  # AsyncEngine health: one step longer than this marks the engine unhealthy
     tensor_parallel_size: int = 1  # > 1: local ranks are spawned (or torchrun's ranks joined); see engine/tp_worker.py
     hf_overrides: dict | None = None  # config.json keys replaced before the model config is parsed ({"num_layers": 2})
+    overlap_steps: bool = True  # LLMEngine: host work of step N runs while step N+1 computes (see llm_engine.step)
     # AsyncEngine: "process" runs the step loop in a spawned engine-core process (the server's event loop keeps its
     # own GIL), "thread" in a thread of the server process; "auto": process, but thread under torchrun
     engine_mode: str = "auto"

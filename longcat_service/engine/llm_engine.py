@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from longcat_service.engine.block_manager import BlockManager
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError, PromptError
+from longcat_service.engine.model_runner import SeqStepResult, StepHandle
 from longcat_service.engine.output_processor import OutputProcessor, RequestState
-from longcat_service.engine.scheduler import Scheduler
-from longcat_service.engine.sequence import SequenceGroup
+from longcat_service.engine.scheduler import ScheduledSeq, Scheduler
+from longcat_service.engine.sequence import Sequence, SequenceGroup
 from longcat_service.engine.tp_worker import create_model_runner
-from longcat_service.outputs import RequestOutput
+from longcat_service.outputs import Logprob, RequestOutput
 from longcat_service.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_id, self.max_model_len)
         self.states: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # final outputs of requests finished between steps (abort)
+        self._inflight: _InFlight | None = None  # with overlap_steps: the step launched by the last call
 
     def _decide_max_model_len(self) -> int:
         limit = int(getattr(self.model_config, "max_position_embeddings", 0) or 0) or None
@@ -123,7 +125,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -135,29 +137,51 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. With args.overlap_steps the model step launched here is collected by the next call:
+        collect step N (the one sync) and apply its tokens with the cheap stop checks, schedule and launch step
+        N+1, and only then do step N's host work (detokenization, logprobs, RequestOutputs) while the device
+        computes N+1. Outputs are those of the plain engine, one call later."""
         outputs, self._pending = self._pending, []
+        finalize: dict[str, None] = {}  # requests whose final output this call emits, after the token work
+        applied: list[_AppliedToken] = []
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            applied = self._collect(inflight, finalize)
         sched = self.scheduler.schedule(time.monotonic())
-        for group in sched.expired:
-            outputs.append(self._finalize(group.request_id))
-        if not sched.scheduled:
-            return outputs
-        try:
-            results = self.runner.execute(sched.scheduled)
-        except Exception as e:  # fail this batch's requests, keep the engine serving
-            logger.exception("engine step failed for %d sequences", len(sched.scheduled))
-            failed = dict.fromkeys(s.seq.request_id for s in sched.scheduled)
-            for rid in failed:
-                group = self.scheduler.groups.get(rid)
-                if group is not None:
-                    self.scheduler.finish_group(group, "error")
-                    self.states[rid].error = f"{type(e).__name__}: {e}"
-                    outputs.append(self._finalize(rid))
-            return outputs
+        finalize.update(dict.fromkeys(g.request_id for g in sched.expired))
+        if sched.scheduled:
+            launched = self._launch(sched.scheduled, finalize)
+            if launched is not None and self.args.overlap_steps:
+                self._inflight = launched
+            elif launched is not None:
+                applied = self._collect(launched, finalize)
+        outputs.extend(self._process(applied, finalize))
+        return outputs
 
+    def _launch(self, batch: list[ScheduledSeq], finalize: dict[str, None]) -> _InFlight | None:
+        try:
+            if not self._runner_can_launch():
+                return _InFlight(batch, None, self.runner.execute(batch))
+            return _InFlight(batch, self.runner.launch(batch))
+        except Exception as e:  # fail this batch's requests, keep the engine serving
+            self._fail_batch(batch, e, finalize)
+            return None
+
+    def _collect(self, inflight: _InFlight, finalize: dict[str, None]) -> list[_AppliedToken]:
+        """Wait for a launched step and apply it: computed chunks, appended tokens, the cheap stop checks (so a
+        finished sample is not scheduled again). A sample finished while the step ran (an abort between calls)
+        is skipped: its token is dropped, its blocks are already free."""
+        try:
+            results = inflight.results if inflight.handle is None else self.runner.collect(inflight.handle)
+        except Exception as e:
+            self._fail_batch(inflight.batch, e, finalize)
+            return []
         now = time.monotonic()
-        touched: dict[str, RequestState] = {}
-        for s, r in zip(sched.scheduled, results, strict=True):
+        applied: list[_AppliedToken] = []
+        for s, r in zip(inflight.batch, results, strict=True):
             seq = s.seq
+            if seq.is_finished:
+                continue
             state = self.states[seq.request_id]
             self.scheduler.on_computed(s)
             if r.prompt_logprobs:
@@ -165,17 +189,42 @@ class LLMEngine:
             if r.token_id is None:
                 continue
             seq.append_token(r.token_id)
-            finish = self.output_processor.on_token(state, seq, r.token_id, r.logprob, now)
+            finish = self.output_processor.check_finish(state, seq, r.token_id)
             if finish is not None:
                 self.scheduler.finish_seq(seq, *finish)
                 self.runner.release(seq.seq_id)
-            touched[seq.request_id] = state
+            applied.append(_AppliedToken(state, seq, r.token_id, r.logprob, now, finish))
+        return applied
+
+    def _process(self, applied: list[_AppliedToken], finalize: dict[str, None]) -> list[RequestOutput]:
+        """The host work of applied tokens, then one output per touched request (final ones last, once)."""
+        touched: dict[str, RequestState] = {}
+        for a in applied:
+            self.output_processor.on_token(a.state, a.seq, a.token_id, a.logprob, a.now, a.finish)
+            touched[a.seq.request_id] = a.state
+        outputs = []
         for rid, state in touched.items():
             if state.group.is_finished:
-                outputs.append(self._finalize(rid))
-            else:
+                finalize[rid] = None
+            elif rid not in finalize:
                 outputs.append(self.output_processor.make_output(state, state.group.num_cached_tokens))
+        outputs.extend(self._finalize(rid) for rid in finalize)
         return outputs
+
+    def _runner_can_launch(self) -> bool:
+        """Runners that only offer execute (stand-ins that replace or wrap it: benchmarks/fake_compute.py, tests
+        injecting faults) run each step to completion; nothing is overlapped with them."""
+        runner = self.runner
+        return callable(getattr(type(runner), "launch", None)) and "execute" not in vars(runner)
+
+    def _fail_batch(self, batch: list[ScheduledSeq], error: Exception, finalize: dict[str, None]) -> None:
+        logger.error("engine step failed for %d sequences", len(batch), exc_info=error)
+        for rid in dict.fromkeys(s.seq.request_id for s in batch):
+            group = self.scheduler.groups.get(rid)
+            if group is not None:
+                self.scheduler.finish_group(group, "error")
+                self.states[rid].error = f"{type(error).__name__}: {error}"
+                finalize[rid] = None
 
     def _finalize(self, request_id: str) -> RequestOutput:
         """Last output of a request whose samples are all finished; forget it."""
@@ -185,3 +234,24 @@ class LLMEngine:
             self.runner.release(seq.seq_id)
         state.finished_time = time.monotonic()
         return self.output_processor.make_output(state, state.group.num_cached_tokens)
+
+
+@dataclass
+class _InFlight:
+    """A launched model step whose results have not been read back yet."""
+
+    batch: list[ScheduledSeq]
+    handle: StepHandle | None  # None: the runner ran the step to completion (execute-only runners)
+    results: list[SeqStepResult] | None = None
+
+
+@dataclass
+class _AppliedToken:
+    """A token appended to its sample whose remaining host work (OutputProcessor.on_token) is still to do."""
+
+    state: RequestState
+    seq: Sequence
+    token_id: int
+    logprob: Logprob | None
+    now: float
+    finish: tuple[str, str | int | None] | None

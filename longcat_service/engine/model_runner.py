@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
-from longcat_service.engine.sampler import Sampler, SamplingRow
+from longcat_service.engine.host_to_device import to_device
+from longcat_service.engine.sampler import SampledBatch, Sampler, SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.model.attention_metadata import AttentionMetadata
 from longcat_service.outputs import Logprob
@@ -25,6 +26,24 @@ class SeqStepResult:
     token_id: int | None = None  # sampled when the chunk reached the sequence's last token
     logprob: Logprob | None = None
     prompt_logprobs: list[Logprob] | None = None  # for prompt positions start_pos+1 ..
+
+
+@dataclass
+class _PromptLogprobChunk:
+    targets: list[int]  # the prompt tokens these rows predict
+    chosen: torch.Tensor  # [rows] their raw logprobs (device)
+    top_ids: torch.Tensor | None = None  # [rows, n]
+    top_vals: torch.Tensor | None = None
+
+
+@dataclass
+class StepHandle:
+    """A launched step: device tensors until ModelRunner.collect reads them back."""
+
+    batch_size: int
+    sample_idx: list[int]  # batch rows that sample a token, in the sampler's row order
+    sampled: SampledBatch | None = None
+    prompt_logprobs: dict[int, list[_PromptLogprobChunk]] = field(default_factory=dict)  # batch row -> chunks
 
 
 class ModelRunner:
@@ -83,24 +102,38 @@ class ModelRunner:
         self.generators.pop(seq_id, None)
 
     # ---- one step ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> list[SeqStepResult]:
+        """Run one step to completion (launch, then wait for its results)."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: list[ScheduledSeq]) -> StepHandle:
+        """Build the step's inputs and enqueue forward, logits, prompt logprobs and sampling on the device.
+        Nothing is read back here (no .item()/.tolist()/branch on device values), so on CUDA the host returns
+        while the GPU works; `collect` waits. Host-to-device copies that follow the forward go through
+        pinned memory (host_to_device.to_device), since a blocking copy would wait for the forward."""
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
-            from longcat_service.engine.cuda_graph_runner import execute_decode_with_graph
+            from longcat_service.engine.cuda_graph_runner import decode_logits_with_graph
 
             try:
-                results = execute_decode_with_graph(self.graph_runner, self, batch)
+                logits = decode_logits_with_graph(self.graph_runner, batch)
             except Exception:  # e.g. a capture-unsafe op (host sync) in the decode path: serve eagerly instead
                 logger.exception("CUDA-graph decode failed; running eagerly from now on")
                 self.graph_runner = None
-                results = None
-            if results is not None:
-                return results
+                logits = None
+            if logits is not None:
+                rows = [self._sampling_row(s.seq) for s in batch]
+                return StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows))
         input_ids: list[int] = []
         positions: list[int] = []
         for s in batch:
             input_ids.extend(s.seq.token_ids[s.start_pos : s.end_pos])
             positions.extend(range(s.start_pos, s.end_pos))
+        starts = [0]
+        for s in batch:
+            starts.append(starts[-1] + s.num_new_tokens)
+        sample_idx = [i for i, s in enumerate(batch) if s.needs_sample]
+        # every host list the step needs goes to the device before the forward is queued
         metadata = AttentionMetadata.build(
             query_lens=[s.num_new_tokens for s in batch],
             seq_lens=[s.end_pos for s in batch],
@@ -108,23 +141,37 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
         )
-        ids_t = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+        ids_t = to_device(input_ids, torch.long, self.device)
+        pos_t = to_device(positions, torch.long, self.device)
+        sample_rows_t = to_device([starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
         hidden = self.model(ids_t, pos_t, metadata, self.kv_caches)
 
-        results = [SeqStepResult() for _ in batch]
-        starts = [0]
-        for s in batch:
-            starts.append(starts[-1] + s.num_new_tokens)
-        self._prompt_logprobs(batch, hidden, starts, results)
-        sample_idx = [i for i, s in enumerate(batch) if s.needs_sample]
+        handle = StepHandle(len(batch), sample_idx)
+        self._launch_prompt_logprobs(batch, hidden, starts, handle)
         if sample_idx:
-            rows = torch.tensor([starts[i + 1] - 1 for i in sample_idx], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            tokens, logprobs = self.sampler(logits, [self._sampling_row(batch[i].seq) for i in sample_idx])
-            for i, tok, lp in zip(sample_idx, tokens, logprobs, strict=True):
+            logits = self.model.compute_logits(hidden[sample_rows_t])
+            handle.sampled = self.sampler.launch(logits, [self._sampling_row(batch[i].seq) for i in sample_idx])
+        return handle
+
+    def collect(self, handle: StepHandle) -> list[SeqStepResult]:
+        """Wait for a launched step: its sampled tokens (and logprobs) to the host. The step's one sync."""
+        results = [SeqStepResult() for _ in range(handle.batch_size)]
+        if handle.sampled is not None:
+            tokens, logprobs = self.sampler.collect(handle.sampled)
+            for i, tok, lp in zip(handle.sample_idx, tokens, logprobs, strict=True):
                 results[i].token_id = tok
                 results[i].logprob = lp
+        for i, chunks in handle.prompt_logprobs.items():
+            out: list[Logprob] = []
+            for c in chunks:
+                chosen = c.chosen.tolist()
+                top_ids = c.top_ids.tolist() if c.top_ids is not None else None
+                top_vals = c.top_vals.tolist() if c.top_vals is not None else None
+                for k, tok in enumerate(c.targets):
+                    top_map = dict(zip(top_ids[k], top_vals[k], strict=True)) if top_ids is not None else {}
+                    top_map[tok] = chosen[k]
+                    out.append(Logprob(tok, chosen[k], top_map))
+            results[i].prompt_logprobs = out
         return results
 
     def _sampling_row(self, seq) -> SamplingRow:
@@ -135,8 +182,8 @@ class ModelRunner:
                 gen = self.generators[seq.seq_id] = self.sampler.make_generator(seq.params.seed + seq.index)
         return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, gen)
 
-    def _prompt_logprobs(self, batch, hidden, starts, results) -> None:
-        """Raw logprob of each prompt token given its prefix, for requests that asked."""
+    def _launch_prompt_logprobs(self, batch, hidden, starts, handle: StepHandle) -> None:
+        """Raw logprob of each prompt token given its prefix, for requests that asked (enqueued, read in collect)."""
         for i, s in enumerate(batch):
             seq = s.seq
             n = seq.params.prompt_logprobs
@@ -145,19 +192,14 @@ class ModelRunner:
             last = min(s.end_pos, seq.num_prompt_tokens - 1)  # rows start_pos..last-1 predict prompt tokens
             if last <= s.start_pos:
                 continue
-            out: list[Logprob] = []
+            chunks = handle.prompt_logprobs[i] = []
             for c0 in range(s.start_pos, last, PROMPT_LOGPROB_ROWS_PER_CHUNK):
                 c1 = min(last, c0 + PROMPT_LOGPROB_ROWS_PER_CHUNK)
                 rows = hidden[starts[i] + c0 - s.start_pos : starts[i] + c1 - s.start_pos]
                 logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
-                targets = torch.tensor(seq.token_ids[c0 + 1 : c1 + 1], device=logprobs.device)
-                chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-                top_ids = top_vals = None
+                targets = list(seq.token_ids[c0 + 1 : c1 + 1])
+                chosen = logprobs.gather(1, to_device(targets, torch.long, logprobs.device)[:, None])[:, 0]
+                chunk = _PromptLogprobChunk(targets, chosen)
                 if n > 0:
-                    top = logprobs.topk(n, dim=-1)
-                    top_ids, top_vals = top.indices.tolist(), top.values.tolist()
-                for k, tok in enumerate(seq.token_ids[c0 + 1 : c1 + 1]):
-                    top_map = dict(zip(top_ids[k], top_vals[k], strict=True)) if n else {}
-                    top_map[tok] = chosen[k]
-                    out.append(Logprob(tok, chosen[k], top_map))
-            results[i].prompt_logprobs = out
+                    chunk.top_vals, chunk.top_ids = logprobs.topk(n, dim=-1)
+                chunks.append(chunk)

@@ -42,37 +42,59 @@ class OutputProcessor:
     def new_state(self, group: SequenceGroup) -> RequestState:
         return RequestState(self.tokenizer, group)
 
-    def on_token(
-        self, state: RequestState, seq: Sequence, token_id: int, logprob: Logprob | None, now: float
-    ) -> tuple[str, str | int | None] | None:
-        """Record a token already appended to `seq`; return (finish_reason, stop_reason) if it ends the sample."""
+    def check_finish(self, state: RequestState, seq: Sequence, token_id: int) -> tuple[str, str | int | None] | None:
+        """The stop checks for a token just appended to `seq`, done before the next step is scheduled:
+        (finish_reason, stop_reason) if it ends the sample. EOS, stop ids and lengths are comparisons; a
+        sample with stop strings is detokenized here (only those), because finishing it later would leave
+        it in the next step's batch and change that batch (budget, blocks, prefix-cache order)."""
         out = state.seqs[seq.index]
         p = seq.params
+        may_stop = seq.num_output_tokens >= p.min_tokens
+        if may_stop and not p.ignore_eos and token_id == self.eos_token_id:
+            return "stop", None
+        if may_stop and token_id in p.stop_token_ids:
+            return "stop", token_id  # the stop token is kept out of the text
+        if p.stop:
+            prev_len = len(out.text)
+            self._add_text(out, token_id)
+            if may_stop:
+                hit = self._find_stop(out.text, prev_len, p.stop)
+                if hit is not None:
+                    idx, stop = hit
+                    out.text = out.text[:idx]
+                    out.closed = True
+                    return "stop", stop
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length", None
+        if seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def on_token(
+        self, state: RequestState, seq: Sequence, token_id: int, logprob: Logprob | None, now: float,
+        finish: tuple[str, str | int | None] | None,
+    ) -> None:
+        """The rest of a token's host work, which may run while the next step computes: timings, logprobs,
+        the text of samples without stop strings, closing the text of a finished sample. `finish` is what
+        check_finish returned for this token."""
+        out = state.seqs[seq.index]
         if state.first_token_time is None:
             state.first_token_time = now
         state.last_token_time = now
         if out.logprobs is not None and logprob is not None:
             out.logprobs.append(logprob)
-        may_stop = seq.num_output_tokens >= p.min_tokens
-        if may_stop and not p.ignore_eos and token_id == self.eos_token_id:
-            return self._finish_text(out, ("stop", None))
-        if may_stop and token_id in p.stop_token_ids:
-            return self._finish_text(out, ("stop", token_id))  # the stop token is kept out of the text
-        prev_len = len(out.text)
+        if out.closed:  # cut at a stop string
+            return
+        token_stop = finish is not None and finish[0] == "stop"  # EOS / stop id: not part of the text
+        if not seq.params.stop and not token_stop:
+            self._add_text(out, token_id)
+        if finish is not None:
+            self._finish_text(out, None)
+
+    @staticmethod
+    def _add_text(out: SeqOutputState, token_id: int) -> None:
         if out.detokenizer is not None:
             out.text += out.detokenizer.add([token_id])
-        if p.stop and may_stop:
-            hit = self._find_stop(out.text, prev_len, p.stop)
-            if hit is not None:
-                idx, stop = hit
-                out.text = out.text[:idx]
-                out.closed = True
-                return "stop", stop
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return self._finish_text(out, ("length", None))
-        if seq.num_tokens >= self.max_model_len:
-            return self._finish_text(out, ("length", None))
-        return None
 
     def finish_without_token(self, state: RequestState, seq: Sequence) -> None:
         """A sample ended from outside (abort, deadline, error): keep what it produced, flushed."""

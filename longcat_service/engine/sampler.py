@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longcat_service.engine.host_to_device import to_device
 from longcat_service.outputs import Logprob
 from longcat_service.sampling_params import SamplingParams
 
@@ -29,6 +30,17 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None  # per-request seed
+
+
+@dataclass
+class SampledBatch:
+    """A launched sampling: device tensors until Sampler.collect reads them back."""
+
+    tokens: torch.Tensor  # [M] long
+    logprob_ns: list[int | None]  # per row: the top-n asked for, None = no logprobs
+    chosen: torch.Tensor | None = None  # [M] raw logprob of the drawn token
+    top_ids: torch.Tensor | None = None  # [M, max n]
+    top_vals: torch.Tensor | None = None
 
 
 class Sampler:
@@ -47,28 +59,37 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[Logprob | None]]:
         """logits: fp32 [M, vocab] -> (token id per row, Logprob per row or None when not asked)."""
+        return self.collect(self.launch(logits, rows))
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
+        """Enqueue the sampling of every row on the device; nothing is read back (no host sync)."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"logits has {logits.shape[0]} rows for {len(rows)} sampling rows")
         logits = logits.float()
-        want_logprobs = [r.params.logprobs is not None for r in rows]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        ns = [r.params.logprobs for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in ns) else None
         processed = self._process(logits.clone(), rows)
-        tokens = self._draw(processed, rows)
-
-        top_ids = top_vals = chosen = None
+        out = SampledBatch(self._draw(processed, rows), ns)
         if raw_logprobs is not None:
-            max_n = max((r.params.logprobs or 0) for r in rows)
-            chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            max_n = max(n or 0 for n in ns)
+            out.chosen = raw_logprobs.gather(1, out.tokens[:, None])[:, 0]
             if max_n > 0:
-                top = raw_logprobs.topk(max_n, dim=-1)
-                top_ids, top_vals = top.indices.tolist(), top.values.tolist()
-        token_list = tokens.tolist()  # the one device -> host copy of the step (plus logprobs when asked)
+                out.top_vals, out.top_ids = raw_logprobs.topk(max_n, dim=-1)
+        return out
+
+    @staticmethod
+    def collect(s: SampledBatch) -> tuple[list[int], list[Logprob | None]]:
+        """Wait for a launched sampling and read it back: the step's one device -> host copy (plus logprobs)."""
+        token_list = s.tokens.tolist()
+        chosen = s.chosen.tolist() if s.chosen is not None else None
+        top_ids = s.top_ids.tolist() if s.top_ids is not None else None
+        top_vals = s.top_vals.tolist() if s.top_vals is not None else None
         logprobs: list[Logprob | None] = []
-        for i, row in enumerate(rows):
-            if not want_logprobs[i]:
+        for i, n in enumerate(s.logprob_ns):
+            if n is None:
                 logprobs.append(None)
                 continue
-            n = row.params.logprobs
             top = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True)) if n else {}
             top[token_list[i]] = chosen[i]
             logprobs.append(Logprob(token_list[i], chosen[i], top))
@@ -79,15 +100,15 @@ class Sampler:
         for i, row in enumerate(rows):
             p = row.params
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-                vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                ids = to_device(list(p.logit_bias), torch.long, logits.device)
+                vals = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
                 logits[i].index_add_(0, ids, vals)
             if len(row.output_token_ids) < p.min_tokens:
                 banned = list(p.stop_token_ids)
                 if self.eos_token_id is not None and not p.ignore_eos:
                     banned.append(self.eos_token_id)
                 if banned:
-                    logits[i, banned] = _NEG_INF
+                    logits[i].index_fill_(0, to_device(banned, torch.long, logits.device), _NEG_INF)
         if any(r.params.repetition_penalty != 1.0 for r in rows):
             logits = self._repetition_penalty(logits, rows)
         if any(r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows):
@@ -111,19 +132,19 @@ class Sampler:
             if t:
                 padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=device)
-        counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+        counts.scatter_add_(1, to_device(padded, torch.long, device), torch.ones(padded.shape, device=device))
         return counts[:, : self.vocab_size]
 
     @staticmethod
     def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+        return to_device(values, like.dtype, like.device)[:, None]
 
     # ---- drawing -------------------------------------------------------------------------------
     def _draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
         argmax = logits.argmax(dim=-1)
-        if bool(greedy.all()):
+        if all(r.params.greedy for r in rows):  # decided on the host: no read-back of a device flag
             return argmax
+        greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
         temps = self._column([r.params.temperature if not r.params.greedy else 1.0 for r in rows], logits)
         logits = logits / temps
         logits = self._top_k(logits, [r.params.top_k for r in rows])
@@ -145,7 +166,7 @@ class Sampler:
             return logits
         k_max = max(ks)
         kth = logits.topk(k_max, dim=-1).values  # [M, k_max], descending
-        idx = torch.tensor(ks, device=logits.device)[:, None] - 1
+        idx = to_device(ks, torch.long, logits.device)[:, None] - 1
         threshold = kth.gather(1, idx)
         return logits.masked_fill(logits < threshold, _NEG_INF)
 

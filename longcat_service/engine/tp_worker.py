@@ -148,7 +148,7 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
         self.fail(", ".join(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}" for p in dead))
 
     # ---- the step ------------------------------------------------------------------------------
-    def execute(self, batch):
+    def launch(self, batch):  # execute = collect(launch(batch)); the engine may collect after launching the next
         with self._lock:
             if self.failure is not None:
                 self._wait_for_exit()
@@ -157,7 +157,7 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
             rows, released = self.encoder.encode(batch)
             try:
                 self.channel.send((MSG_STEP, rows, released))
-                return super().execute(batch)
+                return super().launch(batch)
             except BaseException as e:  # the workers may be inside a collective this rank never reaches
                 self.fail(f"step failed on rank 0 after its inputs were broadcast ({type(e).__name__}: {e})")
                 self._wait_for_exit()
@@ -234,7 +234,14 @@ class _SkipSampler:
     """Workers compute the sampled rows' logits (the all-gather needs them) but never draw tokens."""
 
     def __call__(self, logits: torch.Tensor, rows: list) -> tuple[list[int], list[None]]:
-        return [0] * logits.shape[0], [None] * logits.shape[0]
+        return self.collect(self.launch(logits, rows))
+
+    def launch(self, logits: torch.Tensor, rows: list) -> int:
+        return logits.shape[0]
+
+    @staticmethod
+    def collect(num_rows: int) -> tuple[list[int], list[None]]:
+        return [0] * num_rows, [None] * num_rows
 
 
 class TPWorkerRunner(_TPRunnerMixin, ModelRunner):

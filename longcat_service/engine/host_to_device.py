@@ -1,0 +1,21 @@
+"""Host lists -> device tensors without a host sync.
+
+`torch.tensor(values, device="cuda")` copies from pageable memory with a blocking copy, which waits for every
+kernel already queued on the stream: in a step launched while the previous work runs, that would stall the host
+until the GPU catches up. Staging through pinned memory and an asynchronous copy returns at once (the caching
+host allocator keeps the pinned buffer alive until the copy has run).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` (a list, or a CPU tensor) as a `dtype` tensor on `device`, enqueued without waiting."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
