@@ -63,6 +63,9 @@ class CoreInfo:
     has_tokenizer: bool
 
 
+PARENT_GONE_GRACE_S = 2.0  # after the parent died, the loop gets this long to end by itself
+
+
 def heartbeat_interval(step_timeout_s: float) -> float:
     """Idle heartbeat period: well inside step_timeout_s, so silence longer than that means a hung child."""
     return min(0.5, step_timeout_s / 4)
@@ -129,8 +132,11 @@ class _CoreLoop:
         while True:
             try:
                 cmd = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                cmd = ("shutdown",)
+            except (EOFError, OSError):  # the parent is gone: stop, even if a step hangs (no orphan)
+                self.commands.append(("shutdown",))
+                self.wake.set()
+                time.sleep(PARENT_GONE_GRACE_S)
+                os._exit(1)
             self.commands.append(cmd)
             self.wake.set()
             if cmd[0] == "shutdown":
@@ -337,6 +343,10 @@ class OutputRebuilder:
 def resolve_engine_mode(args) -> str:
     """"auto": the engine core in its own process on a single node; under torchrun (WORLD_SIZE > 1) the serving
     rank keeps the thread, because its LLMEngine joins the torchrun process group in this process."""
+    if args.engine_mode == "process" and _under_torchrun():
+        from longcat_service.engine.errors import EngineArgsError
+
+        raise EngineArgsError("engine_mode", "'process' is not supported under torchrun; use 'thread' or 'auto'")
     if args.engine_mode != "auto":
         return args.engine_mode
     return "thread" if _under_torchrun() else "process"
