@@ -8,6 +8,8 @@
     # CPU check that the gRPC path keeps up with H200 step rates: the model replaced by a 15 ms sleep
     python benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-tiny --load-format dummy \
         --device cpu --concurrency 64 --num-requests 128 --max-tokens 128 --fake-compute-ms 15
+    # the same with the server's engine loop in a thread of the server process (default: its own process)
+    ... --engine-mode thread
 
 Workload: --num-requests prompts of --prompt-len random token ids (seeded), greedy, ignore_eos,
 --max-tokens output tokens each, at most --concurrency streams at a time. The server (engine + gRPC) runs in
@@ -112,6 +114,8 @@ def run_offline(engine_kwargs: dict, fake: tuple | None, prompts, max_tokens: in
 
 def serve_in_child(engine_kwargs: dict, fake: tuple | None, max_queued_requests: int, conn) -> None:
     """Child process: start the server, send (address, vocab_size), serve until told to stop."""
+    import functools
+
     from longcat_service.engine.async_engine import AsyncEngine
     from longcat_service.engine.engine_args import EngineArgs
     from longcat_service.server.app import ServerConfig
@@ -119,12 +123,13 @@ def serve_in_child(engine_kwargs: dict, fake: tuple | None, max_queued_requests:
     from longcat_service.server.servicer import ServerOptions
 
     config = ServerConfig(port=0, options=ServerOptions(max_queued_requests=max_queued_requests))
+    if fake is not None:  # installed wherever the LLMEngine is built (in the engine-core process too)
+        import fake_compute
+
+        engine_kwargs = {**engine_kwargs, "engine_hook": functools.partial(fake_compute.install, step_ms=fake[0],
+                                                                           host_ms=fake[1])}
     try:
         with BackgroundServer(lambda: AsyncEngine(EngineArgs(**engine_kwargs)), config) as server:
-            if fake is not None:  # the engine loop is idle until the first request: safe to swap its runner
-                import fake_compute
-
-                fake_compute.install(server.engine.engine, *fake)
             conn.send((server.address, server.engine.model_config.vocab_size))
             conn.recv()  # stop
     except BaseException as e:
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fake-compute-ms", type=float, default=None,
                    help="replace the model by a step of this many ms (fake_compute.py): measures the service path")
     p.add_argument("--fake-host-ms", type=float, default=2.0, help="GIL-holding part of each fake step")
+    p.add_argument("--engine-mode", choices=["auto", "process", "thread"], default="auto",
+                   help="the served engine's step loop: own process or a thread of the server (auto: process)")
     args = p.parse_args(argv)
 
     if args.hf_overrides is not None and not isinstance(args.hf_overrides, dict):
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     if args.address is None:
+        engine_kwargs["engine_mode"] = args.engine_mode
         parent, child = spawn.Pipe()
         server = spawn.Process(target=serve_in_child, args=(engine_kwargs, fake, max(512, args.num_requests), child))
         server.start()
@@ -205,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed)
         results.append(asyncio.run(run_serve(args.address, prompts, args.max_tokens, args.concurrency,
                                              args.api_key)))
+    engine_kwargs.pop("engine_mode", None)  # the offline LLM has no engine mode
     if not args.skip_offline:
         batch = min(max_num_seqs, args.concurrency)
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
             results.append(pool.submit(run_offline, engine_kwargs, fake, prompts, args.max_tokens, batch).result())
     extra = f", hf_overrides {overrides}" if overrides else ""
     extra += f", fake compute {args.fake_compute_ms:g} ms/step ({args.fake_host_ms:g} ms host)" if fake else ""
+    extra += f", engine mode {args.engine_mode}" if args.address is None else ""
     print(f"model: {args.model or 'demo model'} ({args.load_format}{extra}); workload: {args.num_requests} requests, "
           f"prompt {args.prompt_len} tokens, {args.max_tokens} output tokens each, greedy, ignore_eos, "
           f"{args.concurrency} concurrent streams")

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--engine-mode", choices=["auto", "process", "thread"], default="auto",
+                   help="engine step loop in its own process (the event loop keeps its GIL) or a thread; "
+                        "auto: process, thread under torchrun")
     g.add_argument("--hf-overrides", type=hf_overrides_json, default=None, metavar="JSON",
                    help='config.json keys to replace, e.g. \'{"num_layers": 2}\'')
     g = p.add_argument_group("security")
@@ -71,7 +74,7 @@ def engine_args_from(args: argparse.Namespace):
         "model": args.model, "dtype": args.dtype, "device": args.device, "load_format": args.load_format,
         "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
         "num_kv_blocks": args.num_kv_blocks, "tensor_parallel_size": args.tensor_parallel_size,
-        "hf_overrides": args.hf_overrides,
+        "hf_overrides": args.hf_overrides, "engine_mode": args.engine_mode,
     }
     if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
         raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")
