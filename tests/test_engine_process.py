@@ -190,6 +190,7 @@ def test_early_aclose_aborts_and_the_child_frees_its_blocks():
 
 def test_engine_mode_auto_keeps_the_thread_under_torchrun(monkeypatch):
     assert resolve_engine_mode(EngineArgs()) == "process"
+    assert resolve_engine_mode(EngineArgs(tensor_parallel_size=2)) == "thread"
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_engine_mode(EngineArgs()) == "thread"

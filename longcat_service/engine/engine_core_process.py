@@ -114,7 +114,12 @@ def run_engine_core(args, cmd_conn, out_conn) -> None:
         out_conn.send(("failed", portable_error(e)))
         return
     out_conn.send(("ready", info))
-    _CoreLoop(engine, cmd_conn, out_conn, heartbeat_interval(args.step_timeout_s)).run()
+    try:
+        _CoreLoop(engine, cmd_conn, out_conn, heartbeat_interval(args.step_timeout_s)).run()
+    finally:  # a multiprocessing child skips atexit: stop tensor-parallel ranks here, or exit would wait for them
+        close = getattr(engine.runner, "close", None)
+        if close is not None:
+            close()
 
 
 class _CoreLoop:
@@ -341,15 +346,16 @@ class OutputRebuilder:
 
 
 def resolve_engine_mode(args) -> str:
-    """"auto": the engine core in its own process on a single node; under torchrun (WORLD_SIZE > 1) the serving
-    rank keeps the thread, because its LLMEngine joins the torchrun process group in this process."""
+    """"auto": the engine core in its own process for one local GPU. It keeps the thread under torchrun
+    (WORLD_SIZE > 1), where the serving rank's LLMEngine joins the torchrun process group in this process, and at
+    tensor_parallel_size > 1, where a lost rank must end the server process (exit code 3), not only the child."""
     if args.engine_mode == "process" and _under_torchrun():
         from longcat_service.engine.errors import EngineArgsError
 
         raise EngineArgsError("engine_mode", "'process' is not supported under torchrun; use 'thread' or 'auto'")
     if args.engine_mode != "auto":
         return args.engine_mode
-    return "thread" if _under_torchrun() else "process"
+    return "thread" if _under_torchrun() or args.tensor_parallel_size > 1 else "process"
 
 
 def _under_torchrun() -> bool:
