@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of the free GPU memory for the KV cache when no size is given")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (chunked prefill)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
+    g.add_argument("--seed", type=int, default=None, help="seed for requests without their own")
+    g.add_argument("--step-timeout-s", type=float, default=None, help="a step longer than this turns health NOT_SERVING")
+    g.add_argument("--no-overlap", dest="overlap_steps", action="store_false", default=None,
+                   help="run each step's host work before launching the next (debugging)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--engine-mode", choices=["auto", "process", "thread"], default="auto",
                    help="engine step loop in its own process (the event loop keeps its GIL) or a thread; "
@@ -75,6 +85,10 @@ def engine_args_from(args: argparse.Namespace):
         "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
         "num_kv_blocks": args.num_kv_blocks, "tensor_parallel_size": args.tensor_parallel_size,
         "hf_overrides": args.hf_overrides, "engine_mode": args.engine_mode,
+        "kv_cache_memory_bytes": args.kv_cache_memory_bytes, "gpu_memory_utilization": args.gpu_memory_utilization,
+        "block_size": args.block_size, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enable_prefix_caching": args.enable_prefix_caching, "seed": args.seed,
+        "step_timeout_s": args.step_timeout_s, "overlap_steps": args.overlap_steps,
     }
     if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
         raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")
@@ -133,10 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
     if job is not None:
         args.tensor_parallel_size = job.world_size
-        if job.rank != 0:
-            from longcat_service.engine.tp_worker import run_worker
+    from longcat_service.engine.errors import EngineArgsError
 
-            return run_worker(engine_args_from(args), args.model, job)
+    try:  # a bad engine flag is a usage error naming the option, not a traceback
+        engine_args_from(args)
+    except EngineArgsError as e:
+        reason = str(e).removeprefix(f"{e.field}: ")
+        raise SystemExit(f"longcat-serve: --{e.field.replace('_', '-')}: {reason}") from None
+    if job is not None and job.rank != 0:
+        from longcat_service.engine.tp_worker import run_worker
+
+        return run_worker(engine_args_from(args), args.model, job)
     return asyncio.run(serve(args))
 
 
