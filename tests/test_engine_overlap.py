@@ -242,3 +242,50 @@ def test_sampler_launch_reads_nothing_back():
     assert len(tokens) == 4 and logprobs[1] is None and logprobs[2] is None
     assert logprobs[0].token_id == tokens[0] == int(logits[0].argmax())
     assert tokens[0] in logprobs[0].top and len(logprobs[0].top) == 2  # greedy: the top-2 include the token
+
+
+def test_execute_only_runner_is_not_deferred_a_step():
+    """A runner without launch (benchmarks/fake_compute.py, fault-injecting wrappers) has computed the step when
+    execute returns: its tokens come out of that same step() call, not one call (one step duration) later."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_compute.py"
+    spec = importlib.util.spec_from_file_location("fake_compute", path)
+    fake_compute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_compute)
+    engine = make_engine(overlap_steps=True)
+    fake_compute.install(engine, step_ms=0.0, host_ms=0.0)
+    engine.add_request("a", PROMPTS[0], greedy(2))
+    first = engine.step()
+    assert [len(o.outputs[0].new_token_ids) for o in first] == [1]
+    second = engine.step()
+    assert len(second) == 1 and second[0].finished and len(second[0].outputs[0].token_ids) == 2
+    assert not engine.has_unfinished_requests()
+    assert_all_blocks_free(engine)
+
+
+def test_failed_in_flight_step_does_not_fail_a_new_request_reusing_an_aborted_id():
+    """Request "a" is aborted while its step is in flight and a new request takes the id; that step then fails
+    at collect. Only the batch's own (aborted) request was in it: the new "a" must run normally."""
+    engine = make_engine(overlap_steps=True)
+    engine.add_request("a", PROMPTS[0], greedy(4))
+    assert engine.step() == [] and engine._inflight is not None
+    assert engine.abort_request("a")
+    engine.add_request("a", PROMPTS[1], greedy(3))
+    real_collect = engine.runner.collect
+    calls = [0]
+
+    def collect(handle):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("device fault in the in-flight step")
+        return real_collect(handle)
+
+    engine.runner.collect = collect
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [o for o in engine.step() if o.finished]
+    assert [(o.outputs[0].finish_reason, o.error) for o in finals] == [("abort", None), ("length", None)]
+    assert finals[1].prompt_token_ids == PROMPTS[1] and len(finals[1].outputs[0].token_ids) == 3
+    assert_all_blocks_free(engine)

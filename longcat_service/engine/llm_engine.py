@@ -151,7 +151,8 @@ class LLMEngine:
         finalize.update(dict.fromkeys(g.request_id for g in sched.expired))
         if sched.scheduled:
             launched = self._launch(sched.scheduled, finalize)
-            if launched is not None and self.args.overlap_steps:
+            # an execute-only runner has finished the step already: deferring it would only delay its outputs
+            if launched is not None and launched.handle is not None and self.args.overlap_steps:
                 self._inflight = launched
             elif launched is not None:
                 applied = self._collect(launched, finalize)
@@ -221,7 +222,8 @@ class LLMEngine:
         logger.error("engine step failed for %d sequences", len(batch), exc_info=error)
         for rid in dict.fromkeys(s.seq.request_id for s in batch):
             group = self.scheduler.groups.get(rid)
-            if group is not None:
+            # the group of this batch only: an in-flight batch may hold an aborted request whose id is reused now
+            if group is not None and any(s.seq.group is group for s in batch):
                 self.scheduler.finish_group(group, "error")
                 self.states[rid].error = f"{type(error).__name__}: {error}"
                 finalize[rid] = None
