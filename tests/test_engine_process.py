@@ -227,6 +227,33 @@ def test_loop_death_in_the_child_ends_streams_with_its_error():
     run(body, engine_hook=break_scheduler_after_first_step)
 
 
+def test_a_failing_reader_thread_ends_the_streams_instead_of_hanging():
+    """The parent's reader thread fails on a child message (a bug, an unreadable message): nobody would deliver
+    the child's outputs any more, so the engine must count as dead and every open stream end with the error."""
+    async def body(engine):
+        gen = engine.generate(PROMPTS[0], greedy(10_000), "victim")
+        await anext(gen)
+        real = engine._core._on_message
+
+        def broken(msg):
+            if msg[0] == "step" and msg[2]:
+                raise RuntimeError("reader bug")
+            real(msg)
+
+        engine._core._on_message = broken
+        outs = await asyncio.wait_for(_drain(gen), timeout=15)
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "error" and "reader bug" in outs[-1].error
+        assert not engine.is_healthy()
+        with pytest.raises(EngineDeadError, match="reader bug"):
+            await anext(engine.generate(PROMPTS[1], greedy(1), "after"))
+
+    run(body)
+
+
+async def _drain(gen):
+    return [o async for o in gen]
+
+
 def test_slow_step_marks_unhealthy_until_the_child_speaks_again():
     async def body(engine):
         gen = engine.generate(PROMPTS[0], greedy(3), "slow")

@@ -267,12 +267,28 @@ class EngineCoreClient:
                 self.process.join(5)
                 reason = f"engine core process exited (exit code {self.process.exitcode})"
                 break
+            except Exception as e:  # an unreadable message (unpickling): its outputs are lost
+                reason = self._reader_failed("could not read a message from the engine core", e)
+                break
             self.last_message_at = time.monotonic()
             if msg[0] == "dead":
                 reason = msg[1]
                 break
-            self._on_message(msg)
+            try:
+                self._on_message(msg)
+            except Exception as e:
+                reason = self._reader_failed("the engine core reader failed", e)
+                break
         self._on_exit(None if self.stopping else reason)
+
+    def _reader_failed(self, what: str, e: Exception) -> str:
+        """Without this thread nothing delivers the child's outputs (streams would wait forever) and the child
+        blocks once the pipe fills: stop the child, so the engine is dead and every stream ends with the reason."""
+        logger.exception(what)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        return f"{what}: {type(e).__name__}: {e}"
 
     def shutdown(self, step_timeout_s: float) -> None:
         """Blocking: ask the child to stop; kill it once it has been silent (a hung step) past step_timeout_s."""
