@@ -289,3 +289,19 @@ def test_failed_in_flight_step_does_not_fail_a_new_request_reusing_an_aborted_id
     assert [(o.outputs[0].finish_reason, o.error) for o in finals] == [("abort", None), ("length", None)]
     assert finals[1].prompt_token_ids == PROMPTS[1] and len(finals[1].outputs[0].token_ids) == 3
     assert_all_blocks_free(engine)
+
+
+def test_runner_turning_execute_only_mid_flight_keeps_the_in_flight_tokens():
+    """A wrapper installed on runner.execute while a launched step is in flight (fault injection): the next call
+    collects that step and runs the new one to completion; both steps' tokens get their host work."""
+    engine = make_engine(overlap_steps=True)
+    engine.add_request("a", PROMPTS[0], greedy(3, logprobs=0))
+    assert engine.step() == [] and engine._inflight is not None
+    real_execute = engine.runner.execute
+    engine.runner.execute = lambda batch: real_execute(batch)
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [o for o in engine.step() if o.finished]
+    (final,) = finals
+    assert len(final.outputs[0].token_ids) == 3
+    assert [lp.token_id for lp in final.outputs[0].logprobs] == final.outputs[0].token_ids

@@ -155,7 +155,7 @@ class LLMEngine:
             if launched is not None and launched.handle is not None and self.args.overlap_steps:
                 self._inflight = launched
             elif launched is not None:
-                applied = self._collect(launched, finalize)
+                applied += self._collect(launched, finalize)  # after any in-flight step collected above
         outputs.extend(self._process(applied, finalize))
         return outputs
 
