@@ -75,7 +75,7 @@ def test_queued_prompt_tokens_are_bounded_but_a_lone_large_prompt_is_admitted():
             client.generate("short", max_tokens=1)
         srv._loop.call_soon_threadsafe(hold.set)
         first.join(10)
-        assert srv.server.admission.queued_tokens == 0
+        assert wait_for(lambda: srv.server.admission.queued_tokens == 0)
     finally:
         srv.stop()
 
@@ -108,7 +108,7 @@ def test_client_cancel_aborts_the_engine_request():
         with client.generate_stream("hi", max_tokens=100_000, request_id="bye") as stream:
             next(stream)
         assert wait_for(lambda: "bye" in srv.engine.aborted)
-        assert srv.engine.running == set()
+        assert wait_for(lambda: srv.engine.running == set())
     finally:
         srv.stop()
 
