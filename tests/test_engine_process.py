@@ -175,6 +175,20 @@ def test_start_failure_raises_the_engines_error():
     assert e.value.field == "max_model_len"
 
 
+def test_an_unpicklable_engine_hook_in_process_mode_is_an_error_naming_the_field():
+    """The hook travels to the spawned child by pickle: a lambda or closure fails there with a pickling error
+    that names nothing; it is refused up front, before any process is spawned."""
+    def local_hook(engine):
+        pass
+
+    for hook in (lambda engine: None, local_hook):
+        with pytest.raises(EngineArgsError, match="picklable") as e:
+            AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": "process", "engine_hook": hook}))
+        assert e.value.field == "engine_hook"
+    AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": "thread", "engine_hook": local_hook}))  # no pickling there
+    AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": "process", "engine_hook": slow_steps_after_the_first_token}))
+
+
 def test_early_aclose_aborts_and_the_child_frees_its_blocks():
     async def body(engine):
         gen = engine.generate(PROMPTS[2], greedy(10_000), "long")

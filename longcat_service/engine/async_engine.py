@@ -32,6 +32,7 @@ from longcat_service.engine.engine_core_process import (
     EngineCoreClient,
     OutputRebuilder,
     StepDelta,
+    check_engine_hook_picklable,
     heartbeat_interval,
     rebuild_error,
     resolve_engine_mode,
@@ -64,6 +65,8 @@ class AsyncEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         self.args = args if args is not None else EngineArgs(**kwargs)
         self.mode = resolve_engine_mode(self.args)
+        if self.mode == "process":
+            check_engine_hook_picklable(self.args)
         self.engine: LLMEngine | None = None  # thread mode only: the process mode's engine lives in the child
         self._core: EngineCoreClient | None = None  # process mode
         self._info = None  # process mode: CoreInfo from the child

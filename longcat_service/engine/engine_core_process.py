@@ -374,6 +374,22 @@ def resolve_engine_mode(args) -> str:
     return "thread" if _under_torchrun() or args.tensor_parallel_size > 1 else "process"
 
 
+def check_engine_hook_picklable(args) -> None:
+    """The spawned child receives EngineArgs by pickle, so a lambda or a local function as engine_hook would fail
+    inside Process.start with an error that names no field: refuse it up front instead."""
+    if args.engine_hook is None:
+        return
+    from multiprocessing.reduction import ForkingPickler
+
+    from longcat_service.engine.errors import EngineArgsError
+
+    try:
+        ForkingPickler.dumps(args.engine_hook)
+    except Exception as e:
+        raise EngineArgsError("engine_hook", f"must be picklable in engine_mode 'process' (a module-level function "
+                              f"or a functools.partial of one), got {args.engine_hook!r}: {e}") from None
+
+
 def _under_torchrun() -> bool:
     try:
         return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
