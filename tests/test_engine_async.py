@@ -4,14 +4,17 @@ Tests that reach into the engine (engine.engine) run the thread mode; those that
 both modes (the process mode's own failure tests are in test_engine_process.py)."""
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
 import pytest
 
-from longcat_service.engine.async_engine import AsyncEngine, EngineDeadError
+from longcat_service.engine.async_engine import AsyncEngine, EngineDeadError, _ended_output, _Stream
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import PromptError
+from longcat_service.outputs import CompletionOutput, RequestOutput
 from tests.engine_utils import PROMPTS, greedy, reference_greedy
 
 ARGS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_model_len=128, engine_mode="thread")
@@ -173,6 +176,78 @@ def test_shutdown_ends_open_streams(mode):
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
 
     asyncio.run(main())
+
+
+async def take_tokens(gen, count: int) -> list[int]:
+    """Read outputs until at least `count` tokens have been streamed; the stream stays open."""
+    streamed = []
+    while len(streamed) < count:
+        out = await gen.__anext__()
+        streamed += out.outputs[0].new_token_ids
+    return streamed
+
+
+@both_modes
+def test_shutdown_reports_the_tokens_it_streamed_and_the_cached_prompt(mode):
+    """An engine-wide abort (shutdown) ends an open stream with the totals it delivered: the final output's token_ids
+    and logprobs (the usage a server reports) are those streamed, and num_cached_tokens the prompt's cached part."""
+
+    async def main():
+        engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": mode}))
+        await engine.start()
+        await collect(engine, PROMPTS[2], greedy(1), "warm")  # leaves the prompt's full blocks as a cached prefix
+        gen = engine.generate(PROMPTS[2], greedy(10_000, logprobs=1), "open")
+        first = await gen.__anext__()
+        streamed = first.outputs[0].new_token_ids + await take_tokens(gen, 3)
+        await engine.shutdown()
+        rest = [o async for o in gen]
+        streamed += sum((o.outputs[0].new_token_ids for o in rest), [])
+        final = rest[-1]
+        assert final.finished and final.outputs[0].finish_reason == "abort"
+        assert len(streamed) >= 4 and final.outputs[0].token_ids == streamed
+        assert len(final.outputs[0].logprobs) == len(streamed)
+        assert final.prompt_token_ids == PROMPTS[2]
+        assert first.num_cached_tokens == 16  # 4 full blocks of 4 of the 19-token prompt
+        assert final.num_cached_tokens == 16
+
+    asyncio.run(main())
+
+
+@both_modes
+def test_engine_death_reports_the_tokens_it_streamed(mode):
+    async def main():
+        engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": mode}))
+        await engine.start()
+        try:
+            gen = engine.generate(PROMPTS[0], greedy(10_000), "victim")
+            streamed = await take_tokens(gen, 3)
+            if mode == "thread":
+                def broken(now):
+                    raise RuntimeError("scheduler bug")
+
+                engine.engine.scheduler.schedule = broken
+            else:
+                os.kill(engine._core.process.pid, signal.SIGKILL)
+            rest = [o async for o in gen]
+            streamed += sum((o.outputs[0].new_token_ids for o in rest), [])
+            assert rest[-1].outputs[0].finish_reason == "error"
+            assert len(streamed) >= 3 and rest[-1].outputs[0].token_ids == streamed
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_thread_mode_end_keeps_a_sample_finished_earlier():
+    stream = _Stream(None, None, [1, 2], 2, "r")
+    last = RequestOutput("r", [1, 2], [CompletionOutput(0, [5], "a", finish_reason="stop", stop_reason=7),
+                                       CompletionOutput(1, [6, 8], "bc", new_token_ids=[8], text_delta="c")],
+                         num_cached_tokens=4)
+    done, open_ = _ended_output(stream, last, "abort", None).outputs
+    assert (done.token_ids, done.finish_reason, done.stop_reason, done.new_token_ids) == ([5], "stop", 7, [])
+    assert (open_.token_ids, open_.text, open_.finish_reason, open_.new_token_ids) == ([6, 8], "bc", "abort", [])
+    nothing_yet = _ended_output(stream, None, "error", "died")
+    assert [c.token_ids for c in nothing_yet.outputs] == [[], []] and nothing_yet.error == "died"
 
 
 def test_reused_request_id_gets_only_its_own_outputs():

@@ -148,6 +148,20 @@ def test_rebuilder_fills_totals_on_the_final_output_only():
     assert last.finished and c.finish_reason == "length"
 
 
+def test_rebuilder_end_keeps_the_totals_delivered_and_a_sample_finished_earlier():
+    rb = OutputRebuilder("r", [1, 2], 2)
+    metrics = (1.0, 0.5, None, None, None)
+    rb.rebuild(StepDelta("k", False, 4, metrics, None, None,
+                         [(0, [5], "a", None, "stop", 7), (1, [6], "b", None, None, None)]))
+    rb.rebuild(StepDelta("k", False, 4, metrics, None, None, [(0, [], "", None, "stop", 7), (1, [8], "c", None, None, None)]))
+    end = rb.end("error", "engine core died")
+    done, open_ = end.outputs
+    assert (done.token_ids, done.finish_reason, done.stop_reason, done.new_token_ids) == ([5], "stop", 7, [])
+    assert (open_.token_ids, open_.text, open_.finish_reason, open_.new_token_ids) == ([6, 8], "bc", "error", [])
+    assert end.finished and end.error == "engine core died" and end.num_cached_tokens == 4
+    assert end.metrics.queue_time_s == 0.5
+
+
 # ---- lifecycle, validation, load ------------------------------------------------------------------------------
 def test_validation_errors_are_raised_in_the_parent_naming_the_field():
     async def body(engine):

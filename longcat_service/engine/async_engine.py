@@ -38,7 +38,7 @@ from longcat_service.engine.engine_core_process import (
     resolve_engine_mode,
 )
 from longcat_service.engine.llm_engine import EngineLoad, LLMEngine
-from longcat_service.outputs import CompletionOutput, RequestOutput
+from longcat_service.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from longcat_service.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineLoad", "EngineDeadError"]
@@ -59,6 +59,14 @@ class _Stream:
     prompt_token_ids: list[int]
     n: int
     request_id: str  # the caller's id (outputs carry it); the engine and _streams know the stream by its key
+
+
+@dataclass
+class _EngineEnded:
+    """Queued by _fail_all: the engine ended every stream (shutdown, death). The consumer turns it into the final
+    output, as it alone knows what it delivered (the usage a server reports)."""
+    reason: str  # finish_reason of the samples still open
+    error: str | None
 
 
 class AsyncEngine:
@@ -216,13 +224,18 @@ class AsyncEngine:
         self._wake.set()
         rebuilder = OutputRebuilder(request_id, prompt, params.n) if self._core is not None else None
         finished = False
+        last: RequestOutput | None = None  # thread mode: its totals are what was delivered so far
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, StepDelta):
+                if isinstance(item, _EngineEnded):
+                    item = (rebuilder.end(item.reason, item.error) if rebuilder is not None
+                            else _ended_output(stream, last, item.reason, item.error))
+                elif isinstance(item, StepDelta):
                     item = rebuilder.rebuild(item)
+                last = item
                 if item.finished:
                     finished = True
                 yield item
@@ -389,10 +402,30 @@ class AsyncEngine:
     def _fail_all(self, reason: str, error: str | None) -> None:
         with self._lock:
             streams = list(self._streams.items())
-        for key, stream in streams:
-            outputs = [CompletionOutput(index=i, finish_reason=reason) for i in range(stream.n)]
-            self._deliver(key, RequestOutput(stream.request_id, stream.prompt_token_ids, outputs, finished=True,
-                                             error=error))
+        for key, _ in streams:
+            self._deliver(key, _EngineEnded(reason, error))
+
+
+def _ended_output(stream: _Stream, last: RequestOutput | None, reason: str, error: str | None) -> RequestOutput:
+    """Thread mode: the final output of a stream the engine ended, from the totals of the last output delivered
+    (the thread engine fills them on every output): tokens streamed, cached prompt tokens and metrics are kept."""
+    prior = {c.index: c for c in last.outputs} if last is not None else {}
+    outputs = []
+    for i in range(stream.n):
+        c = prior.get(i)
+        if c is None:
+            outputs.append(CompletionOutput(index=i, finish_reason=reason))
+            continue
+        done = c.finish_reason is not None  # finished earlier (n > 1): keep its own reason
+        outputs.append(CompletionOutput(
+            index=i, token_ids=list(c.token_ids), text=c.text,
+            logprobs=list(c.logprobs) if c.logprobs is not None else None,
+            finish_reason=c.finish_reason if done else reason, stop_reason=c.stop_reason if done else None,
+            new_logprobs=[] if c.logprobs is not None else None))
+    return RequestOutput(stream.request_id, stream.prompt_token_ids, outputs, finished=True,
+                         num_cached_tokens=last.num_cached_tokens if last is not None else 0,
+                         prompt_logprobs=last.prompt_logprobs if last is not None else None,
+                         metrics=last.metrics if last is not None else RequestMetrics(), error=error)
 
 
 def _post(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -329,10 +330,20 @@ class OutputRebuilder:
         self.logprobs: list[list[Logprob] | None] = [None] * n
         self.final: dict[int, CompletionOutput] = {}
         self.prompt_logprobs = None
+        self.num_cached_tokens = 0
+        self.metrics: tuple = dataclasses.astuple(RequestMetrics())
+
+    def end(self, reason: str, error: str | None) -> RequestOutput:
+        """The final output when the engine ended the stream itself (shutdown, death): the samples still open
+        finish with `reason` and the totals delivered so far (the usage a server reports)."""
+        samples = [(i, [], "", [] if self.logprobs[i] is not None else None, reason, None)
+                   for i in range(len(self.token_ids))]
+        return self.rebuild(StepDelta("", True, self.num_cached_tokens, self.metrics, error, None, samples))
 
     def rebuild(self, d: StepDelta) -> RequestOutput:
         if d.prompt_logprobs is not None:
             self.prompt_logprobs = d.prompt_logprobs
+        self.num_cached_tokens, self.metrics = d.num_cached_tokens, d.metrics
         outputs = []
         for index, new_ids, text_delta, new_lps, finish_reason, stop_reason in d.samples:
             done = self.final.get(index)
