@@ -30,6 +30,7 @@ from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.engine_core_process import (
     CoreStatus,
     EngineCoreClient,
+    EngineStartCancelled,
     OutputRebuilder,
     StepDelta,
     check_engine_hook_picklable,
@@ -41,7 +42,7 @@ from longcat_service.engine.llm_engine import EngineLoad, LLMEngine
 from longcat_service.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from longcat_service.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "EngineLoad", "EngineDeadError"]
+__all__ = ["AsyncEngine", "EngineLoad", "EngineDeadError", "EngineStartCancelled"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,25 @@ class AsyncEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the model (off the event loop) and start the step loop (thread or engine-core process)."""
+        """Load the model (off the event loop) and start the step loop (thread or engine-core process).
+        shutdown() during the load ends it with EngineStartCancelled: at once in process mode (the child is
+        killed), once the load returns in thread mode (a load cannot be interrupted within its thread)."""
         if self._started:
             return
         self._started = True
+        if self._stopping:
+            raise EngineStartCancelled("the engine was shut down before it started")
         loop = asyncio.get_running_loop()
         if self.mode == "process":
+            # created here, not in the executor, so that a shutdown() during the load always finds the child
+            self._core = EngineCoreClient(self.args, self._on_core_message, self._on_core_exit)
             await loop.run_in_executor(None, self._start_core)
+            if self._stopping:  # the child got ready just as shutdown() ran
+                raise EngineStartCancelled("the engine was shut down while loading the model")
             return
         self.engine = await loop.run_in_executor(None, LLMEngine, self.args)
+        if self._stopping:
+            raise EngineStartCancelled("the engine was shut down while loading the model")
         if self.args.engine_hook is not None:
             self.args.engine_hook(self.engine)
         self._thread = threading.Thread(target=self._run, name="longcat-engine-loop", daemon=True)
@@ -117,7 +128,6 @@ class AsyncEngine:
 
         from longcat_service.tokenizer import load_tokenizer
 
-        self._core = EngineCoreClient(self.args, self._on_core_message, self._on_core_exit)
         info = self._core.start()
         self._info = info
         self._tokenizer = load_tokenizer(info.model_path) if info.has_tokenizer else None

@@ -212,6 +212,10 @@ def rebuild_error(portable: tuple) -> BaseException:
 
 
 # ---- parent side --------------------------------------------------------------------------------------------
+class EngineStartCancelled(RuntimeError):
+    """start() gave up because shutdown() was called while the engine was loading."""
+
+
 class EngineCoreClient:
     """Spawns the child and talks to it; `on_message(msg)` runs in a reader thread for every child message
     after "ready", and `on_exit(reason)` once when the child's pipe closes (reason None after shutdown())."""
@@ -225,6 +229,7 @@ class EngineCoreClient:
         self._reader: threading.Thread | None = None
         self.last_message_at = time.monotonic()
         self.stopping = False
+        self._start_lock = threading.Lock()  # shutdown() during start(): the child is spawned and seen, or never
 
     def start(self) -> CoreInfo:
         """Blocking: spawn the child and wait until its engine is built."""
@@ -234,7 +239,10 @@ class EngineCoreClient:
         # A daemonic process may not spawn children: tensor-parallel ranks need a non-daemonic one (atexit below).
         self.process = ctx.Process(target=run_engine_core, args=(self.args, cmd_recv, out_send),
                                    name="longcat-engine-core", daemon=self.args.tensor_parallel_size == 1)
-        self.process.start()
+        with self._start_lock:
+            if self.stopping:
+                raise EngineStartCancelled("the engine core was shut down before it started")
+            self.process.start()
         cmd_recv.close()  # our copies: the pipes close (EOF) when the other side's process ends
         out_send.close()
         atexit.register(self._kill_at_exit)
@@ -242,6 +250,8 @@ class EngineCoreClient:
             msg = self._out_conn.recv()
         except (EOFError, OSError):
             self.process.join(5)
+            if self.stopping:
+                raise EngineStartCancelled("the engine core was shut down while loading the model") from None
             raise RuntimeError(f"the engine core process exited while starting (exit code {self.process.exitcode})"
                                ) from None
         if msg[0] != "ready":  # the same error the thread engine raises (e.g. EngineArgsError naming the field)
@@ -293,9 +303,16 @@ class EngineCoreClient:
 
     def shutdown(self, step_timeout_s: float) -> None:
         """Blocking: ask the child to stop; kill it once it has been silent (a hung step) past step_timeout_s."""
-        self.stopping = True
-        if self.process is None:
+        with self._start_lock:
+            self.stopping = True
+        if self.process is None or self.process.pid is None:  # never spawned (start() now refuses to)
             return
+        if self._reader is None and self.process.is_alive():
+            # still loading (a large checkpoint takes minutes): no requests to drain, and the child ignores
+            # SIGTERM / SIGINT, so stop it now
+            logger.info("shutdown while the engine core loads the model: stopping it")
+            self.process.kill()
+            self.process.join(5)
         try:
             self.send(("shutdown",))
         except (OSError, ValueError):

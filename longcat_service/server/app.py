@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -97,6 +98,17 @@ class LongCatServer:
         await self.state.set_ready(self.engine)
         logger.info("ready: %s serving on port %d", SERVICE_NAME, self.port)
         return self.port
+
+    async def stop_while_starting(self, starting: asyncio.Task) -> None:
+        """A signal during start() (the model is still loading; health is NOT_SERVING): stop the engine, which
+        abandons the load (at once in process mode; a thread-mode load is waited for), wait for start() to give
+        up, then stop whatever it had started."""
+        await self.engine.shutdown()
+        try:
+            await starting
+        except Exception as e:  # EngineStartCancelled, or the load failed meanwhile: either way we are stopping
+            logger.info("start abandoned: %s", e)
+        await self.stop()
 
     async def drain_and_stop(self, grace_s: float) -> bool:
         """Health NOT_SERVING and new calls UNAVAILABLE; wait for in-flight calls up to grace_s; stop.

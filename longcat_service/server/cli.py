@@ -124,7 +124,18 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    port = await server.start()
+    # Loading a large checkpoint takes minutes, and Kubernetes stops pods that are still starting: a signal
+    # during start() abandons the load and exits 0 instead of waiting for it.
+    starting = asyncio.create_task(server.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        logger.info("signal received while loading the model: stopping")
+        await server.stop_while_starting(starting)
+        logger.info("stopped before serving")
+        return 0
+    stopped.cancel()
+    port = starting.result()
     print(f"longcat-serve listening on {config.host}:{port}", flush=True)  # scripts wait for this line
     if server.metrics_port is not None:
         print(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
@@ -135,7 +146,22 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_quietly(signum, frame):
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until serve() installs its handlers (torch and the engine are still being imported), a stop signal
+    # ends the process quietly with 0: nothing has started that would need stopping.
+    previous = {sig: signal.signal(sig, _exit_quietly) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(argv)
+    finally:  # main() may run inside another program (tests): leave its handlers as they were
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from longcat_service.distributed.launch import torchrun_job
 
@@ -157,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if job is not None and job.rank != 0:
         from longcat_service.engine.tp_worker import run_worker
 
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a follower rank keeps Python's defaults: it dies with the job
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return run_worker(engine_args_from(args), args.model, job)
     return asyncio.run(serve(args))
 
