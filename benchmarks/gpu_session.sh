@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one combined H200 run for the opt-in speed variants (issues 3 and 5). Run from the repo root:
 #   bash benchmarks/gpu_session.sh        ($OUT: where logs go; default ./gpu_out)
+# Wheels it installs from .whl/: make them first on the CPU machine with benchmarks/fetch_device_wheels.sh.
 # Budget: 8 minutes wall. Every step runs under `timeout`, capped by what is left of a 465 s budget, in
 # priority order, so a hang or a slow step drops the optional steps at the end, never the summary.
 # Variants (all default off; "new" turns all on; the GPU tests of "default" also run v1 and v2 side by side):
