@@ -12,20 +12,14 @@ from longcat_service.config import ModelConfig
 from longcat_service.model.attention_metadata import AttentionMetadata
 from longcat_service.model.kv_cache import allocate_kv_caches
 from longcat_service.model.loader import load_model
+from tests.tiny_config import TINY_CONFIG
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-TINY = dict(
-    vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4,
-    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, head_dim=4,
-    v_head_dim=8, ffn_hidden_size=96, expert_ffn_hidden_size=16,
-    n_routed_experts=6, zero_expert_num=3, moe_topk=3, routed_scaling_factor=6.0,
-    rope_theta=1e7, max_position_embeddings=512, rms_norm_eps=1e-5,
-    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-)  # fmt: skip
+TINY = {**TINY_CONFIG, "max_position_embeddings": 512}
 BLOCK = 4
 PROMPTS = [[5, 9, 11, 3, 8, 1, 4], [2, 60, 7], [99] * 13, list(range(10, 40))]
 TABLES = [[0, 1, 20], [4, 21], [6, 2, 8, 9, 22], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
