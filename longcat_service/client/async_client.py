@@ -13,27 +13,15 @@ from longcat_service.client.channel import ChannelConfig
 from longcat_service.client.errors import from_rpc_error
 from longcat_service.client.request import generate_request, tokenize_request
 from longcat_service.client.retry import RetryPolicy
-from longcat_service.client.sync_client import _UNSET, DEFAULT_TIMEOUT_S, _remaining
-from longcat_service.client.types import GenerationChunk, GenerationResult, ResultBuilder, chunk_from_proto
+from longcat_service.client.sync_client import _UNSET, DEFAULT_TIMEOUT_S, _remaining, _StreamState
+from longcat_service.client.types import GenerationChunk, GenerationResult, chunk_from_proto
 from longcat_service.server.generated import longcat_pb2 as pb
 from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
 
 
-class AsyncGenerationStream:
+class AsyncGenerationStream(_StreamState):
     """Async iterator of GenerationChunk and an async context manager; leaving it early (or
     `await close()`) cancels the call. `result` is everything received so far."""
-
-    def __init__(self, stub, request: pb.GenerateRequest, metadata, timeout_s: float | None, retry: RetryPolicy):
-        self._stub, self._request, self._metadata, self._retry = stub, request, metadata, retry
-        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._builder = ResultBuilder()
-        self._call = None
-        self._closed = False
-        self._iterator = self._iterate()
-
-    @property
-    def result(self) -> GenerationResult:
-        return self._builder.result
 
     def __aiter__(self):
         return self

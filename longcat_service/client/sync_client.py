@@ -24,9 +24,8 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
-class GenerationStream:
-    """Iterator of GenerationChunk and a context manager: leaving the `with` block (or close())
-    cancels the call, which aborts the request on the server. `result` is everything received."""
+class _StreamState:
+    """State shared by GenerationStream and AsyncGenerationStream; subclasses define `_iterate`."""
 
     def __init__(self, stub, request: pb.GenerateRequest, metadata, timeout_s: float | None, retry: RetryPolicy):
         self._stub, self._request, self._metadata, self._retry = stub, request, metadata, retry
@@ -39,6 +38,11 @@ class GenerationStream:
     @property
     def result(self) -> GenerationResult:
         return self._builder.result
+
+
+class GenerationStream(_StreamState):
+    """Iterator of GenerationChunk and a context manager: leaving the `with` block (or close())
+    cancels the call, which aborts the request on the server. `result` is everything received."""
 
     def __iter__(self):
         return self
