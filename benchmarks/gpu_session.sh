@@ -40,6 +40,7 @@ git log --oneline -1 >"$L/commit.txt" 2>&1
 export LONGCAT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null)
 
 step build 200 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
 
 TESTS="tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py"
 MINE="tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"
@@ -47,6 +48,7 @@ step pytest_default 120 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # MoE layer, B in {1, 64}, both shapes; per-kernel profile of I=2048 B=1 first (router, GEMVs, combine).
 step moe_default 60 $PY benchmarks/bench_moe.py --batches 1,64 --reps 50 --profile 2048,1 --out "$L/moe_default.json"
+if [[ ${VARIANTS:-0} == 1 ]]; then
 step moe_new 60 LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 $PY benchmarks/bench_moe.py --batches 1,64 \
   --reps 50 --profile 2048,1 --out "$L/moe_new.json"
 
@@ -55,17 +57,19 @@ step moe_new 60 LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 $PY benchm
 DEC="--hf-batches= --eager-steps 2 --new-tokens 48 --profile-batches 1"
 step decode_new 110 $NEW_ENV $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_new" \
   --results-md "$L/decode_new.md"
+fi
 step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
   --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128
-step decode_default 110 $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_default" \
-  --results-md "$L/decode_default.md"
+# The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
+step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
+  --profile-batches 1,64 --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
 
 
-step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
+[[ ${VARIANTS:-0} == 1 ]] && step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # Optional, only if time is left: the full B list of the default MoE, the transformers baseline (3 steps).
 step moe_default_full 60 $PY benchmarks/bench_moe.py --reps 30 --out "$L/moe_default_full.json"
-step decode_hf 90 $PY benchmarks/bench_decode.py --batches 1 --new-tokens 8 --eager-steps 0 --profile-batches= \
+[[ ${VARIANTS:-0} == 1 ]] && step decode_hf 90 $PY benchmarks/bench_decode.py --batches 1 --new-tokens 8 --eager-steps 0 --profile-batches= \
   --hf-batches 1,64 --hf-steps 3 --prefill-len 512 --out-dir "$L/decode_hf" --results-md "$L/decode_hf.md"
 
 $PY - "$L" >"$OUT/summary.txt" 2>&1 <<'EOF'
@@ -113,6 +117,10 @@ for k, v in dec.items():
 print("\n== serving (bench_serve, default variant): last lines ==")
 f = L / "serve.log"
 print("\n".join(f.read_text().splitlines()[-8:]) if f.exists() else "(no log)")
+f = L / "decode_default.md"
+if f.exists():
+    print("\n== decode table with the transformers baseline (decode_default.md) ==")
+    print(f.read_text()[-3000:])
 f = L / "decode_hf.log"
 if f.exists():
     print("\n== transformers baseline ==")
