@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -151,6 +152,29 @@ def table(results: list[RunResult]) -> str:
 
 
 
+def trace_table(traces: dict[str, Path]) -> str:
+    """Engine-side view of each run (warm-up steps included): where the step loop's time went."""
+    from longcat_service.engine.step_trace import summarize
+
+    rows = ["| engine of | steps | with prefill | mean seqs (decode) | decode step ms | collect (device wait) ms | "
+            "schedule ms | launch ms | process ms | gap between steps ms | prefill steps ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, path in traces.items():
+        if not path.exists():
+            rows.append(f"| {name} | (no trace) |||||||||")
+            continue
+        s = summarize(str(path))
+        if not s["steps"]:
+            rows.append(f"| {name} | 0 |||||||||")
+            continue
+        g = lambda k: s.get(k, float("nan"))  # noqa: E731
+        rows.append(f"| {name} | {s['steps']} | {s['steps_with_prefill']} | {g('mean_seqs_decode_steps'):.1f} | "
+                    f"{g('decode_wall_ms'):.2f} | {g('decode_collect_ms'):.2f} | {g('decode_schedule_ms'):.2f} | "
+                    f"{g('decode_launch_ms'):.2f} | {g('decode_process_ms'):.2f} | {g('mean_gap_ms'):.2f} | "
+                    f"{g('prefill_wall_ms'):.2f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default=None, help="benchmark this running server instead of starting one")
@@ -171,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fake-compute-ms", type=float, default=None,
                    help="replace the model by a step of this many ms (fake_compute.py): measures the service path")
     p.add_argument("--fake-host-ms", type=float, default=2.0, help="GIL-holding part of each fake step")
+    p.add_argument("--step-trace-dir", default=None,
+                   help="write the engines' per-step traces here (LONGCAT_STEP_TRACE) and print their summary")
     p.add_argument("--engine-mode", choices=["auto", "process", "thread"], default="auto",
                    help="the served engine's step loop: own process or a thread of the server (auto: process)")
     args = p.parse_args(argv)
@@ -188,7 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     spawn = multiprocessing.get_context("spawn")
 
     results = []
+    traces: dict[str, Path] = {}
+
+    def trace_to(name: str) -> None:  # inherited by the spawned server / engine core / offline processes
+        if args.step_trace_dir:
+            traces[name] = Path(args.step_trace_dir) / f"steps_{name}.jsonl"
+            traces[name].parent.mkdir(parents=True, exist_ok=True)
+            traces[name].unlink(missing_ok=True)
+            os.environ["LONGCAT_STEP_TRACE"] = str(traces[name])
+
     if args.address is None:
+        trace_to("serve")
         engine_kwargs["engine_mode"] = args.engine_mode
         parent, child = spawn.Pipe()
         server = spawn.Process(target=serve_in_child, args=(engine_kwargs, fake, max(512, args.num_requests), child))
@@ -215,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                              args.api_key)))
     engine_kwargs.pop("engine_mode", None)  # the offline LLM has no engine mode
     if not args.skip_offline:
+        trace_to("offline")
         batch = min(max_num_seqs, args.concurrency)
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
             results.append(pool.submit(run_offline, engine_kwargs, fake, prompts, args.max_tokens, batch).result())
@@ -228,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 2:
         serve, offline = (r.output_tokens / r.wall_s for r in results)
         print(f"service / offline output tokens/s: {serve / offline:.3f}")
+    if traces:
+        print(trace_table(traces))
     return 0
 
 

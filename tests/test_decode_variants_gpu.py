@@ -1,7 +1,8 @@
-"""The CUDA kernel variants (LONGCAT_FFN_DECODE_KERNEL=auto|v1|v2, LONGCAT_ROUTER_KERNEL=v2|v1) against
+"""The CUDA kernel variants (LONGCAT_FFN_DECODE_KERNEL=auto|v1|v2|v3, LONGCAT_ROUTER_KERNEL=v2|v1) against
 reference.py and against v1, at the real LongCat-Flash shapes (H=6144, I=2048 and the TP-8 shard I=256)
-and at odd sizes that hit every remainder / scalar-load branch. Both variants run in one process: the
-extension reads the env vars at every call."""
+and at odd sizes that hit every remainder / scalar-load branch. All variants run in one process: the
+extension reads the env vars at every call. v3 (tensor-core GEMV, expert_ffn_v3.cuh) takes bf16 / fp16 with H
+and I multiples of 8; the fp32 and odd-size cases check its fallback to v1."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ FFN_CASES = [
     (5, 8, 4, 2050, 1030, torch.bfloat16),
     (9, 8, 4, 2048, 1024, torch.float32),
     (9, 8, 4, 200, 40, torch.float32),
+    # v3 tiles: fp16; partial column tiles (I=96 / 40, H=200); K of 2 steps (8 K-split warps, 6 of them empty);
+    # a batch of 256 (>8 rows per expert: several passes); empty batch.
+    (7, 12, 6, 6144, 256, torch.float16),
+    (9, 8, 4, 200, 96, torch.bfloat16),
+    (3, 6, 4, 200, 40, torch.bfloat16),
+    (1, 4, 2, 64, 32, torch.bfloat16),
+    (256, 64, 12, 1024, 512, torch.bfloat16),
+    (0, 8, 4, 256, 128, torch.bfloat16),
 ]
 
 
@@ -46,26 +55,45 @@ def _ffn_inputs(t, e, k, h, i, dtype, seed):
     return hidden, w13, w2, ids
 
 
+@pytest.mark.parametrize("variant", ["v2", "v3"])
 @pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-k{c[2]}-H{c[3]}-I{c[4]}-{c[5]}")
-def test_expert_ffn_v2_matches_reference_and_v1(case, monkeypatch):
+def test_expert_ffn_variant_matches_reference_and_v1(case, variant, monkeypatch):
     t, e, k, h, i, dtype = case
     hidden, w13, w2, ids = _ffn_inputs(*case, seed=t * 31 + h)
     offsets, sorted_slots, _, active, num_active = L.moe_align(ids, e)
     want = ref.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k)
     monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v1")
     v1 = L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k, active, num_active)
-    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v2")
-    v2 = L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k, active, num_active)
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", variant)
+    got = L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k, active, num_active)
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    assert not v2.isnan().any()
-    torch.testing.assert_close(v2, want, **tol)
-    torch.testing.assert_close(v2, v1, **tol)
-    # Without the align outputs the kernel walks all experts: same result.
-    torch.testing.assert_close(L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k), v2, rtol=0, atol=0)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got, v1, **tol)
+XX, [torch.bfloat16, torch.float16])
+def test_expert_ffn_v3_rows_and_zero_experts(dtype, monkeypatch):
+    """v3 at batch 1 (one row per expert, the ~8-expert grid), with some and with all slots on zero experts
+    (ids >= E: no rows, num_active 0), and rows past the last real row left zero."""
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v3")
+    e, k, h, i = 24, 12, 6144, 2048
+    hidden, w13, w2, ids = _ffn_inputs(3, e, k, h, i, dtype, seed=11)
+    ids[0] = torch.arange(k, device=DEV, dtype=torch.int32)  # token 0: 12 experts, one row each
+    ids[1, : k // 2] = e + torch.arange(k // 2, device=DEV, dtype=torch.int32)  # token 1: half to zero experts
+    ids[2] = e + 1  # token 2: all to zero experts
+    for lo, hi in ((0, 1), (0, 3), (2, 3)):
+        x, rows = hidden[lo:hi].contiguous(), ids[lo:hi].contiguous()
+        offsets, sorted_slots, _, active, num_active = L.moe_align(rows, e)
+        want = ref.expert_ffn(x, w13, w2, offsets, sorted_slots, k)
+        got = L.expert_ffn(x, w13, w2, offsets, sorted_slots, k, active, num_active)
+        assert not got.isnan().any() and (got[int(offsets[-1]):] == 0).all()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        rel = ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+        assert rel < 1e-2, rel
 
 
-def test_expert_ffn_v2_in_a_cuda_graph(monkeypatch):
-    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v2")
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_expert_ffn_variant_in_a_cuda_graph(variant, monkeypatch):
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", variant)
     hidden, w13, w2, ids = _ffn_inputs(4, 16, 12, 6144, 256, torch.bfloat16, seed=3)
     offsets, sorted_slots, _, active, num_active = L.moe_align(ids, 16)
     args = (hidden, w13, w2, offsets, sorted_slots, 12, active, num_active)
@@ -80,7 +108,7 @@ def test_expert_ffn_v2_in_a_cuda_graph(monkeypatch):
 def test_bad_variant_names_are_refused(monkeypatch):
     hidden, w13, w2, ids = _ffn_inputs(1, 4, 2, 64, 32, torch.bfloat16, seed=0)
     offsets, sorted_slots, _, active, num_active = L.moe_align(ids, 4)
-    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v3")
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", "v9")
     with pytest.raises(RuntimeError, match="LONGCAT_FFN_DECODE_KERNEL"):
         L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, 2, active, num_active)
     monkeypatch.setenv("LONGCAT_ROUTER_KERNEL", "fast")

@@ -177,7 +177,7 @@ def test_next_step_is_launched_before_the_previous_steps_host_work(overlap):
     engine = make_engine(overlap_steps=overlap)
     events = []
     launch, on_token = engine.runner.launch, engine.output_processor.on_token
-    engine.runner.launch = lambda batch: (events.append("launch"), launch(batch))[1]
+    engine.runner.launch = lambda batch, **kw: (events.append("launch"), launch(batch, **kw))[1]
     engine.output_processor.on_token = lambda *a: (events.append("host"), on_token(*a))[1]
     engine.add_request("a", PROMPTS[0], greedy(3))
     while engine.has_unfinished_requests():

@@ -58,8 +58,10 @@ def _tol(dtype):
     return {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-5}
 
 
+@pytest.mark.parametrize("ffn_kernel", ["auto", "v3"])  # v3: LONGCAT_FFN_DECODE_KERNEL=v3 (v1 for fp32 / odd sizes)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_each_cuda_op_matches_reference(case):
+def test_each_cuda_op_matches_reference(case, ffn_kernel, monkeypatch):
+    monkeypatch.setenv("LONGCAT_FFN_DECODE_KERNEL", ffn_kernel)
     t, e, z, k, share, ties, dtype, _, _ = case
     logits, bias, hidden, w13, w2 = _inputs(case, seed=len(_case_id(case)) * 7919 + t)
 

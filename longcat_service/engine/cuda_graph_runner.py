@@ -1,6 +1,7 @@
 """CUDA-graph capture and replay of the decode step (model forward + compute_logits).
 
-One graph per batch-size bucket (1, 2, 4, ..., 256), captured on first use, all sharing one memory pool.
+One graph per batch-size bucket (1, 2, 4, ..., 256), all sharing one memory pool; ModelRunner captures them
+at start-up (EngineArgs.capture_graphs_at_startup), else each is captured on first use.
 The inputs live in static device buffers; a replay copies the step's values in (one host-to-device copy
 of a packed int64 buffer plus the used block-table columns) and pads the batch up to the bucket with
 rows that write no cache entry (slot -1) and attend to nothing (seq_len 0). Capture needs the decode
@@ -91,6 +92,13 @@ class CUDAGraphRunner:
         self.graphs[b], self.logits[b] = graph, logits
         logger.info("captured decode CUDA graph for batch bucket %d", b)
 
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (the shared pool is sized by it), so no request pays a
+        capture (hundreds of ms at full width) when the batch first reaches a new size."""
+        for b in sorted(self.buckets, reverse=True):
+            if b not in self.graphs:
+                self.capture(b)
+
     def _fill_padding(self, start: int, end: int) -> None:
         self.packed_host[0, start:end] = 0
         self.packed_host[1, start:end] = 0
@@ -99,9 +107,9 @@ class CUDAGraphRunner:
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
+            block_tables: list[list[int]], device_input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for len(input_ids) sequences -> fp32 logits [B, vocab] (a view valid until the
-        next replay)."""
+        next replay). `device_input_ids` (on the device) replaces input_ids."""
         batch = len(input_ids)
         if not (len(positions) == len(slot_mapping) == len(seq_lens) == len(block_tables) == batch):
             raise ValueError("cuda graph run: input_ids, positions, slot_mapping, seq_lens, block_tables disagree")
@@ -126,6 +134,8 @@ class CUDAGraphRunner:
         self.packed[:, :b].copy_(host[:, :b], non_blocking=True)
         self.block_tables[:b, :width].copy_(tables, non_blocking=True)
         self.copy_done.record()
+        if device_input_ids is not None:  # stream-ordered after the host copy it overrides
+            self.packed[0, :batch].copy_(device_input_ids)
         self.graphs[b].replay()
         return self.logits[b][:batch]
 
@@ -162,9 +172,11 @@ def execute_decode_with_graph(graph_runner: CUDAGraphRunner, model_runner, batch
     return [SeqStepResult(token_id=t, logprob=lp) for t, lp in zip(tokens, logprobs, strict=True)]
 
 
-def decode_logits_with_graph(graph_runner: CUDAGraphRunner, batch) -> torch.Tensor | None:
+def decode_logits_with_graph(graph_runner: CUDAGraphRunner, batch, device_input_ids: torch.Tensor | None = None
+                             ) -> torch.Tensor | None:
     """Replay the graph for a pure decode batch -> its logits (a view valid until the next replay); None when
-    the batch does not qualify. Only enqueues work: the caller samples and reads back."""
+    the batch does not qualify. Only enqueues work: the caller samples and reads back. With device_input_ids
+    the batch's tokens come from the device (a chained step: the host does not know them yet)."""
     for s in batch:
         if s.num_new_tokens != 1 or not s.needs_sample or s.start_pos < s.seq.num_prompt_tokens - 1:
             return None
@@ -173,10 +185,10 @@ def decode_logits_with_graph(graph_runner: CUDAGraphRunner, batch) -> torch.Tens
     bs = graph_runner.block_size
     input_ids, positions, slots, seq_lens, tables = [], [], [], [], []
     for s in batch:
-        pos, table = s.start_pos, s.seq.block_table
-        input_ids.append(s.seq.token_ids[pos])
+        pos, table = s.start_pos, s.block_table
+        input_ids.append(s.seq.token_ids[pos] if device_input_ids is None else 0)
         positions.append(pos)
         slots.append(table[pos // bs] * bs + pos % bs)
         seq_lens.append(s.end_pos)
         tables.append(list(table))
-    return graph_runner.run(input_ids, positions, slots, seq_lens, tables)
+    return graph_runner.run(input_ids, positions, slots, seq_lens, tables, device_input_ids)

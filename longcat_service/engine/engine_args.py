@@ -36,6 +36,10 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # > 1: local ranks are spawned (or torchrun's ranks joined); see engine/tp_worker.py
     hf_overrides: dict | None = None  # config.json keys replaced before the model config is parsed ({"num_layers": 2})
     overlap_steps: bool = True  # LLMEngine: host work of step N runs while step N+1 computes (see llm_engine.step)
+    # with overlap_steps: a decode step whose batch follows from the previous one is launched before that one's
+    # tokens are read back, its input ids taken from the device (see llm_engine._launch_chained)
+    async_scheduling: bool = True
+    capture_graphs_at_startup: bool = True  # CUDA: every decode batch bucket captured before serving (else lazily)
     # AsyncEngine: "process" runs the step loop in a spawned engine-core process (the server's event loop keeps its
     # own GIL), "thread" in a thread of the server process; "auto": process, but thread under torchrun
     engine_mode: str = "auto"

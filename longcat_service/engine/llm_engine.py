@@ -13,6 +13,7 @@ from longcat_service.engine.model_runner import SeqStepResult, StepHandle
 from longcat_service.engine.output_processor import OutputProcessor, RequestState
 from longcat_service.engine.scheduler import ScheduledSeq, Scheduler
 from longcat_service.engine.sequence import Sequence, SequenceGroup
+from longcat_service.engine.step_trace import StepTrace
 from longcat_service.engine.tp_worker import create_model_runner
 from longcat_service.outputs import Logprob, RequestOutput
 from longcat_service.sampling_params import SamplingParams, SamplingParamsError
@@ -58,6 +59,7 @@ class LLMEngine:
         self.states: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # final outputs of requests finished between steps (abort)
         self._inflight: _InFlight | None = None  # with overlap_steps: the step launched by the last call
+        self.trace = StepTrace()  # LONGCAT_STEP_TRACE=<path>: one JSON line per step
 
     def _decide_max_model_len(self) -> int:
         limit = int(getattr(self.model_config, "max_position_embeddings", 0) or 0) or None
@@ -141,23 +143,116 @@ class LLMEngine:
         collect step N (the one sync) and apply its tokens with the cheap stop checks, schedule and launch step
         N+1, and only then do step N's host work (detokenization, logprobs, RequestOutputs) while the device
         computes N+1. Outputs are those of the plain engine, one call later."""
+        trace = self.trace
+        trace.start()
         outputs, self._pending = self._pending, []
         finalize: dict[str, None] = {}  # requests whose final output this call emits, after the token work
         applied: list[_AppliedToken] = []
         if self._inflight is not None:
             inflight, self._inflight = self._inflight, None
+            chained = self._launch_chained(inflight, finalize)
+            if chained is not None:
+                trace.mark("launch")
             applied = self._collect(inflight, finalize)
+            trace.mark("collect")
+            if chained is not None:  # the step after the in-flight one is already computing: no scheduling
+                self._adopt_scratch_blocks(chained)
+                self._inflight = chained
+                outputs.extend(self._process(applied, finalize))
+                if trace.enabled:
+                    trace.mark("process")
+                    trace.end(num_seqs=len(chained.batch), prefill_tokens=0, num_outputs=len(outputs), chained=1)
+                return outputs
         sched = self.scheduler.schedule(time.monotonic())
+        trace.mark("schedule")
         finalize.update(dict.fromkeys(g.request_id for g in sched.expired))
         if sched.scheduled:
             launched = self._launch(sched.scheduled, finalize)
+            trace.mark("launch")
             # an execute-only runner has finished the step already: deferring it would only delay its outputs
             if launched is not None and launched.handle is not None and self.args.overlap_steps:
                 self._inflight = launched
             elif launched is not None:
                 applied += self._collect(launched, finalize)  # after any in-flight step collected above
+                trace.mark("collect")
         outputs.extend(self._process(applied, finalize))
+        if trace.enabled:
+            trace.mark("process")
+            prefill = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1 or not s.needs_sample)
+            trace.end(num_seqs=len(sched.scheduled), prefill_tokens=prefill, num_outputs=len(outputs))
         return outputs
+
+    # ---- async scheduling: a decode step chained to the in-flight one -------------------------------------
+    def _launch_chained(self, inflight: _InFlight, finalize: dict[str, None]) -> _InFlight | None:
+        """Launch the step after `inflight` before reading `inflight` back, when that step is exactly what the
+        scheduler would make: the same running sequences decoding one more token each (nothing waiting, no
+        deadline due, no sequence whose sampling depends on the token not yet read back). Its input ids are
+        the in-flight step's samples, taken on the device. A sequence that stops on the in-flight token (EOS,
+        stop id or string) is in the batch anyway; its extra token is dropped at collect. One that ends by
+        length is left out, as the scheduler would. A token that starts a new KV block is written to a scratch
+        block, copied to the sequence's real block once the in-flight step confirms it goes on
+        (_adopt_scratch_blocks), so block allocation happens in the same order as the plain engine's.
+        None: not chainable; the caller collects and schedules as usual."""
+        if not self._can_chain or inflight.handle is None or inflight.handle.sampled is None:
+            return None
+        sched = self.scheduler
+        if sched.waiting or any(not (s.num_new_tokens == 1 and s.needs_sample) for s in inflight.batch):
+            return None
+        rows = [i for i, s in enumerate(inflight.batch) if not s.seq.is_finished]
+        if [inflight.batch[i].seq for i in rows] != sched.running:
+            return None  # the scheduler would pick another batch (a new fork, a left-out sequence, ...)
+        now = time.monotonic()
+        if any(g.deadline is not None and now >= g.deadline for g in sched.groups.values()):
+            return None
+        bm, bs = self.block_manager, self.block_manager.block_size
+        batch: list[ScheduledSeq] = []
+        chain_rows: list[int] = []
+        num_scratch = 0
+        for i in rows:
+            seq = inflight.batch[i].seq
+            p = seq.params
+            known = seq.num_output_tokens + 1  # with the in-flight token
+            if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+                return None  # the sampler needs the in-flight token on the host
+            if known == p.min_tokens:
+                return None  # the min_tokens mask turns off with the in-flight token: the host count is one short
+            if (p.max_tokens is not None and known >= p.max_tokens) or seq.num_tokens + 1 >= self.max_model_len:
+                continue  # ends by length on the in-flight token: not in the next batch
+            pos = seq.num_tokens  # where the in-flight token goes
+            s = ScheduledSeq(seq, 1, pos)
+            s.needs_sample = True
+            if pos // bs >= len(seq.block_table):
+                s.block_table_override = seq.block_table + [self.runner.num_blocks + num_scratch]
+                num_scratch += 1
+            batch.append(s)
+            chain_rows.append(i)
+        if not batch or num_scratch > bm.num_free_blocks or num_scratch > self.runner.num_scratch_blocks:
+            return None  # (not enough free blocks for the new ones: the scheduler preempts; let it)
+        try:
+            handle = self.runner.launch(batch, input_ids=self.runner.sampled_tokens(inflight.handle, chain_rows))
+        except Exception as e:
+            self._fail_batch(batch, e, finalize)
+            return None
+        return _InFlight(batch, handle)
+
+    def _adopt_scratch_blocks(self, chained: _InFlight) -> None:
+        """After the in-flight step was applied: real blocks for the chained sequences that go on, in running
+        order (as the scheduler would allocate them), and their scratch entries copied there."""
+        bs = self.block_manager.block_size
+        dst, src = [], []
+        for s in chained.batch:
+            if s.block_table_override is None or s.seq.is_finished:
+                continue
+            self.block_manager.allocate(s.seq, s.end_pos)
+            dst.append(s.seq.block_table[-1] * bs + s.start_pos % bs)
+            src.append(s.block_table_override[-1] * bs + s.start_pos % bs)
+        self.runner.copy_kv_slots(dst, src)
+
+    @property
+    def _can_chain(self) -> bool:
+        runner = self.runner
+        return (self.args.async_scheduling and self.args.overlap_steps and self._runner_can_launch()
+                and getattr(runner, "supports_chained_decode", False) and getattr(runner, "num_scratch_blocks", 0) > 0)
 
     def _launch(self, batch: list[ScheduledSeq], finalize: dict[str, None]) -> _InFlight | None:
         try:

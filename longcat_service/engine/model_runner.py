@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,9 @@ class StepHandle:
 
 
 class ModelRunner:
+    supports_chained_decode = True  # launch(batch, input_ids=<device tensor>) works (not under TP: ranks get host ids)
+    uses_cuda_graphs = True  # not under TP: capture with collectives is not validated
+
     def __init__(self, args: EngineArgs, model_path):
         from longcat_service.model.loader import load_model  # the model package is heavy; import on use
 
@@ -58,16 +62,27 @@ class ModelRunner:
         self.config = self.model.config
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = args.block_size
+        # scratch blocks after the engine's blocks: a chained decode step writes a token that starts a new block
+        # there until the engine knows the sequence goes on (LLMEngine._launch_chained); never in the engine's pool
+        self.num_scratch_blocks = args.max_num_seqs if (self.supports_chained_decode and args.async_scheduling
+                                                        and args.overlap_steps) else 0
         self.num_blocks = self._decide_num_blocks()
         from longcat_service.model.kv_cache import allocate_kv_caches
 
-        self.kv_caches = allocate_kv_caches(self.config, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(self.config, self.num_blocks + self.num_scratch_blocks, self.block_size,
+                                            self.dtype, self.device)
         self.vocab_size = int(self.config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self._eos_token_id(), self.device, args.seed)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> per-request generator
         from longcat_service.engine.cuda_graph_runner import create_graph_runner
 
-        self.graph_runner = create_graph_runner(self)  # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1
+        # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP
+        self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs else None
+        if self.graph_runner is not None and args.capture_graphs_at_startup:
+            t0 = time.perf_counter()
+            self.graph_runner.capture_all()
+            logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
+                        time.perf_counter() - t0)
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.config, "eos_token_id", None)
@@ -93,7 +108,7 @@ class ModelRunner:
                 budget = int(free * args.gpu_memory_utilization)
             else:
                 budget = CPU_DEFAULT_KV_CACHE_BYTES
-        num_blocks = budget // per_block
+        num_blocks = budget // per_block - self.num_scratch_blocks
         if num_blocks < 1:
             raise EngineArgsError("kv_cache_memory_bytes", f"{budget} bytes hold no KV block ({per_block} bytes each)")
         return int(num_blocks)
@@ -107,16 +122,20 @@ class ModelRunner:
         return self.collect(self.launch(batch))
 
     @torch.inference_mode()
-    def launch(self, batch: list[ScheduledSeq]) -> StepHandle:
+    def launch(self, batch: list[ScheduledSeq], input_ids: torch.Tensor | None = None) -> StepHandle:
         """Build the step's inputs and enqueue forward, logits, prompt logprobs and sampling on the device.
         Nothing is read back here (no .item()/.tolist()/branch on device values), so on CUDA the host returns
         while the GPU works; `collect` waits. Host-to-device copies that follow the forward go through
-        pinned memory (host_to_device.to_device), since a blocking copy would wait for the forward."""
+        pinned memory (host_to_device.to_device), since a blocking copy would wait for the forward.
+        `input_ids` (a decode batch's tokens as a device tensor, e.g. the previous step's samples) replaces the
+        host token ids, which the caller may not know yet."""
+        if input_ids is not None and any(s.num_new_tokens != 1 for s in batch):
+            raise ValueError("launch: device input_ids are for decode batches (one new token per sequence)")
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
             from longcat_service.engine.cuda_graph_runner import decode_logits_with_graph
 
             try:
-                logits = decode_logits_with_graph(self.graph_runner, batch)
+                logits = decode_logits_with_graph(self.graph_runner, batch, input_ids)
             except Exception:  # e.g. a capture-unsafe op (host sync) in the decode path: serve eagerly instead
                 logger.exception("CUDA-graph decode failed; running eagerly from now on")
                 self.graph_runner = None
@@ -124,10 +143,11 @@ class ModelRunner:
             if logits is not None:
                 rows = [self._sampling_row(s.seq) for s in batch]
                 return StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows))
-        input_ids: list[int] = []
+        host_ids: list[int] = []
         positions: list[int] = []
         for s in batch:
-            input_ids.extend(s.seq.token_ids[s.start_pos : s.end_pos])
+            if input_ids is None:
+                host_ids.extend(s.seq.token_ids[s.start_pos : s.end_pos])
             positions.extend(range(s.start_pos, s.end_pos))
         starts = [0]
         for s in batch:
@@ -137,11 +157,11 @@ class ModelRunner:
         metadata = AttentionMetadata.build(
             query_lens=[s.num_new_tokens for s in batch],
             seq_lens=[s.end_pos for s in batch],
-            block_tables=[s.seq.block_table for s in batch],
+            block_tables=[s.block_table for s in batch],
             block_size=self.block_size,
             device=self.device,
         )
-        ids_t = to_device(input_ids, torch.long, self.device)
+        ids_t = input_ids.to(torch.long) if input_ids is not None else to_device(host_ids, torch.long, self.device)
         pos_t = to_device(positions, torch.long, self.device)
         sample_rows_t = to_device([starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
         hidden = self.model(ids_t, pos_t, metadata, self.kv_caches)
@@ -152,6 +172,27 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[sample_rows_t])
             handle.sampled = self.sampler.launch(logits, [self._sampling_row(batch[i].seq) for i in sample_idx])
         return handle
+
+    def sampled_tokens(self, handle: StepHandle, rows: list[int]) -> torch.Tensor:
+        """The tokens a launched, not yet collected step samples for its batch `rows` (a device tensor): the
+        input of a chained decode step."""
+        pos = {row: i for i, row in enumerate(handle.sample_idx)}
+        idx = [pos[r] for r in rows]
+        tokens = handle.sampled.tokens
+        if idx == list(range(tokens.shape[0])):
+            return tokens
+        return tokens.index_select(0, to_device(idx, torch.long, tokens.device))
+
+    @torch.inference_mode()
+    def copy_kv_slots(self, dst_slots: list[int], src_slots: list[int]) -> None:
+        """Enqueue cache-entry copies (slot = block * block_size + offset) in every attention sublayer."""
+        if not dst_slots:
+            return
+        dst = to_device(dst_slots, torch.long, self.device)
+        src = to_device(src_slots, torch.long, self.device)
+        for cache in self.kv_caches:
+            flat = cache.view(-1, cache.shape[-1])
+            flat.index_copy_(0, dst, flat.index_select(0, src))
 
     def collect(self, handle: StepHandle) -> list[SeqStepResult]:
         """Wait for a launched step: its sampled tokens (and logprobs) to the host. The step's one sync."""

@@ -22,9 +22,15 @@ class ScheduledSeq:
     num_new_tokens: int
     start_pos: int  # num_computed_tokens before this step
     needs_sample: bool = False  # the chunk reaches the last known token, so its logits give the next token
+    # a chained decode step (LLMEngine async scheduling) runs on a table whose last block may be a scratch block
+    block_table_override: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.needs_sample = self.end_pos == self.seq.num_tokens
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.block_table_override if self.block_table_override is not None else self.seq.block_table
 
     @property
     def end_pos(self) -> int:

@@ -101,6 +101,8 @@ class _TPRunnerMixin:
 
 
 class TPDriverRunner(_TPRunnerMixin, ModelRunner):
+    supports_chained_decode = False  # the workers get each step's token ids from the host
+    uses_cuda_graphs = False
     def __init__(self, args: EngineArgs, model_path, env: RankInfo | None):
         self.failure: str | None = None  # set once the TP group is lost; the process then exits
         self._closing = False
@@ -245,6 +247,8 @@ class _SkipSampler:
 
 
 class TPWorkerRunner(_TPRunnerMixin, ModelRunner):
+    supports_chained_decode = False
+    uses_cuda_graphs = False
     def __init__(self, args: EngineArgs, model_path, info: RankInfo, store: dist.TCPStore):
         self._stopping = False
         self.heartbeat = Heartbeat(open_heartbeat_store(info, store.port), info.rank, [0], self._rank0_lost).start()

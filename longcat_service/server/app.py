@@ -114,13 +114,14 @@ class LongCatServer:
         """Health NOT_SERVING and new calls UNAVAILABLE; wait for in-flight calls up to grace_s; stop.
         Returns True when every in-flight call finished in time."""
         finished = await self.state.drain(grace_s)
-        await self.stop()
+        # a finished handler's last messages may still be on their way to a slow client: let them arrive
+        await self.stop(transport_grace_s=5.0)
         return finished
 
-    async def stop(self) -> None:
+    async def stop(self, transport_grace_s: float = 1.0) -> None:
         await self.state.stop()
         if self._server is not None:
-            await self._server.stop(grace=1.0)
+            await self._server.stop(grace=transport_grace_s)
             self._server = None
         self.metrics.stop()
         await self.engine.shutdown()

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-timeout-s", type=float, default=None, help="a step longer than this turns health NOT_SERVING")
     g.add_argument("--no-overlap", dest="overlap_steps", action="store_false", default=None,
                    help="run each step's host work before launching the next (debugging)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
+                   help="read each decode step's tokens back before launching the next one")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--engine-mode", choices=["auto", "process", "thread"], default="auto",
                    help="engine step loop in its own process (the event loop keeps its GIL) or a thread; "
@@ -89,6 +91,7 @@ def engine_args_from(args: argparse.Namespace):
         "block_size": args.block_size, "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": args.enable_prefix_caching, "seed": args.seed,
         "step_timeout_s": args.step_timeout_s, "overlap_steps": args.overlap_steps,
+        "async_scheduling": args.async_scheduling,
     }
     if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
         raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")

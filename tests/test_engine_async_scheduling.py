@@ -1,0 +1,176 @@
+"""Async scheduling (EngineArgs.async_scheduling): a decode step is launched from the in-flight step's sampled
+tokens on the device, before they are read back. Every request's output must equal the engine without it,
+including when a sequence stops on the in-flight token, crosses into a new KV block (scratch block, then
+copied), is preempted, aborted or hits a deadline."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.engine_utils import PROMPTS, assert_all_blocks_free, greedy, make_engine
+from tests.test_engine_overlap import exact_part, logprob_values, make_workload, run_workload
+
+
+class ChainSpy:
+    """Counts chained launches, scratch-block adoptions and chained rows whose sequence stopped meanwhile."""
+
+    def __init__(self, engine):
+        self.chained = self.adopted = self.dropped = 0
+        launch_chained, adopt = engine._launch_chained, engine._adopt_scratch_blocks
+
+        def spy_launch(inflight, finalize):
+            out = launch_chained(inflight, finalize)
+            self.chained += out is not None
+            return out
+
+        def spy_adopt(chained):
+            self.dropped += sum(s.seq.is_finished for s in chained.batch)
+            self.adopted += sum(s.block_table_override is not None and not s.seq.is_finished for s in chained.batch)
+            adopt(chained)
+
+        engine._launch_chained, engine._adopt_scratch_blocks = spy_launch, spy_adopt
+
+
+def run(monkeypatch, workload, async_scheduling: bool, spies: list):
+    import tests.test_engine_overlap as overlap_tests
+
+    real_make = overlap_tests.make_engine
+
+    def make(**kw):
+        engine = real_make(**kw, async_scheduling=async_scheduling)
+        spies.append(ChainSpy(engine))
+        return engine
+
+    monkeypatch.setattr(overlap_tests, "make_engine", make)
+    try:
+        return run_workload(monkeypatch, workload, overlap=True, preemptions=[])
+    finally:
+        monkeypatch.setattr(overlap_tests, "make_engine", real_make)
+
+
+def chainable_workload(seed: int, num_requests: int = 12):
+    """make_workload's mix (seeds, n > 1, stop strings and ids, logprobs, min_tokens, deadlines, prefix hits)
+    without penalties, arriving in the first calls: decode steps chain between the arrivals."""
+    rng = random.Random(seed)
+    reqs = []
+    for rid, prompt, params, _, deadline, abort_after in make_workload(seed, aborts=False, deadlines=True,
+                                                                       num_requests=num_requests):
+        params.repetition_penalty, params.frequency_penalty, params.presence_penalty = 1.0, 0.0, 0.0
+        params.max_tokens = rng.randint(8, 30)
+        reqs.append((rid, prompt, params, rng.randint(0, 3), deadline, abort_after))
+    return reqs
+
+
+def stop_on_seen_tokens(monkeypatch, seed: int, num_requests: int = 16):
+    """Greedy requests whose stop ids are tokens the plain engine produces for them (found by a first run), so
+    sequences really stop mid-decode, often while their next step is already chained."""
+    from longcat_service.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    base = []
+    for i in range(num_requests):
+        prompt = [rng.randrange(3, 512) for _ in range(rng.randint(1, 14))]
+        params = SamplingParams(temperature=0.0, max_tokens=rng.randint(10, 30), ignore_eos=True,
+                                logprobs=rng.choice([None, 0, 2]))
+        base.append((f"g{i}", prompt, params, rng.randint(0, 2), None, None))
+    first = run(monkeypatch, base, False, [])
+    reqs = []
+    for rid, prompt, params, arrival, _, _ in base:
+        toks = first[rid].outputs[0].token_ids
+        if rng.random() < 0.7:  # stop on the token at a random later position (and wherever it occurs first)
+            params = SamplingParams(**{**params.__dict__, "stop_token_ids": [toks[rng.randrange(2, len(toks))]]})
+        reqs.append((rid, prompt, params, arrival, None, None))
+    return reqs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_randomized_workload_identical_with_and_without_async_scheduling(monkeypatch, seed):
+    workload = chainable_workload(seed)
+    spies: list[ChainSpy] = []
+    plain = run(monkeypatch, workload, False, spies)
+    chained = run(monkeypatch, workload, True, spies)
+    assert spies[0].chained == 0 and spies[1].chained > 0
+    assert set(plain) == set(chained) == {r[0] for r in workload}
+    reasons = {c.finish_reason for o in plain.values() for c in o.outputs}
+    assert {"length", "stop"} <= reasons
+    for rid in plain:  # tokens, text, reasons, cached tokens exact; logprob values to CPU rounding (batch rows)
+        assert exact_part(chained[rid]) == exact_part(plain[rid]), rid
+        assert logprob_values(chained[rid]) == pytest.approx(logprob_values(plain[rid]), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stops_on_the_in_flight_token_and_new_blocks_keep_outputs_identical(monkeypatch, seed):
+    """Many stop ids (sequences stop while their next step is already chained) and block_size 4 (a chained token
+    starts a new block every 4 steps: scratch block, then copied to the block the plain engine allocates)."""
+    workload = stop_on_seen_tokens(monkeypatch, seed)
+    spies: list[ChainSpy] = []
+    plain = run(monkeypatch, workload, False, spies)
+    chained = run(monkeypatch, workload, True, spies)
+    spy = spies[1]
+    assert spy.chained > 10 and spy.adopted > 0 and spy.dropped > 0, vars(spy)
+    assert any(c.finish_reason == "stop" for o in plain.values() for c in o.outputs)
+    for rid in plain:  # an extra (dropped) batch row changes other rows' CPU float rounding, not their tokens
+        assert exact_part(chained[rid]) == exact_part(plain[rid]), rid
+        assert logprob_values(chained[rid]) == pytest.approx(logprob_values(plain[rid]), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aborts_with_async_scheduling_keep_outputs_identical(monkeypatch, seed):
+    workload = [(rid, prompt, params, arrival, None, abort_after) for rid, prompt, params, arrival, _, abort_after
+                in chainable_workload(seed)]
+    for i, (rid, prompt, params, arrival, _, _) in enumerate(workload):
+        if i % 3 == 0:
+            workload[i] = (rid, prompt, params, arrival, None, 2 + i % 5)
+    spies: list[ChainSpy] = []
+    plain = run(monkeypatch, workload, False, spies)
+    chained = run(monkeypatch, workload, True, spies)
+    assert spies[1].chained > 0
+    for rid in plain:
+        assert exact_part(chained[rid]) == exact_part(plain[rid]), rid
+
+
+def test_decode_steps_chain_and_read_back_one_step_behind():
+    engine = make_engine(async_scheduling=True)
+    spy = ChainSpy(engine)
+    engine.add_request("a", PROMPTS[0], greedy(12))
+    engine.add_request("b", PROMPTS[1], greedy(5))
+    tokens = {"a": [], "b": []}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            tokens[o.request_id] += o.outputs[0].new_token_ids
+    # prefill, first decode (scheduled normally), then every decode step chained until b's length ends
+    assert spy.chained >= 9
+    reference = make_engine(async_scheduling=False, overlap_steps=False)
+    ref = {}
+    for rid, prompt, n in (("a", PROMPTS[0], 12), ("b", PROMPTS[1], 5)):
+        reference.add_request(rid, prompt, greedy(n))
+    while reference.has_unfinished_requests():
+        for o in reference.step():
+            ref.setdefault(o.request_id, []).extend(o.outputs[0].new_token_ids)
+    assert tokens == ref and len(tokens["a"]) == 12 and len(tokens["b"]) == 5
+    assert_all_blocks_free(engine)
+
+
+def test_penalties_and_waiting_requests_fall_back_to_scheduling():
+    from longcat_service.sampling_params import SamplingParams
+
+    engine = make_engine(async_scheduling=True, max_num_seqs=1)
+    spy = ChainSpy(engine)
+    engine.add_request("p", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                       repetition_penalty=1.3))
+    engine.add_request("w", PROMPTS[1], greedy(6))  # waits for the only seat
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert spy.chained > 0  # "w" chains once nothing waits; "p" never (its sampler needs the in-flight token)
+    assert_all_blocks_free(engine)
+
+
+def test_runner_reserves_scratch_blocks_outside_the_engine_pool():
+    engine = make_engine(async_scheduling=True, max_num_seqs=8, num_kv_blocks=32, max_model_len=64)
+    assert engine.runner.num_blocks == engine.block_manager.num_blocks == 32
+    assert engine.runner.num_scratch_blocks == 8
+    assert engine.runner.kv_caches[0].shape[0] == 40
+    off = make_engine(async_scheduling=False, max_num_seqs=8, num_kv_blocks=32, max_model_len=64)
+    assert off.runner.num_scratch_blocks == 0 and off.runner.kv_caches[0].shape[0] == 32
