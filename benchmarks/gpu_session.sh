@@ -39,11 +39,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 git log --oneline -1 >"$L/commit.txt" 2>&1
 export LONGCAT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null)
 
-step build 200 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
-cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
+# SKIP_BUILD=1: use a carried longcat_service/_C*.so built by an earlier call (saves ~110 s)
+if [[ -z ${SKIP_BUILD:-} ]]; then
+  step build 200 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+  cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
+fi
 
-TESTS="tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py"
-MINE="tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"
+TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py"}
+MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"}
 step pytest_default 120 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # MoE layer, B in {1, 64}, both shapes; per-kernel profile of I=2048 B=1 first (router, GEMVs, combine).
@@ -59,7 +62,8 @@ step decode_new 110 $NEW_ENV $PY benchmarks/bench_decode.py $DEC --out-dir "$L/d
   --results-md "$L/decode_new.md"
 fi
 step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
-  --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128
+  --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128 \
+  --step-trace-dir "$L/serve_trace"
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
@@ -116,7 +120,7 @@ for k, v in dec.items():
               f"= {100 * p['share_of_matmul']:.1f}% of matmul")
 print("\n== serving (bench_serve, default variant): last lines ==")
 f = L / "serve.log"
-print("\n".join(f.read_text().splitlines()[-8:]) if f.exists() else "(no log)")
+print("\n".join(f.read_text().splitlines()[-12:]) if f.exists() else "(no log)")
 f = L / "decode_default.md"
 if f.exists():
     print("\n== decode table with the transformers baseline (decode_default.md) ==")
