@@ -11,6 +11,7 @@
 #include "../ops.h"
 #include "common.cuh"
 #include "expert_ffn_v2.cuh"
+#include "expert_ffn_v3.cuh"
 
 namespace longcat {
 namespace {
@@ -118,23 +119,29 @@ void run_ffn(const T* x, const T* w13, const T* w2, T* h, T* y, const at::Tensor
                                 int64_t{H} * I, stream);
 }
 
-// LONGCAT_FFN_DECODE_KERNEL: "auto" (default), "v1" or "v2" (expert_ffn_v2.cuh). Read at every call (cheap), so
-// a process may switch; a CUDA graph keeps the variant it was captured with. auto = v2 for narrow experts
-// (I <= 512: tensor-parallel shards), v1 otherwise: on the H200 v2 took 0.77x / 0.95x of v1's time at I=256
-// (B=1 / 64) but 1.16x / 1.24x at I=2048 (benchmarks/RESULTS.md).
+// LONGCAT_FFN_DECODE_KERNEL: "auto" (default), "v1", "v2" (expert_ffn_v2.cuh) or "v3" (expert_ffn_v3.cuh). Read at
+// every call (cheap), so a process may switch; a CUDA graph keeps the variant it was captured with. auto = v2 for
+// narrow experts (I <= 512: tensor-parallel shards), v1 otherwise: on the H200 v2 took 0.77x / 0.95x of v1's time at
+// I=256 (B=1 / 64) but 1.16x / 1.24x at I=2048 (benchmarks/RESULTS.md). v3 (tensor-core grouped GEMV) is opt-in
+// only; shapes it does not take (fp32, rows not a whole number of 16-byte vectors) run v1.
 constexpr int kV2MaxIntermediate = 512;
-bool use_decode_kernel_v2(int I) {
+enum class DecodeKernel { kV1, kV2, kV3 };
+DecodeKernel decode_kernel(int I) {
   const char* v = std::getenv("LONGCAT_FFN_DECODE_KERNEL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return I <= kV2MaxIntermediate;
-  if (std::strcmp(v, "v1") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "v2") == 0, "LONGCAT_FFN_DECODE_KERNEL must be auto, v1 or v2, got '", v, "'");
-  return true;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) {
+    return I <= kV2MaxIntermediate ? DecodeKernel::kV2 : DecodeKernel::kV1;
+  }
+  if (std::strcmp(v, "v1") == 0) return DecodeKernel::kV1;
+  if (std::strcmp(v, "v2") == 0) return DecodeKernel::kV2;
+  TORCH_CHECK(std::strcmp(v, "v3") == 0, "LONGCAT_FFN_DECODE_KERNEL must be auto, v1, v2 or v3, got '", v, "'");
+  return DecodeKernel::kV3;
 }
 
 template <typename T>
 void dispatch_ffn(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2, at::Tensor& h, at::Tensor& y,
                   const at::Tensor& offsets, const at::Tensor& sorted_slots, const at::Tensor& active,
-                  const at::Tensor& num_active, int max_active, int H, int I, int top_k, cudaStream_t stream) {
+                  const at::Tensor& num_active, int max_active, bool compact_active, int H, int I, int top_k,
+                  cudaStream_t stream) {
   const T* x = static_cast<const T*>(hidden.data_ptr());
   const T* a = static_cast<const T*>(w13.data_ptr());
   const T* b = static_cast<const T*>(w2.data_ptr());
@@ -142,7 +149,13 @@ void dispatch_ffn(const at::Tensor& hidden, const at::Tensor& w13, const at::Ten
   T* yp = static_cast<T*>(y.data_ptr());
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned16(x, H) && aligned16(a, H) && aligned16(b, I) && aligned16(hp, I);
-  if (use_decode_kernel_v2(I)) {
+  const DecodeKernel variant = decode_kernel(I);
+  if (variant == DecodeKernel::kV3 && v3::kHasMma<T> && vec) {
+    v3::run_ffn<T>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k,
+                   compact_active, stream);
+    return;
+  }
+  if (variant == DecodeKernel::kV2) {
     if (vec) {
       v2::run_ffn<T, kVec>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);
     } else {
@@ -170,6 +183,7 @@ at::Tensor expert_ffn_cuda(const at::Tensor& hidden_in, const at::Tensor& w13_in
   // Without the align outputs, walk all experts: empty ones exit at once.
   at::Tensor active, num_active;
   int64_t max_active = E;
+  const bool compact_active = active_in.has_value() && num_active_in.has_value();
   if (active_in.has_value() && num_active_in.has_value()) {
     active = active_in->contiguous();
     num_active = num_active_in->contiguous();
@@ -187,14 +201,14 @@ at::Tensor expert_ffn_cuda(const at::Tensor& hidden_in, const at::Tensor& w13_in
   const int Hi = static_cast<int>(H), Ii = static_cast<int>(I), k = static_cast<int>(top_k);
   switch (hidden.scalar_type()) {
     case at::kFloat:
-      dispatch_ffn<float>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), Hi, Ii, k, stream);
+      dispatch_ffn<float>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), compact_active, Hi, Ii, k, stream);
       break;
     case at::kBFloat16:
-      dispatch_ffn<__nv_bfloat16>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), Hi, Ii,
+      dispatch_ffn<__nv_bfloat16>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), compact_active, Hi, Ii,
                                   k, stream);
       break;
     case at::kHalf:
-      dispatch_ffn<__half>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), Hi, Ii, k,
+      dispatch_ffn<__half>(hidden, w13, w2, h, y, offsets, sorted_slots, active, num_active, static_cast<int>(max_active), compact_active, Hi, Ii, k,
                            stream);
       break;
     default:
