@@ -51,6 +51,10 @@ step pytest_default 120 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # MoE layer, B in {1, 64}, both shapes; per-kernel profile of I=2048 B=1 first (router, GEMVs, combine).
 step moe_default 60 $PY benchmarks/bench_moe.py --batches 1,64 --reps 50 --profile 2048,1 --out "$L/moe_default.json"
+# MOE_NEW_ENV="VAR=value": the "new" MoE column with that environment instead of the variants
+if [[ -n ${MOE_NEW_ENV:-} ]]; then
+  step moe_new 60 $MOE_NEW_ENV $PY benchmarks/bench_moe.py --batches 1,16,64,256 --reps 50 --out "$L/moe_new.json"
+fi
 if [[ ${VARIANTS:-0} == 1 ]]; then
 step moe_new 60 LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 $PY benchmarks/bench_moe.py --batches 1,64 \
   --reps 50 --profile 2048,1 --out "$L/moe_new.json"

@@ -124,12 +124,17 @@ void run_ffn(const T* x, const T* w13, const T* w2, T* h, T* y, const at::Tensor
 // narrow experts (I <= 512: tensor-parallel shards), v1 otherwise: on the H200 v2 took 0.77x / 0.95x of v1's time at
 // I=256 (B=1 / 64) but 1.16x / 1.24x at I=2048 (benchmarks/RESULTS.md). v3 (tensor-core grouped GEMV) is opt-in
 // only; shapes it does not take (fp32, rows not a whole number of 16-byte vectors) run v1.
+// auto also takes v3 for wide experts once a step has >= kV3MinTokens tokens (several rows per expert): there a
+// helper's H200 run had v3 at 94% / 90% of copy bandwidth at B=64 / 256 against v1's 90% / 57%, while v1 stays
+// ahead at B=1..8 (84% / 97% vs 71% / 91%).
 constexpr int kV2MaxIntermediate = 512;
+constexpr int64_t kV3MinTokens = 32;
 enum class DecodeKernel { kV1, kV2, kV3 };
-DecodeKernel decode_kernel(int I) {
+DecodeKernel decode_kernel(int I, int64_t num_tokens) {
   const char* v = std::getenv("LONGCAT_FFN_DECODE_KERNEL");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) {
-    return I <= kV2MaxIntermediate ? DecodeKernel::kV2 : DecodeKernel::kV1;
+    if (I <= kV2MaxIntermediate) return DecodeKernel::kV2;
+    return num_tokens >= kV3MinTokens ? DecodeKernel::kV3 : DecodeKernel::kV1;
   }
   if (std::strcmp(v, "v1") == 0) return DecodeKernel::kV1;
   if (std::strcmp(v, "v2") == 0) return DecodeKernel::kV2;
@@ -149,7 +154,7 @@ void dispatch_ffn(const at::Tensor& hidden, const at::Tensor& w13, const at::Ten
   T* yp = static_cast<T*>(y.data_ptr());
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned16(x, H) && aligned16(a, H) && aligned16(b, I) && aligned16(hp, I);
-  const DecodeKernel variant = decode_kernel(I);
+  const DecodeKernel variant = decode_kernel(I, hidden.size(0));
   if (variant == DecodeKernel::kV3 && v3::kHasMma<T> && vec) {
     v3::run_ffn<T>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k,
                    compact_active, stream);

@@ -221,7 +221,9 @@ class ModelRunner:
             gen = self.generators.get(seq.seq_id)
             if gen is None:
                 gen = self.generators[seq.seq_id] = self.sampler.make_generator(seq.params.seed + seq.index)
-        return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, gen)
+        # the prompt is only read by the repetition penalty: skip copying it (every step, every row) otherwise
+        prompt = seq.token_ids[: seq.num_prompt_tokens] if seq.params.repetition_penalty != 1.0 else []
+        return SamplingRow(seq.params, prompt, seq.output_token_ids, gen)
 
     def _launch_prompt_logprobs(self, batch, hidden, starts, handle: StepHandle) -> None:
         """Raw logprob of each prompt token given its prefix, for requests that asked (enqueued, read in collect)."""

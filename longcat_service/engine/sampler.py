@@ -41,6 +41,26 @@ class SampledBatch:
     chosen: torch.Tensor | None = None  # [M] raw logprob of the drawn token
     top_ids: torch.Tensor | None = None  # [M, max n]
     top_vals: torch.Tensor | None = None
+    # on CUDA: the tensors above copied to pinned host memory, and the event that says the copies are done.
+    # A plain .tolist() would be stream-ordered behind every step queued after this one (async scheduling
+    # queues the next step before reading this one back), so collect waits on this event instead.
+    host: dict[str, torch.Tensor] | None = None
+    ready: torch.cuda.Event | None = None
+
+    def start_readback(self) -> None:
+        if not self.tokens.is_cuda:
+            return
+        names = ("tokens", "chosen", "top_ids", "top_vals")
+        self.host = {n: getattr(self, n).to("cpu", non_blocking=True) for n in names if getattr(self, n) is not None}
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def fetched(self, name: str) -> torch.Tensor | None:
+        """The host copy of tensor `name` (waits for this step's copies only), or the tensor itself on CPU."""
+        if self.ready is None:
+            return getattr(self, name)
+        self.ready.synchronize()
+        return self.host.get(name)
 
 
 class Sampler:
@@ -76,15 +96,16 @@ class Sampler:
             out.chosen = raw_logprobs.gather(1, out.tokens[:, None])[:, 0]
             if max_n > 0:
                 out.top_vals, out.top_ids = raw_logprobs.topk(max_n, dim=-1)
+        out.start_readback()
         return out
 
     @staticmethod
     def collect(s: SampledBatch) -> tuple[list[int], list[Logprob | None]]:
         """Wait for a launched sampling and read it back: the step's one device -> host copy (plus logprobs)."""
-        token_list = s.tokens.tolist()
-        chosen = s.chosen.tolist() if s.chosen is not None else None
-        top_ids = s.top_ids.tolist() if s.top_ids is not None else None
-        top_vals = s.top_vals.tolist() if s.top_vals is not None else None
+        token_list = s.fetched("tokens").tolist()
+        chosen = s.fetched("chosen").tolist() if s.chosen is not None else None
+        top_ids = s.fetched("top_ids").tolist() if s.top_ids is not None else None
+        top_vals = s.fetched("top_vals").tolist() if s.top_vals is not None else None
         logprobs: list[Logprob | None] = []
         for i, n in enumerate(s.logprob_ns):
             if n is None:
