@@ -42,6 +42,49 @@ def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[t
     return normed.view(shape), total.view(shape)
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def moe_overlap_enabled() -> bool:
+    """LONGCAT_MOE_OVERLAP=0 turns the side-stream MoE off (on by default; only inside CUDA-graph capture)."""
+    return os.environ.get("LONGCAT_MOE_OVERLAP", "1") != "0"
+
+
+class _ShortcutMoE:
+    """The shortcut MoE's point (ScMoE): its input is known one dense MLP and one attention early, so its
+    kernels can run beside them. Inside a CUDA-graph capture the branch goes to a side stream forked from the
+    current one and joined before its output is added; the many small, latency-bound kernels of either path
+    then fill the other's gaps. The same ops run in the same order per stream, so results are bit-identical.
+    Elsewhere (eager, CPU, tensor parallelism: no graphs) it runs inline."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.on_side = x.is_cuda and moe_overlap_enabled() and torch.cuda.is_current_stream_capturing()
+        self.main = self.side = self._ctx = None
+        if self.on_side:
+            self.main = torch.cuda.current_stream(x.device)
+            self.side = _SIDE_STREAMS.get(x.device)
+            if self.side is None:
+                self.side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+
+    def __enter__(self):
+        if self.on_side:
+            self.side.wait_stream(self.main)
+            self.x.record_stream(self.side)  # the main stream must not reuse the input's memory while the MoE reads it
+            self._ctx = torch.cuda.stream(self.side)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+    def join(self) -> None:
+        if self.on_side:
+            self.main.wait_stream(self.side)
+
+
 class LongcatDecoderLayer(nn.Module):
     """Two attention + two dense-MLP sublayers; the MoE reads post_attention_layernorm[0]'s output (the
     same input as MLP 0) and its output joins the residual only at the very end (shortcut MoE)."""
@@ -60,10 +103,13 @@ class LongcatDecoderLayer(nn.Module):
             return self._forward_fused(h, cos, sin, plan, kv_caches)
         h = h + self.self_attn[0](self.input_layernorm[0](h), cos, sin, plan, kv_caches[0])
         n0 = self.post_attention_layernorm[0](h)
-        moe_out = self.mlp(n0)
+        with _ShortcutMoE(n0) as branch:  # on a side stream while the dense path runs (CUDA-graph capture)
+            moe_out = self.mlp(n0)
         h = h + self.mlps[0](n0)
         h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, plan, kv_caches[1])
-        return h + self.mlps[1](self.post_attention_layernorm[1](h)) + moe_out
+        out = h + self.mlps[1](self.post_attention_layernorm[1](h))
+        branch.join()
+        return out + moe_out
 
     def _forward_fused(self, h, cos, sin, plan, kv_caches):
         """forward() with each residual add fused into the RMSNorm that reads its result (3 of 5 adds)."""
