@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-batches", default="1,64", help="transformers baseline batches ('' = skip)")
     p.add_argument("--hf-steps", type=int, default=8)
     p.add_argument("--profile-batches", default="1,64", help="torch.profiler tables for these batches")
+    p.add_argument("--profile-prefill", action="store_true", help="torch.profiler table of one prefill")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
     p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # child process mode
@@ -260,7 +261,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
     # The LLMEngine owns the runner: the Driver below times the runner alone, engine_decode_ms the whole engine
     # loop (scheduler, overlap, async scheduling) on the same model. Prefix caching off: both share the blocks.
     eargs = dataclasses.replace(eargs, enable_prefix_caching=False,
-                                max_num_batched_tokens=max(batches) * args.prompt_len + 64)
+                                max_num_batched_tokens=16384)
     engine = LLMEngine(eargs)
     runner = engine.runner
     print(f"model ready in {time.perf_counter() - t0:.1f}s; graphs: {runner.graph_runner is not None}", flush=True)
@@ -337,6 +338,13 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
             t0 = time.perf_counter()
             drv.prefill([seq], max_tokens=args.prefill_len)
             times.append(time.perf_counter() - t0)
+        drv.release([seq])
+    if args.profile_prefill:
+        prompt = torch.randint(3, raw["vocab_size"], (args.prefill_len,), generator=gen).tolist()
+        seq = drv.new_seq(prompt, 1)
+        table = profile_step(lambda: drv.prefill([seq], max_tokens=args.prefill_len), out_dir / "profiles.txt",
+                             f"prefill of {args.prefill_len} tokens", rows=30)
+        print(f"--- prefill {args.prefill_len}: top kernels ---\n{table}", flush=True)
         drv.release([seq])
     s, c = args.prefill_len, raw
     expert_params = 3 * c["hidden_size"] * c["expert_ffn_hidden_size"]

@@ -68,9 +68,14 @@ fi
 step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
   --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128 \
   --step-trace-dir "$L/serve_trace"
+# DECODE_NEW_ENV="VAR=value": a second decode run (no baseline, no profiles) as the summary's "new" column
+if [[ -n ${DECODE_NEW_ENV:-} ]]; then
+  step decode_new 90 $DECODE_NEW_ENV $PY benchmarks/bench_decode.py --batches 1,16,64 --hf-batches= --eager-steps 0 \
+    --new-tokens 48 --profile-batches= --prefill-len 512 --out-dir "$L/decode_new" --results-md "$L/decode_new.md"
+fi
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
-  --profile-batches 1,64 --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
+  --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
 
 
 [[ ${VARIANTS:-0} == 1 ]] && step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
@@ -110,13 +115,13 @@ for key in keys:
 print("\n== decode / prefill (bench_decode, LongCat-Flash-2L) ==")
 dec = {k: json.loads((L / f"decode_{k}" / "bench_decode.json").read_text())["ours"] for k in ("default", "new")
        if (L / f"decode_{k}" / "bench_decode.json").exists()}
-print(f"{'batch':>5} | {'default ms/step':>15} {'replay':>7} | {'new ms/step':>11} {'replay':>7} | floor ms")
+print(f"{'batch':>5} | {'default engine':>14} {'runner':>7} {'replay':>7} | {'new engine':>10} {'replay':>7} | floor ms")
 for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
     get = lambda k: dec.get(k, {}).get("decode", {}).get(str(b)) or dec.get(k, {}).get("decode", {}).get(b)
     d, n = get("default"), get("new")
     f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
-    print(f"{b:>5} | {f(d, 'step_ms'):>15} {f(d, 'gpu_replay_ms'):>7} | {f(n, 'step_ms'):>11} "
-          f"{f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
+    print(f"{b:>5} | {f(d, 'engine_ms'):>14} {f(d, 'step_ms'):>7} {f(d, 'gpu_replay_ms'):>7} | "
+          f"{f(n, 'engine_ms'):>10} {f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
 for k, v in dec.items():
     p = v.get("prefill") or {}
     if p:
