@@ -141,8 +141,9 @@ def test_mla_decode_real_shapes_bf16():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_side_stream_moe_graph_is_bit_identical_to_inline_moe(dtype, monkeypatch):
-    """Inside graph capture the shortcut MoE runs on a side stream (LONGCAT_MOE_OVERLAP, default on): the same
-    kernels on the same inputs, so logits and cache writes must equal the inline capture exactly."""
+    """Inside graph capture of small batches the shortcut MoE runs on a side stream
+    (LONGCAT_MOE_OVERLAP_MAX_TOKENS): the same kernels on the same inputs, so logits and cache writes must equal
+    the inline capture exactly."""
     from longcat_service.engine.cuda_graph_runner import CUDAGraphRunner
 
     config, _, gpu = _twin_models(dtype)
@@ -152,13 +153,13 @@ def test_side_stream_moe_graph_is_bit_identical_to_inline_moe(dtype, monkeypatch
     ids, pos = [17, 33, 5], [n - 1 for n in lens]
     slots = [t[p // BLOCK] * BLOCK + p % BLOCK for t, p in zip(tables, pos, strict=True)]
     results = {}
-    for overlap in ("1", "0"):
-        monkeypatch.setenv("LONGCAT_MOE_OVERLAP", overlap)
+    for overlap in ("8", "0"):
+        monkeypatch.setenv("LONGCAT_MOE_OVERLAP_MAX_TOKENS", overlap)
         graph_caches = [c.clone() for c in caches]
         runner = CUDAGraphRunner(gpu, graph_caches, BLOCK, max_blocks_per_seq=16, buckets=(4,))
         logits = [runner.run(ids, pos, slots, lens, tables).clone() for _ in range(3)]  # replays agree too
         torch.cuda.synchronize()
         results[overlap] = (logits, graph_caches)
-    (l1, c1), (l0, c0) = results["1"], results["0"]
+    (l1, c1), (l0, c0) = results["8"], results["0"]
     assert all(torch.equal(x, l0[0]) for x in l1 + l0)
     assert all(torch.equal(a, b) for a, b in zip(c1, c0, strict=True))

@@ -45,9 +45,15 @@ def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[t
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def moe_overlap_enabled() -> bool:
-    """LONGCAT_MOE_OVERLAP=0 turns the side-stream MoE off (on by default; only inside CUDA-graph capture)."""
-    return os.environ.get("LONGCAT_MOE_OVERLAP", "1") != "0"
+# H200, LongCat-Flash-2L decode (benchmarks/RESULTS.md): the side stream saved 0.05-0.08 ms per step at batch 1, was
+# even at 16 and cost ~1 ms at 64, where the expert GEMV already streams at the copy rate and only contends.
+MOE_OVERLAP_MAX_TOKENS = 8
+
+
+def moe_overlap_enabled(num_tokens: int) -> bool:
+    """Side-stream MoE for steps of <= LONGCAT_MOE_OVERLAP_MAX_TOKENS tokens (default 8; 0 turns it off)."""
+    limit = int(os.environ.get("LONGCAT_MOE_OVERLAP_MAX_TOKENS", MOE_OVERLAP_MAX_TOKENS))
+    return num_tokens <= limit
 
 
 class _ShortcutMoE:
@@ -59,7 +65,8 @@ class _ShortcutMoE:
 
     def __init__(self, x: torch.Tensor):
         self.x = x
-        self.on_side = x.is_cuda and moe_overlap_enabled() and torch.cuda.is_current_stream_capturing()
+        self.on_side = (x.is_cuda and moe_overlap_enabled(x.shape[0])
+                        and torch.cuda.is_current_stream_capturing())
         self.main = self.side = self._ctx = None
         if self.on_side:
             self.main = torch.cuda.current_stream(x.device)
