@@ -167,7 +167,7 @@ def trace_table(traces: dict[str, Path]) -> str:
         if not s["steps"]:
             rows.append(f"| {name} | 0 |||||||||")
             continue
-        g = lambda k: s.get(k, float("nan"))  # noqa: E731
+        g = lambda k, s=s: s.get(k, float("nan"))  # noqa: E731
         rows.append(f"| {name} | {s['steps']} | {s['steps_with_prefill']} | {g('mean_seqs_decode_steps'):.1f} | "
                     f"{g('decode_wall_ms'):.2f} | {g('decode_collect_ms'):.2f} | {g('decode_schedule_ms'):.2f} | "
                     f"{g('decode_launch_ms'):.2f} | {g('decode_process_ms'):.2f} | {g('mean_gap_ms'):.2f} | "
