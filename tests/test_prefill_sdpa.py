@@ -62,3 +62,20 @@ def test_env_switch_routes_prefill_attention(monkeypatch):
     monkeypatch.setenv("LONGCAT_PREFILL_ATTN", "flash3")
     with pytest.raises(ValueError, match="LONGCAT_PREFILL_ATTN"):
         pa.prefill_attention(q, cache, seg, w, H, DN, DV, SCALE)
+
+
+def test_sdpa_gets_4d_inputs_so_fused_kernels_are_eligible(monkeypatch):
+    """PyTorch's flash / memory-efficient kernels reject 3-D inputs and silently run the fp32 math fallback
+    (seen on the H200); the prefill must hand SDPA [batch, heads, seq, dim] tensors, mask included."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.dim(), k.dim(), v.dim(), None if attn_mask is None else attn_mask.dim()))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(pa.F, "scaled_dot_product_attention", spy)
+    cache, w, plan, qs = _setup([6, 3], [6, 9])
+    for q, seg in zip(qs, plan.prefills, strict=True):
+        pa.prefill_attention_sdpa(q, cache, seg, w, H, DN, DV, SCALE)
+    assert seen == [(4, 4, 4, None), (4, 4, 4, 3)]  # a whole prompt (causal), then a chunk with its mask

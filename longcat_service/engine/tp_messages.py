@@ -67,6 +67,10 @@ class ReplicaScheduled:
     def end_pos(self) -> int:
         return self.start_pos + self.num_new_tokens
 
+    @property
+    def block_table(self) -> list[int]:  # ScheduledSeq's interface (no scratch blocks under TP)
+        return self.seq.block_table
+
 
 class StepEncoder:
     """Rank 0: ScheduledSeqs -> wire tuples, remembering the block tables each worker holds."""

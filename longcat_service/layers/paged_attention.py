@@ -158,9 +158,12 @@ def prefill_attention_sdpa(
         mask, causal = None, True
     else:  # a chunk after cached context: bottom-right-aligned causal mask, broadcast over heads
         mask, causal = segment.allowed, False
+    # [1, h, Q/S, d]: PyTorch's fused kernels (flash, memory-efficient) take only 4-D inputs; 3-D ones run the
+    # math fallback (fp32 scores in full), which the H200 showed slower than our eager path.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, is_causal=causal, scale=scale
-    )  # [h, Q, dv or dqk]
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=None if mask is None else mask[None], is_causal=causal, scale=scale,
+    )[0]  # [h, Q, dv or dqk]
     return out[..., :v_head_dim].transpose(0, 1)
 
 
