@@ -8,6 +8,8 @@ Two paths:
   K and V, causal with query offset seq_len - query_len, softmax in fp32 (as transformers' eager path);
   LONGCAT_PREFILL_ATTN=sdpa computes the same attention with F.scaled_dot_product_attention (flash /
   memory-efficient kernels on CUDA: no [h, Q, S] score tensor) instead of the eager S x S path (default);
+  LONGCAT_PREFILL_ATTN=triton runs our causal flash-attention kernel (kernels/prefill_attn.py) on CUDA
+  tensors, with MLA's distinct q/k (192) and v (128) head dims, and falls back to eager elsewhere;
 - decode (query_len == 1), weight-absorbed and batched: q_nope goes through W_UK into the latent space,
   scores are taken against [latent | rope key] directly, and the output P @ latent goes through W_UV.
 An `AttentionPlan` (index tensors shared by every attention sublayer) is built once per forward.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longcat_service.kernels import fast_path_enabled
 from longcat_service.model.attention_metadata import AttentionMetadata
 
 
@@ -94,11 +97,11 @@ def write_kv_cache(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, latent: t
     flat[slot_mapping] = torch.cat((latent, k_rope), dim=-1).to(kv_cache.dtype)
 
 
-PREFILL_ATTN_BACKENDS = ("eager", "sdpa")
+PREFILL_ATTN_BACKENDS = ("eager", "sdpa", "triton")
 
 
 def prefill_attention_backend() -> str:
-    """LONGCAT_PREFILL_ATTN: 'eager' (default, the reference) or 'sdpa'."""
+    """LONGCAT_PREFILL_ATTN: 'eager' (default, the reference), 'sdpa' or 'triton'."""
     name = os.environ.get("LONGCAT_PREFILL_ATTN", "eager").strip().lower() or "eager"
     if name not in PREFILL_ATTN_BACKENDS:
         raise ValueError(f"LONGCAT_PREFILL_ATTN must be one of {PREFILL_ATTN_BACKENDS}, got {name!r}")
@@ -127,8 +130,14 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [Q, h, dn+dr] of one sequence -> [Q, h, dv]. w_kv_b: this rank's kv_b_proj weight [h*(dn+dv), r]."""
-    if prefill_attention_backend() == "sdpa":
+    backend = prefill_attention_backend()
+    if backend == "sdpa":
         return prefill_attention_sdpa(q, kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim, scale)
+    if backend == "triton" and fast_path_enabled(q):  # CUDA only (tests route CPU tensors via the interpreter)
+        from longcat_service.kernels.prefill_attn import prefill_attn
+
+        k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
+        return prefill_attn(q, k, v, scale)
     k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * scale  # [h, Q, S]
     scores = scores.masked_fill(~segment.allowed, float("-inf"))
