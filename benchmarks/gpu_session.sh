@@ -45,7 +45,7 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
 fi
 
-TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py"}
+TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_prefill_sdpa.py"}
 MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"}
 step pytest_default 120 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
@@ -73,6 +73,12 @@ if [[ -n ${DECODE_NEW_ENV:-} ]]; then
   step decode_new 90 $DECODE_NEW_ENV $PY benchmarks/bench_decode.py --batches 1,16,64 --hf-batches= --eager-steps 0 \
     --new-tokens 48 --profile-batches= --prefill-len 512 --out-dir "$L/decode_new" --results-md "$L/decode_new.md"
 fi
+# The prefill attention backends not yet timed as defaults: SDPA (4-D inputs since 0237481) and the Triton flash kernel.
+for backend in sdpa triton; do
+  step prefill_$backend 70 LONGCAT_PREFILL_ATTN=$backend $PY benchmarks/bench_decode.py --batches 1 --hf-batches= \
+    --eager-steps 0 --new-tokens 8 --profile-batches= --profile-prefill --out-dir "$L/prefill_$backend" \
+    --results-md "$L/prefill_$backend.md"
+done
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
@@ -122,6 +128,10 @@ for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
     f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
     print(f"{b:>5} | {f(d, 'engine_ms'):>14} {f(d, 'step_ms'):>7} {f(d, 'gpu_replay_ms'):>7} | "
           f"{f(n, 'engine_ms'):>10} {f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
+for extra in ("prefill_sdpa", "prefill_triton"):
+    f = L / extra / "bench_decode.json"
+    if f.exists():
+        dec[extra] = json.loads(f.read_text())["ours"]
 for k, v in dec.items():
     p = v.get("prefill") or {}
     if p:
