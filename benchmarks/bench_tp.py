@@ -7,14 +7,12 @@
     python benchmarks/bench_tp.py table tp_2l.json tp_speed.json        # the scaling table (markdown)
     ... --device cpu --dtype float32   (gloo; the CPU dry run of the same code)
 
-Identical weights at every TP size. load_format="dummy" fills each rank's *shards* from one seeded generator
-(loader._init_dummy), so TP=2's shards are not slices of TP=1's tensors (and replicated tensors such as the router
-differ between ranks). Importing this module therefore replaces loader._init_dummy by a TP-invariant init: every
-checkpoint key's FULL tensor is generated from a generator seeded by (seed, key) on the rank's device and handed
-to the parameter's own weight_loader, which keeps this rank's slice, exactly as from a safetensors file. Spawned
-TP ranks (LLM/LLMEngine with tensor_parallel_size) import this script as __mp_main__, so they get it too. The
+Identical weights at every TP size: load_format="dummy" (longcat_service/model/dummy_weights.py) generates every
+checkpoint key's FULL tensor from a generator seeded by (seed, key) and hands it to the parameter's own
+weight_loader, which keeps this rank's slice, exactly as from a safetensors file. Importing this module sets the
+router correction bias to 0 in that init (spawned TP ranks import this script as __mp_main__, so they get it too). The
 tiny model is additionally written as a real safetensors checkpoint and loaded through load_format="auto"
-(`check` on CPU cross-checks both paths). Set BENCH_TP_STOCK_DUMMY=1 to keep the stock init.
+(`check` on CPU cross-checks both paths).
 
 All-reduce time per decode step = a timed loop (CUDA events, median of reps) that replays, back to back on the
 TP group, the collectives (op, shape, dtype) one forward of B tokens issued, recorded by wrapping
@@ -25,6 +23,7 @@ overlap or rank skew; not a torch.profiler measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -37,7 +36,6 @@ import sys
 import tempfile
 import time
 import traceback
-import zlib
 from pathlib import Path
 
 import torch
@@ -49,6 +47,7 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
 
 from longcat_service.config import ModelConfig  # noqa: E402
 from longcat_service.model import loader  # noqa: E402
+from longcat_service.model.dummy_weights import dummy_tensor, init_dummy  # noqa: E402
 
 MODELS = {"tiny": ROOT / "benchmarks/configs/longcat-flash-tiny", "2l": ROOT / "benchmarks/configs/longcat-flash-2l"}
 # The tiny config has 4 heads: 8 heads so that it splits over TP=8 too (every size compares the same model).
@@ -58,63 +57,13 @@ DEFAULT_DTYPE = {"tiny": "float32", "2l": "bfloat16"}
 LOGIT_REL_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}
 
 
-# ---- TP-invariant dummy weights -------------------------------------------------------------------------
-def hf_shape(key: str, c: ModelConfig) -> tuple[int, ...]:
-    """Full (unsharded) shape of an HF LongCat-Flash checkpoint key."""
-    h, nh = c.hidden_size, c.num_attention_heads
-    name = key.rsplit(".", 2)[-2] if key.endswith((".weight", ".bias")) else key.rsplit(".", 1)[-1]
-    rows = {
-        "q_a_proj": (c.q_lora_rank, h), "q_a_layernorm": (c.q_lora_rank,),
-        "q_b_proj": (nh * c.qk_head_dim, c.q_lora_rank),
-        "kv_a_proj_with_mqa": (c.kv_lora_rank + c.qk_rope_head_dim, h), "kv_a_layernorm": (c.kv_lora_rank,),
-        "kv_b_proj": (nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), "o_proj": (h, nh * c.v_head_dim),
-        "classifier": (c.num_router_experts, h), "e_score_correction_bias": (c.num_router_experts,),
-        "embed_tokens": (c.vocab_size, h), "lm_head": (c.vocab_size, h), "norm": (h,),
-    }  # fmt: skip
-    if ".experts." in key:
-        inter = c.expert_ffn_hidden_size
-    elif ".mlps." in key:
-        inter = c.ffn_hidden_size
-    else:
-        inter = None
-    if inter is not None and name in ("gate_proj", "up_proj", "down_proj"):
-        shape = (h, inter) if name == "down_proj" else (inter, h)
-    elif "layernorm." in key and name.isdigit():  # input_layernorm.0.weight / post_attention_layernorm.1.weight
-        shape = (h,)
-    elif name in rows:
-        shape = rows[name]
-    else:
-        raise KeyError(f"hf_shape: unknown checkpoint key {key}")
-    if key.endswith(".bias") and name != "e_score_correction_bias":
-        shape = shape[:1]
-    return shape
-
-
+# ---- dummy weights: the library's TP-invariant init (model/dummy_weights.py), router bias 0 ----------------
+# Zero correction bias spreads tokens over the experts as the real, trained bias does (bench_decode does the same).
 def virtual_tensor(key: str, c: ModelConfig, seed: int, device) -> torch.Tensor:
-    """The full tensor of `key`: norms 1, router correction bias 0 (spreads tokens, as bench_decode does),
-    everything else N(0, 0.02) in fp32 from a generator seeded by (seed, key) on `device`."""
-    shape = hf_shape(key, c)
-    if key.endswith("norm.weight") or "layernorm" in key:
-        return torch.ones(shape, device=device)
-    if key.endswith("e_score_correction_bias") or key.endswith(".bias"):
-        return torch.zeros(shape, device=device)
-    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62))
-    return torch.randn(shape, generator=gen, device=device) * loader.DUMMY_STD
+    return dummy_tensor(key, c, seed, device, bias_std=0.0)
 
 
-@torch.no_grad()
-def tp_invariant_init(model, seed: int) -> None:
-    _STOCK_INIT(model, seed)  # anything the checkpoint does not cover keeps the stock init (nothing, today)
-    for key, target in model.checkpoint_targets().items():
-        if target.param is not None:
-            target.param.weight_loader(
-                target.param, virtual_tensor(key, model.config, seed, model.device), *target.args
-            )
-
-
-_STOCK_INIT = loader._init_dummy
-if os.environ.get("BENCH_TP_STOCK_DUMMY") != "1":
-    loader._init_dummy = tp_invariant_init
+loader._init_dummy = functools.partial(init_dummy, bias_std=0.0)
 
 
 def write_checkpoint(model: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path:

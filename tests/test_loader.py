@@ -188,3 +188,36 @@ _BASE_RAW = {
     "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "ffn_hidden_size": 96,
     "expert_ffn_hidden_size": 16, "n_routed_experts": 6, "zero_expert_num": 3, "moe_topk": 3,
 }  # fmt: skip
+
+
+def test_dummy_shapes_follow_the_transformers_checkpoint(tiny_checkpoint):
+    """dummy_weights.hf_shape must give every key the shape transformers 4.57 saves (the tiny HF model's file)."""
+    from longcat_service.model.dummy_weights import hf_shape
+
+    path = tiny_checkpoint("base")
+    config = ModelConfig.from_pretrained(path / "config.json")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = [k for k in f.keys() if ".mtp." not in k and not k.startswith("model.mtp")]
+        assert keys
+        for k in keys:
+            assert hf_shape(k, config) == tuple(f.get_slice(k).get_shape()), k
+
+
+def test_dummy_weights_are_a_checkpoint_loaded_like_any_other(tiny_checkpoint, tmp_path):
+    """load_format="dummy" == writing each key's dummy tensor to safetensors and loading that file: the same
+    weight_loaders slice it, which is what makes dummy weights identical at every tensor-parallel size."""
+    from longcat_service.model.dummy_weights import dummy_tensor
+
+    src = tiny_checkpoint("base")
+    config = ModelConfig.from_pretrained(src / "config.json")
+    dummy = load_model(src, dtype=torch.float32, device="cpu", load_format="dummy", seed=7)
+    ckpt = tmp_path / "dummy_ckpt"
+    ckpt.mkdir()
+    shutil.copy(src / "config.json", ckpt / "config.json")
+    save_file({k: dummy_tensor(k, config, 7, "cpu").contiguous() for k in dummy.checkpoint_targets()},
+              str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(ckpt, dtype=torch.float32, device="cpu")
+    for (name, a), (_, b) in zip(dummy.named_parameters(), loaded.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    other_seed = load_model(src, dtype=torch.float32, device="cpu", load_format="dummy", seed=8)
+    assert not torch.equal(other_seed.model.layers[0].mlp.experts.w13, dummy.model.layers[0].mlp.experts.w13)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,13 @@ from safetensors import safe_open
 
 from longcat_service.config import ConfigError, ModelConfig
 from longcat_service.layers.weight_utils import CheckpointError, WeightLoadError
+from longcat_service.model.dummy_weights import DUMMY_STD, init_dummy  # noqa: F401 (DUMMY_STD: re-exported)
 from longcat_service.model.longcat_flash import LongcatFlashForCausalLM, WeightTarget
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MTP_PREFIX = "model.mtp."
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DUMMY_STD = 0.02  # transformers' initializer_range: keeps activations finite through many layers
-DUMMY_BIAS_STD = 0.01
 
 __all__ = ["CheckpointError", "WeightLoadError", "load_model", "resolve_dtype"]
 
@@ -200,22 +198,6 @@ def _load_one(target: WeightTarget, f: Any, key: str, path: Path) -> None:
         raise CheckpointError(f"could not read tensor ({type(exc).__name__}: {exc})", file=str(path), key=key) from exc
 
 
-@torch.no_grad()
 def _init_dummy(model: LongcatFlashForCausalLM, seed: int) -> None:
-    """Random weights generated on the target device: N(0, 0.02) matrices, norms = 1, small router bias."""
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    for name, param in _unique_params(model):
-        if name.endswith("norm.weight") or ".layernorm" in name or "_layernorm." in name:
-            param.fill_(1.0)
-        elif name.endswith("e_score_correction_bias") or name.endswith(".bias"):
-            param.normal_(0.0, DUMMY_BIAS_STD, generator=gen)
-        else:
-            param.normal_(0.0, DUMMY_STD, generator=gen)
-
-
-def _unique_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) not in seen:
-            seen.add(id(param))
-            yield name, param
+    """Random weights generated on the target device, the same model at every tensor-parallel size."""
+    init_dummy(model, seed)
