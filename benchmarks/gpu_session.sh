@@ -73,15 +73,19 @@ if [[ -n ${DECODE_NEW_ENV:-} ]]; then
   step decode_new 90 $DECODE_NEW_ENV $PY benchmarks/bench_decode.py --batches 1,16,64 --hf-batches= --eager-steps 0 \
     --new-tokens 48 --profile-batches= --prefill-len 512 --out-dir "$L/decode_new" --results-md "$L/decode_new.md"
 fi
-# The prefill attention backends not yet timed as defaults: SDPA (4-D inputs since 0237481) and the Triton flash kernel.
-for backend in sdpa triton; do
-  step prefill_$backend 70 LONGCAT_PREFILL_ATTN=$backend $PY benchmarks/bench_decode.py --batches 1 --hf-batches= \
-    --eager-steps 0 --new-tokens 8 --profile-batches= --profile-prefill --out-dir "$L/prefill_$backend" \
-    --results-md "$L/prefill_$backend.md"
-done
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
+# Prefill options not yet timed: SDPA (4-D inputs since 0237481), the Triton flash kernel, and the MoE on a side
+# stream during eager prefill (with the Triton kernel, whose attention no longer dominates).
+for variant in sdpa:LONGCAT_PREFILL_ATTN=sdpa triton:LONGCAT_PREFILL_ATTN=triton \
+    triton_moe_overlap:LONGCAT_PREFILL_ATTN=triton,LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=1024; do
+  name=${variant%%:*}
+  envs=${variant#*:}
+  step prefill_$name 70 ${envs//,/ } $PY benchmarks/bench_decode.py --batches 1 --hf-batches= \
+    --eager-steps 0 --new-tokens 8 --profile-batches= --profile-prefill --out-dir "$L/prefill_$name" \
+    --results-md "$L/prefill_$name.md"
+done
 
 
 [[ ${VARIANTS:-0} == 1 ]] && step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
@@ -128,7 +132,7 @@ for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
     f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
     print(f"{b:>5} | {f(d, 'engine_ms'):>14} {f(d, 'step_ms'):>7} {f(d, 'gpu_replay_ms'):>7} | "
           f"{f(n, 'engine_ms'):>10} {f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
-for extra in ("prefill_sdpa", "prefill_triton"):
+for extra in ("prefill_sdpa", "prefill_triton", "prefill_triton_moe_overlap"):
     f = L / extra / "bench_decode.json"
     if f.exists():
         dec[extra] = json.loads(f.read_text())["ours"]

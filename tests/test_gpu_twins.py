@@ -163,3 +163,18 @@ def test_side_stream_moe_graph_is_bit_identical_to_inline_moe(dtype, monkeypatch
     (l1, c1), (l0, c0) = results["8"], results["0"]
     assert all(torch.equal(x, l0[0]) for x in l1 + l0)
     assert all(torch.equal(a, b) for a, b in zip(c1, c0, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_side_stream_moe_in_eager_prefill_is_bit_identical(dtype, monkeypatch):
+    """LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS (opt-in): eager prefill and decode with the MoE on a side stream give
+    exactly the logits and caches of the inline run."""
+    config, _, gpu = _twin_models(dtype)
+    results = {}
+    for min_tokens in ("1", "0"):
+        monkeypatch.setenv("LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS", min_tokens)
+        results[min_tokens] = _run(gpu, config, dtype, "cuda", PROMPTS[:3], TABLES[:3], steps=3)
+        torch.cuda.synchronize()
+    (l1, c1), (l0, c0) = results["1"], results["0"]
+    assert all(torch.equal(a, b) for a, b in zip(l1, l0, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(c1, c0, strict=True))

@@ -22,6 +22,7 @@ from longcat_service.layers.mlp import DenseMLP
 from longcat_service.layers.moe import LongcatMoE
 from longcat_service.layers.paged_attention import AttentionPlan, build_attention_plan
 from longcat_service.layers.rotary import RotaryEmbedding
+from longcat_service.layers.side_stream import ShortcutMoEStream
 from longcat_service.model.attention_metadata import AttentionMetadata
 
 
@@ -42,56 +43,6 @@ def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[t
     return normed.view(shape), total.view(shape)
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-# H200, LongCat-Flash-2L decode (benchmarks/RESULTS.md): the side stream saved 0.05-0.08 ms per step at batch 1, was
-# even at 16 and cost ~1 ms at 64, where the expert GEMV already streams at the copy rate and only contends.
-MOE_OVERLAP_MAX_TOKENS = 8
-
-
-def moe_overlap_enabled(num_tokens: int) -> bool:
-    """Side-stream MoE for steps of <= LONGCAT_MOE_OVERLAP_MAX_TOKENS tokens (default 8; 0 turns it off)."""
-    limit = int(os.environ.get("LONGCAT_MOE_OVERLAP_MAX_TOKENS", MOE_OVERLAP_MAX_TOKENS))
-    return num_tokens <= limit
-
-
-class _ShortcutMoE:
-    """The shortcut MoE's point (ScMoE): its input is known one dense MLP and one attention early, so its
-    kernels can run beside them. Inside a CUDA-graph capture the branch goes to a side stream forked from the
-    current one and joined before its output is added; the many small, latency-bound kernels of either path
-    then fill the other's gaps. The same ops run in the same order per stream, so results are bit-identical.
-    Elsewhere (eager, CPU, tensor parallelism: no graphs) it runs inline."""
-
-    def __init__(self, x: torch.Tensor):
-        self.x = x
-        self.on_side = (x.is_cuda and moe_overlap_enabled(x.shape[0])
-                        and torch.cuda.is_current_stream_capturing())
-        self.main = self.side = self._ctx = None
-        if self.on_side:
-            self.main = torch.cuda.current_stream(x.device)
-            self.side = _SIDE_STREAMS.get(x.device)
-            if self.side is None:
-                self.side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
-
-    def __enter__(self):
-        if self.on_side:
-            self.side.wait_stream(self.main)
-            self.x.record_stream(self.side)  # the main stream must not reuse the input's memory while the MoE reads it
-            self._ctx = torch.cuda.stream(self.side)
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-        return False
-
-    def join(self) -> None:
-        if self.on_side:
-            self.main.wait_stream(self.side)
-
-
 class LongcatDecoderLayer(nn.Module):
     """Two attention + two dense-MLP sublayers; the MoE reads post_attention_layernorm[0]'s output (the
     same input as MLP 0) and its output joins the residual only at the very end (shortcut MoE)."""
@@ -110,8 +61,8 @@ class LongcatDecoderLayer(nn.Module):
             return self._forward_fused(h, cos, sin, plan, kv_caches)
         h = h + self.self_attn[0](self.input_layernorm[0](h), cos, sin, plan, kv_caches[0])
         n0 = self.post_attention_layernorm[0](h)
-        with _ShortcutMoE(n0) as branch:  # on a side stream while the dense path runs (CUDA-graph capture)
-            moe_out = self.mlp(n0)
+        with ShortcutMoEStream(n0) as branch:  # maybe on a side stream while the dense path runs
+            moe_out = branch.output(self.mlp(n0))
         h = h + self.mlps[0](n0)
         h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, plan, kv_caches[1])
         out = h + self.mlps[1](self.post_attention_layernorm[1](h))

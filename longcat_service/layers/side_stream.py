@@ -1,0 +1,70 @@
+"""The shortcut MoE on a side stream (ScMoE's point: its input is known one dense MLP and one attention early, so
+its kernels can run beside them). The branch is forked from the current stream and joined before its output is
+added; the same ops run in the same order on each stream, so results are bit-identical to running it inline.
+
+When (measured on the H200, benchmarks/RESULTS.md):
+- CUDA-graph decode steps of <= LONGCAT_MOE_OVERLAP_MAX_TOKENS tokens (default 8): the many small, latency-bound
+  kernels of either path fill the other's gaps (-0.05..-0.08 ms per step at batch 1; at batch 64 the expert GEMV
+  already streams at the copy rate and the overlap cost ~1 ms, hence the limit);
+- eager steps (prefill) of >= LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS tokens: opt-in (default 0 = off), not yet
+  timed: the memory-bound expert GEMMs could run under the compute-bound attention and dense MLPs.
+Never under tensor parallelism: the MoE's all-reduce would race the main stream's collectives on one communicator.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from longcat_service.distributed.parallel_state import get_tp_size
+
+MOE_OVERLAP_MAX_TOKENS = 8
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def moe_on_side_stream(x: torch.Tensor) -> bool:
+    if not x.is_cuda or get_tp_size() > 1:
+        return False
+    num_tokens = x.shape[0]
+    if torch.cuda.is_current_stream_capturing():
+        return num_tokens <= int(os.environ.get("LONGCAT_MOE_OVERLAP_MAX_TOKENS", MOE_OVERLAP_MAX_TOKENS))
+    min_prefill = int(os.environ.get("LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS", 0))
+    return 0 < min_prefill <= num_tokens
+
+
+class ShortcutMoEStream:
+    """with ShortcutMoEStream(x) as branch: out = branch.output(moe(x)); ...dense path...; branch.join()"""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.on_side = moe_on_side_stream(x)
+        self.main = self.side = self._ctx = self._out = None
+        if self.on_side:
+            self.main = torch.cuda.current_stream(x.device)
+            self.side = _SIDE_STREAMS.get(x.device)
+            if self.side is None:
+                self.side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+
+    def __enter__(self):
+        if self.on_side:
+            self.side.wait_stream(self.main)
+            self.x.record_stream(self.side)  # the main stream must not reuse the input's memory while the MoE reads it
+            self._ctx = torch.cuda.stream(self.side)
+            self._ctx.__enter__()
+        return self
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        self._out = out
+        return out
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+    def join(self) -> None:
+        if self.on_side:
+            self.main.wait_stream(self.side)
+            if self._out is not None:
+                self._out.record_stream(self.main)  # freed after the main stream's add, not before
