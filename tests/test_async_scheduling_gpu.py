@@ -22,7 +22,9 @@ def requests(stop_ids: dict[str, list[int]] | None = None):
         rid = f"r{i}"
         out[rid] = (prompt + [rng.randrange(3, 500) for _ in range(i)],
                     SamplingParams(temperature=0.0, max_tokens=10 + 2 * i, ignore_eos=True, logprobs=1,
-                                   stop_token_ids=(stop_ids or {}).get(rid, [])))
+                                   stop_token_ids=(stop_ids or {}).get(rid, []),
+                                   repetition_penalty=1.2 if i % 3 == 0 else 1.0,  # counted on the device
+                                   frequency_penalty=0.3 if i % 3 == 1 else 0.0))
     return out
 
 

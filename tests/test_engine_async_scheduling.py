@@ -52,12 +52,12 @@ def run(monkeypatch, workload, async_scheduling: bool, spies: list):
 
 def chainable_workload(seed: int, num_requests: int = 12):
     """make_workload's mix (seeds, n > 1, stop strings and ids, logprobs, min_tokens, deadlines, prefix hits)
-    without penalties, arriving in the first calls: decode steps chain between the arrivals."""
+    (penalties included: the sampler counts the in-flight token on the device), arriving in the first calls:
+    decode steps chain between the arrivals."""
     rng = random.Random(seed)
     reqs = []
     for rid, prompt, params, _, deadline, abort_after in make_workload(seed, aborts=False, deadlines=True,
                                                                        num_requests=num_requests):
-        params.repetition_penalty, params.frequency_penalty, params.presence_penalty = 1.0, 0.0, 0.0
         params.max_tokens = rng.randint(8, 30)
         reqs.append((rid, prompt, params, rng.randint(0, 3), deadline, abort_after))
     return reqs
@@ -153,17 +153,46 @@ def test_decode_steps_chain_and_read_back_one_step_behind():
     assert_all_blocks_free(engine)
 
 
-def test_penalties_and_waiting_requests_fall_back_to_scheduling():
+def _run_all(engine, requests):
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    out = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.outputs[0].new_token_ids)
+    return out
+
+
+def test_penalised_requests_chain_and_match_the_plain_engine():
     from longcat_service.sampling_params import SamplingParams
 
+    penalised = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3,
+                               frequency_penalty=0.4, presence_penalty=0.2, min_tokens=3, stop_token_ids=[7])
+    requests = [("p", PROMPTS[0], penalised), ("q", PROMPTS[1], penalised)]
+    engine = make_engine(async_scheduling=True)
+    spy = ChainSpy(engine)
+    got = _run_all(engine, requests)
+    assert spy.chained >= 5
+    assert got == _run_all(make_engine(async_scheduling=False, overlap_steps=False), requests)
+    assert_all_blocks_free(engine)
+
+
+def test_waiting_requests_fall_back_to_scheduling():
     engine = make_engine(async_scheduling=True, max_num_seqs=1)
     spy = ChainSpy(engine)
-    engine.add_request("p", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
-                                                       repetition_penalty=1.3))
-    engine.add_request("w", PROMPTS[1], greedy(6))  # waits for the only seat
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert spy.chained > 0  # "w" chains once nothing waits; "p" never (its sampler needs the in-flight token)
+    attempts = []
+    real = engine._launch_chained
+
+    def launch_chained(inflight, finalize):
+        out = real(inflight, finalize)
+        attempts.append((bool(engine.scheduler.waiting), out is not None))
+        return out
+
+    engine._launch_chained = launch_chained
+    requests = [("a", PROMPTS[0], greedy(6)), ("w", PROMPTS[1], greedy(6))]  # "w" waits for the only seat
+    got = _run_all(engine, requests)
+    assert (True, True) not in attempts and (True, False) in attempts and spy.chained > 0
+    assert got == _run_all(make_engine(async_scheduling=False, overlap_steps=False, max_num_seqs=1), requests)
     assert_all_blocks_free(engine)
 
 

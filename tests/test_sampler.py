@@ -158,3 +158,34 @@ def test_logprobs_zero_gives_chosen_token_only_and_none_when_not_asked():
 def test_row_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match="rows"):
         sampler()(torch.zeros(2, VOCAB), rows(SamplingParams(), 1))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, repetition_penalty=1.7),
+    SamplingParams(temperature=0.0, frequency_penalty=0.6, presence_penalty=0.3),
+    SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5]),
+    SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[5]),
+    SamplingParams(temperature=0.9, top_k=4, seed=11, repetition_penalty=1.3, frequency_penalty=0.2),
+])
+def test_pending_device_token_counts_as_if_it_were_on_the_host(params):
+    """A chained step's last token is still on the device (num_pending=1, value in pending_tokens): penalties and
+    the min_tokens mask must treat it exactly as the same token in output_token_ids."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, VOCAB, generator=g)
+    prompts, outputs, last = [[1, 2], [7], [3, 3, 7]], [[4, 5], [6], [2]], [5, 6, 2]
+    s = sampler()
+    host_rows = [SamplingRow(params, p, o + [t], s.make_generator(1) if params.seed else None)
+                 for p, o, t in zip(prompts, outputs, last, strict=True)]
+    device_rows = [SamplingRow(params, p, o, s.make_generator(1) if params.seed else None, num_pending=1)
+                   for p, o in zip(prompts, outputs, strict=True)]
+    want = s._process(logits.clone(), host_rows)
+    got = s._process(logits.clone(), device_rows, torch.tensor(last))
+    assert torch.equal(got, want)
+    assert s.collect(s.launch(logits, device_rows, torch.tensor(last)))[0] == \
+        s.collect(s.launch(logits, host_rows))[0]
+
+
+def test_pending_rows_need_their_tokens():
+    row = SamplingRow(SamplingParams(temperature=0.0), [1], [2], num_pending=1)
+    with pytest.raises(ValueError, match="pending_tokens"):
+        sampler().launch(torch.zeros(1, VOCAB), [row])

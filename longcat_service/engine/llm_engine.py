@@ -186,8 +186,8 @@ class LLMEngine:
     def _launch_chained(self, inflight: _InFlight, finalize: dict[str, None]) -> _InFlight | None:
         """Launch the step after `inflight` before reading `inflight` back, when that step is exactly what the
         scheduler would make: the same running sequences decoding one more token each (nothing waiting, no
-        deadline due, no sequence whose sampling depends on the token not yet read back). Its input ids are
-        the in-flight step's samples, taken on the device. A sequence that stops on the in-flight token (EOS,
+        deadline due). Its input ids are the in-flight step's samples, taken on the device; the sampler counts
+        them for penalties and min_tokens without reading them back. A sequence that stops on the in-flight token (EOS,
         stop id or string) is in the batch anyway; its extra token is dropped at collect. One that ends by
         length is left out, as the scheduler would. A token that starts a new KV block is written to a scratch
         block, copied to the sequence's real block once the in-flight step confirms it goes on
@@ -211,11 +211,7 @@ class LLMEngine:
         for i in rows:
             seq = inflight.batch[i].seq
             p = seq.params
-            known = seq.num_output_tokens + 1  # with the in-flight token
-            if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
-                return None  # the sampler needs the in-flight token on the host
-            if known == p.min_tokens:
-                return None  # the min_tokens mask turns off with the in-flight token: the host count is one short
+            known = seq.num_output_tokens + 1  # with the in-flight token (the sampler counts it: num_pending)
             if (p.max_tokens is not None and known >= p.max_tokens) or seq.num_tokens + 1 >= self.max_model_len:
                 continue  # ends by length on the in-flight token: not in the next batch
             pos = seq.num_tokens  # where the in-flight token goes

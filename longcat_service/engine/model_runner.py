@@ -141,8 +141,8 @@ class ModelRunner:
                 self.graph_runner = None
                 logits = None
             if logits is not None:
-                rows = [self._sampling_row(s.seq) for s in batch]
-                return StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows))
+                rows = [self._sampling_row(s.seq, pending=input_ids is not None) for s in batch]
+                return StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows, input_ids))
         host_ids: list[int] = []
         positions: list[int] = []
         for s in batch:
@@ -170,7 +170,9 @@ class ModelRunner:
         self._launch_prompt_logprobs(batch, hidden, starts, handle)
         if sample_idx:
             logits = self.model.compute_logits(hidden[sample_rows_t])
-            handle.sampled = self.sampler.launch(logits, [self._sampling_row(batch[i].seq) for i in sample_idx])
+            rows = [self._sampling_row(batch[i].seq, pending=input_ids is not None) for i in sample_idx]
+            pending = input_ids[sample_rows_t] if input_ids is not None else None
+            handle.sampled = self.sampler.launch(logits, rows, pending)
         return handle
 
     def sampled_tokens(self, handle: StepHandle, rows: list[int]) -> torch.Tensor:
@@ -215,7 +217,8 @@ class ModelRunner:
             results[i].prompt_logprobs = out
         return results
 
-    def _sampling_row(self, seq) -> SamplingRow:
+    def _sampling_row(self, seq, pending: bool = False) -> SamplingRow:
+        """pending: the sequence's last token is the step's device input (a chained step), not yet on the host."""
         gen = None
         if seq.params.seed is not None:
             gen = self.generators.get(seq.seq_id)
@@ -223,7 +226,7 @@ class ModelRunner:
                 gen = self.generators[seq.seq_id] = self.sampler.make_generator(seq.params.seed + seq.index)
         # the prompt is only read by the repetition penalty: skip copying it (every step, every row) otherwise
         prompt = seq.token_ids[: seq.num_prompt_tokens] if seq.params.repetition_penalty != 1.0 else []
-        return SamplingRow(seq.params, prompt, seq.output_token_ids, gen)
+        return SamplingRow(seq.params, prompt, seq.output_token_ids, gen, num_pending=int(pending))
 
     def _launch_prompt_logprobs(self, batch, hidden, starts, handle: StepHandle) -> None:
         """Raw logprob of each prompt token given its prefix, for requests that asked (enqueued, read in collect)."""

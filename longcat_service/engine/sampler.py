@@ -30,6 +30,9 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None  # per-request seed
+    # 1 when the row's last output token is still on the device (a chained decode step): its value comes in
+    # Sampler.launch's `pending_tokens`; counts (min_tokens) and penalties include it
+    num_pending: int = 0
 
 
 @dataclass
@@ -82,14 +85,18 @@ class Sampler:
         return self.collect(self.launch(logits, rows))
 
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
-        """Enqueue the sampling of every row on the device; nothing is read back (no host sync)."""
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow],
+               pending_tokens: torch.Tensor | None = None) -> SampledBatch:
+        """Enqueue the sampling of every row on the device; nothing is read back (no host sync).
+        pending_tokens: [M] device tensor, the not-yet-read last token of the rows with num_pending == 1."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"logits has {logits.shape[0]} rows for {len(rows)} sampling rows")
+        if any(r.num_pending for r in rows) and (pending_tokens is None or pending_tokens.shape[0] != len(rows)):
+            raise ValueError("rows with a pending token need pending_tokens with one entry per row")
         logits = logits.float()
         ns = [r.params.logprobs for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in ns) else None
-        processed = self._process(logits.clone(), rows)
+        processed = self._process(logits.clone(), rows, pending_tokens)
         out = SampledBatch(self._draw(processed, rows), ns)
         if raw_logprobs is not None:
             max_n = max(n or 0 for n in ns)
@@ -117,36 +124,40 @@ class Sampler:
         return token_list, logprobs
 
     # ---- logits processing ---------------------------------------------------------------------
-    def _process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, rows: list[SamplingRow], pending: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         for i, row in enumerate(rows):
             p = row.params
             if p.logit_bias:
                 ids = to_device(list(p.logit_bias), torch.long, logits.device)
                 vals = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
                 logits[i].index_add_(0, ids, vals)
-            if len(row.output_token_ids) < p.min_tokens:
+            if len(row.output_token_ids) + row.num_pending < p.min_tokens:
                 banned = list(p.stop_token_ids)
                 if self.eos_token_id is not None and not p.ignore_eos:
                     banned.append(self.eos_token_id)
                 if banned:
                     logits[i].index_fill_(0, to_device(banned, torch.long, logits.device), _NEG_INF)
         if any(r.params.repetition_penalty != 1.0 for r in rows):
-            logits = self._repetition_penalty(logits, rows)
+            logits = self._repetition_penalty(logits, rows, pending)
         if any(r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows):
-            counts = self._token_counts([r.output_token_ids for r in rows], logits.device)
+            counts = self._token_counts([r.output_token_ids for r in rows], logits.device, rows, pending)
             freq = self._column([r.params.frequency_penalty for r in rows], logits)
             pres = self._column([r.params.presence_penalty for r in rows], logits)
             logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
         return logits
 
-    def _repetition_penalty(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        seen = self._token_counts([r.prompt_token_ids + r.output_token_ids for r in rows], logits.device) > 0
+    def _repetition_penalty(self, logits: torch.Tensor, rows: list[SamplingRow], pending) -> torch.Tensor:
+        token_lists = [r.prompt_token_ids + r.output_token_ids for r in rows]
+        seen = self._token_counts(token_lists, logits.device, rows, pending) > 0
         penalty = self._column([r.params.repetition_penalty for r in rows], logits).expand_as(logits)
         scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
         return torch.where(seen, scaled, logits)
 
-    def _token_counts(self, token_lists: list[list[int]], device: torch.device) -> torch.Tensor:
-        """[M, vocab] occurrence counts; padding goes to an extra column that is dropped."""
+    def _token_counts(self, token_lists: list[list[int]], device: torch.device, rows: list[SamplingRow],
+                      pending: torch.Tensor | None) -> torch.Tensor:
+        """[M, vocab] occurrence counts, each row's pending (device-side) token included; padding goes to an
+        extra column that is dropped."""
         width = max((len(t) for t in token_lists), default=0)
         padded = torch.full((len(token_lists), max(width, 1)), self.vocab_size, dtype=torch.long)
         for i, t in enumerate(token_lists):
@@ -154,6 +165,10 @@ class Sampler:
                 padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=device)
         counts.scatter_add_(1, to_device(padded, torch.long, device), torch.ones(padded.shape, device=device))
+        if any(r.num_pending for r in rows):
+            has = to_device([float(r.num_pending) for r in rows], torch.float32, device)
+            ids = pending.to(device=device, dtype=torch.long).clamp(0, self.vocab_size)  # rows without one add 0
+            counts.scatter_add_(1, ids[:, None], has[:, None])
         return counts[:, : self.vocab_size]
 
     @staticmethod

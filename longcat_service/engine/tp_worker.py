@@ -238,7 +238,7 @@ class _SkipSampler:
     def __call__(self, logits: torch.Tensor, rows: list) -> tuple[list[int], list[None]]:
         return self.collect(self.launch(logits, rows))
 
-    def launch(self, logits: torch.Tensor, rows: list) -> int:
+    def launch(self, logits: torch.Tensor, rows: list, pending_tokens=None) -> int:
         return logits.shape[0]
 
     @staticmethod
@@ -258,7 +258,7 @@ class TPWorkerRunner(_TPRunnerMixin, ModelRunner):
         self.sampler = _SkipSampler()
         self.decoder = StepDecoder()
 
-    def _sampling_row(self, seq):
+    def _sampling_row(self, seq, pending: bool = False):
         return None
 
     def _rank0_lost(self, reason: str) -> None:
