@@ -17,12 +17,14 @@ class ChainSpy:
     """Counts chained launches, scratch-block adoptions and chained rows whose sequence stopped meanwhile."""
 
     def __init__(self, engine):
-        self.chained = self.adopted = self.dropped = 0
+        self.chained = self.adopted = self.dropped = self.chained_while_waiting = 0
         launch_chained, adopt = engine._launch_chained, engine._adopt_scratch_blocks
 
         def spy_launch(inflight, finalize):
+            waiting = bool(engine.scheduler.waiting)
             out = launch_chained(inflight, finalize)
             self.chained += out is not None
+            self.chained_while_waiting += out is not None and waiting
             return out
 
         def spy_adopt(chained):
@@ -33,21 +35,10 @@ class ChainSpy:
         engine._launch_chained, engine._adopt_scratch_blocks = spy_launch, spy_adopt
 
 
-def run(monkeypatch, workload, async_scheduling: bool, spies: list):
-    import tests.test_engine_overlap as overlap_tests
-
-    real_make = overlap_tests.make_engine
-
-    def make(**kw):
-        engine = real_make(**kw, async_scheduling=async_scheduling)
-        spies.append(ChainSpy(engine))
-        return engine
-
-    monkeypatch.setattr(overlap_tests, "make_engine", make)
-    try:
-        return run_workload(monkeypatch, workload, overlap=True, preemptions=[])
-    finally:
-        monkeypatch.setattr(overlap_tests, "make_engine", real_make)
+def run(monkeypatch, workload, async_scheduling: bool, spies: list, **engine_kwargs):
+    """The overlap tests' workload driver (6 seats, a small KV cache, a step clock), overlap on."""
+    return run_workload(monkeypatch, workload, overlap=True, preemptions=[], async_scheduling=async_scheduling,
+                        on_engine=lambda engine: spies.append(ChainSpy(engine)), **engine_kwargs)
 
 
 def chainable_workload(seed: int, num_requests: int = 12):
@@ -96,6 +87,23 @@ def test_randomized_workload_identical_with_and_without_async_scheduling(monkeyp
     reasons = {c.finish_reason for o in plain.values() for c in o.outputs}
     assert {"length", "stop"} <= reasons
     for rid in plain:  # tokens, text, reasons, cached tokens exact; logprob values to CPU rounding (batch rows)
+        assert exact_part(chained[rid]) == exact_part(plain[rid]), rid
+        assert logprob_values(chained[rid]) == pytest.approx(logprob_values(plain[rid]), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_overload_queue_chains_and_keeps_tokens(monkeypatch, seed):
+    """Sixteen requests at once for six seats: steps chain while requests wait. A sequence that stops on the
+    in-flight token frees its seat one step late (its replacement starts a step later than without async
+    scheduling), which changes later batches but no request's tokens, text or finish reason."""
+    workload = [(rid, prompt, params, 0, None, None)
+                for rid, prompt, params, _, _, _ in chainable_workload(seed, num_requests=16)]
+    spies: list[ChainSpy] = []
+    roomy = dict(num_kv_blocks=256, max_num_batched_tokens=64)  # seats, not memory, are the limit
+    plain = run(monkeypatch, workload, False, spies, **roomy)
+    chained = run(monkeypatch, workload, True, spies, **roomy)
+    assert spies[1].chained_while_waiting > 0
+    for rid in plain:
         assert exact_part(chained[rid]) == exact_part(plain[rid]), rid
         assert logprob_values(chained[rid]) == pytest.approx(logprob_values(plain[rid]), rel=1e-5, abs=1e-5)
 
@@ -177,21 +185,23 @@ def test_penalised_requests_chain_and_match_the_plain_engine():
     assert_all_blocks_free(engine)
 
 
-def test_waiting_requests_fall_back_to_scheduling():
+def test_waiting_requests_chain_while_every_seat_is_taken_and_fall_back_when_one_frees():
+    """With the only seat taken, steps chain although "w" waits; when the running request's in-flight token is its
+    last (by length) the engine schedules normally, so "w" starts exactly when it would without async scheduling."""
     engine = make_engine(async_scheduling=True, max_num_seqs=1)
-    spy = ChainSpy(engine)
     attempts = []
     real = engine._launch_chained
 
     def launch_chained(inflight, finalize):
+        waiting = bool(engine.scheduler.waiting)
         out = real(inflight, finalize)
-        attempts.append((bool(engine.scheduler.waiting), out is not None))
+        attempts.append((waiting, out is not None))
         return out
 
     engine._launch_chained = launch_chained
     requests = [("a", PROMPTS[0], greedy(6)), ("w", PROMPTS[1], greedy(6))]  # "w" waits for the only seat
     got = _run_all(engine, requests)
-    assert (True, True) not in attempts and (True, False) in attempts and spy.chained > 0
+    assert (True, True) in attempts and (True, False) in attempts and (False, True) in attempts
     assert got == _run_all(make_engine(async_scheduling=False, overlap_steps=False, max_num_seqs=1), requests)
     assert_all_blocks_free(engine)
 

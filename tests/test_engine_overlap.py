@@ -71,11 +71,15 @@ def make_workload(seed: int, aborts: bool, deadlines: bool, num_requests: int = 
     return reqs
 
 
-def run_workload(monkeypatch, workload, overlap: bool, preemptions: list):
+def run_workload(monkeypatch, workload, overlap: bool, preemptions: list, async_scheduling: bool = False,
+                 on_engine=None, **engine_kwargs):
+    """async_scheduling is off by default here: these tests assert that overlap alone changes no batch."""
     clock = StepClock()
     monkeypatch.setattr(llm_engine_module, "time", types.SimpleNamespace(monotonic=clock.monotonic))
-    engine = make_engine(num_kv_blocks=24, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=64,
-                         overlap_steps=overlap)
+    kwargs = dict(num_kv_blocks=24, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=64)
+    engine = make_engine(**{**kwargs, **engine_kwargs}, overlap_steps=overlap, async_scheduling=async_scheduling)
+    if on_engine is not None:
+        on_engine(engine)
     real_preempt = engine.scheduler._preempt
     engine.scheduler._preempt = lambda seq: (preemptions.append(seq.request_id), real_preempt(seq))[-1]
     streamed: dict[str, dict] = {}

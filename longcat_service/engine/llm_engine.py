@@ -185,8 +185,8 @@ class LLMEngine:
     # ---- async scheduling: a decode step chained to the in-flight one -------------------------------------
     def _launch_chained(self, inflight: _InFlight, finalize: dict[str, None]) -> _InFlight | None:
         """Launch the step after `inflight` before reading `inflight` back, when that step is exactly what the
-        scheduler would make: the same running sequences decoding one more token each (nothing waiting, no
-        deadline due). Its input ids are the in-flight step's samples, taken on the device; the sampler counts
+        scheduler would make: the same running sequences decoding one more token each (no free seat for a
+        waiting request, no deadline due). Its input ids are the in-flight step's samples, taken on the device; the sampler counts
         them for penalties and min_tokens without reading them back. A sequence that stops on the in-flight token (EOS,
         stop id or string) is in the batch anyway; its extra token is dropped at collect. One that ends by
         length is left out, as the scheduler would. A token that starts a new KV block is written to a scratch
@@ -196,11 +196,16 @@ class LLMEngine:
         if not self._can_chain or inflight.handle is None or inflight.handle.sampled is None:
             return None
         sched = self.scheduler
-        if sched.waiting or any(not (s.num_new_tokens == 1 and s.needs_sample) for s in inflight.batch):
+        if any(not (s.num_new_tokens == 1 and s.needs_sample) for s in inflight.batch):
             return None
         rows = [i for i, s in enumerate(inflight.batch) if not s.seq.is_finished]
         if [inflight.batch[i].seq for i in rows] != sched.running:
             return None  # the scheduler would pick another batch (a new fork, a left-out sequence, ...)
+        # Waiting requests are admitted only into a free seat. With every seat taken the scheduler admits no
+        # one unless a sequence ends on the in-flight token: by length (known: fall back below) or by a stop
+        # (not known yet: the waiting request then starts one step later than without async scheduling).
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return None
         now = time.monotonic()
         if any(g.deadline is not None and now >= g.deadline for g in sched.groups.values()):
             return None
@@ -213,6 +218,8 @@ class LLMEngine:
             p = seq.params
             known = seq.num_output_tokens + 1  # with the in-flight token (the sampler counts it: num_pending)
             if (p.max_tokens is not None and known >= p.max_tokens) or seq.num_tokens + 1 >= self.max_model_len:
+                if sched.waiting:
+                    return None  # its seat goes to a waiting request in the next batch: let the scheduler do it
                 continue  # ends by length on the in-flight token: not in the next batch
             pos = seq.num_tokens  # where the in-flight token goes
             s = ScheduledSeq(seq, 1, pos)
