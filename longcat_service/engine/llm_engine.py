@@ -184,14 +184,14 @@ class LLMEngine:
 
     # ---- async scheduling: a decode step chained to the in-flight one -------------------------------------
     def _launch_chained(self, inflight: _InFlight, finalize: dict[str, None]) -> _InFlight | None:
-        """Launch the step after `inflight` before reading `inflight` back, when that step is exactly what the
+        """Launch the step after `inflight` before reading `inflight` back, when that step is what the
         scheduler would make: the same running sequences decoding one more token each (no free seat for a
-        waiting request, no deadline due). Its input ids are the in-flight step's samples, taken on the device; the sampler counts
-        them for penalties and min_tokens without reading them back. A sequence that stops on the in-flight token (EOS,
-        stop id or string) is in the batch anyway; its extra token is dropped at collect. One that ends by
-        length is left out, as the scheduler would. A token that starts a new KV block is written to a scratch
-        block, copied to the sequence's real block once the in-flight step confirms it goes on
-        (_adopt_scratch_blocks), so block allocation happens in the same order as the plain engine's.
+        waiting request, no deadline due). Its input ids are the in-flight step's samples, taken on the device;
+        the sampler counts them for penalties and min_tokens without reading them back. A sequence that stops
+        on the in-flight token (EOS, stop id or string) is in the batch anyway; its extra token is dropped at
+        collect. One that ends by length is left out, as the scheduler would. A token that starts a new KV
+        block is written to a scratch block and copied to the sequence's real block once the in-flight step
+        confirms it goes on (_adopt_scratch_blocks), so blocks are allocated in the plain engine's order.
         None: not chainable; the caller collects and schedules as usual."""
         if not self._can_chain or inflight.handle is None or inflight.handle.sampled is None:
             return None
@@ -229,8 +229,10 @@ class LLMEngine:
                 num_scratch += 1
             batch.append(s)
             chain_rows.append(i)
-        if not batch or num_scratch > bm.num_free_blocks or num_scratch > self.runner.num_scratch_blocks:
-            return None  # (not enough free blocks for the new ones: the scheduler preempts; let it)
+        if not batch or len(batch) > sched.max_num_batched_tokens:
+            return None  # (a token budget below the seat count: the scheduler picks the subset)
+        if num_scratch > bm.num_free_blocks or num_scratch > self.runner.num_scratch_blocks:
+            return None  # not enough free blocks for the new ones: the scheduler preempts; let it
         try:
             handle = self.runner.launch(batch, input_ids=self.runner.sampled_tokens(inflight.handle, chain_rows))
         except Exception as e:
