@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The one combined H200 run for the opt-in speed variants (issues 3 and 5). Run from the repo root:
-#   bash benchmarks/gpu_session.sh        ($OUT: where logs go; default ./gpu_out)
+# The one combined H200 run (issues 3 and 5), from the repo root, as one device call:
+#   run(carry=[".whl"], timeout_s=600, command="OUT=$OUT bash benchmarks/gpu_session.sh > $OUT/trace.log 2>&1;
+#       cat $OUT/summary.txt")
 # Wheels it installs from .whl/: make them first on the CPU machine with benchmarks/fetch_device_wheels.sh.
-# Budget: 8 minutes wall. Every step runs under `timeout`, capped by what is left of a 465 s budget, in
-# priority order, so a hang or a slow step drops the optional steps at the end, never the summary.
-# Variants (all default off; "new" turns all on; the GPU tests of "default" also run v1 and v2 side by side):
+# Budget: every step runs under `timeout`, capped by what is left of a 560 s budget (BUDGET), in priority order,
+# so a hang or a slow step drops the optional steps at the end, never the summary. Steps: build; GPU tests; MoE
+# layer; serving (with the engine step trace); decode + prefill with the transformers baseline and profiles; MLA
+# decode tile alternatives; the prefill variants (SDPA, Triton flash, Triton + side-stream MoE); the full MoE list.
+# SKIP_BUILD=1 (with a carried longcat_service/_C*.so), GPU_TESTS, MOE_NEW_ENV, DECODE_NEW_ENV: see below.
+# VARIANTS=1 also runs the older decode-kernel variants (all measured slower; default off):
 #   LONGCAT_FFN_DECODE_KERNEL=v2   expert SwiGLU/down GEMV with in-block split-K (csrc/cuda/expert_ffn_v2.cuh)
 #   LONGCAT_ROUTER_KERNEL=v2       router_topk: one block per token at T <= 64
 #   LONGCAT_PREFILL_ATTN=sdpa      prefill attention through F.scaled_dot_product_attention
@@ -13,7 +17,7 @@ set -x
 OUT=${OUT:-$PWD/gpu_out}
 L=$OUT/logs
 mkdir -p "$L"
-BUDGET=${BUDGET:-465}
+BUDGET=${BUDGET:-560}
 NEW_ENV="LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 LONGCAT_PREFILL_ATTN=sdpa LONGCAT_FUSED_RESIDUAL=1"
 : > "$L/steps.tsv"
 
@@ -76,6 +80,13 @@ fi
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
+# MLA decode stage-1 tiles (LONGCAT_MLA_DECODE_TILES="block_h,block_n,warps,stages"; default 16,32,4,2): wider head
+# blocks read each cache entry once instead of once per 16 heads (batch 64 spent 69 us per call vs ~10 us of bytes).
+for tiles in 32,32,4,2 64,32,8,2; do
+  step decode_tiles_${tiles//,/_} 60 LONGCAT_MLA_DECODE_TILES=$tiles $PY benchmarks/bench_decode.py --batches 1,64 \
+    --hf-batches= --eager-steps 0 --new-tokens 32 --profile-batches= --prefill-len 512 \
+    --out-dir "$L/decode_tiles_${tiles//,/_}" --results-md "$L/decode_tiles_${tiles//,/_}.md"
+done
 # Prefill options not yet timed: SDPA (4-D inputs since 0237481), the Triton flash kernel, and the MoE on a side
 # stream during eager prefill (with the Triton kernel, whose attention no longer dominates).
 for variant in sdpa:LONGCAT_PREFILL_ATTN=sdpa triton:LONGCAT_PREFILL_ATTN=triton \
@@ -132,6 +143,12 @@ for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
     f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
     print(f"{b:>5} | {f(d, 'engine_ms'):>14} {f(d, 'step_ms'):>7} {f(d, 'gpu_replay_ms'):>7} | "
           f"{f(n, 'engine_ms'):>10} {f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
+for t in ("32_32_4_2", "64_32_8_2"):
+    f = L / f"decode_tiles_{t}" / "bench_decode.json"
+    if f.exists():
+        r = json.loads(f.read_text())["ours"]["decode"]
+        print(f"MLA decode tiles {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
+                                                   for b, v in r.items()))
 for extra in ("prefill_sdpa", "prefill_triton", "prefill_triton_moe_overlap"):
     f = L / extra / "bench_decode.json"
     if f.exists():

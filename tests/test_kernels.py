@@ -77,6 +77,25 @@ def test_mla_decode_matches_reference(dtype, heads, rank, rope, block_size, lens
             assert (out[zero_rows] == 0).all()
 
 
+@pytest.mark.parametrize("tiles", ["32,32,4,2", "64,16,8,2"])
+def test_mla_decode_tile_overrides_match_reference(tiles, monkeypatch):
+    """LONGCAT_MLA_DECODE_TILES (for timing wider head blocks on the GPU) must not change results: more heads
+    than one block and fewer, lengths across pages, a padded row."""
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_TILES", tiles)
+    for heads in (20, 40):
+        gen = torch.Generator().manual_seed(heads)
+        args = _paged_case(gen, 3, heads, 32, 16, 8, [70, 0, 9], torch.float32)
+        ref = mla_decode_reference(*args, scale=0.37)
+        for splits in (1, 3, None):
+            assert _rel(mla_decode(*args, scale=0.37, num_splits=splits), ref) < 1e-5, (heads, splits)
+
+
+def test_mla_decode_tile_override_is_validated(monkeypatch):
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_TILES", "24,32,4,2")
+    with pytest.raises(ValueError, match="LONGCAT_MLA_DECODE_TILES"):
+        mla_decode(*_paged_case(torch.Generator().manual_seed(0), 1, 4, 16, 4, 4, [5], torch.float32), scale=1.0)
+
+
 def test_mla_decode_attends_only_within_seq_len():
     """Entries past seq_len (and in other sequences' pages) must not leak in: changing them changes nothing."""
     gen = torch.Generator().manual_seed(7)

@@ -120,7 +120,8 @@ def _stage2(
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
-def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n, next_pow2):
+def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n, next_pow2,
+           num_warps=4, num_stages=2):
     batch, heads, rank = q_latent.shape
     rope = q_rope.shape[-1]
     dev = q_latent.device
@@ -141,7 +142,7 @@ def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits
         NUM_SPLITS=num_splits, BLOCK_H=block_h, BLOCK_N=block_n, DOT_PRECISION=precision,
         UPCAST=interpreter_mode(),  # the CPU interpreter has no bf16 matmul: compute in fp32 there
         USE_WHILE=interpreter_mode(),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _stage2[(heads, batch)](
         part_out, part_lse, out,
