@@ -80,12 +80,14 @@ fi
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
-# MLA decode stage-1 tiles (LONGCAT_MLA_DECODE_TILES="block_h,block_n,warps,stages"; default 16,32,4,2): wider head
-# blocks read each cache entry once instead of once per 16 heads (batch 64 spent 69 us per call vs ~10 us of bytes).
-for tiles in 32,32,4,2 64,32,8,2; do
-  step decode_tiles_${tiles//,/_} 60 LONGCAT_MLA_DECODE_TILES=$tiles $PY benchmarks/bench_decode.py --batches 1,64 \
-    --hf-batches= --eager-steps 0 --new-tokens 32 --profile-batches= --prefill-len 512 \
-    --out-dir "$L/decode_tiles_${tiles//,/_}" --results-md "$L/decode_tiles_${tiles//,/_}.md"
+# Decode variants not yet timed, batch 1 and 64: wider MLA decode head blocks (LONGCAT_MLA_DECODE_TILES=
+# "block_h,block_n,warps,stages", default 16,32,4,2: batch 64 spent 69 us per call vs ~10 us of cache bytes, each
+# of 4 head blocks reading the same entries) and one GEMM for q_a + kv_a (LONGCAT_FUSED_QKV_A=1).
+for variant in tiles_32:LONGCAT_MLA_DECODE_TILES=32,32,4,2 tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2 \
+    fused_qkv_a:LONGCAT_FUSED_QKV_A=1; do
+  name=${variant%%:*}
+  step decode_$name 60 ${variant#*:} $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
+    --new-tokens 32 --profile-batches= --prefill-len 512 --out-dir "$L/decode_$name" --results-md "$L/decode_$name.md"
 done
 # Prefill options not yet timed: SDPA (4-D inputs since 0237481), the Triton flash kernel, and the MoE on a side
 # stream during eager prefill (with the Triton kernel, whose attention no longer dominates).
@@ -143,12 +145,12 @@ for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
     f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
     print(f"{b:>5} | {f(d, 'engine_ms'):>14} {f(d, 'step_ms'):>7} {f(d, 'gpu_replay_ms'):>7} | "
           f"{f(n, 'engine_ms'):>10} {f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
-for t in ("32_32_4_2", "64_32_8_2"):
-    f = L / f"decode_tiles_{t}" / "bench_decode.json"
+for t in ("tiles_32", "tiles_64", "fused_qkv_a"):
+    f = L / f"decode_{t}" / "bench_decode.json"
     if f.exists():
         r = json.loads(f.read_text())["ours"]["decode"]
-        print(f"MLA decode tiles {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
-                                                   for b, v in r.items()))
+        print(f"decode variant {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
+                                                  for b, v in r.items()))
 for extra in ("prefill_sdpa", "prefill_triton", "prefill_triton_moe_overlap"):
     f = L / extra / "bench_decode.json"
     if f.exists():

@@ -176,10 +176,14 @@ def _decode_logits(model, caches, prompts, block_size, tables):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_decode_path_equals_eager_model(monkeypatch, dtype):
-    """The whole model: the Triton decode path (norms, prep, split-K attention) vs the eager layers."""
+@pytest.mark.parametrize("fused_qkv_a", ["0", "1"])
+def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_qkv_a):
+    """The whole model: the Triton decode path (norms, prep, split-K attention; with LONGCAT_FUSED_QKV_A=1 one
+    GEMM for q_a and kv_a, row-strided views into the kernels) vs the eager layers."""
     config = ModelConfig.from_dict(TINY)
+    monkeypatch.setenv("LONGCAT_FUSED_QKV_A", fused_qkv_a)
     model = load_model(config, dtype=dtype, device=DEVICE, load_format="dummy", seed=1)
+    assert (model.model.layers[0].self_attn[0].fused_a_weight is not None) == (fused_qkv_a == "1")
     block_size, prompts = 4, [[5, 9, 11, 3, 8, 1, 4], [2, 60, 7], [99] * 13]
     tables = [[0, 1], [4], [6, 2, 8, 9]]
     with torch.inference_mode():

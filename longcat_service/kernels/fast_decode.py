@@ -49,9 +49,9 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
     n = x.shape[0]
     heads, dn, dr, dv = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
-    q_a = rms_norm(attn.q_a_proj(x), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
+    q_a, kv_a = attn.a_projections(x)
+    q_a = rms_norm(q_a, attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
     q = attn.q_b_proj(q_a).view(n, heads, dn + dr)
-    kv_a = attn.kv_a_proj_with_mqa(x)
     q = mla_prep(q, kv_a, cos, sin, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, attn.q_scale,
                  attn.kv_scale, plan.slot_mapping, kv_cache, dr)
     w = attn.kv_b_proj.weight.view(heads, dn + dv, attn.kv_lora_rank)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from longcat_service.config import ModelConfig
 from longcat_service.distributed.parallel_state import get_tp_size
@@ -39,6 +40,27 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LORA_NORM_EPS, dtype)
         self.kv_b_proj = ColumnParallelLinear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), dtype)
         self.o_proj = RowParallelLinear(c.num_attention_heads * c.v_head_dim, c.hidden_size, dtype, bias=bias)
+        self.fused_a_weight: torch.Tensor | None = None  # [q_a | kv_a] rows, see fuse_a_projections
+
+    @torch.no_grad()
+    def fuse_a_projections(self) -> None:
+        """q_a_proj and kv_a_proj_with_mqa read the same input: store their weights as one [q_a; kv_a] matrix so
+        a decode step does one GEMV instead of two (the parameters become views into it, so loading weights
+        into them later still works). Not with biases (LongCat-Flash has none)."""
+        if self.fused_a_weight is not None or self.q_a_proj.bias is not None:
+            return
+        fused = torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight], dim=0)
+        rows = self.q_a_proj.weight.shape[0]
+        self.q_a_proj.weight.data = fused[:rows]
+        self.kv_a_proj_with_mqa.weight.data = fused[rows:]
+        self.fused_a_weight = fused
+
+    def a_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_a_proj(x), kv_a_proj_with_mqa(x)), as one GEMM when fused (row-strided views, unit last stride)."""
+        if self.fused_a_weight is None:
+            return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+        return F.linear(x, self.fused_a_weight).split([self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size],
+                                                      dim=-1)
 
     def forward(
         self,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,10 @@ def load_model(
         _init_dummy(model, seed)
     else:
         model.mtp_weight_names = _load_checkpoint(model, checkpoint)
+    if os.environ.get("LONGCAT_FUSED_QKV_A", "0") == "1":  # opt-in until timed on the H200
+        for layer in model.model.layers:
+            for attn in layer.self_attn:
+                attn.fuse_a_projections()
     return model
 
 
