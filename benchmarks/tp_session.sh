@@ -85,6 +85,15 @@ else
   printf 'serve\tskipped (fewer than 2 GPUs)\t0\n' >>"$L/steps.tsv"
 fi
 
+# Opt-in, lowest priority: TP decode with CUDA graphs (NCCL collectives captured; LONGCAT_TP_CUDA_GRAPHS=1), first
+# checked against TP=1 on the tiny model, then timed like `speed`. Never run before this session's machine.
+if [[ $DEVICE != cpu ]]; then
+  step check_tiny_graphs 150 LONGCAT_TP_CUDA_GRAPHS=1 $B check --model tiny --device $DEVICE --tp-sizes $SIZES \
+    --out "$L/check_tiny_graphs.json"
+  step speed_graphs 240 LONGCAT_TP_CUDA_GRAPHS=1 $B speed --model $BIG --device $DEVICE --tp-sizes $SIZES $SPEED \
+    --out "$L/speed_graphs.json"
+fi
+
 $PY - "$L" >"$OUT/summary.txt" 2>&1 <<'EOF'
 import json, subprocess, sys
 from pathlib import Path
@@ -135,6 +144,10 @@ for name in ("check_tiny", "check_2l"):
                 print(f"    tp {tp} batch {b}: {c['calls']} collectives, {c['bytes'] / 1e6:.3f} MB, "
                       f"{c['ms']:.3f} ms ({', '.join(c['ops'])})")
 
+for extra in ("check_tiny_graphs", "speed_graphs"):
+    p = L / f"{extra}.json"
+    if p.exists():
+        print(f"\n== {extra} (LONGCAT_TP_CUDA_GRAPHS=1) ==\n" + p.read_text()[-3000:])
 print("\n== scaling table (speed + check_2l) ==")
 files = [str(L / f"{n}.json") for n in ("check_2l", "speed") if (L / f"{n}.json").exists()]
 if files:

@@ -100,9 +100,16 @@ class _TPRunnerMixin:
         return int(n.item())
 
 
+def _tp_cuda_graphs() -> bool:
+    """LONGCAT_TP_CUDA_GRAPHS=1: every rank captures the decode graphs (NCCL collectives inside) at start-up and
+    replays them in lockstep. Opt-in until it has run on a multi-GPU machine (benchmarks/tp_session.sh)."""
+    return os.environ.get("LONGCAT_TP_CUDA_GRAPHS", "0") == "1"
+
+
 class TPDriverRunner(_TPRunnerMixin, ModelRunner):
     supports_chained_decode = False  # the workers get each step's token ids from the host
-    uses_cuda_graphs = False
+    uses_cuda_graphs = property(lambda self: _tp_cuda_graphs())
+
     def __init__(self, args: EngineArgs, model_path, env: RankInfo | None):
         self.failure: str | None = None  # set once the TP group is lost; the process then exits
         self._closing = False
@@ -126,7 +133,6 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
         except BaseException:
             self._abandon_workers()
             raise
-        self.graph_runner = None  # CUDA graphs are not captured under TP (not validated with collectives)
         atexit.register(self.close)
         logger.info("tensor parallel: rank 0 of %d ready (%s)", tp, "torchrun" if env else "local processes")
 
@@ -248,13 +254,13 @@ class _SkipSampler:
 
 class TPWorkerRunner(_TPRunnerMixin, ModelRunner):
     supports_chained_decode = False
-    uses_cuda_graphs = False
+    uses_cuda_graphs = property(lambda self: _tp_cuda_graphs())
+
     def __init__(self, args: EngineArgs, model_path, info: RankInfo, store: dist.TCPStore):
         self._stopping = False
         self.heartbeat = Heartbeat(open_heartbeat_store(info, store.port), info.rank, [0], self._rank0_lost).start()
         rank_args = self._join(args, info, store)
         super().__init__(rank_args, model_path)
-        self.graph_runner = None
         self.sampler = _SkipSampler()
         self.decoder = StepDecoder()
 
