@@ -23,6 +23,14 @@ def triton_available() -> bool:
     return True
 
 
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (and >= minimum): Triton block shapes must be powers of two."""
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
 def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

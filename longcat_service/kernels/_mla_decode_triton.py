@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_service.kernels import interpreter_mode
+from longcat_service.kernels import interpreter_mode, next_pow2
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _stage2(
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
-def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n, next_pow2,
+def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n,
            num_warps=4, num_stages=2):
     batch, heads, rank = q_latent.shape
     rope = q_rope.shape[-1]

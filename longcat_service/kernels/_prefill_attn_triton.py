@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_service.kernels import interpreter_mode
+from longcat_service.kernels import interpreter_mode, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -128,7 +128,7 @@ def _prefill_fwd(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
 
 
-def launch(q, k, v, scale, block_m, block_n, num_warps, num_stages, next_pow2, wide=None):
+def launch(q, k, v, scale, block_m, block_n, num_warps, num_stages, wide=None):
     num_queries, heads, d_qk = q.shape
     seq_len, d_v = k.shape[0], v.shape[-1]
     out = torch.empty(num_queries, heads, d_v, dtype=q.dtype, device=q.device)

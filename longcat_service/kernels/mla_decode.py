@@ -91,13 +91,6 @@ def choose_num_splits(batch: int, num_heads: int, block_h: int = BLOCK_H) -> int
     return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // programs)))
 
 
-def _next_pow2(n: int, minimum: int = 16) -> int:
-    p = minimum
-    while p < n:
-        p *= 2
-    return p
-
-
 def mla_decode(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -116,5 +109,5 @@ def mla_decode(
     block_h, block_n, warps, stages = tiles()
     if num_splits is None:
         num_splits = choose_num_splits(batch, heads, block_h)
-    return launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n, _next_pow2,
+    return launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n,
                   warps, stages)

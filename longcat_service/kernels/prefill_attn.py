@@ -45,13 +45,6 @@ def _check_inputs(q, k, v) -> None:
         raise ValueError(f"q on {q.device}, k on {k.device}, v on {v.device}")
 
 
-def _next_pow2(n: int, minimum: int = 16) -> int:
-    p = minimum
-    while p < n:
-        p *= 2
-    return p
-
-
 def prefill_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,4 +63,4 @@ def prefill_attn(
 
     tiles = TILES.get(q.dtype, TILES[torch.float32])
     picked = [tiles[i] if arg is None else arg for i, arg in enumerate((block_m, block_n, num_warps, num_stages))]
-    return launch(q, k, v, scale, *picked, _next_pow2, wide_offsets)
+    return launch(q, k, v, scale, *picked, wide_offsets)
