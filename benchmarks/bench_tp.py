@@ -26,16 +26,13 @@ import argparse
 import functools
 import json
 import math
-import multiprocessing
 import os
-import queue
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -46,6 +43,7 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
         sys.path.insert(0, _p)
 
 from longcat_service.config import ModelConfig  # noqa: E402
+from longcat_service.distributed.local_ranks import free_port, run_on_local_ranks  # noqa: E402
 from longcat_service.model import loader  # noqa: E402
 from longcat_service.model.dummy_weights import dummy_tensor, init_dummy  # noqa: E402
 
@@ -84,62 +82,10 @@ def write_checkpoint(model: str, out: Path, seed: int = 0, dtype: str = "float32
 
 
 # ---- ranks ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, device_type, fn, args, results) -> None:
-    import torch.distributed as dist
-
-    from longcat_service.distributed import parallel_state
-
-    try:
-        if device_type == "cuda":
-            torch.cuda.set_device(rank)
-        else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        if world > 1:
-            store = dist.TCPStore("127.0.0.1", port, world, rank == 0, wait_for_workers=False)
-            parallel_state.init_distributed(
-                world, rank, backend="nccl" if device_type == "cuda" else "gloo", store=store
-            )
-        out = fn(*args)
-        results.put((rank, "ok", out if rank == 0 else None))
-        parallel_state.destroy_distributed()
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-
-
 def run_ranks(world: int, device_type: str, fn, *args, timeout_s: float = 900.0):
-    """fn(*args) on `world` spawned ranks (NCCL on cuda:rank, else gloo), like tests/tp_harness.run_on_ranks;
-    returns rank 0's result. World 1 also runs in a child, so the caller never holds device memory."""
-    ctx = multiprocessing.get_context("spawn")
-    results, port = ctx.Queue(), _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, device_type, fn, args, results), daemon=True)
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    outcome = {}
-    try:
-        for _ in range(world):
-            rank, status, value = results.get(timeout=timeout_s)
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            outcome[rank] = value
-    except queue.Empty:
-        raise RuntimeError(f"ranks did not finish within {timeout_s}s (got {sorted(outcome)})") from None
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return outcome[0]
+    """fn(*args) on `world` spawned ranks (NCCL on cuda:rank, else gloo); rank 0's result. World 1 also runs in a
+    child, so the caller never holds device memory."""
+    return run_on_local_ranks(world, fn, *args, device_type=device_type, timeout_s=timeout_s)
 
 
 class CollectiveRecorder:
@@ -533,7 +479,7 @@ def cmd_serve(a) -> dict:
         res["skipped"] = f"needs {a.tp} GPUs, {gpu_count()} visible"
         return res
     model_dir = str(MODELS[a.model])
-    port = _free_port()
+    port = free_port()
     serve_args = [
         "--model",
         model_dir,

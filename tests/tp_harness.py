@@ -7,67 +7,17 @@ lists), since the rank exits right after.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import queue
-import socket
-import traceback
+from longcat_service.distributed.local_ranks import RankFailure, free_port, run_on_local_ranks
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, fn, args, results) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from longcat_service.distributed import parallel_state
-
-    torch.set_num_threads(1)
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world, rank == 0, wait_for_workers=False)
-        parallel_state.init_distributed(world, rank, backend="gloo", store=store)
-        out = fn(*args)
-        results.put((rank, "ok", out if rank == 0 else None))
-        parallel_state.destroy_distributed()
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
+__all__ = ["free_port", "run_on_ranks", "model_logits"]
 
 
 def run_on_ranks(world: int, fn, *args, timeout_s: float = 120.0):
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
+    """gloo ranks with one thread each; a rank's failure fails the test (AssertionError with its traceback)."""
     try:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, results), daemon=True)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
-    outcome = {}
-    try:
-        for _ in range(world):
-            rank, status, value = results.get(timeout=timeout_s)
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            outcome[rank] = value
-    except queue.Empty:
-        raise AssertionError(f"ranks did not finish within {timeout_s}s (got {sorted(outcome)})") from None
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return outcome[0]
+        return run_on_local_ranks(world, fn, *args, threads_per_rank=1, timeout_s=timeout_s)
+    except RankFailure as e:
+        raise AssertionError(str(e)) from None
 
 
 def model_logits(checkpoints: list[str], tokens: list[int], identity_on_every_rank: bool = False) -> list:
