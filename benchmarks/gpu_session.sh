@@ -21,20 +21,7 @@ BUDGET=${BUDGET:-560}
 NEW_ENV="LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 LONGCAT_PREFILL_ATTN=sdpa LONGCAT_FUSED_RESIDUAL=1"
 : > "$L/steps.tsv"
 
-# step NAME CAP_SECONDS CMD... : run CMD (through env, so VAR=value prefixes work) with a timeout of
-# min(CAP, time left); skip when under 25 s are left. Records name, exit code and seconds in steps.tsv.
-step() {
-  local name=$1 cap=$2
-  shift 2
-  local left=$((BUDGET - SECONDS))
-  if ((left < 25)); then
-    printf '%s\tskipped\t0\n' "$name" >>"$L/steps.tsv"
-    return
-  fi
-  local t=$((cap < left ? cap : left)) t0=$SECONDS
-  timeout -k 5 "$t" env "$@" >"$L/$name.log" 2>&1
-  printf '%s\t%s\t%s\n' "$name" "$?" "$((SECONDS - t0))" >>"$L/steps.tsv"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/session_steps.sh"  # step NAME CAP CMD...
 
 PY=$(command -v python || command -v python3)
 pip install --no-index --no-deps --target /tmp/site .whl/*.whl >"$L/wheels.log" 2>&1

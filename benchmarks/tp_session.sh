@@ -5,8 +5,9 @@
 #   DEVICE=cpu bash benchmarks/tp_session.sh   CPU dry run: tiny model everywhere, gloo, TP 1 and 2, small loads
 # Wheels it installs from .whl/ (grpc health/reflection): benchmarks/fetch_device_wheels.sh on the CPU machine.
 # Every step runs under `timeout`, capped by what is left of BUDGET (default 560 s, so one 600 s call fits), in
-# priority order; the summary is always written. STEPS="check_tiny speed check_2l serve" picks steps (a second
-# call can finish what the first left: SKIP_BUILD=1 with the _C*.so the first call left in $OUT carried back).
+# priority order; the summary is always written. STEPS (default: check_tiny speed check_2l serve
+# check_tiny_graphs speed_graphs) picks steps (a second call can finish what the first left: SKIP_BUILD=1 with
+# the _C*.so the first call left in $OUT carried back).
 # NCCL_NVLS_ENABLE=0 is forced; the machine's multicast settings are left alone.
 #   check_tiny  TP 1,2,4,8 on the tiny model (fp32, real safetensors checkpoint): logits of one prefill vs TP=1
 #               (ranks of our own, NCCL) and greedy tokens + logprobs through LLM(tensor_parallel_size=N)
@@ -22,28 +23,11 @@ L=$OUT/logs
 mkdir -p "$L"
 BUDGET=${BUDGET:-560}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-"check_tiny speed check_2l serve"}
+STEPS=${STEPS:-"check_tiny speed check_2l serve check_tiny_graphs speed_graphs"}
 export NCCL_NVLS_ENABLE=0
 : > "$L/steps.tsv"
 
-# step NAME CAP_SECONDS CMD... : run CMD (through env, so VAR=value prefixes work) with a timeout of
-# min(CAP, time left); skip when under 25 s are left or NAME is not in STEPS. Records name, exit code, seconds.
-step() {
-  local name=$1 cap=$2
-  shift 2
-  local left=$((BUDGET - SECONDS))
-  if [[ " $STEPS build " != *" $name "* ]]; then
-    printf '%s\tnot in STEPS\t0\n' "$name" >>"$L/steps.tsv"
-    return
-  fi
-  if ((left < 25)); then
-    printf '%s\tskipped\t0\n' "$name" >>"$L/steps.tsv"
-    return
-  fi
-  local t=$((cap < left ? cap : left)) t0=$SECONDS
-  timeout -k 10 "$t" env "$@" >"$L/$name.log" 2>&1
-  printf '%s\t%s\t%s\n' "$name" "$?" "$((SECONDS - t0))" >>"$L/steps.tsv"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/session_steps.sh"  # step NAME CAP CMD...
 
 PY=$(command -v python || command -v python3)
 if [[ $DEVICE == cuda ]]; then
