@@ -49,7 +49,7 @@ class StepHandle:
 
 class ModelRunner:
     supports_chained_decode = True  # launch(batch, input_ids=<device tensor>) works (not under TP: ranks get host ids)
-    uses_cuda_graphs = True  # not under TP: capture with collectives is not validated
+    uses_cuda_graphs = True  # TP runners: only with LONGCAT_TP_CUDA_GRAPHS=1 (tp_worker.py)
 
     def __init__(self, args: EngineArgs, model_path):
         from longcat_service.model.loader import load_model  # the model package is heavy; import on use
