@@ -18,6 +18,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -238,6 +239,12 @@ def profile_step(fn, path: Path, title: str, rows: int = 25) -> str:
         fn()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    # The Chrome trace keeps each kernel's stream and start time: benchmarks/trace_timeline.py reads it for
+    # the critical path, the gaps and the side-stream overlap that the summed table cannot show.
+    trace_dir = path.parent / "traces"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    trace = trace_dir / (re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_") + ".json")
+    prof.export_chrome_trace(str(trace))
     with open(path, "a") as fh:
         fh.write(f"\n=== {title} ===\n{table}\n")
     return table
@@ -343,7 +350,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         prompt = torch.randint(3, raw["vocab_size"], (args.prefill_len,), generator=gen).tolist()
         seq = drv.new_seq(prompt, 1)
         table = profile_step(lambda: drv.prefill([seq], max_tokens=args.prefill_len), out_dir / "profiles.txt",
-                             f"prefill of {args.prefill_len} tokens", rows=30)
+                             f"prefill of {args.prefill_len} tokens", rows=60)
         print(f"--- prefill {args.prefill_len}: top kernels ---\n{table}", flush=True)
         drv.release([seq])
     s, c = args.prefill_len, raw

@@ -73,10 +73,13 @@ class LongcatDecoderLayer(nn.Module):
         """forward() with each residual add fused into the RMSNorm that reads its result (3 of 5 adds)."""
         a0 = self.self_attn[0](self.input_layernorm[0](h), cos, sin, plan, kv_caches[0])
         n0, h = _add_norm(a0, h, self.post_attention_layernorm[0])  # h + a0 == a0 + h exactly
-        moe_out = self.mlp(n0)
+        with ShortcutMoEStream(n0) as branch:  # the same side-stream overlap as forward()
+            moe_out = branch.output(self.mlp(n0))
         n1, h = _add_norm(self.mlps[0](n0), h, self.input_layernorm[1])
         n2, h = _add_norm(self.self_attn[1](n1, cos, sin, plan, kv_caches[1]), h, self.post_attention_layernorm[1])
-        return h + self.mlps[1](n2) + moe_out
+        out = h + self.mlps[1](n2)
+        branch.join()
+        return out + moe_out
 
 
 class LongcatFlashModel(nn.Module):

@@ -1,0 +1,91 @@
+"""Critical-path view of a torch.profiler Chrome trace (written by bench_decode's profile_step).
+
+The profiler's table sums kernel times, which over-counts kernels that overlap on two streams (the shortcut MoE
+runs beside the dense path) and hides the idle gaps between kernels. This prints, per CUDA stream, the busy time
+and the idle gaps inside the traced window, the union of all streams' busy time, and the largest gaps with the
+kernels around them; --timeline lists every kernel of one window in start order.
+
+    python benchmarks/trace_timeline.py gpu_out/logs/decode_default/traces/3_cuda_graph_replays_batch_1.json \
+        --windows 3 --timeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_kernels(path: Path) -> list[dict]:
+    events = json.loads(path.read_text())
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return sorted(kernels, key=lambda e: e["ts"])
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(kernels: list[dict], windows: int, top_gaps: int) -> str:
+    if not kernels:
+        return "no kernels in the trace"
+    t0, t1 = kernels[0]["ts"], max(k["ts"] + k["dur"] for k in kernels)
+    span = t1 - t0
+    lines = [f"window: {span:.1f} us for {windows} step(s) = {span / windows:.1f} us per step; {len(kernels)} kernels "
+             f"({len(kernels) / windows:.0f} per step)"]
+    by_stream: dict[int, list[dict]] = defaultdict(list)
+    for k in kernels:
+        by_stream[k["args"].get("stream", k.get("tid"))].append(k)
+    for stream, ks in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
+        busy = union_length([(k["ts"], k["ts"] + k["dur"]) for k in ks])
+        lines.append(f"stream {stream}: {len(ks) / windows:.0f} kernels/step, busy {busy / windows:.1f} us/step, "
+                     f"sum of durations {sum(k['dur'] for k in ks) / windows:.1f} us/step")
+    busy_all = union_length([(k["ts"], k["ts"] + k["dur"]) for k in kernels])
+    lines.append(f"any stream busy: {busy_all / windows:.1f} us/step; idle (no kernel on any stream): "
+                 f"{(span - busy_all) / windows:.1f} us/step")
+    gaps = []
+    end, prev = kernels[0]["ts"] + kernels[0]["dur"], kernels[0]
+    for k in kernels[1:]:
+        if k["ts"] > end:
+            gaps.append((k["ts"] - end, prev["name"], k["name"]))
+        if k["ts"] + k["dur"] >= end:
+            end, prev = k["ts"] + k["dur"], k
+    gaps.sort(reverse=True)
+    lines.append(f"idle gaps: {len(gaps) / windows:.0f} per step; largest:")
+    lines += [f"  {g:7.1f} us  after {a[:60]}  before {b[:60]}" for g, a, b in gaps[:top_gaps]]
+    return "\n".join(lines)
+
+
+def timeline(kernels: list[dict], windows: int) -> str:
+    per = max(1, len(kernels) // windows)
+    ks = kernels[:per]
+    t0 = ks[0]["ts"]
+    rows = [f"{'start':>8} {'dur':>7} stream  name"]
+    rows += [f"{k['ts'] - t0:8.1f} {k['dur']:7.1f} {str(k['args'].get('stream', '?')):>6}  {k['name'][:90]}" for k in ks]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("traces", nargs="+", type=Path)
+    p.add_argument("--windows", type=int, default=1, help="steps (graph replays) in the trace")
+    p.add_argument("--top-gaps", type=int, default=12)
+    p.add_argument("--timeline", action="store_true", help="every kernel of the first step, in start order")
+    args = p.parse_args(argv)
+    for path in args.traces:
+        kernels = load_kernels(path)
+        print(f"== {path.name} ==\n{summarize(kernels, args.windows, args.top_gaps)}")
+        if args.timeline:
+            print(timeline(kernels, args.windows))
+
+
+if __name__ == "__main__":
+    main()
