@@ -17,11 +17,14 @@ namespace longcat {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kRows = 8;  // token rows of one expert processed per pass over its weights
+// Token rows of one expert processed per pass over its weights: 8 at most, fewer when the step has fewer tokens
+// (an expert never gets more rows than tokens): at batch 1 an 8-row accumulator only costs registers, hence
+// occupancy and bytes in flight, for rows that never exist.
+constexpr int kMaxRows = 8;
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
-template <typename T, int VEC, int NR, bool SWIGLU>
+template <typename T, int VEC, int NR, bool SWIGLU, int kRows>
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
     grouped_gemv_kernel(const T* __restrict__ a, const T* __restrict__ w, T* __restrict__ out,
                         const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_slots,
@@ -57,7 +60,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
 #pragma unroll
       for (int c = 0; c < NW; ++c) acc[i][c] = 0.f;
 
-#pragma unroll 2
+#pragma unroll(kRows <= 2 ? 4 : 2)
     for (int k = lane * VEC; k < K; k += kWarp * VEC) {
       Vec<T, VEC> wv[NW];
 #pragma unroll
@@ -94,12 +97,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
 template <typename T, int VEC, int NR, bool SWIGLU>
 void launch_gemv(const T* a, const T* w, T* out, const at::Tensor& offsets, const at::Tensor& sorted_slots,
                  const at::Tensor& active, const at::Tensor& num_active, int max_active, int K, int N, int top_k,
-                 int64_t w_expert_stride, cudaStream_t stream) {
+                 int64_t w_expert_stride, int64_t num_tokens, cudaStream_t stream) {
   const int cols_per_block = kWarpsPerBlock * NR;
   const dim3 grid(max_active, (N + cols_per_block - 1) / cols_per_block);
-  grouped_gemv_kernel<T, VEC, NR, SWIGLU><<<grid, kWarpsPerBlock * kWarp, 0, stream>>>(
-      a, w, out, offsets.data_ptr<int32_t>(), sorted_slots.data_ptr<int32_t>(), active.data_ptr<int32_t>(),
-      num_active.data_ptr<int32_t>(), K, N, top_k, w_expert_stride);
+  const dim3 block(kWarpsPerBlock * kWarp);
+  const int32_t *off = offsets.data_ptr<int32_t>(), *slots = sorted_slots.data_ptr<int32_t>();
+  const int32_t *act = active.data_ptr<int32_t>(), *nact = num_active.data_ptr<int32_t>();
+  // Host-side choice from the token count only (fixed per captured CUDA graph), never from device values.
+  if (num_tokens <= 1) {
+    grouped_gemv_kernel<T, VEC, NR, SWIGLU, 1><<<grid, block, 0, stream>>>(a, w, out, off, slots, act, nact, K, N,
+                                                                            top_k, w_expert_stride);
+  } else if (num_tokens <= 2) {
+    grouped_gemv_kernel<T, VEC, NR, SWIGLU, 2><<<grid, block, 0, stream>>>(a, w, out, off, slots, act, nact, K, N,
+                                                                            top_k, w_expert_stride);
+  } else if (num_tokens <= 4) {
+    grouped_gemv_kernel<T, VEC, NR, SWIGLU, 4><<<grid, block, 0, stream>>>(a, w, out, off, slots, act, nact, K, N,
+                                                                            top_k, w_expert_stride);
+  } else {
+    grouped_gemv_kernel<T, VEC, NR, SWIGLU, kMaxRows><<<grid, block, 0, stream>>>(a, w, out, off, slots, act, nact, K,
+                                                                                   N, top_k, w_expert_stride);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -111,12 +128,12 @@ bool aligned16(const T* p, int64_t row) {
 template <typename T, int VEC>
 void run_ffn(const T* x, const T* w13, const T* w2, T* h, T* y, const at::Tensor& offsets,
              const at::Tensor& sorted_slots, const at::Tensor& active, const at::Tensor& num_active, int max_active,
-             int H, int I, int top_k, cudaStream_t stream) {
+             int H, int I, int top_k, int64_t num_tokens, cudaStream_t stream) {
   // SwiGLU: NR=2 -> 4 weight rows (gate+up for 2 columns) in flight per lane; down: NR=4 rows.
   launch_gemv<T, VEC, 2, true>(x, w13, h, offsets, sorted_slots, active, num_active, max_active, H, I, top_k,
-                               int64_t{2} * I * H, stream);
+                               int64_t{2} * I * H, num_tokens, stream);
   launch_gemv<T, VEC, 4, false>(h, w2, y, offsets, sorted_slots, active, num_active, max_active, I, H, top_k,
-                                int64_t{H} * I, stream);
+                                int64_t{H} * I, num_tokens, stream);
 }
 
 // LONGCAT_FFN_DECODE_KERNEL: "auto" (default), "v1", "v2" (expert_ffn_v2.cuh) or "v3" (expert_ffn_v3.cuh). Read at
@@ -169,9 +186,11 @@ void dispatch_ffn(const at::Tensor& hidden, const at::Tensor& w13, const at::Ten
     return;
   }
   if (vec) {
-    run_ffn<T, kVec>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);
+    run_ffn<T, kVec>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k,
+                     hidden.size(0), stream);
   } else {  // sizes not a multiple of 16 bytes: scalar loads, same kernel
-    run_ffn<T, 1>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k, stream);
+    run_ffn<T, 1>(x, a, b, hp, yp, offsets, sorted_slots, active, num_active, max_active, H, I, top_k,
+                  hidden.size(0), stream);
   }
 }
 
