@@ -6,7 +6,8 @@
 # Budget: every step runs under `timeout`, capped by what is left of a 560 s budget (BUDGET), in priority order,
 # so a hang or a slow step drops the optional steps at the end, never the summary. Steps: build; GPU tests; MoE
 # layer; serving (with the engine step trace); decode + prefill with the transformers baseline and profiles; MLA
-# decode tile alternatives; the prefill variants (SDPA, Triton flash, Triton + side-stream MoE); the full MoE list.
+# decode variants (fused residual, MoE inline, 64-head tiles); the prefill variants (SDPA, eager, Triton + side-stream MoE; the default run has the
+# Triton flash prefill, the default on CUDA); the full MoE list.
 # SKIP_BUILD=1 (with a carried longcat_service/_C*.so), GPU_TESTS, MOE_NEW_ENV, DECODE_NEW_ENV: see below.
 # VARIANTS=1 also runs the older decode-kernel variants (all measured slower; default off):
 #   LONGCAT_FFN_DECODE_KERNEL=v2   expert SwiGLU/down GEMV with in-block split-K (csrc/cuda/expert_ffn_v2.cuh)
@@ -67,18 +68,17 @@ fi
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
-# Decode variants not yet timed, batch 1 and 64: wider MLA decode head blocks (LONGCAT_MLA_DECODE_TILES=
-# "block_h,block_n,warps,stages", default 16,32,4,2: batch 64 spent 69 us per call vs ~10 us of cache bytes, each
-# of 4 head blocks reading the same entries) and one GEMM for q_a + kv_a (LONGCAT_FUSED_QKV_A=1).
-for variant in tiles_32:LONGCAT_MLA_DECODE_TILES=32,32,4,2 tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2 \
-    fused_qkv_a:LONGCAT_FUSED_QKV_A=1; do
+# Decode variants, batch 1 and 64: residual adds fused into the RMSNorms (LONGCAT_FUSED_RESIDUAL=1, side-stream MoE
+# kept since e0523ae), the shortcut MoE inline (LONGCAT_MOE_OVERLAP_MAX_TOKENS=0) and 64-head MLA decode blocks.
+for variant in fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
+    tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2; do
   name=${variant%%:*}
   step decode_$name 60 ${variant#*:} $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
     --new-tokens 32 --profile-batches= --prefill-len 512 --out-dir "$L/decode_$name" --results-md "$L/decode_$name.md"
 done
-# Prefill options not yet timed: SDPA (4-D inputs since 0237481), the Triton flash kernel, and the MoE on a side
-# stream during eager prefill (with the Triton kernel, whose attention no longer dominates).
-for variant in sdpa:LONGCAT_PREFILL_ATTN=sdpa triton:LONGCAT_PREFILL_ATTN=triton \
+# Prefill attention alternatives to the default (the Triton flash kernel, in decode_default): SDPA, the eager
+# S x S path (the default before), and the MoE on a side stream during eager (non-graph) prefill steps.
+for variant in sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_PREFILL_ATTN=eager \
     triton_moe_overlap:LONGCAT_PREFILL_ATTN=triton,LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=1024; do
   name=${variant%%:*}
   envs=${variant#*:}
@@ -132,13 +132,13 @@ for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
     f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
     print(f"{b:>5} | {f(d, 'engine_ms'):>14} {f(d, 'step_ms'):>7} {f(d, 'gpu_replay_ms'):>7} | "
           f"{f(n, 'engine_ms'):>10} {f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
-for t in ("tiles_32", "tiles_64", "fused_qkv_a"):
+for t in ("fused_residual", "moe_inline", "tiles_64"):
     f = L / f"decode_{t}" / "bench_decode.json"
     if f.exists():
         r = json.loads(f.read_text())["ours"]["decode"]
         print(f"decode variant {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
                                                   for b, v in r.items()))
-for extra in ("prefill_sdpa", "prefill_triton", "prefill_triton_moe_overlap"):
+for extra in ("prefill_sdpa", "prefill_eager", "prefill_triton_moe_overlap"):
     f = L / extra / "bench_decode.json"
     if f.exists():
         dec[extra] = json.loads(f.read_text())["ours"]
@@ -154,6 +154,11 @@ f = L / "decode_default.md"
 if f.exists():
     print("\n== decode table with the transformers baseline (decode_default.md) ==")
     print(f.read_text()[-3000:])
+for trace in sorted((L / "decode_default" / "traces").glob("3_cuda_graph_replays_batch_*.json")):
+    import subprocess
+    print(f"\n== critical path of {trace.name} (benchmarks/trace_timeline.py) ==")
+    print(subprocess.run([sys.executable, "benchmarks/trace_timeline.py", str(trace), "--windows", "3", "--top-gaps", "5"],
+                         capture_output=True, text=True).stdout[-2500:])
 f = L / "decode_hf.log"
 if f.exists():
     print("\n== transformers baseline ==")
