@@ -22,13 +22,17 @@ L = torch.ops.longcat
 DEV = "cuda"
 SCALE = 6.0
 
-# (T, E, Z, k, zero_share, ties, dtype, H, I): T in {0,1,7,129,1000}; E not powers of two; k in {1, 12};
+# (T, E, Z, k, zero_share, ties, dtype, H, I): T in {0,1,2,3,4,7,129,1000} (T * k <= 256: moe_align's one-block path); E not powers of two; k in {1, 12};
 # Z = 0; all / no slots to zero experts; exact ties; bf16 and fp32; H, I multiples of 8 (vector loads)
 # and odd ones (scalar fallback).
 CASES = [
     (0, 12, 6, 4, "mixed", False, torch.bfloat16, 256, 128),
     (1, 12, 6, 12, "mixed", False, torch.bfloat16, 256, 128),
     (1, 512, 256, 12, "mixed", False, torch.bfloat16, 512, 64),
+    # 2 and 3-4 tokens: the expert GEMV's 2- and 4-row variants (1 token: 1 row, 5+ tokens: 8 rows)
+    (2, 20, 12, 12, "mixed", False, torch.bfloat16, 256, 128),
+    (3, 13, 0, 4, "none", True, torch.float32, 101, 37),
+    (4, 24, 8, 12, "mixed", False, torch.bfloat16, 136, 72),
     (7, 13, 0, 1, "none", False, torch.float32, 256, 96),
     (7, 20, 12, 12, "all", False, torch.bfloat16, 256, 128),
     (7, 20, 12, 12, "none", False, torch.float32, 200, 40),

@@ -1,5 +1,5 @@
-// CUDA moe_align: a deterministic (stable) counting sort of the real-expert slots, in three launches
-// and with no host sync: (1) per-chunk expert counts, (2) one block scans chunks then experts into CSR
+// CUDA moe_align: a deterministic (stable) counting sort of the real-expert slots, in three launches (one when
+// all slots fit one chunk) and with no host sync: (1) per-chunk expert counts, (2) one block scans chunks then experts into CSR
 // offsets and the compact active list, (3) each slot's row = expert offset + earlier chunks' count +
 // its rank among equal ids earlier in its own chunk. Ids >= E (zero experts) and < 0 get no row.
 #include <cub/block/block_scan.cuh>
@@ -95,6 +95,65 @@ __global__ void scatter_kernel(const int32_t* __restrict__ ids, int num_slots, i
   slot_rows[s] = row;
 }
 
+// All three steps in one block when the slots fit one chunk (decode: T * k <= 256): at batch 1 the two extra
+// launches cost more than the work, and this runs on the MoE's critical path.
+__global__ void __launch_bounds__(kScanThreads) align_one_chunk_kernel(const int32_t* __restrict__ ids, int num_slots,
+                                                                       int num_experts, int32_t* __restrict__ offsets,
+                                                                       int32_t* __restrict__ active,
+                                                                       int32_t* __restrict__ num_active,
+                                                                       int32_t* __restrict__ sorted_slots,
+                                                                       int32_t* __restrict__ slot_rows) {
+  extern __shared__ int32_t starts[];  // per expert: its count, then (after the scan) its first row
+  __shared__ int32_t chunk_ids[kChunk];
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int tid = threadIdx.x;
+  for (int e = tid; e < num_experts; e += blockDim.x) starts[e] = 0;
+  if (tid < kChunk) chunk_ids[tid] = tid < num_slots ? ids[tid] : -1;
+  __syncthreads();
+  if (tid < num_slots) {
+    const int e = chunk_ids[tid];
+    if (e >= 0 && e < num_experts) atomicAdd(&starts[e], 1);
+  }
+  __syncthreads();
+  const int per = (num_experts + kScanThreads - 1) / kScanThreads;
+  const int lo = min(tid * per, num_experts), hi = min(lo + per, num_experts);
+  int rows = 0, hits = 0;
+  for (int e = lo; e < hi; ++e) {
+    rows += starts[e];
+    hits += starts[e] > 0;
+  }
+  int row_base, hit_base, total_rows, total_hits;
+  Scan(scan_storage).ExclusiveSum(rows, row_base, total_rows);
+  __syncthreads();
+  Scan(scan_storage).ExclusiveSum(hits, hit_base, total_hits);
+  for (int e = lo; e < hi; ++e) {
+    const int count = starts[e];
+    offsets[e] = row_base;
+    starts[e] = row_base;
+    if (count > 0) active[hit_base++] = e;
+    row_base += count;
+  }
+  for (int i = total_hits + tid; i < num_experts; i += blockDim.x) active[i] = -1;
+  if (tid == 0) {
+    offsets[num_experts] = total_rows;
+    num_active[0] = total_hits;
+  }
+  __syncthreads();
+  if (tid >= num_slots) return;
+  if (tid >= total_rows) sorted_slots[tid] = -1;
+  const int e = chunk_ids[tid];
+  if (e < 0 || e >= num_experts) {
+    slot_rows[tid] = -1;
+    return;
+  }
+  int rank = 0;
+  for (int j = 0; j < tid; ++j) rank += chunk_ids[j] == e;
+  const int row = starts[e] + rank;
+  sorted_slots[row] = tid;
+  slot_rows[tid] = row;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& topk_ids_in,
                                                                                       int64_t num_experts) {
   check_align_args(topk_ids_in, num_experts);
@@ -114,6 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = num_experts * sizeof(int32_t);
   const int E = static_cast<int>(num_experts), S = static_cast<int>(num_slots);
+  if (num_chunks == 1) {
+    align_one_chunk_kernel<<<1, kScanThreads, smem, stream>>>(
+        ids.data_ptr<int32_t>(), S, E, offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(),
+        num_active.data_ptr<int32_t>(), sorted_slots.data_ptr<int32_t>(), slot_rows.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {offsets, sorted_slots, slot_rows, active, num_active};
+  }
   if (num_chunks > 0) {
     count_chunks_kernel<<<num_chunks, kChunk, smem, stream>>>(ids.data_ptr<int32_t>(), S, E,
                                                               chunk_counts.data_ptr<int32_t>());
