@@ -79,8 +79,9 @@ def test_each_op_matches_reference(case):
     offsets, sorted_slots, slot_rows, _, _ = r_align
     y = L.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k)
     r_y = ref.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k)
-    assert y.dtype == dtype
-    torch.testing.assert_close(y, r_y)
+    assert y.dtype == dtype and y.shape == r_y.shape
+    n = int(offsets[-1])  # rows at or past it are unspecified (combine never reads them)
+    torch.testing.assert_close(y[:n], r_y[:n])
 
     out = L.combine(r_y, slot_rows, r_weights, hidden, r_zero_w, True)
     assert torch.equal(out, ref.combine(r_y, slot_rows, r_weights, hidden, r_zero_w, True))

@@ -3,12 +3,16 @@
 The dispatcher picks the CPU or CUDA kernel from the tensors' device. On CUDA, expert_ffn has two
 regimes: a weight-streaming kernel for few tokens per expert (decode) and torch._grouped_mm for many
 (prefill); the choice uses only T, k and E, never device values, so it is CUDA-graph safe.
+expert_ffn's rows at or past expert_offsets[-1] are unspecified (the grouped-GEMM path leaves them
+uninitialised); combine reads only the rows of real-expert slots.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from longcat_service.kernels import fast_path_enabled
 
 _ops = torch.ops.longcat
 
@@ -36,18 +40,29 @@ def _use_grouped_mm(hidden: torch.Tensor, w13: torch.Tensor, num_slots: int) -> 
 
 
 def _expert_ffn_grouped_mm(hidden, w13, w2, expert_offsets, sorted_slots, top_k):
-    """Prefill path: gather rows into expert order, two grouped GEMMs (bf16, fp32 accumulate), SwiGLU."""
-    num_rows = sorted_slots.shape[0]
-    inter = w2.shape[-1]
-    tokens = torch.div(sorted_slots.clamp(min=0), top_k, rounding_mode="floor")
-    x = hidden.index_select(0, tokens)
+    """Prefill path: gather rows into expert order, two grouped GEMMs (bf16, fp32 accumulate), SwiGLU.
+
+    Rows at or past expert_offsets[-1] (as many as zero-expert slots) belong to no group: _grouped_mm does
+    not write them and no real row depends on them, so they are left as they are (the op's contract:
+    unspecified; combine never reads them). With Triton, the gather and the activation skip them too (the
+    count is read on the device, so there is no host sync).
+    """
     ends = expert_offsets[1:]
-    gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
-    act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=ends)
-    # _grouped_mm leaves rows past the last group's end unwritten; the op's contract says they are zero.
-    valid = torch.arange(num_rows, device=hidden.device) < expert_offsets[-1]
-    return torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    if fast_path_enabled(hidden):
+        from longcat_service.kernels.moe_gather import gather_expert_rows
+        from longcat_service.kernels.silu_mul import silu_and_mul
+
+        num_rows = expert_offsets[-1:]
+        x = gather_expert_rows(hidden, sorted_slots, top_k, num_rows)
+        gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
+        act = silu_and_mul(gate_up, num_rows)
+    else:
+        inter = w2.shape[-1]
+        tokens = torch.div(sorted_slots.clamp(min=0), top_k, rounding_mode="floor")
+        x = hidden.index_select(0, tokens)
+        gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    return torch._grouped_mm(act, w2.transpose(1, 2), offs=ends)
 
 
 def expert_ffn(hidden, w13, w2, expert_offsets, sorted_slots, top_k, active_experts=None, num_active=None):

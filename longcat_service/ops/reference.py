@@ -91,7 +91,9 @@ def expert_ffn(
     """SwiGLU of each real-expert row: y [T*k, H] in hidden's dtype, in permuted row order.
 
     Row r holds expert e's output for token sorted_slots[r] // k, where e is the expert whose
-    offsets range contains r. Rows past the last real row are zero.
+    offsets range contains r. Rows at or past expert_offsets[-1] (the zero-expert slots' share) are
+    unspecified: implementations may leave them uninitialised (the CUDA prefill path does), and combine
+    never reads them. This reference writes zeros there.
     """
     num_slots = sorted_slots.numel()
     out = torch.zeros(num_slots, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
@@ -119,8 +121,10 @@ def combine(
 ) -> torch.Tensor:
     """out[t] = sum_j w[t,j] * y[row(t,j)] (+ zero_weight[t] * x[t]); fp32 [T, H].
 
-    Accumulated in fp32 in slot order j = 0..k-1, then the identity term, so that every
-    implementation adds in the same order.
+    Uses only the rows of real-expert slots (slot_rows >= 0), so expert_out's unspecified rows (at or
+    past expert_offsets[-1]) never reach the output, whatever they hold (NaN included). Accumulated in
+    fp32 in slot order j = 0..k-1, then the identity term, so that every implementation adds in the same
+    order.
     """
     num_tokens, top_k = topk_weights.shape
     out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
