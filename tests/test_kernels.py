@@ -77,6 +77,30 @@ def test_mla_decode_matches_reference(dtype, heads, rank, rope, block_size, lens
             assert (out[zero_rows] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,rank,rope,dv,lens", [(4, 16, 4, 12, [1, 13, 0, 40]), (20, 32, 16, 40, [70, 3])])
+def test_mla_decode_with_w_uv_matches_reference(dtype, heads, rank, rope, dv, lens):
+    """The merge stage applying W_UV (small decode batches): equals the unfused o_latent then per-head product,
+    for dv not a multiple of the 32-column tile, a strided W_UV view (as kv_b_proj's) and a padded row."""
+    from longcat_service.kernels.mla_decode import mla_decode_uv_reference
+
+    gen = torch.Generator().manual_seed(heads * 7 + dv)
+    args = _paged_case(gen, len(lens), heads, rank, rope, 4, lens, dtype)
+    w_kv_b = (torch.randn(heads, 5 + dv, rank, generator=gen) * 0.2).to(dtype).to(DEVICE)
+    w_uv = w_kv_b[:, 5:, :]  # strided like fast_decode's view of kv_b_proj's weight
+    ref = mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)
+    for splits in (1, 3, None):
+        out = mla_decode(*args, scale=0.37, num_splits=splits, w_uv=w_uv)
+        assert out.shape == (len(lens), heads, dv) and out.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2 * BF16_TOL
+        assert _rel(out, ref) < tol, f"splits={splits}"
+        zero_rows = [i for i, n in enumerate(lens) if n == 0]
+        if zero_rows:
+            assert (out[zero_rows] == 0).all()
+    with pytest.raises(ValueError, match="w_uv"):
+        mla_decode(*args, scale=0.37, w_uv=w_uv[1:])
+
+
 @pytest.mark.parametrize("tiles", ["32,32,4,2", "64,16,8,2"])
 def test_mla_decode_tile_overrides_match_reference(tiles, monkeypatch):
     """LONGCAT_MLA_DECODE_TILES (for timing wider head blocks on the GPU) must not change results: more heads
@@ -176,12 +200,14 @@ def _decode_logits(model, caches, prompts, block_size, tables):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fused_qkv_a", ["0", "1"])
-def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_qkv_a):
+@pytest.mark.parametrize("fused_qkv_a,fused_uv", [("0", "0"), ("1", "8")])
+def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_qkv_a, fused_uv):
     """The whole model: the Triton decode path (norms, prep, split-K attention; with LONGCAT_FUSED_QKV_A=1 one
-    GEMM for q_a and kv_a, row-strided views into the kernels) vs the eager layers."""
+    GEMM for q_a and kv_a, row-strided views into the kernels; W_UV in the merge stage or as a separate bmm) vs
+    the eager layers."""
     config = ModelConfig.from_dict(TINY)
     monkeypatch.setenv("LONGCAT_FUSED_QKV_A", fused_qkv_a)
+    monkeypatch.setenv("LONGCAT_MLA_FUSED_UV_MAX_BATCH", fused_uv)
     model = load_model(config, dtype=dtype, device=DEVICE, load_format="dummy", seed=1)
     assert (model.model.layers[0].self_attn[0].fused_a_weight is not None) == (fused_qkv_a == "1")
     block_size, prompts = 4, [[5, 9, 11, 3, 8, 1, 4], [2, 60, 7], [99] * 13]

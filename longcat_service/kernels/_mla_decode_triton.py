@@ -120,14 +120,57 @@ def _stage2(
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
+@triton.jit
+def _stage2_uv(
+    part_out_ptr, part_lse_ptr, w_ptr, out_ptr,
+    s_pob, s_poh, s_pos, s_plb, s_plh, s_wh, s_wd, s_ob, s_oh,
+    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+):
+    """_stage2, then this head's W_UV: out[b, h, d] = o_latent[b, h] . w_uv[h, d] for BLOCK_D columns d. Each of the
+    DV / BLOCK_D programs of a head merges the (L2-resident) partials itself, so no o_latent round trip and no
+    separate bmm launch."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_D
+    offs_r = tl.arange(0, RANK_PAD)
+    rmask = offs_r < RANK
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([RANK_PAD], tl.float32)
+    for s in range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + s + tl.arange(0, 1))
+        part = tl.load(part_out_ptr + b * s_pob + h * s_poh + s * s_pos + offs_r, mask=rmask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        safe = m_new > float("-inf")
+        m_ref = tl.where(safe, m_new, 0.0)
+        alpha = tl.where(safe, tl.exp(m - m_ref), 0.0)
+        w = tl.where(safe, tl.exp(lse - m_ref), 0.0)
+        acc = acc * alpha + w * part
+        total = total * alpha + w
+        m = m_new
+    # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
+    o = (acc / tl.where(total > 0.0, total, 1.0)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    dmask = offs_d < DV
+    wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :], mask=dmask[:, None] & rmask[None, :],
+                 other=0.0).to(tl.float32)
+    y = tl.sum(wt * o[None, :], axis=1)
+    tl.store(out_ptr + b * s_ob + h * s_oh + offs_d, y.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+UV_BLOCK_D = 32  # W_UV columns per program of _stage2_uv (a [32, 512] tile: 32 KB of bf16)
+
+
 def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n,
-           num_warps=4, num_stages=2):
+           num_warps=4, num_stages=2, w_uv=None):
     batch, heads, rank = q_latent.shape
     rope = q_rope.shape[-1]
     dev = q_latent.device
     part_out = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=dev)
     part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=dev)
-    out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
+    dv = None if w_uv is None else w_uv.shape[1]
+    out = (torch.empty_like(q_latent, memory_format=torch.contiguous_format) if w_uv is None
+           else torch.empty(batch, heads, dv, dtype=q_latent.dtype, device=dev))
     if batch == 0:
         return out
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
@@ -144,6 +187,16 @@ def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits
         USE_WHILE=interpreter_mode(),
         num_warps=num_warps, num_stages=num_stages,
     )
+    if w_uv is not None:
+        block_d = min(UV_BLOCK_D, next_pow2(dv))
+        _stage2_uv[(heads, batch, triton.cdiv(dv, block_d))](
+            part_out, part_lse, w_uv, out,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
+            RANK=rank, RANK_PAD=next_pow2(rank), NUM_SPLITS=num_splits, BLOCK_D=block_d, DV=dv,
+            num_warps=4,
+        )
+        return out
     _stage2[(heads, batch)](
         part_out, part_lse, out,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),

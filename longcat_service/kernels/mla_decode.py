@@ -99,10 +99,18 @@ def mla_decode(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    w_uv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q_latent [B, h, r], q_rope [B, h, dr], kv_cache [nb, bs, r+dr], block_tables [B, mb] int,
-    seq_lens [B] int (device) -> o_latent [B, h, r] in the input dtype."""
+    seq_lens [B] int (device) -> o_latent [B, h, r] in the input dtype; with w_uv [h, dv, r] (unit last stride)
+    the merge stage also applies it and returns [B, h, dv] (see mla_decode_uv_reference)."""
     _check_inputs(q_latent, q_rope, kv_cache, block_tables, seq_lens)
+    if w_uv is not None:
+        heads, rank = q_latent.shape[1], q_latent.shape[2]
+        if w_uv.dim() != 3 or w_uv.shape[0] != heads or w_uv.shape[2] != rank or w_uv.stride(-1) != 1:
+            raise ValueError(f"w_uv {tuple(w_uv.shape)} must be [{heads}, dv, {rank}] with a unit last stride")
+        if w_uv.dtype != q_latent.dtype or w_uv.device != q_latent.device:
+            raise ValueError(f"w_uv is {w_uv.dtype} on {w_uv.device}, q_latent {q_latent.dtype} on {q_latent.device}")
     from longcat_service.kernels._mla_decode_triton import launch
 
     batch, heads, _ = q_latent.shape
@@ -110,4 +118,10 @@ def mla_decode(
     if num_splits is None:
         num_splits = choose_num_splits(batch, heads, block_h)
     return launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n,
-                  warps, stages)
+                  warps, stages, w_uv=w_uv)
+
+
+def mla_decode_uv_reference(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, w_uv) -> torch.Tensor:
+    """mla_decode with w_uv: the unfused path's o_latent (model dtype), then the per-head W_UV product."""
+    o_latent = mla_decode_reference(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale)
+    return torch.bmm(o_latent.transpose(0, 1).float(), w_uv.float().transpose(1, 2)).transpose(0, 1).to(o_latent.dtype)
