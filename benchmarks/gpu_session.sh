@@ -37,9 +37,9 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
 fi
 
-TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_prefill_sdpa.py"}
+TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_prefill_sdpa.py tests/test_silu_mul.py tests/test_moe_prefill.py"}
 MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"}
-step pytest_default 120 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
+step pytest_default 150 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # MoE layer, B in {1, 64}, both shapes; per-kernel profile of I=2048 B=1 first (router, GEMVs, combine).
 step moe_default 60 $PY benchmarks/bench_moe.py --batches 1,64 --reps 50 --profile 2048,1 --out "$L/moe_default.json"
@@ -68,6 +68,9 @@ fi
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
 step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
+# The prefill pieces against the code they replaced (fused SwiGLU, row gather, grouped expert FFN without the
+# zeroing pass, bf16x3 router GEMM at 256..4096 tokens), with bit-identity and routing checks.
+step prefill_ops 60 $PY benchmarks/bench_prefill_ops.py --out "$L/prefill_ops.json"
 # Decode variants, batch 1 and 64: residual adds fused into the RMSNorms (LONGCAT_FUSED_RESIDUAL=1, side-stream MoE
 # kept since e0523ae), the shortcut MoE inline (LONGCAT_MOE_OVERLAP_MAX_TOKENS=0) and 64-head MLA decode blocks.
 for variant in fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
@@ -147,6 +150,10 @@ for k, v in dec.items():
     if p:
         print(f"prefill {p['tokens']} tokens, {k}: {p['tokens_per_s']:.0f} tok/s, {p['tflops']:.0f} TFLOP/s "
               f"= {100 * p['share_of_matmul']:.1f}% of matmul")
+f = L / "prefill_ops.log"
+if f.exists():
+    print("\n== prefill pieces (bench_prefill_ops): last lines ==")
+    print("\n".join(f.read_text().splitlines()[-25:]))
 print("\n== serving (bench_serve, default variant): last lines ==")
 f = L / "serve.log"
 print("\n".join(f.read_text().splitlines()[-12:]) if f.exists() else "(no log)")
