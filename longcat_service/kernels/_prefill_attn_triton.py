@@ -28,27 +28,29 @@ def _tile(ptrs, rmask, cmask, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr, UP
 
 
 @triton.jit
-def _key_block(acc, m_i, l_i, q_a, q_b, k_base, v_base, n0, rows, seq_len, offset, s_kn, s_vn, qk_scale,
-               offs_a, offs_b, offs_v, amask, bmask, vmask,
-               D_A: tl.constexpr, HAS_B: tl.constexpr, A_PAD: tl.constexpr, B_PAD: tl.constexpr,
-               V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr):
+def _key_block(acc, m_i, l_i, q_a, q_b, ka_base, kb_base, v_base, n0, rows, seq_len, offset, s_kan, s_kbn, s_vn,
+               qk_scale, offs_a, offs_b, offs_v, amask, bmask, vmask,
+               HAS_B: tl.constexpr, A_PAD: tl.constexpr, B_PAD: tl.constexpr, V_PAD: tl.constexpr,
+               BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               WIDE: tl.constexpr):
     """One BLOCK_N-key step of the online softmax (base-2: qk_scale already holds log2(e))."""
     offs_n = tl.arange(0, BLOCK_N)
     cols = n0 + offs_n
-    if WIDE:  # n0 * (heads * 192) passes 2**31 past ~170K keys at 64 heads
-        k_base += tl.cast(n0, tl.int64) * s_kn
+    if WIDE:  # n0 * (heads * 256) passes 2**31 past ~131K keys at 64 heads (k_nope / v: views of kv_b_proj's output)
+        ka_base += tl.cast(n0, tl.int64) * s_kan
+        kb_base += tl.cast(n0, tl.int64) * s_kbn
         v_base += tl.cast(n0, tl.int64) * s_vn
     else:  # 32-bit: the 64-bit form made ptxas serialise the wgmmas (C7515) when compiled for sm_90a
-        k_base += n0 * s_kn
+        ka_base += n0 * s_kan
+        kb_base += n0 * s_kbn
         v_base += n0 * s_vn
     # Blocks below the diagonal lie wholly inside [0, S) and the causal window: no key masks on their loads;
     # only the diagonal blocks pay for them.
     kmask = cols < seq_len
-    k_a = _tile(k_base + offs_n[:, None] * s_kn + offs_a[None, :], kmask, amask, DIAGONAL, A_PAD, UPCAST)
+    k_a = _tile(ka_base + offs_n[:, None] * s_kan + offs_a[None, :], kmask, amask, DIAGONAL, A_PAD, UPCAST)
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-    if HAS_B:  # the tail of a head dim that is no power of two (192 = 128 + 64): a second dot, no padding to 256
-        k_b = _tile(k_base + offs_n[:, None] * s_kn + D_A + offs_b[None, :], kmask, bmask, DIAGONAL, B_PAD, UPCAST)
+    if HAS_B:  # MLA's rope part (64 of 192): a second dot against the key shared by all heads (head stride 0)
+        k_b = _tile(kb_base + offs_n[:, None] * s_kbn + offs_b[None, :], kmask, bmask, DIAGONAL, B_PAD, UPCAST)
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PRECISION)
     qk = qk * qk_scale
     if DIAGONAL:  # bottom-right-aligned causal: query row i sees keys j <= offset + i
@@ -66,9 +68,10 @@ def _key_block(acc, m_i, l_i, q_a, q_b, k_base, v_base, n0, rows, seq_len, offse
 
 @triton.jit
 def _prefill_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr, qk_scale, num_queries, seq_len,
-    s_qm, s_qh, s_kn, s_kh, s_vn, s_vh, s_om, s_oh,
-    D_QK: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, D_V_PAD: tl.constexpr,
+    qa_ptr, qb_ptr, ka_ptr, kb_ptr, v_ptr, o_ptr, qk_scale, num_queries, seq_len,
+    s_qam, s_qah, s_qbm, s_qbh, s_kan, s_kah, s_kbn, s_kbh, s_vn, s_vh, s_om, s_oh,
+    D_A: tl.constexpr, D_A_PAD: tl.constexpr, D_B: tl.constexpr, D_B_PAD: tl.constexpr,
+    D_V: tl.constexpr, D_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     USE_WHILE: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -80,23 +83,25 @@ def _prefill_fwd(
     rows = start_m + tl.arange(0, BLOCK_M)
     rmask = rows < num_queries
 
-    offs_a = tl.arange(0, D_A)
-    offs_b = tl.arange(0, D_B)
+    offs_a = tl.arange(0, D_A_PAD)
+    offs_b = tl.arange(0, D_B_PAD)
     offs_v = tl.arange(0, D_V_PAD)
-    amask = offs_a < D_QK
-    bmask = D_A + offs_b < D_QK
+    amask = offs_a < D_A
+    bmask = offs_b < D_B
     vmask = offs_v < D_V
-    HAS_B: tl.constexpr = D_A < D_QK
-    A_PAD: tl.constexpr = D_A > D_QK  # only for head dims under 16 (tl.dot's minimum)
-    B_PAD: tl.constexpr = D_A + D_B > D_QK
+    HAS_B: tl.constexpr = D_B > 0
+    A_PAD: tl.constexpr = D_A_PAD > D_A
+    B_PAD: tl.constexpr = D_B_PAD > D_B
     V_PAD: tl.constexpr = D_V_PAD > D_V
-    q_base = q_ptr + head * s_qh + rows[:, None].to(tl.int64) * s_qm
-    q_a = _tile(q_base + offs_a[None, :], rmask, amask, True, A_PAD, UPCAST)
+    q_a = _tile(qa_ptr + head * s_qah + rows[:, None].to(tl.int64) * s_qam + offs_a[None, :], rmask, amask, True,
+                A_PAD, UPCAST)
     if HAS_B:
-        q_b = _tile(q_base + D_A + offs_b[None, :], rmask, bmask, True, B_PAD, UPCAST)
+        q_b = _tile(qb_ptr + head * s_qbh + rows[:, None].to(tl.int64) * s_qbm + offs_b[None, :], rmask, bmask,
+                    True, B_PAD, UPCAST)
     else:
         q_b = q_a  # unused placeholder
-    k_base = k_ptr + head * s_kh
+    ka_base = ka_ptr + head * s_kah
+    kb_base = kb_ptr + head * s_kbh  # s_kbh = 0: MLA's rope key, one for all heads
     v_base = v_ptr + head * s_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -109,43 +114,56 @@ def _prefill_fwd(
     if USE_WHILE:  # Triton's CPU interpreter cannot take computed tensors as range() bounds
         n0 = 0
         while n0 < hi:
-            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_a, q_b, k_base, v_base, n0, rows, seq_len, offset, s_kn,
-                                       s_vn, qk_scale, offs_a, offs_b, offs_v, amask, bmask, vmask, D_A, HAS_B, A_PAD,
-                                       B_PAD, V_PAD, BLOCK_N, n0 >= full_end, DOT_PRECISION, UPCAST, WIDE)
+            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_a, q_b, ka_base, kb_base, v_base, n0, rows, seq_len, offset,
+                                       s_kan, s_kbn, s_vn, qk_scale, offs_a, offs_b, offs_v, amask, bmask, vmask,
+                                       HAS_B, A_PAD, B_PAD, V_PAD, BLOCK_N, n0 >= full_end, DOT_PRECISION, UPCAST,
+                                       WIDE)
             n0 += BLOCK_N
     else:  # two for loops, so that the compiler software-pipelines the K/V loads (num_stages)
         for n0 in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_a, q_b, k_base, v_base, n0, rows, seq_len, offset, s_kn,
-                                       s_vn, qk_scale, offs_a, offs_b, offs_v, amask, bmask, vmask, D_A, HAS_B, A_PAD,
-                                       B_PAD, V_PAD, BLOCK_N, False, DOT_PRECISION, UPCAST, WIDE)
+            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_a, q_b, ka_base, kb_base, v_base, n0, rows, seq_len, offset,
+                                       s_kan, s_kbn, s_vn, qk_scale, offs_a, offs_b, offs_v, amask, bmask, vmask,
+                                       HAS_B, A_PAD, B_PAD, V_PAD, BLOCK_N, False, DOT_PRECISION, UPCAST, WIDE)
         for n0 in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_a, q_b, k_base, v_base, n0, rows, seq_len, offset, s_kn,
-                                       s_vn, qk_scale, offs_a, offs_b, offs_v, amask, bmask, vmask, D_A, HAS_B, A_PAD,
-                                       B_PAD, V_PAD, BLOCK_N, True, DOT_PRECISION, UPCAST, WIDE)
+            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_a, q_b, ka_base, kb_base, v_base, n0, rows, seq_len, offset,
+                                       s_kan, s_kbn, s_vn, qk_scale, offs_a, offs_b, offs_v, amask, bmask, vmask,
+                                       HAS_B, A_PAD, B_PAD, V_PAD, BLOCK_N, True, DOT_PRECISION, UPCAST, WIDE)
 
     out = acc / l_i[:, None]
     o_ptrs = o_ptr + head * s_oh + rows[:, None].to(tl.int64) * s_om + offs_v[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
 
 
-def launch(q, k, v, scale, block_m, block_n, num_warps, num_stages, wide=None):
-    num_queries, heads, d_qk = q.shape
-    seq_len, d_v = k.shape[0], v.shape[-1]
-    out = torch.empty(num_queries, heads, d_v, dtype=q.dtype, device=q.device)
+def _head_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(token stride, head stride) of a [tokens, heads, d] tensor, or of a [tokens, d] one shared by every head."""
+    return (t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), 0)
+
+
+def launch(q_a, q_b, k_a, k_b, v, scale, block_m, block_n, num_warps, num_stages, wide=None, out=None):
+    """q_a [Q, h, da] . k_a [S, h, da] (+ q_b [Q, h, db] . k_b [S, h, db] or [S, db] when q_b is not None)."""
+    num_queries, heads, d_a = q_a.shape
+    seq_len, d_v = k_a.shape[0], v.shape[-1]
+    if out is None:
+        out = torch.empty(num_queries, heads, d_v, dtype=q_a.dtype, device=q_a.device)
     if num_queries == 0 or heads == 0:
         return out
-    d_a = max(16, 1 << (d_qk.bit_length() - 1))  # largest power of two <= d_qk (tl.dot needs >= 16)
-    d_b = next_pow2(d_qk - d_a) if d_a < d_qk else 16  # unused (HAS_B false) when d_qk is a power of two
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32; bf16 dots ignore it
+    has_b = q_b is not None
+    d_b = q_b.shape[-1] if has_b else 0
+    if not has_b:  # placeholders, never read (HAS_B is false)
+        q_b, k_b = q_a, k_a
+    s_kbn, s_kbh = _head_strides(k_b)
+    precision = "ieee" if q_a.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32; bf16 dots ignore it
     grid = (triton.cdiv(num_queries, block_m), heads)
     _prefill_fwd[grid](
-        q, k, v, out, float(scale) * LOG2E, num_queries, seq_len,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        D_QK=d_qk, D_A=d_a, D_B=d_b, D_V=d_v, D_V_PAD=next_pow2(d_v),
+        q_a, q_b, k_a, k_b, v, out, float(scale) * LOG2E, num_queries, seq_len,
+        q_a.stride(0), q_a.stride(1), q_b.stride(0), q_b.stride(1), k_a.stride(0), k_a.stride(1), s_kbn, s_kbh,
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        D_A=d_a, D_A_PAD=next_pow2(d_a), D_B=d_b, D_B_PAD=next_pow2(d_b),  # tl.dot needs dims >= 16
+        D_V=d_v, D_V_PAD=next_pow2(d_v),
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
         UPCAST=interpreter_mode(),  # the CPU interpreter has no bf16 matmul: compute in fp32 there
         USE_WHILE=interpreter_mode(),
-        WIDE=max(k.stride(0), v.stride(0)) * seq_len >= 2**31 if wide is None else wide,
+        WIDE=max(k_a.stride(0), s_kbn, v.stride(0)) * seq_len >= 2**31 if wide is None else wide,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -2,6 +2,10 @@
 
 Heads are split across tensor-parallel ranks: q_b_proj and kv_b_proj are column-parallel on heads, o_proj
 is row-parallel; q_a_proj / kv_a_proj_with_mqa and the latent cache are replicated.
+
+Three forward paths: the decode-only CUDA batch (kernels/fast_decode.py); batches with prefill segments whose
+prefill attention is the Triton kernel (the default on CUDA, see paged_attention.prefill_attention_backend),
+`_forward_triton_prefill`; and the eager layers below, the CPU reference (also LONGCAT_PREFILL_ATTN=eager/sdpa).
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from longcat_service.config import ModelConfig
 from longcat_service.distributed.parallel_state import get_tp_size
 from longcat_service.layers.layernorm import RMSNorm
 from longcat_service.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from longcat_service.layers.paged_attention import AttentionPlan, decode_attention, prefill_attention, write_kv_cache
+from longcat_service.layers.paged_attention import (
+    AttentionPlan,
+    decode_attention,
+    prefill_attention,
+    prefill_attention_backend,
+    prefill_attention_triton,
+    write_kv_cache,
+)
 from longcat_service.layers.rotary import apply_rope
 from longcat_service.layers.weight_utils import divide
 
@@ -75,6 +86,8 @@ class MLAAttention(nn.Module):
             from longcat_service.kernels.fast_decode import mla_decode_forward
 
             return mla_decode_forward(self, x, cos, sin, plan, kv_cache)
+        if plan.prefills and prefill_attention_backend(x) == "triton":
+            return self._forward_triton_prefill(x, cos, sin, plan, kv_cache)
         n = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(n, self.num_heads, self.qk_head_dim)
         q = q * self.q_scale  # the q LoRA scale covers both the nope and the rope part, in the model dtype
@@ -101,4 +114,38 @@ class MLAAttention(nn.Module):
             out[seg.token_start : seg.token_end] = prefill_attention(
                 q_full[seg.token_start : seg.token_end], kv_cache, seg, w_kv_b, *dims
             )
+        return self.o_proj(out.reshape(n, self.num_heads * self.v_head_dim))
+
+    def _forward_triton_prefill(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """forward() for a batch with prefill segments on the Triton prefill kernel (decode rows of a mixed batch
+        keep the eager absorbed decode). mla_prep does q * q_scale, both RoPEs, the kv norm * kv_scale and the
+        cache write in one kernel, rounding where the eager code rounds (the q scale in the model dtype before
+        RoPE, as transformers), and returns q as one contiguous [N, h, dn+dr] tensor: the kernel reads its nope
+        and rope parts in place, so neither q nor K is ever concatenated."""
+        from longcat_service.kernels.mla_prep import mla_prep
+
+        n = x.shape[0]
+        dn, dr = self.qk_nope_head_dim, self.qk_rope_head_dim
+        q_a, kv_a = self.a_projections(x)
+        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(n, self.num_heads, self.qk_head_dim)
+        q = mla_prep(q, kv_a, cos, sin, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, self.q_scale,
+                     self.kv_scale, plan.slot_mapping, kv_cache, dr)
+
+        out = x.new_empty(n, self.num_heads, self.v_head_dim)
+        dims = (self.num_heads, dn, self.v_head_dim, self.scale)
+        w_kv_b = self.kv_b_proj.weight
+        if plan.decode_slots is not None:  # a mixed batch (plan.decode_tokens is set: some rows prefill)
+            qd = q[plan.decode_tokens]
+            out[plan.decode_tokens] = decode_attention(qd[..., :dn], qd[..., dn:], kv_cache, plan.decode_slots,
+                                                       plan.decode_valid, w_kv_b, *dims)
+        for seg in plan.prefills:  # the kernel writes each segment's rows of `out` in place
+            rows = slice(seg.token_start, seg.token_end)
+            prefill_attention_triton(q[rows], kv_cache, seg, w_kv_b, *dims, out=out[rows])
         return self.o_proj(out.reshape(n, self.num_heads * self.v_head_dim))

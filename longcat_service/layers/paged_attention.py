@@ -5,11 +5,12 @@ the normalised, mla_scale_kv_lora-scaled latent, then the post-RoPE rope key.
 
 Two paths:
 - prefill / chunked prefill (query_len > 1): expand the sequence's latent through kv_b_proj into per-head
-  K and V, causal with query offset seq_len - query_len, softmax in fp32 (as transformers' eager path);
-  LONGCAT_PREFILL_ATTN=sdpa computes the same attention with F.scaled_dot_product_attention (flash /
-  memory-efficient kernels on CUDA: no [h, Q, S] score tensor) instead of the eager S x S path (default);
-  LONGCAT_PREFILL_ATTN=triton runs our causal flash-attention kernel (kernels/prefill_attn.py) on CUDA
-  tensors, with MLA's distinct q/k (192) and v (128) head dims, and falls back to eager elsewhere;
+  K and V, causal with query offset seq_len - query_len, softmax in fp32 (as transformers' eager path).
+  Three backends (LONGCAT_PREFILL_ATTN, see prefill_attention_backend): 'triton', the default on CUDA, runs
+  our causal flash-attention kernel (kernels/prefill_attn.py) on k_nope / v as views of kv_b_proj's output
+  and the rope key shared by all heads, concatenating nothing; 'eager', the default elsewhere and the
+  reference, builds k = [k_nope | rope key] per head and the [h, Q, S] scores; 'sdpa' runs the same
+  concatenated K through F.scaled_dot_product_attention;
 - decode (query_len == 1), weight-absorbed and batched: q_nope goes through W_UK into the latent space,
   scores are taken against [latent | rope key] directly, and the output P @ latent goes through W_UV.
 An `AttentionPlan` (index tensors shared by every attention sublayer) is built once per forward.
@@ -100,21 +101,33 @@ def write_kv_cache(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, latent: t
 PREFILL_ATTN_BACKENDS = ("eager", "sdpa", "triton")
 
 
-def prefill_attention_backend() -> str:
-    """LONGCAT_PREFILL_ATTN: 'eager' (default, the reference), 'sdpa' or 'triton'."""
-    name = os.environ.get("LONGCAT_PREFILL_ATTN", "eager").strip().lower() or "eager"
+def prefill_attention_backend(q: torch.Tensor | None = None) -> str:
+    """The prefill attention that runs for tensors like q: LONGCAT_PREFILL_ATTN = 'triton', 'sdpa' or 'eager';
+    unset, 'triton' on CUDA and 'eager' elsewhere. 'triton' needs the Triton fast path (a CUDA tensor, triton
+    importable, LONGCAT_DISABLE_TRITON unset) and becomes 'eager' without it (always so when q is None)."""
+    name = os.environ.get("LONGCAT_PREFILL_ATTN", "").strip().lower() or "triton"
     if name not in PREFILL_ATTN_BACKENDS:
         raise ValueError(f"LONGCAT_PREFILL_ATTN must be one of {PREFILL_ATTN_BACKENDS}, got {name!r}")
+    if name == "triton" and (q is None or not fast_path_enabled(q)):
+        return "eager"
     return name
 
 
-def _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
-    """The sequence's cache entries through kv_b_proj -> k [S, h, dn+dr], v [S, h, dv]."""
+def _expand_kv_parts(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
+    """The sequence's cache entries through kv_b_proj -> k_nope [S, h, dn], rope key [S, dr] (one for all
+    heads), v [S, h, dv]: k_nope and v are strided views of the one GEMM output, the rope key a view of the
+    gathered entries."""
     entries = kv_cache.view(-1, kv_cache.shape[-1])[segment.slots]  # [S, r+dr]
     rank = w_kv_b.shape[1]
     latent, k_rope = entries[:, :rank], entries[:, rank:]
     kv = torch.nn.functional.linear(latent, w_kv_b).view(-1, num_heads, qk_nope_head_dim + v_head_dim)
     k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
+    return k_nope, k_rope, v
+
+
+def _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
+    """-> k [S, h, dn+dr] (the rope key concatenated to every head), v [S, h, dv]: eager and sdpa."""
+    k_nope, k_rope, v = _expand_kv_parts(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     k = torch.cat((k_nope, k_rope[:, None, :].expand(-1, num_heads, -1)), dim=-1)  # [S, h, dqk]
     return k, v
 
@@ -130,19 +143,36 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [Q, h, dn+dr] of one sequence -> [Q, h, dv]. w_kv_b: this rank's kv_b_proj weight [h*(dn+dv), r]."""
-    backend = prefill_attention_backend()
+    backend = prefill_attention_backend(q)
     if backend == "sdpa":
         return prefill_attention_sdpa(q, kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim, scale)
-    if backend == "triton" and fast_path_enabled(q):  # CUDA only (tests route CPU tensors via the interpreter)
-        from longcat_service.kernels.prefill_attn import prefill_attn
-
-        k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
-        return prefill_attn(q, k, v, scale)
+    if backend == "triton":  # CUDA only (tests route CPU tensors through the interpreter)
+        return prefill_attention_triton(q, kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim, scale)
     k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * scale  # [h, Q, S]
     scores = scores.masked_fill(~segment.allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [Q, h, dv]
+
+
+def prefill_attention_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    segment: PrefillSegment,
+    w_kv_b: torch.Tensor,
+    num_heads: int,
+    qk_nope_head_dim: int,
+    v_head_dim: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """prefill_attention through the flash kernel (same arguments and result): q's nope and rope parts are read
+    in place (q may be any [Q, h, dn+dr] view with a unit last stride), K is never concatenated, the rope key
+    never broadcast. out: an optional [Q, h, dv] destination (e.g. rows of the layer's output) to write into."""
+    from longcat_service.kernels.prefill_attn import prefill_attn_mla
+
+    k_nope, k_rope, v = _expand_kv_parts(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
+    return prefill_attn_mla(q[..., :qk_nope_head_dim], q[..., qk_nope_head_dim:], k_nope, k_rope, v, scale, out=out)
 
 
 def prefill_attention_sdpa(
