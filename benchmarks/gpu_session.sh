@@ -28,8 +28,9 @@ PY=$(command -v python || command -v python3)
 pip install --no-index --no-deps --target /tmp/site .whl/*.whl >"$L/wheels.log" 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv >"$L/gpu.txt" 2>&1
-git log --oneline -1 >"$L/commit.txt" 2>&1
-export LONGCAT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null)
+echo "${LONGCAT_COMMIT:-$(git log --oneline -1)}" >"$L/commit.txt" 2>&1
+# the device copy of the tree may carry a stale .git: the caller passes LONGCAT_COMMIT
+export LONGCAT_COMMIT=${LONGCAT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 
 # SKIP_BUILD=1: use a carried longcat_service/_C*.so built by an earlier call (saves ~110 s)
 if [[ -z ${SKIP_BUILD:-} ]]; then

@@ -141,3 +141,21 @@ def test_allocate_kv_caches_shapes():
     assert kv_cache_bytes_per_block(cfg, 16, torch.bfloat16) == 6 * 16 * 14 * 2
     with pytest.raises(ValueError, match="num_blocks"):
         allocate_kv_caches(cfg, 0, 16, torch.float32, "cpu")
+
+
+def test_metadata_slots_of_long_chunks_equal_the_per_token_rule():
+    """Chunks of >= VECTORIZE_MIN_TOKENS tokens take a tensor path: same slots as block[pos // bs] * bs + pos % bs,
+    for a whole prompt, a chunk after cached context and short rows in the same batch."""
+    from longcat_service.model import attention_metadata as am
+
+    g = torch.Generator().manual_seed(3)
+    q_lens, s_lens = [am.VECTORIZE_MIN_TOKENS + 5, 1, am.VECTORIZE_MIN_TOKENS, 3], [69, 40, 150, 3]
+    tables = [torch.randperm(64, generator=g)[: -(-s // BS)].tolist() for s in s_lens]
+    meta = AttentionMetadata.build(q_lens, s_lens, tables, BS)
+    want = [t[p // BS] * BS + p % BS for q, s, t in zip(q_lens, s_lens, tables, strict=True)
+            for p in range(s - q, s)]
+    assert meta.slot_mapping.tolist() == want
+    assert meta.query_start_loc.tolist() == [0, 69, 70, 134, 137] and meta.seq_lens.tolist() == s_lens
+    assert meta.block_tables.shape == (4, max(len(t) for t in tables))
+    with pytest.raises(ValueError, match="seq_len 150"):
+        AttentionMetadata.build([100], [150], [tables[2][:-1]], BS)

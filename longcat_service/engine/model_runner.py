@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 128 * 2**20
 PROMPT_LOGPROB_ROWS_PER_CHUNK = 256  # bounds the [rows, vocab] fp32 logits held at once
+# warm-up prompt: 512 tokens x top-12 slots reach the grouped-GEMM MoE path for 512 experts (>= 8 rows each)
+WARMUP_PROMPT_TOKENS = 512
 
 
 @dataclass
@@ -83,6 +85,42 @@ class ModelRunner:
             self.graph_runner.capture_all()
             logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
                         time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            if self.warm_up_prefill():
+                logger.info("warmed up the prefill kernels in %.1f s", time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def warm_up_prefill(self) -> bool:
+        """Run the prefill shapes once before serving, so that Triton compiles (and cuBLAS picks) the prefill
+        kernels now rather than inside the first requests' time to first token: flash attention on a whole prompt
+        and on a chunk after cached context, lengths that are and are not multiples of 16, several prompts in one
+        step, and a MoE with enough slots for the grouped-GEMM path. Uses the first KV blocks while the engine
+        holds none (their contents never matter: a block is written before any request reads it). False when the
+        cache is too small for it."""
+        from longcat_service.engine.sequence import Sequence, SequenceGroup
+        from longcat_service.sampling_params import SamplingParams
+
+        chunk, shorts = 19, (17, 32)
+        long_len = min(WARMUP_PROMPT_TOKENS, int(self.config.max_position_embeddings) - chunk)
+        lengths = (long_len + chunk, *shorts)
+        need = [-(-n // self.block_size) for n in lengths]
+        if long_len < max(shorts) or sum(need) > self.num_blocks:
+            return False
+        gen = torch.Generator().manual_seed(0)
+        seqs, first = [], 0
+        for i, (n, blocks) in enumerate(zip(lengths, need, strict=True)):
+            prompt = torch.randint(3, self.vocab_size, (n,), generator=gen).tolist()
+            params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            seq = Sequence(SequenceGroup(f"__warmup_{i}", prompt, params, time.monotonic()), 0)
+            seq.block_table = list(range(first, first + blocks))
+            first += blocks
+            seqs.append(seq)
+        for batch in ([ScheduledSeq(seqs[0], long_len, 0)], [ScheduledSeq(seqs[0], chunk, long_len)],
+                      [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[1:]]):
+            self.execute(batch)
+        for seq in seqs:
+            self.release(seq.seq_id)
+        return True
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.config, "eos_token_id", None)

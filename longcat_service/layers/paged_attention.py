@@ -33,7 +33,17 @@ class PrefillSegment:
     token_start: int  # rows token_start:token_end of the flat batch
     token_end: int
     slots: torch.Tensor  # [seq_len] int64 cache slots of the sequence's context, in position order
-    allowed: torch.Tensor  # [query_len, seq_len] bool causal mask (query i sees keys <= seq_len - query_len + i)
+    allowed_mask: torch.Tensor | None = None  # built by `allowed` on first use (the flash kernel never needs it)
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """[query_len, seq_len] bool causal mask (query i sees keys <= seq_len - query_len + i)."""
+        if self.allowed_mask is None:
+            seq_len, query_len = self.slots.shape[0], self.token_end - self.token_start
+            key_pos = torch.arange(seq_len, device=self.slots.device)
+            query_pos = torch.arange(seq_len - query_len, seq_len, device=self.slots.device)
+            self.allowed_mask = key_pos[None, :] <= query_pos[:, None]
+        return self.allowed_mask
 
 
 @dataclass
@@ -85,10 +95,7 @@ def build_attention_plan(meta: AttentionMetadata) -> AttentionPlan:
     for i, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True)):
         if q == 1:
             continue
-        slots = _context_slots(meta.block_tables[i], s, meta.block_size)
-        key_pos = torch.arange(s, device=device)
-        query_pos = torch.arange(s - q, s, device=device)
-        prefills.append(PrefillSegment(starts[i], starts[i + 1], slots, key_pos[None, :] <= query_pos[:, None]))
+        prefills.append(PrefillSegment(starts[i], starts[i + 1], _context_slots(meta.block_tables[i], s, meta.block_size)))
     return AttentionPlan(num_tokens, decode_tokens, decode_slots, decode_valid, prefills, meta.slot_mapping)
 
 
