@@ -74,16 +74,17 @@ step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-st
 step prefill_ops 60 $PY benchmarks/bench_prefill_ops.py --out "$L/prefill_ops.json"
 # Decode variants, batch 1 and 64: residual adds fused into the RMSNorms (LONGCAT_FUSED_RESIDUAL=1, side-stream MoE
 # kept since e0523ae), the shortcut MoE inline (LONGCAT_MOE_OVERLAP_MAX_TOKENS=0) and 64-head MLA decode blocks.
-for variant in fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
-    tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2; do
+for variant in ${DECODE_VARIANTS:-fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
+    tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2}; do
   name=${variant%%:*}
   step decode_$name 60 ${variant#*:} $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
     --new-tokens 32 --profile-batches= --prefill-len 512 --out-dir "$L/decode_$name" --results-md "$L/decode_$name.md"
 done
-# Prefill attention alternatives to the default (the Triton flash kernel, in decode_default): SDPA, the eager
-# S x S path (the default before), and the MoE on a side stream during eager (non-graph) prefill steps.
-for variant in sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_PREFILL_ATTN=eager \
-    triton_moe_overlap:LONGCAT_PREFILL_ATTN=triton,LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=1024; do
+# Prefill alternatives to the defaults (Triton flash attention, the MoE on a side stream from 1024 tokens; in
+# decode_default): SDPA, the eager S x S path (the default before), and the MoE inline. DECODE_VARIANTS and
+# PREFILL_VARIANTS ("name:VAR=value,VAR2=value ...") replace either list.
+for variant in ${PREFILL_VARIANTS:-sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_PREFILL_ATTN=eager \
+    moe_inline:LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=0}; do
   name=${variant%%:*}
   envs=${variant#*:}
   step prefill_$name 70 ${envs//,/ } $PY benchmarks/bench_decode.py --batches 1 --hf-batches= \
@@ -142,7 +143,7 @@ for t in ("fused_residual", "moe_inline", "tiles_64"):
         r = json.loads(f.read_text())["ours"]["decode"]
         print(f"decode variant {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
                                                   for b, v in r.items()))
-for extra in ("prefill_sdpa", "prefill_eager", "prefill_triton_moe_overlap"):
+for extra in ("prefill_sdpa", "prefill_eager", "prefill_moe_inline"):
     f = L / extra / "bench_decode.json"
     if f.exists():
         dec[extra] = json.loads(f.read_text())["ours"]
