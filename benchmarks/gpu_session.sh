@@ -61,6 +61,12 @@ fi
 step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
   --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128 \
   --step-trace-dir "$L/serve_trace"
+# SERVE_NEW_ENV="VAR=value": the serving run again with that environment (its log: serve_new.log)
+if [[ -n ${SERVE_NEW_ENV:-} ]]; then
+  step serve_new 100 $SERVE_NEW_ENV $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l \
+    --load-format dummy --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 \
+    --max-tokens 128 --step-trace-dir "$L/serve_new_trace"
+fi
 # DECODE_NEW_ENV="VAR=value": a second decode run (no baseline, no profiles) as the summary's "new" column
 if [[ -n ${DECODE_NEW_ENV:-} ]]; then
   step decode_new 90 $DECODE_NEW_ENV $PY benchmarks/bench_decode.py --batches 1,16,64 --hf-batches= --eager-steps 0 \
@@ -159,6 +165,10 @@ if f.exists():
 print("\n== serving (bench_serve, default variant): last lines ==")
 f = L / "serve.log"
 print("\n".join(f.read_text().splitlines()[-12:]) if f.exists() else "(no log)")
+f = L / "serve_new.log"
+if f.exists():
+    print("\n== serving with SERVE_NEW_ENV: last lines ==")
+    print("\n".join(f.read_text().splitlines()[-9:]))
 f = L / "decode_default.md"
 if f.exists():
     print("\n== decode table with the transformers baseline (decode_default.md) ==")

@@ -8,12 +8,21 @@ host allocator keeps the pinned buffer alive until the copy has run).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+NUMPY_MIN_LEN = 256
+_NUMPY_INTS = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`values` (a list, or a CPU tensor) as a `dtype` tensor on `device`, enqueued without waiting."""
-    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if isinstance(values, torch.Tensor):
+        t = values.to(dtype)
+    elif len(values) >= NUMPY_MIN_LEN and dtype in _NUMPY_INTS:  # numpy builds long int lists ~2x faster
+        t = torch.from_numpy(np.asarray(values, dtype=_NUMPY_INTS[dtype]))
+    else:
+        t = torch.tensor(values, dtype=dtype)
     if device.type == "cpu":
         return t
     if device.type == "cuda":

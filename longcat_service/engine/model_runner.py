@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from longcat_service.engine.engine_args import EngineArgs
@@ -91,20 +92,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up_prefill(self) -> bool:
-        """Run the prefill shapes once before serving, so that Triton compiles (and cuBLAS picks) the prefill
-        kernels now rather than inside the first requests' time to first token: flash attention on a whole prompt
-        and on a chunk after cached context, lengths that are and are not multiples of 16, several prompts in one
-        step, and a MoE with enough slots for the grouped-GEMM path. Uses the first KV blocks while the engine
-        holds none (their contents never matter: a block is written before any request reads it). False when the
-        cache is too small for it."""
+        """Run the prefill shapes once before serving, so that Triton compiles (and cuBLAS, the side stream and
+        the caching allocator set up) the prefill path now rather than inside the first requests' time to first
+        token: flash attention on a whole prompt and on a chunk after cached context, lengths that are and are
+        not multiples of 16, several prompts in one step, a MoE with enough slots for the grouped-GEMM path, a step
+        long enough for the side-stream MoE, and decode rows mixed with a prefill. Uses the first KV blocks while
+        the engine holds none (their contents never matter: a block is written before any request reads it).
+        False when the cache or the model's context is too small for it."""
         from longcat_service.engine.sequence import Sequence, SequenceGroup
+        from longcat_service.layers.side_stream import MOE_OVERLAP_PREFILL_MIN_TOKENS
         from longcat_service.sampling_params import SamplingParams
 
         chunk, shorts = 19, (17, 32)
-        long_len = min(WARMUP_PROMPT_TOKENS, int(self.config.max_position_embeddings) - chunk)
-        lengths = (long_len + chunk, *shorts)
+        first_len = min(WARMUP_PROMPT_TOKENS, int(self.config.max_position_embeddings) - chunk - 1)
+        long_len = min(MOE_OVERLAP_PREFILL_MIN_TOKENS + 76, int(self.config.max_position_embeddings))
+        lengths = (first_len + chunk + 1, long_len, *shorts)
         need = [-(-n // self.block_size) for n in lengths]
-        if long_len < max(shorts) or sum(need) > self.num_blocks:
+        if first_len < max(shorts) or sum(need) > self.num_blocks:
             return False
         gen = torch.Generator().manual_seed(0)
         seqs, first = [], 0
@@ -115,8 +119,11 @@ class ModelRunner:
             seq.block_table = list(range(first, first + blocks))
             first += blocks
             seqs.append(seq)
-        for batch in ([ScheduledSeq(seqs[0], long_len, 0)], [ScheduledSeq(seqs[0], chunk, long_len)],
-                      [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[1:]]):
+        a, b = seqs[0], seqs[1]
+        for batch in ([ScheduledSeq(a, first_len, 0)],  # a whole prompt
+                      [ScheduledSeq(a, chunk, first_len)],  # a chunk after cached context
+                      [ScheduledSeq(a, 1, first_len + chunk), ScheduledSeq(b, long_len, 0)],  # a decode row + a long prompt
+                      [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[2:]]):  # two short prompts
             self.execute(batch)
         for seq in seqs:
             self.release(seq.seq_id)
@@ -182,11 +189,13 @@ class ModelRunner:
                 rows = [self._sampling_row(s.seq, pending=input_ids is not None) for s in batch]
                 return StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows, input_ids))
         host_ids: list[int] = []
-        positions: list[int] = []
         for s in batch:
             if input_ids is None:
                 host_ids.extend(s.seq.token_ids[s.start_pos : s.end_pos])
-            positions.extend(range(s.start_pos, s.end_pos))
+        if any(s.num_new_tokens >= 64 for s in batch):  # long prompts: one arange each, not a list per token
+            positions = torch.from_numpy(np.concatenate([np.arange(s.start_pos, s.end_pos) for s in batch]))
+        else:
+            positions = [p for s in batch for p in range(s.start_pos, s.end_pos)]
         starts = [0]
         for s in batch:
             starts.append(starts[-1] + s.num_new_tokens)

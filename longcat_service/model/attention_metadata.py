@@ -55,15 +55,19 @@ class AttentionMetadata:
         batch = len(block_tables)
         max_blocks = max(max((len(b) for b in block_tables), default=0), 1)
         table = torch.full((batch, max_blocks), -1, dtype=torch.int32)
-        slots: list[int] = []
+        slots: list[int] = []  # short chunks (decode rows)
+        parts: list[torch.Tensor] = []  # in batch order: runs of `slots`, and long chunks' slot tensors
         for i, (q, s, blocks) in enumerate(zip(query_lens, seq_lens, block_tables, strict=True)):
             if blocks:
                 table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             if -(-s // block_size) > len(blocks):
                 raise ValueError(f"attention metadata: seq_len {s} needs more than the {len(blocks)} blocks given")
             if q >= VECTORIZE_MIN_TOKENS:  # a long prefill chunk: one tensor expression instead of a Python loop
+                if slots:
+                    parts.append(torch.tensor(slots, dtype=torch.int64))
+                    slots = []
                 pos = torch.arange(s - q, s)
-                slots.extend((table[i].long()[pos // block_size] * block_size + pos % block_size).tolist())
+                parts.append(table[i].long()[pos // block_size] * block_size + pos % block_size)
             else:
                 slots.extend(blocks[pos // block_size] * block_size + pos % block_size for pos in range(s - q, s))
         starts = [0]
@@ -76,7 +80,7 @@ class AttentionMetadata:
             query_start_loc=ints[: batch + 1],
             seq_lens=ints[batch + 1 : 2 * batch + 1],
             block_tables=ints[2 * batch + 1 :].view(batch, max_blocks),
-            slot_mapping=to_device(torch.tensor(slots, dtype=torch.int64), torch.int64, device),
+            slot_mapping=to_device(torch.cat([*parts, torch.tensor(slots, dtype=torch.int64)]), torch.int64, device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
         )
