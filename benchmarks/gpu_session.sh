@@ -80,7 +80,7 @@ step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-st
 step prefill_ops 60 $PY benchmarks/bench_prefill_ops.py --out "$L/prefill_ops.json"
 # Decode variants, batch 1 and 64: residual adds fused into the RMSNorms (LONGCAT_FUSED_RESIDUAL=1, side-stream MoE
 # kept since e0523ae), the shortcut MoE inline (LONGCAT_MOE_OVERLAP_MAX_TOKENS=0) and 64-head MLA decode blocks.
-for variant in ${DECODE_VARIANTS:-fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
+for variant in ${DECODE_VARIANTS-fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
     tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2}; do
   name=${variant%%:*}
   step decode_$name 60 ${variant#*:} $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
@@ -89,7 +89,7 @@ done
 # Prefill alternatives to the defaults (Triton flash attention, the MoE on a side stream from 1024 tokens; in
 # decode_default): SDPA, the eager S x S path (the default before), and the MoE inline. DECODE_VARIANTS and
 # PREFILL_VARIANTS ("name:VAR=value,VAR2=value ...") replace either list.
-for variant in ${PREFILL_VARIANTS:-sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_PREFILL_ATTN=eager \
+for variant in ${PREFILL_VARIANTS-sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_PREFILL_ATTN=eager \
     moe_inline:LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=0}; do
   name=${variant%%:*}
   envs=${variant#*:}
