@@ -86,11 +86,11 @@ for variant in ${DECODE_VARIANTS-fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inl
   step decode_$name 60 ${variant#*:} $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
     --new-tokens 32 --profile-batches= --prefill-len 512 --out-dir "$L/decode_$name" --results-md "$L/decode_$name.md"
 done
-# Prefill alternatives to the defaults (Triton flash attention, the MoE on a side stream from 1024 tokens; in
-# decode_default): SDPA, the eager S x S path (the default before), and the MoE inline. DECODE_VARIANTS and
+# Prefill alternatives to the defaults (Triton flash attention, the MoE inline; in decode_default): SDPA, the
+# eager S x S path (the default before), and the opt-in MoE side stream. DECODE_VARIANTS and
 # PREFILL_VARIANTS ("name:VAR=value,VAR2=value ...") replace either list.
 for variant in ${PREFILL_VARIANTS-sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_PREFILL_ATTN=eager \
-    moe_inline:LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=0}; do
+    moe_overlap:LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=1024}; do
   name=${variant%%:*}
   envs=${variant#*:}
   step prefill_$name 70 ${envs//,/ } $PY benchmarks/bench_decode.py --batches 1 --hf-batches= \
@@ -149,7 +149,7 @@ for t in ("fused_residual", "moe_inline", "tiles_64"):
         r = json.loads(f.read_text())["ours"]["decode"]
         print(f"decode variant {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
                                                   for b, v in r.items()))
-for extra in ("prefill_sdpa", "prefill_eager", "prefill_moe_inline"):
+for extra in ("prefill_sdpa", "prefill_eager", "prefill_moe_inline", "prefill_moe_overlap"):
     f = L / extra / "bench_decode.json"
     if f.exists():
         dec[extra] = json.loads(f.read_text())["ours"]

@@ -23,6 +23,7 @@ CPU_DEFAULT_KV_CACHE_BYTES = 128 * 2**20
 PROMPT_LOGPROB_ROWS_PER_CHUNK = 256  # bounds the [rows, vocab] fp32 logits held at once
 # warm-up prompt: 512 tokens x top-12 slots reach the grouped-GEMM MoE path for 512 experts (>= 8 rows each)
 WARMUP_PROMPT_TOKENS = 512
+WARMUP_LONG_TOKENS = 1100
 
 
 @dataclass
@@ -96,16 +97,15 @@ class ModelRunner:
         the caching allocator set up) the prefill path now rather than inside the first requests' time to first
         token: flash attention on a whole prompt and on a chunk after cached context, lengths that are and are
         not multiples of 16, several prompts in one step, a MoE with enough slots for the grouped-GEMM path, a step
-        long enough for the side-stream MoE, and decode rows mixed with a prefill. Uses the first KV blocks while
+        over 1024 tokens (where the opt-in side-stream MoE starts), and decode rows mixed with a prefill. Uses the first KV blocks while
         the engine holds none (their contents never matter: a block is written before any request reads it).
         False when the cache or the model's context is too small for it."""
         from longcat_service.engine.sequence import Sequence, SequenceGroup
-        from longcat_service.layers.side_stream import MOE_OVERLAP_PREFILL_MIN_TOKENS
         from longcat_service.sampling_params import SamplingParams
 
         chunk, shorts = 19, (17, 32)
         first_len = min(WARMUP_PROMPT_TOKENS, int(self.config.max_position_embeddings) - chunk - 1)
-        long_len = min(MOE_OVERLAP_PREFILL_MIN_TOKENS + 76, int(self.config.max_position_embeddings))
+        long_len = min(WARMUP_LONG_TOKENS, int(self.config.max_position_embeddings))
         lengths = (first_len + chunk + 1, long_len, *shorts)
         need = [-(-n // self.block_size) for n in lengths]
         if first_len < max(shorts) or sum(need) > self.num_blocks:

@@ -6,9 +6,10 @@ When (measured on the H200, benchmarks/RESULTS.md):
 - CUDA-graph decode steps of <= LONGCAT_MOE_OVERLAP_MAX_TOKENS tokens (default 8): the many small, latency-bound
   kernels of either path fill the other's gaps (-0.05..-0.08 ms per step at batch 1; at batch 64 the expert GEMV
   already streams at the copy rate and the overlap cost ~1 ms, hence the limit);
-- eager steps (prefill) of >= LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS tokens (default 1024; 0 = never): the
-  memory-bound expert GEMMs run beside the compute-bound attention and dense MLPs (4096-token prefill on the H200:
-  44.6% -> 47.5% of the matmul rate).
+- eager steps (prefill) of >= LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS tokens: opt-in (default 0 = never). On the
+  H200 (d635e7c) it lost: a 4096-token prefill took 49.5 ms with it vs 45.1 ms inline (the grouped GEMMs and the
+  dense GEMMs each fill the GPU, so they slow each other down), and serving stalled (service / offline 0.74 vs
+  0.95, TTFT p99 2.1 s vs 0.8 s; the side stream's own allocator pool and handles under memory pressure).
 Never under tensor parallelism: the MoE's all-reduce would race the main stream's collectives on one communicator.
 """
 
@@ -21,7 +22,7 @@ import torch
 from longcat_service.distributed.parallel_state import get_tp_size
 
 MOE_OVERLAP_MAX_TOKENS = 8
-MOE_OVERLAP_PREFILL_MIN_TOKENS = 1024
+MOE_OVERLAP_PREFILL_MIN_TOKENS = 0
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
