@@ -93,15 +93,9 @@ def _stage1(
 
 
 @triton.jit
-def _stage2(
-    part_out_ptr, part_lse_ptr, out_ptr,
-    s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
-    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):
-    h = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_r = tl.arange(0, RANK_PAD)
-    rmask = offs_r < RANK
+def _merge_splits(part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                  NUM_SPLITS: tl.constexpr, RANK_PAD: tl.constexpr):
+    """One (row, head)'s split partials merged by their log-sum-exps -> the normalised fp32 output [RANK_PAD]."""
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([RANK_PAD], tl.float32)
@@ -116,7 +110,21 @@ def _stage2(
         acc = acc * alpha + w * part
         total = total * alpha + w
         m = m_new
-    out = acc / tl.where(total > 0.0, total, 1.0)
+    return acc / tl.where(total > 0.0, total, 1.0)
+
+
+@triton.jit
+def _stage2(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
+    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_r = tl.arange(0, RANK_PAD)
+    rmask = offs_r < RANK
+    out = _merge_splits(part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                        NUM_SPLITS, RANK_PAD)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -134,22 +142,10 @@ def _stage2_uv(
     d0 = tl.program_id(2) * BLOCK_D
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
-    m = tl.full([1], float("-inf"), tl.float32)
-    total = tl.zeros([1], tl.float32)
-    acc = tl.zeros([RANK_PAD], tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + s + tl.arange(0, 1))
-        part = tl.load(part_out_ptr + b * s_pob + h * s_poh + s * s_pos + offs_r, mask=rmask, other=0.0)
-        m_new = tl.maximum(m, lse)
-        safe = m_new > float("-inf")
-        m_ref = tl.where(safe, m_new, 0.0)
-        alpha = tl.where(safe, tl.exp(m - m_ref), 0.0)
-        w = tl.where(safe, tl.exp(lse - m_ref), 0.0)
-        acc = acc * alpha + w * part
-        total = total * alpha + w
-        m = m_new
+    o = _merge_splits(part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                      NUM_SPLITS, RANK_PAD)
     # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
-    o = (acc / tl.where(total > 0.0, total, 1.0)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
     offs_d = d0 + tl.arange(0, BLOCK_D)
     dmask = offs_d < DV
     wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :], mask=dmask[:, None] & rmask[None, :],
