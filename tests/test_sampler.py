@@ -189,3 +189,21 @@ def test_pending_rows_need_their_tokens():
     row = SamplingRow(SamplingParams(temperature=0.0), [1], [2], num_pending=1)
     with pytest.raises(ValueError, match="pending_tokens"):
         sampler().launch(torch.zeros(1, VOCAB), [row])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0),  # plain greedy: the logits are used without a copy
+    SamplingParams(temperature=0.0, logit_bias={3: 50.0}),  # edited in place: on a copy
+    SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[0]),  # the argmax banned below min_tokens
+    SamplingParams(temperature=0.7, top_k=3, repetition_penalty=1.5, seed=1),
+])
+def test_sampling_never_modifies_the_callers_logits(params):
+    """The logits may be a CUDA graph's output buffer that the caller (prompt logprobs, the next step) reads again."""
+    logits = probs_logits(P)[None].repeat(2, 1)
+    before = logits.clone()
+    tokens, _ = sampler()(logits, [SamplingRow(params, [0], [1]), SamplingRow(SamplingParams(temperature=0.0), [], [])])
+    assert torch.equal(logits, before)
+    if params.logit_bias:
+        assert tokens[0] == 3  # the bias still applies
+    if params.min_tokens:
+        assert tokens[0] == 1  # token 0 (the most likely) is still masked

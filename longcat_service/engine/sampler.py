@@ -96,7 +96,10 @@ class Sampler:
         logits = logits.float()
         ns = [r.params.logprobs for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in ns) else None
-        processed = self._process(logits.clone(), rows, pending_tokens)
+        # _process edits rows in place only for logit_bias / min_tokens: copy the logits (a view of the CUDA graph's
+        # output buffer, [M, vocab] fp32: 34 MB at batch 64) only then
+        in_place = any(self._edits_in_place(r) for r in rows)
+        processed = self._process(logits.clone() if in_place else logits, rows, pending_tokens)
         out = SampledBatch(self._draw(processed, rows), ns)
         if raw_logprobs is not None:
             max_n = max(n or 0 for n in ns)
@@ -124,20 +127,32 @@ class Sampler:
         return token_list, logprobs
 
     # ---- logits processing ---------------------------------------------------------------------
+    def _banned_for_min_tokens(self, row: SamplingRow) -> list[int]:
+        """Token ids masked while the row is below min_tokens (stop ids, and EOS unless ignored)."""
+        p = row.params
+        if len(row.output_token_ids) + row.num_pending >= p.min_tokens:
+            return []
+        banned = list(p.stop_token_ids)
+        if self.eos_token_id is not None and not p.ignore_eos:
+            banned.append(self.eos_token_id)
+        return banned
+
+    def _edits_in_place(self, row: SamplingRow) -> bool:
+        return bool(row.params.logit_bias) or bool(self._banned_for_min_tokens(row))
+
     def _process(self, logits: torch.Tensor, rows: list[SamplingRow], pending: torch.Tensor | None = None
                  ) -> torch.Tensor:
+        """Edits `logits` in place for logit_bias / min_tokens (the caller passes a copy then); the penalties
+        return new tensors."""
         for i, row in enumerate(rows):
             p = row.params
             if p.logit_bias:
                 ids = to_device(list(p.logit_bias), torch.long, logits.device)
                 vals = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
                 logits[i].index_add_(0, ids, vals)
-            if len(row.output_token_ids) + row.num_pending < p.min_tokens:
-                banned = list(p.stop_token_ids)
-                if self.eos_token_id is not None and not p.ignore_eos:
-                    banned.append(self.eos_token_id)
-                if banned:
-                    logits[i].index_fill_(0, to_device(banned, torch.long, logits.device), _NEG_INF)
+            banned = self._banned_for_min_tokens(row)
+            if banned:
+                logits[i].index_fill_(0, to_device(banned, torch.long, logits.device), _NEG_INF)
         if any(r.params.repetition_penalty != 1.0 for r in rows):
             logits = self._repetition_penalty(logits, rows, pending)
         if any(r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows):
