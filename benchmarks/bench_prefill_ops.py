@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from longcat_service.kernels.moe_gather import gather_expert_rows
 from longcat_service.kernels.silu_mul import silu_and_mul
-from longcat_service.layers.moe import linear_bf16x3, split_bf16x3
+from longcat_service.layers.router import linear_bf16x3, split_bf16x3
 from longcat_service.ops import extension
 from longcat_service.ops import reference as ref
 from longcat_service.ops.testing import make_router_inputs

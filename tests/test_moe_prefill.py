@@ -20,7 +20,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import longcat_service.ops as ops  # noqa: E402
-from longcat_service.layers import moe as moe_mod  # noqa: E402
+from longcat_service.layers import router as router_mod  # noqa: E402
 from longcat_service.ops import extension  # noqa: E402
 from longcat_service.ops import reference as ref  # noqa: E402
 from longcat_service.ops.testing import make_expert_weights, make_router_inputs  # noqa: E402
@@ -140,7 +140,7 @@ def test_split_bf16x3_is_exact():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 257, generator=g) * torch.exp(torch.empty(300, 257).uniform_(-30, 30, generator=g))
     w[0, :3] = torch.tensor([0.0, -0.0, 1.0])
-    parts = moe_mod.split_bf16x3(w)
+    parts = router_mod.split_bf16x3(w)
     assert parts.shape == (900, 257) and parts.dtype == torch.bfloat16
     hi, mid, lo = parts.double().chunk(3)
     assert torch.equal(hi + mid + lo, w.double())
@@ -174,7 +174,7 @@ def test_bf16x3_router_logits_match_fp32_on_cpu():
     x, w, bias = _router_case(256)
     exact = x.double() @ w.double().t()
     fp32 = F.linear(x.float(), w)
-    split = moe_mod.linear_bf16x3(x, moe_mod.split_bf16x3(w), mm=_emulated_mm)
+    split = router_mod.linear_bf16x3(x, router_mod.split_bf16x3(w), mm=_emulated_mm)
     assert split.dtype == torch.float32 and split.shape == fp32.shape
     err_fp32 = (fp32.double() - exact).abs().max().item()
     err_split = (split.double() - exact).abs().max().item()
@@ -185,7 +185,7 @@ def test_bf16x3_router_logits_match_fp32_on_cpu():
 
 
 def test_router_keeps_fp32_gemm_on_cpu_and_for_decode():
-    router = moe_mod.TopkRouter(64, 24)
+    router = router_mod.TopkRouter(64, 24)
     with torch.no_grad():
         router.classifier.weight.copy_(torch.randn(24, 64))
     x = torch.randn(1000, 64).to(torch.bfloat16)
@@ -207,12 +207,12 @@ class _FakeCudaInput:
 
 
 def test_router_bf16x3_threshold(monkeypatch):
-    if not moe_mod._HAS_MM_OUT_DTYPE:
+    if not router_mod._HAS_MM_OUT_DTYPE:
         pytest.skip("this torch has no mm with out_dtype: the router always uses the fp32 GEMM")
-    router = moe_mod.TopkRouter(64, 24)
+    router = router_mod.TopkRouter(64, 24)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.delenv("LONGCAT_ROUTER_BF16X3_MIN_TOKENS", raising=False)
-    default = moe_mod.ROUTER_BF16X3_MIN_TOKENS
+    default = router_mod.ROUTER_BF16X3_MIN_TOKENS
     assert default > 256  # decode batches (CUDA graphs up to 256 tokens) keep the fp32 GEMV
     assert router._use_bf16x3(_FakeCudaInput(default)) and not router._use_bf16x3(_FakeCudaInput(default - 1))
     monkeypatch.setenv("LONGCAT_ROUTER_BF16X3_MIN_TOKENS", "0")
@@ -224,7 +224,7 @@ def test_router_bf16x3_threshold(monkeypatch):
 
 
 def test_router_split_weight_follows_the_parameter():
-    router = moe_mod.TopkRouter(32, 12)
+    router = router_mod.TopkRouter(32, 12)
     with torch.no_grad():
         router.classifier.weight.copy_(torch.randn(12, 32))
     first = router.split_weight()
@@ -249,16 +249,16 @@ def test_router_split_weight_follows_the_parameter():
 @needs_gpu
 @pytest.mark.parametrize("tokens", [512, 4096])
 def test_bf16x3_router_on_gpu(tokens):
-    if not moe_mod._HAS_MM_OUT_DTYPE:
+    if not router_mod._HAS_MM_OUT_DTYPE:
         pytest.skip("this torch has no mm with out_dtype")
     x, w, bias = _router_case(tokens, seed=tokens)
-    router = moe_mod.TopkRouter(w.shape[1], w.shape[0]).cuda()
+    router = router_mod.TopkRouter(w.shape[1], w.shape[0]).cuda()
     with torch.no_grad():
         router.classifier.weight.copy_(w)
     xc = x.cuda()
     assert router._use_bf16x3(xc)
     got = router(xc)
-    assert not moe_mod.TopkRouter._bf16x3_failed, "torch.mm(out_dtype=float32) failed on this GPU"
+    assert not router_mod.TopkRouter._bf16x3_failed, "torch.mm(out_dtype=float32) failed on this GPU"
     assert router._split_cache is not None
     fp32 = F.linear(xc.float(), router.classifier.weight)
     exact = x.double() @ w.double().t()
