@@ -49,6 +49,8 @@ class CUDAGraphRunner:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.block_tables_host = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()
+        self.packed_host_np = self.packed_host.numpy()  # share memory with the pinned tensors
+        self.block_tables_host_np = self.block_tables_host.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -120,16 +122,10 @@ class CUDAGraphRunner:
         if b not in self.graphs:
             self.capture(b)
         self.copy_done.synchronize()  # the last step's async copies must finish before the host buffers change
-        host = self.packed_host
-        host[0, :batch] = torch.tensor(input_ids, dtype=torch.int64)
-        host[1, :batch] = torch.tensor(positions, dtype=torch.int64)
-        host[2, :batch] = torch.tensor(slot_mapping, dtype=torch.int64)
-        host[3, :batch] = torch.tensor(seq_lens, dtype=torch.int64)
-        self._fill_padding(batch, b)
         width = max(width, 1)
-        tables = self.block_tables_host[:b, :width]
-        tables[:batch] = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        tables[batch:] = 0
+        write_host_inputs(self.packed_host_np, self.block_tables_host_np, b, width, input_ids, positions,
+                          slot_mapping, seq_lens, block_tables)
+        host, tables = self.packed_host, self.block_tables_host[:b, :width]
         # pinned host buffers: the copies are asynchronous; the sampler's read-back is the step's only sync
         self.packed[:, :b].copy_(host[:, :b], non_blocking=True)
         self.block_tables[:b, :width].copy_(tables, non_blocking=True)
@@ -138,6 +134,21 @@ class CUDAGraphRunner:
             self.packed[0, :batch].copy_(device_input_ids)
         self.graphs[b].replay()
         return self.logits[b][:batch]
+
+
+def write_host_inputs(packed, tables, bucket: int, width: int, input_ids, positions, slot_mapping, seq_lens,
+                      block_tables) -> None:
+    """Fill the (numpy views of the) pinned input buffers for one replay of `bucket` rows: packed [4, >= bucket]
+    int64 rows input_ids / positions / slot_mapping / seq_lens, then padding rows (token 0, position 0, slot -1:
+    no cache write, seq_len 0: no attention); tables [>= bucket, >= width] int32, zero past each row's blocks.
+    Numpy takes the host lists directly (no tensor per list: this runs on the host for every decode step)."""
+    batch = len(input_ids)
+    for row, values, pad in ((0, input_ids, 0), (1, positions, 0), (2, slot_mapping, -1), (3, seq_lens, 0)):
+        packed[row, :batch] = values
+        packed[row, batch:bucket] = pad
+    tables[:bucket, :width] = 0
+    for i, t in enumerate(block_tables):
+        tables[i, : len(t)] = t
 
 
 def create_graph_runner(model_runner) -> CUDAGraphRunner | None:
