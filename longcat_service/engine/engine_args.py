@@ -39,7 +39,7 @@ class EngineArgs:
     # with overlap_steps: a decode step whose batch follows from the previous one is launched before that one's
     # tokens are read back, its input ids taken from the device (see llm_engine._launch_chained)
     async_scheduling: bool = True
-    capture_graphs_at_startup: bool = True  # CUDA: every decode batch bucket captured before serving (else lazily)
+    capture_graphs_at_startup: bool = True  # CUDA: decode graphs captured and prefill kernels warmed up before serving
     # AsyncEngine: "process" runs the step loop in a spawned engine-core process (the server's event loop keeps its
     # own GIL), "thread" in a thread of the server process; "auto": process, but thread under torchrun
     engine_mode: str = "auto"
