@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from longcat_service.distributed.parallel_state import get_tp_size
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
 from longcat_service.engine.host_to_device import to_device
@@ -88,7 +89,8 @@ class ModelRunner:
             logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
                         time.perf_counter() - t0)
             t0 = time.perf_counter()
-            if self.warm_up_prefill():
+            # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
+            if get_tp_size() == 1 and self.warm_up_prefill():
                 logger.info("warmed up the prefill kernels in %.1f s", time.perf_counter() - t0)
 
     @torch.inference_mode()
