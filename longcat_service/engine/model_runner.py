@@ -52,6 +52,15 @@ class StepHandle:
     prompt_logprobs: dict[int, list[_PromptLogprobChunk]] = field(default_factory=dict)  # batch row -> chunks
 
 
+def _int64(values) -> torch.Tensor:
+    """A host list (numpy for long ones: ~2x faster) or tensor as a CPU int64 tensor."""
+    if isinstance(values, torch.Tensor):
+        return values.to(torch.int64)
+    if len(values) >= 256:
+        return torch.from_numpy(np.asarray(values, dtype=np.int64))
+    return torch.tensor(values, dtype=torch.int64)
+
+
 class ModelRunner:
     supports_chained_decode = True  # launch(batch, input_ids=<device tensor>) works (not under TP: ranks get host ids)
     uses_cuda_graphs = True  # TP runners: only with LONGCAT_TP_CUDA_GRAPHS=1 (tp_worker.py)
@@ -210,9 +219,15 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
         )
-        ids_t = input_ids.to(torch.long) if input_ids is not None else to_device(host_ids, torch.long, self.device)
-        pos_t = to_device(positions, torch.long, self.device)
-        sample_rows_t = to_device([starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
+        # token ids (unless on the device already), positions and sample rows: one pinned copy, then views
+        parts = [_int64(positions), _int64([starts[i + 1] - 1 for i in sample_idx])]
+        if input_ids is None:
+            parts.insert(0, _int64(host_ids))
+        packed = to_device(torch.cat(parts), torch.long, self.device)
+        n = starts[-1]
+        ids_t = input_ids.to(torch.long) if input_ids is not None else packed[:n]
+        off = 0 if input_ids is not None else n
+        pos_t, sample_rows_t = packed[off : off + n], packed[off + n :]
         hidden = self.model(ids_t, pos_t, metadata, self.kv_caches)
 
         handle = StepHandle(len(batch), sample_idx)

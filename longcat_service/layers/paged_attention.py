@@ -95,7 +95,10 @@ def build_attention_plan(meta: AttentionMetadata) -> AttentionPlan:
     for i, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True)):
         if q == 1:
             continue
-        prefills.append(PrefillSegment(starts[i], starts[i + 1], _context_slots(meta.block_tables[i], s, meta.block_size)))
+        # a whole prompt's context is its new tokens: their slots are already in slot_mapping (no kernels)
+        slots = (meta.slot_mapping[starts[i] : starts[i + 1]] if q == s
+                 else _context_slots(meta.block_tables[i], s, meta.block_size))
+        prefills.append(PrefillSegment(starts[i], starts[i + 1], slots))
     return AttentionPlan(num_tokens, decode_tokens, decode_slots, decode_valid, prefills, meta.slot_mapping)
 
 
