@@ -250,6 +250,26 @@ def profile_step(fn, path: Path, title: str, rows: int = 25) -> str:
     return table
 
 
+def profile_decode(drv, runner, prompts, cap: int, bsz: int, path: Path, device) -> None:
+    """torch.profiler tables (and traces) of one eager decode step and of 3 CUDA-graph replays at batch bsz."""
+    seqs = [drv.new_seq(p, cap) for p in prompts]
+    drv.prefill(seqs, max_tokens=16384)
+    saved, runner.graph_runner = runner.graph_runner, None
+    drv.decode(seqs)  # first eager step of these sequences outside the profile
+    table = profile_step(lambda: drv.decode(seqs), path, f"eager decode step (Triton kernels, no graph), batch {bsz}")
+    print(f"--- eager decode step, batch {bsz}: top kernels ---\n{table}", flush=True)
+    runner.graph_runner = saved
+    gr = runner.graph_runner
+    if gr is not None:
+        from longcat_service.engine.cuda_graph_runner import bucket_for
+
+        drv.decode(seqs)  # fills the graph's inputs with these sequences
+        graph = gr.graphs[bucket_for(bsz, gr.buckets)]
+        profile_step(lambda: [graph.replay() for _ in range(3)] and sync(device), path,
+                     f"3 CUDA-graph replays, batch {bsz}")
+    drv.release(seqs)
+
+
 # ---- our model ----------------------------------------------------------------------------------------
 def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops: float, out_dir: Path) -> dict:
     from longcat_service.engine.engine_args import EngineArgs
@@ -329,10 +349,6 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
                 with RouterProbe(model) as probe:
                     eager_times.append(drv.decode(seqs))
                 distinct.append(probe.distinct)
-            if bsz in profile_set:
-                table = profile_step(lambda s=seqs: drv.decode(s), out_dir / "profiles.txt",
-                                     f"eager decode step (Triton kernels, no graph), batch {bsz}")
-                print(f"--- eager decode step, batch {bsz}: top kernels ---\n{table}", flush=True)
             runner.graph_runner = saved
         step_times = [drv.decode(seqs) for _ in range(args.new_tokens)]
         timed = step_times[3:] if len(step_times) > 6 else step_times  # the first steps capture the graph
@@ -343,9 +359,6 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
 
             graph = gr.graphs[bucket_for(bsz, gr.buckets)]
             gpu_ms = _median_time(graph.replay, device, reps=20) * 1e3
-            if bsz in profile_set:
-                profile_step(lambda g=graph: [g.replay() for _ in range(3)] and sync(device),
-                             out_dir / "profiles.txt", f"3 CUDA-graph replays, batch {bsz}")
         # floor: bytes of this step (KV read at the median step's length)
         kv_tokens = sum(s.num_tokens for s in seqs) - bsz * (len(step_times) // 2)
         hit = statistics.median(sum(d) for d in distinct) if distinct else float("nan")
@@ -362,7 +375,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
             "floor_gb": floor_bytes / 1e9, "floor_ms": floor_ms, "ratio": engine_ms / floor_ms,
         }
         print(f"batch {bsz}: {json.dumps(res['decode'][bsz])}", flush=True)
-        drv.release(seqs)
+        if bsz in profile_set:  # after every timing of this batch: the profiler leaves CUDA launches slower
+            profile_decode(drv, runner, prompts, cap, bsz, out_dir / "profiles.txt", device)
 
     return res  # the caller frees the model (gc + empty_cache) before the transformers child starts
 
