@@ -29,13 +29,46 @@ __global__ void count_chunks_kernel(const int32_t* __restrict__ ids, int num_slo
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) out[e] = counts[e];
 }
 
+using Scan = cub::BlockScan<int, kScanThreads>;
+
+// One block of kScanThreads: per-expert row counts (shared memory) -> each expert's first row, written to
+// offsets[0..E] and back into `counts`; the compact list of experts with rows and its length. Each thread owns a
+// contiguous run of experts and the block scans the run sums. Returns the total row count (to every thread).
+__device__ int scan_expert_counts(int32_t* counts, int num_experts, int32_t* __restrict__ offsets,
+                                  int32_t* __restrict__ active, int32_t* __restrict__ num_active,
+                                  typename Scan::TempStorage& storage) {
+  const int per = (num_experts + kScanThreads - 1) / kScanThreads;
+  const int lo = min(static_cast<int>(threadIdx.x) * per, num_experts), hi = min(lo + per, num_experts);
+  int rows = 0, hits = 0;
+  for (int e = lo; e < hi; ++e) {
+    rows += counts[e];
+    hits += counts[e] > 0;
+  }
+  int row_base, hit_base, total_rows, total_hits;
+  Scan(storage).ExclusiveSum(rows, row_base, total_rows);
+  __syncthreads();
+  Scan(storage).ExclusiveSum(hits, hit_base, total_hits);
+  for (int e = lo; e < hi; ++e) {
+    const int count = counts[e];
+    offsets[e] = row_base;
+    counts[e] = row_base;
+    if (count > 0) active[hit_base++] = e;
+    row_base += count;
+  }
+  for (int i = total_hits + threadIdx.x; i < num_experts; i += blockDim.x) active[i] = -1;
+  if (threadIdx.x == 0) {
+    offsets[num_experts] = total_rows;
+    num_active[0] = total_hits;
+  }
+  return total_rows;
+}
+
 __global__ void __launch_bounds__(kScanThreads) scan_kernel(int num_chunks, int num_experts,
                                                             int32_t* __restrict__ chunk_counts,
                                                             int32_t* __restrict__ offsets,
                                                             int32_t* __restrict__ active,
                                                             int32_t* __restrict__ num_active) {
   extern __shared__ int32_t totals[];
-  using Scan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   // Per expert: exclusive prefix over chunks (in place) and the expert's total.
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
@@ -49,28 +82,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(int num_chunks, int 
     totals[e] = running;
   }
   __syncthreads();
-  // Each thread owns a contiguous run of experts; scan run sums across the block.
-  const int per = (num_experts + kScanThreads - 1) / kScanThreads;
-  const int lo = min(threadIdx.x * per, num_experts), hi = min(lo + per, num_experts);
-  int rows = 0, hits = 0;
-  for (int e = lo; e < hi; ++e) {
-    rows += totals[e];
-    hits += totals[e] > 0;
-  }
-  int row_base, hit_base, total_rows, total_hits;
-  Scan(scan_storage).ExclusiveSum(rows, row_base, total_rows);
-  __syncthreads();
-  Scan(scan_storage).ExclusiveSum(hits, hit_base, total_hits);
-  for (int e = lo; e < hi; ++e) {
-    offsets[e] = row_base;
-    row_base += totals[e];
-    if (totals[e] > 0) active[hit_base++] = e;
-  }
-  for (int i = total_hits + threadIdx.x; i < num_experts; i += blockDim.x) active[i] = -1;
-  if (threadIdx.x == 0) {
-    offsets[num_experts] = total_rows;
-    num_active[0] = total_hits;
-  }
+  scan_expert_counts(totals, num_experts, offsets, active, num_active, scan_storage);
 }
 
 __global__ void scatter_kernel(const int32_t* __restrict__ ids, int num_slots, int num_experts,
@@ -105,7 +117,6 @@ __global__ void __launch_bounds__(kScanThreads) align_one_chunk_kernel(const int
                                                                        int32_t* __restrict__ slot_rows) {
   extern __shared__ int32_t starts[];  // per expert: its count, then (after the scan) its first row
   __shared__ int32_t chunk_ids[kChunk];
-  using Scan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   const int tid = threadIdx.x;
   for (int e = tid; e < num_experts; e += blockDim.x) starts[e] = 0;
@@ -116,29 +127,7 @@ __global__ void __launch_bounds__(kScanThreads) align_one_chunk_kernel(const int
     if (e >= 0 && e < num_experts) atomicAdd(&starts[e], 1);
   }
   __syncthreads();
-  const int per = (num_experts + kScanThreads - 1) / kScanThreads;
-  const int lo = min(tid * per, num_experts), hi = min(lo + per, num_experts);
-  int rows = 0, hits = 0;
-  for (int e = lo; e < hi; ++e) {
-    rows += starts[e];
-    hits += starts[e] > 0;
-  }
-  int row_base, hit_base, total_rows, total_hits;
-  Scan(scan_storage).ExclusiveSum(rows, row_base, total_rows);
-  __syncthreads();
-  Scan(scan_storage).ExclusiveSum(hits, hit_base, total_hits);
-  for (int e = lo; e < hi; ++e) {
-    const int count = starts[e];
-    offsets[e] = row_base;
-    starts[e] = row_base;
-    if (count > 0) active[hit_base++] = e;
-    row_base += count;
-  }
-  for (int i = total_hits + tid; i < num_experts; i += blockDim.x) active[i] = -1;
-  if (tid == 0) {
-    offsets[num_experts] = total_rows;
-    num_active[0] = total_hits;
-  }
+  const int total_rows = scan_expert_counts(starts, num_experts, offsets, active, num_active, scan_storage);
   __syncthreads();
   if (tid >= num_slots) return;
   if (tid >= total_rows) sorted_slots[tid] = -1;
