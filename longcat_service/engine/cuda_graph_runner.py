@@ -78,7 +78,7 @@ class CUDAGraphRunner:
     @torch.inference_mode()
     def capture(self, b: int) -> None:
         """Capture bucket b (inputs hold padding: no cache writes happen during warm-up or capture)."""
-        self._fill_padding(0, b)
+        write_host_inputs(self.packed_host_np, self.block_tables_host_np, b, 1, [], [], [], [], [])  # all padding
         self.packed.copy_(self.packed_host, non_blocking=True)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -100,12 +100,6 @@ class CUDAGraphRunner:
         for b in sorted(self.buckets, reverse=True):
             if b not in self.graphs:
                 self.capture(b)
-
-    def _fill_padding(self, start: int, end: int) -> None:
-        self.packed_host[0, start:end] = 0
-        self.packed_host[1, start:end] = 0
-        self.packed_host[2, start:end] = -1
-        self.packed_host[3, start:end] = 0
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],

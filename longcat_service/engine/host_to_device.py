@@ -15,14 +15,18 @@ NUMPY_MIN_LEN = 256
 _NUMPY_INTS = {torch.int64: np.int64, torch.int32: np.int32}
 
 
+def host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
+    """`values` (a list, or a CPU tensor) as a CPU `dtype` tensor."""
+    if isinstance(values, torch.Tensor):
+        return values.to(dtype)
+    if len(values) >= NUMPY_MIN_LEN and dtype in _NUMPY_INTS:  # numpy builds long int lists ~2x faster
+        return torch.from_numpy(np.asarray(values, dtype=_NUMPY_INTS[dtype]))
+    return torch.tensor(values, dtype=dtype)
+
+
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`values` (a list, or a CPU tensor) as a `dtype` tensor on `device`, enqueued without waiting."""
-    if isinstance(values, torch.Tensor):
-        t = values.to(dtype)
-    elif len(values) >= NUMPY_MIN_LEN and dtype in _NUMPY_INTS:  # numpy builds long int lists ~2x faster
-        t = torch.from_numpy(np.asarray(values, dtype=_NUMPY_INTS[dtype]))
-    else:
-        t = torch.tensor(values, dtype=dtype)
+    t = host_tensor(values, dtype)
     if device.type == "cpu":
         return t
     if device.type == "cuda":

@@ -49,7 +49,7 @@ class AttentionMetadata:
         Built on the host, then sent as two packed copies (int32: starts, lengths, block table; int64: slots)
         through pinned memory without waiting (host_to_device): a 4096-token prefill paid four blocking pageable
         copies and a 4096-step Python loop here while the GPU idled."""
-        from longcat_service.engine.host_to_device import to_device
+        from longcat_service.engine.host_to_device import host_tensor, to_device
 
         device = torch.device(device)
         batch = len(block_tables)
@@ -64,7 +64,7 @@ class AttentionMetadata:
                 raise ValueError(f"attention metadata: seq_len {s} needs more than the {len(blocks)} blocks given")
             if q >= VECTORIZE_MIN_TOKENS:  # a long prefill chunk: one tensor expression instead of a Python loop
                 if slots:
-                    parts.append(torch.tensor(slots, dtype=torch.int64))
+                    parts.append(host_tensor(slots, torch.int64))
                     slots = []
                 pos = torch.arange(s - q, s)
                 parts.append(table[i].long()[pos // block_size] * block_size + pos % block_size)
@@ -73,14 +73,14 @@ class AttentionMetadata:
         starts = [0]
         for q in query_lens:
             starts.append(starts[-1] + q)
-        ints = torch.cat((torch.tensor(starts + list(seq_lens), dtype=torch.int32), table.flatten()))
+        ints = torch.cat((host_tensor(starts + list(seq_lens), torch.int32), table.flatten()))
         ints = to_device(ints, torch.int32, device)
         return AttentionMetadata(
             block_size=block_size,
             query_start_loc=ints[: batch + 1],
             seq_lens=ints[batch + 1 : 2 * batch + 1],
             block_tables=ints[2 * batch + 1 :].view(batch, max_blocks),
-            slot_mapping=to_device(torch.cat([*parts, torch.tensor(slots, dtype=torch.int64)]), torch.int64, device),
+            slot_mapping=to_device(torch.cat([*parts, host_tensor(slots, torch.int64)]), torch.int64, device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
         )
