@@ -149,7 +149,7 @@ for t in ("fused_residual", "moe_inline", "tiles_64"):
         r = json.loads(f.read_text())["ours"]["decode"]
         print(f"decode variant {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
                                                   for b, v in r.items()))
-for extra in ("prefill_sdpa", "prefill_eager", "prefill_moe_inline", "prefill_moe_overlap"):
+for extra in ("prefill_sdpa", "prefill_eager", "prefill_moe_overlap"):
     f = L / extra / "bench_decode.json"
     if f.exists():
         dec[extra] = json.loads(f.read_text())["ours"]
