@@ -43,10 +43,11 @@ class CUDAGraphRunner:
         if dev.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {dev}")
         n = self.max_batch
-        # packed rows: input_ids, positions, slot_mapping, seq_lens (int64; seq_lens is cast on the device)
+        # packed rows: input_ids, positions, slot_mapping, seq_lens (int64, read by the kernels as they are)
         self.packed = torch.zeros(4, n, dtype=torch.int64, device=dev)
         self.packed_host = torch.zeros(4, n, dtype=torch.int64).pin_memory()
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        # static (not made inside the graph): the fast decode path reads neither, but the metadata carries them
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.block_tables_host = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()
         self.packed_host_np = self.packed_host.numpy()  # share memory with the pinned tensors
@@ -62,8 +63,8 @@ class CUDAGraphRunner:
     def _metadata(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
             block_size=self.block_size,
-            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=self.packed.device),
-            seq_lens=self.seq_lens[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            seq_lens=self.packed[3, :b],  # int64: the decode kernels load it as is (no cast kernel per replay)
             block_tables=self.block_tables[:b],
             slot_mapping=self.packed[2, :b],
             query_lens_cpu=[1] * b,
@@ -71,7 +72,6 @@ class CUDAGraphRunner:
         )
 
     def _forward(self, b: int) -> torch.Tensor:
-        self.seq_lens[:b].copy_(self.packed[3, :b])
         hidden = self.model(self.packed[0, :b], self.packed[1, :b], self._metadata(b), self.kv_caches)
         return self.model.compute_logits(hidden)
 

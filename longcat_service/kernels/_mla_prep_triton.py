@@ -19,7 +19,7 @@ def _rot(xe, xo, c, s, dt: tl.constexpr):
 def _mla_prep_kernel(
     q_ptr, kva_ptr, cos_ptr, sin_ptr, w_ptr, slot_ptr, cache_ptr, qout_ptr,
     eps, q_scale, kv_scale, heads,
-    s_qn, s_qh, s_kn, s_cn, s_on, s_oh,
+    s_qn, s_qh, s_kn, s_cn, s_on, s_oh, s_cos, s_sin,
     RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr,
     RANK_PAD: tl.constexpr, HALF_PAD: tl.constexpr, NOPE_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
 ):
@@ -43,8 +43,8 @@ def _mla_prep_kernel(
     # shared rope key
     offs_i = tl.arange(0, HALF_PAD)
     imask = offs_i < HALF
-    c = tl.load(cos_ptr + row * HALF + offs_i, mask=imask, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + row * HALF + offs_i, mask=imask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + row * s_cos + offs_i, mask=imask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + row * s_sin + offs_i, mask=imask, other=0.0).to(tl.float32)
     ke = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
     ko = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
     k1, k2 = _rot(ke, ko, c, s, dt)
@@ -81,6 +81,7 @@ def launch(q, kv_a, cos, sin, norm_weight, eps, q_scale, kv_scale, slot_mapping,
         q, kv_a, cos, sin, norm_weight, slot_mapping, kv_cache, out,
         float(eps), float(q_scale), float(kv_scale), heads,
         q.stride(0), q.stride(1), kv_a.stride(0), kv_cache.stride(1), out.stride(0), out.stride(1),
+        cos.stride(0), sin.stride(0),
         RANK=rank, ROPE=rope_dim, NOPE=nope,
         RANK_PAD=triton.next_power_of_2(rank), HALF_PAD=max(triton.next_power_of_2(rope_dim // 2), 2),
         NOPE_PAD=triton.next_power_of_2(nope), HEADS_PAD=triton.next_power_of_2(heads),

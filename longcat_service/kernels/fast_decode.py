@@ -21,7 +21,7 @@ class DecodePlan:
     num_tokens: int
     slot_mapping: torch.Tensor  # [B] int64, -1 = padding row (no cache write)
     block_tables: torch.Tensor  # [B, max_blocks] int32
-    seq_lens: torch.Tensor  # [B] int32 on the device, 0 = padding row
+    seq_lens: torch.Tensor  # [B] int32 or int64 (graph replays) on the device, 0 = padding row
     fast_decode: bool = True  # MLAAttention checks this flag to take mla_decode_forward
 
 

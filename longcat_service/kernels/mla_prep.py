@@ -74,5 +74,7 @@ def mla_prep(
         raise ValueError("mla_prep: q and kv_a need a unit last stride and kv_cache must be contiguous")
     from longcat_service.kernels._mla_prep_triton import launch
 
-    return launch(q, kv_a, cos.contiguous(), sin.contiguous(), norm_weight, eps, q_scale, kv_scale, slot_mapping,
-                  kv_cache, rope_dim)
+    # cos / sin may be row-strided views (the rotary table's [cos | sin] rows): only the last stride must be 1
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    return launch(q, kv_a, cos, sin, norm_weight, eps, q_scale, kv_scale, slot_mapping, kv_cache, rope_dim)

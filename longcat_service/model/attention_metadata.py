@@ -17,7 +17,7 @@ import torch
 class AttentionMetadata:
     block_size: int
     query_start_loc: torch.Tensor  # [B+1] int32, on the model's device
-    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    seq_lens: torch.Tensor  # [B] int32 (int64 in CUDA-graph decode), context length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int32, -1 or any value past the used blocks
     slot_mapping: torch.Tensor  # [N] int64, cache slot (block * block_size + offset) of each new token
     # host copies so that CPU code never syncs with the device
