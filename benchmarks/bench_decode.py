@@ -205,18 +205,41 @@ def engine_decode_ms(engine, prompts: list[list[int]], new_tokens: int) -> float
     for i, p in enumerate(prompts):
         engine.add_request(f"bench{i}", p, params)
     counts = dict.fromkeys(range(len(prompts)), 0)
-    times = []
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t0
-        steady = all(c >= 2 for c in counts.values()) and not any(o.finished for o in outs)
-        for o in outs:
-            counts[int(o.request_id[5:])] = len(o.outputs[0].token_ids)
-        if steady:
-            times.append(dt)
+    times, phases = [], []
+    saved_trace = engine.trace
+    trace_file = Path(tempfile.mkdtemp(prefix="steps_")) / "steps.jsonl"
+    from longcat_service.engine.step_trace import StepTrace
+
+    engine.trace = StepTrace(str(trace_file))  # perf_counter marks only: a few us per step
+    try:
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            steady = all(c >= 2 for c in counts.values()) and not any(o.finished for o in outs)
+            for o in outs:
+                counts[int(o.request_id[5:])] = len(o.outputs[0].token_ids)
+            if steady:
+                times.append(dt)
+                phases.append(True)
+            else:
+                phases.append(False)
+    finally:
+        engine.trace.close()
+        engine.trace = saved_trace
+    rows = [json.loads(line) for line in trace_file.read_text().splitlines() if line.strip()]
+    steady_rows = [r for r, keep in zip(rows, phases, strict=False) if keep]
+    steady_rows = steady_rows[3:] if len(steady_rows) > 6 else steady_rows
+    ENGINE_PHASES.clear()
+    for key in sorted({k for r in steady_rows for k in r if k.endswith("_ms")}):
+        ENGINE_PHASES[key] = statistics.median(r.get(key, 0.0) for r in steady_rows)
     timed = times[3:] if len(times) > 6 else times
     return statistics.median(timed) * 1e3 if timed else float("nan")
+
+
+# median per-phase host times (ms) of the last engine_decode_ms call's steady steps (engine/step_trace.py):
+# collect = waiting for the device; when it is near 0 the engine is host-bound
+ENGINE_PHASES: dict[str, float] = {}
 
 
 def param_bytes(model) -> dict[str, int]:
@@ -248,6 +271,33 @@ def profile_step(fn, path: Path, title: str, rows: int = 25) -> str:
     with open(path, "a") as fh:
         fh.write(f"\n=== {title} ===\n{table}\n")
     return table
+
+
+def gpu_timeline(fn, device) -> dict:
+    """Where the wall time of fn goes on the device: a CUDA-only profile (no CPU-op recording, so the host runs
+    at nearly its normal speed) -> wall ms, ms from the call to the first kernel, the kernel window, the time
+    with a kernel running (busy) and without (idle gaps inside the window)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trace_timeline import load_kernels, union_length
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    path = Path(tempfile.mkdtemp(prefix="gpu_tl_")) / "trace.json"
+    prof.export_chrome_trace(str(path))
+    kernels = load_kernels(path)
+    if not kernels:
+        return {"wall_ms": wall * 1e3}
+    start, end = kernels[0]["ts"], max(k["ts"] + k["dur"] for k in kernels)
+    busy = union_length([(k["ts"], k["ts"] + k["dur"]) for k in kernels])
+    return {"wall_ms": wall * 1e3, "kernel_window_ms": (end - start) / 1e3, "busy_ms": busy / 1e3,
+            "idle_in_window_ms": (end - start - busy) / 1e3, "outside_window_ms": wall * 1e3 - (end - start) / 1e3,
+            "kernels": len(kernels)}
 
 
 def profile_decode(drv, runner, prompts, cap: int, bsz: int, path: Path, device) -> None:
@@ -320,6 +370,14 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
             drv.prefill([seq], max_tokens=args.prefill_len)
             times.append(time.perf_counter() - t0)
         drv.release([seq])
+    if device.type == "cuda":
+        prompt = torch.randint(3, raw["vocab_size"], (args.prefill_len,), generator=gen).tolist()
+        seq = drv.new_seq(prompt, 1)
+        prefill_gpu = gpu_timeline(lambda: drv.prefill([seq], max_tokens=args.prefill_len), device)
+        drv.release([seq])
+        print(f"prefill GPU timeline: {json.dumps(prefill_gpu)}", flush=True)
+    else:
+        prefill_gpu = None
     if args.profile_prefill:
         prompt = torch.randint(3, raw["vocab_size"], (args.prefill_len,), generator=gen).tolist()
         seq = drv.new_seq(prompt, 1)
@@ -335,7 +393,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
     flops = 2 * dense_params * s + 2 * expert_params * sum(probe_slots) + attn + 2 * c["vocab_size"] * c["hidden_size"]
     t = statistics.median(times)
     res["prefill"] = {"tokens": s, "seconds": t, "tokens_per_s": s / t, "tflops": flops / t / 1e12,
-                      "share_of_matmul": flops / t / ceil_flops}
+                      "share_of_matmul": flops / t / ceil_flops, "gpu_timeline": prefill_gpu,
+                      "all_seconds": times}
     print(f"prefill: {json.dumps(res['prefill'])}", flush=True)
 
     for bsz in batches:
@@ -369,7 +428,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         seqs = []
         engine_ms = engine_decode_ms(engine, prompts, args.new_tokens)
         res["decode"][bsz] = {
-            "engine_ms": engine_ms, "step_ms": step_ms, "gpu_replay_ms": gpu_ms,
+            "engine_ms": engine_ms, "engine_phases_ms": dict(ENGINE_PHASES), "step_ms": step_ms,
+            "gpu_replay_ms": gpu_ms,
             "eager_ms": statistics.median(eager_times[1:] or eager_times) * 1e3 if eager_times else None,
             "experts_hit_per_layer": [statistics.median(x) for x in zip(*distinct, strict=True)] if distinct else None,
             "floor_gb": floor_bytes / 1e9, "floor_ms": floor_ms, "ratio": engine_ms / floor_ms,

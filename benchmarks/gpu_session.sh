@@ -143,21 +143,29 @@ for b in sorted({int(b) for v in dec.values() for b in v["decode"]}):
     f = lambda r, key: f"{r[key]:.2f}" if r and r.get(key) is not None else "-"
     print(f"{b:>5} | {f(d, 'engine_ms'):>14} {f(d, 'step_ms'):>7} {f(d, 'gpu_replay_ms'):>7} | "
           f"{f(n, 'engine_ms'):>10} {f(n, 'gpu_replay_ms'):>7} | {f(d or n, 'floor_ms')}")
-for t in ("fused_residual", "moe_inline", "tiles_64"):
-    f = L / f"decode_{t}" / "bench_decode.json"
-    if f.exists():
-        r = json.loads(f.read_text())["ours"]["decode"]
-        print(f"decode variant {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
-                                                  for b, v in r.items()))
-for extra in ("prefill_sdpa", "prefill_eager", "prefill_moe_overlap"):
-    f = L / extra / "bench_decode.json"
-    if f.exists():
-        dec[extra] = json.loads(f.read_text())["ours"]
+for f in sorted(L.glob("decode_*/bench_decode.json")):
+    t = f.parent.name[len("decode_"):]
+    if t in ("default", "new"):
+        continue
+    r = json.loads(f.read_text())["ours"]
+    print(f"decode variant {t}: " + ", ".join(f"b={b} engine {v['engine_ms']:.2f} replay {v['gpu_replay_ms']:.2f} ms"
+                                              for b, v in r["decode"].items()))
+    dec[f"decode_{t}"] = r
+for f in sorted(L.glob("prefill_*/bench_decode.json")):
+    dec[f.parent.name] = json.loads(f.read_text())["ours"]
 for k, v in dec.items():
     p = v.get("prefill") or {}
     if p:
+        runs = ", ".join(f"{1e3 * x:.1f}" for x in p.get("all_seconds", []))
         print(f"prefill {p['tokens']} tokens, {k}: {p['tokens_per_s']:.0f} tok/s, {p['tflops']:.0f} TFLOP/s "
-              f"= {100 * p['share_of_matmul']:.1f}% of matmul")
+              f"= {100 * p['share_of_matmul']:.1f}% of matmul (runs ms: {runs})")
+        if p.get("gpu_timeline"):
+            print(f"    GPU timeline of one more prefill: {p['gpu_timeline']}")
+for k, v in dec.items():
+    for b, r in v.get("decode", {}).items():
+        if r.get("engine_phases_ms"):
+            print(f"engine host phases {k} b={b} (median ms): " +
+                  ", ".join(f"{n[:-3]} {x:.3f}" for n, x in r["engine_phases_ms"].items()))
 f = L / "prefill_ops.log"
 if f.exists():
     print("\n== prefill pieces (bench_prefill_ops): last lines ==")
