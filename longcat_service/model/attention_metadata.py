@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -66,8 +67,10 @@ class AttentionMetadata:
                 if slots:
                     parts.append(host_tensor(slots, torch.int64))
                     slots = []
-                pos = torch.arange(s - q, s)
-                parts.append(table[i].long()[pos // block_size] * block_size + pos % block_size)
+                # numpy: torch's CPU advanced indexing took ~11 ms here for 4096 positions (index_select: 8 us)
+                pos = np.arange(s - q, s)
+                parts.append(torch.from_numpy(np.asarray(blocks, dtype=np.int64)[pos // block_size] * block_size
+                                              + pos % block_size))
             else:
                 slots.extend(blocks[pos // block_size] * block_size + pos % block_size for pos in range(s - q, s))
         starts = [0]
