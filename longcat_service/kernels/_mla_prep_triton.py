@@ -21,38 +21,39 @@ def _mla_prep_kernel(
     eps, q_scale, kv_scale, heads,
     s_qn, s_qh, s_kn, s_cn, s_on, s_oh, s_cos, s_sin,
     RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr,
-    RANK_PAD: tl.constexpr, HALF_PAD: tl.constexpr, NOPE_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
+    RANK_PAD: tl.constexpr, HALF_PAD: tl.constexpr, NOPE_PAD: tl.constexpr, HEADS_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    head_block = tl.program_id(1)
     dt = qout_ptr.dtype.element_ty
     HALF: tl.constexpr = ROPE // 2
     slot = tl.load(slot_ptr + row).to(tl.int64)
     write = slot >= 0
     cache_row = cache_ptr + slot * (RANK + ROPE)
 
-    # latent: RMSNorm (fp32 math, rounded, then the model-dtype weight product), then the LoRA scale
-    offs_r = tl.arange(0, RANK_PAD)
-    rmask = offs_r < RANK
-    lat = tl.load(kva_ptr + row * s_kn + offs_r, mask=rmask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(lat * lat, 0) / RANK + eps)
-    w = tl.load(w_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
-    lat = ((lat * rstd).to(dt).to(tl.float32) * w).to(dt)
-    lat = (lat.to(tl.float32) * kv_scale).to(dt)
-    tl.store(cache_row + offs_r, lat.to(cache_ptr.dtype.element_ty), mask=rmask & write)
-
-    # shared rope key
     offs_i = tl.arange(0, HALF_PAD)
     imask = offs_i < HALF
     c = tl.load(cos_ptr + row * s_cos + offs_i, mask=imask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + row * s_sin + offs_i, mask=imask, other=0.0).to(tl.float32)
-    ke = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
-    ko = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
-    k1, k2 = _rot(ke, ko, c, s, dt)
-    tl.store(cache_row + RANK + offs_i, k1.to(cache_ptr.dtype.element_ty), mask=imask & write)
-    tl.store(cache_row + RANK + HALF + offs_i, k2.to(cache_ptr.dtype.element_ty), mask=imask & write)
+    if head_block == 0:  # the token's cache entry, once
+        # latent: RMSNorm (fp32 math, rounded, then the model-dtype weight product), then the LoRA scale
+        offs_r = tl.arange(0, RANK_PAD)
+        rmask = offs_r < RANK
+        lat = tl.load(kva_ptr + row * s_kn + offs_r, mask=rmask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(lat * lat, 0) / RANK + eps)
+        w = tl.load(w_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
+        lat = ((lat * rstd).to(dt).to(tl.float32) * w).to(dt)
+        lat = (lat.to(tl.float32) * kv_scale).to(dt)
+        tl.store(cache_row + offs_r, lat.to(cache_ptr.dtype.element_ty), mask=rmask & write)
+        # shared rope key
+        ke = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
+        ko = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
+        k1, k2 = _rot(ke, ko, c, s, dt)
+        tl.store(cache_row + RANK + offs_i, k1.to(cache_ptr.dtype.element_ty), mask=imask & write)
+        tl.store(cache_row + RANK + HALF + offs_i, k2.to(cache_ptr.dtype.element_ty), mask=imask & write)
 
-    # queries: scale everything, rotate the rope part
-    offs_h = tl.arange(0, HEADS_PAD)
+    # queries of this program's heads: scale everything, rotate the rope part
+    offs_h = head_block * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)
     hmask = offs_h < heads
     offs_d = tl.arange(0, NOPE_PAD)
     nmask = hmask[:, None] & (offs_d < NOPE)[None, :]
@@ -70,6 +71,9 @@ def _mla_prep_kernel(
     tl.store(o_base + NOPE + HALF + offs_i[None, :], q2, mask=rmask2)
 
 
+PREP_HEADS_BLOCK = 16  # heads per program
+
+
 def launch(q, kv_a, cos, sin, norm_weight, eps, q_scale, kv_scale, slot_mapping, kv_cache, rope_dim):
     n, heads, head_dim = q.shape
     rank = kv_a.shape[-1] - rope_dim
@@ -77,14 +81,16 @@ def launch(q, kv_a, cos, sin, norm_weight, eps, q_scale, kv_scale, slot_mapping,
     out = torch.empty(n, heads, head_dim, dtype=q.dtype, device=q.device)
     if n == 0:
         return out
-    _mla_prep_kernel[(n,)](
+    # a token's heads over several programs: at batch 1 one program did all 64 heads (5 us on the H200, latency)
+    heads_block = min(triton.next_power_of_2(heads), PREP_HEADS_BLOCK)
+    _mla_prep_kernel[(n, triton.cdiv(heads, heads_block))](
         q, kv_a, cos, sin, norm_weight, slot_mapping, kv_cache, out,
         float(eps), float(q_scale), float(kv_scale), heads,
         q.stride(0), q.stride(1), kv_a.stride(0), kv_cache.stride(1), out.stride(0), out.stride(1),
         cos.stride(0), sin.stride(0),
         RANK=rank, ROPE=rope_dim, NOPE=nope,
         RANK_PAD=triton.next_power_of_2(rank), HALF_PAD=max(triton.next_power_of_2(rope_dim // 2), 2),
-        NOPE_PAD=triton.next_power_of_2(nope), HEADS_PAD=triton.next_power_of_2(heads),
+        NOPE_PAD=triton.next_power_of_2(nope), HEADS_BLOCK=heads_block,
         num_warps=4,
     )
     return out
