@@ -14,6 +14,7 @@ TORCH_LIBRARY(longcat, m) {
         "int top_k, Tensor? active_experts=None, Tensor? num_active=None) -> Tensor");
   m.def("combine(Tensor expert_out, Tensor slot_rows, Tensor topk_weights, Tensor hidden, Tensor zero_weight, "
         "bool add_identity) -> Tensor");
+  m.def("dense_gemv(Tensor x, Tensor w) -> Tensor");
 }
 
 #ifdef LONGCAT_WITH_CUDA

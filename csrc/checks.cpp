@@ -75,4 +75,18 @@ void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slot_row
   }
 }
 
+void check_dense_gemv_args(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2, "dense_gemv: x must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "dense_gemv: w must be [N, ", x.size(1), "], got shape ",
+              w.sizes());
+  TORCH_CHECK(x.size(0) <= kDenseGemvMaxRows, "dense_gemv: at most ", kDenseGemvMaxRows, " rows, got ", x.size(0),
+              " (use F.linear)");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "dense_gemv: x and w must share one dtype, got ", x.scalar_type(),
+              " and ", w.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "dense_gemv: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), "dense_gemv: w is on ", w.device(), " but x is on ", x.device());
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "dense_gemv: x needs a unit last stride, got strides ", x.strides());
+  TORCH_CHECK(w.stride(1) == 1 || w.size(1) <= 1, "dense_gemv: w needs a unit last stride, got strides ", w.strides());
+}
+
 }  // namespace longcat

@@ -2,16 +2,19 @@
 
 Column-parallel layers split the output rows, row-parallel layers split the input columns and all-reduce
 the partial sums. Each weight's `weight_loader` takes this rank's shard from the full checkpoint tensor.
+All of them multiply through `linear`, which takes the dense GEMV kernel for decode batches when enabled.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longcat_service import ops
 from longcat_service.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
 from longcat_service.layers.weight_utils import (
     WeightLoadError,
@@ -21,6 +24,31 @@ from longcat_service.layers.weight_utils import (
     make_param,
     read_narrow,
 )
+from longcat_service.ops import extension
+
+# LONGCAT_DENSE_GEMV=1: decode batches (1..8 rows) of bf16/fp16 on CUDA multiply with the weight-streaming GEMV
+# (csrc/cuda/dense_gemv.cu) instead of cuBLAS. Read once at import; off by default until timed on the H200.
+DENSE_GEMV = os.environ.get("LONGCAT_DENSE_GEMV", "0").strip() == "1"
+_DENSE_GEMV_BUILT = ops.ACTIVE_BACKEND == "extension cpu+cuda"
+_DENSE_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the dense GEMV for a decode batch. Decided from shapes, dtypes, the env and the build only
+    (never device values), so it is CUDA-graph safe; the GEMV itself falls back to F.linear on layouts it
+    does not take (ops.extension.dense_gemv_supported)."""
+    if (
+        DENSE_GEMV
+        and _DENSE_GEMV_BUILT
+        and bias is None
+        and x.is_cuda
+        and x.dim() == 2
+        and 1 <= x.shape[0] <= extension.DENSE_GEMV_MAX_ROWS
+        and x.dtype in _DENSE_GEMV_DTYPES
+        and x.shape[1] % 8 == 0
+    ):
+        return extension.dense_gemv(x, weight)
+    return F.linear(x, weight, bias)
 
 
 class ReplicatedLinear(nn.Module):
@@ -33,7 +61,7 @@ class ReplicatedLinear(nn.Module):
         self.bias = make_param(output_size, dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -54,7 +82,7 @@ class ColumnParallelLinear(nn.Module):
         param.copy_(read_narrow(loaded, 0, self.tp_rank * param.shape[0], param.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(nn.Module):
@@ -80,7 +108,7 @@ class MergedColumnParallelLinear(nn.Module):
         param[offset : offset + rows].copy_(read_narrow(loaded, 0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -102,7 +130,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias))
+        return all_reduce(linear(x, self.weight, bias))
 
 
 __all__ = [
@@ -110,5 +138,6 @@ __all__ = [
     "MergedColumnParallelLinear",
     "ReplicatedLinear",
     "RowParallelLinear",
+    "linear",
     "loaded_shape",
 ]

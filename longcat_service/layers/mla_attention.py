@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from longcat_service.config import ModelConfig
 from longcat_service.distributed.parallel_state import get_tp_size
 from longcat_service.layers.layernorm import RMSNorm
-from longcat_service.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from longcat_service.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, linear
 from longcat_service.layers.paged_attention import (
     AttentionPlan,
     decode_attention,
@@ -70,8 +69,8 @@ class MLAAttention(nn.Module):
         """(q_a_proj(x), kv_a_proj_with_mqa(x)), as one GEMM when fused (row-strided views, unit last stride)."""
         if self.fused_a_weight is None:
             return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
-        return F.linear(x, self.fused_a_weight).split([self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size],
-                                                      dim=-1)
+        return linear(x, self.fused_a_weight).split([self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size],
+                                                    dim=-1)
 
     def forward(
         self,

@@ -31,10 +31,10 @@ def _load_extension() -> tuple[bool, str]:
 _USE_EXTENSION, ACTIVE_BACKEND = _load_extension()
 
 if _USE_EXTENSION:
-    from longcat_service.ops.extension import combine, expert_ffn, moe_align, moe_forward, router_topk
+    from longcat_service.ops.extension import combine, dense_gemv, expert_ffn, moe_align, moe_forward, router_topk
 else:
-    from longcat_service.ops.reference import combine, expert_ffn, moe_align, moe_forward, router_topk
+    from longcat_service.ops.reference import combine, dense_gemv, expert_ffn, moe_align, moe_forward, router_topk
 
 logger.info("longcat ops backend: %s", ACTIVE_BACKEND)
 
-__all__ = ["ACTIVE_BACKEND", "combine", "expert_ffn", "moe_align", "moe_forward", "router_topk"]
+__all__ = ["ACTIVE_BACKEND", "combine", "dense_gemv", "expert_ffn", "moe_align", "moe_forward", "router_topk"]

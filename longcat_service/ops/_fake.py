@@ -1,4 +1,4 @@
-"""Fake (meta) kernels of the torch.ops.longcat ops: output shapes depend only on T, k and E, so
+"""Fake (meta) kernels of the torch.ops.longcat ops: output shapes depend only on T, k and E (dense_gemv: M, N), so
 torch.compile can trace the ops and CUDA graphs can capture them."""
 
 from __future__ import annotations
@@ -35,3 +35,7 @@ def register_fake_kernels() -> None:
     @torch.library.register_fake("longcat::combine")
     def _combine(expert_out, slot_rows, topk_weights, hidden, zero_weight, add_identity):
         return hidden.new_empty((topk_weights.shape[0], hidden.shape[-1]), dtype=torch.float32)
+
+    @torch.library.register_fake("longcat::dense_gemv")
+    def _dense_gemv(x, w):
+        return x.new_empty((x.shape[0], w.shape[0]))

@@ -5,6 +5,7 @@ regimes: a weight-streaming kernel for few tokens per expert (decode) and torch.
 (prefill); the choice uses only T, k and E, never device values, so it is CUDA-graph safe.
 expert_ffn's rows at or past expert_offsets[-1] are unspecified (the grouped-GEMM path leaves them
 uninitialised); combine reads only the rows of real-expert slots.
+dense_gemv runs the compiled kernel only on the shapes and layouts it takes (dense_gemv_supported), else F.linear.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ _ops = torch.ops.longcat
 # Expected rows per expert (T*k/E) at or above which a grouped GEMM beats streaming weights with
 # CUDA-core FMAs (tensor cores win once each weight byte is reused by ~8+ rows).
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 8
+
+# dense_gemv: most rows per call (csrc/ops.h kDenseGemvMaxRows) and elements per 16-byte vector of each dtype.
+DENSE_GEMV_MAX_ROWS = 8
+_GEMV_VECTOR_WIDTH = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
 
 
 def router_topk(logits, correction_bias, top_k, routed_scaling_factor, num_experts):
@@ -90,3 +95,27 @@ def moe_forward(
     offsets, sorted_slots, slot_rows, active, num_active = moe_align(ids, num_experts)
     expert_out = expert_ffn(hidden, w13, w2, offsets, sorted_slots, top_k, active, num_active)
     return combine(expert_out, slot_rows, weights, hidden, zero_weight, add_identity)
+
+def dense_gemv_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Inputs the compiled dense_gemv takes: x [M <= 8, K] and w [N, K] of one dtype (bf16, fp16, fp32) on one
+    device, unit last strides, K a whole number of 16-byte vectors, rows starting 16-byte aligned. Reads only
+    host metadata (data_ptr is an address), so a captured CUDA graph keeps the choice it was captured with."""
+    vec = _GEMV_VECTOR_WIDTH.get(x.dtype)
+    if vec is None or w.dtype != x.dtype or x.dim() != 2 or w.dim() != 2 or x.device != w.device:
+        return False
+    rows, k = x.shape
+    if rows > DENSE_GEMV_MAX_ROWS or w.shape[1] != k or k % vec:
+        return False
+    return _rows_16b_aligned(x) and _rows_16b_aligned(w)
+
+
+def _rows_16b_aligned(t: torch.Tensor) -> bool:
+    unit_last = t.stride(1) == 1 or t.shape[1] <= 1
+    row_stride_ok = t.shape[0] <= 1 or (t.stride(0) * t.element_size()) % 16 == 0
+    return unit_last and row_stride_ok and t.data_ptr() % 16 == 0
+
+
+def dense_gemv(x, w):
+    if dense_gemv_supported(x, w):
+        return _ops.dense_gemv(x, w)
+    return F.linear(x, w)

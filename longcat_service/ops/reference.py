@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the MoE ops: the spec of every C++/CUDA kernel and the CPU fallback.
+"""Pure-PyTorch reference of the longcat ops: the spec of every C++/CUDA kernel and the CPU fallback.
 
 Conventions shared by all implementations:
 - E real (FFN) experts, Z zero (identity) experts; ids >= E are zero experts.
@@ -157,3 +157,9 @@ def moe_forward(
     offsets, sorted_slots, slot_rows, _, _ = moe_align(ids, num_experts)
     expert_out = expert_ffn(hidden, w13, w2, offsets, sorted_slots, top_k)
     return combine(expert_out, slot_rows, weights, hidden, zero_weight, add_identity)
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T -> [M, N] in x's dtype, accumulated in fp32: the decode-batch GEMV (M <= 8) that
+    streams a dense weight once. Implementations may add in any order (fp32 rounding differences only)."""
+    return (x.float() @ w.float().t()).to(x.dtype)
