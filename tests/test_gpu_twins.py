@@ -139,6 +139,42 @@ def test_mla_decode_real_shapes_bf16():
     assert _rel(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("batch", [1, 64])
+def test_mla_decode_min_split_tokens_real_shapes_bf16(batch, monkeypatch):
+    """LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS=128 at the real shapes (64 heads, 512 + 64, W_UV 128 columns), eager
+    and as a CUDA graph captured at one set of lengths and replayed with another (runtime merge loop bounds)."""
+    from longcat_service.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_uv_reference
+
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "128")
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    bs, heads, rank, rope, dv, max_len = 16, 64, 512, 64, 128, 1000
+    per_row = -(-max_len // bs)
+    cache = torch.randn(batch * per_row + 4, bs, rank + rope, device="cuda", generator=gen).bfloat16()
+    perm = torch.randperm(cache.shape[0], device="cuda", generator=gen)
+    tables = perm[: batch * per_row].view(batch, per_row).int()
+    q_lat = torch.randn(batch, heads, rank, device="cuda", generator=gen).bfloat16()
+    q_rope = torch.randn(batch, heads, rope, device="cuda", generator=gen).bfloat16()
+    w_uv = (torch.randn(heads, dv, rank, device="cuda", generator=gen) * 0.05).bfloat16()
+    first = [512 if i % 2 == 0 else 1000 for i in range(batch)]
+    second = [1000 if i % 2 == 0 else 512 for i in range(batch)]
+    seq = torch.tensor(first, dtype=torch.int32, device="cuda")
+    args = (q_lat, q_rope, cache, tables, seq, 0.0722)
+    for uv in (None, w_uv):
+        seq.copy_(torch.tensor(first, dtype=torch.int32))
+        ref = mla_decode_reference(*args) if uv is None else mla_decode_uv_reference(*args, uv)
+        assert _rel(mla_decode(*args, w_uv=uv), ref) < 1e-2
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = mla_decode(*args, w_uv=uv)
+        for lens in (second, first):
+            seq.copy_(torch.tensor(lens, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = mla_decode_reference(*args) if uv is None else mla_decode_uv_reference(*args, uv)
+            assert _rel(captured, ref) < 1e-2, (uv is not None, lens[:2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_side_stream_moe_graph_is_bit_identical_to_inline_moe(dtype, monkeypatch):
     """Inside graph capture of small batches the shortcut MoE runs on a side stream

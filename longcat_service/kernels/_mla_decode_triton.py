@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_service.kernels import interpreter_mode, next_pow2
-
 
 @triton.jit
 def _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb, s_cb, s_ct, block_size, scale,
@@ -36,26 +34,37 @@ def _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb
 
 
 @triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr):
+    """Tokens per split of a row (stage 1 and the merge must agree): the row cut into NUM_SPLITS even chunks
+    rounded up to BLOCK_N, but at least MIN_SPLIT_TOKENS rounded up to BLOCK_N (short rows use fewer, fuller splits).
+    Splits 0 .. cdiv(seq_len, split_len) - 1 hold tokens, the rest none (all of them when seq_len is 0)."""
+    even = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return tl.maximum(even, (MIN_SPLIT_TOKENS + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+
+
+@triton.jit
 def _stage1(
     q_lat_ptr, q_rope_ptr, cache_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
     scale, num_heads, block_size,
     s_qlb, s_qlh, s_qrb, s_qrh, s_cb, s_ct, s_tb,
     s_pob, s_poh, s_pos, s_plb, s_plh,
     RANK: tl.constexpr, ROPE: tl.constexpr, RANK_PAD: tl.constexpr, ROPE_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, USE_WHILE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     # head block varies fastest so programs that read the same cache chunk run together (L2 reuse)
     hb = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    # a split past the row's end loads and stores nothing: the merge reads only the splits that hold tokens
+    active = start < seq_len
 
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = heads < num_heads
+    hmask = (heads < num_heads) & active
     offs_r = tl.arange(0, RANK_PAD)
     offs_d = tl.arange(0, ROPE_PAD)
     rmask = offs_r < RANK
@@ -84,7 +93,7 @@ def _stage1(
                                    block_size, scale, offs_r, offs_d, rmask, dmask, RANK, BLOCK_N, DOT_PRECISION,
                                    UPCAST)
 
-    has = l_i > 0.0  # empty split (past the end, or a padded row with seq_len 0)
+    has = l_i > 0.0  # always true for a split that holds tokens (the merge reads no other)
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(part_out_ptr + b * s_pob + heads[:, None] * s_poh + split * s_pos + offs_r[None, :], out,
@@ -93,46 +102,67 @@ def _stage1(
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                  NUM_SPLITS: tl.constexpr, RANK_PAD: tl.constexpr):
-    """One (row, head)'s split partials merged by their log-sum-exps -> the normalised fp32 output [RANK_PAD]."""
+def _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask):
+    """Split s's partial folded into the running (max, weight sum, weighted output) of the merge."""
+    lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + s + tl.arange(0, 1))
+    part = tl.load(part_out_ptr + b * s_pob + h * s_poh + s * s_pos + offs_r, mask=rmask, other=0.0)
+    m_new = tl.maximum(m, lse)
+    safe = m_new > float("-inf")
+    m_ref = tl.where(safe, m_new, 0.0)
+    alpha = tl.where(safe, tl.exp(m - m_ref), 0.0)
+    w = tl.where(safe, tl.exp(lse - m_ref), 0.0)
+    acc = acc * alpha + w * part
+    total = total * alpha + w
+    return m_new, total, acc
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                  NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+                  RANK_PAD: tl.constexpr, USE_WHILE: tl.constexpr):
+    """One (row, head)'s split partials merged by their log-sum-exps -> the normalised fp32 output [RANK_PAD].
+    Only the splits that hold tokens (stage 1's split length of this row's seq_len): a short row merges a few
+    partials, not NUM_SPLITS; a row with seq_len 0 merges none and gives zeros."""
+    seq_len = tl.load(lens_ptr + b)
+    n_active = tl.minimum(tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS)), NUM_SPLITS)
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([RANK_PAD], tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + s + tl.arange(0, 1))
-        part = tl.load(part_out_ptr + b * s_pob + h * s_poh + s * s_pos + offs_r, mask=rmask, other=0.0)
-        m_new = tl.maximum(m, lse)
-        safe = m_new > float("-inf")
-        m_ref = tl.where(safe, m_new, 0.0)
-        alpha = tl.where(safe, tl.exp(m - m_ref), 0.0)
-        w = tl.where(safe, tl.exp(lse - m_ref), 0.0)
-        acc = acc * alpha + w * part
-        total = total * alpha + w
-        m = m_new
+    if USE_WHILE:  # Triton's CPU interpreter cannot take device values as range() bounds
+        s = 0
+        while s < n_active:
+            m, total, acc = _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos,
+                                       s_plb, s_plh, offs_r, rmask)
+            s += 1
+    else:
+        for s in range(0, n_active):
+            m, total, acc = _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos,
+                                       s_plb, s_plh, offs_r, rmask)
     return acc / tl.where(total > 0.0, total, 1.0)
 
 
 @triton.jit
 def _stage2(
-    part_out_ptr, part_lse_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, lens_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
-    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    MIN_SPLIT_TOKENS: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
-    out = _merge_splits(part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                        NUM_SPLITS, RANK_PAD)
+    out = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                        NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS, RANK_PAD, USE_WHILE)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
 def _stage2_uv(
-    part_out_ptr, part_lse_ptr, w_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, lens_ptr, w_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_wh, s_wd, s_ob, s_oh,
-    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+    RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    MIN_SPLIT_TOKENS: tl.constexpr, USE_WHILE: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
 ):
     """_stage2, then this head's W_UV: out[b, h, d] = o_latent[b, h] . w_uv[h, d] for BLOCK_D columns d. Each of the
     DV / BLOCK_D programs of a head merges the (L2-resident) partials itself, so no o_latent round trip and no
@@ -142,8 +172,8 @@ def _stage2_uv(
     d0 = tl.program_id(2) * BLOCK_D
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
-    o = _merge_splits(part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                      NUM_SPLITS, RANK_PAD)
+    o = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                      NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS, RANK_PAD, USE_WHILE)
     # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
     o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
     offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -154,50 +184,40 @@ def _stage2_uv(
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_d, y.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-UV_BLOCK_D = 32  # W_UV columns per program of _stage2_uv (a [32, 512] tile: 32 KB of bf16)
-
-
-def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, num_splits, block_h, block_n,
-           num_warps=4, num_stages=2, w_uv=None):
+def launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, cfg, w_uv=None, parts=None):
+    """cfg: mla_decode.launch_config for this batch (grids and constexprs: nothing here depends on seq_lens).
+    parts: (part_out [B, h, splits, r], part_lse [B, h, splits]) fp32 buffers for stage 1 (tests; default new)."""
     batch, heads, rank = q_latent.shape
-    rope = q_rope.shape[-1]
     dev = q_latent.device
-    part_out = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=dev)
-    part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=dev)
-    dv = None if w_uv is None else w_uv.shape[1]
+    if parts is None:
+        part_out = torch.empty(batch, heads, cfg.num_splits, rank, dtype=torch.float32, device=dev)
+        part_lse = torch.empty(batch, heads, cfg.num_splits, dtype=torch.float32, device=dev)
+    else:
+        part_out, part_lse = parts
     out = (torch.empty_like(q_latent, memory_format=torch.contiguous_format) if w_uv is None
-           else torch.empty(batch, heads, dv, dtype=q_latent.dtype, device=dev))
+           else torch.empty(batch, heads, w_uv.shape[1], dtype=q_latent.dtype, device=dev))
     if batch == 0:
         return out
-    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
-    grid1 = (triton.cdiv(heads, block_h), num_splits, batch)
-    _stage1[grid1](
+    _stage1[cfg.grid1](
         q_latent, q_rope, kv_cache, block_tables, seq_lens, part_out, part_lse,
         float(scale), heads, kv_cache.shape[1],
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        RANK=rank, ROPE=rope, RANK_PAD=next_pow2(rank), ROPE_PAD=next_pow2(rope),
-        NUM_SPLITS=num_splits, BLOCK_H=block_h, BLOCK_N=block_n, DOT_PRECISION=precision,
-        UPCAST=interpreter_mode(),  # the CPU interpreter has no bf16 matmul: compute in fp32 there
-        USE_WHILE=interpreter_mode(),
-        num_warps=num_warps, num_stages=num_stages,
+        **cfg.stage1,
     )
     if w_uv is not None:
-        block_d = min(UV_BLOCK_D, next_pow2(dv))
-        _stage2_uv[(heads, batch, triton.cdiv(dv, block_d))](
-            part_out, part_lse, w_uv, out,
+        _stage2_uv[cfg.grid2](
+            part_out, part_lse, seq_lens, w_uv, out,
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
             w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-            RANK=rank, RANK_PAD=next_pow2(rank), NUM_SPLITS=num_splits, BLOCK_D=block_d, DV=dv,
-            num_warps=4,
+            **cfg.stage2,
         )
         return out
-    _stage2[(heads, batch)](
-        part_out, part_lse, out,
+    _stage2[cfg.grid2](
+        part_out, part_lse, seq_lens, out,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        RANK=rank, RANK_PAD=next_pow2(rank), NUM_SPLITS=num_splits,
-        num_warps=4,
+        **cfg.stage2,
     )
     return out

@@ -1,0 +1,204 @@
+"""MLA decode split-K bookkeeping: the merge folds only the splits that hold tokens, the minimum split length
+(LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS) and the W_UV tile width (LONGCAT_MLA_UV_BLOCK_D) change no result, and the
+launch configuration (grids, constexprs) of a batch never depends on its sequence lengths (CUDA-graph replay).
+
+Small head counts and ranks so that Triton's CPU interpreter (TRITON_INTERPRET=1, tests/conftest.py) is quick;
+the real shapes run on the GPU in tests/test_gpu_twins.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from longcat_service.kernels import _mla_decode_triton as tri  # noqa: E402
+from longcat_service.kernels import mla_decode as md  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+BF16_TOL = 2e-3 if ON_GPU else 3 * 2**-7  # as tests/test_kernels.py: the interpreter truncates to bf16
+BN = md.BLOCK_N
+HEADS, RANK, ROPE, DV, PAGE = 4, 16, 8, 12, 8
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split_len(seq_len: int, num_splits: int, min_tokens: int, block_n: int = BN) -> int:
+    """Python mirror of the kernels' _split_len (for the expected split counts only)."""
+    return max(_cdiv(_cdiv(seq_len, num_splits), block_n) * block_n, _cdiv(min_tokens, block_n) * block_n)
+
+
+def _active(seq_len: int, num_splits: int, min_tokens: int) -> int:
+    return _cdiv(seq_len, _split_len(seq_len, num_splits, min_tokens))
+
+
+def _case(seed, lens, dtype, heads=HEADS, rank=RANK, rope=ROPE, dv=DV, lens_dtype=torch.int32):
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(lens)
+    max_blocks = max(-(-max(lens) // PAGE), 1)
+    num_blocks = batch * max_blocks + 3
+    cache = torch.randn(num_blocks, PAGE, rank + rope, generator=gen).to(dtype).to(DEVICE)
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * max_blocks].view(batch, max_blocks)
+    q_lat = torch.randn(batch, heads, rank, generator=gen).to(dtype).to(DEVICE)
+    q_rope = torch.randn(batch, heads, rope, generator=gen).to(dtype).to(DEVICE)
+    w_kv_b = (torch.randn(heads, 3 + dv, rank, generator=gen) * 0.3).to(dtype).to(DEVICE)
+    seq = torch.tensor(lens, dtype=lens_dtype, device=DEVICE)
+    return (q_lat, q_rope, cache, tables.int().to(DEVICE), seq), w_kv_b[:, 3:, :]  # W_UV strided like kv_b_proj
+
+
+def _edge_lens(num_splits: int, min_tokens: int) -> list[int]:
+    """0, 1, one block -1/0/+1, a row that exactly fills all num_splits minimum-length splits (or, where that
+    would exceed 1024 tokens, as many as fit in 1024) and one token more, a long row: within one batch, so rows
+    fill different numbers of splits."""
+    shortest = _split_len(1, num_splits, min_tokens)
+    full = min(num_splits, max(1024 // shortest, 1)) * shortest
+    return [0, 1, BN - 1, BN, BN + 1, full, full + 1, 700]
+
+
+@pytest.mark.parametrize("dtype,min_tokens", [
+    (torch.float32, None), (torch.float32, 64), (torch.float32, 128), (torch.float32, 1024),
+    (torch.bfloat16, 128),  # the interpreter takes ~5 ms a program: not all pairs (bf16 default: test_kernels.py)
+])
+def test_min_split_tokens_and_active_splits_match_reference(dtype, min_tokens, monkeypatch):
+    if min_tokens is not None:
+        monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", str(min_tokens))
+    min_eff = md.MIN_SPLIT_TOKENS if min_tokens is None else min_tokens
+    tol = 1e-5 if dtype == torch.float32 else 2 * BF16_TOL
+    for num_splits in (1, 3, 32):
+        lens = _edge_lens(num_splits, min_eff)
+        if num_splits == 32:  # 32 stage-1 programs a row: fewer rows (1, BN -1, BN: covered at 1 and 3 splits)
+            lens = [n for n in lens if n not in (1, BN - 1, BN)]
+        full = lens[-3]
+        assert full == _active(full, num_splits, min_eff) * _split_len(full, num_splits, min_eff)  # exactly filled
+        if num_splits > 1 and min_eff < 700:  # rows fill different numbers of splits
+            assert len({_active(n, num_splits, min_eff) for n in lens}) > 2
+        args, w_uv = _case(num_splits * 10 + min_eff, lens, dtype)
+        ref = md.mla_decode_reference(*args, scale=0.37)
+        out = md.mla_decode(*args, scale=0.37, num_splits=num_splits)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert _rel(out, ref) < tol, (num_splits, lens)
+        assert lens[0] == 0 and (out[0] == 0).all()  # seq_len 0
+        ref_uv = md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)
+        out_uv = md.mla_decode(*args, scale=0.37, num_splits=num_splits, w_uv=w_uv)
+        assert out_uv.shape == ref_uv.shape and _rel(out_uv, ref_uv) < tol, (num_splits, lens)
+        assert (out_uv[0] == 0).all()
+
+
+@pytest.mark.parametrize("min_tokens,num_splits,lens", [
+    (None, 32, [512, 0, 33, 700]),  # the default cut: 512 tokens fill 16 of 32 splits
+    (128, 32, [512, 0, 129, 700]),  # 512 tokens: 4 splits of 128 (H200 batch 1, 512-token context)
+    (1024, 3, [512, 700, 32]),  # one split
+    (64, 3, [192, 193, 31]),  # exactly 3 x 64; one token more
+])
+def test_only_active_splits_are_written_and_merged(min_tokens, num_splits, lens, monkeypatch):
+    """Stage 1 writes the partials of the splits that hold tokens and no others; the merge reads only those
+    (the unwritten ones stay NaN here, and the output is finite and matches the reference). int32 and int64
+    seq_lens (CUDA-graph replays pass int64)."""
+    if min_tokens is not None:
+        monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", str(min_tokens))
+    min_eff = md.MIN_SPLIT_TOKENS if min_tokens is None else min_tokens
+    lens_dtype = torch.int64 if num_splits == 3 or min_tokens == 128 else torch.int32
+    args, w_uv = _case(len(lens) + num_splits, lens, torch.float32, lens_dtype=lens_dtype)
+    batch = len(lens)
+    for dv in (None, DV):
+        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.float32, dv=dv, num_splits=num_splits)
+        part_out = torch.full((batch, HEADS, num_splits, RANK), float("nan"), device=DEVICE)
+        part_lse = torch.full((batch, HEADS, num_splits), float("nan"), device=DEVICE)
+        out = tri.launch(*args, 0.37, cfg, w_uv=None if dv is None else w_uv, parts=(part_out, part_lse))
+        ref = (md.mla_decode_reference(*args, scale=0.37) if dv is None
+               else md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv))
+        assert torch.isfinite(out).all() and _rel(out, ref) < 1e-5
+        written = torch.isfinite(part_lse)  # [B, h, splits]
+        assert torch.equal(written, torch.isfinite(part_out).all(-1))
+        for b, n in enumerate(lens):
+            expect = _active(n, num_splits, min_eff)
+            assert written[b].sum(-1).tolist() == [expect] * HEADS, (n, expect)
+            assert written[b, :, :expect].all()  # the first `expect` splits
+    if min_tokens == 128:
+        assert _active(512, 32, 128) == 4 and _active(512, 32, md.BLOCK_N) == 16
+
+
+@pytest.mark.parametrize("block_d", ["8", "16", "64"])
+def test_uv_block_d_override_matches_reference(block_d, monkeypatch):
+    monkeypatch.setenv("LONGCAT_MLA_UV_BLOCK_D", block_d)
+    lens = [70, 0, 5]
+    args, w_uv = _case(int(block_d), lens, torch.float32, dv=40)
+    cfg = md.launch_config(len(lens), HEADS, RANK, ROPE, torch.float32, dv=40)
+    assert cfg.stage2["BLOCK_D"] == int(block_d) and cfg.grid2 == (HEADS, len(lens), -(-40 // int(block_d)))
+    ref = md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)
+    for splits in (1, 3):
+        assert _rel(md.mla_decode(*args, scale=0.37, num_splits=splits, w_uv=w_uv), ref) < 1e-5
+
+
+@pytest.mark.parametrize("var,raw", [
+    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "0"),
+    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "-32"),
+    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "12.5"),
+    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "lots"),
+    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", str(2**40)),
+    ("LONGCAT_MLA_UV_BLOCK_D", "24"),
+    ("LONGCAT_MLA_UV_BLOCK_D", "4"),
+    ("LONGCAT_MLA_UV_BLOCK_D", "256"),
+    ("LONGCAT_MLA_UV_BLOCK_D", "x"),
+])
+def test_overrides_are_validated(var, raw, monkeypatch):
+    monkeypatch.setenv(var, raw)
+    args, w_uv = _case(0, [5], torch.float32)
+    with pytest.raises(ValueError, match=var):
+        md.mla_decode(*args, scale=1.0, w_uv=w_uv)
+
+
+def test_defaults_keep_the_even_cut():
+    assert md.min_split_tokens() == md.MIN_SPLIT_TOKENS == md.BLOCK_N and md.uv_block_d() == md.UV_BLOCK_D == 32
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then launches it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append((self.kernel.fn.__name__, tuple(grid), dict(kwargs)))
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("min_tokens", [None, "128"])
+def test_launch_configuration_does_not_depend_on_seq_lens(min_tokens, monkeypatch):
+    """What a CUDA graph captures (grids, constexprs, warps) must be the same whatever the batch's lengths:
+    empty rows, short rows filling one split, long rows filling all of them."""
+    if min_tokens is not None:
+        monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", min_tokens)
+    log: list = []
+    for name in ("_stage1", "_stage2", "_stage2_uv"):
+        monkeypatch.setattr(tri, name, _Recorder(getattr(tri, name), log))
+    args, w_uv = _case(3, [300, 300], torch.float32)
+    q_lat, q_rope, cache, tables, _ = args
+    batch = q_lat.shape[0]
+    for uv in (None, w_uv):
+        seen = []
+        for lens in ([0, 0], [1, 33], [129, 300]):
+            log.clear()
+            seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+            md.mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, w_uv=uv)
+            assert [entry[0] for entry in log] == ["_stage1", "_stage2" if uv is None else "_stage2_uv"]
+            seen.append(list(log))
+        assert all(s == seen[0] for s in seen[1:]), seen
+        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.float32, dv=None if uv is None else DV)
+        assert seen[0] == [("_stage1", cfg.grid1, cfg.stage1), (seen[0][1][0], cfg.grid2, cfg.stage2)]
+        assert cfg.grid1 == (1, md.choose_num_splits(batch, HEADS), batch)
