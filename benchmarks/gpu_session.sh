@@ -38,7 +38,7 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
 fi
 
-TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_prefill_sdpa.py tests/test_silu_mul.py tests/test_moe_prefill.py"}
+TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_prefill_sdpa.py tests/test_silu_mul.py tests/test_moe_prefill.py tests/test_dense_gemv.py tests/test_mla_decode_splits.py tests/test_rope_table.py $(ls tests/test_grouped_gemm.py 2>/dev/null)"}
 MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"}
 step pytest_default 150 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
@@ -58,7 +58,12 @@ DEC="--hf-batches= --eager-steps 2 --new-tokens 48 --profile-batches 1"
 step decode_new 110 $NEW_ENV $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_new" \
   --results-md "$L/decode_new.md"
 fi
-step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
+# decode-batch dense projections: our dense_gemv vs cuBLAS (LONGCAT_DENSE_GEMV), and the prefill experts' grouped
+# GEMMs: the Triton grouped_gemm configs vs torch._grouped_mm (LONGCAT_TRITON_GROUPED_GEMM)
+step dense_gemv 40 $PY benchmarks/bench_dense_gemv.py --out "$L/dense_gemv.json"
+[[ -f benchmarks/bench_grouped_gemm.py ]] && step grouped_gemm ${GROUPED_GEMM_CAP:-90} $PY benchmarks/bench_grouped_gemm.py \
+  --out "$L/grouped_gemm.json"
+[[ -z ${SKIP_SERVE:-} ]] && step serve 100 $PY benchmarks/bench_serve.py --model benchmarks/configs/longcat-flash-2l --load-format dummy \
   --device cuda --dtype bfloat16 --concurrency 64 --num-requests 128 --prompt-len 512 --max-tokens 128 \
   --step-trace-dir "$L/serve_trace"
 # SERVE_NEW_ENV="VAR=value": the serving run again with that environment (its log: serve_new.log)
@@ -78,12 +83,13 @@ step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-st
 # The prefill pieces against the code they replaced (fused SwiGLU, row gather, grouped expert FFN without the
 # zeroing pass, bf16x3 router GEMM at 256..4096 tokens), with bit-identity and routing checks.
 step prefill_ops 60 $PY benchmarks/bench_prefill_ops.py --out "$L/prefill_ops.json"
-# Decode variants, batch 1 and 64: residual adds fused into the RMSNorms (LONGCAT_FUSED_RESIDUAL=1, side-stream MoE
+# Decode variants (VAR=value+VAR2=value: "+" joins several), batch 1 and 64: residual adds fused into the RMSNorms (LONGCAT_FUSED_RESIDUAL=1, side-stream MoE
 # kept since e0523ae), the shortcut MoE inline (LONGCAT_MOE_OVERLAP_MAX_TOKENS=0) and 64-head MLA decode blocks.
 for variant in ${DECODE_VARIANTS-fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
     tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2}; do
   name=${variant%%:*}
-  step decode_$name 60 ${variant#*:} $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
+  envs=${variant#*:}
+  step decode_$name 60 ${envs//+/ } $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
     --new-tokens 32 --profile-batches= --prefill-len 512 --out-dir "$L/decode_$name" --results-md "$L/decode_$name.md"
 done
 # Prefill alternatives to the defaults (Triton flash attention, the MoE inline; in decode_default): SDPA, the
@@ -166,6 +172,11 @@ for k, v in dec.items():
         if r.get("engine_phases_ms"):
             print(f"engine host phases {k} b={b} (median ms): " +
                   ", ".join(f"{n[:-3]} {x:.3f}" for n, x in r["engine_phases_ms"].items()))
+for name in ("dense_gemv", "grouped_gemm"):
+    f = L / f"{name}.log"
+    if f.exists():
+        print(f"\n== {name}: last lines ==")
+        print("\n".join(f.read_text().splitlines()[-45:]))
 f = L / "prefill_ops.log"
 if f.exists():
     print("\n== prefill pieces (bench_prefill_ops): last lines ==")
