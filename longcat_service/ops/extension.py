@@ -10,6 +10,8 @@ dense_gemv runs the compiled kernel only on the shapes and layouts it takes (den
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,11 @@ _ops = torch.ops.longcat
 # Expected rows per expert (T*k/E) at or above which a grouped GEMM beats streaming weights with
 # CUDA-core FMAs (tensor cores win once each weight byte is reused by ~8+ rows).
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 8
+
+# Prefill experts through the Triton grouped GEMM (kernels/grouped_gemm.py) instead of torch._grouped_mm when
+# the Triton fast path is on: opt-in (env LONGCAT_TRITON_GROUPED_GEMM=1, read once at import) until timed on the
+# H200 (benchmarks/bench_grouped_gemm.py).
+TRITON_GROUPED_GEMM = os.environ.get("LONGCAT_TRITON_GROUPED_GEMM", "0") == "1"
 
 # dense_gemv: most rows per call (csrc/ops.h kDenseGemvMaxRows) and elements per 16-byte vector of each dtype.
 DENSE_GEMV_MAX_ROWS = 8
@@ -50,7 +57,7 @@ def _expert_ffn_grouped_mm(hidden, w13, w2, expert_offsets, sorted_slots, top_k)
     Rows at or past expert_offsets[-1] (as many as zero-expert slots) belong to no group: _grouped_mm does
     not write them and no real row depends on them, so they are left as they are (the op's contract:
     unspecified; combine never reads them). With Triton, the gather and the activation skip them too (the
-    count is read on the device, so there is no host sync).
+    count is read on the device, so there is no host sync), and with TRITON_GROUPED_GEMM so do the two GEMMs.
     """
     ends = expert_offsets[1:]
     if fast_path_enabled(hidden):
@@ -59,6 +66,13 @@ def _expert_ffn_grouped_mm(hidden, w13, w2, expert_offsets, sorted_slots, top_k)
 
         num_rows = expert_offsets[-1:]
         x = gather_expert_rows(hidden, sorted_slots, top_k, num_rows)
+        if TRITON_GROUPED_GEMM:
+            from longcat_service.kernels.grouped_gemm import grouped_gemm
+
+            # a token's top-k experts are distinct: no expert has more rows than tokens (a tile-size hint only)
+            offsets, max_rows = expert_offsets.to(torch.int32), hidden.shape[0]
+            act = silu_and_mul(grouped_gemm(x, w13, offsets, max_rows), num_rows)
+            return grouped_gemm(act, w2, offsets, max_rows)
         gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
         act = silu_and_mul(gate_up, num_rows)
     else:
