@@ -376,6 +376,21 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         prefill_gpu = gpu_timeline(lambda: drv.prefill([seq], max_tokens=args.prefill_len), device)
         drv.release([seq])
         print(f"prefill GPU timeline: {json.dumps(prefill_gpu)}", flush=True)
+        # and where the host spends the call (cProfile: slows Python, so only for the ranking)
+        import cProfile
+        import io
+        import pstats
+
+        seq = drv.new_seq(prompt, 1)
+        sync(device)
+        host_prof = cProfile.Profile()
+        host_prof.enable()
+        drv.prefill([seq], max_tokens=args.prefill_len)
+        host_prof.disable()
+        drv.release([seq])
+        text = io.StringIO()
+        pstats.Stats(host_prof, stream=text).sort_stats("tottime").print_stats(30)
+        (out_dir / "prefill_host_profile.txt").write_text(text.getvalue())
     else:
         prefill_gpu = None
     if args.profile_prefill:

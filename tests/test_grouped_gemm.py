@@ -227,14 +227,17 @@ def test_expert_ffn_with_triton_grouped_gemm(monkeypatch, t, e, z, k, h, i, shar
     torch.testing.assert_close(y[:n], torch_y[:n], rtol=2e-2, atol=2e-2)
 
 
-def test_flag_is_read_at_import():
-    assert extension.TRITON_GROUPED_GEMM == (os.environ.get("LONGCAT_TRITON_GROUPED_GEMM", "0") == "1")
-    code = ("import os; os.environ['LONGCAT_TRITON_GROUPED_GEMM'] = '1'; from longcat_service.ops import extension; "
-            "print(extension.TRITON_GROUPED_GEMM)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+@pytest.mark.parametrize("value,expected", [("0", "False"), ("1", "True"), (None, "True")])
+def test_flag_is_read_at_import_and_on_by_default(value, expected):
+    assert extension.TRITON_GROUPED_GEMM == (os.environ.get("LONGCAT_TRITON_GROUPED_GEMM", "1") == "1")
+    env = {k: v for k, v in os.environ.items() if k != "LONGCAT_TRITON_GROUPED_GEMM"}
+    if value is not None:
+        env["LONGCAT_TRITON_GROUPED_GEMM"] = value
+    code = "from longcat_service.ops import extension; print(extension.TRITON_GROUPED_GEMM)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "True"
+    assert out.stdout.strip().splitlines()[-1] == expected
 
 
 # ---- the GPU build, compiled offline -----------------------------------------------------------------------------

@@ -26,9 +26,13 @@ from longcat_service.layers.weight_utils import (
 )
 from longcat_service.ops import extension
 
-# LONGCAT_DENSE_GEMV=1: decode batches (1..8 rows) of bf16/fp16 on CUDA multiply with the weight-streaming GEMV
-# (csrc/cuda/dense_gemv.cu) instead of cuBLAS. Read once at import; off by default until timed on the H200.
-DENSE_GEMV = os.environ.get("LONGCAT_DENSE_GEMV", "0").strip() == "1"
+# Decode batches of up to DENSE_GEMV_ROWS rows (bf16/fp16 on CUDA) multiply with the weight-streaming GEMV
+# (csrc/cuda/dense_gemv.cu) instead of cuBLAS. On the H200 (benchmarks/RESULTS.md, session 4) it beat cuBLAS on
+# every LongCat projection at 1 and 2 rows (fused q_a+kv_a 8.5 vs 12.1 us, dense down 37 vs 44 us, o_proj 25.7
+# vs 27.2) and lost from 4 rows (13.5 vs 12.3 us ...). LONGCAT_DENSE_GEMV=0 turns it off; LONGCAT_DENSE_GEMV_ROWS
+# (1..8) moves the limit. Read once at import.
+DENSE_GEMV = os.environ.get("LONGCAT_DENSE_GEMV", "1").strip() == "1"
+DENSE_GEMV_ROWS = int(os.environ.get("LONGCAT_DENSE_GEMV_ROWS", "2"))
 _DENSE_GEMV_BUILT = ops.ACTIVE_BACKEND == "extension cpu+cuda"
 _DENSE_GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -43,7 +47,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and bias is None
         and x.is_cuda
         and x.dim() == 2
-        and 1 <= x.shape[0] <= extension.DENSE_GEMV_MAX_ROWS
+        and 1 <= x.shape[0] <= min(DENSE_GEMV_ROWS, extension.DENSE_GEMV_MAX_ROWS)
         and x.dtype in _DENSE_GEMV_DTYPES
         and x.shape[1] % 8 == 0
     ):

@@ -24,9 +24,10 @@ _ops = torch.ops.longcat
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 8
 
 # Prefill experts through the Triton grouped GEMM (kernels/grouped_gemm.py) instead of torch._grouped_mm when
-# the Triton fast path is on: opt-in (env LONGCAT_TRITON_GROUPED_GEMM=1, read once at import) until timed on the
-# H200 (benchmarks/bench_grouped_gemm.py).
-TRITON_GROUPED_GEMM = os.environ.get("LONGCAT_TRITON_GROUPED_GEMM", "0") == "1"
+# the Triton fast path is on: on the H200 it streamed the expert weights at 88-92% of the copy rate against
+# torch._grouped_mm's 75-79% (benchmarks/bench_grouped_gemm.py, RESULTS.md session 4), with equal outputs.
+# LONGCAT_TRITON_GROUPED_GEMM=0 (read once at import) goes back to torch._grouped_mm.
+TRITON_GROUPED_GEMM = os.environ.get("LONGCAT_TRITON_GROUPED_GEMM", "1") == "1"
 
 # dense_gemv: most rows per call (csrc/ops.h kDenseGemvMaxRows) and elements per 16-byte vector of each dtype.
 DENSE_GEMV_MAX_ROWS = 8
@@ -109,6 +110,7 @@ def moe_forward(
     offsets, sorted_slots, slot_rows, active, num_active = moe_align(ids, num_experts)
     expert_out = expert_ffn(hidden, w13, w2, offsets, sorted_slots, top_k, active, num_active)
     return combine(expert_out, slot_rows, weights, hidden, zero_weight, add_identity)
+
 
 def dense_gemv_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Inputs the compiled dense_gemv takes: x [M <= 8, K] and w [N, K] of one dtype (bf16, fp16, fp32) on one
