@@ -19,6 +19,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 GRPC_PORT, METRICS_PORT, RENDEZVOUS_PORT = 50051, 9090, 29500
 GPUS_PER_NODE = 8
+TRITON_CACHE = "/home/longcat/.cache/triton"  # the Dockerfile's TRITON_CACHE_DIR
 
 
 def load_docs(path: Path) -> list[dict]:
@@ -139,6 +140,9 @@ def test_pods_use_8_gpus_nonroot_shm_and_readonly_model(variant):
         assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory", desc
         model = volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]
         assert model["claimName"] in pvc_names and mounts["/models"]["readOnly"] is True, desc
+        # compiled Triton kernels outlive a container restart (the Dockerfile's TRITON_CACHE_DIR)
+        assert "emptyDir" in volumes[mounts[TRITON_CACHE]["name"]], desc
+        assert not mounts[TRITON_CACHE].get("readOnly"), desc
 
 
 @pytest.mark.parametrize("variant", ["leaderworkerset", "statefulset"])
@@ -230,8 +234,10 @@ def test_compose_one_node_8_gpus():
     assert args["tensor-parallel-size"] == str(GPUS_PER_NODE)
     assert args["port"] == str(GRPC_PORT) and args["metrics-port"] == str(METRICS_PORT) and args["host"] == "0.0.0.0"
     assert {f"{GRPC_PORT}:{GRPC_PORT}", f"{METRICS_PORT}:{METRICS_PORT}"} <= set(service["ports"])
-    (volume,) = service["volumes"]
-    assert volume["target"] == "/models" and volume["read_only"] is True and args["model"].startswith("/models/")
+    model, cache = service["volumes"]
+    assert model["target"] == "/models" and model["read_only"] is True and args["model"].startswith("/models/")
+    assert cache["type"] == "volume" and cache["target"] == TRITON_CACHE
+    assert cache["source"] in load_docs(DEPLOY / "docker-compose.yml")[0]["volumes"]
     assert service["healthcheck"]["test"][:2] == ["CMD", "longcat-healthcheck"]
     assert "shm_size" in service
 
@@ -250,6 +256,7 @@ def test_dockerfile_structure():
     (expose,) = [rest.split() for op, rest in instructions if op == "EXPOSE"]
     assert {str(GRPC_PORT), str(METRICS_PORT)} <= set(expose)
     assert "LONGCAT_CUDA_ARCHS=90a" in text and "--no-build-isolation" in text
+    assert f"TRITON_CACHE_DIR={TRITON_CACHE}" in text  # where the deployments mount their cache volume
     # every COPY source exists in the repository (the build context is the repository root)
     for op, rest in instructions:
         if op == "COPY" and "--from=" not in rest:
