@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -114,6 +115,23 @@ def test_cli_json_mode_and_stdin(server, capsys, monkeypatch):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["text"] for e in events[:-1]] == ["x", "x"]
     assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_cli_stops_quietly_when_its_reader_goes_away(server):
+    """`longcat-client ... | head -1`: the closed pipe ends the CLI with 141 (128 + SIGPIPE), no traceback."""
+    cmd = [sys.executable, "-m", "longcat_service.client.cli", "--address", server.address, "--json",
+           "--max-tokens", "100000", "hi"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    assert json.loads(first)["text"] == "x"
+    assert code == 141 and "Traceback" not in err, err
 
 
 def test_cli_reports_errors(server, capsys):

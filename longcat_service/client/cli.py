@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from longcat_service.client.errors import LongCatError
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`longcat-client ... | head`): stop quietly, like other CLIs
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would report the pipe again when it flushes at exit
+        return 141  # 128 + SIGPIPE, the status a shell gives a writer killed by a closed pipe
     return 0
 
 
