@@ -27,6 +27,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_moe's timing helpers
+from bench_moe import _time, measure_copy_tbps  # noqa: E402
+
 from longcat_service.kernels import grouped_gemm as gg
 from longcat_service.ops import reference as ref
 from longcat_service.ops.testing import make_router_inputs
@@ -35,28 +38,8 @@ H, I_EXPERT, E, Z, K, SCALE = 6144, 2048, 512, 256, 12, 6.0
 DEVICE = "cuda"
 
 
-def _time_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return statistics.median(out)
-
-
-def copy_rate_gbps(reps: int) -> float:
-    """Device copy rate, read + write bytes of a 2 GiB copy_ (the streaming ceiling the GEMMs are held to)."""
-    nbytes = 2 << 30
-    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).fill_(1)
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), max(reps, 5))  # the buffers are freed on return
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+def _time_ms(fn, reps: int) -> float:
+    return statistics.median(_time(fn, reps)) / 1e3  # bench_moe times in us
 
 
 def _record(entries: list, gemm: str, label: str, fn, reps: int, weight_bytes: int, copy: float,
@@ -98,7 +81,7 @@ def main() -> None:
     offsets, sorted_slots = offsets.to(torch.int32), sorted_slots.to(torch.int32)
     counts = (offsets[1:] - offsets[:-1]).cpu()
     n_real, rows, active = int(offsets[-1]), t * K, int((counts > 0).sum())
-    copy = copy_rate_gbps(reps)
+    copy = measure_copy_tbps() * 1e3  # GB/s, read + write bytes of a 2 GiB copy_
     print(f"{torch.cuda.get_device_name()}: copy rate {copy:.0f} GB/s (read + write of a 2 GiB copy_)")
     print(f"T={t}: {n_real} of {rows} rows on {active} of {E} real experts; rows per expert min {int(counts.min())} "
           f"mean {n_real / E:.1f} max {int(counts.max())}; > 64: {int((counts > 64).sum())}, "
