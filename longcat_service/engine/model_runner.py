@@ -92,6 +92,9 @@ class ModelRunner:
             # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
             if get_tp_size() == 1 and self.warm_up_prefill():
                 logger.info("warmed up the prefill kernels in %.1f s", time.perf_counter() - t0)
+            from longcat_service.kernels.compile_watch import watch_compiles_after_warm_up
+
+            watch_compiles_after_warm_up()  # from now on, a new Triton specialization is logged (cold-start stalls)
 
     @torch.inference_mode()
     def warm_up_prefill(self) -> bool:
