@@ -40,7 +40,7 @@ fi
 
 TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_prefill_sdpa.py tests/test_silu_mul.py tests/test_moe_prefill.py tests/test_dense_gemv.py tests/test_mla_decode_splits.py tests/test_rope_table.py tests/test_grouped_gemm.py tests/test_compile_watch.py"}
 MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"}
-step pytest_default 150 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
+step pytest_default 240 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # MoE layer, B in {1, 64}, both shapes; per-kernel profile of I=2048 B=1 first (router, GEMVs, combine).
 step moe_default 60 $PY benchmarks/bench_moe.py --batches 1,64 --reps 50 --profile 2048,1 --out "$L/moe_default.json"
