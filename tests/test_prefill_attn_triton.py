@@ -351,3 +351,19 @@ def test_gpu_mla_shapes_match_eager(monkeypatch, dtype, num_queries, seq_len):
     eager, ours = _eager_and_triton(monkeypatch, q, cache, seg, w, dims)
     # fp32: ieee dots in the kernel, eager fp32 matmuls without tf32; bf16: both round probabilities to bf16
     assert _rel(ours, eager) < (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_segment_lengths_are_not_specialized():
+    """One compiled binary for every prompt / chunk length (see the comment on _prefill_fwd). Checked in a process
+    without the CPU interpreter, where the kernel is the JITFunction the GPU runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from longcat_service.kernels import _prefill_attn_triton as P; "
+            "print(sorted(P._prefill_fwd.do_not_specialize))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['num_queries', 'seq_len']"
