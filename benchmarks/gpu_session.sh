@@ -122,7 +122,11 @@ print((L / "steps.tsv").read_text())
 for name in ("pytest_default", "pytest_new"):
     f = L / f"{name}.log"
     lines = f.read_text().splitlines() if f.exists() else []
-    tail = [ln for ln in lines if re.search(r"passed|failed|error", ln)][-1:] or ["(no log)"]
+    tail = [ln for ln in lines if re.search(r"passed|failed|error", ln)][-1:]
+    if not tail:  # no pytest summary line: cut off by its cap (see steps), or it never started
+        progress = [ln for ln in lines if re.search(r"\[\s*\d+%\]", ln)][-1:]
+        tail = [f"no summary line (timed out?); last progress: {progress[0].split('[')[-1]}" if progress
+                else "(no log)"]
     fails = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
     print(f"{name}: {tail[0]}")
     for ln in fails[:15]:
