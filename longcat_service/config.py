@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
+FP8_BLOCK = 128  # the only weight_block_size supported: [128, 128] (DeepSeek-V3 / LongCat-Flash-Chat-FP8)
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,36 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Block-FP8 weights (`quantization_config` of an FP8 checkpoint, or `--quantization fp8` at load time).
+
+    Quantized: every MLA projection, the dense MLPs, the routed experts and the MTP layer's linears, except modules
+    named in `skipped` (modules_to_not_convert / ignored_layers / disable_quant_module, matched as whole dotted
+    name parts: "self_attn" skips every attention, "model.layers.0.mlps" one layer's MLPs, "mtp" the MTP layer).
+    Never: router, norms, embeddings, lm_head. `checkpoint_quantized` False: the checkpoint holds bf16/fp32 weights
+    that the loader quantizes into the same format (no weight_scale_inv keys expected).
+    """
+
+    method: str = "fp8"
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)
+    skipped: tuple[str, ...] = ()
+    checkpoint_quantized: bool = True
+
+    def quantizes(self, prefix: str) -> bool:
+        """Whether the linear module at checkpoint prefix `prefix` (e.g. model.layers.0.self_attn.1.q_b_proj)
+        holds FP8 weights."""
+        dotted = f".{prefix}."
+        return not any(f".{name}." in dotted for name in self.skipped)
+
+
+def quantizes(config: ModelConfig, prefix: str) -> bool:
+    """config.quantization is set and covers the module at `prefix`."""
+    return config.quantization is not None and config.quantization.quantizes(prefix)
 
 
 @dataclass(frozen=True)
@@ -76,6 +107,7 @@ class ModelConfig:
     torch_dtype: str | None = None
     mla_scale_q_lora: bool = True  # recorded only: the scales are always applied (transformers semantics)
     mla_scale_kv_lora: bool = True
+    quantization: QuantConfig | None = None  # block-FP8 weights; None: every weight in the model dtype
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -256,6 +288,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         torch_dtype=_dtype(r),
         mla_scale_q_lora=r.bool("mla_scale_q_lora", True),
         mla_scale_kv_lora=r.bool("mla_scale_kv_lora", True),
+        quantization=_quantization(r),
     )
 
 
@@ -320,6 +353,45 @@ def _rope(r: _Reader) -> tuple[float, RopeScaling | None]:
         attention_factor=num("attention_factor"),
         truncate=truncate,
     )
+
+
+def _names(r: _Reader, raw: dict[str, Any], key: str, field: str) -> tuple[str, ...]:
+    value = raw.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip(".") for v in value):
+        raise r.error(field, f"must be a list of module names, got {value!r}")
+    return tuple(v.strip(".") for v in value)
+
+
+def _quantization(r: _Reader) -> QuantConfig | None:
+    """`quantization_config` (vLLM / transformers FineGrainedFP8 names). `disable_quant_module` may sit at the top
+    level of config.json (where vLLM and SGLang read it) or inside quantization_config."""
+    q = r.raw.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise r.error("quantization_config", f"must be an object or null, got {q!r}")
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise r.error("quantization_config.quant_method", f"unsupported quantization method {method!r} (only 'fp8')")
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise r.error("quantization_config.fmt", f"only 'e4m3' is supported, got {fmt!r}")
+    scheme = q.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise r.error("quantization_config.activation_scheme", f"only 'dynamic' is supported, got {scheme!r}")
+    block = q.get("weight_block_size")
+    if block != [FP8_BLOCK, FP8_BLOCK]:
+        raise r.error("quantization_config.weight_block_size",
+                      f"only [{FP8_BLOCK}, {FP8_BLOCK}] block scales are supported, got {block!r}")
+    skipped = (
+        _names(r, q, "modules_to_not_convert", "quantization_config.modules_to_not_convert")
+        + _names(r, q, "ignored_layers", "quantization_config.ignored_layers")
+        + _names(r, q, "disable_quant_module", "quantization_config.disable_quant_module")
+        + _names(r, r.raw, "disable_quant_module", "disable_quant_module")
+    )
+    return QuantConfig(skipped=skipped)
 
 
 def _eos_ids(r: _Reader, vocab_size: int) -> tuple[int, ...]:

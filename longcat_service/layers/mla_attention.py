@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from longcat_service.config import ModelConfig
+from longcat_service.config import ModelConfig, quantizes
 from longcat_service.distributed.parallel_state import get_tp_size
+from longcat_service.layers.fp8_linear import Fp8Linear, linear_class
 from longcat_service.layers.layernorm import RMSNorm
 from longcat_service.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, linear
 from longcat_service.layers.paged_attention import (
@@ -27,15 +28,24 @@ from longcat_service.layers.paged_attention import (
 )
 from longcat_service.layers.rotary import apply_rope
 from longcat_service.layers.weight_utils import divide
+from longcat_service.ops.fp8 import BLOCK, dequant, fp8_linear
 
 # transformers builds q_a_layernorm / kv_a_layernorm without eps, i.e. the class default (spec §2.1).
 LORA_NORM_EPS = 1e-6
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    """prefix: the checkpoint prefix (model.layers.<i>.self_attn.<j>), which decides which projections are
+    block-FP8 under config.quantization. An FP8 kv_b_proj is dequantized once loaded (process_weights_after_loading):
+    the absorbed latent path reads it per token, in the model dtype."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, prefix: str = "self_attn"):
         super().__init__()
         c = config
+
+        def lin(cls, name: str):
+            return linear_class(cls, quantizes(c, f"{prefix}.{name}"))
+
         self.num_heads = divide(c.num_attention_heads, get_tp_size(), "num_attention_heads")
         self.kv_lora_rank = c.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
@@ -43,14 +53,31 @@ class MLAAttention(nn.Module):
         self.scale = c.softmax_scale
         self.q_scale, self.kv_scale = c.mla_q_scale, c.mla_kv_scale
         bias = c.attention_bias
-        self.q_a_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank, dtype, bias=bias)
+        self.dtype = dtype
+        self.q_a_proj = lin(ReplicatedLinear, "q_a_proj")(c.hidden_size, c.q_lora_rank, dtype, bias=bias)
         self.q_a_layernorm = RMSNorm(c.q_lora_rank, LORA_NORM_EPS, dtype)
-        self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, dtype)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, dtype, bias=bias)
+        self.q_b_proj = lin(ColumnParallelLinear, "q_b_proj")(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim,
+                                                              dtype)
+        self.kv_a_proj_with_mqa = lin(ReplicatedLinear, "kv_a_proj_with_mqa")(
+            c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, dtype, bias=bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LORA_NORM_EPS, dtype)
-        self.kv_b_proj = ColumnParallelLinear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), dtype)
-        self.o_proj = RowParallelLinear(c.num_attention_heads * c.v_head_dim, c.hidden_size, dtype, bias=bias)
+        self.kv_b_proj = lin(ColumnParallelLinear, "kv_b_proj")(
+            c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), dtype)
+        self.o_proj = lin(RowParallelLinear, "o_proj")(c.num_attention_heads * c.v_head_dim, c.hidden_size, dtype,
+                                                       bias=bias)
         self.fused_a_weight: torch.Tensor | None = None  # [q_a | kv_a] rows, see fuse_a_projections
+        self.fused_a_scale: torch.Tensor | None = None  # its block scales when both are FP8
+
+    @torch.no_grad()
+    def process_weights_after_loading(self) -> None:
+        """An FP8 kv_b_proj becomes a model-dtype ColumnParallelLinear holding its dequantized weight."""
+        fp8 = self.kv_b_proj
+        if not isinstance(fp8, Fp8Linear):
+            return
+        with torch.device(fp8.weight.device):
+            dense = ColumnParallelLinear(fp8.input_size, fp8.output_size, self.dtype)
+        dense.weight.copy_(dequant(fp8.weight, fp8.weight_scale_inv, self.dtype))
+        self.kv_b_proj = dense
 
     @torch.no_grad()
     def fuse_a_projections(self) -> None:
@@ -59,18 +86,31 @@ class MLAAttention(nn.Module):
         into them later still works). Not with biases (LongCat-Flash has none)."""
         if self.fused_a_weight is not None or self.q_a_proj.bias is not None:
             return
-        fused = torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight], dim=0)
-        rows = self.q_a_proj.weight.shape[0]
-        self.q_a_proj.weight.data = fused[:rows]
-        self.kv_a_proj_with_mqa.weight.data = fused[rows:]
+        q_a, kv_a = self.q_a_proj, self.kv_a_proj_with_mqa
+        fp8 = isinstance(q_a, Fp8Linear)
+        if fp8 != isinstance(kv_a, Fp8Linear) or (fp8 and q_a.output_size % BLOCK):
+            return  # mixed formats, or block rows that would straddle the two (not the kernels' layout)
+        fused = torch.cat([q_a.weight, kv_a.weight], dim=0)
+        rows = q_a.weight.shape[0]
+        q_a.weight.data = fused[:rows]
+        kv_a.weight.data = fused[rows:]
         self.fused_a_weight = fused
+        if fp8:
+            scale = torch.cat([q_a.weight_scale_inv, kv_a.weight_scale_inv], dim=0)
+            block_rows = q_a.weight_scale_inv.shape[0]
+            q_a.weight_scale_inv.data = scale[:block_rows]
+            kv_a.weight_scale_inv.data = scale[block_rows:]
+            self.fused_a_scale = scale
 
     def a_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_a_proj(x), kv_a_proj_with_mqa(x)), as one GEMM when fused (row-strided views, unit last stride)."""
         if self.fused_a_weight is None:
             return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
-        return linear(x, self.fused_a_weight).split([self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size],
-                                                    dim=-1)
+        if self.fused_a_scale is not None:
+            out = fp8_linear(x, self.fused_a_weight, self.fused_a_scale)
+        else:
+            out = linear(x, self.fused_a_weight)
+        return out.split([self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size], dim=-1)
 
     def forward(
         self,

@@ -64,8 +64,9 @@ def dummy_tensor(key: str, c: ModelConfig, seed: int, device, bias_std: float = 
 
 @torch.no_grad()
 def init_dummy(model, seed: int, bias_std: float = DUMMY_BIAS_STD) -> None:
-    """Fill every checkpoint-backed parameter of `model` (this rank's slices) with its key's dummy tensor."""
+    """Fill every checkpoint-backed parameter of `model` (this rank's slices) with its key's dummy tensor.
+    Block-FP8 weights are quantized from their fp32 dummy tensor by their loader (which also writes the scale)."""
     for key, target in model.checkpoint_targets().items():
-        if target.param is not None:
+        if target.param is not None and not key.endswith(".weight_scale_inv"):
             target.param.weight_loader(target.param, dummy_tensor(key, model.config, seed, model.device, bias_std),
                                        *target.args)

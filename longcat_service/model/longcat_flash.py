@@ -48,14 +48,15 @@ class LongcatDecoderLayer(nn.Module):
     """Two attention + two dense-MLP sublayers; the MoE reads post_attention_layernorm[0]'s output (the
     same input as MLP 0) and its output joins the residual only at the very end (shortcut MoE)."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, prefix: str = "model.layers.0"):
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = nn.ModuleList([RMSNorm(hidden, eps, dtype) for _ in range(2)])
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(hidden, eps, dtype) for _ in range(2)])
-        self.self_attn = nn.ModuleList([MLAAttention(config, dtype) for _ in range(2)])
-        self.mlps = nn.ModuleList([DenseMLP(hidden, config.ffn_hidden_size, dtype) for _ in range(2)])
-        self.mlp = LongcatMoE(config, dtype)
+        self.self_attn = nn.ModuleList([MLAAttention(config, dtype, f"{prefix}.self_attn.{j}") for j in range(2)])
+        self.mlps = nn.ModuleList([DenseMLP(hidden, config.ffn_hidden_size, dtype, config.quantization,
+                                            f"{prefix}.mlps.{j}") for j in range(2)])
+        self.mlp = LongcatMoE(config, dtype, f"{prefix}.mlp")
 
     def forward(self, h, cos, sin, plan: AttentionPlan, kv_caches: tuple[torch.Tensor, torch.Tensor]):
         if fused_residual_enabled():
@@ -87,7 +88,8 @@ class LongcatFlashModel(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList([LongcatDecoderLayer(config, dtype) for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList([LongcatDecoderLayer(config, dtype, f"model.layers.{i}")
+                                     for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
 
@@ -175,4 +177,16 @@ class LongcatFlashForCausalLM(nn.Module):
         t["model.norm.weight"] = WeightTarget(self.model.norm.weight)
         if not c.tie_word_embeddings:
             t["lm_head.weight"] = WeightTarget(self.lm_head.weight)
+        if c.quantization is not None and c.quantization.checkpoint_quantized:
+            for key, target in list(t.items()):  # block-FP8 weights carry their scale (layers/fp8_linear.py)
+                scale = getattr(target.param, "fp8_scale", None)
+                if scale is not None and key.endswith(".weight"):
+                    t[key.removesuffix(".weight") + ".weight_scale_inv"] = WeightTarget(scale, target.args)
         return t
+
+    @torch.no_grad()
+    def process_weights_after_loading(self) -> None:
+        """Once every tensor is in: FP8 kv_b_proj dequantized to the model dtype (MLAAttention)."""
+        for layer in self.model.layers:
+            for attn in layer.self_attn:
+                attn.process_weights_after_loading()

@@ -1,0 +1,121 @@
+"""Block-FP8 matmuls the layers call: one dispatch function per kind (dense linear, routed experts).
+
+Weights: e4m3 [.., N, K] with an fp32 block scale [.., ceil(N/128), ceil(K/128)] (ops/fp8_reference.py).
+`parts` (row counts) describes a weight stacked from several checkpoint tensors whose scales were kept per part
+(gate + up when a part is not a whole number of 128-row blocks): that layout is not the kernels' block layout, so
+it always takes the reference path. None: the standard block layout.
+
+On CUDA, with the extension / Triton kernels present (h15k's wrappers, looked up once, guarded so either side
+works alone): decode rows (<= DECODE_ROWS) stream the FP8 weight through `dense_gemv_fp8` (dequantized in
+registers), more rows take the w8a8 block GEMM (dynamic per-token-group activation quantization); the routed
+experts take `extension.expert_ffn_fp8`, which picks its own decode / grouped-GEMM regime. Everywhere else
+(CPU, unsupported shapes): the reference, i.e. dequantize to the activation dtype, then the bf16/fp32 op
+(weight-only: equal to the unquantized model run on the dequantized weights). Choices use shapes, dtypes and the
+build only, never device values, so they are CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from longcat_service import ops
+from longcat_service.ops.fp8_reference import BLOCK, FP8_DTYPE, block_dequant
+
+DECODE_ROWS = 8  # dense_gemv_fp8 takes at most 8 rows (the interface of the FP8 GEMV kernel)
+
+
+def cdiv(a: int, b: int = BLOCK) -> int:
+    return -(-a // b)
+
+
+def standard_layout(parts: Sequence[int]) -> bool:
+    """Stacking parts along N keeps the 128-row block layout iff every part but the last is whole blocks."""
+    return all(rows % BLOCK == 0 for rows in parts[:-1])
+
+
+def dequant(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, parts: Sequence[int] | None = None):
+    """The weight in `dtype` (2-D or 3-D); `parts`: row counts of stacked parts whose scales are stacked per part."""
+    if parts is None:
+        return block_dequant(w8, scale, dtype=dtype)
+    w_parts = w8.split(list(parts), dim=-2)
+    s_parts = scale.split([cdiv(rows) for rows in parts], dim=-2)
+    return torch.cat([block_dequant(w, s, dtype=dtype) for w, s in zip(w_parts, s_parts)], dim=-2)
+
+
+@functools.cache
+def _cuda_kernels() -> dict:
+    """h15k's wrappers that exist in this build (empty without the CUDA extension)."""
+    found: dict = {}
+    if ops.ACTIVE_BACKEND != "extension cpu+cuda":
+        return found
+    from longcat_service.ops import extension
+
+    if hasattr(torch.ops.longcat, "dense_gemv_fp8") and hasattr(extension, "dense_gemv_fp8"):
+        found["gemv"] = (extension.dense_gemv_fp8, getattr(extension, "dense_gemv_fp8_supported", None))
+    if hasattr(torch.ops.longcat, "expert_ffn_fp8") and hasattr(extension, "expert_ffn_fp8"):
+        found["experts"] = (extension.expert_ffn_fp8, getattr(extension, "expert_ffn_fp8_supported", None))
+    return found
+
+
+@functools.cache
+def _triton_gemm():
+    """(w8a8_block_gemm, its *_supported or None), or None when the Triton module is absent."""
+    try:
+        from longcat_service.kernels import fp8_gemm
+    except ImportError:
+        return None
+    fn = getattr(fp8_gemm, "w8a8_block_gemm", None)
+    return (fn, getattr(fp8_gemm, "w8a8_block_gemm_supported", None)) if fn is not None else None
+
+
+def _ok(entry, *args) -> bool:
+    return entry is not None and (entry[1] is None or entry[1](*args))
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Sequence[int] | None = None):
+    """x [..., K] @ W^T -> [..., N] in x's dtype, W the block-FP8 weight (w8, scale)."""
+    if x.is_cuda and parts is None and x.dtype in (torch.bfloat16, torch.float16):
+        from longcat_service.kernels import fast_path_enabled
+
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= DECODE_ROWS:
+            gemv = _cuda_kernels().get("gemv")
+            if _ok(gemv, x2, w8, scale):
+                return gemv[0](x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
+        elif fast_path_enabled(x):
+            gemm = _triton_gemm()
+            if _ok(gemm, x2, w8, scale):
+                return gemm[0](x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
+    return F.linear(x, dequant(w8, scale, x.dtype, parts))
+
+
+def fp8_expert_ffn(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k, active_experts,
+                   num_active, w13_parts: Sequence[int] | None = None):
+    """ops.expert_ffn with block-FP8 expert weights (w13 [E, 2I, H], w2 [E, H, I] and their scales)."""
+    if hidden.is_cuda and w13_parts is None:
+        experts = _cuda_kernels().get("experts")
+        args = (hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k, active_experts, num_active)
+        if _ok(experts, *args):
+            return experts[0](*args)
+    return ops.expert_ffn(hidden, dequant(w13, w13_scale, hidden.dtype, w13_parts),
+                          dequant(w2, w2_scale, hidden.dtype), expert_offsets, sorted_slots, top_k)
+
+
+def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, routed_scaling_factor,
+                    add_identity=True):
+    """ops.moe_forward with the FP8 expert weights of `experts` (layers/moe.Fp8FusedExperts)."""
+    num_experts = experts.w13.shape[0]
+    ids, weights, zero_weight = ops.router_topk(router_logits, correction_bias, top_k, routed_scaling_factor,
+                                                num_experts)
+    offsets, sorted_slots, slot_rows, active, num_active = ops.moe_align(ids, num_experts)
+    expert_out = fp8_expert_ffn(hidden, experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, offsets,
+                                sorted_slots, top_k, active, num_active, experts.w13_parts)
+    return ops.combine(expert_out, slot_rows, weights, hidden, zero_weight, add_identity)
+
+
+__all__ = ["BLOCK", "DECODE_ROWS", "FP8_DTYPE", "cdiv", "dequant", "fp8_expert_ffn", "fp8_linear",
+           "moe_forward_fp8", "standard_layout"]
