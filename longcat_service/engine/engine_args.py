@@ -23,6 +23,7 @@ class EngineArgs:
     dtype: str | torch.dtype | None = None  # None -> the loader's default
     device: str | None = None  # None -> cuda if available, else cpu
     load_format: str = "auto"
+    quantization: str | None = None  # "fp8": quantize an unquantized checkpoint (or dummy weights) to block FP8
     seed: int = 0  # for requests without their own seed
     block_size: int = 16
     num_kv_blocks: int | None = None  # None -> from kv_cache_memory_bytes or a default budget
@@ -58,6 +59,8 @@ class EngineArgs:
                 raise EngineArgsError(name, f"must be a positive integer or None, got {value!r}")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise EngineArgsError("hf_overrides", f"must be a dict of config.json keys, got {self.hf_overrides!r}")
+        if self.quantization not in (None, "fp8"):
+            raise EngineArgsError("quantization", f"unsupported method {self.quantization!r}; supported: 'fp8'")
         if self.engine_mode not in ("auto", "process", "thread"):
             raise EngineArgsError("engine_mode", f"must be 'auto', 'process' or 'thread', got {self.engine_mode!r}")
         if self.engine_hook is not None and not callable(self.engine_hook):

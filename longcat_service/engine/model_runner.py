@@ -62,10 +62,10 @@ class ModelRunner:
         self.args = args
         self.device = args.torch_device
         self.model = load_model(model_path, dtype=args.torch_dtype, device=self.device, load_format=args.load_format,
-                                hf_overrides=args.hf_overrides)
+                                hf_overrides=args.hf_overrides, quantization=args.quantization)
         self.model.eval()
         self.config = self.model.config
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = self.model.dtype  # the activation / KV-cache dtype (FP8 weights are not it)
         self.block_size = args.block_size
         # scratch blocks after the engine's blocks: a chained decode step writes a token that starts a new block
         # there until the engine knows the sequence goes on (LLMEngine._launch_chained); never in the engine's pool

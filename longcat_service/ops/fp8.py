@@ -43,7 +43,7 @@ def dequant(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, parts: Se
         return block_dequant(w8, scale, dtype=dtype)
     w_parts = w8.split(list(parts), dim=-2)
     s_parts = scale.split([cdiv(rows) for rows in parts], dim=-2)
-    return torch.cat([block_dequant(w, s, dtype=dtype) for w, s in zip(w_parts, s_parts)], dim=-2)
+    return torch.cat([block_dequant(w, s, dtype=dtype) for w, s in zip(w_parts, s_parts, strict=True)], dim=-2)
 
 
 @functools.cache

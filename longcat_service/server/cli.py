@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     g.add_argument("--load-format", default="auto", help="auto | dummy (random weights of the config's shape)")
     g.add_argument("--dtype", default=None)
+    g.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: quantize an unquantized checkpoint to block FP8 as it loads (an FP8 checkpoint needs "
+                        "no flag: its config.json says so)")
     g.add_argument("--device", default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -84,6 +87,7 @@ def engine_args_from(args: argparse.Namespace):
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     wanted = {
         "model": args.model, "dtype": args.dtype, "device": args.device, "load_format": args.load_format,
+        "quantization": args.quantization,
         "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
         "num_kv_blocks": args.num_kv_blocks, "tensor_parallel_size": args.tensor_parallel_size,
         "hf_overrides": args.hf_overrides, "engine_mode": args.engine_mode,
