@@ -243,15 +243,21 @@ ENGINE_PHASES: dict[str, float] = {}
 
 
 def param_bytes(model) -> dict[str, int]:
-    """Bytes of the weights a decode step reads regardless of routing, and of one expert."""
-    dense = 0
+    """Bytes of the weights a decode step reads regardless of routing, and of one expert (block-FP8 scales
+    included); dense_params: parameters of the dense matmuls (everything but embeddings, lm_head and experts)."""
+    dense, dense_params = 0, 0
     for name, p in model.named_parameters():
         if ".experts." in name or name.startswith("model.embed_tokens"):
             continue
         dense += p.numel() * p.element_size()
+        if not name.startswith("lm_head") and not name.endswith("weight_scale_inv"):
+            dense_params += p.numel()
     ex = model.model.layers[0].mlp.experts
     per_expert = (ex.w13[0].numel() + ex.w2[0].numel()) * ex.w13.element_size()
-    return {"dense": dense, "per_expert": per_expert}
+    for scale in (getattr(ex, "w13_scale", None), getattr(ex, "w2_scale", None)):
+        if scale is not None:
+            per_expert += scale[0].numel() * scale.element_size()
+    return {"dense": dense, "per_expert": per_expert, "dense_params": dense_params}
 
 
 def profile_step(fn, path: Path, title: str, rows: int = 25) -> str:
@@ -332,6 +338,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
     tmp = Path(tempfile.mkdtemp(prefix="lc2l_"))
     (tmp / "config.json").write_text(json.dumps(dict(raw, model_type="longcat_flash")))
     eargs = EngineArgs(model=str(tmp), dtype="bfloat16", device=str(device), load_format="dummy", block_size=16,
+                       quantization=getattr(args, "quantization", None),
                        num_kv_blocks=num_blocks, max_num_seqs=max(batches),
                        max_model_len=max(args.prompt_len + cap, args.prefill_len + 2) + 16)
     t0 = time.perf_counter()
@@ -402,7 +409,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         drv.release([seq])
     s, c = args.prefill_len, raw
     expert_params = 3 * c["hidden_size"] * c["expert_ffn_hidden_size"]
-    dense_params = (pb["dense"] - c["vocab_size"] * c["hidden_size"] * 2) / 2  # bf16 except the fp32 router
+    dense_params = pb["dense_params"]
     attn = n_sub * 2 * c["num_attention_heads"] * (s * s / 2) * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
                                                                   + c["v_head_dim"])
     flops = 2 * dense_params * s + 2 * expert_params * sum(probe_slots) + attn + 2 * c["vocab_size"] * c["hidden_size"]

@@ -40,10 +40,26 @@ def standard_layout(parts: Sequence[int]) -> bool:
 def dequant(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, parts: Sequence[int] | None = None):
     """The weight in `dtype` (2-D or 3-D); `parts`: row counts of stacked parts whose scales are stacked per part."""
     if parts is None:
-        return block_dequant(w8, scale, dtype=dtype)
+        return _dequant_stacked(w8, scale, dtype)
     w_parts = w8.split(list(parts), dim=-2)
     s_parts = scale.split([cdiv(rows) for rows in parts], dim=-2)
-    return torch.cat([block_dequant(w, s, dtype=dtype) for w, s in zip(w_parts, s_parts, strict=True)], dim=-2)
+    return torch.cat([_dequant_stacked(w, s, dtype) for w, s in zip(w_parts, s_parts, strict=True)], dim=-2)
+
+
+DEQUANT_CHUNK_ELEMENTS = 1 << 28  # block_dequant's fp32 temporaries: ~2 GiB at most per chunk of experts
+
+
+def _dequant_stacked(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """block_dequant, a few experts at a time for 3-D weights, so that a whole layer's experts (the reference
+    fallback on a GPU) never has fp32 temporaries of its full size."""
+    per_item = w8.shape[-1] * w8.shape[-2]
+    if w8.dim() == 2 or w8.numel() <= DEQUANT_CHUNK_ELEMENTS:
+        return block_dequant(w8, scale, dtype=dtype)
+    out = torch.empty(w8.shape, dtype=dtype, device=w8.device)
+    step = max(1, DEQUANT_CHUNK_ELEMENTS // per_item)
+    for i in range(0, w8.shape[0], step):
+        out[i : i + step] = block_dequant(w8[i : i + step], scale[i : i + step], dtype=dtype)
+    return out
 
 
 @functools.cache
