@@ -352,3 +352,73 @@ def test_readme_memory_numbers():
     assert f"{total / 1e9:.2f}B parameters" in readme
     assert f"{total * 2 / 16 / 1e9:.2f} GB ({total * 2 / 16 / 2**30:.2f} GiB)" in readme
     assert f"{kv_bytes_per_token:,} bytes" in readme
+
+
+# --- the single-node FP8 recipe --------------------------------------------------------------------------
+
+
+def test_fp8_single_node_pod_serves_the_fp8_checkpoint_on_8_gpus():
+    objects = k8s_objects("common", "fp8-single-node")
+    pvc_names = {o["metadata"]["name"] for o in find(objects, "PersistentVolumeClaim")}
+    deployment = find(objects, "Deployment", "longcat-flash-fp8")[0]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+    (container,) = spec["containers"]
+    assert container["command"] == ["longcat-serve"]
+    server = flag_values(container["args"])
+    assert server["tensor-parallel-size"] == str(GPUS_PER_NODE) and server["model"] == "/models/LongCat-Flash-Chat-FP8"
+    assert server["port"] == str(GRPC_PORT) and server["metrics-port"] == str(METRICS_PORT) and server["host"] == "0.0.0.0"
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert int(limits["nvidia.com/gpu"]) == GPUS_PER_NODE == int(requests["nvidia.com/gpu"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
+    model = volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]
+    assert model["claimName"] in pvc_names and mounts["/models"]["readOnly"] is True
+    assert "emptyDir" in volumes[mounts[TRITON_CACHE]["name"]]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 1200
+    service = find(objects, "Service", "longcat-flash-fp8")[0]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for port in service["spec"]["ports"]:
+        assert container_ports[port["targetPort"]] == port["port"], port["name"]
+
+
+def test_compose_fp8_service_is_opt_in_and_serves_the_fp8_checkpoint():
+    compose = load_docs(DEPLOY / "docker-compose.yml")[0]
+    service, bf16 = compose["services"]["longcat-fp8"], compose["services"]["longcat"]
+    assert service["profiles"] == ["fp8"] and "profiles" not in bf16  # `up` alone keeps starting the BF16 one
+    args = flag_values(service["command"])
+    assert args["model"] == "/models/LongCat-Flash-Chat-FP8" and args["tensor-parallel-size"] == str(GPUS_PER_NODE)
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == GPUS_PER_NODE
+    for key in ("volumes", "shm_size", "healthcheck", "ports"):
+        assert service[key] == bf16[key], key
+
+
+def test_readme_fp8_memory_numbers():
+    """FP8 TP8 per-GPU weights and KV tokens, recomputed from the shapes (1 byte per quantized parameter + one fp32
+    scale per 128 x 128 block; kv_b dequantized to bf16; router fp32; norms, embedding and lm_head bf16)."""
+    h, layers, heads, q_rank, kv_rank, nope, rope, v = 6144, 28, 64, 1536, 512, 128, 64, 128
+    ffn, expert_ffn, experts, router_width, vocab, tp = 12288, 2048, 512, 768, 131072, 8
+
+    def fp8(n, k):
+        return n * k + -(-n // 128) * -(-k // 128) * 4
+
+    sub = 2 * layers
+    replicated = sub * (fp8(q_rank, h) + fp8(kv_rank + rope, h) + (q_rank + kv_rank) * 2)
+    replicated += layers * (router_width * h * 4 + router_width * 4 + 4 * h * 2) + h * 2
+    attn = sub * (fp8(heads * (nope + rope) // tp, q_rank) + kv_rank * heads * (nope + v) // tp * 2
+                  + fp8(h, heads * v // tp))
+    mlp = layers * 2 * (fp8(2 * ffn // tp, h) + fp8(h, ffn // tp))
+    moe = layers * experts * (fp8(2 * expert_ffn // tp, h) + fp8(h, expert_ffn // tp))
+    per_gpu = replicated + attn + mlp + moe + 2 * vocab // tp * h * 2
+    kv_tokens = (139.29 - round(per_gpu / 2**30, 2) - 8) * 2**30 / ((kv_rank + rope) * 2 * sub)
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"{per_gpu / 1e9:.2f} GB = **{per_gpu / 2**30:.2f} GiB**" in readme
+    assert f"{moe / 2**30:.2f} GiB" in readme
+    assert f"~{kv_tokens / 1e6:.2f}M tokens" in readme
