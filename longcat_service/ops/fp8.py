@@ -63,60 +63,62 @@ def _dequant_stacked(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
 
 
 @functools.cache
-def _cuda_kernels() -> dict:
-    """h15k's wrappers that exist in this build (empty without the CUDA extension)."""
-    found: dict = {}
-    if ops.ACTIVE_BACKEND != "extension cpu+cuda":
-        return found
+def _extension():
+    """ops.extension when the build has h15k's FP8 ops and wrappers (CUDA build only), else None."""
+    if ops.ACTIVE_BACKEND != "extension cpu+cuda" or not hasattr(torch.ops.longcat, "dense_gemv_fp8"):
+        return None
     from longcat_service.ops import extension
 
-    if hasattr(torch.ops.longcat, "dense_gemv_fp8") and hasattr(extension, "dense_gemv_fp8"):
-        found["gemv"] = (extension.dense_gemv_fp8, getattr(extension, "dense_gemv_fp8_supported", None))
-    if hasattr(torch.ops.longcat, "expert_ffn_fp8") and hasattr(extension, "expert_ffn_fp8"):
-        found["experts"] = (extension.expert_ffn_fp8, getattr(extension, "expert_ffn_fp8_supported", None))
-    return found
+    needed = ("dense_gemv_fp8", "dense_gemv_fp8_supported", "expert_ffn_fp8")
+    return extension if all(hasattr(extension, name) for name in needed) else None
 
 
 @functools.cache
-def _triton_gemm():
-    """(w8a8_block_gemm, its *_supported or None), or None when the Triton module is absent."""
+def _w8a8_gemm():
+    """kernels/fp8_gemm.w8a8_block_gemm, or None when the Triton module is absent."""
     try:
-        from longcat_service.kernels import fp8_gemm
+        from longcat_service.kernels.fp8_gemm import w8a8_block_gemm
     except ImportError:
         return None
-    fn = getattr(fp8_gemm, "w8a8_block_gemm", None)
-    return (fn, getattr(fp8_gemm, "w8a8_block_gemm_supported", None)) if fn is not None else None
+    return w8a8_block_gemm
 
 
-def _ok(entry, *args) -> bool:
-    return entry is not None and (entry[1] is None or entry[1](*args))
+def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
+    """What the Triton w8a8 GEMM takes: CUDA with FP8 tensor cores (sm_89+), Triton on, x [M, K] bf16 / fp16 and
+    w8 [N, K] e4m3 with unit last strides and its standard block scale. Host metadata only."""
+    from longcat_service.kernels import fast_path_enabled
+
+    if _w8a8_gemm() is None or not fast_path_enabled(x2) or x2.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    n, k = w8.shape
+    if w8.device != x2.device or tuple(scale.shape) != (cdiv(n), cdiv(k)) or scale.dtype != torch.float32:
+        return False
+    if k > 1 and (x2.stride(1) != 1 or w8.stride(1) != 1):
+        return False
+    return torch.cuda.get_device_capability(x2.device) >= (8, 9)
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Sequence[int] | None = None):
     """x [..., K] @ W^T -> [..., N] in x's dtype, W the block-FP8 weight (w8, scale)."""
-    if x.is_cuda and parts is None and x.dtype in (torch.bfloat16, torch.float16):
-        from longcat_service.kernels import fast_path_enabled
-
+    if x.is_cuda and parts is None:
         x2 = x.reshape(-1, x.shape[-1])
+        ext = _extension()
         if x2.shape[0] <= DECODE_ROWS:
-            gemv = _cuda_kernels().get("gemv")
-            if _ok(gemv, x2, w8, scale):
-                return gemv[0](x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
-        elif fast_path_enabled(x):
-            gemm = _triton_gemm()
-            if _ok(gemm, x2, w8, scale):
-                return gemm[0](x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
+            if ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
+                return ext.dense_gemv_fp8(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
+        elif w8a8_supported(x2, w8, scale):
+            return _w8a8_gemm()(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
     return F.linear(x, dequant(w8, scale, x.dtype, parts))
 
 
 def fp8_expert_ffn(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k, active_experts,
                    num_active, w13_parts: Sequence[int] | None = None):
-    """ops.expert_ffn with block-FP8 expert weights (w13 [E, 2I, H], w2 [E, H, I] and their scales)."""
-    if hidden.is_cuda and w13_parts is None:
-        experts = _cuda_kernels().get("experts")
-        args = (hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k, active_experts, num_active)
-        if _ok(experts, *args):
-            return experts[0](*args)
+    """ops.expert_ffn with block-FP8 expert weights (w13 [E, 2I, H], w2 [E, H, I] and their scales). On CUDA the
+    extension's expert_ffn_fp8 picks decode kernel / grouped FP8 GEMM / its own fallback."""
+    ext = _extension()
+    if hidden.is_cuda and w13_parts is None and ext is not None:
+        return ext.expert_ffn_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k,
+                                  active_experts, num_active)
     return ops.expert_ffn(hidden, dequant(w13, w13_scale, hidden.dtype, w13_parts),
                           dequant(w2, w2_scale, hidden.dtype), expert_offsets, sorted_slots, top_k)
 
@@ -134,4 +136,4 @@ def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, rout
 
 
 __all__ = ["BLOCK", "DECODE_ROWS", "FP8_DTYPE", "cdiv", "dequant", "fp8_expert_ffn", "fp8_linear",
-           "moe_forward_fp8", "standard_layout"]
+           "moe_forward_fp8", "standard_layout", "w8a8_supported"]
