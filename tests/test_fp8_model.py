@@ -279,3 +279,21 @@ def test_unsupported_load_time_quantization_is_refused(odd):
     a = full_forward_logits(load_model(odd["fp8"], device="cpu", quantization="fp8"), TOKENS)
     b = full_forward_logits(load_model(odd["fp8"], device="cpu"), TOKENS)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_llm_quantization_fp8_quantizes_the_checkpoint_as_it_loads(odd, tmp_path):
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+
+    tensors = load_file(str(odd["bf16"] / "model.safetensors"))
+    for key in quantized_keys(ODD):
+        tensors[key], tensors[key + "_scale_inv"] = block_quant(tensors[key])
+    fp8_dir = save(tmp_path / "fp8_of_bf16", {**ODD, "quantization_config": FP8_QUANT}, tensors)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    kwargs = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=32, max_model_len=32)
+    llm = LLM(model=str(odd["bf16"]), quantization="fp8", **kwargs)
+    assert llm.engine.runner.model.model.layers[1].mlp.experts.w2.dtype == torch.float8_e4m3fn
+    got = llm.generate([[5, 17, 20, 31]], params)[0].outputs[0]
+    want = LLM(model=str(fp8_dir), **kwargs).generate([[5, 17, 20, 31]], params)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in want.logprobs]
