@@ -6,7 +6,9 @@ difference to F.linear on the dequantized weight in fp32 is the summation order 
 quantized per token and 128-column group (e4m3: |err| <= 2^-4 |x| for normal values), so the spec is
 w8a8_linear_ref (same quantization, fp32 matmul): again only summation order and bf16 rounding apart. Against the
 unquantized activations a w8a8 linear is off by up to 2^-4 of sum |x_j w_j| per output (rms ~2% for random data);
-the whole-model check below therefore uses a relative L2 bound of 0.1 on the logits and 90% top-1 agreement.
+the whole-model check below therefore uses a relative L2 bound of 0.3 on the logits (the CPU w8a8-reference model
+of these weights is ~0.15-0.2 from the weight-only one, test_fp8_model) and 85% top-1 agreement, and checks that
+the GPU model is nearer to the CPU w8a8-reference model than to the weight-only one.
 """
 
 from __future__ import annotations
@@ -58,8 +60,13 @@ def test_fp8_model_on_gpu_follows_the_dequantized_model(tmp_path):
     ref_model = load_model(ckpt["dequant"], dtype="bfloat16", device=DEV)
     got, want = full_forward_logits(fp8_model, tokens).cpu(), full_forward_logits(ref_model, tokens).cpu()
     assert torch.isfinite(got).all()
-    assert (got - want).norm() / want.norm() < 0.1
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert (got - want).norm() / want.norm() < 0.3
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
+    # the GPU prefill is w8a8: nearer to the CPU model in w8a8-reference mode than to the weight-only model
+    cpu = load_model(ckpt["fp8"], dtype="bfloat16", device="cpu")
+    cpu.use_w8a8_reference()
+    spec = full_forward_logits(cpu, tokens)
+    assert (got - spec).norm() < (got - want).norm()
     # a single decode-size batch (weight-only everywhere): close to bf16 rounding
     one = [7]
     torch.testing.assert_close(full_forward_logits(fp8_model, one).cpu(), full_forward_logits(ref_model, one).cpu(),

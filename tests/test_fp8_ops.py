@@ -63,3 +63,52 @@ def test_quantization_config_is_parsed():
         ModelConfig.from_dict({**TINY_CONFIG, "quantization_config": "fp8"})
     with pytest.raises(ConfigError, match=r"field 'disable_quant_module'"):
         ModelConfig.from_dict({**TINY_CONFIG, "quantization_config": q, "disable_quant_module": [3]})
+
+
+@pytest.mark.parametrize("parts", [None, (200, 200)])
+def test_w8a8_reference_is_within_the_activation_quantization_error(parts):
+    """Prefill rows in w8a8 mode: each x_j is rounded to e4m3 in its 128-group with scale s = amax/448, so
+    |q(x_j) - x_j| <= max(2^-4 |x_j|, 2^-10 s) (half an ulp: 3 mantissa bits; subnormal spacing 2^-9 s), and
+    |y_i - sum_j x_j W_ij| <= sum_j max(2^-4 |x_j|, 2^-10 s_g(j)) |W_ij| (+ fp32 summation slack)."""
+    gen = torch.Generator().manual_seed(1)
+    w8, scale = block_quant(torch.randn(400, 300, generator=gen))
+    w = fp8.dequant(w8, scale, torch.float32, parts)
+    x = torch.randn(20, 300, generator=gen) * torch.logspace(-3, 1, 300)  # groups with wide dynamic range
+    got = fp8.fp8_linear(x, w8, scale, parts, w8a8_reference=True)
+    exact = x @ w.t()
+    s = F.pad(x.abs(), (0, 84)).view(20, 3, 128).amax(-1) / 448
+    per_elem = torch.maximum(x.abs() * 2.0**-4, s.repeat_interleave(128, -1)[:, :300] * 2.0**-10)
+    bound = per_elem @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t())
+    assert bool(((got - exact).abs() <= bound).all())
+    assert (got - exact).abs().max() > 1e-3 * exact.abs().max()  # the activations really were quantized
+    if parts is None:  # and it is h15k's spec of the prefill kernels
+        from longcat_service.ops.fp8_reference import w8a8_linear_ref
+
+        assert torch.equal(got, w8a8_linear_ref(x, w8, scale))
+    # decode-sized batches stay weight-only, as on the GPU
+    assert torch.equal(fp8.fp8_linear(x[:8], w8, scale, parts, w8a8_reference=True), F.linear(x[:8], w))
+
+
+def test_w8a8_expert_reference_quantizes_both_expert_matmuls():
+    from longcat_service.ops.reference import expert_ffn, moe_align
+
+    gen = torch.Generator().manual_seed(2)
+    e, h, inter, t, k = 3, 160, 96, 12, 2
+    w13_8, w13_s = block_quant(torch.randn(e, 2 * inter, h, generator=gen) * 0.1)
+    w2_8, w2_s = block_quant(torch.randn(e, h, inter, generator=gen) * 0.1)
+    hidden = torch.randn(t, h, generator=gen)
+    ids = torch.randint(0, e, (t, k), generator=gen)
+    ids[:, 1] = (ids[:, 0] + 1) % e
+    offsets, sorted_slots, _, _, _ = moe_align(ids.int(), e)
+    got = fp8.expert_ffn_w8a8_ref(hidden, w13_8, w13_s, w2_8, w2_s, offsets, sorted_slots, k)
+    w13, w2 = block_dequant(w13_8, w13_s, dtype=torch.float32), block_dequant(w2_8, w2_s, dtype=torch.float32)
+    want = torch.zeros_like(got)
+    off = offsets.tolist()
+    for x in range(e):  # spelled out: quantize, gate_up, SwiGLU, quantize, down
+        rows = slice(off[x], off[x + 1])
+        xin = hidden[sorted_slots[rows].long() // k]
+        gu = fp8.quant_dequant(xin) @ w13[x].t()
+        want[rows] = fp8.quant_dequant(F.silu(gu[:, :inter]) * gu[:, inter:]) @ w2[x].t()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weight_only = expert_ffn(hidden, w13, w2, offsets, sorted_slots, k)
+    assert 0 < (got - weight_only).abs().max() < 0.1 * weight_only.abs().max()

@@ -78,6 +78,7 @@ class Fp8Linear(nn.Module):
                                            dtype=torch.float32, loader=self._load_scale)
         self.weight.fp8_scale = self.weight_scale_inv  # type: ignore[attr-defined]  (checkpoint_targets)
         self.parts = None if standard_layout(self.part_rows) else tuple(self.part_rows)
+        self.w8a8_reference = False  # see ops/fp8.fp8_linear; set by LongcatFlashForCausalLM.use_w8a8_reference
         local_bias = self.part_rows if shard_dim == 0 else self.output_sizes
         self.bias = make_param(sum(local_bias), dtype=dtype, loader=self._load_bias) if bias else None
 
@@ -126,7 +127,7 @@ class Fp8Linear(nn.Module):
 
     # ---- compute -------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.parts)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.parts, self.w8a8_reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x)

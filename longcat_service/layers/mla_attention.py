@@ -107,7 +107,7 @@ class MLAAttention(nn.Module):
         if self.fused_a_weight is None:
             return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
         if self.fused_a_scale is not None:
-            out = fp8_linear(x, self.fused_a_weight, self.fused_a_scale)
+            out = fp8_linear(x, self.fused_a_weight, self.fused_a_scale, None, self.q_a_proj.w8a8_reference)
         else:
             out = linear(x, self.fused_a_weight)
         return out.split([self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size], dim=-1)

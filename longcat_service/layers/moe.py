@@ -79,6 +79,7 @@ class Fp8FusedExperts(FusedExperts):
         self.w2_scale = make_param(e, cdiv(h), ib, dtype=torch.float32, loader=self._load_w2_scale)
         self.w13.fp8_scale, self.w2.fp8_scale = self.w13_scale, self.w2_scale  # type: ignore[attr-defined]
         self.w13_parts = None if i_local % BLOCK == 0 else (i_local, i_local)  # see ops/fp8.py `parts`
+        self.w8a8_reference = False  # see ops/fp8.fp8_expert_ffn
 
     def _w13_part(self, expert_id: int, shard: str) -> int:
         self._check_expert(expert_id)

@@ -184,6 +184,13 @@ class LongcatFlashForCausalLM(nn.Module):
                     t[key.removesuffix(".weight") + ".weight_scale_inv"] = WeightTarget(scale, target.args)
         return t
 
+    def use_w8a8_reference(self, enabled: bool = True) -> None:
+        """Where the FP8 reference path runs (CPU), compute prefill-sized batches as the GPU's w8a8 kernels do
+        (activations quantized per token-group) instead of weight-only (ops/fp8.py). For tests of the GPU numerics."""
+        for module in self.modules():
+            if hasattr(module, "w8a8_reference"):
+                module.w8a8_reference = enabled
+
     @torch.no_grad()
     def process_weights_after_loading(self) -> None:
         """Once every tensor is in: FP8 kv_b_proj dequantized to the model dtype (MLAAttention)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_service import ops
-from longcat_service.ops.fp8_reference import BLOCK, FP8_DTYPE, block_dequant
+from longcat_service.ops.fp8_reference import BLOCK, FP8_DTYPE, block_dequant, per_token_group_quant
 
 DECODE_ROWS = 8  # dense_gemv_fp8 takes at most 8 rows (the interface of the FP8 GEMV kernel)
 
@@ -98,29 +98,69 @@ def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> b
     return torch.cuda.get_device_capability(x2.device) >= (8, 9)
 
 
-def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Sequence[int] | None = None):
-    """x [..., K] @ W^T -> [..., N] in x's dtype, W the block-FP8 weight (w8, scale)."""
+def quant_dequant(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded through the dynamic per-token-group e4m3 activation quantization, in fp32."""
+    x8, x_scale = per_token_group_quant(x)
+    return x8.float() * x_scale.repeat_interleave(BLOCK, dim=-1)[:, : x.shape[-1]]
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Sequence[int] | None = None,
+               w8a8_reference: bool = False):
+    """x [..., K] @ W^T -> [..., N] in x's dtype, W the block-FP8 weight (w8, scale).
+
+    w8a8_reference: where the reference runs, round prefill rows (batches of more than DECODE_ROWS) through the
+    activation quantization first, as the GPU prefill kernels do (w8a8_linear_ref: fp32 matmul), instead of the
+    weight-only reference: a CPU model then follows the GPU's numerics (tests)."""
+    x2 = x.reshape(-1, x.shape[-1])
     if x.is_cuda and parts is None:
-        x2 = x.reshape(-1, x.shape[-1])
         ext = _extension()
         if x2.shape[0] <= DECODE_ROWS:
             if ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
                 return ext.dense_gemv_fp8(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
         elif w8a8_supported(x2, w8, scale):
             return _w8a8_gemm()(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
+    if w8a8_reference and x2.shape[0] > DECODE_ROWS:
+        out = quant_dequant(x2) @ dequant(w8, scale, torch.float32, parts).t()
+        return out.to(x.dtype).view(*x.shape[:-1], w8.shape[0])
     return F.linear(x, dequant(w8, scale, x.dtype, parts))
 
 
 def fp8_expert_ffn(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k, active_experts,
-                   num_active, w13_parts: Sequence[int] | None = None):
+                   num_active, w13_parts: Sequence[int] | None = None, w8a8_reference: bool = False):
     """ops.expert_ffn with block-FP8 expert weights (w13 [E, 2I, H], w2 [E, H, I] and their scales). On CUDA the
-    extension's expert_ffn_fp8 picks decode kernel / grouped FP8 GEMM / its own fallback."""
+    extension's expert_ffn_fp8 picks decode kernel / grouped FP8 GEMM / its own fallback. w8a8_reference: as in
+    fp8_linear, for batches the GPU runs through the grouped FP8 GEMM (at least 8 rows per expert on average)."""
     ext = _extension()
     if hidden.is_cuda and w13_parts is None and ext is not None:
         return ext.expert_ffn_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k,
                                   active_experts, num_active)
+    if w8a8_reference and sorted_slots.shape[0] >= GROUPED_MIN_ROWS_PER_EXPERT * w13.shape[0]:
+        return expert_ffn_w8a8_ref(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k,
+                                   w13_parts)
     return ops.expert_ffn(hidden, dequant(w13, w13_scale, hidden.dtype, w13_parts),
                           dequant(w2, w2_scale, hidden.dtype), expert_offsets, sorted_slots, top_k)
+
+
+GROUPED_MIN_ROWS_PER_EXPERT = 8  # ops/extension.py GROUPED_MM_MIN_ROWS_PER_EXPERT: the GPU's prefill regime
+
+
+def expert_ffn_w8a8_ref(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k,
+                        w13_parts: Sequence[int] | None = None) -> torch.Tensor:
+    """The GPU prefill experts' numerics (gather, activation quantization, grouped FP8 GEMM out in hidden's dtype,
+    SwiGLU in hidden's dtype, quantization, grouped FP8 GEMM), with fp32 matmuls. Unused rows are zeros."""
+    out = torch.zeros(sorted_slots.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    offsets = expert_offsets.tolist()
+    inter = w2.shape[-1]
+    for e in range(w13.shape[0]):
+        start, end = offsets[e], offsets[e + 1]
+        if start == end:
+            continue
+        x = hidden[sorted_slots[start:end].long() // top_k]
+        w13_e = dequant(w13[e], w13_scale[e], torch.float32, w13_parts)
+        gate_up = (quant_dequant(x) @ w13_e.t()).to(hidden.dtype)
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out[start:end] = (quant_dequant(act) @ dequant(w2[e], w2_scale[e], torch.float32).t()).to(hidden.dtype)
+    return out
 
 
 def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, routed_scaling_factor,
@@ -131,9 +171,10 @@ def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, rout
                                                 num_experts)
     offsets, sorted_slots, slot_rows, active, num_active = ops.moe_align(ids, num_experts)
     expert_out = fp8_expert_ffn(hidden, experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, offsets,
-                                sorted_slots, top_k, active, num_active, experts.w13_parts)
+                                sorted_slots, top_k, active, num_active, experts.w13_parts,
+                                experts.w8a8_reference)
     return ops.combine(expert_out, slot_rows, weights, hidden, zero_weight, add_identity)
 
 
 __all__ = ["BLOCK", "DECODE_ROWS", "FP8_DTYPE", "cdiv", "dequant", "fp8_expert_ffn", "fp8_linear",
-           "moe_forward_fp8", "standard_layout", "w8a8_supported"]
+           "moe_forward_fp8", "quant_dequant", "standard_layout", "w8a8_supported"]
