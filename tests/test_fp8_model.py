@@ -314,3 +314,13 @@ def test_w8a8_reference_mode_follows_the_gpu_prefill_numerics(odd):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
     model.use_w8a8_reference(False)
     torch.testing.assert_close(full_forward_logits(model, TOKENS + tokens), ref, rtol=0, atol=0)
+
+
+def test_fp8_weight_in_an_unquantized_checkpoint_is_refused_with_load_time_quantization(odd, tmp_path):
+    from longcat_service.model.loader import CheckpointError
+
+    key = "model.layers.1.mlp.experts.2.gate_proj.weight"
+    path = _variant(odd["bf16"], tmp_path / "stray", lambda t: t.__setitem__(key, t[key].to(torch.float8_e4m3fn)))
+    with pytest.raises(CheckpointError, match=rf"key '{key}': F8_E4M3 weight in a checkpoint whose config.json has "
+                                              "no quantization_config"):
+        load_model(path, device="cpu", quantization="fp8")

@@ -112,3 +112,33 @@ def test_w8a8_expert_reference_quantizes_both_expert_matmuls():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     weight_only = expert_ffn(hidden, w13, w2, offsets, sorted_slots, k)
     assert 0 < (got - weight_only).abs().max() < 0.1 * weight_only.abs().max()
+
+
+def test_fp8_layers_quantize_float_weights_and_add_their_bias():
+    from longcat_service.layers.fp8_linear import (
+        Fp8ColumnParallelLinear,
+        Fp8MergedColumnParallelLinear,
+        Fp8ReplicatedLinear,
+        Fp8RowParallelLinear,
+    )
+    from longcat_service.layers.weight_utils import WeightLoadError
+
+    gen = torch.Generator().manual_seed(3)
+    w, b, x = torch.randn(200, 160, generator=gen), torch.randn(200, generator=gen), torch.randn(4, 160, generator=gen)
+    w_q = block_dequant(*block_quant(w), dtype=torch.float32)
+    for cls in (Fp8ReplicatedLinear, Fp8ColumnParallelLinear, Fp8RowParallelLinear):
+        layer = cls(160, 200, torch.float32, bias=True)
+        layer.weight.weight_loader(layer.weight, w)
+        layer.bias.weight_loader(layer.bias, b)
+        assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale_inv.shape == (2, 2)
+        assert torch.equal(layer(x), F.linear(x, w_q, b)), cls.__name__
+    merged = Fp8MergedColumnParallelLinear(160, [200, 56], torch.float32)
+    merged.weight.weight_loader(merged.weight, w, 0)
+    merged.weight.weight_loader(merged.weight, w[:56], 1)
+    assert merged.parts == (200, 56) and merged.weight_scale_inv.shape == (2 + 1, 2)
+    want = torch.cat([w_q, block_dequant(*block_quant(w[:56]), dtype=torch.float32)])
+    assert torch.equal(merged(x), F.linear(x, want))
+    with pytest.raises(WeightLoadError, match="shard_id 2 out of range for 2 parts"):
+        merged.weight.weight_loader(merged.weight, w, 2)
+    with pytest.raises(WeightLoadError, match=r"has shape \[200, 160\], expected \[56, 160\]"):
+        merged.weight.weight_loader(merged.weight, w, 1)

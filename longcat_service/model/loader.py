@@ -216,13 +216,18 @@ def _load_checkpoint(model: LongcatFlashForCausalLM, checkpoint: _CheckpointInde
 
 
 def _check_fp8_dtype(param: torch.Tensor, loaded: Any, fp8_checkpoint: bool, key: str, path: Path) -> None:
-    """An FP8 checkpoint's quantized weights must be e4m3; float8 tensors go nowhere else (no scale to apply)."""
+    """An FP8 checkpoint's quantized weights must be e4m3; a float8 tensor anywhere else has no scale to go with
+    it (an unquantized module, or a checkpoint without quantization_config), so it is refused too."""
     name = loaded.get_dtype() if hasattr(loaded, "get_dtype") else None
     dtype = _FP8_NAMES.get(name) if name is not None else getattr(loaded, "dtype", None)
+    loaded_fp8 = dtype in _FP8_NAMES.values()
     if param.dtype == torch.float8_e4m3fn and fp8_checkpoint and dtype != torch.float8_e4m3fn:
         raise CheckpointError(f"weight has dtype {name or dtype}, expected float8_e4m3fn (config.json "
                               "quantization_config says fp8)", file=str(path), key=key)
-    if param.dtype != torch.float8_e4m3fn and dtype in _FP8_NAMES.values():
+    if param.dtype == torch.float8_e4m3fn and not fp8_checkpoint and loaded_fp8:
+        raise CheckpointError(f"{name or dtype} weight in a checkpoint whose config.json has no quantization_config "
+                              "(no weight_scale_inv is read for it)", file=str(path), key=key)
+    if param.dtype != torch.float8_e4m3fn and loaded_fp8:
         raise CheckpointError(f"{name or dtype} tensor for a module the config does not quantize (no "
                               "quantization_config, or the module is listed in modules_to_not_convert / "
                               "disable_quant_module)", file=str(path), key=key)
