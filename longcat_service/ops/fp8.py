@@ -114,10 +114,9 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Se
     x2 = x.reshape(-1, x.shape[-1])
     if x.is_cuda and parts is None:
         ext = _extension()
-        if x2.shape[0] <= DECODE_ROWS:
-            if ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
-                return ext.dense_gemv_fp8(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
-        elif w8a8_supported(x2, w8, scale):
+        if x2.shape[0] <= DECODE_ROWS and ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
+            return ext.dense_gemv_fp8(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
+        if w8a8_supported(x2, w8, scale):  # prefill rows, or decode rows the GEMV does not take
             return _w8a8_gemm()(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
     if w8a8_reference and x2.shape[0] > DECODE_ROWS:
         out = quant_dequant(x2) @ dequant(w8, scale, torch.float32, parts).t()
