@@ -164,7 +164,7 @@ def expert_ffn_w8a8_ref(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, so
 
 def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, routed_scaling_factor,
                     add_identity=True):
-    """ops.moe_forward with the FP8 expert weights of `experts` (layers/moe.Fp8FusedExperts)."""
+    """ops.moe_forward with the FP8 expert weights of `experts` (layers/fp8_experts.Fp8FusedExperts)."""
     num_experts = experts.w13.shape[0]
     ids, weights, zero_weight = ops.router_topk(router_logits, correction_bias, top_k, routed_scaling_factor,
                                                 num_experts)
