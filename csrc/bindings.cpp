@@ -15,6 +15,11 @@ TORCH_LIBRARY(longcat, m) {
   m.def("combine(Tensor expert_out, Tensor slot_rows, Tensor topk_weights, Tensor hidden, Tensor zero_weight, "
         "bool add_identity) -> Tensor");
   m.def("dense_gemv(Tensor x, Tensor w) -> Tensor");
+  // Block FP8 weights (float8_e4m3fn + fp32 scale per 128 x 128 block), activations in x's / hidden's dtype.
+  m.def("dense_gemv_fp8(Tensor x, Tensor w8, Tensor scale) -> Tensor");
+  m.def("expert_ffn_fp8(Tensor hidden, Tensor w13, Tensor w13_scale, Tensor w2, Tensor w2_scale, "
+        "Tensor expert_offsets, Tensor sorted_slots, int top_k, Tensor? active_experts=None, "
+        "Tensor? num_active=None) -> Tensor");
 }
 
 #ifdef LONGCAT_WITH_CUDA

@@ -22,4 +22,17 @@ void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slot_row
 constexpr int64_t kDenseGemvMaxRows = 8;
 void check_dense_gemv_args(const at::Tensor& x, const at::Tensor& w);
 
+// Block FP8 (spec: longcat_service/ops/fp8_reference.py): w8 float8_e4m3fn [..., N, K] with an fp32 scale
+// [..., ceil(N/128), ceil(K/128)] (a multiplier per 128 x 128 block), unit last strides.
+constexpr int64_t kFp8Block = 128;
+void check_fp8_weight(const char* op, const char* name, const at::Tensor& w8, const at::Tensor& scale);
+// dense_gemv_fp8: x [M <= kDenseGemvMaxRows, K] floating point, w8 [N, K] e4m3 + scale, one device.
+void check_dense_gemv_fp8_args(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale);
+// expert_ffn_fp8: expert_ffn's contract with w13 [E, 2I, H] / w2 [E, H, I] in e4m3 and their block scales.
+void check_ffn_fp8_args(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w13_scale,
+                        const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& expert_offsets,
+                        const at::Tensor& sorted_slots, int64_t top_k);
+// The dequantized weight (fp32 math, then `dtype`): the CPU ops' path.
+at::Tensor fp8_block_dequant(const at::Tensor& w8, const at::Tensor& scale, at::ScalarType dtype);
+
 }  // namespace longcat

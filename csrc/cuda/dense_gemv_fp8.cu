@@ -1,0 +1,171 @@
+// CUDA dense_gemv_fp8 for decode batches: out[m, n] = sum_k x[m, k] * w8[n, k] * scale[n / 128, k / 128] for M <= 8
+// rows, streaming the e4m3 weight from HBM once (half the bytes of dense_gemv's bf16 weight). The design of
+// dense_gemv.cu: the grid covers N tiles; each warp owns NR output columns; lanes split K in 16-byte vectors (here
+// 16 weights each, dequantized in registers, fp8_common.cuh); streaming loads for w; fp32 accumulation; warp-shuffle
+// reduction. Each 16-weight partial sum is scaled once by its block's scale (read through L1: the scale tensor is
+// small and shared by the 128 rows of a block). A row's accumulation order depends only on K and the lane, never on
+// M or NR, so row i of an M-row call equals the 1-row call bit for bit. No host sync, CUDA-graph capturable.
+#include <limits>
+
+#include "../ops.h"
+#include "fp8_common.cuh"
+
+namespace longcat {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kMinBlocksPerSm = 2;  // as dense_gemv.cu: fewer blocks than this per SM at NR=4 -> NR=2
+
+// U consecutive K steps of a lane (a step = the warp's 32 vectors = 512 k): all U * NR weight loads are issued
+// before the first FMA. kGuard: the last, partial pass (steps past K reload the last one and add nothing).
+template <typename T, int NR, int kRows, int U, bool kGuard>
+__device__ __forceinline__ void accumulate_pass(float (&acc)[kRows][NR], const uint8_t* const (&wrow)[NR],
+                                                const float* const (&srow)[NR], const T* const (&xrow)[kRows], int k0,
+                                                int steps) {
+  constexpr int kStep = kWarp * fp8::kVec;
+  uint4 wv[U][NR];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = kGuard ? min(u, steps - 1) : u;
+#pragma unroll
+    for (int c = 0; c < NR; ++c) wv[u][c] = fp8::load_w16_stream((wrow[c] + k0) + s * kStep);
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (!kGuard || u < steps) {
+      const int k = k0 + u * kStep;
+      // All NR columns dequantized once, then each row's 16 activations converted once (rows outer).
+      float wf[NR][fp8::kVec], sc[NR];
+#pragma unroll
+      for (int c = 0; c < NR; ++c) {
+        sc[c] = __ldg(srow[c] + (k >> fp8::kBlockShift));
+        fp8::dequant16(wv[u][c], wf[c]);
+      }
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        float xf[fp8::kVec];
+        fp8::load_x16<T>(xrow[i] + k, xf);
+#pragma unroll
+        for (int c = 0; c < NR; ++c) acc[i][c] = fmaf(fp8::dot16(xf, wf[c]), sc[c], acc[i][c]);
+      }
+    }
+  }
+}
+
+template <typename T, int NR, int kRows>
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
+    dense_gemv_fp8_kernel(const T* __restrict__ x, int64_t x_row_stride, const uint8_t* __restrict__ w,
+                          int64_t w_row_stride, const float* __restrict__ scale, int64_t s_row_stride,
+                          T* __restrict__ out, int M, int N, int K) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int n0 = (blockIdx.x * kWarpsPerBlock + warp) * NR;
+  if (n0 >= N) return;
+  const uint8_t* wrow[NR];
+  const float* srow[NR];
+#pragma unroll
+  for (int c = 0; c < NR; ++c) {
+    const int n = min(n0 + c, N - 1);  // clamp: duplicated columns are computed but not stored
+    wrow[c] = w + static_cast<int64_t>(n) * w_row_stride;
+    srow[c] = scale + static_cast<int64_t>(n >> fp8::kBlockShift) * s_row_stride;
+  }
+  const T* xrow[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) xrow[i] = x + static_cast<int64_t>(min(i, M - 1)) * x_row_stride;
+  float acc[kRows][NR];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i)
+#pragma unroll
+    for (int c = 0; c < NR; ++c) acc[i][c] = 0.f;
+
+  constexpr int kStep = kWarp * fp8::kVec;
+  constexpr int U = (kRows <= 2 ? 16 : 8) / NR;
+  int k0 = lane * fp8::kVec;
+  for (; k0 + (U - 1) * kStep < K; k0 += U * kStep)
+    accumulate_pass<T, NR, kRows, U, false>(acc, wrow, srow, xrow, k0, U);
+  if (k0 < K) accumulate_pass<T, NR, kRows, U, true>(acc, wrow, srow, xrow, k0, (K - k0 + kStep - 1) / kStep);
+
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    if (i < M) {
+#pragma unroll
+      for (int c = 0; c < NR; ++c) {
+        const float v = warp_sum(acc[i][c]);
+        if (lane == c && n0 + c < N) out[static_cast<int64_t>(i) * N + n0 + c] = from_float<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T, int NR>
+void launch_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out,
+                 cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0)), N = static_cast<int>(w.size(0)), K = static_cast<int>(x.size(1));
+  const T* xp = static_cast<const T*>(x.data_ptr());
+  const auto* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const float* sp = scale.data_ptr<float>();
+  T* op = static_cast<T*>(out.data_ptr());
+  const int cols_per_block = kWarpsPerBlock * NR;
+  const dim3 grid((N + cols_per_block - 1) / cols_per_block), block(kWarpsPerBlock * kWarp);
+  const int64_t xs = x.stride(0), ws = w.stride(0), ss = scale.stride(0);
+  if (M <= 1) {
+    dense_gemv_fp8_kernel<T, NR, 1><<<grid, block, 0, stream>>>(xp, xs, wp, ws, sp, ss, op, M, N, K);
+  } else if (M <= 2) {
+    dense_gemv_fp8_kernel<T, NR, 2><<<grid, block, 0, stream>>>(xp, xs, wp, ws, sp, ss, op, M, N, K);
+  } else if (M <= 4) {
+    dense_gemv_fp8_kernel<T, NR, 4><<<grid, block, 0, stream>>>(xp, xs, wp, ws, sp, ss, op, M, N, K);
+  } else {
+    dense_gemv_fp8_kernel<T, NR, 8><<<grid, block, 0, stream>>>(xp, xs, wp, ws, sp, ss, op, M, N, K);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out,
+              cudaStream_t stream) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const int64_t N = w.size(0);
+  const int64_t blocks_at_nr4 = (N + kWarpsPerBlock * 4 - 1) / (kWarpsPerBlock * 4);
+  if (blocks_at_nr4 >= int64_t{kMinBlocksPerSm} * sms) {
+    launch_rows<T, 4>(x, w, scale, out, stream);
+  } else {
+    launch_rows<T, 2>(x, w, scale, out, stream);
+  }
+}
+
+void check_rows_16b(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "dense_gemv_fp8: ", name,
+              " must start at a 16-byte aligned address");
+  TORCH_CHECK(t.size(0) <= 1 || (t.stride(0) * t.element_size()) % 16 == 0, "dense_gemv_fp8: ", name,
+              "'s row stride must be a multiple of 16 bytes, got ", t.stride(0), " elements");
+}
+
+at::Tensor dense_gemv_fp8_cuda(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale_in) {
+  check_dense_gemv_fp8_args(x, w8, scale_in);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "dense_gemv_fp8: CUDA supports bfloat16 and float16 activations, got ", x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), N = w8.size(0), K = x.size(1);
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  TORCH_CHECK(K % fp8::kVec == 0, "dense_gemv_fp8: K must be a multiple of 16 (16-byte weight vectors), got ", K);
+  TORCH_CHECK(N <= std::numeric_limits<int>::max() && K <= std::numeric_limits<int>::max(),
+              "dense_gemv_fp8: N and K must fit in int32");
+  check_rows_16b(x, "x");
+  check_rows_16b(w8, "w8");
+  const at::Tensor scale = scale_in.stride(1) == 1 ? scale_in : scale_in.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == at::kBFloat16) {
+    dispatch<__nv_bfloat16>(x, w8, scale, out, stream);
+  } else {
+    dispatch<__half>(x, w8, scale, out, stream);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longcat, CUDA, m) { m.impl("dense_gemv_fp8", &dense_gemv_fp8_cuda); }
+
+}  // namespace longcat
