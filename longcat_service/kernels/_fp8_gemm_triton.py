@@ -1,0 +1,271 @@
+"""The Triton side of fp8_gemm.py: per-token-group activation quantization and block-scaled FP8 GEMMs.
+
+GEMMs take e4m3 operands on Hopper's FP8 tensor cores (tl.dot of float8e4nv tiles, fp32 accumulate) one K step at
+a time; BLOCK_K divides the 128-wide scale group, so a step lies in one group g and its partial product is scaled by
+x_scale[m, g] * w_scale[n // 128, g] in fp32 before it joins the accumulator.
+The CPU interpreter's fp32 -> e4m3 cast mis-rounds values whose rounding carries into the exponent (31.9 -> 16):
+with MANUAL_FP8 the quantizer rounds to the e4m3 grid in fp32 first (the cast of an exact value is then right).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longcat_service.kernels import interpreter_mode
+from longcat_service.kernels._silu_mul_triton import _round
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - triton < 3.4
+    TensorDescriptor = None
+
+FP8_MAX = 448.0
+GROUP = 128
+
+
+@triton.jit
+def _e4m3_grid_round(v):
+    """v (fp32, |v| <= 448) rounded to nearest-even on the e4m3 grid, still fp32 (exact arithmetic only)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF).to(tl.int32) - 127
+    ulp_exp = tl.maximum(exp, -6) - 3  # 3 mantissa bits; subnormals below 2^-6 share the 2^-9 step
+    ulp = ((ulp_exp + 127).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+    q = v / ulp  # exact: ulp is a power of two, |q| < 16
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |q| < 2^22 to an integer, ties to even
+    r = (q + magic) - magic
+    return r * ulp
+
+
+@triton.jit
+def _quant_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, s_xm, s_qm, s_sm,
+    BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr, MANUAL_FP8: tl.constexpr, MANUAL_BF16: tl.constexpr,
+):
+    """Rows [pid0 * BLOCK_M, +BLOCK_M), group pid1: s = max(|x|, 1e-10) / 448, q = clamp(x / s) in e4m3."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = tl.program_id(1)
+    cols = g * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * s_xm + cols[None, :], mask=mask, other=0.0)
+    if MANUAL_BF16 and x.dtype == tl.bfloat16:  # the interpreter's bf16 -> fp32 cast loses subnormals
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
+    s = tl.div_rn(amax, FP8_MAX)
+    q = tl.div_rn(x, s[:, None])
+    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    if MANUAL_FP8:
+        q = _e4m3_grid_round(q)
+    tl.store(q_ptr + r64 * s_qm + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * s_sm + g, s, mask=rows < M)
+
+
+def launch_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_m: int = 16, num_warps: int = 4) -> None:
+    m, k = x.shape
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k, GROUP))
+    interp = interpreter_mode()
+    _quant_kernel[grid](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, GROUP_SIZE=GROUP,
+                        MANUAL_FP8=interp, MANUAL_BF16=interp, num_warps=num_warps)
+
+
+# ---- dense: out[M, N] = x8 @ w8^T, block-scaled ---------------------------------------------------------------
+
+
+@triton.jit
+def _w8a8_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, s_am, s_bn, s_cm, s_asm, s_bsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row tiles share each column tile while it is in L2
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * s_am + ks[None, :]
+    b_ptrs = b_ptr + cols.to(tl.int64)[:, None] * s_bn + ks[None, :]
+    as_ptrs = as_ptr + rows.to(tl.int64) * s_asm
+    bs_ptrs = bs_ptr + (cols // 128).to(tl.int64) * s_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_WHILE:  # the interpreter cannot take runtime values as range() bounds
+        k0 = 0
+        while k0 < K:
+            acc = _scaled_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, k0, K, row_ok, col_ok, ks, EVEN_K)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _scaled_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, k0, K, row_ok, col_ok, ks, EVEN_K)
+    out = _round(acc, c_ptr.dtype.element_ty, MANUAL_BF16)
+    tl.store(c_ptr + rows.to(tl.int64)[:, None] * s_cm + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _scaled_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, k0, K, row_ok, col_ok, ks, EVEN_K: tl.constexpr):
+    """acc += (a[:, k0:k0+BK] @ b[:, k0:k0+BK]^T) * a_scale[:, g] * b_scale[:, g], g = k0 // 128."""
+    if EVEN_K:
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=col_ok[:, None], other=0.0)
+    else:
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    g = k0 // 128
+    a_s = tl.load(as_ptrs + g, mask=row_ok, other=0.0)
+    b_s = tl.load(bs_ptrs + g, mask=col_ok, other=0.0)
+    part = tl.dot(a, tl.trans(b))
+    return acc + part * a_s[:, None] * b_s[None, :]
+
+
+def launch_w8a8(x8, x_scale, w8, w_scale, out, block_m, block_n, block_k, group_m, num_stages, num_warps) -> None:
+    m, k = x8.shape
+    n = w8.shape[0]
+    interp = interpreter_mode()
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _w8a8_kernel[grid](
+        x8, w8, out, x_scale, w_scale, m, n, k, x8.stride(0), w8.stride(0), out.stride(0), x_scale.stride(0),
+        w_scale.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        EVEN_K=k % block_k == 0, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
+    )
+
+
+# ---- grouped (MoE prefill experts): y[r] = x8[r] @ w8[e]^T for expert e's rows -------------------------------
+# The structure of _grouped_gemm_triton.py: one program per (N tile, expert), walking the expert's rows.
+
+
+@triton.jit
+def _g_step(
+    acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok, ks,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr,
+):
+    if TMA:
+        a = x_desc.load([row0, k0])
+        b = w_desc.load([w_row0, k0])
+    else:
+        if EVEN_K:
+            a = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs + k0, mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + ks) < K
+            a = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    g = k0 // 128
+    a_s = tl.load(xs_ptrs + g, mask=row_ok, other=0.0)
+    b_s = tl.load(ws_ptrs + g, mask=col_ok, other=0.0)
+    part = tl.dot(a, tl.trans(b))
+    return acc + part * a_s[:, None] * b_s[None, :]
+
+
+@triton.jit
+def _g_tile(
+    x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, row_end, expert, n0, N, K,
+    s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+):
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < row_end
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * s_xm + ks[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * s_we + cols.to(tl.int64)[:, None] * s_wn + ks[None, :]
+    xs_ptrs = xs_ptr + rows.to(tl.int64) * s_xsm
+    ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (cols // 128).to(tl.int64) * s_wsn
+    w_row0 = expert * N + n0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_WHILE:
+        k0 = 0
+        while k0 < K:
+            acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
+                          ks, EVEN_K, TMA)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
+                          ks, EVEN_K, TMA)
+    out = _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * s_ym + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_fp8_kernel(
+    x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, x_desc, x_half_desc, w_desc, N, K,
+    s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BLOCK_N
+    expert = tl.program_id(1)
+    start = tl.load(offs_ptr + expert)
+    end = tl.load(offs_ptr + expert + 1)
+    if end <= start:
+        return
+    full_end = end
+    if SPLIT_TAIL:
+        full_end = start + ((end - start) // BLOCK_M) * BLOCK_M
+    if USE_WHILE:
+        row0 = start
+        while row0 < full_end:
+            _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we,
+                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
+            row0 += BLOCK_M
+    else:
+        for row0 in range(start, full_end, BLOCK_M):
+            _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we,
+                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
+    if SPLIT_TAIL:
+        if full_end < end:
+            if end - full_end <= BLOCK_M // 2:
+                _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_half_desc, w_desc, full_end, end, expert, n0, N, K,
+                        s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA,
+                        MANUAL_BF16, USE_WHILE)
+            else:
+                _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, full_end, end, expert, n0, N, K,
+                        s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA,
+                        MANUAL_BF16, USE_WHILE)
+
+
+def tma_supported(x8: torch.Tensor, w8: torch.Tensor) -> bool:
+    """TMA descriptors for x8 [R, K] and w8 viewed as [E*N, K]: contiguous rows of 16-byte multiples, aligned bases."""
+    if TensorDescriptor is None:
+        return False
+    num_experts, n, k = w8.shape
+    if k == 0 or x8.shape[0] == 0 or num_experts * n == 0 or k % 16:
+        return False
+    mergeable = n == 1 or num_experts == 1 or w8.stride(0) == n * w8.stride(1)
+    return (mergeable and x8.stride(1) == 1 and w8.stride(2) == 1 and x8.data_ptr() % 16 == 0
+            and w8.data_ptr() % 16 == 0 and x8.stride(0) % 16 == 0 and w8.stride(1) % 16 == 0)
+
+
+def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block_k, num_stages, num_warps, tma,
+                   split_tail) -> None:
+    rows, k = x8.shape
+    num_experts, n, _ = w8.shape
+    interp = interpreter_mode()
+    use_tma = tma and tma_supported(x8, w8)
+    if use_tma:
+        x_desc = TensorDescriptor(x8, [rows, k], [x8.stride(0), 1], [block_m, block_k])
+        x_half_desc = TensorDescriptor(x8, [rows, k], [x8.stride(0), 1], [block_m // 2, block_k]) if split_tail else None
+        w_desc = TensorDescriptor(w8, [num_experts * n, k], [w8.stride(1), 1], [block_n, block_k])
+    else:
+        x_desc = x_half_desc = w_desc = None
+    grid = (triton.cdiv(n, block_n), num_experts)
+    _grouped_fp8_kernel[grid](
+        x8, w8, y, x_scale, w_scale, offsets, x_desc, x_half_desc, w_desc, n, k,
+        x8.stride(0), w8.stride(0), w8.stride(1), y.stride(0), x_scale.stride(0), w_scale.stride(0), w_scale.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_TAIL=split_tail, EVEN_K=k % block_k == 0,
+        TMA=use_tma, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
+    )

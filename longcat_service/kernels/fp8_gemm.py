@@ -1,0 +1,193 @@
+"""Block-FP8 prefill kernels (Triton, Hopper FP8 tensor cores): w8a8 with dynamic per-token-group activations.
+
+- per_token_group_quant_fp8(x): x [M, K] -> (x8 e4m3 [M, K], x_scale fp32 [M, ceil(K/128)]), exactly
+  ops/fp8_reference.per_token_group_quant (s = max(|x_group|, 1e-10) / 448, x8 = clamp(x / s) rounded to nearest).
+- w8a8_block_gemm(x, w8, scale): the dense prefill linears; quantizes x, then a block-scaled FP8 GEMM; out in x's
+  dtype. Spec: ops/fp8_reference.w8a8_linear_ref (up to fp32 summation order).
+- grouped_gemm_fp8(x8, x_scale, w8, w_scale, expert_offsets): the MoE prefill experts, grouped_gemm.py's contract
+  (rows sorted by expert, device offsets, rows at or past expert_offsets[-1] left unwritten) with e4m3 operands.
+Every GEMM K step is one 128-wide scale group (or a power-of-two part of it), so its partial product is scaled by
+x_scale[m, g] * w_scale[n // 128, g] in fp32. Partial scale blocks (N or K not multiples of 128) are handled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from longcat_service.kernels import next_pow2
+from longcat_service.kernels.grouped_gemm import GroupedGemmConfig, parse_config
+
+FP8_DTYPE = torch.float8_e4m3fn
+GROUP = 128
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseFp8Config:
+    """w8a8_block_gemm tiles: block_m is an upper bound (small M shrinks it); block_k divides 128."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    group_m: int = 8
+    num_stages: int = 4
+    num_warps: int = 8
+
+
+DEFAULT_DENSE_CONFIG = DenseFp8Config()
+DENSE_CONFIGS: tuple[DenseFp8Config, ...] = (
+    DenseFp8Config(),
+    DenseFp8Config(num_stages=3),
+    DenseFp8Config(block_n=256, num_stages=3),
+    DenseFp8Config(block_m=64, num_warps=4),
+    DenseFp8Config(block_m=64, block_n=256, num_stages=3),
+)
+
+# Grouped: the bf16 kernel's shapes with K steps of one whole scale group (fp8 tiles are half the bytes: a
+# 128 x 128 x 128 stage pair is 32 KB).
+GROUPED_CONFIGS: tuple[GroupedGemmConfig, ...] = tuple(parse_config(c) for c in (
+    "128,128,128,4,8,tma,split",
+    "128,128,128,3,8,tma,split",
+    "128,128,128,4,8,tma",
+    "128,128,128,4,8",
+    "128,128,64,4,4,tma",
+    "256,128,128,3,8,tma,split",
+    "64,128,128,4,4,tma,split",
+    "128,64,128,4,8,tma,split",
+))
+DEFAULT_GROUPED_CONFIG = GROUPED_CONFIGS[0]
+
+
+def _check_scale(name: str, w8: torch.Tensor, scale: torch.Tensor) -> None:
+    n, k = w8.shape[-2:]
+    want = (*w8.shape[:-2], -(-n // GROUP), -(-k // GROUP))
+    if w8.dtype != FP8_DTYPE:
+        raise ValueError(f"{name}: weight must be {FP8_DTYPE}, got {w8.dtype}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != want:
+        raise ValueError(f"{name}: scale must be float32 {want}, got {scale.dtype} {tuple(scale.shape)}")
+    if scale.device != w8.device:
+        raise ValueError(f"{name}: scale is on {scale.device}, weight on {w8.device}")
+
+
+def per_token_group_quant_fp8(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (bf16, fp16 or fp32, unit last stride) -> (x8 e4m3 [M, K], x_scale fp32 [M, ceil(K/group)])."""
+    if group != GROUP:
+        raise ValueError(f"per_token_group_quant_fp8: only group={GROUP} is implemented, got {group}")
+    if x.dim() != 2 or x.dtype not in ACT_DTYPES:
+        raise ValueError(f"per_token_group_quant_fp8: x must be 2-D {ACT_DTYPES}, got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError("per_token_group_quant_fp8: x needs a unit last stride")
+    m, k = x.shape
+    x8 = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    x_scale = torch.empty(m, -(-k // GROUP), dtype=torch.float32, device=x.device)
+    if m and k:
+        from longcat_service.kernels._fp8_gemm_triton import launch_quant
+
+        launch_quant(x, x8, x_scale)
+    return x8, x_scale
+
+
+def w8a8_block_gemm(
+    x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config: DenseFp8Config | None = None
+) -> torch.Tensor:
+    """x [M, K] @ dequant(w8 [N, K], scale)^T with x quantized per token-group of 128 -> [M, N] in x's dtype."""
+    if x.dim() != 2 or w8.dim() != 2 or x.shape[1] != w8.shape[1]:
+        raise ValueError(f"w8a8_block_gemm: x {tuple(x.shape)} must be [M, K] and w8 {tuple(w8.shape)} [N, K]")
+    _check_scale("w8a8_block_gemm", w8, scale)
+    if x.device != w8.device:
+        raise ValueError("w8a8_block_gemm: x and w8 must be on one device")
+    if w8.shape[1] > 1 and w8.stride(1) != 1:
+        raise ValueError("w8a8_block_gemm: w8 needs a unit last stride")
+    x8, x_scale = per_token_group_quant_fp8(x)
+    return scaled_gemm_fp8(x8, x_scale, w8, scale, x.dtype, config)
+
+
+def scaled_gemm_fp8(x8, x_scale, w8, w_scale, out_dtype, config: DenseFp8Config | None = None) -> torch.Tensor:
+    """The GEMM of w8a8_block_gemm on already quantized activations."""
+    m, k = x8.shape
+    n = w8.shape[0]
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"scaled_gemm_fp8: out dtype {out_dtype} not one of {OUT_DTYPES}")
+    out = torch.empty(m, n, dtype=out_dtype, device=x8.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    cfg = config or DEFAULT_DENSE_CONFIG
+    if GROUP % cfg.block_k:
+        raise ValueError(f"scaled_gemm_fp8: block_k={cfg.block_k} must divide {GROUP}")
+    block_m = min(cfg.block_m, next_pow2(m, minimum=16))
+    from longcat_service.kernels._fp8_gemm_triton import launch_w8a8
+
+    launch_w8a8(x8, x_scale.contiguous(), w8, w_scale.contiguous(), out, block_m, cfg.block_n, cfg.block_k,
+                cfg.group_m, cfg.num_stages, cfg.num_warps)
+    return out
+
+
+def grouped_gemm_fp8(
+    x8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    max_rows_per_expert: int | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GroupedGemmConfig | None = None,
+) -> torch.Tensor:
+    """x8 e4m3 [R, K] with x_scale fp32 [R, ceil(K/128)], w8 e4m3 [E, N, K] with w_scale fp32
+    [E, ceil(N/128), ceil(K/128)], expert_offsets int32 [E+1] (device, non-decreasing, within [0, R]) -> y [R, N]
+    in out_dtype with y[r] = sum_g (x8[r, g] . w8[e, :, g]) * x_scale[r, g] * w_scale[e, :, g] for the rows of
+    expert e; other rows are left uninitialised. max_rows_per_expert: grouped_gemm's tile-size hint.
+    config: a GroupedGemmConfig (block_k must divide 128); default DEFAULT_GROUPED_CONFIG."""
+    if x8.dim() != 2 or w8.dim() != 3 or x8.shape[1] != w8.shape[2]:
+        raise ValueError(f"grouped_gemm_fp8: x8 {tuple(x8.shape)} must be [R, K] and w8 {tuple(w8.shape)} [E, N, K]")
+    if x8.dtype != FP8_DTYPE:
+        raise ValueError(f"grouped_gemm_fp8: x8 must be {FP8_DTYPE}, got {x8.dtype}")
+    _check_scale("grouped_gemm_fp8", w8, w_scale)
+    rows, k = x8.shape
+    num_experts, n, _ = w8.shape
+    if x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (rows, -(-k // GROUP)):
+        raise ValueError(f"grouped_gemm_fp8: x_scale must be float32 [{rows}, {-(-k // GROUP)}], got "
+                         f"{x_scale.dtype} {tuple(x_scale.shape)}")
+    if len({x8.device, w8.device, x_scale.device, expert_offsets.device}) != 1:
+        raise ValueError("grouped_gemm_fp8: x8, x_scale, w8 and expert_offsets must be on one device")
+    if expert_offsets.dtype != torch.int32 or expert_offsets.shape != (num_experts + 1,):
+        raise ValueError(f"grouped_gemm_fp8: expert_offsets must be int32 [E+1] = [{num_experts + 1}], "
+                         f"got {expert_offsets.dtype} {tuple(expert_offsets.shape)}")
+    if (k > 1 and x8.stride(1) != 1) or (k > 1 and w8.stride(2) != 1):
+        raise ValueError("grouped_gemm_fp8: the last dimension of x8 and w8 must be contiguous")
+    if k == 0:
+        return torch.zeros(rows, n, dtype=out_dtype, device=x8.device)
+    y = torch.empty(rows, n, dtype=out_dtype, device=x8.device)
+    if rows == 0 or n == 0 or num_experts == 0:
+        return y
+    cfg = config or DEFAULT_GROUPED_CONFIG
+    if GROUP % cfg.block_k:
+        raise ValueError(f"grouped_gemm_fp8: block_k={cfg.block_k} must divide {GROUP}")
+    block_m = cfg.block_m
+    if max_rows_per_expert is not None:
+        block_m = min(block_m, next_pow2(max(int(max_rows_per_expert), 1), minimum=16))
+    split_tail = cfg.split_tail and block_m >= 32
+    from longcat_service.kernels._fp8_gemm_triton import launch_grouped
+
+    launch_grouped(x8, x_scale.contiguous(), w8, w_scale.contiguous(), expert_offsets.contiguous(), y, block_m,
+                   cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.tma, split_tail)
+    return y
+
+
+def grouped_gemm_fp8_reference(x8, x_scale, w8, w_scale, expert_offsets, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Per expert: exact dequant of both operands, fp32 matmul, one rounding; rows past expert_offsets[-1] zero."""
+    from longcat_service.ops.fp8_reference import block_dequant
+
+    k = x8.shape[1]
+    xq = x8.float() * x_scale.repeat_interleave(GROUP, dim=1)[:, :k]
+    y = torch.zeros(x8.shape[0], w8.shape[1], dtype=out_dtype, device=x8.device)
+    offsets = expert_offsets.tolist()
+    for e in range(w8.shape[0]):
+        a, b = offsets[e], offsets[e + 1]
+        if b > a:
+            y[a:b] = (xq[a:b] @ block_dequant(w8[e], w_scale[e], dtype=torch.float32).t()).to(out_dtype)
+    return y
