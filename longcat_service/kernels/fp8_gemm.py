@@ -191,3 +191,25 @@ def grouped_gemm_fp8_reference(x8, x_scale, w8, w_scale, expert_offsets, out_dty
         if b > a:
             y[a:b] = (xq[a:b] @ block_dequant(w8[e], w_scale[e], dtype=torch.float32).t()).to(out_dtype)
     return y
+
+
+def scaled_mm_blockwise(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The same product through torch's scaled-mm (cuBLASLt blockwise 1x128 x 128x128 scaling, Hopper, CUDA >=
+    12.9): a candidate measured against scaled_gemm_fp8 in benchmarks/bench_fp8_kernels.py. Needs K and N multiples
+    of 128 and ceil(K/128) a multiple of 4 (the scale layouts below); raises where torch lacks it."""
+    m, k = x8.shape
+    n = w8.shape[0]
+    if k % GROUP or n % GROUP or (k // GROUP) % 4:
+        raise ValueError(f"scaled_mm_blockwise: needs K, N multiples of 128 and K/128 of 4, got K={k} N={n}")
+    a_scale = x_scale.t().contiguous().t()  # [M, K/128], column-major
+    b_scale = w_scale.t()  # [K/128, N/128] view of the contiguous [N/128, K/128]: column-major
+    import torch.nn.functional as F
+
+    if hasattr(F, "scaled_mm"):
+        from torch.nn.functional import ScalingType, SwizzleType
+
+        return F.scaled_mm(x8, w8.t(), [a_scale], [ScalingType.BlockWise1x128], [b_scale],
+                           [ScalingType.BlockWise128x128], swizzle_a=[SwizzleType.NO_SWIZZLE],
+                           swizzle_b=[SwizzleType.NO_SWIZZLE], output_dtype=out_dtype)
+    return torch._scaled_mm(x8, w8.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)

@@ -39,3 +39,15 @@ def register_fake_kernels() -> None:
     @torch.library.register_fake("longcat::dense_gemv")
     def _dense_gemv(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    if not hasattr(torch.ops.longcat, "dense_gemv_fp8"):  # an extension built before the FP8 ops
+        return
+
+    @torch.library.register_fake("longcat::dense_gemv_fp8")
+    def _dense_gemv_fp8(x, w8, scale):
+        return x.new_empty((x.shape[0], w8.shape[0]))
+
+    @torch.library.register_fake("longcat::expert_ffn_fp8")
+    def _expert_ffn_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k,
+                        active_experts=None, num_active=None):
+        return hidden.new_empty((sorted_slots.shape[0], hidden.shape[-1]))

@@ -6,6 +6,8 @@ regimes: a weight-streaming kernel for few tokens per expert (decode) and torch.
 expert_ffn's rows at or past expert_offsets[-1] are unspecified (the grouped-GEMM path leaves them
 uninitialised); combine reads only the rows of real-expert slots.
 dense_gemv runs the compiled kernel only on the shapes and layouts it takes (dense_gemv_supported), else F.linear.
+Block FP8 (spec: ops/fp8_reference.py): dense_gemv_fp8 and expert_ffn_fp8 run the compiled decode kernels where they
+take the inputs (*_supported), prefill experts go to the Triton grouped FP8 GEMM, anything else to the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_service.kernels import fast_path_enabled
+from longcat_service.ops import fp8_reference
 
 _ops = torch.ops.longcat
 
@@ -135,3 +138,92 @@ def dense_gemv(x, w):
     if dense_gemv_supported(x, w):
         return _ops.dense_gemv(x, w)
     return F.linear(x, w)
+
+
+# ---- block FP8 weights ------------------------------------------------------------------------------------------
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def _fp8_scale_ok(w8: torch.Tensor, scale: torch.Tensor) -> bool:
+    n, k = w8.shape[-2:]
+    want = (*w8.shape[:-2], -(-n // 128), -(-k // 128))
+    return (w8.dtype == FP8_DTYPE and scale.dtype == torch.float32 and tuple(scale.shape) == want
+            and scale.device == w8.device)
+
+
+def dense_gemv_fp8_supported(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Inputs the compiled dense_gemv_fp8 takes: x [M <= 8, K] and w8 e4m3 [N, K] with its fp32 block scale on one
+    device, unit last strides. On CUDA also: x bf16 / fp16, K a multiple of 16 (whole 16-byte weight vectors; a
+    partial last 128-block is fine), x and w8 rows starting 16-byte aligned. Host metadata only (graph-safe)."""
+    if x.dim() != 2 or w8.dim() != 2 or x.device != w8.device or not _fp8_scale_ok(w8, scale):
+        return False
+    rows, k = x.shape
+    if rows > DENSE_GEMV_MAX_ROWS or w8.shape[1] != k or x.dtype not in _GEMV_VECTOR_WIDTH:
+        return False
+    if (k > 1 and (x.stride(1) != 1 or w8.stride(1) != 1)) or not hasattr(_ops, "dense_gemv_fp8"):
+        return False
+    if not x.is_cuda:
+        return True
+    return x.dtype in (torch.bfloat16, torch.float16) and k % 16 == 0 and _rows_16b_aligned(x) and \
+        _rows_16b_aligned(w8)
+
+
+def dense_gemv_fp8(x, w8, scale):
+    """x [M, K] @ dequant(w8, scale)^T -> [M, N] in x's dtype (weight-only FP8, fp32 accumulation)."""
+    if dense_gemv_fp8_supported(x, w8, scale):
+        return _ops.dense_gemv_fp8(x, w8, scale)
+    return fp8_reference.fp8_linear_ref(x, w8, scale)
+
+
+def expert_ffn_fp8_supported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Shapes the compiled expert_ffn_fp8 takes (the scales are checked by the op): on CUDA bf16 / fp16 hidden, H and
+    I multiples of 16 and 16-byte aligned bases; on CPU any (the CPU op dequantizes)."""
+    if not hasattr(_ops, "expert_ffn_fp8") or w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
+        return False
+    if not hidden.is_cuda:
+        return True
+    h, i = hidden.shape[-1], w2.shape[-1]
+    aligned = all(t.data_ptr() % 16 == 0 for t in (hidden, w13, w2))
+    return hidden.dtype in (torch.bfloat16, torch.float16) and h % 16 == 0 and i % 16 == 0 and aligned
+
+
+def _use_grouped_fp8(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_slots: int) -> bool:
+    """Prefill experts through the Triton grouped FP8 GEMM: many rows per expert, FP8 tensor cores (sm_89+)."""
+    if not hidden.is_cuda or hidden.dtype != torch.bfloat16 or not fast_path_enabled(hidden):
+        return False
+    if torch.cuda.get_device_capability(hidden.device) < (8, 9):
+        return False
+    if hidden.shape[-1] % 16 or w2.shape[-1] % 16:  # 16-byte fp8 rows for TMA / vector loads
+        return False
+    return num_slots >= GROUPED_MM_MIN_ROWS_PER_EXPERT * w13.shape[0]
+
+
+def _expert_ffn_grouped_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k):
+    """Prefill path, w8a8: gather rows into expert order, quantize per token-group, grouped FP8 GEMM (gate_up),
+    SwiGLU, quantize, grouped FP8 GEMM (down). Rows at or past expert_offsets[-1] are unspecified (as expert_ffn)."""
+    from longcat_service.kernels.fp8_gemm import grouped_gemm_fp8, per_token_group_quant_fp8
+    from longcat_service.kernels.moe_gather import gather_expert_rows
+    from longcat_service.kernels.silu_mul import silu_and_mul
+
+    num_rows = expert_offsets[-1:]
+    offsets, max_rows = expert_offsets.to(torch.int32), hidden.shape[0]
+    x8, x_scale = per_token_group_quant_fp8(gather_expert_rows(hidden, sorted_slots, top_k, num_rows))
+    gate_up = grouped_gemm_fp8(x8, x_scale, w13, w13_scale, offsets, max_rows, out_dtype=hidden.dtype)
+    act8, act_scale = per_token_group_quant_fp8(silu_and_mul(gate_up, num_rows))
+    return grouped_gemm_fp8(act8, act_scale, w2, w2_scale, offsets, max_rows, out_dtype=hidden.dtype)
+
+
+def expert_ffn_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k, active_experts=None,
+                   num_active=None):
+    """expert_ffn with block-FP8 expert weights. Decode (few rows per expert): the compiled weight-only kernel;
+    prefill (many rows per expert, CUDA): w8a8 through the Triton grouped FP8 GEMM; shapes neither takes: the
+    weights dequantized to hidden's dtype, then expert_ffn (tiny test models only: that copies every expert)."""
+    if _use_grouped_fp8(hidden, w13, w2, sorted_slots.shape[0]):
+        return _expert_ffn_grouped_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k)
+    if expert_ffn_fp8_supported(hidden, w13, w2):
+        return _ops.expert_ffn_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k,
+                                   active_experts, num_active)
+    w13_d = fp8_reference.block_dequant(w13, w13_scale, dtype=hidden.dtype)
+    w2_d = fp8_reference.block_dequant(w2, w2_scale, dtype=hidden.dtype)
+    return expert_ffn(hidden, w13_d, w2_d, expert_offsets, sorted_slots, top_k, active_experts, num_active)

@@ -1,0 +1,323 @@
+"""Block-FP8 kernels on the CPU: the Triton prefill kernels (kernels/fp8_gemm.py) in Triton's interpreter against
+ops/fp8_reference.py and exact fp64 sums, the compiled CPU ops (dense_gemv_fp8, expert_ffn_fp8) and the Python
+wrappers' dispatch. GPU runs of the same kernels: tests/test_fp8_gpu.py.
+
+Bounds: the GEMMs multiply e4m3 values exactly (fp32 products of 4-bit significands) and scale each 128-group's
+partial sum in fp32, so outputs are within one rounding to the output dtype plus the fp32 accumulation error of the
+exact fp64 sum of the same quantized products.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+import longcat_service.ops as ops  # noqa: E402
+from longcat_service.kernels import fp8_gemm as fg  # noqa: E402
+from longcat_service.ops import fp8_ops  # noqa: E402
+from longcat_service.ops import fp8_reference as fr  # noqa: E402
+from longcat_service.ops import reference as ref  # noqa: E402
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="interpreter tests (CPU); the GPU runs tests/test_fp8_gpu.py")
+HAVE_EXT = ops.ACTIVE_BACKEND.startswith("extension") and hasattr(torch.ops.longcat, "dense_gemv_fp8")
+needs_ext = pytest.mark.skipif(not HAVE_EXT, reason=f"FP8 ops not in the extension (backend {ops.ACTIVE_BACKEND})")
+ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-23}
+
+
+def _exact_grouped(x8, xs, w8, ws):
+    """fp64 sum over K of the dequantized products, and the sum of their magnitudes (for the fp32 error bound)."""
+    k = x8.shape[1]
+    xq = x8.double() * xs.double().repeat_interleave(128, dim=1)[:, :k]
+    wq = fr.block_dequant(w8, ws, dtype=torch.float64)
+    return xq @ wq.t(), xq.abs() @ wq.abs().t()
+
+
+def _assert_within(got, exact, magnitude, k, what=""):
+    ulp = ULP[got.dtype]
+    bound = ulp * exact.abs() + (k + 2) * 2.0**-24 * magnitude * (1 + ulp) + 1e-30
+    err = (got.double() - exact).abs()
+    assert torch.isfinite(got.float()).all(), what
+    bad = err > bound
+    assert not bool(bad.any()), f"{what}: {int(bad.sum())} of {err.numel()} off, worst {float((err / bound).max()):.3g}x"
+
+
+# ---- per-token-group quantization ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k", [(1, 128), (37, 300), (5, 16), (0, 256), (3, 6144)])
+def test_quant_equals_reference_bit_for_bit(m, k, dtype):
+    g = torch.Generator().manual_seed(m * 7 + k)
+    x = (torch.randn(m, k, generator=g) * 20).to(dtype)
+    if m:
+        x[0, : min(k, 128)] = 0  # an all-zero group: the 1e-10 floor
+        x[-1, :4] = torch.tensor([31.9, -126.3, 447.9, 1e-6])[: min(k, 4)].to(dtype)  # rounding carries, tiny
+    q, s = fg.per_token_group_quant_fp8(x)
+    rq, rs = fr.per_token_group_quant(x)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == rs.shape
+    assert torch.equal(s, rs)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+def test_quant_of_strided_rows_and_bad_inputs():
+    wide = torch.randn(6, 400).to(torch.bfloat16)
+    x = wide[:, 8:264]
+    q, s = fg.per_token_group_quant_fp8(x)
+    rq, rs = fr.per_token_group_quant(x.contiguous())
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    with pytest.raises(ValueError, match="group=128"):
+        fg.per_token_group_quant_fp8(x, group=64)
+    with pytest.raises(ValueError, match="2-D"):
+        fg.per_token_group_quant_fp8(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="unit last stride"):
+        fg.per_token_group_quant_fp8(torch.zeros(4, 8).t())
+
+
+# ---- dense w8a8 ------------------------------------------------------------------------------------------------
+
+SMALL_DENSE = fg.DenseFp8Config(block_m=32, block_n=32, block_k=64, group_m=2, num_stages=2, num_warps=4)
+
+
+@pytest.mark.parametrize("m,n,k", [(37, 131, 300), (16, 128, 256), (1, 5, 7), (70, 40, 128)])
+@pytest.mark.parametrize("cfg", ["small", "k128"])
+def test_w8a8_gemm_matches_exact_and_reference(m, n, k, cfg):
+    config = SMALL_DENSE if cfg == "small" else fg.DenseFp8Config(32, 64, 128, 4, 2, 4)
+    g = torch.Generator().manual_seed(m + n + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
+    w8, ws = fr.block_quant(torch.randn(n, k, generator=g) * 0.05)
+    out = fg.w8a8_block_gemm(x, w8, ws, config=config)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    x8, xs = fr.per_token_group_quant(x)
+    exact, mag = _exact_grouped(x8, xs, w8, ws)
+    _assert_within(out, exact, mag, k, f"w8a8 {m}x{n}x{k}")
+    want = fr.w8a8_linear_ref(x, w8, ws)
+    assert float((out.float() - want.float()).abs().max()) <= 2 * 2.0**-8 * float(want.float().abs().max())
+
+
+def test_w8a8_gemm_empty_and_fp32_output():
+    w8, ws = fr.block_quant(torch.randn(24, 40))
+    assert fg.w8a8_block_gemm(torch.zeros(0, 40), w8, ws).shape == (0, 24)
+    x = torch.randn(3, 40)
+    out = fg.w8a8_block_gemm(x, w8, ws, config=SMALL_DENSE)
+    assert out.dtype == torch.float32
+    x8, xs = fr.per_token_group_quant(x)
+    exact, mag = _exact_grouped(x8, xs, w8, ws)
+    _assert_within(out, exact, mag, 40, "fp32 out")
+    with pytest.raises(ValueError, match="scale"):
+        fg.w8a8_block_gemm(x, w8, ws[:, :0])
+    with pytest.raises(ValueError, match="float8"):
+        fg.w8a8_block_gemm(x, w8.float(), ws)
+
+
+# ---- grouped (prefill experts) ---------------------------------------------------------------------------------
+
+SMALL_GROUPED = {
+    "ptr": fg.parse_config("32,64,32,2,4"),
+    "tma": fg.parse_config("16,32,32,2,4,tma"),
+    "split": fg.parse_config("32,128,32,2,4,split"),
+    "tma_split": fg.parse_config("16,64,32,2,4,tma,split"),
+}
+COUNTS = {"mixed": [5, 0, 33, 1, 0, 16, 17, 40], "one_expert": [0, 0, 77, 0], "all_empty": [0, 0, 0]}
+
+
+def _grouped_case(counts, n, k, seed, extra_rows=3):
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    x = (torch.randn(sum(counts) + extra_rows, k, generator=g) * 2).to(torch.bfloat16)
+    x8, xs = fr.per_token_group_quant(x)
+    w8, ws = fr.block_quant(torch.randn(len(counts), n, k, generator=g) * 0.05)
+    return x8, xs, w8, ws, offsets
+
+
+def _check_grouped(y, x8, xs, w8, ws, offsets, what):
+    n_real = int(offsets[-1])
+    offs = offsets.tolist()
+    for e in range(w8.shape[0]):
+        a, b = offs[e], offs[e + 1]
+        if b > a:
+            exact, mag = _exact_grouped(x8[a:b], xs[a:b], w8[e], ws[e])
+            _assert_within(y[a:b], exact, mag, x8.shape[1], f"{what} expert {e}")
+    assert y.shape == (x8.shape[0], w8.shape[1]) and n_real <= y.shape[0]
+
+
+@pytest.mark.parametrize("variant", list(SMALL_GROUPED))
+@pytest.mark.parametrize("counts", list(COUNTS))
+@pytest.mark.parametrize("n,k", [(72, 256), (40, 200)])  # K = 200: partial scale group, no TMA (not 16-byte rows)
+def test_grouped_matches_exact(counts, variant, n, k):
+    x8, xs, w8, ws, offsets = _grouped_case(COUNTS[counts], n, k, seed=n + k)
+    y = fg.grouped_gemm_fp8(x8, xs, w8, ws, offsets, config=SMALL_GROUPED[variant])
+    assert y.dtype == torch.bfloat16
+    _check_grouped(y, x8, xs, w8, ws, offsets, f"{counts} {variant}")
+    n_real = int(offsets[-1])
+    want = fg.grouped_gemm_fp8_reference(x8, xs, w8, ws, offsets)
+    torch.testing.assert_close(y[:n_real].float(), want[:n_real].float(), rtol=2**-7, atol=1e-3)
+
+
+def test_grouped_tma_choice_and_row_hint():
+    from longcat_service.kernels._fp8_gemm_triton import tma_supported
+
+    x8, xs, w8, ws, offsets = _grouped_case([0, 50, 3], 32, 256, seed=3)
+    assert tma_supported(x8, w8)
+    assert not tma_supported(x8[:, :200], w8[..., :200])
+    for bound in (1, 3, 50, 10**6):
+        y = fg.grouped_gemm_fp8(x8, xs, w8, ws, offsets, max_rows_per_expert=bound, config=SMALL_GROUPED["tma_split"])
+        _check_grouped(y, x8, xs, w8, ws, offsets, f"bound {bound}")
+
+
+def test_grouped_no_rows_no_k_and_bad_inputs():
+    x8, xs, w8, ws, offsets = _grouped_case([0, 0], 24, 128, seed=4, extra_rows=0)
+    assert fg.grouped_gemm_fp8(x8, xs, w8, ws, offsets).shape == (0, 24)
+    x8, xs, w8, ws, offsets = _grouped_case([2, 3], 24, 128, seed=5)
+    with pytest.raises(ValueError, match="int32"):
+        fg.grouped_gemm_fp8(x8, xs, w8, ws, offsets.long())
+    with pytest.raises(ValueError, match="x_scale"):
+        fg.grouped_gemm_fp8(x8, xs[:, :0], w8, ws, offsets)
+    with pytest.raises(ValueError, match="float8"):
+        fg.grouped_gemm_fp8(x8.float(), xs, w8, ws, offsets)
+    with pytest.raises(ValueError, match="divide"):
+        fg.grouped_gemm_fp8(x8, xs, w8, ws, offsets, config=fg.parse_config("32,256,32,2,4"))
+
+
+def test_config_tables():
+    for cfg in fg.GROUPED_CONFIGS:
+        assert 128 % cfg.block_k == 0
+        assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg  # fp8: 1 byte
+    assert fg.DEFAULT_GROUPED_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DENSE_CONFIG in fg.DENSE_CONFIGS
+    for cfg in fg.DENSE_CONFIGS:
+        assert 128 % cfg.block_k == 0
+        assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg
+
+
+# ---- the prefill expert FFN (w8a8) -----------------------------------------------------------------------------
+
+
+def _routed_fp8(t, e, k, h, inter, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    ids = torch.zeros(t, k, dtype=torch.int32)
+    for i in range(t):
+        ids[i] = torch.randperm(e + 4, generator=g)[:k]  # distinct ids per token; ids >= e: zero experts
+    offsets, sorted_slots, slot_rows, _, _ = ref.moe_align(ids, e)
+    w13, w13_s = fr.block_quant(torch.randn(e, 2 * inter, h, generator=g) * h**-0.5)
+    w2, w2_s = fr.block_quant(torch.randn(e, h, inter, generator=g) * inter**-0.5)
+    return hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots
+
+
+def _w8a8_expert_ffn_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k):
+    """Per expert: w8a8 gate_up (rounded to bf16), SiLU * up (bf16), w8a8 down: the prefill path's spec."""
+    out = torch.zeros(sorted_slots.numel(), hidden.shape[1], dtype=hidden.dtype)
+    offs = offsets.tolist()
+    inter = w2.shape[-1]
+    for e in range(w13.shape[0]):
+        a, b = offs[e], offs[e + 1]
+        if b > a:
+            x = hidden[sorted_slots[a:b].long() // k]
+            gu = fr.w8a8_linear_ref(x, w13[e], w13_s[e]).float()
+            act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(hidden.dtype)
+            out[a:b] = fr.w8a8_linear_ref(act, w2[e], w2_s[e])
+    return out
+
+
+@pytest.mark.parametrize("t,e,k,h,inter", [(40, 6, 3, 128, 64), (25, 5, 2, 160, 48), (0, 4, 2, 128, 64)])
+def test_prefill_expert_ffn_is_w8a8(t, e, k, h, inter):
+    from longcat_service.ops import extension
+
+    hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots = _routed_fp8(t, e, k, h, inter, seed=t + e)
+    y = extension._expert_ffn_grouped_fp8(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
+    n = int(offsets[-1])
+    assert y.shape == (t * k, h) and y.dtype == torch.bfloat16
+    want = _w8a8_expert_ffn_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
+    if n:
+        # the same quantized operands, except that act (SiLU * up, bf16) may differ by one bf16 ulp (exp), and when
+        # that element is its group's amax the whole group re-rounds: up to one e4m3 step (2^-4) in a few outputs
+        scale = float(want[:n].float().abs().max())
+        assert float((y[:n].float() - want[:n].float()).abs().max()) <= 0.1 * scale
+        assert float((y[:n].float() - want[:n].float()).abs().mean()) <= 2e-3 * scale
+        weight_only = fr.expert_ffn_fp8_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
+        # and within activation-quantization error (e4m3: 2^-4 relative per element) of the weight-only result
+        assert float((y[:n].float() - weight_only[:n].float()).abs().mean()) <= 0.05 * float(
+            weight_only[:n].float().abs().mean())
+
+
+# ---- compiled CPU ops and the wrappers -------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("m,n,k", [(1, 131, 300), (8, 64, 256), (0, 5, 7), (3, 200, 128)])
+def test_cpu_dense_gemv_fp8_op_is_the_reference(m, n, k):
+    from longcat_service.ops import extension
+
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w8, ws = fr.block_quant(torch.randn(n, k, generator=g))
+    got = torch.ops.longcat.dense_gemv_fp8(x, w8, ws)
+    w = fr.block_dequant(w8, ws, dtype=torch.bfloat16)
+    assert torch.equal(got, (x.float() @ w.float().t()).to(torch.bfloat16))
+    assert extension.dense_gemv_fp8_supported(x, w8, ws)
+    assert torch.equal(extension.dense_gemv_fp8(x, w8, ws), got)
+
+
+@needs_ext
+def test_cpu_fp8_ops_reject_bad_arguments():
+    L = torch.ops.longcat
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    w8, ws = fr.block_quant(torch.randn(130, 256))
+    with pytest.raises(RuntimeError, match=r"scale must be float32 \[2, 2\]"):
+        L.dense_gemv_fp8(x, w8, ws[:1])
+    with pytest.raises(RuntimeError, match="float8_e4m3fn"):
+        L.dense_gemv_fp8(x, w8.to(torch.bfloat16), ws)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        L.dense_gemv_fp8(torch.randn(9, 256).to(torch.bfloat16), w8, ws)
+    hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots = _routed_fp8(3, 4, 2, 128, 64, seed=1)
+    with pytest.raises(RuntimeError, match="w2's scale"):
+        L.expert_ffn_fp8(hidden, w13, w13_s, w2, w13_s, offsets, sorted_slots, 2)
+    with pytest.raises(RuntimeError, match="w13 must be float8_e4m3fn"):
+        L.expert_ffn_fp8(hidden, w13.to(torch.bfloat16), w13_s, w2, w2_s, offsets, sorted_slots, 2)
+
+
+@needs_ext
+@pytest.mark.parametrize("t", [0, 1, 7])
+def test_cpu_expert_ffn_fp8_op_is_the_reference(t):
+    from longcat_service.ops import extension
+
+    hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots = _routed_fp8(t, 5, 3, 136, 72, seed=t)
+    want = fr.expert_ffn_fp8_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, 3)
+    got = torch.ops.longcat.expert_ffn_fp8(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, 3)
+    n = int(offsets[-1])
+    torch.testing.assert_close(got[:n], want[:n], rtol=0, atol=0)
+    wrapped = extension.expert_ffn_fp8(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, 3)
+    assert torch.equal(wrapped[:n], got[:n])
+
+
+@needs_ext
+def test_fake_kernels_give_output_shapes():
+    x = torch.empty(3, 256, dtype=torch.bfloat16, device="meta")
+    w8 = torch.empty(130, 256, dtype=torch.float8_e4m3fn, device="meta")
+    out = torch.ops.longcat.dense_gemv_fp8(x, w8, torch.empty(2, 2, device="meta"))
+    assert out.shape == (3, 130) and out.dtype == torch.bfloat16
+    hidden = torch.empty(4, 128, dtype=torch.bfloat16, device="meta")
+    y = torch.ops.longcat.expert_ffn_fp8(hidden, torch.empty(2, 64, 128, dtype=torch.float8_e4m3fn, device="meta"),
+                                         torch.empty(2, 1, 1, device="meta"),
+                                         torch.empty(2, 128, 32, dtype=torch.float8_e4m3fn, device="meta"),
+                                         torch.empty(2, 1, 1, device="meta"),
+                                         torch.empty(3, dtype=torch.int32, device="meta"),
+                                         torch.empty(8, dtype=torch.int32, device="meta"), 2)
+    assert y.shape == (8, 128)
+
+
+def test_fp8_linear_on_cpu_is_the_weight_only_reference():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 260, generator=g).to(torch.bfloat16)
+    w8, ws = fr.block_quant(torch.randn(140, 260, generator=g))
+    got = fp8_ops.fp8_linear(x, w8, ws)
+    assert got.shape == (2, 5, 140)
+    assert torch.equal(got, fr.fp8_linear_ref(x, w8, ws))
+    assert not fp8_ops.w8a8_supported(x[0], w8, ws)  # CPU tensors: the reference
