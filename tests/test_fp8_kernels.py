@@ -278,7 +278,7 @@ def test_cpu_fp8_ops_reject_bad_arguments():
         L.dense_gemv_fp8(torch.randn(9, 256).to(torch.bfloat16), w8, ws)
     hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots = _routed_fp8(3, 4, 2, 128, 64, seed=1)
     with pytest.raises(RuntimeError, match="w2's scale"):
-        L.expert_ffn_fp8(hidden, w13, w13_s, w2, w13_s, offsets, sorted_slots, 2)
+        L.expert_ffn_fp8(hidden, w13, w13_s, w2, torch.ones(4, 2, 1), offsets, sorted_slots, 2)
     with pytest.raises(RuntimeError, match="w13 must be float8_e4m3fn"):
         L.expert_ffn_fp8(hidden, w13.to(torch.bfloat16), w13_s, w2, w2_s, offsets, sorted_slots, 2)
 

@@ -154,7 +154,7 @@ def _fp8_scale_ok(w8: torch.Tensor, scale: torch.Tensor) -> bool:
 
 def dense_gemv_fp8_supported(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
     """Inputs the compiled dense_gemv_fp8 takes: x [M <= 8, K] and w8 e4m3 [N, K] with its fp32 block scale on one
-    device, unit last strides. On CUDA also: x bf16 / fp16, K a multiple of 16 (whole 16-byte weight vectors; a
+    device, unit last strides. On CUDA also: x bf16, K a multiple of 16 (whole 16-byte weight vectors; a
     partial last 128-block is fine), x and w8 rows starting 16-byte aligned. Host metadata only (graph-safe)."""
     if x.dim() != 2 or w8.dim() != 2 or x.device != w8.device or not _fp8_scale_ok(w8, scale):
         return False
@@ -165,8 +165,7 @@ def dense_gemv_fp8_supported(x: torch.Tensor, w8: torch.Tensor, scale: torch.Ten
         return False
     if not x.is_cuda:
         return True
-    return x.dtype in (torch.bfloat16, torch.float16) and k % 16 == 0 and _rows_16b_aligned(x) and \
-        _rows_16b_aligned(w8)
+    return x.dtype == torch.bfloat16 and k % 16 == 0 and _rows_16b_aligned(x) and _rows_16b_aligned(w8)
 
 
 def dense_gemv_fp8(x, w8, scale):
@@ -177,7 +176,7 @@ def dense_gemv_fp8(x, w8, scale):
 
 
 def expert_ffn_fp8_supported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Shapes the compiled expert_ffn_fp8 takes (the scales are checked by the op): on CUDA bf16 / fp16 hidden, H and
+    """Shapes the compiled expert_ffn_fp8 takes (the scales are checked by the op): on CUDA bf16 hidden, H and
     I multiples of 16 and 16-byte aligned bases; on CPU any (the CPU op dequantizes)."""
     if not hasattr(_ops, "expert_ffn_fp8") or w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
         return False
@@ -185,7 +184,7 @@ def expert_ffn_fp8_supported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.
         return True
     h, i = hidden.shape[-1], w2.shape[-1]
     aligned = all(t.data_ptr() % 16 == 0 for t in (hidden, w13, w2))
-    return hidden.dtype in (torch.bfloat16, torch.float16) and h % 16 == 0 and i % 16 == 0 and aligned
+    return hidden.dtype == torch.bfloat16 and h % 16 == 0 and i % 16 == 0 and aligned
 
 
 def _use_grouped_fp8(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_slots: int) -> bool:
