@@ -48,14 +48,15 @@ def test_extension_loads_after_torch_and_reports_backend():
         "import json, logging; logging.basicConfig(level=logging.INFO)\n"
         "import torch, longcat_service.ops as ops\n"
         "from longcat_service import _C\n"
-        "names = ['router_topk', 'moe_align', 'expert_ffn', 'combine', 'dense_gemv']\n"
+        "names = ['router_topk', 'moe_align', 'expert_ffn', 'combine', 'dense_gemv', 'dense_gemv_fp8',\n"
+        "         'expert_ffn_fp8']\n"
         "print(json.dumps([ops.ACTIVE_BACKEND, _C.built_with_cuda(), [hasattr(torch.ops.longcat, n) for n in names]]))",
         LONGCAT_FORCE_REFERENCE="0",
     )
     assert proc.returncode == 0, proc.stderr
     backend, cuda_built, registered = json.loads(proc.stdout)
     assert backend == ("extension cpu+cuda" if cuda_built else "extension cpu")
-    assert registered == [True] * 5
+    assert registered == [True] * 7
     assert f"longcat ops backend: {backend}" in proc.stderr
     if torch.version.cuda is None:
         assert not cuda_built, "a CPU-only torch cannot have loaded CUDA kernels"

@@ -243,7 +243,7 @@ def test_prefill_expert_ffn_is_w8a8(t, e, k, h, inter):
         assert float((y[:n].float() - want[:n].float()).abs().mean()) <= 2e-3 * scale
         weight_only = fr.expert_ffn_fp8_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
         # and within activation-quantization error (e4m3: 2^-4 relative per element) of the weight-only result
-        assert float((y[:n].float() - weight_only[:n].float()).abs().mean()) <= 0.05 * float(
+        assert float((y[:n].float() - weight_only[:n].float()).abs().mean()) <= 0.08 * float(
             weight_only[:n].float().abs().mean())
 
 
