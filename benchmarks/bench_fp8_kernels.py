@@ -1,0 +1,258 @@
+"""Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
+
+    python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
+
+dense: LongCat-Flash's dense projections (N x K) at M = 1, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
+ops.fp8_ops.fp8_linear (CUDA dense_gemv_fp8 up to FP8_GEMV_MAX_ROWS rows, else the Triton w8a8 GEMM incl. the
+activation quantization); also the Triton w8a8 GEMM at every M (to place the GEMV/GEMM threshold); bf16 = the bf16
+path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
+this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
+shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1, 16, 64 (decode: CUDA expert_ffn_fp8) and 4096
+(prefill: w8a8 grouped FP8 GEMM) against expert_ffn with bf16 weights. grouped: every grouped FP8 GEMM config at
+the 4096-token prefill shapes against the bf16 Triton grouped GEMM.
+Each timing is a CUDA graph of several calls cycling through weight copies / routings so that weights stream from
+HBM, timed with CUDA events (median). byte floor = bytes moved / device copy rate; FLOP floor = FLOPs / FP8 matmul
+rate (torch._scaled_mm, tensor-wise e4m3, 8192^3), both measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from bench_moe import _time, graph_of, measure_copy_tbps, measure_matmul_tflops  # noqa: E402
+
+import longcat_service.ops as ops  # noqa: E402
+from longcat_service.ops import fp8_ops  # noqa: E402
+from longcat_service.ops.testing import make_router_inputs  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+DENSE_SHAPES = {  # (N, K) of LongCat-Flash (benchmarks/configs/longcat-flash-2l)
+    "q_a_kv_a": (2112, 6144),  # fused q_a (1536) + kv_a (512 + 64)
+    "q_b": (12288, 1536),  # 64 heads x 192
+    "o_proj": (6144, 8192),  # 64 heads x 128
+    "dense_gate_up": (24576, 6144),  # 2 x 12288
+    "dense_down": (6144, 12288),
+}
+BATCHES = (1, 8, 16, 64, 4096)
+E, Z, H, TOP_K = 512, 256, 6144, 12
+EXPERT_BATCHES = (1, 16, 64, 4096)
+CALLS = 8  # calls per timed graph
+ROTATION_BYTES = 256 * 1024**2
+
+
+def measure_fp8_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda").to(FP8)
+    b = torch.randn(8192, 8192, device="cuda").to(FP8)
+    one = torch.ones((), device="cuda")
+    fn = lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    return 2 * 8192**3 / statistics.median(_time(fn, reps=20)) / 1e6
+
+
+def random_fp8(shape, seed):
+    """Random finite e4m3 bytes (no NaN encodings), generated on the GPU in place."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=g)
+    return raw.bitwise_and_(0xF7).view(FP8)  # clearing bit 3 keeps the exponent below the NaN pattern S.1111.111
+
+
+def scales_for(w8, value=1.0 / 64):
+    n, k = w8.shape[-2:]
+    return torch.full((*w8.shape[:-2], -(-n // 128), -(-k // 128)), value, device="cuda")
+
+
+def timed(fn_calls, reps):
+    """Median time per call of a graph of len(fn_calls) calls (us), or None with the error if it cannot run."""
+    def run():
+        for f in fn_calls:
+            f()
+    try:
+        graph = graph_of(run)
+        return statistics.median(_time(graph.replay, reps)) / len(fn_calls), None
+    except Exception as exc:  # e.g. torch without blockwise scaled-mm: reported, not fatal
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def bench_dense(copy_tbps, fp8_tflops, reps):
+    from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8, scaled_mm_blockwise, w8a8_block_gemm
+    from longcat_service.ops import extension
+
+    rows = []
+    for name, (n, k) in DENSE_SHAPES.items():
+        copies = max(2, math.ceil(ROTATION_BYTES / (n * k)))
+        w8s = [random_fp8((n, k), seed=i) for i in range(copies)]
+        scale = scales_for(w8s[0], 1.0 / (64 * k**0.5))
+        w16s = [w.to(torch.bfloat16) for w in w8s[: max(2, copies // 2)]]
+        for m in BATCHES:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            cyc = copies if m <= 64 else 1
+            ours, _ = timed([lambda w=w: fp8_ops.fp8_linear(x, w, scale) for w in w8s[:cyc]], reps)
+            w8a8, _ = timed([lambda w=w: w8a8_block_gemm(x, w, scale) for w in w8s[:cyc]], reps)
+            bf16_fn = extension.dense_gemv if m <= 8 else F.linear
+            bf16, _ = timed([lambda w=w: bf16_fn(x, w) for w in w16s[: min(cyc, len(w16s))]], reps)
+
+            def scaled(w):
+                x8, xs = per_token_group_quant_fp8(x)
+                return scaled_mm_blockwise(x8, xs, w, scale)
+            smm, smm_err = timed([lambda w=w: scaled(w) for w in w8s[:cyc]], reps)
+            bytes_moved = n * k + scale.numel() * 4 + m * k * 2 + m * n * 2
+            row = {"shape": name, "N": n, "K": k, "M": m, "ours_us": ours, "w8a8_us": w8a8, "bf16_us": bf16,
+                   "scaled_mm_us": smm, "scaled_mm_error": smm_err,
+                   "byte_floor_us": bytes_moved / (copy_tbps * 1e6),
+                   "flop_floor_us": 2 * m * n * k / (fp8_tflops * 1e6)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del w8s, w16s
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _routings(batch, num, seed):
+    g = torch.Generator().manual_seed(seed)  # make_router_inputs draws on the CPU
+    out = []
+    for _ in range(num):
+        logits, bias = make_router_inputs(batch, E, Z, zero_share="mixed", generator=g, device="cuda")
+        ids, _, _ = torch.ops.longcat.router_topk(logits, bias, TOP_K, 6.0, E)
+        offsets, sorted_slots, _, active, num_active = torch.ops.longcat.moe_align(ids, E)
+        out.append((offsets, sorted_slots, active, num_active, int(num_active), int(offsets[-1])))
+    return out
+
+
+def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
+    from longcat_service.ops import extension
+
+    rows = []
+    for inter in inters:
+        w13 = random_fp8((E, 2 * inter, H), seed=1)
+        w2 = random_fp8((E, H, inter), seed=2)
+        s13, s2 = scales_for(w13, 1.0 / (64 * H**0.5)), scales_for(w2, 1.0 / (64 * inter**0.5))
+        w13b = torch.empty(E, 2 * inter, H, device="cuda", dtype=torch.bfloat16)
+        w2b = torch.empty(E, H, inter, device="cuda", dtype=torch.bfloat16)
+        for e0 in range(0, E, 64):  # chunked: one full-size fp32 temporary would not fit
+            w13b[e0:e0 + 64].copy_(w13[e0:e0 + 64].float() * (1.0 / (64 * H**0.5)))
+            w2b[e0:e0 + 64].copy_(w2[e0:e0 + 64].float() * (1.0 / (64 * inter**0.5)))
+        per_expert = 3 * H * inter
+        for batch in EXPERT_BATCHES:
+            routes = _routings(batch, CALLS if batch <= 64 else 2, seed=batch)
+            hidden = torch.randn(batch, H, device="cuda").to(torch.bfloat16)
+            ours, err = timed([lambda r=r: extension.expert_ffn_fp8(hidden, w13, s13, w2, s2, r[0], r[1], TOP_K, r[2],
+                                                                    r[3]) for r in routes], reps)
+            bf16, _ = timed([lambda r=r: extension.expert_ffn(hidden, w13b, w2b, r[0], r[1], TOP_K, r[2], r[3])
+                             for r in routes], reps)
+            active = statistics.mean(r[4] for r in routes)
+            real_rows = statistics.mean(r[5] for r in routes)
+            bytes_fp8 = active * per_expert + real_rows * (H + inter) * 2 * 2
+            row = {"I": inter, "B": batch, "active_experts": active, "rows": real_rows, "ours_us": ours,
+                   "ours_error": err, "bf16_us": bf16, "byte_floor_us": bytes_fp8 / (copy_tbps * 1e6),
+                   "bf16_byte_floor_us": (active * per_expert * 2) / (copy_tbps * 1e6),
+                   "flop_floor_us": 2 * real_rows * per_expert / (fp8_tflops * 1e6)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del w13, w2, w13b, w2b
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_grouped(copy_tbps, fp8_tflops, reps, tokens=4096):
+    from longcat_service.kernels.fp8_gemm import GROUPED_CONFIGS, grouped_gemm_fp8, per_token_group_quant_fp8
+    from longcat_service.kernels.grouped_gemm import grouped_gemm
+
+    inter = 2048
+    routes = _routings(tokens, 1, seed=7)
+    offsets, n_rows = routes[0][0], routes[0][5]
+    rows_total = tokens * TOP_K
+    rows = []
+    for name, (n, k) in {"gate_up": (2 * inter, H), "down": (H, inter)}.items():
+        w8 = random_fp8((E, n, k), seed=n)
+        ws = scales_for(w8, 1.0 / (64 * k**0.5))
+        wb = torch.empty(E, n, k, device="cuda", dtype=torch.bfloat16)
+        for e0 in range(0, E, 64):
+            wb[e0:e0 + 64].copy_(w8[e0:e0 + 64].float() * (1.0 / (64 * k**0.5)))
+        x = torch.randn(rows_total, k, device="cuda").to(torch.bfloat16)
+        x8, xs = per_token_group_quant_fp8(x)
+        quant, _ = timed([lambda: per_token_group_quant_fp8(x)], reps)
+        bf16, _ = timed([lambda: grouped_gemm(x, wb, offsets, tokens)], reps)
+        floor_b = (E * n * k + n_rows * (k + 2 * n)) / (copy_tbps * 1e6)
+        floor_f = 2 * n_rows * n * k / (fp8_tflops * 1e6)
+        for cfg in GROUPED_CONFIGS:
+            t, err = timed([lambda cfg=cfg: grouped_gemm_fp8(x8, xs, w8, ws, offsets, tokens, config=cfg)], reps)
+            row = {"gemm": name, "N": n, "K": k, "rows": n_rows, "config": str(cfg), "ours_us": t, "error": err,
+                   "quant_us": quant, "bf16_grouped_us": bf16, "byte_floor_us": floor_b, "flop_floor_us": floor_f}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del w8, wb, x, x8
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(v, width=9):
+    return f"{v:>{width - 2}.1f}us" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+
+
+def print_tables(res):
+    if res.get("dense"):
+        print(f"\n{'dense':>14} {'N x K':>12} {'M':>5} {'ours':>9} {'w8a8':>9} {'bf16':>9} {'scaled_mm':>9} "
+              f"{'bytes':>9} {'flops':>9} {'floor/ours':>10}")
+        for r in res["dense"]:
+            floor = max(r["byte_floor_us"], r["flop_floor_us"])
+            eff = f"{floor / r['ours_us']:.2f}" if r["ours_us"] else "-"
+            print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>5} {_fmt(r['ours_us'])} {_fmt(r['w8a8_us'])} "
+                  f"{_fmt(r['bf16_us'])} {_fmt(r['scaled_mm_us'])} {_fmt(r['byte_floor_us'])} "
+                  f"{_fmt(r['flop_floor_us'])} {eff:>10}")
+    if res.get("experts"):
+        print(f"\n{'experts I':>9} {'B':>5} {'active':>6} {'ours':>10} {'bf16':>10} {'bytes':>9} {'flops':>9} "
+              f"{'floor/ours':>10} {'bf16/ours':>9}")
+        for r in res["experts"]:
+            floor = max(r["byte_floor_us"], r["flop_floor_us"])
+            eff = f"{floor / r['ours_us']:.2f}" if r["ours_us"] else "-"
+            ratio = f"{r['bf16_us'] / r['ours_us']:.2f}" if r["ours_us"] and r["bf16_us"] else "-"
+            print(f"{r['I']:>9} {r['B']:>5} {r['active_experts']:>6.0f} {_fmt(r['ours_us'], 10)} "
+                  f"{_fmt(r['bf16_us'], 10)} {_fmt(r['byte_floor_us'])} {_fmt(r['flop_floor_us'])} {eff:>10} "
+                  f"{ratio:>9}")
+    if res.get("grouped"):
+        print(f"\n{'grouped':>8} {'config':>28} {'ours':>9} {'quant':>9} {'bf16':>9} {'bytes':>9} {'flops':>9}")
+        for r in res["grouped"]:
+            print(f"{r['gemm']:>8} {r['config']:>28} {_fmt(r['ours_us'])} {_fmt(r['quant_us'])} "
+                  f"{_fmt(r['bf16_grouped_us'])} {_fmt(r['byte_floor_us'])} {_fmt(r['flop_floor_us'])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="dense,experts,grouped")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_fp8_kernels: no CUDA device; nothing to time.")
+        return
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  ops backend: {ops.ACTIVE_BACKEND}  "
+          f"FP8 ops: {hasattr(torch.ops.longcat, 'dense_gemv_fp8')}")
+    copy_tbps, bf16_tflops, fp8_tflops = measure_copy_tbps(), measure_matmul_tflops(), measure_fp8_tflops()
+    torch.cuda.empty_cache()
+    print(f"measured: d2d copy {copy_tbps:.2f} TB/s, bf16 matmul {bf16_tflops:.0f} TFLOP/s, "
+          f"fp8 scaled_mm {fp8_tflops:.0f} TFLOP/s (8192^3)", flush=True)
+    res = {"copy_TBps": copy_tbps, "bf16_TFLOPs": bf16_tflops, "fp8_TFLOPs": fp8_tflops}
+    sections = args.sections.split(",")
+    if "dense" in sections:
+        res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps)
+    if "experts" in sections:
+        res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps)
+    if "grouped" in sections:
+        res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps)
+    print_tables(res)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
