@@ -18,6 +18,7 @@ rate (torch._scaled_mm, tensor-wise e4m3, 8192^3), both measured in this run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -82,8 +83,15 @@ def timed(fn_calls, reps):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
+def _quant_scaled_mm(x, w8, scale):
+    from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8, scaled_mm_blockwise
+
+    x8, xs = per_token_group_quant_fp8(x)
+    return scaled_mm_blockwise(x8, xs, w8, scale)
+
+
 def bench_dense(copy_tbps, fp8_tflops, reps):
-    from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8, scaled_mm_blockwise, w8a8_block_gemm
+    from longcat_service.kernels.fp8_gemm import w8a8_block_gemm
     from longcat_service.ops import extension
 
     rows = []
@@ -95,15 +103,11 @@ def bench_dense(copy_tbps, fp8_tflops, reps):
         for m in BATCHES:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             cyc = copies if m <= 64 else 1
-            ours, _ = timed([lambda w=w: fp8_ops.fp8_linear(x, w, scale) for w in w8s[:cyc]], reps)
-            w8a8, _ = timed([lambda w=w: w8a8_block_gemm(x, w, scale) for w in w8s[:cyc]], reps)
+            ours, _ = timed([functools.partial(fp8_ops.fp8_linear, x, w, scale) for w in w8s[:cyc]], reps)
+            w8a8, _ = timed([functools.partial(w8a8_block_gemm, x, w, scale) for w in w8s[:cyc]], reps)
             bf16_fn = extension.dense_gemv if m <= 8 else F.linear
-            bf16, _ = timed([lambda w=w: bf16_fn(x, w) for w in w16s[: min(cyc, len(w16s))]], reps)
-
-            def scaled(w):
-                x8, xs = per_token_group_quant_fp8(x)
-                return scaled_mm_blockwise(x8, xs, w, scale)
-            smm, smm_err = timed([lambda w=w: scaled(w) for w in w8s[:cyc]], reps)
+            bf16, _ = timed([functools.partial(bf16_fn, x, w) for w in w16s[: min(cyc, len(w16s))]], reps)
+            smm, smm_err = timed([functools.partial(_quant_scaled_mm, x, w, scale) for w in w8s[:cyc]], reps)
             bytes_moved = n * k + scale.numel() * 4 + m * k * 2 + m * n * 2
             row = {"shape": name, "N": n, "K": k, "M": m, "ours_us": ours, "w8a8_us": w8a8, "bf16_us": bf16,
                    "scaled_mm_us": smm, "scaled_mm_error": smm_err,
@@ -111,7 +115,7 @@ def bench_dense(copy_tbps, fp8_tflops, reps):
                    "flop_floor_us": 2 * m * n * k / (fp8_tflops * 1e6)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del w8s, w16s
+        w8s = w16s = None
         torch.cuda.empty_cache()
     return rows
 
@@ -144,9 +148,9 @@ def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
         for batch in EXPERT_BATCHES:
             routes = _routings(batch, CALLS if batch <= 64 else 2, seed=batch)
             hidden = torch.randn(batch, H, device="cuda").to(torch.bfloat16)
-            ours, err = timed([lambda r=r: extension.expert_ffn_fp8(hidden, w13, s13, w2, s2, r[0], r[1], TOP_K, r[2],
-                                                                    r[3]) for r in routes], reps)
-            bf16, _ = timed([lambda r=r: extension.expert_ffn(hidden, w13b, w2b, r[0], r[1], TOP_K, r[2], r[3])
+            ours, err = timed([functools.partial(extension.expert_ffn_fp8, hidden, w13, s13, w2, s2, r[0], r[1], TOP_K,
+                                                 r[2], r[3]) for r in routes], reps)
+            bf16, _ = timed([functools.partial(extension.expert_ffn, hidden, w13b, w2b, r[0], r[1], TOP_K, r[2], r[3])
                              for r in routes], reps)
             active = statistics.mean(r[4] for r in routes)
             real_rows = statistics.mean(r[5] for r in routes)
@@ -157,7 +161,7 @@ def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
                    "flop_floor_us": 2 * real_rows * per_expert / (fp8_tflops * 1e6)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del w13, w2, w13b, w2b
+        w13 = w2 = w13b = w2b = None
         torch.cuda.empty_cache()
     return rows
 
@@ -179,17 +183,17 @@ def bench_grouped(copy_tbps, fp8_tflops, reps, tokens=4096):
             wb[e0:e0 + 64].copy_(w8[e0:e0 + 64].float() * (1.0 / (64 * k**0.5)))
         x = torch.randn(rows_total, k, device="cuda").to(torch.bfloat16)
         x8, xs = per_token_group_quant_fp8(x)
-        quant, _ = timed([lambda: per_token_group_quant_fp8(x)], reps)
-        bf16, _ = timed([lambda: grouped_gemm(x, wb, offsets, tokens)], reps)
+        quant, _ = timed([functools.partial(per_token_group_quant_fp8, x)], reps)
+        bf16, _ = timed([functools.partial(grouped_gemm, x, wb, offsets, tokens)], reps)
         floor_b = (E * n * k + n_rows * (k + 2 * n)) / (copy_tbps * 1e6)
         floor_f = 2 * n_rows * n * k / (fp8_tflops * 1e6)
         for cfg in GROUPED_CONFIGS:
-            t, err = timed([lambda cfg=cfg: grouped_gemm_fp8(x8, xs, w8, ws, offsets, tokens, config=cfg)], reps)
+            t, err = timed([functools.partial(grouped_gemm_fp8, x8, xs, w8, ws, offsets, tokens, config=cfg)], reps)
             row = {"gemm": name, "N": n, "K": k, "rows": n_rows, "config": str(cfg), "ours_us": t, "error": err,
                    "quant_us": quant, "bf16_grouped_us": bf16, "byte_floor_us": floor_b, "flop_floor_us": floor_f}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del w8, wb, x, x8
+        w8 = wb = x = x8 = None
         torch.cuda.empty_cache()
     return rows
 
