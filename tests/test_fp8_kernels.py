@@ -321,3 +321,44 @@ def test_fp8_linear_on_cpu_is_the_weight_only_reference():
     assert got.shape == (2, 5, 140)
     assert torch.equal(got, fr.fp8_linear_ref(x, w8, ws))
     assert not fp8_ops.w8a8_supported(x[0], w8, ws)  # CPU tensors: the reference
+
+
+# ---- the GPU build of the Triton kernels, compiled offline ----------------------------------------------------
+
+_AOT = """
+from longcat_service.kernels._fp8_gemm_triton import aot_compile_dense, aot_compile_grouped, aot_compile_quant
+from longcat_service.kernels.fp8_gemm import DENSE_CONFIGS, GROUPED_CONFIGS
+ptx = aot_compile_quant().asm["ptx"]
+assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx, "quant: RNE cast, IEEE division"
+print("quant", flush=True)
+for cfg in DENSE_CONFIGS[:2]:
+    ck = aot_compile_dense(cfg, 4096, 6144, 6144)
+    assert "e4m3.e4m3" in ck.asm["ptx"] and "wgmma" in ck.asm["ptx"], (cfg, "no fp8 wgmma")
+    print("dense", cfg, ck.metadata.shared, flush=True)
+for n, k, cfg in [(4096, 6144, GROUPED_CONFIGS[0]), (6144, 2048, GROUPED_CONFIGS[3]), (72, 200, GROUPED_CONFIGS[0])]:
+    ck = aot_compile_grouped(cfg, n, k)
+    ttgir = ck.asm["ttgir"]
+    assert "e4m3.e4m3" in ck.asm["ptx"] and "warp_group_dot" in ttgir, (cfg, "no fp8 wgmma")
+    assert ("async_tma_copy_global_to_local" in ttgir) == (cfg.tma and k % 16 == 0), (cfg, "tma")
+    print("grouped", n, k, cfg, ck.metadata.shared, flush=True)
+"""
+
+
+def test_sm90_build_uses_fp8_tensor_cores():
+    """The Triton kernels compile for sm_90 to FP8 wgmma (and TMA where asked); the quantizer rounds like torch."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:
+        pytest.skip("triton's CUDA backend is not installed")
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 6, lines
+    for line in lines[1:]:
+        assert int(line.split()[-1]) <= 227 * 1024, line

@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - triton < 3.4
     TensorDescriptor = None
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3
 GROUP = 128
 
 
@@ -269,3 +269,69 @@ def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_TAIL=split_tail, EVEN_K=k % block_k == 0,
         TMA=use_tma, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
     )
+
+
+def _aot(fn, values: dict, constexprs: dict, num_warps: int, num_stages: int, capability: int):
+    """triton.compile of fn for a CUDA GPU of this capability without a GPU (values: CPU stand-ins that carry the
+    dtypes, alignments and strides launch() would pass)."""
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs or values.get(name) is None:
+            constexprs.setdefault(name, None)
+            signature[name] = "constexpr"
+            continue
+        ty, key = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":  # an int equal to 1 is specialised to a constant
+            constexprs[name] = values[name]
+        if key == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def aot_compile_grouped(config, n: int, k: int, rows: int = 49152, num_experts: int = 512, capability: int = 90):
+    """Compile _grouped_fp8_kernel as launch_grouped() would specialise it (an offline check of the GPU build; needs
+    TRITON_INTERPRET unset at import). Returns triton's CompiledKernel."""
+    x8 = torch.empty(rows, k, dtype=torch.float8_e4m3fn)
+    w_rows = torch.empty(64, k, dtype=torch.float8_e4m3fn)
+    use_tma = config.tma and tma_supported(x8, w_rows.view(1, 64, k))
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    f32 = torch.empty(rows, 1)
+    values = dict(x_ptr=x8, w_ptr=x8, y_ptr=torch.empty(1, dtype=torch.bfloat16), xs_ptr=f32, ws_ptr=f32,
+                  offs_ptr=torch.empty(num_experts + 1, dtype=torch.int32), N=n, K=k, s_xm=k, s_we=n * k, s_wn=k,
+                  s_ym=n, s_xsm=-(-k // GROUP), s_wse=-(-n // GROUP) * -(-k // GROUP), s_wsn=-(-k // GROUP))
+    if use_tma:
+        values["x_desc"] = TensorDescriptor(x8, [rows, k], [k, 1], [bm, bk])
+        if config.split_tail:
+            values["x_half_desc"] = TensorDescriptor(x8, [rows, k], [k, 1], [bm // 2, bk])
+        values["w_desc"] = TensorDescriptor(w_rows, [num_experts * n, k], [k, 1], [bn, bk])
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_TAIL=config.split_tail, EVEN_K=k % bk == 0,
+                      TMA=use_tma, MANUAL_BF16=False, USE_WHILE=False)
+    return _aot(_grouped_fp8_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
+
+
+def aot_compile_dense(config, m: int, n: int, k: int, capability: int = 90):
+    """Compile _w8a8_kernel as launch_w8a8() would specialise it for x [m, k], w [n, k] (offline check)."""
+    x8 = torch.empty(m, k, dtype=torch.float8_e4m3fn)
+    f32 = torch.empty(m, 1)
+    values = dict(a_ptr=x8, b_ptr=x8, c_ptr=torch.empty(1, dtype=torch.bfloat16), as_ptr=f32, bs_ptr=f32, M=m, N=n,
+                  K=k, s_am=k, s_bn=k, s_cm=n, s_asm=-(-k // GROUP), s_bsn=-(-k // GROUP))
+    block_m = min(config.block_m, max(16, 1 << (max(m, 1) - 1).bit_length()))
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                      EVEN_K=k % config.block_k == 0, MANUAL_BF16=False, USE_WHILE=False)
+    return _aot(_w8a8_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
+
+
+def aot_compile_quant(k: int = 6144, capability: int = 90):
+    """Compile _quant_kernel as launch_quant() would for bf16 x [4096, k] (offline check)."""
+    x = torch.empty(4096, k, dtype=torch.bfloat16)
+    values = dict(x_ptr=x, q_ptr=torch.empty(1, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(1), M=4096, K=k,
+                  s_xm=k, s_qm=k, s_sm=-(-k // GROUP))
+    constexprs = dict(BLOCK_M=16, GROUP_SIZE=GROUP, MANUAL_FP8=False, MANUAL_BF16=False)
+    return _aot(_quant_kernel, values, constexprs, 4, 1, capability)
