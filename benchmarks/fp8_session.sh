@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The FP8 kernels' H200 run (issue 15, compute + performance), from the repo root, as one device call:
+#   run(timeout_s=600, command="OUT=$OUT bash benchmarks/fp8_session.sh > $OUT/trace.log 2>&1; cat $OUT/summary.txt")
+# Steps (each under `timeout`, capped by what is left of a 470 s budget): build the extension with the CUDA kernels;
+# tests/test_fp8_gpu.py (CUDA + Triton FP8 kernels against the reference) and the dense/expert GPU tests the FP8
+# files sit beside; benchmarks/bench_fp8_kernels.py (dense, experts, grouped sections, separately so that one slow
+# section does not cost the others). Logs and JSON land in $OUT/logs; summary.txt holds the steps and the tables.
+# SKIP_BUILD=1 with a carried longcat_service/_C*.so skips the build.
+set -x
+OUT=${OUT:-$PWD/gpu_out}
+L=$OUT/logs
+mkdir -p "$L"
+BUDGET=${BUDGET:-470}
+: > "$L/steps.tsv"
+source "$(dirname "${BASH_SOURCE[0]}")/session_steps.sh"  # step NAME CAP CMD...
+
+PY=$(command -v python || command -v python3)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  pip install --no-index --no-deps --target /tmp/site .whl/*.whl >"$L/wheels.log" 2>&1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv >"$L/gpu.txt" 2>&1
+echo "${LONGCAT_COMMIT:-$(git log --oneline -1 2>/dev/null)}" >"$L/commit.txt"
+
+if [[ -z ${SKIP_BUILD:-} ]]; then
+  step build 220 LONGCAT_BUILD_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace
+  cp longcat_service/_C*.so "$OUT/" 2>/dev/null
+fi
+step pytest_fp8 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
+step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 20 --out "$L/bench_dense.json"
+step bench_experts 100 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
+step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --out "$L/bench_grouped.json"
+step pytest_neighbours 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_dense_gemv.py tests/test_ops_gpu.py
+
+{
+  echo "== commit: $(cat "$L/commit.txt")"; cat "$L/gpu.txt"
+  echo "== steps (name, exit code: 0 ok, 124 timeout; seconds) =="; cat "$L/steps.tsv"
+  echo "== build (tail) =="; tail -5 "$L/build.log" 2>/dev/null
+  for s in pytest_fp8 pytest_neighbours; do echo "== $s (tail) =="; tail -25 "$L/$s.log" 2>/dev/null; done
+  for s in bench_dense bench_experts bench_grouped; do
+    echo "== $s =="; grep -v '^{' "$L/$s.log" 2>/dev/null | tail -45
+  done
+} >"$OUT/summary.txt" 2>&1
