@@ -166,7 +166,7 @@ def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
     return rows
 
 
-def bench_grouped(copy_tbps, fp8_tflops, reps, tokens=4096):
+def bench_grouped(copy_tbps, fp8_tflops, reps, num_configs, tokens=4096):
     from longcat_service.kernels.fp8_gemm import GROUPED_CONFIGS, grouped_gemm_fp8, per_token_group_quant_fp8
     from longcat_service.kernels.grouped_gemm import grouped_gemm
 
@@ -187,7 +187,7 @@ def bench_grouped(copy_tbps, fp8_tflops, reps, tokens=4096):
         bf16, _ = timed([functools.partial(grouped_gemm, x, wb, offsets, tokens)], reps)
         floor_b = (E * n * k + n_rows * (k + 2 * n)) / (copy_tbps * 1e6)
         floor_f = 2 * n_rows * n * k / (fp8_tflops * 1e6)
-        for cfg in GROUPED_CONFIGS:
+        for cfg in GROUPED_CONFIGS[:num_configs]:
             t, err = timed([functools.partial(grouped_gemm_fp8, x8, xs, w8, ws, offsets, tokens, config=cfg)], reps)
             row = {"gemm": name, "N": n, "K": k, "rows": n_rows, "config": str(cfg), "ours_us": t, "error": err,
                    "quant_us": quant, "bf16_grouped_us": bf16, "byte_floor_us": floor_b, "flop_floor_us": floor_f}
@@ -233,6 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="dense,experts,grouped")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--configs", type=int, default=None, help="grouped: time only the first N configs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -251,7 +252,7 @@ def main() -> None:
     if "experts" in sections:
         res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps)
     if "grouped" in sections:
-        res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps)
+        res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps, args.configs)
     print_tables(res)
     if args.out:
         with open(args.out, "w") as f:

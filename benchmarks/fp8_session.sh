@@ -29,7 +29,7 @@ fi
 step pytest_fp8 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
 step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 20 --out "$L/bench_dense.json"
 step bench_experts 100 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
-step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --out "$L/bench_grouped.json"
+step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 --out "$L/bench_grouped.json"
 step pytest_neighbours 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_dense_gemv.py tests/test_ops_gpu.py
 
 {
