@@ -145,6 +145,12 @@ def dense_gemv(x, w):
 FP8_DTYPE = torch.float8_e4m3fn
 
 
+def _has_kernel(op: str, t: torch.Tensor) -> bool:
+    """Does the built extension register longcat::op for t's device (a CPU-only build has no CUDA kernels)?"""
+    key = "CUDA" if t.is_cuda else "CPU"
+    return hasattr(_ops, op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"longcat::{op}", key)
+
+
 def _fp8_scale_ok(w8: torch.Tensor, scale: torch.Tensor) -> bool:
     n, k = w8.shape[-2:]
     want = (*w8.shape[:-2], -(-n // 128), -(-k // 128))
@@ -161,7 +167,7 @@ def dense_gemv_fp8_supported(x: torch.Tensor, w8: torch.Tensor, scale: torch.Ten
     rows, k = x.shape
     if rows > DENSE_GEMV_MAX_ROWS or w8.shape[1] != k or x.dtype not in _GEMV_VECTOR_WIDTH:
         return False
-    if (k > 1 and (x.stride(1) != 1 or w8.stride(1) != 1)) or not hasattr(_ops, "dense_gemv_fp8"):
+    if (k > 1 and (x.stride(1) != 1 or w8.stride(1) != 1)) or not _has_kernel("dense_gemv_fp8", x):
         return False
     if not x.is_cuda:
         return True
@@ -178,7 +184,7 @@ def dense_gemv_fp8(x, w8, scale):
 def expert_ffn_fp8_supported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Shapes the compiled expert_ffn_fp8 takes (the scales are checked by the op): on CUDA bf16 hidden, H and
     I multiples of 16 and 16-byte aligned bases; on CPU any (the CPU op dequantizes)."""
-    if not hasattr(_ops, "expert_ffn_fp8") or w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
+    if not _has_kernel("expert_ffn_fp8", hidden) or w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
         return False
     if not hidden.is_cuda:
         return True
