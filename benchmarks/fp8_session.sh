@@ -26,7 +26,7 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   step build 220 LONGCAT_BUILD_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null
 fi
-step pytest_fp8 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
+step pytest_fp8 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
 step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 20 --out "$L/bench_dense.json"
 step bench_experts 100 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
 step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 --out "$L/bench_grouped.json"

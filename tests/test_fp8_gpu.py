@@ -232,7 +232,7 @@ def test_w8a8_gemm_matches_exact(m, n, k):
     w8, scale = _quantized((n, k), seed=m + n, std=k**-0.5)
     x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
     exact, mag = _w8a8_exact(x, w8, scale)
-    for cfg in DENSE_CONFIGS if m * n * k <= 2**31 else DENSE_CONFIGS[:1]:
+    for cfg in DENSE_CONFIGS if (m, n) == (300, 2112) else DENSE_CONFIGS[:1]:  # every config once (compile time)
         _assert_bf16_within(w8a8_block_gemm(x, w8, scale, config=cfg), exact, mag, k, f"{m}x{n}x{k} {cfg}", mma=True)
     assert w8a8_block_gemm(x[:0], w8, scale).shape == (0, n)
 
@@ -265,7 +265,10 @@ def test_grouped_gemm_fp8_every_config(n, k):
     rows = sum(counts) + 20  # rows of zero-expert slots after the real ones
     x8, xs = per_token_group_quant_fp8(torch.randn(rows, k, device=DEV).to(torch.bfloat16))
     w8, ws = _quantized((len(counts), n, k), seed=n, std=k**-0.5)
-    for cfg in GROUPED_CONFIGS:
+    # every config at one shape; the others (4096 x 6144 shares (6144, 2048)'s compiled kernels) the first and the
+    # pointer-load one: each config is a Triton compile of seconds
+    configs = GROUPED_CONFIGS if n == 6144 else (GROUPED_CONFIGS[0], GROUPED_CONFIGS[3])
+    for cfg in configs:
         y = grouped_gemm_fp8(x8, xs, w8, ws, offsets, config=cfg)
         offs = offsets.tolist()
         for e in range(len(counts)):

@@ -78,16 +78,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
       float sc[NW];
 #pragma unroll
       for (int c = 0; c < NW; ++c) sc[c] = __ldg(srow[c] + (k >> fp8::kBlockShift));
+      if constexpr (kRows == 1) {  // dequantize on the fly: fewer live registers, more loads in flight
+        float xf[fp8::kVec];
+        fp8::load_x16<T>(arow[0] + k, xf);
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        if (i < m) {
-          float xf[fp8::kVec];
-          fp8::load_x16<T>(arow[i] + k, xf);
+        for (int c = 0; c < NW; ++c) {
+          float wf[fp8::kVec];
+          fp8::dequant16(wv[c], wf);
+          acc[0][c] = fmaf(fp8::dot16(xf, wf), sc[c], acc[0][c]);
+        }
+      } else {  // dequantize each weight vector once for all rows (the same operations per row as above)
+        float wf[NW][fp8::kVec];
 #pragma unroll
-          for (int c = 0; c < NW; ++c) {
-            float wf[fp8::kVec];
-            fp8::dequant16(wv[c], wf);  // per row: at ~1-2 rows per expert, cheaper in registers than caching
-            acc[i][c] = fmaf(fp8::dot16(xf, wf), sc[c], acc[i][c]);
+        for (int c = 0; c < NW; ++c) fp8::dequant16(wv[c], wf[c]);
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          if (i < m) {
+            float xf[fp8::kVec];
+            fp8::load_x16<T>(arow[i] + k, xf);
+#pragma unroll
+            for (int c = 0; c < NW; ++c) acc[i][c] = fmaf(fp8::dot16(xf, wf[c]), sc[c], acc[i][c]);
           }
         }
       }
