@@ -3,7 +3,7 @@
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
-ops.fp8_ops.fp8_linear (CUDA dense_gemv_fp8 up to FP8_GEMV_MAX_ROWS rows, else the Triton w8a8 GEMM incl. the
+ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else the Triton w8a8 GEMM incl. the
 activation quantization); also the Triton w8a8 GEMM at every M (to place the GEMV/GEMM threshold); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
 this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
@@ -33,7 +33,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 from bench_moe import _time, graph_of, measure_copy_tbps, measure_matmul_tflops  # noqa: E402
 
 import longcat_service.ops as ops  # noqa: E402
-from longcat_service.ops import fp8_ops  # noqa: E402
+from longcat_service.ops import fp8 as fp8_ops  # noqa: E402  (the layers' FP8 dispatch)
 from longcat_service.ops.testing import make_router_inputs  # noqa: E402
 
 FP8 = torch.float8_e4m3fn

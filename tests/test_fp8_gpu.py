@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import longcat_service.ops as ops
-from longcat_service.ops import fp8_ops
+from longcat_service.ops import fp8 as fp8_ops  # the layers' FP8 dispatch
 from longcat_service.ops import fp8_reference as fr
 from longcat_service.ops import reference as ref
 from longcat_service.ops.testing import make_router_inputs
@@ -295,6 +295,7 @@ def test_prefill_expert_ffn_fp8_path():
 
 
 def test_fp8_linear_dispatch(monkeypatch):
+    """ops/fp8.fp8_linear (the layers' dispatch): up to 8 rows the CUDA GEMV, more rows the Triton w8a8 GEMM."""
     w8, scale = _quantized((2112, 6144), seed=6, std=6144**-0.5)
     calls = []
     if HAVE_FP8_OPS:
@@ -302,10 +303,9 @@ def test_fp8_linear_dispatch(monkeypatch):
 
         real = extension.dense_gemv_fp8
         monkeypatch.setattr(extension, "dense_gemv_fp8", lambda *a: calls.append("gemv") or real(*a))
-    import longcat_service.kernels.fp8_gemm as fg
-
-    real_w8a8 = fg.w8a8_block_gemm
-    monkeypatch.setattr(fg, "w8a8_block_gemm", lambda *a, **kw: calls.append("w8a8") or real_w8a8(*a, **kw))
+    real_w8a8 = fp8_ops._w8a8_gemm()
+    assert real_w8a8 is not None
+    monkeypatch.setattr(fp8_ops, "_w8a8_gemm", lambda: lambda *a, **kw: calls.append("w8a8") or real_w8a8(*a, **kw))
     for m in (1, 8, 9, 512):
         x = torch.randn(m, 6144, device=DEV).to(torch.bfloat16)
         out = fp8_ops.fp8_linear(x, w8, scale)

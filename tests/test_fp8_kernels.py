@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 import longcat_service.ops as ops  # noqa: E402
 from longcat_service.kernels import fp8_gemm as fg  # noqa: E402
-from longcat_service.ops import fp8_ops  # noqa: E402
+from longcat_service.ops import fp8 as fp8_ops  # noqa: E402  (the layers' FP8 dispatch)
 from longcat_service.ops import fp8_reference as fr  # noqa: E402
 from longcat_service.ops import reference as ref  # noqa: E402
 
