@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The FP8 kernels' H200 run (issue 15, compute + performance), from the repo root, as one device call:
 #   run(timeout_s=600, command="OUT=$OUT bash benchmarks/fp8_session.sh > $OUT/trace.log 2>&1; cat $OUT/summary.txt")
-# Steps (each under `timeout`, capped by what is left of a 470 s budget): build the extension with the CUDA kernels;
-# tests/test_fp8_gpu.py (CUDA + Triton FP8 kernels against the reference) and the dense/expert GPU tests the FP8
-# files sit beside; benchmarks/bench_fp8_kernels.py (dense, experts, grouped sections, separately so that one slow
-# section does not cost the others). Logs and JSON land in $OUT/logs; summary.txt holds the steps and the tables.
-# SKIP_BUILD=1 with a carried longcat_service/_C*.so skips the build.
+# Steps (each under `timeout`, capped by what is left of a 470 s budget, in priority order): build the extension
+# with the CUDA kernels; tests/test_fp8_gpu.py (CUDA + Triton FP8 kernels against the reference);
+# benchmarks/bench_fp8_kernels.py (dense, experts, grouped sections, separately so that one slow section does not
+# cost the others); then, budget permitting (else a second call), the FP8 2L model benchmark (bench_fp8.py, the
+# issue's ms/step targets) and the model-level / neighbouring GPU tests. Logs and JSON land in $OUT/logs;
+# summary.txt holds the steps, test tails and tables. SKIP_BUILD=1 with a carried longcat_service/_C*.so skips the
+# build; STEPS="a b" runs only the named steps (session_steps.sh).
 set -x
 OUT=${OUT:-$PWD/gpu_out}
 L=$OUT/logs
@@ -29,15 +31,19 @@ fi
 step pytest_fp8 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
 step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 20 --out "$L/bench_dense.json"
 step bench_experts 100 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
-step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 --out "$L/bench_grouped.json"
-step pytest_neighbours 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_dense_gemv.py tests/test_ops_gpu.py
+step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 \
+  --out "$L/bench_grouped.json"
+# Later steps usually need a second call: SKIP_BUILD=1 (with the carried _C*.so) STEPS="model_fp8 pytest_model"
+step model_fp8 200 $PY benchmarks/bench_fp8.py --formats fp8 --out-dir "$L/model_fp8"
+step pytest_model 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_model_gpu.py tests/test_dense_gemv.py \
+  tests/test_ops_gpu.py
 
 {
   echo "== commit: $(cat "$L/commit.txt")"; cat "$L/gpu.txt"
   echo "== steps (name, exit code: 0 ok, 124 timeout; seconds) =="; cat "$L/steps.tsv"
   echo "== build (tail) =="; tail -5 "$L/build.log" 2>/dev/null
-  for s in pytest_fp8 pytest_neighbours; do echo "== $s (tail) =="; tail -25 "$L/$s.log" 2>/dev/null; done
-  for s in bench_dense bench_experts bench_grouped; do
+  for s in pytest_fp8 pytest_model; do echo "== $s (tail) =="; tail -25 "$L/$s.log" 2>/dev/null; done
+  for s in bench_dense bench_experts bench_grouped model_fp8; do
     echo "== $s =="; grep -v '^{' "$L/$s.log" 2>/dev/null | tail -45
   done
 } >"$OUT/summary.txt" 2>&1
