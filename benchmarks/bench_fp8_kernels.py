@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
 
-dense: LongCat-Flash's dense projections (N x K) at M = 1, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
+dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else the Triton w8a8 GEMM incl. the
 activation quantization); also the Triton w8a8 GEMM at every M (to place the GEMV/GEMM threshold); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
@@ -44,7 +44,7 @@ DENSE_SHAPES = {  # (N, K) of LongCat-Flash (benchmarks/configs/longcat-flash-2l
     "dense_gate_up": (24576, 6144),  # 2 x 12288
     "dense_down": (6144, 12288),
 }
-BATCHES = (1, 8, 16, 64, 4096)
+BATCHES = (1, 2, 4, 8, 16, 64, 4096)
 E, Z, H, TOP_K = 512, 256, 6144, 12
 EXPERT_BATCHES = (1, 16, 64, 4096)
 CALLS = 8  # calls per timed graph
