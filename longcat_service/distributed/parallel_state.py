@@ -23,6 +23,9 @@ _TP_GROUP: dist.ProcessGroup | None = None
 _CPU_GROUP: dist.ProcessGroup | None = None
 _TP_RANK = 0
 _TP_SIZE = 1
+# Expert parallelism (distributed/expert_parallel.py): set before the model is built, read by the MoE layers.
+_EP_ENABLED = False
+_EP_PLACEMENT_SPEC: object = None  # None (contiguous), a {expert: rank} dict, or a JSON file path
 
 
 def init_distributed(
@@ -64,6 +67,22 @@ def destroy_distributed() -> None:
     if _TP_SIZE > 1 and dist.is_initialized():
         dist.destroy_process_group()
     _TP_GROUP, _CPU_GROUP, _TP_RANK, _TP_SIZE = None, None, 0, 1
+    set_expert_parallel(False)
+
+
+def set_expert_parallel(enabled: bool, placement: object = None) -> None:
+    """Split the routed experts as whole experts over the tp ranks (instead of every expert's intermediate
+    dimension). placement: None (contiguous groups), a {expert: rank} dict or a JSON file path. A no-op at tp 1."""
+    global _EP_ENABLED, _EP_PLACEMENT_SPEC
+    _EP_ENABLED, _EP_PLACEMENT_SPEC = bool(enabled), placement
+
+
+def expert_parallel_enabled() -> bool:
+    return _EP_ENABLED and _TP_SIZE > 1
+
+
+def get_expert_placement_spec() -> object:
+    return _EP_PLACEMENT_SPEC
 
 
 def get_tp_rank() -> int:

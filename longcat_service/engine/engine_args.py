@@ -35,6 +35,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     step_timeout_s: float = 120.0  # AsyncEngine health: one step longer than this marks the engine unhealthy
     tensor_parallel_size: int = 1  # > 1: local ranks are spawned (or torchrun's ranks joined); see engine/tp_worker.py
+    # whole routed experts per rank instead of a slice of every expert (distributed/expert_parallel.py); placement:
+    # None (contiguous groups), a {expert: rank} dict or the path of a JSON file holding one
+    enable_expert_parallel: bool = False
+    expert_placement: str | dict | None = None
     hf_overrides: dict | None = None  # config.json keys replaced before the model config is parsed ({"num_layers": 2})
     overlap_steps: bool = True  # LLMEngine: host work of step N runs while step N+1 computes (see llm_engine.step)
     # with overlap_steps: a decode step whose batch follows from the previous one is launched before that one's
@@ -61,6 +65,10 @@ class EngineArgs:
             raise EngineArgsError("hf_overrides", f"must be a dict of config.json keys, got {self.hf_overrides!r}")
         if self.quantization not in (None, "fp8"):
             raise EngineArgsError("quantization", f"unsupported method {self.quantization!r}; supported: 'fp8'")
+        if self.expert_placement is not None and not self.enable_expert_parallel:
+            raise EngineArgsError("expert_placement", "needs enable_expert_parallel=True")
+        if self.expert_placement is not None and not isinstance(self.expert_placement, str | Path | dict):
+            raise EngineArgsError("expert_placement", f"must be a JSON file path or a dict, got {self.expert_placement!r}")
         if self.engine_mode not in ("auto", "process", "thread"):
             raise EngineArgsError("engine_mode", f"must be 'auto', 'process' or 'thread', got {self.engine_mode!r}")
         if self.engine_hook is not None and not callable(self.engine_hook):

@@ -1,9 +1,12 @@
 """The routed MoE block: an fp32 softmax router over real + zero (identity) experts, and stacked expert weights.
 
-Experts are split on the intermediate dimension: rank r holds, for every expert, gate rows and up rows
-[r*I/tp, (r+1)*I/tp) (w13 [E, 2*I/tp, H]: its gate rows, then its up rows) and the matching w2 columns
-(w2 [E, H, I/tp]). Each rank's `moe_forward` gives a partial fp32 sum; rank 0 alone adds the identity
+Tensor parallelism (default): experts are split on the intermediate dimension: rank r holds, for every expert,
+gate rows and up rows [r*I/tp, (r+1)*I/tp) (w13 [E, 2*I/tp, H]: its gate rows, then its up rows) and the matching
+w2 columns (w2 [E, H, I/tp]). Each rank's `moe_forward` gives a partial fp32 sum; rank 0 alone adds the identity
 (zero-expert) term so that the single all-reduce counts it once.
+
+Expert parallelism (`parallel_state.set_expert_parallel`): rank r holds whole experts, those the placement gives
+it (w13 [E_r, 2I, H], w2 [E_r, H, I]); tokens travel to their experts and back (distributed/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ import torch.nn as nn
 
 from longcat_service import ops
 from longcat_service.config import ModelConfig, quantizes
+from longcat_service.distributed import parallel_state
+from longcat_service.distributed.expert_parallel import (
+    AllToAllDispatcher,
+    ExpertPlacement,
+    all_gather_token_shares,
+    owned_token_range,
+)
 from longcat_service.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
 from longcat_service.layers.fp8_experts import Fp8FusedExperts
 from longcat_service.layers.router import TopkRouter
@@ -29,35 +39,55 @@ class FusedExperts(nn.Module):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.inter_per_rank = divide(intermediate_size, self.tp_size, "expert_ffn_hidden_size")
+        self.placement: ExpertPlacement | None = None
+        if parallel_state.expert_parallel_enabled():
+            self.placement = ExpertPlacement.resolve(parallel_state.get_expert_placement_spec(), num_experts,
+                                                     self.tp_size)
+            self.local_experts = self.placement.experts_of(self.tp_rank)
+            self._local_index = self.placement.local_index
+            self.inter_per_rank = intermediate_size
+            num_local, shard_rank = len(self.local_experts), 0
+        else:
+            self.inter_per_rank = divide(intermediate_size, self.tp_size, "expert_ffn_hidden_size")
+            num_local, shard_rank = num_experts, self.tp_rank
+        self._shard_rank = shard_rank  # which slice of the intermediate dimension this rank reads
         i_local = self.inter_per_rank
-        self.w13 = make_param(num_experts, 2 * i_local, hidden_size, dtype=dtype, loader=self._load_w13)
-        self.w2 = make_param(num_experts, hidden_size, i_local, dtype=dtype, loader=self._load_w2)
+        self.w13 = make_param(num_local, 2 * i_local, hidden_size, dtype=dtype, loader=self._load_w13)
+        self.w2 = make_param(num_local, hidden_size, i_local, dtype=dtype, loader=self._load_w2)
 
-    def _check_expert(self, expert_id: int) -> None:
+    def _check_expert(self, expert_id: int) -> int | None:
+        """The row of expert_id in this rank's stacked weights; None for an expert another rank holds (under EP
+        its tensors are never read here)."""
         if not 0 <= expert_id < self.num_experts:
             raise WeightLoadError(f"expert id {expert_id} out of range [0, {self.num_experts})")
+        if self.placement is None:
+            return expert_id
+        return self._local_index[expert_id] if self.placement.owner[expert_id] == self.tp_rank else None
 
     @torch.no_grad()
     def _load_w13(self, param: torch.Tensor, loaded: Any, expert_id: int, shard: str) -> None:
         """shard 'gate' or 'up': an HF [I, H] gate_proj / up_proj weight of one expert."""
-        self._check_expert(expert_id)
+        row = self._check_expert(expert_id)
         if shard not in ("gate", "up"):
             raise WeightLoadError(f"w13 shard must be 'gate' or 'up', got {shard!r}")
         check_shape(loaded, (self.intermediate_size, self.hidden_size))
+        if row is None:
+            return
         i_local = self.inter_per_rank
         offset = 0 if shard == "gate" else i_local
-        param[expert_id, offset : offset + i_local].copy_(read_narrow(loaded, 0, self.tp_rank * i_local, i_local))
+        param[row, offset : offset + i_local].copy_(read_narrow(loaded, 0, self._shard_rank * i_local, i_local))
 
     @torch.no_grad()
     def _load_w2(self, param: torch.Tensor, loaded: Any, expert_id: int, shard: str = "down") -> None:
         """An HF [H, I] down_proj weight of one expert."""
-        self._check_expert(expert_id)
+        row = self._check_expert(expert_id)
         if shard != "down":
             raise WeightLoadError(f"w2 shard must be 'down', got {shard!r}")
         check_shape(loaded, (self.hidden_size, self.intermediate_size))
+        if row is None:
+            return
         i_local = self.inter_per_rank
-        param[expert_id].copy_(read_narrow(loaded, 1, self.tp_rank * i_local, i_local))
+        param[row].copy_(read_narrow(loaded, 1, self._shard_rank * i_local, i_local))
 
 
 class LongcatMoE(nn.Module):
@@ -66,11 +96,22 @@ class LongcatMoE(nn.Module):
         self.top_k = config.moe_topk
         self.routed_scaling_factor = config.routed_scaling_factor
         self.router = TopkRouter(config.hidden_size, config.num_router_experts)  # stays fp32, never quantized
-        experts_cls = Fp8FusedExperts if quantizes(config, f"{prefix}.experts") else FusedExperts
+        fp8 = quantizes(config, f"{prefix}.experts")
+        if fp8 and parallel_state.expert_parallel_enabled():
+            raise ValueError("enable_expert_parallel: FP8 experts under expert parallelism are not supported yet; "
+                             "serve FP8 with tensor parallelism only")
+        experts_cls = Fp8FusedExperts if fp8 else FusedExperts
         self.experts = experts_cls(config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size, dtype)
+        self.dispatcher: AllToAllDispatcher | None = None
+        if getattr(self.experts, "placement", None) is not None:
+            self.dispatcher = AllToAllDispatcher(parallel_state.get_tp_group(), self.experts.tp_size)
+            self._owner = torch.tensor(self.experts.placement.owner, dtype=torch.int64)
+            self._local_row = torch.tensor(self.experts.placement.local_index, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] model dtype (post_attention_layernorm[0] output) -> [T, H] model dtype."""
+        if self.dispatcher is not None:
+            return self._forward_expert_parallel(x)
         add_identity = self.experts.tp_rank == 0
         logits, bias = self.router(x), self.router.e_score_correction_bias
         if isinstance(self.experts, Fp8FusedExperts):
@@ -80,3 +121,36 @@ class LongcatMoE(nn.Module):
                                   self.routed_scaling_factor, add_identity=add_identity)
         # One all-reduce of the fp32 partial sums, then a single cast (HF accumulates in fp32 too).
         return all_reduce(out).to(x.dtype)
+
+    def _forward_expert_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """Route this rank's share of the tokens, send real-expert slots to their experts' ranks, run the local
+        experts on what arrives, send the outputs back, combine in slot order, all-gather the shares."""
+        experts, dispatcher = self.experts, self.dispatcher
+        rank, world = experts.tp_rank, experts.tp_size
+        start, end = owned_token_range(x.shape[0], rank, world)
+        share = x[start:end]
+        ids, weights, zero_weight = ops.router_topk(self.router(share), self.router.e_score_correction_bias,
+                                                    self.top_k, self.routed_scaling_factor, experts.num_experts)
+        flat = ids.reshape(-1).long()
+        real_slots = torch.nonzero(flat < experts.num_experts).flatten()  # zero-expert slots stay here
+        expert_of_slot = flat[real_slots]
+        owner, local_row = self._owner.to(x.device), self._local_row.to(x.device)
+        dest = owner[expert_of_slot]
+        order = torch.sort(dest, stable=True).indices  # rows for rank r contiguous, slot order within
+        send_counts = torch.bincount(dest, minlength=world).tolist()
+        rows = share.index_select(0, torch.div(real_slots[order], self.top_k, rounding_mode="floor"))
+        recv_rows, recv_expert, handle = dispatcher.dispatch(rows, local_row[expert_of_slot[order]], send_counts)
+
+        # each received row is a one-slot token of the local experts
+        offsets, sorted_slots, slot_rows, _, _ = ops.moe_align(recv_expert.to(torch.int32).reshape(-1, 1),
+                                                               experts.w13.shape[0])
+        y = ops.expert_ffn(recv_rows, experts.w13, experts.w2, offsets, sorted_slots, 1)
+        back = dispatcher.combine(y.index_select(0, slot_rows.long()), handle)
+
+        expert_out = torch.empty_like(back)
+        expert_out[order] = back  # back to the order of real_slots
+        slot_rows_share = torch.full((flat.numel(),), -1, dtype=torch.int32, device=x.device)
+        slot_rows_share[real_slots] = torch.arange(real_slots.numel(), dtype=torch.int32, device=x.device)
+        out_share = ops.combine(expert_out, slot_rows_share, weights, share, zero_weight, True)
+        out = all_gather_token_shares(out_share, x.shape[0], rank, world, parallel_state.get_tp_group())
+        return out.to(x.dtype)
