@@ -219,3 +219,57 @@ def test_llm_ep2_greedy_tokens_and_logprobs_equal_tp1(checkpoint):
         assert g.outputs[0].token_ids == r.outputs[0].token_ids
         for lr, lg in zip(r.outputs[0].logprobs, g.outputs[0].logprobs, strict=True):
             assert lg.logprob == pytest.approx(lr.logprob, abs=1e-4)
+
+
+def test_grpc_server_with_ep_serves_tp1_tokens_and_a_dead_rank_ends_it_like_tp():
+    """longcat-serve --tensor-parallel-size 2 --enable-expert-parallel on the demo model: greedy tokens equal the
+    offline TP=1 engine's; a worker SIGKILLed mid-stream: the stream gets UNAVAILABLE and the server exits 3."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    import grpc
+
+    from longcat_service.client import NO_RETRY, LongCatClient
+    from longcat_service.client.errors import LongCatError
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+    from tests.test_tp_server import SERVE_ARGS, Proc, _spawned_worker
+
+    prompt = [5, 17, 200, 31, 9]
+    expected = LLM(dtype="float32", device="cpu").generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+    server = Proc([sys.executable, "-m", "longcat_service.server.cli", "--port", "0", "--tensor-parallel-size", "2",
+                   "--enable-expert-parallel", *SERVE_ARGS])
+    try:
+        port = int(server.wait_for(r"longcat-serve listening on [\d.]+:(\d+)", 120).group(1))
+        with LongCatClient(f"127.0.0.1:{port}", retry=NO_RETRY) as client:
+            got = client.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True).outputs[0].token_ids
+        assert list(got) == list(expected)
+
+        errors: list[BaseException] = []
+        got_tokens = threading.Event()
+
+        def stream():
+            with LongCatClient(f"127.0.0.1:{port}", retry=NO_RETRY) as client:
+                try:
+                    for _ in client.generate_stream(prompt, max_tokens=200, temperature=0.0, ignore_eos=True):
+                        got_tokens.set()
+                except BaseException as e:
+                    errors.append(e)
+
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        assert got_tokens.wait(30)
+        start = time.monotonic()
+        import os
+
+        os.kill(_spawned_worker(server), signal.SIGKILL)
+        assert server.p.wait(timeout=30) == 3, server.text[-3000:]
+        assert time.monotonic() - start < 15
+        t.join(timeout=30)
+        assert len(errors) == 1 and isinstance(errors[0], LongCatError), errors
+        assert errors[0].code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.kill_group()
