@@ -273,3 +273,68 @@ def test_grpc_server_with_ep_serves_tp1_tokens_and_a_dead_rank_ends_it_like_tp()
         assert errors[0].code == grpc.StatusCode.UNAVAILABLE
     finally:
         server.kill_group()
+
+
+def routed_per_expert(checkpoint: str, tokens: list[int]) -> list[int]:
+    """Slots routed to each real expert, summed over the layers, for one TP=1 forward of `tokens`."""
+    from longcat_service import ops
+    from longcat_service.layers.moe import LongcatMoE
+
+    model = load_model(checkpoint, dtype="float32", device="cpu")
+    total = torch.zeros(model.config.n_routed_experts + 1, dtype=torch.int64)
+
+    def hook(module, inputs):
+        ids, _, _ = ops.router_topk(module.router(inputs[0]), module.router.e_score_correction_bias, module.top_k,
+                                    module.routed_scaling_factor, module.experts.num_experts)
+        total.add_(torch.bincount(ids.flatten().long().clamp(max=module.experts.num_experts),
+                                  minlength=total.numel()))
+
+    for module in model.modules():
+        if isinstance(module, LongcatMoE):
+            module.register_forward_pre_hook(hook)
+    full_forward_logits(model, tokens)
+    return total[:-1].tolist()
+
+
+def test_collected_expert_load_counts_every_routed_slot_and_feeds_a_placement(checkpoint, monkeypatch):
+    from prometheus_client import generate_latest
+
+    from longcat_service.distributed import eplb
+    from longcat_service.engine import expert_load
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+    from longcat_service.server.metrics import ServerMetrics
+    from tests.test_tp_model import _with_demo_tokenizer
+
+    monkeypatch.setattr(expert_load, "REFRESH_S", 0.0)
+    llm = LLM(model=_with_demo_tokenizer(checkpoint), dtype="float32", device="cpu", collect_expert_load=True,
+              enable_prefix_caching=False)
+    # max_tokens=1: the prompt's one prefill is the only forward pass
+    llm.generate([TOKENS], SamplingParams(temperature=0.0, max_tokens=1))
+    counts = llm.engine.load().expert_tokens
+    assert list(counts) == routed_per_expert(checkpoint, TOKENS)
+
+    class Admission:
+        queued_requests = queued_tokens = 0
+
+    text = generate_latest(ServerMetrics(llm.engine, Admission()).registry).decode()
+    assert eplb.counts_from_metrics(text) == [float(c) for c in counts]
+    placement = eplb.balanced_placement(eplb.counts_from_metrics(text), 2)
+    ExpertPlacement.from_mapping({str(e): r for e, r in placement.items()}, len(counts), 2)  # valid for EP
+
+
+def test_balanced_placement_beats_contiguous_on_skewed_load(tmp_path, capsys):
+    from longcat_service.distributed import eplb
+
+    counts = [100.0, 90.0, 80.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # the hot experts are neighbours
+    contiguous = dict(enumerate(ExpertPlacement.contiguous(8, 2).owner))
+    balanced = eplb.balanced_placement(counts, 2)
+    assert sorted(list(balanced.values()).count(r) for r in range(2)) == [4, 4]  # equal weights per rank
+    assert max(eplb.rank_loads(counts, balanced, 2)) < max(eplb.rank_loads(counts, contiguous, 2))
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps(counts))
+    assert eplb.main(["--counts", str(path), "--ranks", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert ExpertPlacement.from_mapping(out, 8, 2).owner == tuple(balanced[e] for e in range(8))
+    with pytest.raises(ValueError, match="collect-expert-load"):
+        eplb.counts_from_metrics("longcat_requests_total 3\n")

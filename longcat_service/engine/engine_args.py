@@ -39,6 +39,8 @@ class EngineArgs:
     # None (contiguous groups), a {expert: rank} dict or the path of a JSON file holding one
     enable_expert_parallel: bool = False
     expert_placement: str | dict | None = None
+    # count the tokens routed to each expert (longcat_expert_routed_tokens_total; input of distributed/eplb.py)
+    collect_expert_load: bool = False
     hf_overrides: dict | None = None  # config.json keys replaced before the model config is parsed ({"num_layers": 2})
     overlap_steps: bool = True  # LLMEngine: host work of step N runs while step N+1 computes (see llm_engine.step)
     # with overlap_steps: a decode step whose batch follows from the previous one is launched before that one's

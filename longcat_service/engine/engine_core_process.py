@@ -53,6 +53,7 @@ class CoreStatus:
     kv_cache_usage: float
     runner_healthy: bool  # e.g. False when a tensor-parallel rank was lost
     last_add_seq: int  # the last add command applied (the parent counts later ones as still waiting)
+    expert_tokens: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _status(engine, last_add_seq: int) -> CoreStatus:
     load = engine.load()
     healthy = bool(getattr(engine.runner, "is_healthy", lambda: True)())
     return CoreStatus(load.num_running, load.num_waiting, load.num_waiting_tokens, load.kv_cache_usage, healthy,
-                      last_add_seq)
+                      last_add_seq, load.expert_tokens)
 
 
 def run_engine_core(args, cmd_conn, out_conn) -> None:

@@ -27,6 +27,7 @@ class EngineLoad:
     num_waiting: int
     num_waiting_tokens: int
     kv_cache_usage: float  # share of KV blocks in use, 0..1
+    expert_tokens: tuple[int, ...] | None = None  # with collect_expert_load: routed slots per expert so far
 
 
 class LLMEngine:
@@ -135,6 +136,7 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_waiting_tokens=self.scheduler.num_waiting_tokens,
             kv_cache_usage=self.block_manager.usage,
+            expert_tokens=counter.snapshot() if (counter := getattr(self.runner, "expert_load", None)) else None,
         )
 
     # ---- the step ------------------------------------------------------------------------------

@@ -64,6 +64,11 @@ class ModelRunner:
         self.model = load_model(model_path, dtype=args.torch_dtype, device=self.device, load_format=args.load_format,
                                 hf_overrides=args.hf_overrides, quantization=args.quantization)
         self.model.eval()
+        self.expert_load = None
+        if args.collect_expert_load:
+            from longcat_service.engine.expert_load import ExpertLoadCounter
+
+            self.expert_load = ExpertLoadCounter(self.model)
         self.config = self.model.config
         self.dtype = self.model.dtype  # the activation / KV-cache dtype (FP8 weights are not it)
         self.block_size = args.block_size

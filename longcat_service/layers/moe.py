@@ -108,12 +108,28 @@ class LongcatMoE(nn.Module):
             self._owner = torch.tensor(self.experts.placement.owner, dtype=torch.int64)
             self._local_row = torch.tensor(self.experts.placement.local_index, dtype=torch.int64)
 
+        # tokens routed to each real expert (last entry: identity slots), counted only once enabled
+        self.expert_load: torch.Tensor | None = None
+
+    def enable_load_counting(self) -> None:
+        """Count the slots routed to each expert from now on (for a static EP placement; see distributed/eplb.py).
+        Adds a second router top-k and one index_add per layer and step (CUDA-graph safe)."""
+        self.expert_load = torch.zeros(self.experts.num_experts + 1, dtype=torch.int64,
+                                       device=self.router.e_score_correction_bias.device)
+
+    def _count(self, ids: torch.Tensor) -> None:
+        flat = ids.reshape(-1).long().clamp(max=self.experts.num_experts)
+        self.expert_load.index_add_(0, flat, torch.ones_like(flat))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] model dtype (post_attention_layernorm[0] output) -> [T, H] model dtype."""
         if self.dispatcher is not None:
             return self._forward_expert_parallel(x)
         add_identity = self.experts.tp_rank == 0
         logits, bias = self.router(x), self.router.e_score_correction_bias
+        if self.expert_load is not None:  # opt-in: the routing once more, only to count it
+            self._count(ops.router_topk(logits, bias, self.top_k, self.routed_scaling_factor,
+                                        self.experts.num_experts)[0])
         if isinstance(self.experts, Fp8FusedExperts):
             out = moe_forward_fp8(x, logits, bias, self.experts, self.top_k, self.routed_scaling_factor, add_identity)
         else:
@@ -131,6 +147,8 @@ class LongcatMoE(nn.Module):
         share = x[start:end]
         ids, weights, zero_weight = ops.router_topk(self.router(share), self.router.e_score_correction_bias,
                                                     self.top_k, self.routed_scaling_factor, experts.num_experts)
+        if self.expert_load is not None:
+            self._count(ids)
         flat = ids.reshape(-1).long()
         real_slots = torch.nonzero(flat < experts.num_experts).flatten()  # zero-expert slots stay here
         expert_of_slot = flat[real_slots]

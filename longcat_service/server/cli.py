@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--enable-expert-parallel", action="store_true", default=None,
                    help="split the routed experts as whole experts over the tensor-parallel ranks (default: off)")
+    g.add_argument("--collect-expert-load", action="store_true", default=None,
+                   help="export longcat_expert_routed_tokens_total per expert, the input of "
+                        "`python -m longcat_service.distributed.eplb` (default: off)")
     g.add_argument("--expert-placement", default=None, metavar="JSON_FILE",
                    help="static expert -> rank map for --enable-expert-parallel (default: contiguous groups)")
     g.add_argument("--engine-mode", choices=["auto", "process", "thread"], default="auto",
@@ -100,7 +103,7 @@ def engine_args_from(args: argparse.Namespace):
         "enable_prefix_caching": args.enable_prefix_caching, "seed": args.seed,
         "step_timeout_s": args.step_timeout_s, "overlap_steps": args.overlap_steps,
         "async_scheduling": args.async_scheduling,
-        "enable_expert_parallel": args.enable_expert_parallel, "expert_placement": args.expert_placement,
+        "collect_expert_load": args.collect_expert_load, "enable_expert_parallel": args.enable_expert_parallel, "expert_placement": args.expert_placement,
     }
     if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
         raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -35,6 +36,7 @@ class ServerMetrics:
               registry=r).set_function(lambda: engine.load().num_running)
         Gauge("longcat_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
               registry=r).set_function(lambda: engine.load().kv_cache_usage)
+        r.register(_ExpertLoadCollector(engine))
         for outcome in OUTCOMES:  # export zeros so that rate() works from the first scrape
             self.requests.labels(outcome)
         self._http = None
@@ -49,3 +51,24 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _ExpertLoadCollector:
+    """longcat_expert_routed_tokens_total{expert}: routed slots per expert summed over the MoE layers, when the
+    engine collects them (--collect-expert-load); the input of `python -m longcat_service.distributed.eplb`."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        counts = getattr(self.engine.load(), "expert_tokens", None)
+        if not counts:
+            return
+        family = CounterMetricFamily("longcat_expert_routed_tokens", "Slots routed to each expert (all MoE layers)",
+                                     labels=["expert"])
+        for expert, count in enumerate(counts):
+            family.add_metric([str(expert)], count)
+        yield family
