@@ -98,8 +98,9 @@ def weights(num_experts: int, inter: int, fp8: bool):
 
 def _expert_ffn(hidden, w, offsets, sorted_slots, top_k):
     if "w13_scale" in w:
-        return torch.ops.longcat.expert_ffn_fp8(hidden, w["w13"], w["w13_scale"], w["w2"], w["w2_scale"], offsets,
-                                                sorted_slots, top_k, None, None)
+        from longcat_service.ops.extension import expert_ffn_fp8
+
+        return expert_ffn_fp8(hidden, w["w13"], w["w13_scale"], w["w2"], w["w2_scale"], offsets, sorted_slots, top_k)
     return ops.expert_ffn(hidden, w["w13"], w["w2"], offsets, sorted_slots, top_k)
 
 
