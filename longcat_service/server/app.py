@@ -58,6 +58,10 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
     tls: TlsConfig | None = None
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    # OpenAI-compatible HTTP API (server/openai_api/) on the same loop and engine; None: off, 0: any free port
+    http_port: int | None = None
+    http_host: str | None = None  # None: the gRPC host
+    reasoning_parser: str | None = None  # "longcat": <longcat_think> output -> reasoning_content
 
 
 class LongCatServer:
@@ -72,6 +76,7 @@ class LongCatServer:
         self.servicer = LongCatServicer(engine, self.state, self.admission, self.metrics, config.options)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http = None  # openai_api.server.HttpServer when config.http_port is set
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
@@ -93,6 +98,11 @@ class LongCatServer:
         self._server = server
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
+        if cfg.http_port is not None:
+            from longcat_service.server.openai_api.server import http_server_for
+
+            self.http = http_server_for(self)
+            await self.http.start()
         logger.info("listening on %s:%d (%s), loading the model", cfg.host, self.port, "TLS" if cfg.tls else "plaintext")
         await self.engine.start()
         await self.state.set_ready(self.engine)
@@ -123,6 +133,8 @@ class LongCatServer:
         if self._server is not None:
             await self._server.stop(grace=transport_grace_s)
             self._server = None
+        if self.http is not None:
+            await self.http.stop()
         self.metrics.stop()
         await self.engine.shutdown()
 
