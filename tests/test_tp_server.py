@@ -21,7 +21,7 @@ from longcat_service.client.errors import LongCatError
 from tests.tp_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-SERVE_ARGS = ["--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256",
+SERVE_ARGS = ["--no-http", "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256",
               "--log-level", "INFO"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 HEARTBEAT_TIMEOUT_S = "3"

@@ -23,6 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at startup)")
     g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (off if unset)")
+    g = p.add_argument_group("OpenAI-compatible HTTP API (same process, loop and engine as gRPC)")
+    g.add_argument("--http-host", default=None, help="default: --host")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="default 8000 (0 with --port 0); 0 picks a free port (printed at startup)")
+    g.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    g.add_argument("--reasoning-parser", choices=["longcat"], default=None,
+                   help="longcat: <longcat_think>...</longcat_think> output -> reasoning_content")
+    g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     g.add_argument("--load-format", default="auto", help="auto | dummy (random weights of the config's shape)")
@@ -122,12 +130,22 @@ def server_config_from(args: argparse.Namespace) -> ServerConfig:
     options = ServerOptions(
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         stream_buffer_size=args.stream_buffer_size, slow_reader_timeout_s=args.slow_reader_timeout_s,
-        log_prompts=args.log_prompts, model_name=str(args.model or "longcat-demo"),
+        log_prompts=args.log_prompts, model_name=args.served_model_name or str(args.model or "longcat-demo"),
         tensor_parallel_size=args.tensor_parallel_size,
     )
     tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(host=args.host, port=args.port, options=options, api_keys=keys, tls=tls,
-                        metrics_port=args.metrics_port)
+                        metrics_port=args.metrics_port, http_port=http_port_from(args), http_host=args.http_host,
+                        reasoning_parser=args.reasoning_parser)
+
+
+def http_port_from(args: argparse.Namespace) -> int | None:
+    """None: no HTTP. An ephemeral gRPC port (--port 0: tests, scripts) makes the default HTTP port ephemeral too."""
+    if args.no_http:
+        return None
+    if args.http_port is not None:
+        return args.http_port
+    return 0 if args.port == 0 else 8000
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -154,6 +172,8 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"longcat-serve listening on {config.host}:{port}", flush=True)  # scripts wait for this line
     if server.metrics_port is not None:
         print(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
+    if server.http is not None:
+        print(f"OpenAI-compatible HTTP API and playground on http://{server.http.host}:{server.http.port}/", flush=True)
     await stop.wait()
     logger.info("signal received: draining (grace %.1fs)", args.drain_grace_s)
     finished = await server.drain_and_stop(args.drain_grace_s)
