@@ -39,6 +39,7 @@ class Script:
     hold: asyncio.Event | None = None  # when set: wait for it before the first token (requests stay queued)
     fail_after_tokens: int | None = None  # raise RuntimeError after this many tokens
     finish_with_error: bool = False  # finish the request with finish_reason "error" instead
+    outputs: tuple[str, ...] = ()  # when set: the text of each output token in turn, then finish_reason "stop"
 
 
 @dataclass
@@ -56,6 +57,7 @@ class FakeEngine:
         self.aborted: list[str] = []  # ids aborted by abort() or by leaving the stream early
         self.finished: list[str] = []
         self.tokens_produced: dict[str, int] = {}
+        self.prompts: dict[str, list[int]] = {}  # request id -> prompt token ids
         self._abort_flags: dict[str, asyncio.Event] = {}
         self.started = False
 
@@ -83,6 +85,7 @@ class FakeEngine:
         if len(prompt_token_ids) + 1 > self.max_model_len:
             raise PromptError("prompt", f"{len(prompt_token_ids)} tokens do not fit max_model_len {self.max_model_len}")
         self.running.add(request_id)
+        self.prompts[request_id] = list(prompt_token_ids)
         self._abort_flags[request_id] = abort_flag = asyncio.Event()
         seq = CompletionOutput(index=0)
         metrics = RequestMetrics(arrival_time=time.monotonic())
@@ -103,12 +106,15 @@ class FakeEngine:
                 elif s.finish_with_error and seq.token_ids:
                     seq.finish_reason, out.error = "error", "injected error"
                 else:
+                    text = s.outputs[len(seq.token_ids)] if s.outputs else s.token_text
                     seq.new_token_ids = [ord("x")]
-                    seq.text_delta = s.token_text
+                    seq.text_delta = text
                     seq.token_ids.append(ord("x"))
                     self.tokens_produced[request_id] = len(seq.token_ids)
-                    seq.text += s.token_text
-                    if len(seq.token_ids) >= (sampling_params.max_tokens or self.max_model_len):
+                    seq.text += text
+                    if s.outputs and len(seq.token_ids) == len(s.outputs):
+                        seq.finish_reason = "stop"
+                    elif len(seq.token_ids) >= (sampling_params.max_tokens or self.max_model_len):
                         seq.finish_reason = "length"
                 out.finished = seq.finished
                 yield out
