@@ -127,19 +127,21 @@ class Generation:
         return error
 
     async def close(self, outcome: str | None = None) -> None:
+        """Idempotent. The bookkeeping is synchronous: a response cancelled by a disconnect runs this inside a
+        cancelled anyio scope, where any await is interrupted at once."""
         if self._closed:
             return
         self._closed = True
         if outcome is not None:
             self.outcome = outcome
         for pump in self._pumps:
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
+            pump.cancel()  # a cancelled pump leaves its engine stream, which aborts the request in the engine
         for ticket in self._tickets:
             self.ctx.admission.release(ticket)
         self._record()
         if self._counted:
             self.ctx.state.request_finished()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
 
     async def until_disconnect(self, awaitable):
         """Await it unless the client disconnects first (then CancelledError)."""
