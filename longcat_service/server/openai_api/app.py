@@ -18,6 +18,7 @@ from longcat_service.server.openai_api.completions import create_completion
 from longcat_service.server.openai_api.errors import (
     ApiError,
     api_error_handler,
+    error_body,
     http_error_handler,
     invalid,
     validation_error_handler,
@@ -34,6 +35,35 @@ from longcat_service.server.openai_api.protocol import (
 )
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # the gRPC server's max_receive_message_length
+
+
+class BodyLimit:
+    """413 as an OpenAI error object for a body over max_bytes: at once from Content-Length, or while a chunked body
+    is read (the endpoint's body parsing passes the HTTPException to the error handler). Starlette's own limiter
+    answers in plain text."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse(error_body(413, f"request body of {int(length)} bytes is over the limit of "
+                                                    f"{self.max_bytes}").model_dump(), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def _playground_html() -> str:
@@ -61,8 +91,8 @@ def create_app(ctx: HttpContext, api_keys: list[str] | None = None, max_body_byt
         if not ctx.state.ready:
             raise ApiError(503, "server is loading")
 
-    app = FastAPI(title="longcat-service", version=__version__, docs_url="/docs", redoc_url=None,
-                  max_body_size=max_body_bytes)
+    app = FastAPI(title="longcat-service", version=__version__, docs_url="/docs", redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
