@@ -222,3 +222,44 @@ def test_a_client_that_disconnects_before_the_first_token_frees_the_engine(serve
     _wait(lambda: srv.server.state.in_flight == 0)
     _wait(lambda: len(srv.engine.aborted) == 1 and not srv.engine.running)
     assert srv.server.admission.queued_requests == 0
+
+
+def test_http_serves_with_the_grpc_tls_and_mtls_settings(tmp_path):
+    import ssl
+
+    from longcat_service.server.app import TlsConfig
+    from tests.test_server_security import make_cert
+
+    ca_pem, _, ca_cert, ca_key = make_cert("ca", is_ca=True)
+    server_pem, server_key, _, _ = make_cert("localhost", issuer=(ca_cert, ca_key))
+    client_pem, client_key, _, _ = make_cert("client", issuer=(ca_cert, ca_key))
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    (tmp_path / "client.pem").write_bytes(client_pem)
+    (tmp_path / "client.key").write_bytes(client_key)
+    tls = TlsConfig(cert_chain=server_pem, private_key=server_key, client_ca=ca_pem)
+    srv = start(tls=tls)
+    try:
+        url = f"https://localhost:{srv.server.http.port}/health"
+        trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+            httpx.get(url, verify=trusted, timeout=5)
+        trusted.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+        assert httpx.get(url, verify=trusted, timeout=5).json() == {"status": "ok"}
+        with pytest.raises(httpx.HTTPError):  # plaintext to the TLS port
+            httpx.get(f"http://127.0.0.1:{srv.server.http.port}/health", timeout=5)
+    finally:
+        srv.stop(grace_s=1.0)
+
+
+def test_timeout_ms_ends_the_request_with_504_or_an_error_event(serve):
+    srv, base = serve(Script(step_delay_s=0.05))
+    model = srv.config.options.model_name
+    r = httpx.post(base + "/v1/completions", json={"model": model, "prompt": "slow", "max_tokens": 1000,
+                                                   "timeout_ms": 300}, timeout=30)
+    assert r.status_code == 504 and r.headers["x-should-retry"] == "false"
+    assert r.json()["error"]["type"] == "timeout_error"
+    with pytest.raises(openai.APIError, match="deadline"):
+        for _ in sdk(base).chat.completions.create(model=model, messages=ASK, max_tokens=1000, stream=True,
+                                                   extra_body={"timeout_ms": 300}):
+            pass
+    _wait(lambda: not srv.engine.running and srv.server.state.in_flight == 0)

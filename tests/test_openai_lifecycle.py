@@ -74,3 +74,17 @@ def test_sigterm_drains_http_and_grpc_streams_then_exits_zero(serve_process):
     assert usage["completion_tokens"] == 40
     assert rest[-1].finish_reason == "length" and len(grpc_stream.result.token_ids) == 40
     assert proc.wait(timeout=30) == 0, "".join(lines)
+
+
+def test_http_port_flags():
+    from longcat_service.server.cli import build_parser, server_config_from
+
+    def config(*argv):
+        return server_config_from(build_parser().parse_args(list(argv)))
+
+    assert config().http_port == 8000 and config().http_host is None
+    assert config("--port", "0").http_port == 0  # an ephemeral gRPC port makes the default HTTP port ephemeral
+    assert config("--port", "0", "--http-port", "9001", "--http-host", "0.0.0.0").http_port == 9001
+    assert config("--no-http").http_port is None
+    assert config("--reasoning-parser", "longcat").reasoning_parser == "longcat"
+    assert config("--served-model-name", "cat").options.model_name == "cat"

@@ -1,10 +1,14 @@
-"""uvicorn serving the FastAPI app on the gRPC server's event loop (one process, one loop, one engine)."""
+"""uvicorn serving the FastAPI app on the gRPC server's event loop (one process, one loop, one engine), with the
+gRPC server's TLS (and mTLS) settings."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
+import ssl
+import tempfile
+from pathlib import Path
 
 import uvicorn
 
@@ -20,8 +24,9 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, app, host: str, port: int, log_level: str = "warning"):
+    def __init__(self, app, host: str, port: int, log_level: str = "warning", tls=None):
         self.app, self.host, self.requested_port = app, host, port
+        self.tls = tls  # app.TlsConfig: the gRPC server's certificate (and client CA for mTLS), or None
         self.port: int | None = None
         self._log_level = log_level
         self._server: _EmbeddedServer | None = None
@@ -40,8 +45,11 @@ class HttpServer:
         sock.listen(2048)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_level=self._log_level, access_log=False,
-                                timeout_graceful_shutdown=5, server_header=False)
+        with tempfile.TemporaryDirectory(prefix="longcat-tls-") as tls_dir:  # uvicorn reads PEM files, once
+            config = uvicorn.Config(self.app, lifespan="off", log_level=self._log_level, access_log=False,
+                                    timeout_graceful_shutdown=5, server_header=False,
+                                    **self._tls_options(Path(tls_dir)))
+            config.load()
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="longcat-http")
         while not self._server.started:  # startup is quick: the socket is already bound
@@ -49,6 +57,22 @@ class HttpServer:
                 self._task.result()
             await asyncio.sleep(0.01)
         return self.port
+
+    def _tls_options(self, directory: Path) -> dict:
+        if self.tls is None:
+            return {}
+
+        def write(name: str, data: bytes) -> str:
+            path = directory / name
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+            return str(path)
+
+        options = {"ssl_certfile": write("cert.pem", self.tls.cert_chain), "ssl_keyfile": write("key.pem",
+                                                                                                self.tls.private_key)}
+        if self.tls.client_ca is not None:
+            options.update(ssl_ca_certs=write("ca.pem", self.tls.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        return options
 
     async def stop(self) -> None:
         if self._server is None:
@@ -71,4 +95,4 @@ def http_server_for(server) -> HttpServer:
     ctx = HttpContext(server.engine, server.state, server.admission, server.metrics, cfg.options,
                       reasoning_parser=cfg.reasoning_parser)
     host = cfg.http_host if cfg.http_host is not None else cfg.host
-    return HttpServer(create_app(ctx, cfg.api_keys), host, cfg.http_port)
+    return HttpServer(create_app(ctx, cfg.api_keys), host, cfg.http_port, tls=cfg.tls)
