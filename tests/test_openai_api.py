@@ -255,3 +255,15 @@ def test_http_and_grpc_under_load_share_one_engine(server, base_url, model, llm)
     results = asyncio.run(run())
     assert results[0::2] == expected, "HTTP"
     assert results[1::2] == expected, "gRPC"
+
+
+def test_streamed_n_choices_equal_the_non_streamed_ones_and_finish_once_each(client, model):
+    kwargs = dict(model=model, messages=HELLO, max_tokens=6, temperature=1.0, n=2, seed=7,
+                  extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    for i in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == next(c.message.content for c in whole.choices if c.index == i)
+        assert [c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].index == i and c.choices[0].finish_reason] == ["length"]

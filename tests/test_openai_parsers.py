@@ -192,3 +192,22 @@ def test_tool_description_lists_every_tool_once():
 
     text = tool_description([Tool.model_validate(t) for t in TOOLS])
     assert text.count("#### Tool name: ") == 2
+
+
+def test_merging_two_steps_keeps_both_deltas_and_the_later_totals():
+    from longcat_service.outputs import CompletionOutput, Logprob, RequestOutput
+    from longcat_service.server.openai_api.generation import merge_outputs
+
+    a = RequestOutput("r", [1], [CompletionOutput(0, [5], "a", new_token_ids=[5], text_delta="a",
+                                                  new_logprobs=[Logprob(5, -1.0)]),
+                                 CompletionOutput(1, [6], "b", new_token_ids=[6], text_delta="b")])
+    b = RequestOutput("r", [1], [CompletionOutput(0, [5, 7], "ac", new_token_ids=[7], text_delta="c",
+                                                  new_logprobs=[Logprob(7, -2.0)], finish_reason="length")],
+                      finished=True)
+    merged = merge_outputs(a, b)
+    first, second = merged.outputs
+    assert (first.new_token_ids, first.text_delta, first.token_ids, first.finish_reason) == ([5, 7], "ac", [5, 7],
+                                                                                           "length")
+    assert [lp.token_id for lp in first.new_logprobs] == [5, 7]
+    assert (second.index, second.text_delta) == (1, "b") and merged.finished
+    assert a.outputs[0].new_token_ids == [5]  # the inputs are left alone

@@ -117,6 +117,7 @@ class _ChoiceStream:
         self.tools = ToolCallStreamParser() if prompt.tools_enabled else None
         self.prefix = prompt.output_prefix
         self.num_calls = 0
+        self.done = False
 
     def feed(self, text: str, final: bool) -> Delta | None:
         text, self.prefix = self.prefix + text, ""
@@ -159,6 +160,9 @@ async def _stream(ctx: HttpContext, gen: Generation, request: ChatCompletionRequ
             final = out
             for c in out.outputs:
                 state = choices[c.index]
+                if state.done:  # n > 1: a finished sample is repeated in the later steps' outputs
+                    continue
+                state.done = c.finished
                 delta = state.feed(c.text_delta, c.finished)
                 logprobs = None
                 if request.logprobs and c.new_logprobs:

@@ -122,6 +122,7 @@ async def _stream(ctx: HttpContext, gen: Generation, request: CompletionRequest,
     tokens = TokenText(ctx.engine.tokenizer)
     builders: dict[int, _LogprobsBuilder] = {}
     finals: dict = {}
+    done: set[int] = set()
 
     def event(choices, usage=None) -> bytes:
         chunk = CompletionResponse(id=completion_id, created=created, model=request.model, choices=choices,
@@ -133,6 +134,10 @@ async def _stream(ctx: HttpContext, gen: Generation, request: CompletionRequest,
             finals[p] = out
             for c in out.outputs:
                 index = p * request.n + c.index
+                if index in done:  # n > 1: a finished sample is repeated in the later steps' outputs
+                    continue
+                if c.finished:
+                    done.add(index)
                 text, logprobs = c.text_delta, None
                 first = index not in builders
                 if first:

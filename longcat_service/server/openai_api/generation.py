@@ -9,6 +9,7 @@ aborts its request in the engine at its next step, which frees its KV cache."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from longcat_service.engine.async_engine import EngineDeadError
 from longcat_service.engine.errors import PromptError
+from longcat_service.outputs import RequestOutput
 from longcat_service.sampling_params import SamplingParams, SamplingParamsError
 from longcat_service.server.admission import AdmissionController, Overloaded
 from longcat_service.server.health import ServingState
@@ -54,6 +56,26 @@ class HttpContext:
 @dataclass
 class _End:
     index: int
+
+
+def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """`second` (the later step: totals, finish) carrying the deltas of both steps."""
+    earlier = {c.index: c for c in first.outputs}
+    merged = []
+    for c in second.outputs:
+        p = earlier.pop(c.index, None)
+        if p is None:
+            merged.append(c)
+            continue
+        logprobs = None
+        if p.new_logprobs is not None or c.new_logprobs is not None:
+            logprobs = (p.new_logprobs or []) + (c.new_logprobs or [])
+        merged.append(dataclasses.replace(c, new_token_ids=p.new_token_ids + c.new_token_ids,
+                                          text_delta=p.text_delta + c.text_delta, new_logprobs=logprobs))
+    merged += earlier.values()  # samples the later step did not mention keep their deltas
+    merged.sort(key=lambda c: c.index)
+    prompt_logprobs = second.prompt_logprobs if second.prompt_logprobs is not None else first.prompt_logprobs
+    return dataclasses.replace(second, outputs=merged, prompt_logprobs=prompt_logprobs)
 
 
 class SlowReader(Exception):
@@ -170,6 +192,7 @@ class Generation:
             if isinstance(item, BaseException):
                 raise self._error(item)
             index, out = item
+            out = self._coalesce(index, out)
             new = sum(len(c.new_token_ids) for c in out.outputs)
             if new:
                 now = time.monotonic()
@@ -182,6 +205,18 @@ class Generation:
                     self._finished.add((index, c.index))
                     self.finish_reasons.append(c.finish_reason)
             yield index, out
+
+    def _coalesce(self, index: int, out: RequestOutput) -> RequestOutput:
+        """Merge the outputs of the same prompt already waiting behind `out` into one (as the gRPC servicer merges
+        chunks): a client or event loop that lags behind the engine gets fewer, larger events, not a backlog."""
+        while self._held is None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not (isinstance(item, tuple) and item[0] == index) or out.finished:
+                self._held = item
+                break
+            if item[1] is not out:  # an engine that reuses its output object has nothing to add
+                out = merge_outputs(out, item[1])
+        return out
 
     def final_outcome(self) -> str:
         reasons = set(self.finish_reasons)
