@@ -15,6 +15,7 @@ from longcat_service.server.auth import ApiKeyInterceptor
 from longcat_service.server.generated import longcat_pb2 as pb
 from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
 from longcat_service.server.health import SERVICE_NAME, ServingState
+from longcat_service.server.malformed import MalformedBodyInterceptor
 from longcat_service.server.metrics import ServerMetrics
 from longcat_service.server.servicer import LongCatServicer, ServerOptions
 
@@ -26,6 +27,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
+
+_GENERATE = f"/{pb.DESCRIPTOR.services_by_name['LongCat'].full_name}/Generate"
 
 
 @dataclass
@@ -76,7 +79,9 @@ class LongCatServer:
 
     async def start(self) -> int:
         cfg = self.config
+        # the first interceptor runs first: authentication before the body is looked at
         interceptors = [ApiKeyInterceptor(cfg.api_keys)] if cfg.api_keys else []
+        interceptors.append(MalformedBodyInterceptor(on_malformed=self._count_malformed))
         server = grpc.aio.server(interceptors=interceptors, options=_CHANNEL_OPTIONS)
         pb_grpc.add_LongCatServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.state.health, server)
@@ -98,6 +103,10 @@ class LongCatServer:
         await self.state.set_ready(self.engine)
         logger.info("ready: %s serving on port %d", SERVICE_NAME, self.port)
         return self.port
+
+    def _count_malformed(self, method: str) -> None:
+        if method == _GENERATE:
+            self.metrics.requests.labels("invalid").inc()
 
     async def stop_while_starting(self, starting: asyncio.Task) -> None:
         """A signal during start() (the model is still loading; health is NOT_SERVING): stop the engine, which
