@@ -11,8 +11,11 @@ import pytest
 from fake_engine import FakeEngine, Script
 
 from longcat_service.client import (
+    NO_RETRY,
     AlreadyExistsError,
+    DeadlineExceededError,
     InternalError,
+    InvalidArgumentError,
     LongCatClient,
     ResourceExhaustedError,
     RetryPolicy,
@@ -191,3 +194,41 @@ def test_in_process_drain_finishes_in_flight_and_refuses_new_calls():
     assert chunks[-1].finish_reason == "length" and len(stream.result.token_ids) == 50
     assert drained.result(10) is True
     srv.stop()
+
+
+def outcomes(srv) -> dict[str, float]:
+    counter = srv.server.metrics.requests
+    return {s.labels["outcome"]: s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")}
+
+
+def test_request_outcomes_are_true_cancels_and_deadlines_are_not_errors():
+    # Big chunks keep writes in flight, so a cancel or a deadline often lands while the server writes.
+    srv = start(Script(step_delay_s=0.002, token_text="y" * 2000), max_queued_requests=1)
+    try:
+        client = LongCatClient(srv.address, retry=NO_RETRY)
+        for _ in range(15):
+            with client.generate_stream("hi", max_tokens=100_000) as stream:
+                for _ in range(3):
+                    next(stream)
+        for _ in range(15):
+            with pytest.raises(DeadlineExceededError):
+                client.generate("hi", max_tokens=100_000, timeout=0.05)
+        assert client.generate("hi", max_tokens=3).finish_reason == "length"
+        with pytest.raises(InvalidArgumentError):
+            client.generate("hi", max_tokens=3, top_p=7.0)
+        hold = asyncio.Event()
+        srv.engine.script = Script(hold=hold)
+        queued = threading.Thread(target=client.generate, args=("queued",), kwargs={"max_tokens": 1})
+        queued.start()
+        assert wait_for(lambda: srv.server.admission.queued_requests == 1)
+        with pytest.raises(ResourceExhaustedError):
+            client.generate("over the limit", max_tokens=1)
+        srv._loop.call_soon_threadsafe(hold.set)
+        queued.join(10)
+        assert wait_for(lambda: srv.server.state.in_flight == 0)
+        counts = outcomes(srv)
+        assert counts["error"] == 0, counts
+        assert counts["cancelled"] == 15 and counts["deadline"] == 15, counts
+        assert counts["ok"] == 2 and counts["invalid"] == 1 and counts["rejected"] == 1, counts
+    finally:
+        srv.stop()
