@@ -21,7 +21,7 @@ from longcat_service.client import (
     RetryPolicy,
     UnavailableError,
 )
-from longcat_service.server.app import ServerConfig
+from longcat_service.server.app import DRAIN_EPSILON_S, ServerConfig
 from longcat_service.server.background import BackgroundServer
 from longcat_service.server.servicer import ServerOptions
 
@@ -232,3 +232,26 @@ def test_request_outcomes_are_true_cancels_and_deadlines_are_not_errors():
         assert counts["ok"] == 2 and counts["invalid"] == 1 and counts["rejected"] == 1, counts
     finally:
         srv.stop()
+
+
+def test_drain_grace_bounds_the_drain_and_streams_still_running_end_unavailable():
+    srv = start(Script(step_delay_s=0.01))
+    client = LongCatClient(srv.address, retry=NO_RETRY)
+    streams = [client.generate_stream("hi", max_tokens=100_000) for _ in range(3)]
+    for stream in streams:
+        next(stream)
+    grace_s = 1.0
+    began = time.monotonic()
+    finished = srv.run(srv.server.drain_and_stop(grace_s), 30)
+    took = time.monotonic() - began
+    counts = outcomes(srv)
+    srv.server = None
+    srv.stop()
+    assert finished is False
+    print(f"drain_and_stop({grace_s}) took {took:.2f}s")
+    assert took <= grace_s + DRAIN_EPSILON_S, f"took {took:.2f}s"
+    for stream in streams:
+        with pytest.raises(UnavailableError, match="drain grace"):
+            list(stream)
+        assert len(stream.result.token_ids) >= 1  # what was streamed before stays delivered
+    assert counts["shutdown"] == 3 and counts["error"] == 0, counts

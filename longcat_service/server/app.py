@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,6 +28,14 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
+
+# After the drain grace: the statuses of streams cut off reach their clients (SHUTDOWN_FLUSH_S), then the
+# transport closes and the engine stops. The process exits within grace + DRAIN_EPSILON_S (documented bound).
+SHUTDOWN_FLUSH_S = 0.5
+DRAIN_EPSILON_S = 1.0
+# Calls that finished inside the grace may still be sending their last messages to a slow client: they get what is
+# left of the grace for that, up to this.
+MAX_TRANSPORT_GRACE_S = 5.0
 
 _GENERATE = f"/{pb.DESCRIPTOR.services_by_name['LongCat'].full_name}/Generate"
 
@@ -120,11 +129,15 @@ class LongCatServer:
         await self.stop()
 
     async def drain_and_stop(self, grace_s: float) -> bool:
-        """Health NOT_SERVING and new calls UNAVAILABLE; wait for in-flight calls up to grace_s; stop.
+        """Health NOT_SERVING and new calls UNAVAILABLE; wait for in-flight calls up to grace_s; end the streams
+        still running with UNAVAILABLE; stop, all within grace_s + DRAIN_EPSILON_S.
         Returns True when every in-flight call finished in time."""
+        ends_at = time.monotonic() + grace_s
         finished = await self.state.drain(grace_s)
-        # a finished handler's last messages may still be on their way to a slow client: let them arrive
-        await self.stop(transport_grace_s=5.0)
+        if not finished:
+            self.servicer.end_running_calls()
+        left = min(max(ends_at - time.monotonic(), 0.0), MAX_TRANSPORT_GRACE_S)
+        await self.stop(transport_grace_s=left + SHUTDOWN_FLUSH_S)
         return finished
 
     async def stop(self, transport_grace_s: float = 1.0) -> None:

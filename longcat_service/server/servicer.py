@@ -36,6 +36,8 @@ MAX_ABORT_IDS = 1024
 MAX_COALESCED_TOKENS = 256
 MAX_COALESCED_TEXT_CHARS = 256 * 1024
 _END = object()  # end of the engine's output stream
+SHUTDOWN_MESSAGE = ("server shut down: the request was still running when the drain grace period ended "
+                    "(--drain-grace-s); output streamed before this is complete as far as it goes")
 
 
 @dataclass
@@ -114,12 +116,16 @@ class LongCatServicer(pb_grpc.LongCatServicer):
         self.metrics = metrics
         self.options = options
         self._running: set[str] = set()
+        self._handlers: set[asyncio.Task] = set()  # running Generate calls
+        self._shutting_down = False
 
     # ---- Generate --------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         started_at = time.monotonic()
         outcome = "error"
         self.state.request_started()
+        handler = asyncio.current_task()
+        self._handlers.add(handler)
         try:
             outcome = await self._generate(request, context, started_at)
         except CallFailed as failure:
@@ -128,11 +134,23 @@ class LongCatServicer(pb_grpc.LongCatServicer):
         except ClientGone:
             outcome = _gone_outcome(context)  # nobody is left to tell: end quietly
         except asyncio.CancelledError:  # gRPC cancels the handler when the client cancels or the deadline passes
-            outcome = _gone_outcome(context)
-            raise
+            if not self._shutting_down:
+                outcome = _gone_outcome(context)
+                raise
+            outcome = "shutdown"  # end_running_calls: tell the client why its stream ends
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
         finally:
+            self._handlers.discard(handler)
             self.metrics.requests.labels(outcome).inc()
             self.state.request_finished()
+
+    def end_running_calls(self) -> int:
+        """The drain grace is over: every Generate still running ends UNAVAILABLE (its request is aborted in the
+        engine; what was streamed stays delivered). Returns how many."""
+        self._shutting_down = True
+        for handler in self._handlers:
+            handler.cancel()
+        return len(self._handlers)
 
     async def _generate(self, request, context, started_at: float) -> str:
         if not self.state.accepting:
