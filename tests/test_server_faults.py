@@ -255,3 +255,25 @@ def test_drain_grace_bounds_the_drain_and_streams_still_running_end_unavailable(
             list(stream)
         assert len(stream.result.token_ids) >= 1  # what was streamed before stays delivered
     assert counts["shutdown"] == 3 and counts["error"] == 0, counts
+
+
+def test_simultaneous_rejections_get_jittered_retry_hints():
+    hold = asyncio.Event()
+    srv = start(Script(hold=hold), max_queued_requests=1)
+    try:
+        client = LongCatClient(srv.address, retry=NO_RETRY)
+        queued = threading.Thread(target=client.generate, args=("queued",), kwargs={"max_tokens": 1})
+        queued.start()
+        assert wait_for(lambda: srv.server.admission.queued_requests == 1)
+        hints = []
+        for _ in range(40):
+            with pytest.raises(ResourceExhaustedError) as err:
+                client.generate("rejected", max_tokens=1)
+            hints.append(err.value.retry_after_s)
+        srv._loop.call_soon_threadsafe(hold.set)
+        queued.join(10)
+        # nothing has started yet, so the base hint is the default 1 s; the jitter spreads it over [0.5, 1.5] x
+        assert all(0.5 <= h <= 1.5 for h in hints), hints
+        assert len(set(hints)) >= 30, sorted(hints)
+    finally:
+        srv.stop()
