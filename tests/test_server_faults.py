@@ -53,8 +53,8 @@ def test_overload_is_resource_exhausted_with_retry_after_and_admitted_requests_f
         for t in threads:
             t.start()
         assert wait_for(lambda: srv.server.admission.queued_requests == 3)
-        with pytest.raises(ResourceExhaustedError) as err:  # not retried: only UNAVAILABLE is
-            client.generate("one too many", max_tokens=4)
+        with pytest.raises(ResourceExhaustedError) as err:
+            LongCatClient(srv.address, retry=NO_RETRY).generate("one too many", max_tokens=4)
         assert err.value.retry_after_s is not None and 0.1 <= err.value.retry_after_s <= 60
         srv._loop.call_soon_threadsafe(hold.set)
         for t in threads:
@@ -70,7 +70,7 @@ def test_queued_prompt_tokens_are_bounded_but_a_lone_large_prompt_is_admitted():
     hold = asyncio.Event()
     srv = start(Script(hold=hold), max_queued_requests=10, max_queued_tokens=50)
     try:
-        client = LongCatClient(srv.address)
+        client = LongCatClient(srv.address, retry=NO_RETRY)
         first = threading.Thread(target=client.generate, args=("x" * 80,), kwargs={"max_tokens": 1})
         first.start()  # 80 tokens > 50, admitted because nothing else is queued
         assert wait_for(lambda: srv.server.admission.queued_tokens == 80)
