@@ -11,14 +11,17 @@ import pytest
 from fake_engine import FakeEngine, Script
 
 from longcat_service.client import (
+    NO_RETRY,
     AlreadyExistsError,
+    DeadlineExceededError,
     InternalError,
+    InvalidArgumentError,
     LongCatClient,
     ResourceExhaustedError,
     RetryPolicy,
     UnavailableError,
 )
-from longcat_service.server.app import ServerConfig
+from longcat_service.server.app import DRAIN_EPSILON_S, ServerConfig
 from longcat_service.server.background import BackgroundServer
 from longcat_service.server.servicer import ServerOptions
 
@@ -50,8 +53,8 @@ def test_overload_is_resource_exhausted_with_retry_after_and_admitted_requests_f
         for t in threads:
             t.start()
         assert wait_for(lambda: srv.server.admission.queued_requests == 3)
-        with pytest.raises(ResourceExhaustedError) as err:  # not retried: only UNAVAILABLE is
-            client.generate("one too many", max_tokens=4)
+        with pytest.raises(ResourceExhaustedError) as err:
+            LongCatClient(srv.address, retry=NO_RETRY).generate("one too many", max_tokens=4)
         assert err.value.retry_after_s is not None and 0.1 <= err.value.retry_after_s <= 60
         srv._loop.call_soon_threadsafe(hold.set)
         for t in threads:
@@ -67,7 +70,7 @@ def test_queued_prompt_tokens_are_bounded_but_a_lone_large_prompt_is_admitted():
     hold = asyncio.Event()
     srv = start(Script(hold=hold), max_queued_requests=10, max_queued_tokens=50)
     try:
-        client = LongCatClient(srv.address)
+        client = LongCatClient(srv.address, retry=NO_RETRY)
         first = threading.Thread(target=client.generate, args=("x" * 80,), kwargs={"max_tokens": 1})
         first.start()  # 80 tokens > 50, admitted because nothing else is queued
         assert wait_for(lambda: srv.server.admission.queued_tokens == 80)
@@ -191,3 +194,86 @@ def test_in_process_drain_finishes_in_flight_and_refuses_new_calls():
     assert chunks[-1].finish_reason == "length" and len(stream.result.token_ids) == 50
     assert drained.result(10) is True
     srv.stop()
+
+
+def outcomes(srv) -> dict[str, float]:
+    counter = srv.server.metrics.requests
+    return {s.labels["outcome"]: s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")}
+
+
+def test_request_outcomes_are_true_cancels_and_deadlines_are_not_errors():
+    # Big chunks keep writes in flight, so a cancel or a deadline often lands while the server writes.
+    srv = start(Script(step_delay_s=0.002, token_text="y" * 2000), max_queued_requests=1)
+    try:
+        client = LongCatClient(srv.address, retry=NO_RETRY)
+        for _ in range(15):
+            with client.generate_stream("hi", max_tokens=100_000) as stream:
+                for _ in range(3):
+                    next(stream)
+        for _ in range(15):
+            with pytest.raises(DeadlineExceededError):
+                client.generate("hi", max_tokens=100_000, timeout=0.05)
+        assert client.generate("hi", max_tokens=3).finish_reason == "length"
+        with pytest.raises(InvalidArgumentError):
+            client.generate("hi", max_tokens=3, top_p=7.0)
+        hold = asyncio.Event()
+        srv.engine.script = Script(hold=hold)
+        queued = threading.Thread(target=client.generate, args=("queued",), kwargs={"max_tokens": 1})
+        queued.start()
+        assert wait_for(lambda: srv.server.admission.queued_requests == 1)
+        with pytest.raises(ResourceExhaustedError):
+            client.generate("over the limit", max_tokens=1)
+        srv._loop.call_soon_threadsafe(hold.set)
+        queued.join(10)
+        assert wait_for(lambda: srv.server.state.in_flight == 0)
+        counts = outcomes(srv)
+        assert counts["error"] == 0, counts
+        assert counts["cancelled"] == 15 and counts["deadline"] == 15, counts
+        assert counts["ok"] == 2 and counts["invalid"] == 1 and counts["rejected"] == 1, counts
+    finally:
+        srv.stop()
+
+
+def test_drain_grace_bounds_the_drain_and_streams_still_running_end_unavailable():
+    srv = start(Script(step_delay_s=0.01))
+    client = LongCatClient(srv.address, retry=NO_RETRY)
+    streams = [client.generate_stream("hi", max_tokens=100_000) for _ in range(3)]
+    for stream in streams:
+        next(stream)
+    grace_s = 1.0
+    began = time.monotonic()
+    finished = srv.run(srv.server.drain_and_stop(grace_s), 30)
+    took = time.monotonic() - began
+    counts = outcomes(srv)
+    srv.server = None
+    srv.stop()
+    assert finished is False
+    print(f"drain_and_stop({grace_s}) took {took:.2f}s")
+    assert took <= grace_s + DRAIN_EPSILON_S, f"took {took:.2f}s"
+    for stream in streams:
+        with pytest.raises(UnavailableError, match="drain grace"):
+            list(stream)
+        assert len(stream.result.token_ids) >= 1  # what was streamed before stays delivered
+    assert counts["shutdown"] == 3 and counts["error"] == 0, counts
+
+
+def test_simultaneous_rejections_get_jittered_retry_hints():
+    hold = asyncio.Event()
+    srv = start(Script(hold=hold), max_queued_requests=1)
+    try:
+        client = LongCatClient(srv.address, retry=NO_RETRY)
+        queued = threading.Thread(target=client.generate, args=("queued",), kwargs={"max_tokens": 1})
+        queued.start()
+        assert wait_for(lambda: srv.server.admission.queued_requests == 1)
+        hints = []
+        for _ in range(40):
+            with pytest.raises(ResourceExhaustedError) as err:
+                client.generate("rejected", max_tokens=1)
+            hints.append(err.value.retry_after_s)
+        srv._loop.call_soon_threadsafe(hold.set)
+        queued.join(10)
+        # nothing has started yet, so the base hint is the default 1 s; the jitter spreads it over [0.5, 1.5] x
+        assert all(0.5 <= h <= 1.5 for h in hints), hints
+        assert len(set(hints)) >= 30, sorted(hints)
+    finally:
+        srv.stop()

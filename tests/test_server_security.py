@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 
+import grpc
 import pytest
 from fake_engine import FakeEngine
 
@@ -12,6 +13,8 @@ from longcat_service.client import NO_RETRY, LongCatClient, UnauthenticatedError
 from longcat_service.server.app import ServerConfig, TlsConfig
 from longcat_service.server.auth import ApiKeyInterceptor
 from longcat_service.server.background import BackgroundServer
+from longcat_service.server.generated import longcat_pb2 as pb
+from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -114,3 +117,21 @@ def test_mutual_tls_requires_a_client_certificate(pki):
         without_cert = LongCatClient(address, root_certificates=pki["ca"], retry=NO_RETRY, timeout=5)
         with pytest.raises(UnavailableError):
             without_cert.generate("hi", max_tokens=1)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_is_case_insensitive(api_key_server, scheme):
+    # RFC 6750 section 2.1 / RFC 7235 section 2.1: auth schemes are case-insensitive tokens
+    with grpc.insecure_channel(api_key_server.address) as channel:
+        stub = pb_grpc.LongCatStub(channel)
+        reply = stub.Tokenize(pb.TokenizeRequest(text="ab"), metadata=(("authorization", f"{scheme} key-one"),),
+                              timeout=10)
+    assert list(reply.token_ids) == [97, 98]
+
+
+@pytest.mark.parametrize("header", ["key-one", "Basic key-one", "Bearerkey-one", "Bearer", "Bearer  ", "bearer wrong"])
+def test_other_authorization_values_are_refused(api_key_server, header):
+    with grpc.insecure_channel(api_key_server.address) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.LongCatStub(channel).Tokenize(pb.TokenizeRequest(text="ab"), metadata=(("authorization", header),),
+                                              timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from longcat_service.client.channel import ChannelConfig
 from longcat_service.client.errors import from_rpc_error
 from longcat_service.client.request import generate_request, tokenize_request
-from longcat_service.client.retry import RetryPolicy
+from longcat_service.client.retry import RetryPolicy, retry_pause
 from longcat_service.client.sync_client import _UNSET, DEFAULT_TIMEOUT_S, _remaining, _StreamState
 from longcat_service.client.types import GenerationChunk, GenerationResult, chunk_from_proto
 from longcat_service.server.generated import longcat_pb2 as pb
@@ -43,15 +43,12 @@ class AsyncGenerationStream(_StreamState):
             except grpc.RpcError as e:
                 if self._closed:
                     return
-                code = e.code()
-                if self._retry.should_retry(code, attempt, self._builder.num_chunks > 0):
-                    pause = self._retry.backoff_s(attempt)
-                    left = _remaining(self._deadline)
-                    if left is None or pause < left:
-                        await asyncio.sleep(pause)
-                        attempt += 1
-                        continue
-                raise from_rpc_error(code, e.details(), e.trailing_metadata(), self._builder.result) from None
+                pause = retry_pause(self._retry, e, attempt, self._builder.num_chunks > 0, _remaining(self._deadline))
+                if pause is not None:
+                    await (self._retry.sleep or asyncio.sleep)(pause)
+                    attempt += 1
+                    continue
+                raise from_rpc_error(e.code(), e.details(), e.trailing_metadata(), self._builder.result) from None
 
     async def close(self) -> None:
         self._closed = True
@@ -126,12 +123,11 @@ class AsyncLongCatClient:
             try:
                 return await method(request, timeout=_remaining(deadline), metadata=self._config.metadata())
             except grpc.RpcError as e:
-                if self.retry.should_retry(e.code(), attempt):
-                    pause = self.retry.backoff_s(attempt)
-                    if deadline is None or time.monotonic() + pause < deadline:
-                        await asyncio.sleep(pause)
-                        attempt += 1
-                        continue
+                pause = retry_pause(self.retry, e, attempt, False, _remaining(deadline))
+                if pause is not None:
+                    await (self.retry.sleep or asyncio.sleep)(pause)
+                    attempt += 1
+                    continue
                 raise from_rpc_error(e.code(), e.details(), e.trailing_metadata()) from None
 
     def _timeout(self, timeout) -> float | None:

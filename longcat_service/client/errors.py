@@ -94,12 +94,16 @@ def _metadata_value(metadata, key: str) -> str | None:
     return None
 
 
+def retry_after_s(trailing_metadata) -> float | None:
+    """The server's `retry-after-ms` hint in seconds, or None."""
+    retry_ms = _metadata_value(trailing_metadata, "retry-after-ms")
+    return float(retry_ms) / 1000.0 if retry_ms and retry_ms.isdigit() else None
+
+
 def from_rpc_error(code: grpc.StatusCode, details: str | None, trailing_metadata=None, partial=None) -> LongCatError:
     """Map a failed call (code, details, trailing metadata) to its typed exception."""
     details = details or code.name
     cls = _BY_CODE.get(code, LongCatError)
     if cls is ResourceExhaustedError:
-        retry_ms = _metadata_value(trailing_metadata, "retry-after-ms")
-        retry_after = float(retry_ms) / 1000.0 if retry_ms and retry_ms.isdigit() else None
-        return ResourceExhaustedError(details, code, partial, retry_after_s=retry_after)
+        return ResourceExhaustedError(details, code, partial, retry_after_s=retry_after_s(trailing_metadata))
     return cls(details, code, partial)

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from longcat_service.client.channel import ChannelConfig
 from longcat_service.client.errors import from_rpc_error
 from longcat_service.client.request import generate_request, tokenize_request
-from longcat_service.client.retry import RetryPolicy
+from longcat_service.client.retry import RetryPolicy, retry_pause
 from longcat_service.client.types import GenerationChunk, GenerationResult, ResultBuilder, chunk_from_proto
 from longcat_service.server.generated import longcat_pb2 as pb
 from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
@@ -64,15 +64,12 @@ class GenerationStream(_StreamState):
             except grpc.RpcError as e:
                 if self._closed:
                     return
-                code = e.code()
-                if self._retry.should_retry(code, attempt, self._builder.num_chunks > 0):
-                    pause = self._retry.backoff_s(attempt)
-                    left = _remaining(self._deadline)
-                    if left is None or pause < left:
-                        time.sleep(pause)
-                        attempt += 1
-                        continue
-                raise from_rpc_error(code, e.details(), e.trailing_metadata(), self._builder.result) from None
+                pause = retry_pause(self._retry, e, attempt, self._builder.num_chunks > 0, _remaining(self._deadline))
+                if pause is not None:
+                    (self._retry.sleep or time.sleep)(pause)
+                    attempt += 1
+                    continue
+                raise from_rpc_error(e.code(), e.details(), e.trailing_metadata(), self._builder.result) from None
 
     def close(self) -> None:
         """Cancel the call (no-op once it has finished)."""
@@ -92,8 +89,9 @@ class GenerationStream(_StreamState):
 class LongCatClient:
     """`LongCatClient("127.0.0.1:50051")`; see ChannelConfig for TLS and API keys.
 
-    `timeout` (seconds, None = none) is the default deadline per call; `retry` applies to UNAVAILABLE
-    (and, for streams, only before the first chunk)."""
+    `timeout` (seconds, None = none) is the default deadline per call; `retry` applies to UNAVAILABLE and to
+    RESOURCE_EXHAUSTED with the server's retry-after-ms hint (waiting at least the hint), for streams only
+    before the first chunk."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: bool | None = None,
                  root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
@@ -154,12 +152,11 @@ class LongCatClient:
             try:
                 return method(request, timeout=_remaining(deadline), metadata=self._config.metadata())
             except grpc.RpcError as e:
-                if self.retry.should_retry(e.code(), attempt):
-                    pause = self.retry.backoff_s(attempt)
-                    if deadline is None or time.monotonic() + pause < deadline:
-                        time.sleep(pause)
-                        attempt += 1
-                        continue
+                pause = retry_pause(self.retry, e, attempt, False, _remaining(deadline))
+                if pause is not None:
+                    (self.retry.sleep or time.sleep)(pause)
+                    attempt += 1
+                    continue
                 raise from_rpc_error(e.code(), e.details(), e.trailing_metadata()) from None
 
     def _timeout(self, timeout) -> float | None:

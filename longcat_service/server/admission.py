@@ -3,15 +3,19 @@
 A request is "queued" from admission until its first output arrives. Counting here, rather than
 reading the engine's waiting list, makes the decision race-free under bursts: the engine thread
 may not have seen the previous requests yet. Rejected requests get a retry hint: the recent
-time-in-queue (an exponential moving average)."""
+time-in-queue (an exponential moving average; 1 s before any request started), times a random factor
+uniform in [RETRY_JITTER_LOW, RETRY_JITTER_HIGH], so that clients rejected in the same instant do not all
+come back in the same instant; then clamped to [MIN_RETRY_AFTER_MS, MAX_RETRY_AFTER_MS]."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
 MIN_RETRY_AFTER_MS = 100
 MAX_RETRY_AFTER_MS = 60_000
+RETRY_JITTER_LOW, RETRY_JITTER_HIGH = 0.5, 1.5
 
 
 class Overloaded(Exception):
@@ -30,7 +34,8 @@ class Ticket:
 class AdmissionController:
     """Not thread-safe: used from the server's event loop only."""
 
-    def __init__(self, max_queued_requests: int, max_queued_tokens: int, ema_weight: float = 0.2):
+    def __init__(self, max_queued_requests: int, max_queued_tokens: int, ema_weight: float = 0.2,
+                 rng: random.Random | None = None):
         if max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {max_queued_requests}")
         if max_queued_tokens < 1:
@@ -41,6 +46,7 @@ class AdmissionController:
         self.queued_tokens = 0
         self._ema_weight = ema_weight
         self._ema_queue_ms: float | None = None
+        self._rng = rng if rng is not None else random.Random()
 
     def admit(self, prompt_tokens: int) -> Ticket:
         """A ticket for a queued request, or Overloaded. A lone request is always admitted, so a prompt
@@ -78,7 +84,8 @@ class AdmissionController:
 
     def retry_after_ms(self) -> int:
         estimate = self._ema_queue_ms if self._ema_queue_ms is not None else 1000.0
-        return int(min(max(estimate, MIN_RETRY_AFTER_MS), MAX_RETRY_AFTER_MS))
+        jittered = estimate * self._rng.uniform(RETRY_JITTER_LOW, RETRY_JITTER_HIGH)
+        return int(min(max(jittered, MIN_RETRY_AFTER_MS), MAX_RETRY_AFTER_MS))
 
     def _dequeue(self, ticket: Ticket) -> None:
         ticket.queued = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,6 +16,7 @@ from longcat_service.server.auth import ApiKeyInterceptor
 from longcat_service.server.generated import longcat_pb2 as pb
 from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
 from longcat_service.server.health import SERVICE_NAME, ServingState
+from longcat_service.server.malformed import MalformedBodyInterceptor
 from longcat_service.server.metrics import ServerMetrics
 from longcat_service.server.servicer import LongCatServicer, ServerOptions
 
@@ -26,6 +28,16 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
+
+# After the drain grace: the statuses of streams cut off reach their clients (SHUTDOWN_FLUSH_S), then the
+# transport closes and the engine stops. The process exits within grace + DRAIN_EPSILON_S (documented bound).
+SHUTDOWN_FLUSH_S = 0.5
+DRAIN_EPSILON_S = 1.0
+# Calls that finished inside the grace may still be sending their last messages to a slow client: they get what is
+# left of the grace for that, up to this.
+MAX_TRANSPORT_GRACE_S = 5.0
+
+_GENERATE = f"/{pb.DESCRIPTOR.services_by_name['LongCat'].full_name}/Generate"
 
 
 @dataclass
@@ -81,7 +93,9 @@ class LongCatServer:
 
     async def start(self) -> int:
         cfg = self.config
+        # the first interceptor runs first: authentication before the body is looked at
         interceptors = [ApiKeyInterceptor(cfg.api_keys)] if cfg.api_keys else []
+        interceptors.append(MalformedBodyInterceptor(on_malformed=self._count_malformed))
         server = grpc.aio.server(interceptors=interceptors, options=_CHANNEL_OPTIONS)
         pb_grpc.add_LongCatServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.state.health, server)
@@ -109,6 +123,10 @@ class LongCatServer:
         logger.info("ready: %s serving on port %d", SERVICE_NAME, self.port)
         return self.port
 
+    def _count_malformed(self, method: str) -> None:
+        if method == _GENERATE:
+            self.metrics.requests.labels("invalid").inc()
+
     async def stop_while_starting(self, starting: asyncio.Task) -> None:
         """A signal during start() (the model is still loading; health is NOT_SERVING): stop the engine, which
         abandons the load (at once in process mode; a thread-mode load is waited for), wait for start() to give
@@ -121,11 +139,15 @@ class LongCatServer:
         await self.stop()
 
     async def drain_and_stop(self, grace_s: float) -> bool:
-        """Health NOT_SERVING and new calls UNAVAILABLE; wait for in-flight calls up to grace_s; stop.
+        """Health NOT_SERVING and new calls UNAVAILABLE; wait for in-flight calls up to grace_s; end the streams
+        still running with UNAVAILABLE; stop, all within grace_s + DRAIN_EPSILON_S.
         Returns True when every in-flight call finished in time."""
+        ends_at = time.monotonic() + grace_s
         finished = await self.state.drain(grace_s)
-        # a finished handler's last messages may still be on their way to a slow client: let them arrive
-        await self.stop(transport_grace_s=5.0)
+        if not finished:
+            self.servicer.end_running_calls()
+        left = min(max(ends_at - time.monotonic(), 0.0), MAX_TRANSPORT_GRACE_S)
+        await self.stop(transport_grace_s=left + SHUTDOWN_FLUSH_S)
         return finished
 
     async def stop(self, transport_grace_s: float = 1.0) -> None:

@@ -1,4 +1,5 @@
-"""API-key check as a grpc.aio server interceptor: `authorization: Bearer <key>` metadata.
+"""API-key check as a grpc.aio server interceptor: `authorization: Bearer <key>` metadata (the scheme in any
+case, as RFC 6750 allows).
 
 Health checks stay open (load balancers and kubelets probe without credentials)."""
 
@@ -27,9 +28,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def is_authorized(self, metadata) -> bool:
         header = next((v for k, v in metadata or () if k == "authorization"), None)
-        if not isinstance(header, str) or not header.startswith("Bearer "):
+        if not isinstance(header, str):
             return False
-        presented = _digest(header.removeprefix("Bearer ").strip())
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            return False
+        presented = _digest(credentials.strip())
         matched = False
         for digest in self._digests:  # no early exit: constant time in which key matched
             matched |= hmac.compare_digest(presented, digest)

@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens)
     g.add_argument("--stream-buffer-size", type=int, default=d.stream_buffer_size, help="responses per stream")
     g.add_argument("--slow-reader-timeout-s", type=float, default=d.slow_reader_timeout_s)
-    g.add_argument("--drain-grace-s", type=float, default=30.0)
+    g.add_argument("--drain-grace-s", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, and in-flight requests get "
+                        "this many seconds to finish; streams still running then end with UNAVAILABLE ('server "
+                        "shut down', output sent so far stays delivered) and the server stops within about 1 s "
+                        "more (then the Python process exits) (default: %(default)s)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     g.add_argument("--log-prompts", action="store_true", help="log prompt and output text (off: counts only)")

@@ -8,9 +8,16 @@ from prometheus_client.core import CounterMetricFamily
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-# Outcome labels of longcat_requests_total.
-OUTCOMES = ("ok", "aborted", "cancelled", "deadline", "invalid_argument", "resource_exhausted",
-            "slow_reader", "unavailable", "error")
+# Outcome labels of longcat_requests_total (Generate calls). Only "error" is a server fault (alert on it):
+#   ok           finished (length, stop, eos)
+#   cancelled    the client cancelled the call or went away, or stopped the request with Abort
+#   deadline     the call's deadline (gRPC deadline or timeout_ms) passed
+#   invalid      INVALID_ARGUMENT or ALREADY_EXISTS: a bad request, including a body that is not protobuf
+#   rejected     not admitted: overloaded (RESOURCE_EXHAUSTED) or the server is loading or draining (UNAVAILABLE)
+#   slow_reader  the client stopped reading the stream for --slow-reader-timeout-s (UNAVAILABLE)
+#   shutdown     still running when the drain grace (--drain-grace-s) ended (UNAVAILABLE)
+#   error        the engine failed or is unhealthy (INTERNAL / UNAVAILABLE)
+OUTCOMES = ("ok", "cancelled", "deadline", "invalid", "rejected", "slow_reader", "shutdown", "error")
 
 
 class ServerMetrics:

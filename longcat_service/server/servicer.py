@@ -36,6 +36,8 @@ MAX_ABORT_IDS = 1024
 MAX_COALESCED_TOKENS = 256
 MAX_COALESCED_TEXT_CHARS = 256 * 1024
 _END = object()  # end of the engine's output stream
+SHUTDOWN_MESSAGE = ("server shut down: the request was still running when the drain grace period ended "
+                    "(--drain-grace-s); output streamed before this is complete as far as it goes")
 
 
 @dataclass
@@ -61,6 +63,20 @@ class CallFailed(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, outcome: str, trailing_metadata=()):
         super().__init__(message)
         self.code, self.message, self.outcome, self.trailing_metadata = code, message, outcome, trailing_metadata
+
+
+class ClientGone(Exception):
+    """Writing to the client failed: it cancelled the call, disconnected, or its deadline passed."""
+
+
+# The client's deadline passes a little before the server's (its clock started before the request arrived): a
+# call that ends this close to the server's deadline ended because of the deadline.
+DEADLINE_TOLERANCE_S = 0.25
+
+
+def _gone_outcome(context) -> str:
+    remaining = context.time_remaining()
+    return "deadline" if remaining is not None and remaining <= DEADLINE_TOLERANCE_S else "cancelled"
 
 
 @dataclass
@@ -100,44 +116,62 @@ class LongCatServicer(pb_grpc.LongCatServicer):
         self.metrics = metrics
         self.options = options
         self._running: set[str] = set()
+        self._handlers: set[asyncio.Task] = set()  # running Generate calls
+        self._shutting_down = False
 
     # ---- Generate --------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         started_at = time.monotonic()
         outcome = "error"
         self.state.request_started()
+        handler = asyncio.current_task()
+        self._handlers.add(handler)
         try:
             outcome = await self._generate(request, context, started_at)
         except CallFailed as failure:
             outcome = failure.outcome
             await context.abort(failure.code, failure.message, trailing_metadata=failure.trailing_metadata)
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
+        except ClientGone:
+            outcome = _gone_outcome(context)  # nobody is left to tell: end quietly
+        except asyncio.CancelledError:  # gRPC cancels the handler when the client cancels or the deadline passes
+            if not self._shutting_down:
+                outcome = _gone_outcome(context)
+                raise
+            outcome = "shutdown"  # end_running_calls: tell the client why its stream ends
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
         finally:
+            self._handlers.discard(handler)
             self.metrics.requests.labels(outcome).inc()
             self.state.request_finished()
+
+    def end_running_calls(self) -> int:
+        """The drain grace is over: every Generate still running ends UNAVAILABLE (its request is aborted in the
+        engine; what was streamed stays delivered). Returns how many."""
+        self._shutting_down = True
+        for handler in self._handlers:
+            handler.cancel()
+        return len(self._handlers)
 
     async def _generate(self, request, context, started_at: float) -> str:
         if not self.state.accepting:
             raise CallFailed(grpc.StatusCode.UNAVAILABLE,
-                             "server is draining" if self.state.draining else "server is loading", "unavailable")
+                             "server is draining" if self.state.draining else "server is loading", "rejected")
         if not self.state.engine_healthy():
-            raise CallFailed(grpc.StatusCode.UNAVAILABLE, "engine is not healthy", "unavailable")
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, "engine is not healthy", "error")
         try:
             prompt = convert.prompt_from_request(request, self.engine.tokenizer, self.engine.max_model_len)
             params = convert.sampling_params_from_proto(request.sampling, self._vocab_size())
             convert.validate_request_id(request.request_id)
         except convert.RequestError as e:
-            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid_argument") from e
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid") from e
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._running:
             raise CallFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running",
-                             "invalid_argument")
+                             "invalid")
         try:
             ticket = self.admission.admit(len(prompt.token_ids))
         except Overloaded as e:
-            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}", "resource_exhausted",
+            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}", "rejected",
                              (("retry-after-ms", str(e.retry_after_ms)),)) from e
         deadline = convert.engine_deadline(request, context.time_remaining())
         self._running.add(request_id)
@@ -204,17 +238,19 @@ class LongCatServicer(pb_grpc.LongCatServicer):
                 raise CallFailed(grpc.StatusCode.UNAVAILABLE,
                                  f"client stopped reading the stream for {timeout:g}s; the request was aborted",
                                  "slow_reader") from e
+            except Exception as e:  # the call is over on the client's side: a cancel, a disconnect, a deadline
+                raise ClientGone() from e
 
     @staticmethod
     def _engine_failure(error: Exception, prompt) -> CallFailed:
         if isinstance(error, PromptError):
             # The engine names its own argument ("prompt" / "token_ids"); report the field the client set.
             message = str(error).removeprefix(f"{error.field}: ")
-            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{prompt.kind}: {message}", "invalid_argument")
+            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{prompt.kind}: {message}", "invalid")
         if isinstance(error, SamplingParamsError):
-            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{error}", "invalid_argument")
+            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{error}", "invalid")
         if isinstance(error, EngineDeadError):
-            return CallFailed(grpc.StatusCode.UNAVAILABLE, f"engine unavailable: {error}", "unavailable")
+            return CallFailed(grpc.StatusCode.UNAVAILABLE, f"engine unavailable: {error}", "error")
         logger.error("engine failed", exc_info=error)
         return CallFailed(grpc.StatusCode.INTERNAL, f"engine error: {type(error).__name__}: {error}", "error")
 
@@ -227,7 +263,7 @@ class LongCatServicer(pb_grpc.LongCatServicer):
                              "deadline")
         if pb.FINISH_REASON_ERROR in reasons:
             raise CallFailed(grpc.StatusCode.INTERNAL, "the engine failed while generating", "error")
-        return "aborted" if pb.FINISH_REASON_ABORT in reasons else "ok"
+        return "cancelled" if pb.FINISH_REASON_ABORT in reasons else "ok"
 
     def _record(self, request_id: str, prompt, stats: _Stats, started_at: float) -> None:
         if stats.first_token_at is not None:
