@@ -39,7 +39,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def invalid(param: str, message: str) -> ApiError:
     """400 naming the parameter, its message in the gRPC style `param: reason`."""
-    return ApiError(400, f"{param}: {message}", param, outcome="invalid_argument")
+    return ApiError(400, f"{param}: {message}", param, outcome="invalid")
 
 
 def _param_of(loc: tuple) -> str:

@@ -44,9 +44,9 @@ class HttpContext:
     def check_serving(self) -> None:
         if not self.state.accepting:
             raise ApiError(503, "server is draining" if self.state.draining else "server is loading",
-                           outcome="unavailable")
+                           outcome="rejected")
         if not self.state.engine_healthy():
-            raise ApiError(503, "engine is not healthy", outcome="unavailable")
+            raise ApiError(503, "engine is not healthy", outcome="error")
 
     def vocab_size(self) -> int:
         tok = self.engine.tokenizer
@@ -125,9 +125,9 @@ class Generation:
                 self._tickets.append(ctx.admission.admit(len(prompt)))
         except Overloaded as e:
             seconds = max(1, math.ceil(e.retry_after_ms / 1000))
-            await self.close("resource_exhausted")
+            await self.close("rejected")
             raise self.recorded(ApiError(
-                429, f"server overloaded: {e}", outcome="resource_exhausted", code="overloaded",
+                429, f"server overloaded: {e}", outcome="rejected", code="overloaded",
                 headers={"Retry-After": str(seconds), "retry-after-ms": str(e.retry_after_ms)})) from e
         for i, prompt in enumerate(self.prompts):
             ctx.metrics.prompt_tokens.inc(len(prompt))
@@ -224,7 +224,7 @@ class Generation:
             return "error"
         if "deadline" in reasons:
             return "deadline"
-        return "aborted" if "abort" in reasons else "ok"
+        return "cancelled" if "abort" in reasons else "ok"
 
     async def _pump(self, index: int, prompt: list[int]) -> None:
         ctx = self.ctx
@@ -256,7 +256,7 @@ class Generation:
         if isinstance(error, SamplingParamsError):
             return invalid(error.field, str(error).removeprefix(f"{error.field}: "))
         if isinstance(error, EngineDeadError):
-            return ApiError(503, f"engine unavailable: {error}", outcome="unavailable")
+            return ApiError(503, f"engine unavailable: {error}", outcome="error")
         if isinstance(error, SlowReader):
             return ApiError(408, "client stopped reading the stream; the request was aborted", outcome="slow_reader")
         logger.error("engine failed", exc_info=error)
