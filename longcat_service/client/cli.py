@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 
 from longcat_service.client.errors import LongCatError
@@ -46,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# C0/C1 control characters (except newline and tab), DEL, and the bidi overrides/isolates that can make a terminal
+# show text other than what was received (escape sequences, carriage-return overwrites, reordering).
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """Text for a terminal: every unsafe character shown as a visible escape (\\x1b, \\u202e), the rest unchanged."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
              "presence_penalty", "seed", "min_tokens", "ignore_eos", "stop", "logprobs", "n")
 
@@ -73,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{chunk.index}: {chunk.finish_reason}, {chunk.usage.completion_tokens} tokens]",
                           file=sys.stderr)
                 else:
-                    print(chunk.text, end="", flush=True)
+                    print(terminal_safe(chunk.text), end="", flush=True)
     except LongCatError as e:
         if args.json:
             print(json.dumps({"error": e.code.name if e.code else "UNKNOWN", "details": e.details}), flush=True)
-        print(f"longcat-client: {e.code.name if e.code else 'error'}: {e.details}", file=sys.stderr)
+        print(f"longcat-client: {e.code.name if e.code else 'error'}: {terminal_safe(str(e.details))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

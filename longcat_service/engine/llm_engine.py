@@ -36,9 +36,10 @@ class LLMEngine:
 
         self.args = args = args if args is not None else EngineArgs(**kwargs)
         if args.model is None:
-            from longcat_service.demo_model import ensure_demo_model
+            from longcat_service.demo import DEMO_NOTICE, default_model_path
 
-            model_path = ensure_demo_model()
+            model_path = default_model_path()
+            logger.info(DEMO_NOTICE)
         else:
             model_path = args.model
         self.model_path = model_path

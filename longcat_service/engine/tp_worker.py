@@ -304,9 +304,9 @@ def run_worker(args: EngineArgs, model_path, info: RankInfo) -> int:
         raise ValueError("run_worker: rank 0 runs the engine (TPDriverRunner), not the worker loop")
     _leave_signals_to_rank0()
     if model_path is None:
-        from longcat_service.demo_model import ensure_demo_model
+        from longcat_service.demo import default_model_path
 
-        model_path = ensure_demo_model()
+        model_path = default_model_path()
     args = dataclasses.replace(args, tensor_parallel_size=info.world_size)
     runner = TPWorkerRunner(args, Path(model_path), info, open_store(info))
     return runner.serve_forever()

@@ -77,9 +77,9 @@ def load_model(
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format: must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     if model_path is None:
-        from longcat_service.demo_model import ensure_demo_model  # the tokenizer owner's demo checkpoint
+        from longcat_service.demo import default_model_path
 
-        model_path = ensure_demo_model()
+        model_path = default_model_path()
     model_dir: Path | None = None
     if isinstance(model_path, ModelConfig):
         if hf_overrides:

@@ -156,6 +156,10 @@ async def serve(args: argparse.Namespace) -> int:
     from longcat_service.engine.async_engine import AsyncEngine
 
     config = server_config_from(args)
+    if args.model is None:
+        from longcat_service.demo import DEMO_NOTICE
+
+        logger.info(DEMO_NOTICE)
     server = LongCatServer(AsyncEngine(engine_args_from(args)), config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
