@@ -106,7 +106,8 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         t = x.reshape(-1, shape[-1])
-        probs = (t.float() @ self.classifier.float().t()).softmax(-1)
+        with torch.autocast(t.device.type, enabled=False):  # the router is fp32, also under bf16 autocast
+            probs = (t.float() @ self.classifier.float().t()).softmax(-1)
         idx = (probs + self.e_score_correction_bias).topk(self.k, -1).indices  # the bias only picks experts
         gates = torch.zeros_like(probs).scatter(1, idx, probs.gather(1, idx) * self.rsf)  # [T, n_all]
         if self.training:
@@ -127,7 +128,7 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, dropout: float = 0.0):
         super().__init__()
         h, eps = cfg["hidden_size"], cfg["rms_norm_eps"]
         self.input_layernorm = nn.ModuleList([RMSNorm(h, eps) for _ in range(2)])
@@ -135,14 +136,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = nn.ModuleList([MLA(cfg) for _ in range(2)])
         self.mlps = nn.ModuleList([MLP(h, cfg["ffn_hidden_size"]) for _ in range(2)])
         self.mlp = MoE(cfg)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, h, cos, sin):
-        h = h + self.self_attn[0](self.input_layernorm[0](h), cos, sin)
+        d = self.drop  # training-only regularisation of each residual branch (identity in eval and at inference)
+        h = h + d(self.self_attn[0](self.input_layernorm[0](h), cos, sin))
         n0 = self.post_attention_layernorm[0](h)
-        moe_out = self.mlp(n0)  # shortcut MoE: joins the residual at the end
-        h = h + self.mlps[0](n0)
-        h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin)
-        return h + self.mlps[1](self.post_attention_layernorm[1](h)) + moe_out
+        moe_out = d(self.mlp(n0))  # shortcut MoE: joins the residual at the end
+        h = h + d(self.mlps[0](n0))
+        h = h + d(self.self_attn[1](self.input_layernorm[1](h), cos, sin))
+        return h + d(self.mlps[1](self.post_attention_layernorm[1](h))) + moe_out
 
 
 class MTPLayer(nn.Module):
@@ -164,12 +167,12 @@ class MTPLayer(nn.Module):
 
 
 class TrainableLongcatFlash(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, dropout: float = 0.0):
         super().__init__()
         self.cfg = cfg
         h = cfg["hidden_size"]
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], h)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg["num_layers"])])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dropout) for _ in range(cfg["num_layers"])])
         self.norm = RMSNorm(h, cfg["rms_norm_eps"])
         self.lm_head = _linear(h, cfg["vocab_size"])
         self.mtp = MTPLayer(cfg)

@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--mtp-weight", type=float, default=0.5)
-    p.add_argument("--bias-rate", type=float, default=1e-3, help="router correction-bias update per step")
+    p.add_argument("--dropout", type=float, default=0.1, help="training-only dropout on each residual branch")
+    p.add_argument("--bias-rate", type=float, default=2e-4, help="router correction-bias update per step")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batches", type=int, default=0, help="limit held-out windows to this many batches (0: all)")
     p.add_argument("--preset", choices=("demo", "small"), default="demo", help="demo: the shipped size; small: CPU fallback")
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_batches:
         held_stream = held_stream[: args.eval_batches * args.batch * args.seq_len + 1]
 
-    model = TrainableLongcatFlash(cfg)
+    model = TrainableLongcatFlash(cfg, args.dropout)
     model.init_weights(torch.Generator().manual_seed(args.seed))
     model.to(device).train()
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2 and "embed" not in n]
