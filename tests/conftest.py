@@ -12,6 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests that use the default model were written around the random tiny demo (text that never stops early);
+# tests/test_demo_trained.py names the trained checkpoint explicitly. Subprocesses inherit this.
+os.environ.setdefault("LONGCAT_DEMO_MODEL", "random")
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):

@@ -34,7 +34,7 @@ def dictionary() -> set[str]:
 def llm():
     from longcat_service.llm import LLM
 
-    return LLM(dtype="float32")  # no model: the built-in demo
+    return LLM(model=str(SHIPPED) if (SHIPPED / "model.safetensors").is_file() else None, dtype="float32")
 
 
 def legibility(text: str, dictionary: set[str]) -> float:
@@ -50,9 +50,19 @@ def assert_no_control_chars(text: str) -> None:
 
 
 @needs_shipped
-def test_llm_without_model_loads_the_shipped_checkpoint(llm):
+def test_llm_without_model_loads_the_shipped_checkpoint(monkeypatch):
+    from longcat_service.engine.llm_engine import LLMEngine
+
+    monkeypatch.delenv("LONGCAT_DEMO_MODEL")  # the suite's conftest picks the random tiny demo for other tests
     assert default_model_path() == SHIPPED
-    assert Path(llm.engine.model_path) == SHIPPED
+    engine = LLMEngine(device="cpu", num_kv_blocks=16)
+    assert Path(engine.model_path) == SHIPPED
+    assert engine.vocab_size == json.loads((SHIPPED / "config.json").read_text())["vocab_size"]
+    monkeypatch.setenv("LONGCAT_DEMO_MODEL", "random")
+    assert default_model_path() != SHIPPED
+    monkeypatch.setenv("LONGCAT_DEMO_MODEL", "bogus")
+    with pytest.raises(ValueError, match="LONGCAT_DEMO_MODEL"):
+        default_model_path()
 
 
 @needs_shipped

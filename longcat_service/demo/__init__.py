@@ -7,6 +7,7 @@ loader as any checkpoint. The training recipe is `python -m longcat_service.demo
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -20,10 +21,17 @@ DEMO_NOTICE = (
 
 
 def default_model_path() -> Path:
-    """The packaged trained demo checkpoint; the random tiny one if the package lacks it (a source tree without it)."""
-    if (DEMO_CHECKPOINT_DIR / "model.safetensors").is_file():
-        return DEMO_CHECKPOINT_DIR
+    """The packaged trained demo checkpoint, or the random tiny one (`longcat_service.demo_model`) when
+    LONGCAT_DEMO_MODEL=random (the engine tests, written around its never-ending random text) or when the package
+    lacks the trained one."""
     from longcat_service.demo_model import ensure_demo_model
 
+    choice = os.environ.get("LONGCAT_DEMO_MODEL", "trained")
+    if choice not in ("trained", "random"):
+        raise ValueError(f"LONGCAT_DEMO_MODEL: must be 'trained' or 'random', got {choice!r}")
+    if choice == "random":
+        return ensure_demo_model()
+    if (DEMO_CHECKPOINT_DIR / "model.safetensors").is_file():
+        return DEMO_CHECKPOINT_DIR
     logger.warning("the trained demo checkpoint is missing from %s: using random tiny weights", DEMO_CHECKPOINT_DIR)
     return ensure_demo_model()
