@@ -249,7 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", choices=("demo", "small"), default="demo", help="demo: the shipped size; small: CPU fallback")
     p.add_argument("--tiny", action="store_true", help="toy model and a 5%% slice of the corpus (CPU smoke test)")
     p.add_argument("--corpus", type=Path, default=CORPUS_FILE)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (1 is many times faster on a CPU shared with other work)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
