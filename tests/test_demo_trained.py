@@ -205,3 +205,16 @@ def test_training_model_matches_transformers_logits(tmp_path):
         ours = model.lm_head(model(ids)[0])
         ref = hf(ids).logits
     assert (ours - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_training_run_on_cuda_with_bf16_autocast(tmp_path):
+    from longcat_service.demo.train import main as train_main
+
+    summary = train_main(["--device", "cuda", "--tiny", "--max-steps", "20", "--batch", "8", "--seq-len", "64",
+                          "--eval-every", "10", "--out", str(tmp_path)])
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    evals = [r["main"] for r in log if r["event"] == "eval"]
+    assert evals[-1] < evals[0], "held-out loss did not fall"
+    assert math.isfinite(summary["saved_eval_of_best"]["mtp"])
