@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT_DIR = Path(__file__).with_name("checkpoint")
 DEMO_NOTICE = (
-    "serving the built-in demo model: a ~6M-parameter LongCat-Flash trained for minutes on the King James Bible and "
+    "serving the built-in demo model: a LongCat-Flash of a few million parameters trained briefly on the King James Bible and "
     "a small dialogue corpus. Expect short, loosely coherent, often archaic English, not answers; pass --model "
     "<checkpoint dir> for a real model."
 )
