@@ -37,9 +37,11 @@ def llm():
     return LLM(model=str(SHIPPED) if (SHIPPED / "model.safetensors").is_file() else None, dtype="float32")
 
 
-def legibility(text: str, dictionary: set[str]) -> float:
+def legibility(text: str, dictionary: set[str], min_words: int = 10) -> float:
+    """Share of dictionary words; the text must have min_words words, at least 4 of them distinct (not one loop)."""
     words = [w.lower() for w in re.findall(r"[A-Za-z]+", text)]
-    assert len(words) >= 10, f"too few words to judge: {text!r}"
+    assert len(words) >= min_words, f"too few words to judge: {text!r}"
+    assert len(set(words)) >= min(4, min_words), f"one word repeated is not English: {text!r}"
     return sum(w in dictionary for w in words) / len(words)
 
 
@@ -89,15 +91,17 @@ def test_greedy_output_is_legible_english(llm, dictionary, kind):
     params = SamplingParams(max_tokens=48, temperature=0.0)
     if kind == "story":
         text = llm.generate("Once upon a time", params)[0].outputs[0].text
-    else:
+    else:  # replies learned from one-line dialogues are short and end with EOS
         text = llm.chat([{"role": "user", "content": "Hello, how are you?"}], params)[0].outputs[0].text
     assert_no_control_chars(text)
-    share = legibility(text, dictionary)
+    share = legibility(text, dictionary, min_words=10 if kind == "story" else 3)
     assert share >= 0.8, f"only {share:.0%} dictionary words in {text!r}"
 
 
 def test_legibility_check_rejects_gibberish(dictionary):
     assert legibility(" maldalked hmall Esore de tworl grindle plonk sassafrax vorpt mimsy quaff", dictionary) < 0.8
+    with pytest.raises(AssertionError, match="repeated"):
+        legibility("the the the the the the the the the the the", dictionary)
     with pytest.raises(AssertionError):
         assert_no_control_chars("ok \x1b[2J then")
 
