@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from longcat_service import envs
 from longcat_service.chat_template import LONGCAT_CHAT_TEMPLATE
 
 DEMO_FORMAT_VERSION = 1  # bump when the construction below changes
@@ -107,7 +108,7 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
     `cache_dir` defaults to `$LONGCAT_CACHE_DIR`, else `~/.cache/longcat_service`. The directory is built
     under a temporary name and renamed into place, so concurrent callers never see a partial one.
     """
-    root = Path(cache_dir or os.environ.get("LONGCAT_CACHE_DIR") or Path.home() / ".cache" / "longcat_service")
+    root = Path(cache_dir or envs.LONGCAT_CACHE_DIR or Path.home() / ".cache" / "longcat_service")
     target = root / f"demo-{demo_version_hash()}"
     if target.is_dir():
         return target

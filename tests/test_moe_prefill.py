@@ -212,7 +212,7 @@ def test_router_bf16x3_threshold(monkeypatch):
     router = router_mod.TopkRouter(64, 24)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.delenv("LONGCAT_ROUTER_BF16X3_MIN_TOKENS", raising=False)
-    default = router_mod.ROUTER_BF16X3_MIN_TOKENS
+    default = router_mod.router_bf16x3_min_tokens()
     assert default > 256  # decode batches (CUDA graphs up to 256 tokens) keep the fp32 GEMV
     assert router._use_bf16x3(_FakeCudaInput(default)) and not router._use_bf16x3(_FakeCudaInput(default - 1))
     monkeypatch.setenv("LONGCAT_ROUTER_BF16X3_MIN_TOKENS", "0")

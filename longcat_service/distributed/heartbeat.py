@@ -16,10 +16,12 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from longcat_service import envs
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PERIOD_S = 0.5
-DEFAULT_TIMEOUT_S = float(os.environ.get("LONGCAT_TP_HEARTBEAT_TIMEOUT_S", "10"))
+DEFAULT_TIMEOUT_S = envs.LONGCAT_TP_HEARTBEAT_TIMEOUT_S  # read at import: the default of Heartbeat(timeout_s)
 STARTUP_TIMEOUT_S = 600.0  # before a rank's first beat (spawn + imports can take a while on a busy host)
 
 

@@ -148,11 +148,10 @@ def write_host_inputs(packed, tables, bucket: int, width: int, input_ids, positi
 def create_graph_runner(model_runner) -> CUDAGraphRunner | None:
     """A graph runner for this ModelRunner, or None where graphs cannot be used (CPU, no triton, or
     LONGCAT_ENFORCE_EAGER=1)."""
-    import os
-
+    from longcat_service import envs
     from longcat_service.kernels import fast_path_enabled
 
-    if os.environ.get("LONGCAT_ENFORCE_EAGER", "0") == "1" or not fast_path_enabled(model_runner.kv_caches[0]):
+    if envs.LONGCAT_ENFORCE_EAGER or not fast_path_enabled(model_runner.kv_caches[0]):
         return None
     cfg = model_runner.config
     max_len = model_runner.args.max_model_len or int(getattr(cfg, "max_position_embeddings", 0) or 0)

@@ -8,13 +8,14 @@ output work) and how many steps were pure decode vs carried prefill tokens. Off 
 from __future__ import annotations
 
 import json
-import os
 import time
+
+from longcat_service import envs
 
 
 class StepTrace:
     def __init__(self, path: str | None = None):
-        path = path if path is not None else os.environ.get("LONGCAT_STEP_TRACE")
+        path = path if path is not None else envs.LONGCAT_STEP_TRACE
         self._file = open(path, "a", buffering=1 << 16) if path else None  # noqa: SIM115 (lives with the engine)
         self._marks: list[tuple[str, float]] = []
 

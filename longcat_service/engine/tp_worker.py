@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from longcat_service import envs
 from longcat_service.distributed import parallel_state
 from longcat_service.distributed.heartbeat import Heartbeat, job_key
 from longcat_service.distributed.launch import (
@@ -104,7 +105,7 @@ class _TPRunnerMixin:
 def _tp_cuda_graphs() -> bool:
     """LONGCAT_TP_CUDA_GRAPHS=1: every rank captures the decode graphs (NCCL collectives inside) at start-up and
     replays them in lockstep. Opt-in until it has run on a multi-GPU machine (benchmarks/tp_session.sh)."""
-    return os.environ.get("LONGCAT_TP_CUDA_GRAPHS", "0") == "1"
+    return envs.LONGCAT_TP_CUDA_GRAPHS
 
 
 class TPDriverRunner(_TPRunnerMixin, ModelRunner):

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from longcat_service import envs
+
 
 @functools.cache
 def triton_available() -> bool:
@@ -37,6 +39,6 @@ def interpreter_mode() -> bool:
 
 def fast_path_enabled(t: torch.Tensor) -> bool:
     """Use the Triton kernels for this tensor? (CUDA tensor, triton importable, not disabled by env)."""
-    if os.environ.get("LONGCAT_DISABLE_TRITON", "0") == "1":
+    if envs.LONGCAT_DISABLE_TRITON:
         return False
     return t.is_cuda and triton_available()

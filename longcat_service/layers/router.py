@@ -8,26 +8,25 @@ accuracy: the SIMT fp32 GEMM took 0.87-0.96 ms at 4096 tokens on the H200, the s
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longcat_service import envs
 from longcat_service.layers.weight_utils import make_param
 
 logger = logging.getLogger(__name__)
 
-# Router GEMMs of at least this many tokens (prefill) run as bf16 tensor-core GEMMs against a 3-way bf16
-# split of the fp32 weight (LONGCAT_ROUTER_BF16X3_MIN_TOKENS; 0 turns it off). Below it (decode, at most
-# 256 tokens per CUDA graph) the fp32 GEMV is memory-bound and stays as it is.
-ROUTER_BF16X3_MIN_TOKENS = 512
 # torch.mm(bf16, bf16, out_dtype=torch.float32): CUDA only (the CPU kernel of aten::mm.dtype is missing).
 _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def router_bf16x3_min_tokens() -> int:
-    return int(os.environ.get("LONGCAT_ROUTER_BF16X3_MIN_TOKENS", ROUTER_BF16X3_MIN_TOKENS))
+    """Router GEMMs of at least this many tokens (prefill) run as bf16 tensor-core GEMMs against a 3-way bf16
+    split of the fp32 weight (0: never). Below it (decode, at most 256 tokens per CUDA graph) the fp32 GEMV is
+    memory-bound and stays as it is."""
+    return envs.LONGCAT_ROUTER_BF16X3_MIN_TOKENS
 
 
 def split_bf16x3(weight: torch.Tensor) -> torch.Tensor:

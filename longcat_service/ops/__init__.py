@@ -8,13 +8,14 @@ LONGCAT_FORCE_REFERENCE=1 forces the reference.
 from __future__ import annotations
 
 import logging
-import os
+
+from longcat_service import envs
 
 logger = logging.getLogger(__name__)
 
 
 def _load_extension() -> tuple[bool, str]:
-    if os.environ.get("LONGCAT_FORCE_REFERENCE", "").strip() not in ("", "0"):
+    if envs.LONGCAT_FORCE_REFERENCE:
         return False, "reference (LONGCAT_FORCE_REFERENCE is set)"
     try:
         import torch  # noqa: F401  (the extension links libtorch, loaded by importing torch)
