@@ -1,5 +1,4 @@
-"""MLA decode split-K bookkeeping: the merge folds only the splits that hold tokens, the minimum split length
-(LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS) and the W_UV tile width (LONGCAT_MLA_UV_BLOCK_D) change no result, and the
+"""MLA decode split-K bookkeeping: the merge folds only the splits that hold tokens, and the
 launch configuration (grids, constexprs) of a batch never depends on its sequence lengths (CUDA-graph replay).
 
 Small head counts and ranks so that Triton's CPU interpreter (TRITON_INTERPRET=1, tests/conftest.py) is quick;
@@ -35,13 +34,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split_len(seq_len: int, num_splits: int, min_tokens: int, block_n: int = BN) -> int:
+def _split_len(seq_len: int, num_splits: int, block_n: int = BN) -> int:
     """Python mirror of the kernels' _split_len (for the expected split counts only)."""
-    return max(_cdiv(_cdiv(seq_len, num_splits), block_n) * block_n, _cdiv(min_tokens, block_n) * block_n)
+    return max(_cdiv(_cdiv(seq_len, num_splits), block_n) * block_n, block_n)
 
 
-def _active(seq_len: int, num_splits: int, min_tokens: int) -> int:
-    return _cdiv(seq_len, _split_len(seq_len, num_splits, min_tokens))
+def _active(seq_len: int, num_splits: int) -> int:
+    return _cdiv(seq_len, _split_len(seq_len, num_splits))
 
 
 def _case(seed, lens, dtype, heads=HEADS, rank=RANK, rope=ROPE, dv=DV, lens_dtype=torch.int32):
@@ -58,33 +57,27 @@ def _case(seed, lens, dtype, heads=HEADS, rank=RANK, rope=ROPE, dv=DV, lens_dtyp
     return (q_lat, q_rope, cache, tables.int().to(DEVICE), seq), w_kv_b[:, 3:, :]  # W_UV strided like kv_b_proj
 
 
-def _edge_lens(num_splits: int, min_tokens: int) -> list[int]:
-    """0, 1, one block -1/0/+1, a row that exactly fills all num_splits minimum-length splits (or, where that
-    would exceed 1024 tokens, as many as fit in 1024) and one token more, a long row: within one batch, so rows
-    fill different numbers of splits."""
-    shortest = _split_len(1, num_splits, min_tokens)
+def _edge_lens(num_splits: int) -> list[int]:
+    """0, 1, one block -1/0/+1, a row that exactly fills all num_splits one-block splits (or, where that would
+    exceed 1024 tokens, as many as fit in 1024) and one token more, a long row: within one batch, so rows fill
+    different numbers of splits."""
+    shortest = _split_len(1, num_splits)
     full = min(num_splits, max(1024 // shortest, 1)) * shortest
     return [0, 1, BN - 1, BN, BN + 1, full, full + 1, 700]
 
 
-@pytest.mark.parametrize("dtype,min_tokens", [
-    (torch.float32, None), (torch.float32, 64), (torch.float32, 128), (torch.float32, 1024),
-    (torch.bfloat16, 128),  # the interpreter takes ~5 ms a program: not all pairs (bf16 default: test_kernels.py)
-])
-def test_min_split_tokens_and_active_splits_match_reference(dtype, min_tokens, monkeypatch):
-    if min_tokens is not None:
-        monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", str(min_tokens))
-    min_eff = md.MIN_SPLIT_TOKENS if min_tokens is None else min_tokens
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_active_splits_match_reference(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2 * BF16_TOL
     for num_splits in (1, 3, 32):
-        lens = _edge_lens(num_splits, min_eff)
+        lens = _edge_lens(num_splits)
         if num_splits == 32:  # 32 stage-1 programs a row: fewer rows (1, BN -1, BN: covered at 1 and 3 splits)
             lens = [n for n in lens if n not in (1, BN - 1, BN)]
         full = lens[-3]
-        assert full == _active(full, num_splits, min_eff) * _split_len(full, num_splits, min_eff)  # exactly filled
-        if num_splits > 1 and min_eff < 700:  # rows fill different numbers of splits
-            assert len({_active(n, num_splits, min_eff) for n in lens}) > 2
-        args, w_uv = _case(num_splits * 10 + min_eff, lens, dtype)
+        assert full == _active(full, num_splits) * _split_len(full, num_splits)  # exactly filled
+        if num_splits > 1:  # rows fill different numbers of splits
+            assert len({_active(n, num_splits) for n in lens}) > 2
+        args, w_uv = _case(num_splits * 10, lens, dtype)
         ref = md.mla_decode_reference(*args, scale=0.37)
         out = md.mla_decode(*args, scale=0.37, num_splits=num_splits)
         assert out.dtype == dtype and torch.isfinite(out).all()
@@ -96,20 +89,16 @@ def test_min_split_tokens_and_active_splits_match_reference(dtype, min_tokens, m
         assert (out_uv[0] == 0).all()
 
 
-@pytest.mark.parametrize("min_tokens,num_splits,lens", [
-    (None, 32, [512, 0, 33, 700]),  # the default cut: 512 tokens fill 16 of 32 splits
-    (128, 32, [512, 0, 129, 700]),  # 512 tokens: 4 splits of 128 (H200 batch 1, 512-token context)
-    (1024, 3, [512, 700, 32]),  # one split
-    (64, 3, [192, 193, 31]),  # exactly 3 x 64; one token more
+@pytest.mark.parametrize("num_splits,lens", [
+    (32, [512, 0, 33, 700]),  # 512 tokens fill 16 of 32 splits
+    (3, [512, 700, 32]),
+    (3, [192, 193, 31]),  # exactly 3 x 64; one token more
 ])
-def test_only_active_splits_are_written_and_merged(min_tokens, num_splits, lens, monkeypatch):
+def test_only_active_splits_are_written_and_merged(num_splits, lens):
     """Stage 1 writes the partials of the splits that hold tokens and no others; the merge reads only those
     (the unwritten ones stay NaN here, and the output is finite and matches the reference). int32 and int64
     seq_lens (CUDA-graph replays pass int64)."""
-    if min_tokens is not None:
-        monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", str(min_tokens))
-    min_eff = md.MIN_SPLIT_TOKENS if min_tokens is None else min_tokens
-    lens_dtype = torch.int64 if num_splits == 3 or min_tokens == 128 else torch.int32
+    lens_dtype = torch.int64 if num_splits == 3 else torch.int32
     args, w_uv = _case(len(lens) + num_splits, lens, torch.float32, lens_dtype=lens_dtype)
     batch = len(lens)
     for dv in (None, DV):
@@ -123,45 +112,9 @@ def test_only_active_splits_are_written_and_merged(min_tokens, num_splits, lens,
         written = torch.isfinite(part_lse)  # [B, h, splits]
         assert torch.equal(written, torch.isfinite(part_out).all(-1))
         for b, n in enumerate(lens):
-            expect = _active(n, num_splits, min_eff)
+            expect = _active(n, num_splits)
             assert written[b].sum(-1).tolist() == [expect] * HEADS, (n, expect)
             assert written[b, :, :expect].all()  # the first `expect` splits
-    if min_tokens == 128:
-        assert _active(512, 32, 128) == 4 and _active(512, 32, md.BLOCK_N) == 16
-
-
-@pytest.mark.parametrize("block_d", ["8", "16", "64"])
-def test_uv_block_d_override_matches_reference(block_d, monkeypatch):
-    monkeypatch.setenv("LONGCAT_MLA_UV_BLOCK_D", block_d)
-    lens = [70, 0, 5]
-    args, w_uv = _case(int(block_d), lens, torch.float32, dv=40)
-    cfg = md.launch_config(len(lens), HEADS, RANK, ROPE, torch.float32, dv=40)
-    assert cfg.stage2["BLOCK_D"] == int(block_d) and cfg.grid2 == (HEADS, len(lens), -(-40 // int(block_d)))
-    ref = md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)
-    for splits in (1, 3):
-        assert _rel(md.mla_decode(*args, scale=0.37, num_splits=splits, w_uv=w_uv), ref) < 1e-5
-
-
-@pytest.mark.parametrize("var,raw", [
-    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "0"),
-    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "-32"),
-    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "12.5"),
-    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", "lots"),
-    ("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", str(2**40)),
-    ("LONGCAT_MLA_UV_BLOCK_D", "24"),
-    ("LONGCAT_MLA_UV_BLOCK_D", "4"),
-    ("LONGCAT_MLA_UV_BLOCK_D", "256"),
-    ("LONGCAT_MLA_UV_BLOCK_D", "x"),
-])
-def test_overrides_are_validated(var, raw, monkeypatch):
-    monkeypatch.setenv(var, raw)
-    args, w_uv = _case(0, [5], torch.float32)
-    with pytest.raises(ValueError, match=var):
-        md.mla_decode(*args, scale=1.0, w_uv=w_uv)
-
-
-def test_defaults_keep_the_even_cut():
-    assert md.min_split_tokens() == md.MIN_SPLIT_TOKENS == md.BLOCK_N and md.uv_block_d() == md.UV_BLOCK_D == 32
 
 
 class _Recorder:
@@ -178,12 +131,9 @@ class _Recorder:
         return run
 
 
-@pytest.mark.parametrize("min_tokens", [None, "128"])
-def test_launch_configuration_does_not_depend_on_seq_lens(min_tokens, monkeypatch):
+def test_launch_configuration_does_not_depend_on_seq_lens(monkeypatch):
     """What a CUDA graph captures (grids, constexprs, warps) must be the same whatever the batch's lengths:
     empty rows, short rows filling one split, long rows filling all of them."""
-    if min_tokens is not None:
-        monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS", min_tokens)
     log: list = []
     for name in ("_stage1", "_stage2", "_stage2_uv"):
         monkeypatch.setattr(tri, name, _Recorder(getattr(tri, name), log))

@@ -19,6 +19,7 @@ if not ON_GPU:
 pytest.importorskip("triton")
 
 from longcat_service.config import ModelConfig  # noqa: E402
+from longcat_service.kernels import fast_path_enabled as FAST_PATH_ENABLED  # noqa: E402
 from longcat_service.kernels.prefill_attn import (  # noqa: E402
     prefill_attn,
     prefill_attn_mla,
@@ -65,14 +66,18 @@ def _segment(num_queries, seq_len, heads, dtype, device=DEVICE, seed=0, dn=DN, d
 
 
 def _route_cpu_through_interpreter(monkeypatch):
-    if not ON_GPU:  # CPU tensors take the Triton path (interpreted) wherever a CUDA tensor would
-        monkeypatch.setattr(pa, "fast_path_enabled", lambda t: True)
+    """The default backend: CPU tensors take the Triton path (interpreted) wherever a CUDA tensor would."""
+    monkeypatch.setattr(pa, "fast_path_enabled", FAST_PATH_ENABLED if ON_GPU else lambda t: True)
+
+
+def _eager_prefill(monkeypatch):
+    """The eager backend, as without Triton (CPU tensors or LONGCAT_DISABLE_TRITON=1); only the prefill attention."""
+    monkeypatch.setattr(pa, "fast_path_enabled", lambda t: False)
 
 
 def _eager_and_triton(monkeypatch, q, cache, seg, w, dims):
-    monkeypatch.setenv("LONGCAT_PREFILL_ATTN", "eager")
+    _eager_prefill(monkeypatch)
     eager = pa.prefill_attention(q, cache, seg, w, *dims)
-    monkeypatch.delenv("LONGCAT_PREFILL_ATTN")  # the default: triton where the fast path runs
     _route_cpu_through_interpreter(monkeypatch)
     assert pa.prefill_attention_backend(q) == "triton"
     return eager, pa.prefill_attention(q, cache, seg, w, *dims)
@@ -172,32 +177,11 @@ def test_causal_rows_see_exactly_their_prefix():
 
 def test_backend_choice(monkeypatch):
     cpu = torch.zeros(1)
-    monkeypatch.delenv("LONGCAT_PREFILL_ATTN", raising=False)
     monkeypatch.setattr(pa, "fast_path_enabled", lambda t: t.is_cuda)  # as in production with triton installed
-    assert pa.prefill_attention_backend(cpu) == "eager"  # the CPU default: the reference
+    assert pa.prefill_attention_backend(cpu) == "eager"  # the CPU path: the reference
     assert pa.prefill_attention_backend() == "eager"
     monkeypatch.setattr(pa, "fast_path_enabled", lambda t: True)  # a CUDA tensor
-    assert pa.prefill_attention_backend(cpu) == "triton"  # the CUDA default
-    for name in ("eager", "sdpa", " SDPA "):
-        monkeypatch.setenv("LONGCAT_PREFILL_ATTN", name)
-        assert pa.prefill_attention_backend(cpu) == name.strip().lower()
-    monkeypatch.setenv("LONGCAT_PREFILL_ATTN", "triton")
     assert pa.prefill_attention_backend(cpu) == "triton"
-    monkeypatch.setattr(pa, "fast_path_enabled", lambda t: False)  # CPU, or LONGCAT_DISABLE_TRITON=1
-    assert pa.prefill_attention_backend(cpu) == "eager"
-    monkeypatch.setenv("LONGCAT_PREFILL_ATTN", "flash3")
-    with pytest.raises(ValueError, match="LONGCAT_PREFILL_ATTN"):
-        pa.prefill_attention_backend(cpu)
-
-
-def test_triton_backend_falls_back_to_eager_off_gpu(monkeypatch):
-    q, cache, seg, w, dims = _segment(6, 6, 2, torch.float32)
-    monkeypatch.setenv("LONGCAT_PREFILL_ATTN", "eager")
-    eager = pa.prefill_attention(q, cache, seg, w, *dims)
-    monkeypatch.setattr(pa, "fast_path_enabled", lambda t: False)  # a CPU tensor in production
-    for env in ("triton", ""):
-        monkeypatch.setenv("LONGCAT_PREFILL_ATTN", env)
-        torch.testing.assert_close(pa.prefill_attention(q, cache, seg, w, *dims), eager, rtol=0, atol=0)
 
 
 def test_rejects_bad_shapes():
@@ -273,9 +257,8 @@ def test_layer_forward_with_triton_prefill_matches_eager(monkeypatch, dtype, con
     attn, x, cos, sin, plan, cache = _layer_case(config_dict, dtype, query_lens, seq_lens, sum(seq_lens), fused_a)
     eager_cache, triton_cache = cache.clone(), cache.clone()
     with torch.inference_mode():
-        monkeypatch.setenv("LONGCAT_PREFILL_ATTN", "eager")
+        _eager_prefill(monkeypatch)
         eager = attn(x, cos, sin, plan, eager_cache)
-        monkeypatch.delenv("LONGCAT_PREFILL_ATTN")
         _route_cpu_through_interpreter(monkeypatch)
         calls = []
         real = attn._forward_triton_prefill
@@ -291,7 +274,6 @@ def test_triton_prefill_path_concatenates_nothing(monkeypatch):
     """A prefill-only batch on the Triton path never calls torch.cat (no q or K concatenation, no cache-entry
     cat: mla_prep writes the cache)."""
     attn, x, cos, sin, plan, cache = _layer_case(LAYER, torch.float32, [7, 4], [7, 10], 5, False)
-    monkeypatch.delenv("LONGCAT_PREFILL_ATTN", raising=False)
     _route_cpu_through_interpreter(monkeypatch)
     cats = []
     real_cat = torch.cat
@@ -321,13 +303,12 @@ def _chunked_then_decode(model, config, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_chunked_prefill_with_triton_matches_eager(monkeypatch, dtype):
-    """The whole tiny model (LONGCAT_FUSED_QKV_A default): chunked prefill and several prompts in one batch
+    """The whole tiny model (q_a and kv_a in one GEMM): chunked prefill and several prompts in one batch
     through the Triton prefill path, then a decode step reading the cache it wrote, against eager."""
     config = ModelConfig.from_dict(TINY_CONFIG)
     model = load_model(config, dtype=dtype, device=DEVICE, load_format="dummy", seed=2)
-    monkeypatch.setenv("LONGCAT_PREFILL_ATTN", "eager")
+    _eager_prefill(monkeypatch)
     eager = _chunked_then_decode(model, config, dtype)
-    monkeypatch.delenv("LONGCAT_PREFILL_ATTN")
     _route_cpu_through_interpreter(monkeypatch)
     calls = []
     real = MLAAttention._forward_triton_prefill

@@ -34,12 +34,12 @@ def _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb
 
 
 @triton.jit
-def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr):
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Tokens per split of a row (stage 1 and the merge must agree): the row cut into NUM_SPLITS even chunks
-    rounded up to BLOCK_N, but at least MIN_SPLIT_TOKENS rounded up to BLOCK_N (short rows use fewer, fuller splits).
-    Splits 0 .. cdiv(seq_len, split_len) - 1 hold tokens, the rest none (all of them when seq_len is 0)."""
+    rounded up to BLOCK_N (at least BLOCK_N, also for an empty row). Splits 0 .. cdiv(seq_len, split_len) - 1
+    hold tokens, the rest none (all of them when seq_len is 0)."""
     even = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    return tl.maximum(even, (MIN_SPLIT_TOKENS + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    return tl.maximum(even, BLOCK_N)
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _stage1(
     s_qlb, s_qlh, s_qrb, s_qrh, s_cb, s_ct, s_tb,
     s_pob, s_poh, s_pos, s_plb, s_plh,
     RANK: tl.constexpr, ROPE: tl.constexpr, RANK_PAD: tl.constexpr, ROPE_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     # head block varies fastest so programs that read the same cache chunk run together (L2 reuse)
@@ -57,7 +57,7 @@ def _stage1(
     split = tl.program_id(1)
     b = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     # a split past the row's end loads and stores nothing: the merge reads only the splits that hold tokens
@@ -118,13 +118,13 @@ def _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh,
 
 @triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                  NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
                   RANK_PAD: tl.constexpr, USE_WHILE: tl.constexpr):
     """One (row, head)'s split partials merged by their log-sum-exps -> the normalised fp32 output [RANK_PAD].
     Only the splits that hold tokens (stage 1's split length of this row's seq_len): a short row merges a few
     partials, not NUM_SPLITS; a row with seq_len 0 merges none and gives zeros."""
     seq_len = tl.load(lens_ptr + b)
-    n_active = tl.minimum(tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS)), NUM_SPLITS)
+    n_active = tl.minimum(tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N)), NUM_SPLITS)
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([RANK_PAD], tl.float32)
@@ -146,14 +146,14 @@ def _stage2(
     part_out_ptr, part_lse_ptr, lens_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MIN_SPLIT_TOKENS: tl.constexpr, USE_WHILE: tl.constexpr,
+    USE_WHILE: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
     out = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                        NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS, RANK_PAD, USE_WHILE)
+                        NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -162,7 +162,7 @@ def _stage2_uv(
     part_out_ptr, part_lse_ptr, lens_ptr, w_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_wh, s_wd, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MIN_SPLIT_TOKENS: tl.constexpr, USE_WHILE: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+    USE_WHILE: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
 ):
     """_stage2, then this head's W_UV: out[b, h, d] = o_latent[b, h] . w_uv[h, d] for BLOCK_D columns d. Each of the
     DV / BLOCK_D programs of a head merges the (L2-resident) partials itself, so no o_latent round trip and no
@@ -173,7 +173,7 @@ def _stage2_uv(
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
     o = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                      NUM_SPLITS, BLOCK_N, MIN_SPLIT_TOKENS, RANK_PAD, USE_WHILE)
+                      NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE)
     # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
     o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
     offs_d = d0 + tl.arange(0, BLOCK_D)

@@ -57,7 +57,7 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     w = attn.kv_b_proj.weight.view(heads, dn + dv, attn.kv_lora_rank)
     w_uk, w_uv = w[:, :dn, :], w[:, dn:, :]
     q_latent = torch.bmm(q[..., :dn].transpose(0, 1), w_uk).transpose(0, 1)  # [n, h, r]
-    if n <= fused_uv_max_batch():  # the merge stage applies W_UV itself: one launch less, no o_latent round trip
+    if n <= FUSED_UV_MAX_BATCH:  # the merge stage applies W_UV itself: one launch less, no o_latent round trip
         out = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale, w_uv=w_uv)
     else:  # many rows: cuBLAS's batched GEMM reads each head's W_UV once for all of them
         o_latent = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale)
@@ -65,12 +65,6 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return attn.o_proj(out.reshape(n, heads * dv))
 
 
+# Largest decode batch whose MLA merge stage applies W_UV: each program reads its head's W_UV, which pays while few
+# rows share it; beyond that cuBLAS's batched GEMM reads each head's W_UV once for all rows.
 FUSED_UV_MAX_BATCH = 8
-
-
-def fused_uv_max_batch() -> int:
-    """Largest decode batch whose MLA merge stage applies W_UV (each program reads its head's W_UV, which only
-    pays while few rows share it). LONGCAT_MLA_FUSED_UV_MAX_BATCH overrides (0 = never)."""
-    import os
-
-    return int(os.environ.get("LONGCAT_MLA_FUSED_UV_MAX_BATCH", FUSED_UV_MAX_BATCH))

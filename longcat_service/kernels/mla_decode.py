@@ -5,9 +5,8 @@ entries [latent | rope key] directly, and the output stays in the latent space (
 
     o_latent[b, h] = softmax_t(scale * (q_latent[b, h] . latent_t + q_rope[b, h] . rope_t)) @ latent
 
-The sequence is cut into `num_splits` chunks (so batch 1 still fills the GPU) of at least `min_split_tokens()`
-tokens each; stage 1 writes each chunk's normalised partial output and log-sum-exp, stage 2 merges them. Splits
-past a row's end (a short row fills only the first few) do no work in stage 1 and are skipped by the merge.
+The sequence is cut into `num_splits` even chunks of whole BLOCK_N blocks (so batch 1 still fills the GPU);
+stage 1 writes each chunk's normalised partial output and log-sum-exp, stage 2 merges them. Splits past a row's end (a short row fills only the first few) do no work in stage 1 and are skipped by the merge.
 Sequence lengths are read from device memory and every grid size depends only on B, the head count and the
 fixed split count (see launch_config), so a launch can be captured in a CUDA graph and replayed with new
 lengths. Rows with seq_len 0 (batch padding) produce zeros.
@@ -15,7 +14,6 @@ lengths. Rows with seq_len 0 (batch padding) produce zeros.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,68 +21,17 @@ import torch
 from longcat_service.kernels import interpreter_mode, next_pow2
 
 BLOCK_N = 32  # cache tokens per inner step
-BLOCK_H = 16  # heads per program (tl.dot needs >= 16 rows)
+BLOCK_H = 16  # heads per program (tl.dot needs >= 16 rows); 32- and 64-head blocks timed equal on the H200
 TARGET_PROGRAMS = 2 * 132  # ~2 programs per H200 SM
 MAX_SPLITS = 32
 STAGE1_WARPS, STAGE1_STAGES = 4, 2
-# Fewest tokens per split (rounded up to block_n): shorter rows use fewer, fuller splits, so the merge folds fewer
-# partials. BLOCK_N = the even cut alone (a 512-token row at 32 splits fills 16 splits of 32 tokens; with 128 it
-# fills 4 of 128). LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS overrides it.
-MIN_SPLIT_TOKENS = BLOCK_N
-MAX_MIN_SPLIT_TOKENS = 1 << 24  # keeps split * split_len inside int32 in the kernels
 UV_BLOCK_D = 32  # W_UV columns per program of the W_UV merge stage (a [32, 512] tile: 32 KB of bf16)
-
-
-def tiles() -> tuple[int, int, int, int]:
-    """(block_h, block_n, num_warps, num_stages) of stage 1. LONGCAT_MLA_DECODE_TILES="h,n,warps,stages" overrides
-    the default (16, 32, 4, 2) to time alternatives: at batch 64 the H200 spent 69 us per call against ~10 us of
-    cache bytes, and each of the 4 head blocks of 16 reads the same cache entries (a wider block reads them once)."""
-    raw = os.environ.get("LONGCAT_MLA_DECODE_TILES")
-    if not raw:
-        return BLOCK_H, BLOCK_N, STAGE1_WARPS, STAGE1_STAGES
-    try:
-        h, n, w, st = (int(v) for v in raw.split(","))
-    except ValueError:
-        raise ValueError(f"LONGCAT_MLA_DECODE_TILES must be 'block_h,block_n,warps,stages', got {raw!r}") from None
-    if h < 16 or n < 16 or h & (h - 1) or n & (n - 1) or w < 1 or st < 1:
-        raise ValueError(f"LONGCAT_MLA_DECODE_TILES: block sizes must be powers of two >= 16, got {raw!r}")
-    return h, n, w, st
-
-
-def min_split_tokens() -> int:
-    """Fewest cache tokens per split (MIN_SPLIT_TOKENS; LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS overrides it). The
-    kernels round it up to block_n; with 128 a 512-token row uses 4 splits instead of 16."""
-    raw = os.environ.get("LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS")
-    if not raw:
-        return MIN_SPLIT_TOKENS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_MIN_SPLIT_TOKENS:
-        raise ValueError(
-            f"LONGCAT_MLA_DECODE_MIN_SPLIT_TOKENS must be an integer in [1, {MAX_MIN_SPLIT_TOKENS}], got {raw!r}")
-    return value
-
-
-def uv_block_d() -> int:
-    """W_UV columns per program of the W_UV merge stage (UV_BLOCK_D; LONGCAT_MLA_UV_BLOCK_D overrides it)."""
-    raw = os.environ.get("LONGCAT_MLA_UV_BLOCK_D")
-    if not raw:
-        return UV_BLOCK_D
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 8 or value > 128 or value & (value - 1):
-        raise ValueError(f"LONGCAT_MLA_UV_BLOCK_D must be a power of two in [8, 128], got {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
     """Both launches of one mla_decode call: grids and kernel keyword arguments (constexprs, warps, stages). A
-    function of the batch, the shapes, the dtype and the environment only, never of the sequence lengths (which
+    function of the batch, the shapes, and the dtype only, never of the sequence lengths (which
     the kernels read from device memory), so a captured CUDA graph replays correctly with other lengths."""
 
     num_splits: int
@@ -96,26 +43,24 @@ class LaunchConfig:
 
 def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dtype, dv: int | None = None,
                   num_splits: int | None = None) -> LaunchConfig:
-    block_h, block_n, warps, stages = tiles()
     if num_splits is None:
-        num_splits = choose_num_splits(batch, heads, block_h)
+        num_splits = choose_num_splits(batch, heads)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    min_split = min_split_tokens()
     interp = interpreter_mode()
     rank_pad = next_pow2(rank)
     stage1 = dict(
-        RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=block_h,
-        BLOCK_N=block_n, MIN_SPLIT_TOKENS=min_split, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H,
+        BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interp,  # the CPU interpreter has no bf16 matmul: compute in fp32 there
-        USE_WHILE=interp, num_warps=warps, num_stages=stages,
+        USE_WHILE=interp, num_warps=STAGE1_WARPS, num_stages=STAGE1_STAGES,
     )
-    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=block_n, MIN_SPLIT_TOKENS=min_split,
-                  USE_WHILE=interp, num_warps=4)
-    grid1 = (-(-heads // block_h), num_splits, batch)
+    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
+                  num_warps=4)
+    grid1 = (-(-heads // BLOCK_H), num_splits, batch)
     if dv is None:
         return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
-    block_d = min(uv_block_d(), next_pow2(dv))
+    block_d = min(UV_BLOCK_D, next_pow2(dv))
     stage2.update(BLOCK_D=block_d, DV=dv)
     return LaunchConfig(num_splits, grid1, (heads, batch, -(-dv // block_d)), stage1, stage2)
 
@@ -165,9 +110,9 @@ def _check_inputs(q_latent, q_rope, kv_cache, block_tables, seq_lens) -> None:
             raise ValueError(f"{name} is on {t.device}, q_latent on {q_latent.device}")
 
 
-def choose_num_splits(batch: int, num_heads: int, block_h: int = BLOCK_H) -> int:
+def choose_num_splits(batch: int, num_heads: int) -> int:
     """A function of the batch and head count only (so one CUDA-graph bucket always uses the same grid)."""
-    programs = batch * -(-num_heads // block_h)
+    programs = batch * -(-num_heads // BLOCK_H)
     return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // programs)))
 
 

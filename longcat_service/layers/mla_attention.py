@@ -5,7 +5,7 @@ is row-parallel; q_a_proj / kv_a_proj_with_mqa and the latent cache are replicat
 
 Three forward paths: the decode-only CUDA batch (kernels/fast_decode.py); batches with prefill segments whose
 prefill attention is the Triton kernel (the default on CUDA, see paged_attention.prefill_attention_backend),
-`_forward_triton_prefill`; and the eager layers below, the CPU reference (also LONGCAT_PREFILL_ATTN=eager/sdpa).
+`_forward_triton_prefill`; and the eager layers below, the CPU reference (also with LONGCAT_DISABLE_TRITON=1).
 """
 
 from __future__ import annotations

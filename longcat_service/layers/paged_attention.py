@@ -6,11 +6,12 @@ the normalised, mla_scale_kv_lora-scaled latent, then the post-RoPE rope key.
 Two paths:
 - prefill / chunked prefill (query_len > 1): expand the sequence's latent through kv_b_proj into per-head
   K and V, causal with query offset seq_len - query_len, softmax in fp32 (as transformers' eager path).
-  Three backends (LONGCAT_PREFILL_ATTN, see prefill_attention_backend): 'triton', the default on CUDA, runs
-  our causal flash-attention kernel (kernels/prefill_attn.py) on k_nope / v as views of kv_b_proj's output
-  and the rope key shared by all heads, concatenating nothing; 'eager', the default elsewhere and the
-  reference, builds k = [k_nope | rope key] per head and the [h, Q, S] scores; 'sdpa' runs the same
-  concatenated K through F.scaled_dot_product_attention;
+  Two backends (prefill_attention_backend): 'triton' wherever the Triton fast path runs (CUDA), our causal
+  flash-attention kernel (kernels/prefill_attn.py) on k_nope / v as views of kv_b_proj's output and the rope
+  key shared by all heads, concatenating nothing; 'eager' elsewhere (CPU, LONGCAT_DISABLE_TRITON=1), the
+  reference, builds k = [k_nope | rope key] per head and the [h, Q, S] scores (on the H200 a 4096-token prefill
+  ran at 44.6% of the matmul rate with 'triton', 21.0% with 'eager'; F.scaled_dot_product_attention, 43.7%,
+  was deleted);
 - decode (query_len == 1), weight-absorbed and batched: q_nope goes through W_UK into the latent space,
   scores are taken against [latent | rope key] directly, and the output P @ latent goes through W_UV.
 An `AttentionPlan` (index tensors shared by every attention sublayer) is built once per forward.
@@ -18,11 +19,9 @@ An `AttentionPlan` (index tensors shared by every attention sublayer) is built o
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from longcat_service.kernels import fast_path_enabled
 from longcat_service.model.attention_metadata import AttentionMetadata
@@ -108,19 +107,10 @@ def write_kv_cache(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, latent: t
     flat[slot_mapping] = torch.cat((latent, k_rope), dim=-1).to(kv_cache.dtype)
 
 
-PREFILL_ATTN_BACKENDS = ("eager", "sdpa", "triton")
-
-
 def prefill_attention_backend(q: torch.Tensor | None = None) -> str:
-    """The prefill attention that runs for tensors like q: LONGCAT_PREFILL_ATTN = 'triton', 'sdpa' or 'eager';
-    unset, 'triton' on CUDA and 'eager' elsewhere. 'triton' needs the Triton fast path (a CUDA tensor, triton
-    importable, LONGCAT_DISABLE_TRITON unset) and becomes 'eager' without it (always so when q is None)."""
-    name = os.environ.get("LONGCAT_PREFILL_ATTN", "").strip().lower() or "triton"
-    if name not in PREFILL_ATTN_BACKENDS:
-        raise ValueError(f"LONGCAT_PREFILL_ATTN must be one of {PREFILL_ATTN_BACKENDS}, got {name!r}")
-    if name == "triton" and (q is None or not fast_path_enabled(q)):
-        return "eager"
-    return name
+    """The prefill attention that runs for tensors like q: 'triton' where the Triton fast path runs (a CUDA tensor,
+    triton importable, LONGCAT_DISABLE_TRITON unset), else 'eager' (always so when q is None)."""
+    return "triton" if q is not None and fast_path_enabled(q) else "eager"
 
 
 def _expand_kv_parts(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
@@ -136,7 +126,7 @@ def _expand_kv_parts(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_h
 
 
 def _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
-    """-> k [S, h, dn+dr] (the rope key concatenated to every head), v [S, h, dv]: eager and sdpa."""
+    """-> k [S, h, dn+dr] (the rope key concatenated to every head), v [S, h, dv]: the eager path."""
     k_nope, k_rope, v = _expand_kv_parts(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     k = torch.cat((k_nope, k_rope[:, None, :].expand(-1, num_heads, -1)), dim=-1)  # [S, h, dqk]
     return k, v
@@ -153,10 +143,7 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [Q, h, dn+dr] of one sequence -> [Q, h, dv]. w_kv_b: this rank's kv_b_proj weight [h*(dn+dv), r]."""
-    backend = prefill_attention_backend(q)
-    if backend == "sdpa":
-        return prefill_attention_sdpa(q, kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim, scale)
-    if backend == "triton":  # CUDA only (tests route CPU tensors through the interpreter)
+    if prefill_attention_backend(q) == "triton":  # CUDA only (tests route CPU tensors through the interpreter)
         return prefill_attention_triton(q, kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim, scale)
     k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * scale  # [h, Q, S]
@@ -183,37 +170,6 @@ def prefill_attention_triton(
 
     k_nope, k_rope, v = _expand_kv_parts(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     return prefill_attn_mla(q[..., :qk_nope_head_dim], q[..., qk_nope_head_dim:], k_nope, k_rope, v, scale, out=out)
-
-
-def prefill_attention_sdpa(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    segment: PrefillSegment,
-    w_kv_b: torch.Tensor,
-    num_heads: int,
-    qk_nope_head_dim: int,
-    v_head_dim: int,
-    scale: float,
-    pad_v: bool | None = None,
-) -> torch.Tensor:
-    """prefill_attention through F.scaled_dot_product_attention (same arguments and result).
-    pad_v (default: on CUDA) zero-pads V to the qk head dim and drops the extra output columns."""
-    k, v = _expand_kv(kv_cache, segment, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
-    num_queries, seq_len, head_dim = q.shape[0], k.shape[0], q.shape[-1]
-    if (q.is_cuda if pad_v is None else pad_v) and v_head_dim != head_dim:
-        # The flash backend wants one head dim for q, k and v (as transformers' flash path): zero-pad V.
-        v = F.pad(v, (0, head_dim - v_head_dim))
-    if num_queries == seq_len:  # a whole prompt: plain causal, the flash kernel's fast case
-        mask, causal = None, True
-    else:  # a chunk after cached context: bottom-right-aligned causal mask, broadcast over heads
-        mask, causal = segment.allowed, False
-    # [1, h, Q/S, d]: PyTorch's fused kernels (flash, memory-efficient) take only 4-D inputs; 3-D ones run the
-    # math fallback (fp32 scores in full), which the H200 showed slower than our eager path.
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=None if mask is None else mask[None], is_causal=causal, scale=scale,
-    )[0]  # [h, Q, dv or dqk]
-    return out[..., :v_head_dim].transpose(0, 1)
 
 
 def decode_attention(

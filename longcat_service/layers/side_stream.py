@@ -2,38 +2,28 @@
 its kernels can run beside them). The branch is forked from the current stream and joined before its output is
 added; the same ops run in the same order on each stream, so results are bit-identical to running it inline.
 
-When (measured on the H200, benchmarks/RESULTS.md):
-- CUDA-graph decode steps of <= LONGCAT_MOE_OVERLAP_MAX_TOKENS tokens (default 8): the many small, latency-bound
-  kernels of either path fill the other's gaps (-0.05..-0.08 ms per step at batch 1; at batch 64 the expert GEMV
-  already streams at the copy rate and the overlap cost ~1 ms, hence the limit);
-- eager steps (prefill) of >= LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS tokens: opt-in (default 0 = never). On the
-  H200 (d635e7c) it lost: a 4096-token prefill took 49.5 ms with it vs 45.1 ms inline (the grouped GEMMs and the
-  dense GEMMs each fill the GPU, so they slow each other down), and serving stalled (service / offline 0.74 vs
-  0.95, TTFT p99 2.1 s vs 0.8 s; the side stream's own allocator pool and handles under memory pressure).
+Only in CUDA-graph decode steps of <= LONGCAT_MOE_OVERLAP_MAX_TOKENS tokens (default 8; measured on the H200,
+benchmarks/RESULTS.md): the many small, latency-bound kernels of either path fill the other's gaps (batch 1: 1.48
+vs 1.58 ms per step inline); at batch 64 the expert GEMV already streams at the copy rate and the overlap cost
+~1 ms, hence the limit. Not in eager steps (prefill): there it lost (a 4096-token prefill 49.5 vs 45.1 ms inline:
+the grouped and the dense GEMMs each fill the GPU) and stalled serving.
 Never under tensor parallelism: the MoE's all-reduce would race the main stream's collectives on one communicator.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from longcat_service import envs
 from longcat_service.distributed.parallel_state import get_tp_size
 
-MOE_OVERLAP_MAX_TOKENS = 8
-MOE_OVERLAP_PREFILL_MIN_TOKENS = 0
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def moe_on_side_stream(x: torch.Tensor) -> bool:
-    if not x.is_cuda or get_tp_size() > 1:
+    if not x.is_cuda or get_tp_size() > 1 or not torch.cuda.is_current_stream_capturing():
         return False
-    num_tokens = x.shape[0]
-    if torch.cuda.is_current_stream_capturing():
-        return num_tokens <= int(os.environ.get("LONGCAT_MOE_OVERLAP_MAX_TOKENS", MOE_OVERLAP_MAX_TOKENS))
-    min_prefill = int(os.environ.get("LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS", MOE_OVERLAP_PREFILL_MIN_TOKENS))
-    return 0 < min_prefill <= num_tokens
+    return x.shape[0] <= envs.LONGCAT_MOE_OVERLAP_MAX_TOKENS
 
 
 class ShortcutMoEStream:

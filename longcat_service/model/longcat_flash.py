@@ -6,14 +6,12 @@ expected checkpoint key to the parameter (and loader arguments) that receives it
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from longcat_service.config import ModelConfig
-from longcat_service.kernels import fast_path_enabled
 from longcat_service.kernels.fast_decode import build_decode_plan, use_fast_decode
 from longcat_service.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from longcat_service.layers.layernorm import RMSNorm
@@ -24,24 +22,6 @@ from longcat_service.layers.paged_attention import AttentionPlan, build_attentio
 from longcat_service.layers.rotary import RotaryEmbedding
 from longcat_service.layers.side_stream import ShortcutMoEStream
 from longcat_service.model.attention_metadata import AttentionMetadata
-
-
-def fused_residual_enabled() -> bool:
-    """LONGCAT_FUSED_RESIDUAL=1: residual add + next RMSNorm in one kernel. Opt-in: on the H200 its graph replay was
-    the fastest at batch 1 (1.41-1.42 ms) but the engine step was unchanged (1.49 ms; benchmarks/RESULTS.md)."""
-    return os.environ.get("LONGCAT_FUSED_RESIDUAL", "0") == "1"
-
-
-def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual), x + residual) with transformers' rounding: the Triton kernel on the fast path,
-    else its pure-PyTorch reference (bit-identical to the unfused layer code)."""
-    from longcat_service.kernels import rmsnorm as k
-
-    shape = x.shape
-    x2, r2 = x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1])
-    fn = k.add_rms_norm if fast_path_enabled(x) else k.add_rms_norm_reference
-    normed, total = fn(x2, r2, norm.weight, norm.eps)
-    return normed.view(shape), total.view(shape)
 
 
 class LongcatDecoderLayer(nn.Module):
@@ -59,8 +39,6 @@ class LongcatDecoderLayer(nn.Module):
         self.mlp = LongcatMoE(config, dtype, f"{prefix}.mlp")
 
     def forward(self, h, cos, sin, plan: AttentionPlan, kv_caches: tuple[torch.Tensor, torch.Tensor]):
-        if fused_residual_enabled():
-            return self._forward_fused(h, cos, sin, plan, kv_caches)
         h = h + self.self_attn[0](self.input_layernorm[0](h), cos, sin, plan, kv_caches[0])
         n0 = self.post_attention_layernorm[0](h)
         with ShortcutMoEStream(n0) as branch:  # maybe on a side stream while the dense path runs
@@ -68,18 +46,6 @@ class LongcatDecoderLayer(nn.Module):
         h = h + self.mlps[0](n0)
         h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, plan, kv_caches[1])
         out = h + self.mlps[1](self.post_attention_layernorm[1](h))
-        branch.join()
-        return out + moe_out
-
-    def _forward_fused(self, h, cos, sin, plan, kv_caches):
-        """forward() with each residual add fused into the RMSNorm that reads its result (3 of 5 adds)."""
-        a0 = self.self_attn[0](self.input_layernorm[0](h), cos, sin, plan, kv_caches[0])
-        n0, h = _add_norm(a0, h, self.post_attention_layernorm[0])  # h + a0 == a0 + h exactly
-        with ShortcutMoEStream(n0) as branch:  # the same side-stream overlap as forward()
-            moe_out = branch.output(self.mlp(n0))
-        n1, h = _add_norm(self.mlps[0](n0), h, self.input_layernorm[1])
-        n2, h = _add_norm(self.self_attn[1](n1, cos, sin, plan, kv_caches[1]), h, self.post_attention_layernorm[1])
-        out = h + self.mlps[1](n2)
         branch.join()
         return out + moe_out
 
