@@ -9,12 +9,12 @@ the slots to zero experts, ~64 rows to each real expert. Times both GEMMs of one
   gate_up  x [T*k, 6144] x w13 [512, 4096, 6144] -> [T*k, 4096]   (25.8 GB of weights)
   down     a [T*k, 2048] x w2  [512, 6144, 2048] -> [T*k, 6144]   (12.9 GB of weights)
 for torch._grouped_mm and every config of kernels/grouped_gemm.CONFIGS (or --configs), then the whole prefill
-expert FFN (ops/extension._expert_ffn_grouped_mm) with torch._grouped_mm and with the best Triton config.
+expert FFN (ops/extension._expert_ffn_grouped_mm) without Triton (torch._grouped_mm) and with the best config.
 Columns: median ms of CUDA-event timings, GB/s of weight bytes (experts with rows; each weight read once is
 the floor), that rate as % of the device copy rate measured in this run (a 2 GiB copy_, read + write bytes),
 max |diff| against torch._grouped_mm on the real rows (both accumulate in fp32 and round once to bf16: ~1 bf16
 ulp of the largest outputs). The best config per GEMM and overall is printed as the env value to set
-(LONGCAT_GROUPED_GEMM_CONFIG); the op is used when LONGCAT_TRITON_GROUPED_GEMM=1.
+(LONGCAT_GROUPED_GEMM_CONFIG); the op runs whenever the Triton fast path does.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+from unittest import mock
 
 import torch
 
@@ -149,21 +150,12 @@ def main() -> None:
         from longcat_service.ops import extension
 
         ffn_args = (hidden, w13, w2, offsets, sorted_slots, K)
-        saved_flag, saved_env = extension.TRITON_GROUPED_GEMM, os.environ.get(gg.CONFIG_ENV)
-        try:
-            extension.TRITON_GROUPED_GEMM = False
+        with mock.patch.object(extension, "fast_path_enabled", lambda t: False):  # as without Triton
             want = extension._expert_ffn_grouped_mm(*ffn_args)
             torch_ms = _time_ms(lambda: extension._expert_ffn_grouped_mm(*ffn_args), reps)
-            extension.TRITON_GROUPED_GEMM = True
-            os.environ[gg.CONFIG_ENV] = best_cfg
+        with mock.patch.dict(os.environ, {gg.CONFIG_ENV: best_cfg}):
             got = extension._expert_ffn_grouped_mm(*ffn_args)
             triton_ms = _time_ms(lambda: extension._expert_ffn_grouped_mm(*ffn_args), reps)
-        finally:
-            extension.TRITON_GROUPED_GEMM = saved_flag
-            if saved_env is None:
-                os.environ.pop(gg.CONFIG_ENV, None)
-            else:
-                os.environ[gg.CONFIG_ENV] = saved_env
         diff = float((got[:n_real].float() - want[:n_real].float()).abs().max())
         results["expert_ffn"] = {"torch_ms": round(torch_ms, 3), "triton_ms": round(triton_ms, 3),
                                  "config": best_cfg, "max_abs_diff": diff,

@@ -122,6 +122,10 @@ SWITCHES: tuple[Switch, ...] = (
 _BY_NAME = {s.name: s for s in SWITCHES}
 
 
+def default(name: str) -> Any:
+    return _BY_NAME[name].default
+
+
 def read(name: str) -> Any:
     """The switch's current value: its default when unset or empty, else the parsed value."""
     switch = _BY_NAME[name]

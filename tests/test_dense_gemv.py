@@ -4,10 +4,6 @@ without the CUDA kernels built."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,9 +143,9 @@ def test_fake_kernel_gives_output_shape():
     assert out.shape == (3, 2112) and out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("enabled", [False, True])
-def test_linear_helper_is_f_linear_on_cpu(monkeypatch, enabled):
-    monkeypatch.setattr(linear_mod, "DENSE_GEMV", enabled)
+@pytest.mark.parametrize("rows", ["0", "8"])
+def test_linear_helper_is_f_linear_on_cpu(monkeypatch, rows):
+    monkeypatch.setenv("LONGCAT_DENSE_GEMV_ROWS", rows)
     x, w = _inputs(4, 33, 64, torch.bfloat16, seed=6)
     bias = torch.randn(33).bfloat16()
     assert torch.equal(linear_mod.linear(x, w), F.linear(x, w))
@@ -246,8 +242,7 @@ def test_replicated_linear_takes_gemv_when_enabled(monkeypatch):
     calls = []
     gemv = extension.dense_gemv
     monkeypatch.setattr(extension, "dense_gemv", lambda x, w: calls.append(x.shape) or gemv(x, w))
-    monkeypatch.setattr(linear_mod, "DENSE_GEMV", True)
-    monkeypatch.setattr(linear_mod, "DENSE_GEMV_ROWS", 8)
+    monkeypatch.setenv("LONGCAT_DENSE_GEMV_ROWS", "8")
     with torch.device("cuda"):
         layer = linear_mod.ReplicatedLinear(6144, 2112, torch.bfloat16)
         biased = linear_mod.ReplicatedLinear(6144, 2112, torch.bfloat16, bias=True)
@@ -262,17 +257,15 @@ def test_replicated_linear_takes_gemv_when_enabled(monkeypatch):
     x = torch.randn(9, 6144, device="cuda", generator=g).bfloat16()
     assert torch.equal(layer(x), F.linear(x, layer.weight))  # 9 rows: cuBLAS
     assert len(calls) == 3
-    monkeypatch.setattr(linear_mod, "DENSE_GEMV_ROWS", 2)  # the default: cuBLAS was faster from 4 rows
+    monkeypatch.delenv("LONGCAT_DENSE_GEMV_ROWS")  # the default, 2: cuBLAS was faster from 4 rows
     x = torch.randn(3, 6144, device="cuda", generator=g).bfloat16()
     assert torch.equal(layer(x), F.linear(x, layer.weight))
     assert len(calls) == 3
 
 
-def test_dense_gemv_defaults_on_for_one_and_two_rows():
-    """The shipped defaults (the H200 timings in benchmarks/RESULTS.md): on, for 1..2 rows."""
-    code = "from longcat_service.layers import linear as L; print(L.DENSE_GEMV, L.DENSE_GEMV_ROWS)"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LONGCAT_DENSE_GEMV")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "True 2"
+def test_dense_gemv_defaults_on_for_one_and_two_rows(monkeypatch):
+    """The shipped default (the H200 timings in benchmarks/RESULTS.md): 1..2 rows."""
+    from longcat_service import envs
+
+    monkeypatch.delenv("LONGCAT_DENSE_GEMV_ROWS", raising=False)
+    assert envs.LONGCAT_DENSE_GEMV_ROWS == 2

@@ -2,7 +2,7 @@
 
 Against an exact (fp64) per-expert x @ w^T: random row counts with empty experts, one expert holding every row,
 experts of more rows than a tile, N and K not multiples of the blocks, fp32 and bf16, no rows at all; the
-pointer, TMA and split-tail variants; then the prefill expert FFN with LONGCAT_TRITON_GROUPED_GEMM on.
+pointer, TMA and split-tail variants; then the prefill expert FFN through it (the default with Triton).
 Without a GPU the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1) with small shapes; products of
 bf16 values are exact in fp32, and the kernel rounds its output to bf16 to nearest (as a GPU does, not the
 interpreter's truncating cast), so bf16 results are within half a bf16 ulp plus the fp32 accumulation error
@@ -211,7 +211,6 @@ def test_expert_ffn_with_triton_grouped_gemm(monkeypatch, t, e, z, k, h, i, shar
         pytest.skip("the CUDA path never runs the grouped GEMM without tokens (_use_grouped_mm)")
     hidden, w13, w2, offsets, sorted_slots, *_ = _routed(t, e, z, k, h, i, share, seed=t, device=DEVICE)
     monkeypatch.setattr(extension, "fast_path_enabled", lambda _: True)
-    monkeypatch.setattr(extension, "TRITON_GROUPED_GEMM", True)
     monkeypatch.setenv(gg.CONFIG_ENV, "16,16,32,2,4,tma,split")  # small tiles: several per expert
     calls = []
     real = gg.grouped_gemm
@@ -222,22 +221,9 @@ def test_expert_ffn_with_triton_grouped_gemm(monkeypatch, t, e, z, k, h, i, shar
     assert y.shape == (t * k, h) and y.dtype == torch.bfloat16
     want = ref.expert_ffn(hidden, w13, w2, offsets, sorted_slots, k)
     torch.testing.assert_close(y[:n], want[:n], rtol=2e-2, atol=2e-2)
-    monkeypatch.setattr(extension, "TRITON_GROUPED_GEMM", False)
+    monkeypatch.setattr(extension, "fast_path_enabled", lambda _: False)  # torch._grouped_mm, as without Triton
     torch_y = extension._expert_ffn_grouped_mm(hidden, w13, w2, offsets, sorted_slots, k)
     torch.testing.assert_close(y[:n], torch_y[:n], rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("value,expected", [("0", "False"), ("1", "True"), (None, "True")])
-def test_flag_is_read_at_import_and_on_by_default(value, expected):
-    assert extension.TRITON_GROUPED_GEMM == (os.environ.get("LONGCAT_TRITON_GROUPED_GEMM", "1") == "1")
-    env = {k: v for k, v in os.environ.items() if k != "LONGCAT_TRITON_GROUPED_GEMM"}
-    if value is not None:
-        env["LONGCAT_TRITON_GROUPED_GEMM"] = value
-    code = "from longcat_service.ops import extension; print(extension.TRITON_GROUPED_GEMM)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == expected
 
 
 # ---- the GPU build, compiled offline -----------------------------------------------------------------------------
@@ -330,9 +316,9 @@ def test_real_expert_ffn_with_flag(monkeypatch):
         pytest.skip("torch._grouped_mm needs sm_90+")
     # 16 experts, ~43 rows each (a third of the slots go to zero experts)
     hidden, w13, w2, offsets, sorted_slots, *_ = _routed(256, 16, 8, 4, H, I_EXPERT, "mixed", seed=1, device="cuda")
-    monkeypatch.setattr(extension, "TRITON_GROUPED_GEMM", False)
+    monkeypatch.setattr(extension, "fast_path_enabled", lambda _: False)  # torch._grouped_mm
     want = extension._expert_ffn_grouped_mm(hidden, w13, w2, offsets, sorted_slots, 4)
-    monkeypatch.setattr(extension, "TRITON_GROUPED_GEMM", True)
+    monkeypatch.undo()
     got = extension._expert_ffn_grouped_mm(hidden, w13, w2, offsets, sorted_slots, 4)
     n = int(offsets[-1])
     torch.testing.assert_close(got[:n].float(), want[:n].float(), rtol=2e-2, atol=2e-2)

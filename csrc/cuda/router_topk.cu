@@ -2,14 +2,12 @@
 // probs + bias with the lower index winning ties, weights = unbiased probs * scale, zero_weight summed
 // over the zero-expert slots in slot order.
 //
-// LONGCAT_ROUTER_KERNEL=v2 (the default; v1 forces the warp path): at T <= kBlockPathMaxTokens, one 256-thread BLOCK per token instead:
-// the logits live in registers (<= 24 per thread), the softmax reductions and each of the k argmax rounds are
-// block-wide (warp shuffles + one shared-memory exchange), and after a pick only the thread that owned the
+// At T <= kBlockPathMaxTokens, one 256-thread BLOCK per token instead (H200: 5.9 vs 12.0 us per call at T=1, 768
+// logits): the logits live in registers (<= 24 per thread), the softmax reductions and each of the k argmax
+// rounds are block-wide (warp shuffles + one shared-memory exchange), and after a pick only the thread that owned the
 // winner rescans its few elements. A single warp per token spent ~15-19 us at T=1 walking 768 scores 12 times.
 #include <cfloat>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 
 #include "../ops.h"
 #include "common.cuh"
@@ -220,15 +218,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// LONGCAT_ROUTER_KERNEL: "v2" (default: block per token at small T; 5.9 us vs 12.0 us per call at T=1, 768
-// logits, on the H200) or "v1" (warp per token everywhere).
-bool use_router_kernel_v2() {
-  const char* v = std::getenv("LONGCAT_ROUTER_KERNEL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "v2") == 0) return true;
-  TORCH_CHECK(std::strcmp(v, "v1") == 0, "LONGCAT_ROUTER_KERNEL must be v1 or v2, got '", v, "'");
-  return false;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cuda(const at::Tensor& logits_in, const at::Tensor& bias_in,
                                                                 int64_t top_k, double routed_scaling_factor,
                                                                 int64_t num_experts) {
@@ -242,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cuda(const at::Tensor
   auto weights = at::empty({T, top_k}, logits.options());
   auto zero_weight = at::empty({T}, logits.options());
   if (T == 0) return {ids, weights, zero_weight};
-  if (T <= kBlockPathMaxTokens && use_router_kernel_v2()) {
+  if (T <= kBlockPathMaxTokens) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const float sc = static_cast<float>(routed_scaling_factor);
     const int W = static_cast<int>(width), K = static_cast<int>(top_k), E = static_cast<int>(num_experts);

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 
+from longcat_service import envs
 from longcat_service.kernels import next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -97,12 +97,11 @@ CONFIGS: tuple[GroupedGemmConfig, ...] = tuple(parse_config(c) for c in (
 ))
 # fastest for both GEMMs of a 4096-token prefill on the H200 (session 4: gate_up 6.73 vs torch._grouped_mm 7.84 ms,
 # down 3.49 vs 4.13 ms; outputs bit-identical)
-DEFAULT_CONFIG = parse_config("128,64,128,3,8,tma,split")
+DEFAULT_CONFIG = parse_config(envs.default(CONFIG_ENV))  # "128,64,128,3,8,tma,split"
 
 
 def config_from_env() -> GroupedGemmConfig:
-    text = os.environ.get(CONFIG_ENV, "").strip()
-    return parse_config(text) if text else DEFAULT_CONFIG
+    return parse_config(envs.LONGCAT_GROUPED_GEMM_CONFIG)
 
 
 def grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:

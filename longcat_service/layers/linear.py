@@ -7,14 +7,13 @@ All of them multiply through `linear`, which takes the dense GEMV kernel for dec
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longcat_service import ops
+from longcat_service import envs, ops
 from longcat_service.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
 from longcat_service.layers.weight_utils import (
     WeightLoadError,
@@ -26,13 +25,10 @@ from longcat_service.layers.weight_utils import (
 )
 from longcat_service.ops import extension
 
-# Decode batches of up to DENSE_GEMV_ROWS rows (bf16/fp16 on CUDA) multiply with the weight-streaming GEMV
-# (csrc/cuda/dense_gemv.cu) instead of cuBLAS. On the H200 (benchmarks/RESULTS.md, session 4) it beat cuBLAS on
-# every LongCat projection at 1 and 2 rows (fused q_a+kv_a 8.5 vs 12.1 us, dense down 37 vs 44 us, o_proj 25.7
-# vs 27.2) and lost from 4 rows (13.5 vs 12.3 us ...). LONGCAT_DENSE_GEMV=0 turns it off; LONGCAT_DENSE_GEMV_ROWS
-# (1..8) moves the limit. Read once at import.
-DENSE_GEMV = os.environ.get("LONGCAT_DENSE_GEMV", "1").strip() == "1"
-DENSE_GEMV_ROWS = int(os.environ.get("LONGCAT_DENSE_GEMV_ROWS", "2"))
+# Decode batches of up to LONGCAT_DENSE_GEMV_ROWS rows (default 2; bf16/fp16 on CUDA) multiply with the
+# weight-streaming GEMV (csrc/cuda/dense_gemv.cu) instead of cuBLAS. On the H200 (benchmarks/RESULTS.md, session 4)
+# it beat cuBLAS on every LongCat projection at 1 and 2 rows (fused q_a+kv_a 8.5 vs 12.1 us, dense down 37 vs
+# 44 us, o_proj 25.7 vs 27.2) and lost from 4 rows (13.5 vs 12.3 us ...).
 _DENSE_GEMV_BUILT = ops.ACTIVE_BACKEND == "extension cpu+cuda"
 _DENSE_GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -42,14 +38,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (never device values), so it is CUDA-graph safe; the GEMV itself falls back to F.linear on layouts it
     does not take (ops.extension.dense_gemv_supported)."""
     if (
-        DENSE_GEMV
-        and _DENSE_GEMV_BUILT
+        _DENSE_GEMV_BUILT
         and bias is None
         and x.is_cuda
         and x.dim() == 2
-        and 1 <= x.shape[0] <= min(DENSE_GEMV_ROWS, extension.DENSE_GEMV_MAX_ROWS)
         and x.dtype in _DENSE_GEMV_DTYPES
         and x.shape[1] % 8 == 0
+        and 1 <= x.shape[0] <= min(envs.LONGCAT_DENSE_GEMV_ROWS, extension.DENSE_GEMV_MAX_ROWS)
     ):
         return extension.dense_gemv(x, weight)
     return F.linear(x, weight, bias)

@@ -1,8 +1,8 @@
 """The ops backed by the compiled extension (torch.ops.longcat.*), with reference.py's signatures.
 
 The dispatcher picks the CPU or CUDA kernel from the tensors' device. On CUDA, expert_ffn has two
-regimes: a weight-streaming kernel for few tokens per expert (decode) and torch._grouped_mm for many
-(prefill); the choice uses only T, k and E, never device values, so it is CUDA-graph safe.
+regimes: a weight-streaming kernel for few tokens per expert (decode) and a grouped GEMM for many (prefill: our
+Triton kernel, or torch._grouped_mm without Triton); the choice uses only T, k and E, never device values, so it is CUDA-graph safe.
 expert_ffn's rows at or past expert_offsets[-1] are unspecified (the grouped-GEMM path leaves them
 uninitialised); combine reads only the rows of real-expert slots.
 dense_gemv runs the compiled kernel only on the shapes and layouts it takes (dense_gemv_supported), else F.linear.
@@ -11,8 +11,6 @@ take the inputs (*_supported), prefill experts go to the Triton grouped FP8 GEMM
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +23,6 @@ _ops = torch.ops.longcat
 # Expected rows per expert (T*k/E) at or above which a grouped GEMM beats streaming weights with
 # CUDA-core FMAs (tensor cores win once each weight byte is reused by ~8+ rows).
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 8
-
-# Prefill experts through the Triton grouped GEMM (kernels/grouped_gemm.py) instead of torch._grouped_mm when
-# the Triton fast path is on: on the H200 it streamed the expert weights at 88-92% of the copy rate against
-# torch._grouped_mm's 75-79% (benchmarks/bench_grouped_gemm.py, RESULTS.md session 4), with equal outputs.
-# LONGCAT_TRITON_GROUPED_GEMM=0 (read once at import) goes back to torch._grouped_mm.
-TRITON_GROUPED_GEMM = os.environ.get("LONGCAT_TRITON_GROUPED_GEMM", "1") == "1"
 
 # dense_gemv: most rows per call (csrc/ops.h kDenseGemvMaxRows) and elements per 16-byte vector of each dtype.
 DENSE_GEMV_MAX_ROWS = 8
@@ -58,33 +50,30 @@ def _use_grouped_mm(hidden: torch.Tensor, w13: torch.Tensor, num_slots: int) -> 
 def _expert_ffn_grouped_mm(hidden, w13, w2, expert_offsets, sorted_slots, top_k):
     """Prefill path: gather rows into expert order, two grouped GEMMs (bf16, fp32 accumulate), SwiGLU.
 
-    Rows at or past expert_offsets[-1] (as many as zero-expert slots) belong to no group: _grouped_mm does
-    not write them and no real row depends on them, so they are left as they are (the op's contract:
-    unspecified; combine never reads them). With Triton, the gather and the activation skip them too (the
-    count is read on the device, so there is no host sync), and with TRITON_GROUPED_GEMM so do the two GEMMs.
+    Rows at or past expert_offsets[-1] (as many as zero-expert slots) belong to no group: no GEMM writes them and
+    no real row depends on them, so they are left as they are (the op's contract: unspecified; combine never reads
+    them). With Triton, the row gather, our grouped GEMM (kernels/grouped_gemm.py) and the activation skip them
+    (the count is read on the device, so there is no host sync): on the H200 the grouped GEMM streamed the expert
+    weights at 88-92% of the copy rate against torch._grouped_mm's 75-79% (RESULTS.md session 4; a 4096-token
+    prefill at 53.9% vs 49.2% of the matmul rate), with equal outputs. Without Triton: torch._grouped_mm.
     """
-    ends = expert_offsets[1:]
     if fast_path_enabled(hidden):
+        from longcat_service.kernels.grouped_gemm import grouped_gemm
         from longcat_service.kernels.moe_gather import gather_expert_rows
         from longcat_service.kernels.silu_mul import silu_and_mul
 
         num_rows = expert_offsets[-1:]
         x = gather_expert_rows(hidden, sorted_slots, top_k, num_rows)
-        if TRITON_GROUPED_GEMM:
-            from longcat_service.kernels.grouped_gemm import grouped_gemm
-
-            # a token's top-k experts are distinct: no expert has more rows than tokens (a tile-size hint only)
-            offsets, max_rows = expert_offsets.to(torch.int32), hidden.shape[0]
-            act = silu_and_mul(grouped_gemm(x, w13, offsets, max_rows), num_rows)
-            return grouped_gemm(act, w2, offsets, max_rows)
-        gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
-        act = silu_and_mul(gate_up, num_rows)
-    else:
-        inter = w2.shape[-1]
-        tokens = torch.div(sorted_slots.clamp(min=0), top_k, rounding_mode="floor")
-        x = hidden.index_select(0, tokens)
-        gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        # a token's top-k experts are distinct: no expert has more rows than tokens (a tile-size hint only)
+        offsets, max_rows = expert_offsets.to(torch.int32), hidden.shape[0]
+        act = silu_and_mul(grouped_gemm(x, w13, offsets, max_rows), num_rows)
+        return grouped_gemm(act, w2, offsets, max_rows)
+    ends = expert_offsets[1:]
+    inter = w2.shape[-1]
+    tokens = torch.div(sorted_slots.clamp(min=0), top_k, rounding_mode="floor")
+    x = hidden.index_select(0, tokens)
+    gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
+    act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     return torch._grouped_mm(act, w2.transpose(1, 2), offs=ends)
 
 
