@@ -6,7 +6,7 @@ import torch
 
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.llm_engine import LLMEngine
-from longcat_service.model.attention_metadata import AttentionMetadata
+from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.kv_cache import allocate_kv_caches
 from longcat_service.sampling_params import SamplingParams
 

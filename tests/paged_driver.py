@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from longcat_service.model.attention_metadata import AttentionMetadata
+from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.kv_cache import allocate_kv_caches
 
 

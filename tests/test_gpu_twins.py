@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longcat_service.config import ModelConfig
-from longcat_service.model.attention_metadata import AttentionMetadata
+from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.kv_cache import allocate_kv_caches
 from longcat_service.model.loader import load_model
 from tests.tiny_config import TINY_CONFIG

@@ -18,15 +18,15 @@ if not ON_GPU:
 pytest.importorskip("triton")
 
 from longcat_service.config import ModelConfig  # noqa: E402
-from longcat_service.kernels import fast_decode as fast_decode_mod  # noqa: E402
 from longcat_service.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
 from longcat_service.kernels.mla_prep import mla_prep, mla_prep_reference  # noqa: E402
 from longcat_service.kernels.rmsnorm import (  # noqa: E402
     rms_norm,
     rms_norm_reference,
 )
+from longcat_service.layers import fast_decode as fast_decode_mod  # noqa: E402
 from longcat_service.layers import layernorm as layernorm_mod  # noqa: E402
-from longcat_service.model.attention_metadata import AttentionMetadata  # noqa: E402
+from longcat_service.layers.attention_metadata import AttentionMetadata  # noqa: E402
 from longcat_service.model.kv_cache import allocate_kv_caches  # noqa: E402
 from longcat_service.model.loader import load_model  # noqa: E402
 from tests.tiny_config import TINY_CONFIG  # noqa: E402

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from longcat_service.config import ModelConfig
+from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.paged_attention import (
     build_attention_plan,
     decode_attention,
     prefill_attention,
     write_kv_cache,
 )
-from longcat_service.model.attention_metadata import AttentionMetadata
 from longcat_service.model.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 
 H, DN, DR, DV, R = 3, 8, 4, 6, 10  # heads, nope, rope, v dims, latent rank
@@ -146,7 +146,7 @@ def test_allocate_kv_caches_shapes():
 def test_metadata_slots_of_long_chunks_equal_the_per_token_rule():
     """Chunks of >= VECTORIZE_MIN_TOKENS tokens take a tensor path: same slots as block[pos // bs] * bs + pos % bs,
     for a whole prompt, a chunk after cached context and short rows in the same batch."""
-    from longcat_service.model import attention_metadata as am
+    from longcat_service.layers import attention_metadata as am
 
     g = torch.Generator().manual_seed(3)
     q_lens, s_lens = [am.VECTORIZE_MIN_TOKENS + 5, 1, am.VECTORIZE_MIN_TOKENS, 3], [69, 40, 150, 3]

@@ -27,9 +27,9 @@ from longcat_service.kernels.prefill_attn import (  # noqa: E402
     prefill_attn_reference,
 )
 from longcat_service.layers import paged_attention as pa  # noqa: E402
+from longcat_service.layers.attention_metadata import AttentionMetadata  # noqa: E402
 from longcat_service.layers.mla_attention import MLAAttention  # noqa: E402
 from longcat_service.layers.rotary import RotaryEmbedding  # noqa: E402
-from longcat_service.model.attention_metadata import AttentionMetadata  # noqa: E402
 from longcat_service.model.kv_cache import allocate_kv_caches  # noqa: E402
 from longcat_service.model.loader import load_model  # noqa: E402
 from tests.tiny_config import TINY_CONFIG  # noqa: E402

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from longcat_service.model.attention_metadata import AttentionMetadata
+from longcat_service.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -162,18 +162,6 @@ def create_graph_runner(model_runner) -> CUDAGraphRunner | None:
         buckets = buckets + (bucket_for(model_runner.args.max_num_seqs) or buckets[-1],)
     return CUDAGraphRunner(model_runner.model, model_runner.kv_caches, model_runner.block_size, max_blocks,
                            tuple(sorted(set(buckets))))
-
-
-def execute_decode_with_graph(graph_runner: CUDAGraphRunner, model_runner, batch) -> list | None:
-    """ModelRunner.execute for a pure decode batch through the graph; None when the batch does not qualify
-    (a prefill chunk, prompt logprobs, or too large), so the caller runs it eagerly."""
-    from longcat_service.engine.model_runner import SeqStepResult
-
-    logits = decode_logits_with_graph(graph_runner, batch)
-    if logits is None:
-        return None
-    tokens, logprobs = model_runner.sampler(logits, [model_runner._sampling_row(s.seq) for s in batch])
-    return [SeqStepResult(token_id=t, logprob=lp) for t, lp in zip(tokens, logprobs, strict=True)]
 
 
 def decode_logits_with_graph(graph_runner: CUDAGraphRunner, batch, device_input_ids: torch.Tensor | None = None

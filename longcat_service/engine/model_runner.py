@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from longcat_service.distributed.parallel_state import get_tp_size
+from longcat_service.engine.cuda_graph_runner import create_graph_runner, decode_logits_with_graph
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
-from longcat_service.engine.host_to_device import host_tensor, to_device
 from longcat_service.engine.sampler import SampledBatch, Sampler, SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
-from longcat_service.model.attention_metadata import AttentionMetadata
+from longcat_service.layers.attention_metadata import AttentionMetadata
+from longcat_service.layers.host_to_device import host_tensor, to_device
 from longcat_service.outputs import Logprob
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,6 @@ class ModelRunner:
         self.vocab_size = int(self.config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self._eos_token_id(), self.device, args.seed)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> per-request generator
-        from longcat_service.engine.cuda_graph_runner import create_graph_runner
-
         # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP
         self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs else None
         if self.graph_runner is not None and args.capture_graphs_at_startup:
@@ -187,8 +186,6 @@ class ModelRunner:
         if input_ids is not None and any(s.num_new_tokens != 1 for s in batch):
             raise ValueError("launch: device input_ids are for decode batches (one new token per sequence)")
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
-            from longcat_service.engine.cuda_graph_runner import decode_logits_with_graph
-
             try:
                 logits = decode_logits_with_graph(self.graph_runner, batch, input_ids)
             except Exception:  # e.g. a capture-unsafe op (host sync) in the decode path: serve eagerly instead

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longcat_service.engine.host_to_device import to_device
+from longcat_service.layers.host_to_device import to_device
 from longcat_service.outputs import Logprob
 from longcat_service.sampling_params import SamplingParams
 

@@ -3,7 +3,7 @@
 Heads are split across tensor-parallel ranks: q_b_proj and kv_b_proj are column-parallel on heads, o_proj
 is row-parallel; q_a_proj / kv_a_proj_with_mqa and the latent cache are replicated.
 
-Three forward paths: the decode-only CUDA batch (kernels/fast_decode.py); batches with prefill segments whose
+Three forward paths: the decode-only CUDA batch (layers/fast_decode.py); batches with prefill segments whose
 prefill attention is the Triton kernel (the default on CUDA, see paged_attention.prefill_attention_backend),
 `_forward_triton_prefill`; and the eager layers below, the CPU reference (also with LONGCAT_DISABLE_TRITON=1).
 """
@@ -122,7 +122,7 @@ class MLAAttention(nn.Module):
     ) -> torch.Tensor:
         """x [N, H] -> [N, H]; writes the N new tokens' cache entries first, then attends."""
         if getattr(plan, "fast_decode", False):  # decode-only CUDA batch: Triton path (longcat_service/kernels)
-            from longcat_service.kernels.fast_decode import mla_decode_forward
+            from longcat_service.layers.fast_decode import mla_decode_forward
 
             return mla_decode_forward(self, x, cos, sin, plan, kv_cache)
         if plan.prefills and prefill_attention_backend(x) == "triton":

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from longcat_service.kernels import fast_path_enabled
-from longcat_service.model.attention_metadata import AttentionMetadata
+from longcat_service.layers.attention_metadata import AttentionMetadata
 
 
 @dataclass

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from longcat_service.config import ModelConfig
-from longcat_service.kernels.fast_decode import build_decode_plan, use_fast_decode
+from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from longcat_service.layers.fast_decode import build_decode_plan, use_fast_decode
 from longcat_service.layers.layernorm import RMSNorm
 from longcat_service.layers.mla_attention import MLAAttention
 from longcat_service.layers.mlp import DenseMLP
@@ -21,7 +22,6 @@ from longcat_service.layers.moe import LongcatMoE
 from longcat_service.layers.paged_attention import AttentionPlan, build_attention_plan
 from longcat_service.layers.rotary import RotaryEmbedding
 from longcat_service.layers.side_stream import ShortcutMoEStream
-from longcat_service.model.attention_metadata import AttentionMetadata
 
 
 class LongcatDecoderLayer(nn.Module):

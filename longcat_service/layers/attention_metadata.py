@@ -50,7 +50,7 @@ class AttentionMetadata:
         Built on the host, then sent as two packed copies (int32: starts, lengths, block table; int64: slots)
         through pinned memory without waiting (host_to_device): a 4096-token prefill paid four blocking pageable
         copies and a 4096-step Python loop here while the GPU idled."""
-        from longcat_service.engine.host_to_device import host_tensor, to_device
+        from longcat_service.layers.host_to_device import host_tensor, to_device
 
         device = torch.device(device)
         batch = len(block_tables)
