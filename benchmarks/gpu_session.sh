@@ -5,21 +5,17 @@
 # Wheels it installs from .whl/: make them first on the CPU machine with benchmarks/fetch_device_wheels.sh.
 # Budget: every step runs under `timeout`, capped by what is left of a 560 s budget (BUDGET), in priority order,
 # so a hang or a slow step drops the optional steps at the end, never the summary. Steps: build; GPU tests; MoE
-# layer; serving (with the engine step trace); decode + prefill with the transformers baseline and profiles; MLA
-# decode variants (fused residual, MoE inline, 64-head tiles); the prefill variants (SDPA, eager, Triton + side-stream MoE; the default run has the
-# Triton flash prefill, the default on CUDA); the full MoE list.
+# layer; serving (with the engine step trace); decode + prefill with the transformers baseline and profiles; the
+# decode step with the shortcut MoE inline (the tuning knob LONGCAT_MOE_OVERLAP_MAX_TOKENS=0); the prefill without
+# Triton (LONGCAT_DISABLE_TRITON=1: eager attention, torch._grouped_mm); the full MoE list.
 # SKIP_BUILD=1 (with a carried longcat_service/_C*.so), GPU_TESTS, MOE_NEW_ENV, DECODE_NEW_ENV: see below.
-# VARIANTS=1 also runs the older decode-kernel variants (all measured slower; default off):
-#   LONGCAT_FFN_DECODE_KERNEL=v2   expert SwiGLU/down GEMV with in-block split-K (csrc/cuda/expert_ffn_v2.cuh)
-#   LONGCAT_ROUTER_KERNEL=v2       router_topk: one block per token at T <= 64
-#   LONGCAT_PREFILL_ATTN=sdpa      prefill attention through F.scaled_dot_product_attention
-#   LONGCAT_FUSED_RESIDUAL=1       residual adds fused into add_rms_norm in the decoder layer
+# The defaults alone (build, tests, MoE, dense GEMV, grouped GEMM, serving, decode + prefill; ~6-7 min):
+#   DECODE_VARIANTS= PREFILL_VARIANTS= bash benchmarks/gpu_session.sh
 set -x
 OUT=${OUT:-$PWD/gpu_out}
 L=$OUT/logs
 mkdir -p "$L"
 BUDGET=${BUDGET:-560}
-NEW_ENV="LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 LONGCAT_PREFILL_ATTN=sdpa LONGCAT_FUSED_RESIDUAL=1"
 : > "$L/steps.tsv"
 
 source "$(dirname "${BASH_SOURCE[0]}")/session_steps.sh"  # step NAME CAP CMD...
@@ -38,8 +34,8 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
 fi
 
-TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_prefill_sdpa.py tests/test_silu_mul.py tests/test_moe_prefill.py tests/test_dense_gemv.py tests/test_mla_decode_splits.py tests/test_rope_table.py tests/test_grouped_gemm.py tests/test_compile_watch.py"}
-MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py tests/test_prefill_sdpa.py tests/test_fused_residual.py"}
+TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_silu_mul.py tests/test_moe_prefill.py tests/test_dense_gemv.py tests/test_mla_decode_splits.py tests/test_rope_table.py tests/test_grouped_gemm.py tests/test_compile_watch.py"}
+MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py"}
 step pytest_default 240 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 
 # MoE layer, B in {1, 64}, both shapes; per-kernel profile of I=2048 B=1 first (router, GEMVs, combine).
@@ -48,18 +44,8 @@ step moe_default 60 $PY benchmarks/bench_moe.py --batches 1,64 --reps 50 --profi
 if [[ -n ${MOE_NEW_ENV:-} ]]; then
   step moe_new 60 $MOE_NEW_ENV $PY benchmarks/bench_moe.py --batches 1,16,64,256 --reps 50 --out "$L/moe_new.json"
 fi
-if [[ ${VARIANTS:-0} == 1 ]]; then
-step moe_new 60 LONGCAT_FFN_DECODE_KERNEL=v2 LONGCAT_ROUTER_KERNEL=v2 $PY benchmarks/bench_moe.py --batches 1,64 \
-  --reps 50 --profile 2048,1 --out "$L/moe_new.json"
-
-
-# Decode (all batches) and the 4096-token prefill, without the transformers baseline (in RESULTS.md).
-DEC="--hf-batches= --eager-steps 2 --new-tokens 48 --profile-batches 1"
-step decode_new 110 $NEW_ENV $PY benchmarks/bench_decode.py $DEC --out-dir "$L/decode_new" \
-  --results-md "$L/decode_new.md"
-fi
-# decode-batch dense projections: our dense_gemv vs cuBLAS (LONGCAT_DENSE_GEMV), and the prefill experts' grouped
-# GEMMs: the Triton grouped_gemm configs vs torch._grouped_mm (LONGCAT_TRITON_GROUPED_GEMM)
+# decode-batch dense projections: our dense_gemv vs cuBLAS (LONGCAT_DENSE_GEMV_ROWS), and the prefill experts'
+# grouped GEMMs: the Triton grouped_gemm configs (LONGCAT_GROUPED_GEMM_CONFIG) vs torch._grouped_mm
 step dense_gemv 40 $PY benchmarks/bench_dense_gemv.py --out "$L/dense_gemv.json"
 [[ -f benchmarks/bench_grouped_gemm.py ]] && step grouped_gemm ${GROUPED_GEMM_CAP:-90} $PY benchmarks/bench_grouped_gemm.py \
   --out "$L/grouped_gemm.json"
@@ -83,20 +69,17 @@ step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-st
 # The prefill pieces against the code they replaced (fused SwiGLU, row gather, grouped expert FFN without the
 # zeroing pass, bf16x3 router GEMM at 256..4096 tokens), with bit-identity and routing checks.
 step prefill_ops 60 $PY benchmarks/bench_prefill_ops.py --out "$L/prefill_ops.json"
-# Decode variants (VAR=value+VAR2=value: "+" joins several), batch 1 and 64: residual adds fused into the RMSNorms (LONGCAT_FUSED_RESIDUAL=1, side-stream MoE
-# kept since e0523ae), the shortcut MoE inline (LONGCAT_MOE_OVERLAP_MAX_TOKENS=0) and 64-head MLA decode blocks.
-for variant in ${DECODE_VARIANTS-fused_residual:LONGCAT_FUSED_RESIDUAL=1 moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0 \
-    tiles_64:LONGCAT_MLA_DECODE_TILES=64,32,8,2}; do
+# Decode variants (name:VAR=value+VAR2=value: "+" joins several), batch 1 and 64: the shortcut MoE inline
+# (LONGCAT_MOE_OVERLAP_MAX_TOKENS=0), the measured reason for its side stream at small batches.
+for variant in ${DECODE_VARIANTS-moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0}; do
   name=${variant%%:*}
   envs=${variant#*:}
   step decode_$name 60 ${envs//+/ } $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
     --new-tokens 32 --profile-batches= --prefill-len 512 --out-dir "$L/decode_$name" --results-md "$L/decode_$name.md"
 done
-# Prefill alternatives to the defaults (Triton flash attention, the MoE inline; in decode_default): SDPA, the
-# eager S x S path (the default before), and the opt-in MoE side stream. DECODE_VARIANTS and
-# PREFILL_VARIANTS ("name:VAR=value,VAR2=value ...") replace either list.
-for variant in ${PREFILL_VARIANTS-sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_PREFILL_ATTN=eager \
-    moe_overlap:LONGCAT_MOE_OVERLAP_PREFILL_MIN_TOKENS=1024}; do
+# The prefill without Triton (eager S x S attention, torch._grouped_mm experts) against the default in
+# decode_default. DECODE_VARIANTS and PREFILL_VARIANTS ("name:VAR=value,VAR2=value ...") replace either list.
+for variant in ${PREFILL_VARIANTS-no_triton:LONGCAT_DISABLE_TRITON=1}; do
   name=${variant%%:*}
   envs=${variant#*:}
   step prefill_$name 70 ${envs//,/ } $PY benchmarks/bench_decode.py --batches 1 --hf-batches= \
@@ -105,12 +88,8 @@ for variant in ${PREFILL_VARIANTS-sdpa:LONGCAT_PREFILL_ATTN=sdpa eager:LONGCAT_P
 done
 
 
-[[ ${VARIANTS:-0} == 1 ]] && step pytest_new 120 $NEW_ENV $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
-
-# Optional, only if time is left: the full B list of the default MoE, the transformers baseline (3 steps).
+# Optional, only if time is left: the full B list of the default MoE.
 step moe_default_full 60 $PY benchmarks/bench_moe.py --reps 30 --out "$L/moe_default_full.json"
-[[ ${VARIANTS:-0} == 1 ]] && step decode_hf 90 $PY benchmarks/bench_decode.py --batches 1 --new-tokens 8 --eager-steps 0 --profile-batches= \
-  --hf-batches 1,64 --hf-steps 3 --prefill-len 512 --out-dir "$L/decode_hf" --results-md "$L/decode_hf.md"
 
 $PY - "$L" >"$OUT/summary.txt" 2>&1 <<'EOF'
 import json, re, sys
@@ -119,7 +98,7 @@ from pathlib import Path
 L = Path(sys.argv[1])
 print("== steps (name, exit code: 0 ok, 124 timeout, skipped; seconds) ==")
 print((L / "steps.tsv").read_text())
-for name in ("pytest_default", "pytest_new"):
+for name in ("pytest_default",):
     f = L / f"{name}.log"
     lines = f.read_text().splitlines() if f.exists() else []
     tail = [ln for ln in lines if re.search(r"passed|failed|error", ln)][-1:]
@@ -132,7 +111,7 @@ for name in ("pytest_default", "pytest_new"):
     for ln in fails[:15]:
         print("   ", ln)
 print("\n== MoE layer (bench_moe): us, CUDA-graph replay; x floor; rel err vs grouped_mm ==")
-print(f"{'I':>5} {'B':>4} | {'default':>9} {'xfl':>5} | {'new(v2)':>9} {'xfl':>5} {'relerr':>8} | new/default")
+print(f"{'I':>5} {'B':>4} | {'default':>9} {'xfl':>5} | {'new':>9} {'xfl':>5} {'relerr':>8} | new/default")
 runs = {k: json.loads((L / f"moe_{k}.json").read_text())["results"] for k in ("default", "new")
         if (L / f"moe_{k}.json").exists()}
 keys = sorted({(r["I"], r["B"]) for rs in runs.values() for r in rs}, key=lambda x: (-x[0], x[1]))
@@ -201,10 +180,6 @@ for trace in sorted((L / "decode_default" / "traces").glob("3_cuda_graph_replays
     print(f"\n== critical path of {trace.name} (benchmarks/trace_timeline.py) ==")
     print(subprocess.run([sys.executable, "benchmarks/trace_timeline.py", str(trace), "--windows", "3", "--top-gaps", "5"],
                          capture_output=True, text=True).stdout[-2500:])
-f = L / "decode_hf.log"
-if f.exists():
-    print("\n== transformers baseline ==")
-    print("\n".join(ln for ln in f.read_text().splitlines() if "HF" in ln or "transformers" in ln)[-1500:])
 EOF
 cp "$OUT/summary.txt" "$L/"
 tar -czf "$OUT/gpu_session_logs.tar.gz" -C "$OUT" logs

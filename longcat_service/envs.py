@@ -3,7 +3,8 @@
 Read lazily (as vLLM's envs.py): `envs.LONGCAT_ENFORCE_EAGER` reads the environment at each access, so a test's
 monkeypatch.setenv takes effect at once; a malformed value raises ValueError naming the variable. Nothing else in
 longcat_service/ or benchmarks/ reads os.environ for a LONGCAT_* name (tests/test_envs.py checks it). The README's
-switch table is generated from SWITCHES: `python -m longcat_service.envs --markdown`.
+switch table is generated from SWITCHES: `python -m longcat_service.envs --markdown` prints it, `--update-readme`
+rewrites it in README.md.
 
 Kinds: "choice" (what a user picks between), "tuning" (a knob with a measured reason; H200 numbers are in
 benchmarks/RESULTS.md), "diagnostics", "testing" (forces a variant that `auto` picks), "build" (setup.py only,
@@ -106,8 +107,8 @@ SWITCHES: tuple[Switch, ...] = (
     # --- testing ---------------------------------------------------------------------------------------------------
     Switch("LONGCAT_FFN_DECODE_KERNEL", "auto|v1|v2|v3", "auto", "testing",
            "expert decode GEMV of the extension (read by csrc/cuda/expert_ffn.cu at each call); auto = v2 for "
-           "narrow (TP-shard) experts, v3 (tensor cores) from 32 tokens, v1 below, each the fastest of the three "
-           "there on the H200; the others only for tests and benchmarks", _one_of("auto", "v1", "v2", "v3")),
+           "narrow (TP-shard) experts, v3 (tensor cores) from 32 tokens, v1 below (chosen from H200 measurements); "
+           "forcing one is for tests and benchmarks", _one_of("auto", "v1", "v2", "v3")),
     # --- build (setup.py reads these itself: the package is not importable before it is built) ----------------------
     Switch("LONGCAT_BUILD_CUDA", "bool", None, "build",
            "build the CUDA kernels (unset: when a CUDA toolkit and a CUDA build of torch are present)", _flag),
@@ -165,12 +166,28 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+README_BEGIN, README_END = "<!-- envs table: generated, do not edit -->\n", "<!-- end of envs table -->"
+
+
+def update_readme(path: str) -> None:
+    """Rewrite the table between README_BEGIN and README_END of the file at path."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + README_BEGIN + markdown_table() + README_END + tail)
+
+
 def main(argv: list[str]) -> int:
+    """--markdown: print the table; --update-readme [README.md]: rewrite it there; else the current values."""
     if argv == ["--markdown"]:
         sys.stdout.write(markdown_table())
-        return 0
-    for s in SWITCHES:
-        print(f"{s.name}={os.environ.get(s.name, '')!s:<12} ({s.kind}; default {_default_text(s)})")
+    elif argv[:1] == ["--update-readme"]:
+        update_readme(argv[1] if len(argv) > 1 else "README.md")
+    else:
+        for s in SWITCHES:
+            print(f"{s.name}={os.environ.get(s.name, '')!s:<12} ({s.kind}; default {_default_text(s)})")
     return 0
 
 
