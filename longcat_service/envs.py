@@ -8,7 +8,7 @@ rewrites it in README.md.
 
 Kinds: "choice" (what a user picks between), "tuning" (a knob with a measured reason; H200 numbers are in
 benchmarks/RESULTS.md), "diagnostics", "testing" (forces a variant that `auto` picks), "build" (setup.py only,
-read there at build time), "benchmarks" (the benchmark scripts only).
+read there at build time), "deploy" (the container's health check), "benchmarks" (the benchmark scripts only).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ SWITCHES: tuple[Switch, ...] = (
            "tiles of the Triton grouped GEMM of the prefill experts, 'bn,bk,bm,stages,warps[,tma][,split]' "
            "(H200: the default streamed the weights at 88-92% of the copy rate, torch._grouped_mm 75-79%; "
            "benchmarks/bench_grouped_gemm.py times the others)"),
-    # --- diagnostics and deployment --------------------------------------------------------------------------------
+    # --- diagnostics -----------------------------------------------------------------------------------------------
     Switch("LONGCAT_STEP_TRACE", "path", "", "diagnostics",
            "one JSON line per engine step (phase times, batch) appended to this file; "
            "`benchmarks/bench_serve.py --step-trace-dir` summarises it"),
@@ -114,6 +114,9 @@ SWITCHES: tuple[Switch, ...] = (
            "build the CUDA kernels (unset: when a CUDA toolkit and a CUDA build of torch are present)", _flag),
     Switch("LONGCAT_CUDA_ARCHS", "str", "90a", "build", "CUDA architectures to build for, e.g. '90a;80'"),
     Switch("LONGCAT_VERBOSE_BUILD", "bool", False, "build", "verbose CMake build output", _flag),
+    # --- deployment (deploy/grpc_health_check.py reads it itself: the image runs it as a standalone script) ---------
+    Switch("LONGCAT_GRPC_PORT", "int", 50051, "deploy",
+           "the port `longcat-healthcheck` probes (deploy/Dockerfile sets it)", _nonneg_int),
     # --- benchmarks ------------------------------------------------------------------------------------------------
     Switch("LONGCAT_COMMIT", "str", "", "benchmarks",
            "commit recorded in benchmark results (unset: `git rev-parse --short HEAD`; the device copy of the tree "

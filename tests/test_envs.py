@@ -15,9 +15,10 @@ from longcat_service import envs
 
 ROOT = Path(__file__).resolve().parents[1]
 README_BEGIN, README_END = envs.README_BEGIN, envs.README_END
-# LONGCAT_* names that are not environment switches: chat-template constants and CMake-internal variables.
+# LONGCAT_* names that are not switches of ours: chat-template constants, CMake-internal variables and the
+# docker compose variable of the model volume (deploy/docker-compose.yml).
 NOT_SWITCHES = {"LONGCAT_EOS", "LONGCAT_CHAT_TEMPLATE", "LONGCAT_WITH_CUDA", "LONGCAT_OUTPUT_DIR",
-                "LONGCAT_EXT_SUFFIX"}
+                "LONGCAT_EXT_SUFFIX", "LONGCAT_MODEL_DIR"}
 
 
 def _sources(*patterns: str) -> list[Path]:
@@ -81,10 +82,10 @@ def test_the_read_finder_sees_every_form():
 
 def test_every_longcat_name_in_code_scripts_and_docs_is_a_known_switch():
     """A deleted switch leaves no trace: not in the package, the C++/CUDA sources, the build, the benchmark
-    scripts (gpu_session.sh included), the tests, the README or docs/ (benchmarks/RESULTS.md is history)."""
+    scripts (gpu_session.sh included), the tests, the README, docs/ or deploy/ (benchmarks/RESULTS.md is history)."""
     known = {s.name for s in envs.SWITCHES} | NOT_SWITCHES
     files = _sources("longcat_service/**/*.py", "csrc/**/*", "benchmarks/*.py", "benchmarks/*.sh", "tests/*.py",
-                     "docs/*.md", "README.md", "setup.py", "CMakeLists.txt")
+                     "docs/*.md", "README.md", "setup.py", "CMakeLists.txt", "deploy/**/*")
     unknown = []
     for path in files:
         if path.is_file():
