@@ -15,6 +15,10 @@ import torch
 from longcat_service.kernels import fast_path_enabled
 from longcat_service.layers.attention_metadata import AttentionMetadata
 
+# Largest decode batch whose MLA merge stage applies W_UV: each program reads its head's W_UV, which pays while few
+# rows share it; beyond that cuBLAS's batched GEMM reads each head's W_UV once for all rows.
+FUSED_UV_MAX_BATCH = 8
+
 
 @dataclass
 class DecodePlan:
@@ -64,7 +68,3 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         out = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, h, dv]
     return attn.o_proj(out.reshape(n, heads * dv))
 
-
-# Largest decode batch whose MLA merge stage applies W_UV: each program reads its head's W_UV, which pays while few
-# rows share it; beyond that cuBLAS's batched GEMM reads each head's W_UV once for all rows.
-FUSED_UV_MAX_BATCH = 8
