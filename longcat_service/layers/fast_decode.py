@@ -67,4 +67,3 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         o_latent = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale)
         out = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, h, dv]
     return attn.o_proj(out.reshape(n, heads * dv))
-
