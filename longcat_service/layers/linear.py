@@ -44,7 +44,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.dim() == 2
         and x.dtype in _DENSE_GEMV_DTYPES
         and x.shape[1] % 8 == 0
-        and 1 <= x.shape[0] <= min(envs.LONGCAT_DENSE_GEMV_ROWS, extension.DENSE_GEMV_MAX_ROWS)
+        and 1 <= x.shape[0] <= extension.DENSE_GEMV_MAX_ROWS
+        and x.shape[0] <= envs.LONGCAT_DENSE_GEMV_ROWS  # read last: only decode-sized batches pay the env lookup
     ):
         return extension.dense_gemv(x, weight)
     return F.linear(x, weight, bias)
