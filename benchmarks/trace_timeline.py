@@ -1,4 +1,4 @@
-"""Critical-path view of a torch.profiler Chrome trace (written by benchmarks/harness.py profile_step for bench_decode).
+"""Critical-path view of a torch.profiler Chrome trace (bench_decode writes them: harness.profile_step).
 
 The profiler's table sums kernel times, which over-counts kernels that overlap on two streams (the shortcut MoE
 runs beside the dense path) and hides the idle gaps between kernels. This prints, per CUDA stream, the busy time
