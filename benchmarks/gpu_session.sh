@@ -9,8 +9,8 @@
 # decode step with the shortcut MoE inline (the tuning knob LONGCAT_MOE_OVERLAP_MAX_TOKENS=0); the prefill without
 # Triton (LONGCAT_DISABLE_TRITON=1: eager attention, torch._grouped_mm); the full MoE list.
 # SKIP_BUILD=1 (with a carried longcat_service/_C*.so), GPU_TESTS, MOE_NEW_ENV, DECODE_NEW_ENV: see below.
-# The defaults alone (build, tests, MoE, dense GEMV, grouped GEMM, serving, decode + prefill; ~6-7 min):
-#   DECODE_VARIANTS= PREFILL_VARIANTS= bash benchmarks/gpu_session.sh
+# The default numbers alone (build, GPU tests, MoE layer, decode + prefill with the baseline; ~8 min):
+#   STEPS="pytest_default moe_default decode_default" bash benchmarks/gpu_session.sh
 set -x
 OUT=${OUT:-$PWD/gpu_out}
 L=$OUT/logs
