@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from decode_driver import FULL_2L, TINY, Driver, RouterProbe, param_bytes, profile_decode
-from harness import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported as a package
+from decode_driver import FULL_2L, TINY, Driver, RouterProbe, param_bytes, profile_decode  # noqa: E402
+from harness import (  # noqa: E402
     ROOT,
     commit,
     engine_decode_ms,
@@ -38,7 +40,7 @@ from harness import (
     profile_step,
     sync,
 )
-from hf_baseline import run_hf_child
+from hf_baseline import run_hf_child  # noqa: E402
 
 
 def parse_args(argv=None):

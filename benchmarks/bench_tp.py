@@ -27,12 +27,13 @@ import json
 import sys
 from pathlib import Path
 
-import harness  # noqa: F401  (puts the repo root on sys.path)
-from tp_check import cmd_check, llm_child
-from tp_common import MODELS  # also sets the router bias 0 in the dummy init, here and in spawned ranks
-from tp_serve import cmd_serve
-from tp_speed import cmd_speed, engine_child
-from tp_table import cmd_table
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported as a package
+import harness  # noqa: E402, F401  (puts the repo root on sys.path)
+from tp_check import cmd_check, llm_child  # noqa: E402
+from tp_common import MODELS  # noqa: E402  (also sets the router bias 0 in the dummy init, here and in spawned ranks)
+from tp_serve import cmd_serve  # noqa: E402
+from tp_speed import cmd_speed, engine_child  # noqa: E402
+from tp_table import cmd_table  # noqa: E402
 
 
 def main(argv=None) -> int:
