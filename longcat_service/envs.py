@@ -107,8 +107,8 @@ SWITCHES: tuple[Switch, ...] = (
     # --- testing ---------------------------------------------------------------------------------------------------
     Switch("LONGCAT_FFN_DECODE_KERNEL", "auto|v1|v2|v3", "auto", "testing",
            "expert decode GEMV of the extension (read by csrc/cuda/expert_ffn.cu at each call); auto = v2 for "
-           "narrow (TP-shard) experts, v3 (tensor cores) from 32 tokens, v1 below (chosen from H200 measurements); "
-           "forcing one is for tests and benchmarks", _one_of("auto", "v1", "v2", "v3")),
+           "narrow experts (I <= 512: TP shards), for wide ones v3 (tensor cores) from 32 tokens and v1 below (each "
+           "the fastest there on the H200); forcing one is for tests and benchmarks", _one_of("auto", "v1", "v2", "v3")),
     # --- build (setup.py reads these itself: the package is not importable before it is built) ----------------------
     Switch("LONGCAT_BUILD_CUDA", "bool", None, "build",
            "build the CUDA kernels (unset: when a CUDA toolkit and a CUDA build of torch are present)", _flag),
