@@ -133,3 +133,10 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert _cycle({"a": {"b"}, "b": set()}) is None
     layers = _layer_table()
     assert layers["server"] < layers["engine"] < layers["model"] < layers["layers"] < layers["ops"] < layers["kernels"]
+
+
+def test_the_client_sdk_imports_only_itself_and_the_generated_stubs():
+    """longcat_service.client works without torch and without the server: docs/architecture.md's rule for it."""
+    outside = [f"{m} imports {t}" for m, targets in sorted(_graph().items()) if _unit(m) == "client"
+               for t in sorted(targets) if _unit(t) != "client"]
+    assert not outside, "\n".join(outside)
