@@ -18,7 +18,6 @@ import datetime
 import gc
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def fp8_matmul_rates(device: torch.device, tiny: bool) -> dict[str, float | str]
     }
     for name, (sa, sb) in scales.items():
         try:
-            t = bd._median_time(lambda sa=sa, sb=sb: torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16),
+            t = bd.median_time(lambda sa=sa, sb=sb: torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16),
                                 device, reps=10)
             rates[name] = 2 * m**3 / t
         except (RuntimeError, NotImplementedError) as e:  # no FP8 GEMM on this device / build
@@ -78,8 +77,7 @@ def decode_args(args, fmt: str) -> argparse.Namespace:
 
 def report(args, results: dict, bw: float, flops: float, fp8_rates: dict, device: torch.device) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    commit = os.environ.get("LONGCAT_COMMIT") or subprocess.run(
-        ["git", "-C", str(bd.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = bd.commit()
 
     def rate(x):
         return f"{x / 1e12:.0f} TFLOP/s" if isinstance(x, float) else str(x)
