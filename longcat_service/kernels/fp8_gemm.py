@@ -179,17 +179,17 @@ def grouped_gemm_fp8(
 
 
 def grouped_gemm_fp8_reference(x8, x_scale, w8, w_scale, expert_offsets, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """Per expert: exact dequant of both operands, fp32 matmul, one rounding; rows past expert_offsets[-1] zero."""
-    from longcat_service.ops.fp8_reference import block_dequant
-
-    k = x8.shape[1]
+    """Per expert: exact dequant of both operands, fp32 matmul, one rounding; rows past expert_offsets[-1] zero.
+    (The weight's dequant is ops/fp8_reference.block_dequant's, written out: kernels import nothing from ops.)"""
+    k, n = x8.shape[1], w8.shape[1]
     xq = x8.float() * x_scale.repeat_interleave(GROUP, dim=1)[:, :k]
-    y = torch.zeros(x8.shape[0], w8.shape[1], dtype=out_dtype, device=x8.device)
+    wq = w8.float() * w_scale.float().repeat_interleave(GROUP, dim=-2).repeat_interleave(GROUP, dim=-1)[:, :n, :k]
+    y = torch.zeros(x8.shape[0], n, dtype=out_dtype, device=x8.device)
     offsets = expert_offsets.tolist()
     for e in range(w8.shape[0]):
         a, b = offsets[e], offsets[e + 1]
         if b > a:
-            y[a:b] = (xq[a:b] @ block_dequant(w8[e], w_scale[e], dtype=torch.float32).t()).to(out_dtype)
+            y[a:b] = (xq[a:b] @ wq[e].t()).to(out_dtype)
     return y
 
 
