@@ -77,6 +77,9 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("LONGCAT_DISABLE_TRITON", "bool", False, "choice",
            "no Triton kernels: MLA decode and prep, RMSNorm, SwiGLU, MoE row gather and grouped GEMM, flash prefill "
            "attention (then the eager PyTorch attention, the CPU path, and torch._grouped_mm run on CUDA too)", _flag),
+    Switch("LONGCAT_DEMO_MODEL", "trained|random", "trained", "choice",
+           "the built-in model served without --model: the packaged trained checkpoint, or the random-weight tiny "
+           "one (the engine tests, whose conftest sets it)", _one_of("trained", "random")),
     Switch("LONGCAT_TP_CUDA_GRAPHS", "bool", False, "choice",
            "decode CUDA graphs under tensor parallelism (NCCL collectives captured); opt-in until it has run on "
            "several GPUs (benchmarks/tp_session.sh), else TP decodes eagerly", _flag),
@@ -101,15 +104,16 @@ SWITCHES: tuple[Switch, ...] = (
            "one JSON line per engine step (phase times, batch) appended to this file; "
            "`benchmarks/bench_serve.py --step-trace-dir` summarises it"),
     Switch("LONGCAT_CACHE_DIR", "path", "", "diagnostics",
-           "where the embedded demo model is built (unset: ~/.cache/longcat_service)"),
+           "where the random-weight tiny demo model is built (unset: ~/.cache/longcat_service)"),
     Switch("LONGCAT_TP_HEARTBEAT_TIMEOUT_S", "float", 10.0, "diagnostics",
            "seconds without a rank's heartbeat before the tensor-parallel group is declared dead", _positive_float),
     # --- testing ---------------------------------------------------------------------------------------------------
     Switch("LONGCAT_FFN_DECODE_KERNEL", "auto|v1|v2|v3", "auto", "testing",
            "expert decode GEMV of the extension (read by csrc/cuda/expert_ffn.cu at each call); auto = v2 for "
            "narrow experts (I <= 512: TP shards), for wide ones v3 (tensor cores) from 32 tokens and v1 below (each "
-           "the fastest there on the H200); forcing one is for tests and benchmarks", _one_of("auto", "v1", "v2", "v3")),
-    # --- build (setup.py reads these itself: the package is not importable before it is built) ----------------------
+           "the fastest there on the H200); forcing one is for tests and benchmarks",
+           _one_of("auto", "v1", "v2", "v3")),
+    # --- build (setup.py reads these itself: the package is not importable before it is built) --------------------
     Switch("LONGCAT_BUILD_CUDA", "bool", None, "build",
            "build the CUDA kernels (unset: when a CUDA toolkit and a CUDA build of torch are present)", _flag),
     Switch("LONGCAT_CUDA_ARCHS", "str", "90a", "build", "CUDA architectures to build for, e.g. '90a;80'"),

@@ -7,8 +7,9 @@ loader as any checkpoint. The training recipe is `python -m longcat_service.demo
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+
+from longcat_service import envs
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,7 @@ def default_model_path() -> Path:
     lacks the trained one."""
     from longcat_service.demo_model import ensure_demo_model
 
-    choice = os.environ.get("LONGCAT_DEMO_MODEL", "trained")
-    if choice not in ("trained", "random"):
-        raise ValueError(f"LONGCAT_DEMO_MODEL: must be 'trained' or 'random', got {choice!r}")
-    if choice == "random":
+    if envs.LONGCAT_DEMO_MODEL == "random":  # any value but trained / random: ValueError naming the variable
         return ensure_demo_model()
     if (DEMO_CHECKPOINT_DIR / "model.safetensors").is_file():
         return DEMO_CHECKPOINT_DIR
