@@ -6,7 +6,8 @@ entries [latent | rope key] directly, and the output stays in the latent space (
     o_latent[b, h] = softmax_t(scale * (q_latent[b, h] . latent_t + q_rope[b, h] . rope_t)) @ latent
 
 The sequence is cut into `num_splits` even chunks of whole BLOCK_N blocks (so batch 1 still fills the GPU);
-stage 1 writes each chunk's normalised partial output and log-sum-exp, stage 2 merges them. Splits past a row's end (a short row fills only the first few) do no work in stage 1 and are skipped by the merge.
+stage 1 writes each chunk's normalised partial output and log-sum-exp, stage 2 merges them. Splits past a row's
+end (a short row fills only the first few) do no work in stage 1 and are skipped by the merge.
 Sequence lengths are read from device memory and every grid size depends only on B, the head count and the
 fixed split count (see launch_config), so a launch can be captured in a CUDA graph and replayed with new
 lengths. Rows with seq_len 0 (batch padding) produce zeros.
