@@ -112,8 +112,9 @@ def test_dense_gemv_fp8_strided_x_graph_and_rejects():
 
 # ---- expert_ffn_fp8 (CUDA decode) ------------------------------------------------------------------------------
 
-# (T, E, Z, k, share, H, I): T = 0, 1, 2, 3-4 (row variants), 7, 64, 129; I = 64 / 256 (narrow: split-K SwiGLU),
-# 2048 (wide); H, I with partial 128-blocks (H = 272, I = 48 / 144); all / no slots to zero experts.
+# (T, E, Z, k, share, H, I): T = 0, 1, 2, 3-4 (row variants), 7 (the FMA kernel), 16, 40, 64, 129 (the tensor-core
+# kernel, expert_ffn_fp8_mma.cuh, from 16 tokens); I = 64 / 256 (narrow: split-K SwiGLU), 2048 (wide); H, I with
+# partial 128-blocks and an odd number of 64-wide chunks (H = 272, I = 48 / 144 / 640); all / no slots to zero experts.
 FFN_CASES = [
     (0, 12, 6, 4, "mixed", 256, 128),
     (1, 12, 6, 12, "mixed", 256, 128),
@@ -122,6 +123,8 @@ FFN_CASES = [
     (4, 24, 8, 12, "mixed", 256, 144),
     (7, 20, 12, 12, "all", 256, 128),
     (7, 20, 12, 12, "none", 512, 640),
+    (16, 20, 12, 12, "mixed", 272, 144),
+    (40, 64, 32, 12, "mixed", 512, 640),
     (64, 40, 20, 12, "mixed", 256, 2048),
     (129, 13, 0, 12, "none", 256, 64),
 ]
@@ -177,7 +180,7 @@ def test_expert_ffn_fp8_matches_reference(case, compact):
 
 
 @needs_ops
-@pytest.mark.parametrize("tokens,inter", [(1, 2048), (64, 2048), (1, 256), (64, 256)])
+@pytest.mark.parametrize("tokens,inter", [(1, 2048), (16, 2048), (64, 2048), (1, 256), (16, 256), (64, 256)])
 def test_expert_ffn_fp8_longcat_shapes(tokens, inter):
     case = (tokens, 32, 16, 12, "mixed", 6144, inter)  # 32 of the 512 experts: the same per-expert shapes
     hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, active, num_active, k = _routed(case, seed=tokens + inter)
