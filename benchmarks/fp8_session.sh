@@ -42,7 +42,14 @@ step pytest_model 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_mo
   echo "== commit: $(cat "$L/commit.txt")"; cat "$L/gpu.txt"
   echo "== steps (name, exit code: 0 ok, 124 timeout; seconds) =="; cat "$L/steps.tsv"
   echo "== build (tail) =="; tail -5 "$L/build.log" 2>/dev/null
-  for s in pytest_fp8 pytest_model; do echo "== $s (tail) =="; tail -25 "$L/$s.log" 2>/dev/null; done
+  for s in pytest_fp8 pytest_model; do
+    echo "== $s (failures, then tail) =="
+    grep -E "^(FAILED|ERROR)|off, worst" "$L/$s.log" 2>/dev/null | cut -c1-300 | head -30
+    tail -25 "$L/$s.log" 2>/dev/null
+  done
+  echo "== Triton compiles after the warm-up (model_fp8) =="
+  grep -o "warm_up_prefill): [A-Za-z0-9_]*" "$L/model_fp8.log" 2>/dev/null | sort | uniq -c
+  grep "Triton built" "$L/model_fp8.log" 2>/dev/null | sed 's/.*warm_up_prefill): //' | cut -c1-1500 | head -6
   for s in bench_dense bench_experts bench_grouped model_fp8; do
     echo "== $s =="; grep -v '^{' "$L/$s.log" 2>/dev/null | tail -45
   done
