@@ -193,8 +193,9 @@ def test_expert_ffn_fp8_longcat_shapes(tokens, inter):
 
 
 @needs_ops
-def test_expert_ffn_fp8_graph_replay_and_opcheck():
-    case = (8, 40, 20, 12, "mixed", 256, 128)
+@pytest.mark.parametrize("tokens", [8, 24])  # the FMA kernel, the tensor-core kernel
+def test_expert_ffn_fp8_graph_replay_and_opcheck(tokens):
+    case = (tokens, 40, 20, 12, "mixed", 256, 128)
     hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, active, num_active, k = _routed(case, seed=3)
     args = (hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k, active, num_active)
     eager = L.expert_ffn_fp8(*args)
