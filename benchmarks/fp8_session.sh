@@ -28,14 +28,14 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   step build 220 LONGCAT_BUILD_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null
 fi
-step pytest_fp8 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
+step pytest_fp8 180 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
 step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 20 --out "$L/bench_dense.json"
 step bench_experts 100 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
 step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 \
   --out "$L/bench_grouped.json"
 # Later steps usually need a second call: SKIP_BUILD=1 (with the carried _C*.so) STEPS="model_fp8 pytest_model"
 step model_fp8 200 $PY benchmarks/bench_fp8.py --formats fp8 --out-dir "$L/model_fp8"
-step pytest_model 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_model_gpu.py tests/test_dense_gemv.py \
+step pytest_model 150 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_model_gpu.py tests/test_dense_gemv.py \
   tests/test_ops_gpu.py
 
 {
