@@ -33,7 +33,8 @@ step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 
 step bench_experts 100 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
 step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 \
   --out "$L/bench_grouped.json"
-# Later steps usually need a second call: SKIP_BUILD=1 (with the carried _C*.so) STEPS="model_fp8 pytest_model"
+# Run 1 (2026-12-03) fit every step in one call (253 s of the 470 s budget); if not: SKIP_BUILD=1 (with the carried
+# _C*.so) STEPS="model_fp8 pytest_model"
 step model_fp8 200 $PY benchmarks/bench_fp8.py --formats fp8 --out-dir "$L/model_fp8"
 step pytest_model 150 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_model_gpu.py tests/test_dense_gemv.py \
   tests/test_ops_gpu.py
