@@ -8,7 +8,8 @@ torch's blockwise scaled-mm where it takes the shape, else the Triton w8a8 GEMM,
 w8a8 = the Triton w8a8 GEMM at every M (to place the thresholds); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
 this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
-shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1, 16, 64 (decode: CUDA expert_ffn_fp8) and 4096
+shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1, 16, 64 (decode: CUDA expert_ffn_fp8, the FMA
+kernel at B = 1, the tensor-core kernel expert_ffn_fp8_mma.cuh from 16 tokens; run 1 had the FMA kernel) and 4096
 (prefill: w8a8 grouped FP8 GEMM) against expert_ffn with bf16 weights. grouped: every grouped FP8 GEMM config at
 the 4096-token prefill shapes against the bf16 Triton grouped GEMM.
 Each timing is a CUDA graph of several calls cycling through weight copies / routings so that weights stream from
