@@ -3,11 +3,13 @@
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
-ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else the Triton w8a8 GEMM incl. the
-activation quantization); also the Triton w8a8 GEMM at every M (to place the GEMV/GEMM threshold); bf16 = the bf16
+ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
+torch's blockwise scaled-mm where it takes the shape, else the Triton w8a8 GEMM, incl. the activation quantization);
+w8a8 = the Triton w8a8 GEMM at every M (to place the thresholds); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
 this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
-shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1, 16, 64 (decode: CUDA expert_ffn_fp8) and 4096
+shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1, 16, 64 (decode: CUDA expert_ffn_fp8, the FMA
+kernel at B = 1, the tensor-core kernel expert_ffn_fp8_mma.cuh from 16 tokens; run 1 had the FMA kernel) and 4096
 (prefill: w8a8 grouped FP8 GEMM) against expert_ffn with bf16 weights. grouped: every grouped FP8 GEMM config at
 the 4096-token prefill shapes against the bf16 Triton grouped GEMM.
 Each timing is a CUDA graph of several calls cycling through weight copies / routings so that weights stream from
@@ -38,7 +40,7 @@ from longcat_service.ops.testing import make_router_inputs  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 DENSE_SHAPES = {  # (N, K) of LongCat-Flash (benchmarks/configs/longcat-flash-2l)
-    "q_a_kv_a": (2112, 6144),  # fused q_a (1536) + kv_a (512 + 64)
+    "q_a_kv_a": (2176, 6144),  # fused q_a (1536) + kv_a (512 + 64), zero rows up to whole blocks (mla_attention)
     "q_b": (12288, 1536),  # 64 heads x 192
     "o_proj": (6144, 8192),  # 64 heads x 128
     "dense_gate_up": (24576, 6144),  # 2 x 12288

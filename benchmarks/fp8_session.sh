@@ -28,21 +28,29 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   step build 220 LONGCAT_BUILD_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null
 fi
-step pytest_fp8 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
+step pytest_fp8 180 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py
 step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 20 --out "$L/bench_dense.json"
 step bench_experts 100 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
 step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 \
   --out "$L/bench_grouped.json"
-# Later steps usually need a second call: SKIP_BUILD=1 (with the carried _C*.so) STEPS="model_fp8 pytest_model"
+# Run 1 (2026-12-03) fit every step in one call (253 s of the 470 s budget); if not: SKIP_BUILD=1 (with the carried
+# _C*.so) STEPS="model_fp8 pytest_model"
 step model_fp8 200 $PY benchmarks/bench_fp8.py --formats fp8 --out-dir "$L/model_fp8"
-step pytest_model 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fp8_model_gpu.py tests/test_dense_gemv.py \
+step pytest_model 150 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_model_gpu.py tests/test_dense_gemv.py \
   tests/test_ops_gpu.py
 
 {
   echo "== commit: $(cat "$L/commit.txt")"; cat "$L/gpu.txt"
   echo "== steps (name, exit code: 0 ok, 124 timeout; seconds) =="; cat "$L/steps.tsv"
   echo "== build (tail) =="; tail -5 "$L/build.log" 2>/dev/null
-  for s in pytest_fp8 pytest_model; do echo "== $s (tail) =="; tail -25 "$L/$s.log" 2>/dev/null; done
+  for s in pytest_fp8 pytest_model; do
+    echo "== $s (failures, then tail) =="
+    grep -E "^(FAILED|ERROR)|off, worst" "$L/$s.log" 2>/dev/null | cut -c1-300 | head -30
+    tail -25 "$L/$s.log" 2>/dev/null
+  done
+  echo "== Triton compiles after the warm-up (model_fp8) =="
+  grep -o "warm_up_prefill): [A-Za-z0-9_]*" "$L/model_fp8.log" 2>/dev/null | sort | uniq -c
+  grep "Triton built" "$L/model_fp8.log" 2>/dev/null | sed 's/.*warm_up_prefill): //' | cut -c1-1500 | head -6
   for s in bench_dense bench_experts bench_grouped model_fp8; do
     echo "== $s =="; grep -v '^{' "$L/$s.log" 2>/dev/null | tail -45
   done

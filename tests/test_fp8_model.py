@@ -34,6 +34,9 @@ def test_fp8_logits_equal_the_model_on_dequantized_weights(which, dtype, request
     fp8 = load_model(ckpt["fp8"], dtype=dtype, device="cpu")
     ref = load_model(ckpt["dequant"], dtype=dtype, device="cpu")
     assert fp8.model.layers[0].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    fused = fp8.model.layers[0].self_attn[0].fused_a_weight
+    if which == "odd":  # q_a 128 + kv_a 80 rows, zero rows up to whole 128-blocks (torch's blockwise scaled-mm)
+        assert fused.shape[0] == 256 and not fused[208:].view(torch.uint8).any()
     got, want = full_forward_logits(fp8, TOKENS), full_forward_logits(ref, TOKENS)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -86,7 +86,8 @@ def test_w8a8_reference_is_within_the_activation_quantization_error(parts):
 
         assert torch.equal(got, w8a8_linear_ref(x, w8, scale))
     # decode-sized batches stay weight-only, as on the GPU
-    assert torch.equal(fp8.fp8_linear(x[:8], w8, scale, parts, w8a8_reference=True), F.linear(x[:8], w))
+    rows = fp8.DECODE_ROWS
+    assert torch.equal(fp8.fp8_linear(x[:rows], w8, scale, parts, w8a8_reference=True), F.linear(x[:rows], w))
 
 
 def test_w8a8_expert_reference_quantizes_both_expert_matmuls():

@@ -9,8 +9,11 @@
 // WK > 1 (narrow experts, e.g. a TP shard's I = 256; expert_ffn_v2.cuh's idea): the block's WK warps split K of
 // the same columns and meet in shared memory, so a narrow expert still gets enough warps in flight.
 // One design serves batch 1 and batch 64 (at B = 64 an active expert has ~1.5 rows: the FMA work per weight byte
-// stays well under the SM's issue rate; the bf16 v3 tensor-core GEMV is not carried over to FP8).
+// stays well under the SM's issue rate). From kMmaMinTokens tokens a step the tensor-core variant takes over
+// (expert_ffn_fp8_mma.cuh: v3's design; on the H200 this FMA kernel reached only 0.57 / 0.50 of the byte floor at
+// B = 16 / 64, run 1).
 #include "../ops.h"
+#include "expert_ffn_fp8_mma.cuh"
 #include "fp8_common.cuh"
 
 namespace longcat {
@@ -20,6 +23,9 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxRows = 8;
 // I at or below this: SwiGLU launch splits K over the block's 4 warps (expert_ffn.cu's v2 bound).
 constexpr int kSplitKMaxIntermediate = 512;
+// Tokens a step from which the tensor-core kernel (expert_ffn_fp8_mma.cuh) runs: ~1.5 rows per active expert at
+// B = 16 (LongCat: 12 of 512 experts a token), where the FMA kernel's dequantize-and-multiply per row dominates.
+constexpr int64_t kMmaMinTokens = 16;
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
@@ -234,6 +240,13 @@ at::Tensor expert_ffn_fp8_cuda(const at::Tensor& hidden_in, const at::Tensor& w1
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int Hi = static_cast<int>(H), Ii = static_cast<int>(I);
   using T = __nv_bfloat16;
+  if (hidden.size(0) >= kMmaMinTokens) {  // host-side choice from the token count (fixed per CUDA graph)
+    const fp8mma::Launch mma{routing.offsets, routing.sorted_slots, routing.active, routing.num_active,
+                             routing.max_active, routing.top_k, active_in.has_value() && num_active_in.has_value()};
+    fp8mma::run_ffn(static_cast<const T*>(hidden.data_ptr()), w13, s13, w2, s2, static_cast<T*>(h.data_ptr()),
+                    static_cast<T*>(y.data_ptr()), mma, Hi, Ii, stream);
+    return y;
+  }
   run_ffn<T>(static_cast<const T*>(hidden.data_ptr()), w13, s13, w2, s2, static_cast<T*>(h.data_ptr()),
              static_cast<T*>(y.data_ptr()), routing, Hi, Ii, stream);
   return y;

@@ -58,6 +58,8 @@ GROUPED_CONFIGS: tuple[GroupedGemmConfig, ...] = tuple(parse_config(c) for c in 
     "64,128,128,4,4,tma,split",
     "128,64,128,4,8,tma,split",
 ))
+# H200 run 1 (benchmarks/RESULTS.md): the first is the fastest of the four measured at the LongCat-Flash prefill
+# shapes (gate_up 4651 us vs 4923 / 5541 / 5472, down 2474 vs 2732 / 2956 / 3133; bf16 6513 / 3271).
 DEFAULT_GROUPED_CONFIG = GROUPED_CONFIGS[0]
 
 
@@ -193,23 +195,56 @@ def grouped_gemm_fp8_reference(x8, x_scale, w8, w_scale, expert_offsets, out_dty
     return y
 
 
+SCALED_MM_MIN_ROWS = 4  # H200, torch 2.11 (run 1): blockwise scaled-mm rejected M = 1 (scale stride) and 2 (cuBLASLt)
+
+
+def scaled_mm_supported(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    """Whether scaled_mm_blockwise takes x [M, K] bf16 @ w8 [N, K]: Hopper (sm_90; the cuBLASLt blockwise kernels),
+    torch with F.scaled_mm, N and K whole 128-blocks, K/128 a multiple of 4 (the weight scale's column-major view
+    needs a leading dimension padded to 4), M >= SCALED_MM_MIN_ROWS, contiguous weight and scale. Host metadata."""
+    import torch.nn.functional as F
+
+    m, k = x.shape
+    n = w8.shape[0]
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "scaled_mm") and m >= SCALED_MM_MIN_ROWS
+            and n % GROUP == 0 and k % GROUP == 0 and (k // GROUP) % 4 == 0 and w8.is_contiguous()
+            and w_scale.is_contiguous() and w_scale.dtype == torch.float32 and w8.device == x.device
+            and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
+def w8a8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The dense prefill product (x quantized per token-group, block-FP8 weight): torch's blockwise scaled-mm where
+    it takes the shape (1.4-1.8x faster than w8a8_block_gemm at 4096 rows on the H200, run 1), else the Triton GEMM."""
+    if scaled_mm_supported(x, w8, scale):
+        x8, x_scale = per_token_group_quant_fp8(x)
+        return scaled_mm_blockwise(x8, x_scale, w8, scale, x.dtype)
+    return w8a8_block_gemm(x, w8, scale)
+
+
 def scaled_mm_blockwise(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
                         out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The same product through torch's scaled-mm (cuBLASLt blockwise 1x128 x 128x128 scaling, Hopper, CUDA >=
-    12.9): a candidate measured against scaled_gemm_fp8 in benchmarks/bench_fp8_kernels.py. Needs K and N multiples
-    of 128 and ceil(K/128) a multiple of 4 (the scale layouts below); raises where torch lacks it."""
+    12.9). Needs K and N multiples of 128 and K/128 a multiple of 4 (the scale layouts below); M is padded to a
+    multiple of 4 (zero rows; the activation scale's column-major leading dimension); raises where torch lacks it."""
     m, k = x8.shape
     n = w8.shape[0]
     if k % GROUP or n % GROUP or (k // GROUP) % 4:
         raise ValueError(f"scaled_mm_blockwise: needs K, N multiples of 128 and K/128 of 4, got K={k} N={n}")
-    a_scale = x_scale.t().contiguous().t()  # [M, K/128], column-major
+    m_pad = -(-m // 4) * 4
+    if m_pad != m:  # F.pad on the bytes: zero bytes are e4m3 zeros
+        x8 = torch.nn.functional.pad(x8.view(torch.uint8), (0, 0, 0, m_pad - m)).view(FP8_DTYPE)
+    a_scale = torch.ones(k // GROUP, m_pad, dtype=torch.float32, device=x8.device)
+    a_scale[:, :m] = x_scale.t()
+    a_scale = a_scale.t()  # [M_pad, K/128], column-major
     b_scale = w_scale.t()  # [K/128, N/128] view of the contiguous [N/128, K/128]: column-major
     import torch.nn.functional as F
 
     if hasattr(F, "scaled_mm"):
         from torch.nn.functional import ScalingType, SwizzleType
 
-        return F.scaled_mm(x8, w8.t(), [a_scale], [ScalingType.BlockWise1x128], [b_scale],
-                           [ScalingType.BlockWise128x128], swizzle_a=[SwizzleType.NO_SWIZZLE],
-                           swizzle_b=[SwizzleType.NO_SWIZZLE], output_dtype=out_dtype)
-    return torch._scaled_mm(x8, w8.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+        out = F.scaled_mm(x8, w8.t(), [a_scale], [ScalingType.BlockWise1x128], [b_scale],
+                          [ScalingType.BlockWise128x128], swizzle_a=[SwizzleType.NO_SWIZZLE],
+                          swizzle_b=[SwizzleType.NO_SWIZZLE], output_dtype=out_dtype)
+    else:
+        out = torch._scaled_mm(x8, w8.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+    return out[:m]

@@ -91,9 +91,12 @@ class MLAAttention(nn.Module):
         if fp8 != isinstance(kv_a, Fp8Linear) or (fp8 and q_a.output_size % BLOCK):
             return  # mixed formats, or block rows that would straddle the two (not the kernels' layout)
         fused = torch.cat([q_a.weight, kv_a.weight], dim=0)
+        if fp8 and fused.shape[0] % BLOCK:  # zero rows up to whole blocks: the shape torch's blockwise scaled-mm
+            pad = torch.zeros(BLOCK - fused.shape[0] % BLOCK, fused.shape[1], dtype=torch.uint8, device=fused.device)
+            fused = torch.cat([fused.view(torch.uint8), pad]).view(fused.dtype)  # takes (LongCat: 2112 -> 2176)
         rows = q_a.weight.shape[0]
         q_a.weight.data = fused[:rows]
-        kv_a.weight.data = fused[rows:]
+        kv_a.weight.data = fused[rows : rows + kv_a.weight.shape[0]]
         self.fused_a_weight = fused
         if fp8:
             scale = torch.cat([q_a.weight_scale_inv, kv_a.weight_scale_inv], dim=0)
@@ -110,7 +113,8 @@ class MLAAttention(nn.Module):
             out = fp8_linear(x, self.fused_a_weight, self.fused_a_scale, None, self.q_a_proj.w8a8_reference)
         else:
             out = linear(x, self.fused_a_weight)
-        return out.split([self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size], dim=-1)
+        q_rows, kv_rows = self.q_a_proj.output_size, self.kv_a_proj_with_mqa.output_size
+        return out[..., :q_rows], out[..., q_rows : q_rows + kv_rows]  # (without the FP8 padding rows)
 
     def forward(
         self,

@@ -7,7 +7,8 @@ it always takes the reference path. None: the standard block layout.
 
 On CUDA, with the extension / Triton kernels present (h15k's wrappers, looked up once, guarded so either side
 works alone): decode rows (<= DECODE_ROWS) stream the FP8 weight through `dense_gemv_fp8` (dequantized in
-registers), more rows take the w8a8 block GEMM (dynamic per-token-group activation quantization); the routed
+registers), more rows take the w8a8 block GEMM (dynamic per-token-group activation quantization; torch's
+cuBLASLt blockwise scaled-mm on Hopper where it takes the shape, else the Triton kernel); the routed
 experts take `extension.expert_ffn_fp8`, which picks its own decode / grouped-GEMM regime. Everywhere else
 (CPU, unsupported shapes): the reference, i.e. dequantize to the activation dtype, then the bf16/fp32 op
 (weight-only: equal to the unquantized model run on the dequantized weights). Choices use shapes, dtypes and the
@@ -25,7 +26,10 @@ import torch.nn.functional as F
 from longcat_service import ops
 from longcat_service.ops.fp8_reference import BLOCK, FP8_DTYPE, block_dequant, per_token_group_quant
 
-DECODE_ROWS = 8  # dense_gemv_fp8 takes at most 8 rows (the interface of the FP8 GEMV kernel)
+# Rows up to which the dense linears stream the weight through dense_gemv_fp8 (which takes up to 8). H200 run 1
+# (benchmarks/RESULTS.md): the GEMV wins at 1-4 rows on every LongCat shape but gate_up at 4 (66 vs 52 us w8a8),
+# and loses at 8 on all but q_a_kv_a (q_b 20 vs 13, o_proj 51 vs 27 scaled-mm, gate_up 122 vs 53, down 76 vs 35).
+DECODE_ROWS = 4
 
 
 def cdiv(a: int, b: int = BLOCK) -> int:
@@ -75,12 +79,13 @@ def _extension():
 
 @functools.cache
 def _w8a8_gemm():
-    """kernels/fp8_gemm.w8a8_block_gemm, or None when the Triton module is absent."""
+    """kernels/fp8_gemm.w8a8_linear (torch's blockwise scaled-mm where it takes the shape, else the Triton w8a8
+    GEMM), or None when the Triton module is absent."""
     try:
-        from longcat_service.kernels.fp8_gemm import w8a8_block_gemm
+        from longcat_service.kernels.fp8_gemm import w8a8_linear
     except ImportError:
         return None
-    return w8a8_block_gemm
+    return w8a8_linear
 
 
 def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
