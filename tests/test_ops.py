@@ -9,6 +9,7 @@ import torch
 import longcat_service.ops as ops
 from longcat_service.ops import reference as ref
 from longcat_service.ops.testing import make_expert_weights, make_router_inputs, naive_moe
+from tests.extension_switch import skip_without_extension
 
 try:
     from longcat_service import _C  # noqa: F401
@@ -18,7 +19,7 @@ try:
 except ImportError as exc:
     HAVE_EXT, WHY_NOT = False, f"extension longcat_service._C not built ({exc}); run pip install --no-build-isolation -e ."
 
-needs_ext = pytest.mark.skipif(not HAVE_EXT, reason=WHY_NOT)
+needs_ext = skip_without_extension(HAVE_EXT, WHY_NOT)
 L = torch.ops.longcat
 HIDDEN, INTER, SCALE = 48, 24, 6.0
 
