@@ -55,7 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--eager-steps", type=int, default=6, help="eager decode steps per batch (0 = skip)")
     p.add_argument("--prefill-len", type=int, default=4096)
     p.add_argument("--hf-batches", default="1,64", help="transformers baseline batches ('' = skip)")
-    p.add_argument("--hf-steps", type=int, default=8)
+    p.add_argument("--hf-steps", type=int, default=10, help="timed transformers decode steps (after the warm-up)")
+    p.add_argument("--hf-warmup", type=int, default=3, help="untimed transformers decode steps first")
+    p.add_argument("--defaults-batches", default="1,64",
+                   help="also time these batches with every engine setting at its default, through LLM ('' = skip)")
     p.add_argument("--profile-batches", default="1,64", help="torch.profiler tables for these batches")
     p.add_argument("--profile-prefill", action="store_true", help="torch.profiler table of one prefill")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
@@ -327,6 +330,68 @@ def profile_decode(drv, runner, prompts, cap: int, bsz: int, path: Path, device)
 
 
 # ---- our model ----------------------------------------------------------------------------------------
+def decode_floor_bytes(pb: dict[str, int], experts_hit: float, kv_tokens: int, raw: dict) -> float:
+    """Bytes one decode step must read: the routing-independent weights, each expert hit once, and the bf16 MLA
+    cache entry ([kv_lora_rank | rope dims]) of every cached token in each of the 2 attention sublayers per layer."""
+    entry_bytes = (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * 2
+    return pb["dense"] + experts_hit * pb["per_expert"] + kv_tokens * entry_bytes * 2 * raw["num_layers"]
+
+
+def prefill_flops(pb: dict[str, int], raw: dict, tokens: int, expert_rows: int) -> float:
+    """Matmul FLOPs of one causal prefill of `tokens`: every dense parameter (param_bytes' dense_params) per token,
+    3 expert matrices per routed row, causal attention in the 2 sublayers per layer, and the lm_head for the last
+    token only."""
+    c = raw
+    head = c["vocab_size"] * c["hidden_size"]
+    dense_params = pb["dense_params"]
+    expert_params = 3 * c["hidden_size"] * c["expert_ffn_hidden_size"]
+    attn = 2 * c["num_layers"] * 2 * c["num_attention_heads"] * (tokens * tokens / 2) * (
+        c["qk_nope_head_dim"] + c["qk_rope_head_dim"] + c["v_head_dim"])
+    return 2 * dense_params * tokens + 2 * expert_params * expert_rows + attn + 2 * head
+
+
+def non_default_settings(eargs) -> dict:
+    """The engine settings of the tuned run that differ from what a user of LLM / longcat-serve gets by default
+    (the model, dtype, device and dummy weights are the workload, not settings)."""
+    from longcat_service.engine.engine_args import EngineArgs
+
+    workload = {"model", "dtype", "device", "load_format"}
+    defaults = EngineArgs()
+    return {f.name: getattr(eargs, f.name) for f in dataclasses.fields(eargs)
+            if f.name not in workload and getattr(eargs, f.name) != getattr(defaults, f.name)}
+
+
+def defaults_decode_ms(args, raw: dict, device: torch.device) -> dict[int, float]:
+    """ms per decode step with every engine setting at its default, through the public LLM API: the wall time of
+    generate() with n new tokens minus that with 1, over n - 1 (fresh random prompts each call, so a prefix-cache
+    hit never shortens one of the two prefills)."""
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+
+    tmp = Path(tempfile.mkdtemp(prefix="lc2l_defaults_"))
+    (tmp / "config.json").write_text(json.dumps(dict(raw, model_type="longcat_flash")))
+    llm = LLM(model=str(tmp), dtype="bfloat16", device=str(device), load_format="dummy")
+    with torch.no_grad():  # the same workload as the tuned run: zero correction bias (see bench_ours)
+        for layer in llm.engine.runner.model.model.layers:
+            layer.mlp.router.e_score_correction_bias.zero_()
+    gen = torch.Generator().manual_seed(1)
+
+    def timed(bsz: int, n: int) -> float:
+        prompts = torch.randint(3, raw["vocab_size"], (bsz, args.prompt_len), generator=gen).tolist()
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t0
+
+    out = {}
+    for bsz in _ints(args.defaults_batches):
+        timed(bsz, args.new_tokens)  # warm-up: graph capture and kernel compiles for this batch
+        one = statistics.median(timed(bsz, 1) for _ in range(3))
+        full = statistics.median(timed(bsz, args.new_tokens) for _ in range(3))
+        out[bsz] = (full - one) / (args.new_tokens - 1) * 1e3
+        print(f"defaults batch {bsz}: {out[bsz]:.2f} ms/step", flush=True)
+    return out  # the LLM is freed with this frame
+
+
 def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops: float, out_dir: Path) -> dict:
     from longcat_service.engine.engine_args import EngineArgs
     from longcat_service.engine.llm_engine import LLMEngine
@@ -348,6 +413,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
                                 max_num_batched_tokens=16384)
     engine = LLMEngine(eargs)
     runner = engine.runner
+    res_settings = non_default_settings(eargs)
     print(f"model ready in {time.perf_counter() - t0:.1f}s; graphs: {runner.graph_runner is not None}", flush=True)
     model, drv = runner.model, Driver(runner, 16)
     with torch.no_grad():
@@ -356,10 +422,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         for layer in model.model.layers:
             layer.mlp.router.e_score_correction_bias.zero_()
     pb = param_bytes(model)
-    entry_bytes = raw["kv_lora_rank"] + raw["qk_rope_head_dim"]
-    n_sub = 2 * raw["num_layers"]
     gen = torch.Generator().manual_seed(0)
-    res: dict = {"decode": {}, "prefill": None}
+    res: dict = {"decode": {}, "prefill": None, "non_default_settings": res_settings}
     profile_set = set(_ints(args.profile_batches))
 
     # prefill first, in the fresh process: one prompt of prefill_len tokens, one chunk (3 timed runs)
@@ -407,12 +471,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
                              f"prefill of {args.prefill_len} tokens", rows=60)
         print(f"--- prefill {args.prefill_len}: top kernels ---\n{table}", flush=True)
         drv.release([seq])
-    s, c = args.prefill_len, raw
-    expert_params = 3 * c["hidden_size"] * c["expert_ffn_hidden_size"]
-    dense_params = pb["dense_params"]
-    attn = n_sub * 2 * c["num_attention_heads"] * (s * s / 2) * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-                                                                  + c["v_head_dim"])
-    flops = 2 * dense_params * s + 2 * expert_params * sum(probe_slots) + attn + 2 * c["vocab_size"] * c["hidden_size"]
+    s = args.prefill_len
+    flops = prefill_flops(pb, raw, s, sum(probe_slots))
     t = statistics.median(times)
     res["prefill"] = {"tokens": s, "seconds": t, "tokens_per_s": s / t, "tflops": flops / t / 1e12,
                       "share_of_matmul": flops / t / ceil_flops, "gpu_timeline": prefill_gpu,
@@ -443,7 +503,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         # floor: bytes of this step (KV read at the median step's length)
         kv_tokens = sum(s.num_tokens for s in seqs) - bsz * (len(step_times) // 2)
         hit = statistics.median(sum(d) for d in distinct) if distinct else float("nan")
-        floor_bytes = pb["dense"] + hit * pb["per_expert"] + kv_tokens * entry_bytes * 2 * n_sub
+        floor_bytes = decode_floor_bytes(pb, hit, kv_tokens, raw)
         floor_ms = floor_bytes / ceil_bw * 1e3
         step_ms = statistics.median(timed) * 1e3
         drv.release(seqs)
@@ -496,14 +556,15 @@ def hf_only(args, raw: dict, device: torch.device) -> dict:
             o = model(input_ids=ids, use_cache=True)
             cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1)
             times = []
-            for _ in range(args.hf_steps):
+            for step in range(args.hf_warmup + args.hf_steps):
                 sync(device)
                 t0 = time.perf_counter()
                 o = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
                 nxt = o.logits[:, -1].argmax(-1)
                 nxt.tolist()
-                times.append(time.perf_counter() - t0)
-        out["decode"][bsz] = statistics.median(times[1:] if len(times) > 2 else times) * 1e3
+                if step >= args.hf_warmup:
+                    times.append(time.perf_counter() - t0)
+        out["decode"][bsz] = statistics.median(times) * 1e3
         print(f"transformers batch {bsz}: {out['decode'][bsz]:.2f} ms/step", flush=True)
         del o, cache
     return out
@@ -511,7 +572,8 @@ def hf_only(args, raw: dict, device: torch.device) -> dict:
 
 def run_hf_child(args) -> dict | None:
     cmd = [sys.executable, __file__, "--hf-only", "--device", args.device, "--hf-batches", args.hf_batches,
-           "--prompt-len", str(args.prompt_len), "--hf-steps", str(args.hf_steps)] + (["--tiny"] if args.tiny else [])
+           "--prompt-len", str(args.prompt_len), "--hf-steps", str(args.hf_steps),
+           "--hf-warmup", str(args.hf_warmup)] + (["--tiny"] if args.tiny else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-4000:])
     if proc.returncode != 0:
@@ -524,7 +586,8 @@ def run_hf_child(args) -> dict | None:
 
 
 # ---- report -------------------------------------------------------------------------------------------
-def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: torch.device) -> str:
+def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: torch.device,
+           defaults: dict[int, float] | None = None) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     commit = os.environ.get("LONGCAT_COMMIT") or subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -535,10 +598,15 @@ def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: t
         f" ({'tiny config' if args.tiny else 'LongCat-Flash-2L'}, dummy bf16 weights, prompt {args.prompt_len},"
         f" {args.new_tokens} new tokens, ignore_eos).",
         f"Measured ceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s.",
+        "Tuned run's engine settings that differ from the defaults: "
+        + ", ".join(f"{k}={v}" for k, v in ours.get("non_default_settings", {}).items())
+        + ". Defaults column: every engine setting at its default, through LLM.generate ((t(n tokens) - t(1)) /"
+        " (n - 1)).",
+        f"transformers: median of {args.hf_steps} decode steps after {args.hf_warmup} warm-up steps.",
         "",
-        "| batch | ours ms/step (engine) | runner execute ms | graph replay ms | eager ms | floor ms | ours/floor "
-        "| experts hit/layer | transformers ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | ours ms/step (engine) | defaults ms/step (LLM) | runner execute ms | graph replay ms | eager ms "
+        "| floor ms | ours/floor | experts hit/layer | transformers ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x, fmt="{:.2f}"):
@@ -546,7 +614,7 @@ def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: t
 
     for bsz, r in ours["decode"].items():
         hf_ms = (hf or {}).get("decode", {}).get(str(bsz)) or (hf or {}).get("decode", {}).get(bsz)
-        lines.append(f"| {bsz} | {f(r.get('engine_ms'))} | {r['step_ms']:.2f} | {f(r['gpu_replay_ms'])} | {f(r['eager_ms'])} | "
+        lines.append(f"| {bsz} | {f(r.get('engine_ms'))} | {f((defaults or {}).get(bsz))} | {r['step_ms']:.2f} | {f(r['gpu_replay_ms'])} | {f(r['eager_ms'])} | "
                      f"{r['floor_ms']:.2f} | {r['ratio']:.2f} | {f(r['experts_hit_per_layer'], '{}')} | {f(hf_ms)} |")
     p = ours["prefill"]
     lines += ["", f"Prefill {p['tokens']} tokens: {p['tokens_per_s']:.0f} tokens/s, {p['tflops']:.0f} TFLOP/s = "
@@ -572,9 +640,14 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         print(f"GPU memory still allocated before transformers: {torch.cuda.memory_allocated() / 1e9:.2f} GB")
+    defaults = defaults_decode_ms(args, raw, device) if args.defaults_batches else None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     hf = run_hf_child(args) if args.hf_batches else None
-    text = report(args, ours, hf, bw, flops, device)
-    (out_dir / "bench_decode.json").write_text(json.dumps({"ours": ours, "hf": hf, "copy_Bps": bw,
+    text = report(args, ours, hf, bw, flops, device, defaults)
+    (out_dir / "bench_decode.json").write_text(json.dumps({"ours": ours, "defaults": defaults, "hf": hf,
+                                                            "copy_Bps": bw,
                                                             "matmul_flops": flops}, indent=1))
     with open(args.results_md, "a") as fh:
         fh.write("\n" + text)
