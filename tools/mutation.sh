@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Mutation testing of the core modules with mutmut 3 (pip install mutmut; not part of CI: it takes ~10-40 minutes
+# per module on 2 cores). Each module is mutated in its own scratch copy of the repository and checked only by the
+# fast tests that target it, so that a run stays feasible on a small machine.
+#
+#   tools/mutation.sh                 # every module below
+#   tools/mutation.sh sampler block_manager
+#
+# Results: a "module killed/total score" line per module on stdout and in $MUTATION_DIR/<module>/score.txt;
+# surviving mutants with `cd $MUTATION_DIR/<module> && mutmut results` and `mutmut show <name>`.
+# docs/mutation-testing.md records the scores and the surviving mutants judged equivalent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MUTATION_DIR=${MUTATION_DIR:-$ROOT/.mutation}
+CHILDREN=${MUTATION_CHILDREN:-2}
+
+# module name -> "file to mutate|pytest arguments, separated by ;" (fast tests that target the module)
+declare -A MODULES=(
+  [sampler]="longcat_service/engine/sampler.py|tests/test_sampler.py"
+  [output_processor]="longcat_service/engine/output_processor.py|tests/test_output_processor.py;tests/test_stop_string_streaming.py;-k;not grpc"
+  [detokenizer]="longcat_service/engine/detokenizer.py|tests/test_detokenizer.py"
+  [block_manager]="longcat_service/engine/block_manager.py|tests/test_block_manager.py;tests/test_prefix_cache_hits.py;-k;not engine"
+  [scheduler]="longcat_service/engine/scheduler.py|tests/test_scheduler.py"
+  [rotary]="longcat_service/layers/rotary.py|tests/test_rope_table.py;tests/test_rotary_reference.py"
+  [router]="longcat_service/layers/router.py|tests/test_moe_prefill.py;tests/test_ops.py"
+  [moe_reference]="longcat_service/ops/reference.py|tests/test_ops.py;tests/test_moe_prefill.py"
+  [config]="longcat_service/config.py|tests/test_config.py"
+  [convert]="longcat_service/server/convert.py|tests/test_server_convert.py;tests/test_server_validation.py"
+  [admission]="longcat_service/server/admission.py|tests/test_admission.py"
+)
+ORDER=(sampler block_manager output_processor scheduler convert admission detokenizer config rotary router moe_reference)
+[ $# -gt 0 ] && ORDER=("$@")
+
+for name in "${ORDER[@]}"; do
+  spec=${MODULES[$name]:?unknown module $name (one of: ${!MODULES[*]})}
+  file=${spec%%|*}
+  IFS=";" read -r -a args <<< "${spec#*|}"
+  work=$MUTATION_DIR/$name
+  rm -rf "$work" && mkdir -p "$work"
+  cp -r longcat_service tests setup.py "$work"/
+  # the scratch copy's pyproject: the project's, with a [tool.mutmut] section for this module only
+  {
+    cat pyproject.toml
+    printf '\n[tool.mutmut]\nsource_paths = ["longcat_service"]\nonly_mutate = ["%s"]\n' "$file"
+    printf 'pytest_add_cli_args_test_selection = ['; printf '"%s", ' "${args[@]}"; printf ']\n'
+    printf 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-o", "timeout=120"]\n'
+    printf 'process_isolation = "forkserver"\nuse_git_change_detection = false\n'
+  } > "$work/pyproject.toml"
+  (cd "$work" && nice -n 10 mutmut run --max-children "$CHILDREN" > run.log 2>&1) || true
+  (cd "$work" && mutmut export-cicd-stats > /dev/null 2>&1) || true
+  python3 - "$name" "$work" <<'PY'
+import json, sys
+from pathlib import Path
+name, work = sys.argv[1], Path(sys.argv[2])
+stats_file = work / "mutants" / "mutmut-cicd-stats.json"
+if not stats_file.exists():
+    line = f"{name}: no result (see {work}/run.log)"
+else:
+    s = json.loads(stats_file.read_text())
+    killed = s.get("killed", 0) + s.get("timeout", 0) + s.get("segfault", 0)
+    total = s.get("total", 0) - s.get("skipped", 0) - s.get("no_tests", 0)
+    line = (f"{name}: {killed}/{total} killed ({100 * killed / max(total, 1):.1f}%), survived {s.get('survived', 0)}, "
+            f"no tests {s.get('no_tests', 0)}, suspicious {s.get('suspicious', 0)}")
+(work / "score.txt").write_text(line + "\n")
+print(line, flush=True)
+PY
+done
