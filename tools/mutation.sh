@@ -18,16 +18,16 @@ CHILDREN=${MUTATION_CHILDREN:-2}
 # module name -> "file to mutate|pytest arguments, separated by ;" (fast tests that target the module)
 declare -A MODULES=(
   [sampler]="longcat_service/engine/sampler.py|tests/test_sampler.py"
-  [output_processor]="longcat_service/engine/output_processor.py|tests/test_output_processor.py;tests/test_stop_string_streaming.py;-k;not grpc"
+  [output_processor]="longcat_service/engine/output_processor.py|tests/test_stop_string_streaming.py;tests/test_engine_requests.py;-k;not grpc"
   [detokenizer]="longcat_service/engine/detokenizer.py|tests/test_detokenizer.py"
   [block_manager]="longcat_service/engine/block_manager.py|tests/test_block_manager.py;tests/test_block_manager_behaviour.py;tests/test_prefix_cache_hits.py;-k;not engine"
   [scheduler]="longcat_service/engine/scheduler.py|tests/test_scheduler.py"
-  [rotary]="longcat_service/layers/rotary.py|tests/test_rope_table.py;tests/test_rotary_reference.py"
+  [rotary]="longcat_service/layers/rotary.py|tests/test_rope_table.py;tests/test_model_parity.py;-k;variant or prefill_batch"
   [router]="longcat_service/layers/router.py|tests/test_moe_prefill.py;tests/test_ops.py"
   [moe_reference]="longcat_service/ops/reference.py|tests/test_ops.py;tests/test_moe_prefill.py"
   [config]="longcat_service/config.py|tests/test_config.py"
-  [convert]="longcat_service/server/convert.py|tests/test_server_convert.py;tests/test_server_validation.py"
-  [admission]="longcat_service/server/admission.py|tests/test_admission.py"
+  [convert]="longcat_service/server/convert.py|tests/test_server_validation.py"
+  [admission]="longcat_service/server/admission.py|tests/test_server_faults.py"
 )
 ORDER=(sampler block_manager output_processor scheduler convert admission detokenizer config rotary router moe_reference)
 [ $# -gt 0 ] && ORDER=("$@")
