@@ -5,6 +5,7 @@
 #
 #   tools/mutation.sh                 # every module below
 #   tools/mutation.sh sampler block_manager
+#   MUTATION_RESUME=1 tools/mutation.sh sampler   # after adding tests: re-run only that module's survivors
 #
 # Results: a "module killed/total score" line per module on stdout and in $MUTATION_DIR/<module>/score.txt;
 # surviving mutants with `cd $MUTATION_DIR/<module> && mutmut results` and `mutmut show <name>`.
@@ -37,8 +38,14 @@ for name in "${ORDER[@]}"; do
   file=${spec%%|*}
   IFS=";" read -r -a args <<< "${spec#*|}"
   work=$MUTATION_DIR/$name
-  rm -rf "$work" && mkdir -p "$work"
-  cp -r longcat_service tests setup.py "$work"/
+  resume=0
+  if [ "${MUTATION_RESUME:-0}" = 1 ] && [ -d "$work/mutants" ]; then
+    resume=1
+  else
+    rm -rf "$work" && mkdir -p "$work"
+    cp -r longcat_service setup.py "$work"/
+  fi
+  cp -r tests "$work"/
   # the scratch copy's pyproject: the project's, with a [tool.mutmut] section for this module only
   {
     cat pyproject.toml
@@ -47,21 +54,45 @@ for name in "${ORDER[@]}"; do
     printf 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-o", "timeout=120"]\n'
     printf 'process_isolation = "forkserver"\nuse_git_change_detection = false\n'
   } > "$work/pyproject.toml"
-  (cd "$work" && nice -n 10 mutmut run --max-children "$CHILDREN" > run.log 2>&1) || true
-  (cd "$work" && mutmut export-cicd-stats > /dev/null 2>&1) || true
+  if [ $resume = 1 ]; then
+    # after adding tests: refresh them in the scratch copy and re-run only the mutants that survived
+    cp -r tests "$work/mutants"/ && cp "$work/pyproject.toml" "$work/mutants/"
+    mapfile -t survivors < <(cd "$work" && mutmut results 2>/dev/null | awk -F: '/: survived/ {gsub(/ /, "", $1); print $1}')
+    if [ ${#survivors[@]} -gt 0 ]; then
+      (cd "$work" && nice -n 10 mutmut run --max-children "$CHILDREN" "${survivors[@]}" > rerun.log 2>&1) || true
+    fi
+  else
+    (cd "$work" && nice -n 10 mutmut run --max-children "$CHILDREN" > run.log 2>&1) || true
+  fi
+  # per-mutant status; in a resumed run the earlier verdicts stand for the mutants it did not re-run
+  (cd "$work" && mutmut results --all true 2>/dev/null) > "$work/results.new" || true
   python3 - "$name" "$work" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
+
 name, work = sys.argv[1], Path(sys.argv[2])
-stats_file = work / "mutants" / "mutmut-cicd-stats.json"
-if not stats_file.exists():
-    line = f"{name}: no result (see {work}/run.log)"
-else:
-    s = json.loads(stats_file.read_text())
-    killed = s.get("killed", 0) + s.get("timeout", 0) + s.get("segfault", 0)
-    total = s.get("total", 0) - s.get("skipped", 0) - s.get("no_tests", 0)
-    line = (f"{name}: {killed}/{total} killed ({100 * killed / max(total, 1):.1f}%), survived {s.get('survived', 0)}, "
-            f"no tests {s.get('no_tests', 0)}, suspicious {s.get('suspicious', 0)}")
+
+
+def load(path):
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if ": " in line:
+                key, status = line.strip().rsplit(": ", 1)
+                out[key] = status
+    return out
+
+
+merged = load(work / "results.txt")
+merged.update({k: v for k, v in load(work / "results.new").items() if v != "not checked"})
+(work / "results.txt").write_text("".join(f"{k}: {v}\n" for k, v in sorted(merged.items())))
+counts = {}
+for status in merged.values():
+    counts[status] = counts.get(status, 0) + 1
+killed = sum(counts.get(s, 0) for s in ("killed", "timeout", "segfault"))
+total = sum(counts.values()) - counts.get("skipped", 0)
+detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+line = f"{name}: {killed}/{total} killed ({100 * killed / max(total, 1):.1f}%) [{detail}]"
 (work / "score.txt").write_text(line + "\n")
 print(line, flush=True)
 PY

@@ -1,0 +1,62 @@
+"""Sampler behaviour that the mutation run (tools/mutation.sh sampler) found unchecked."""
+
+import torch
+
+from longcat_service.engine.sampler import Sampler, SamplingRow
+from longcat_service.sampling_params import SamplingParams
+
+VOCAB, EOS = 8, 7
+
+
+def test_repetition_penalty_divides_every_positive_logit_and_multiplies_every_negative_one():
+    logits = torch.tensor([[0.5, 1.0, 0.25, -0.5, -3.0, 0.0, 2.0, 4.0]])
+    row = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0), [0, 1, 2], [3, 4, 5])
+    processed = Sampler(VOCAB, EOS, "cpu")._process(logits.clone(), [row])
+    # seen tokens 0-5: positive / 2 (also below 1), negative * 2, zero stays; unseen 6 and 7 unchanged
+    assert processed[0].tolist() == [0.25, 0.5, 0.125, -1.0, -6.0, 0.0, 2.0, 4.0]
+
+
+NEG = float("-inf")
+
+
+def draws(params_per_row, logits_row, calls=300, seed=0):
+    """Tokens drawn per row over `calls` sampler calls (one token per row per call)."""
+    s = Sampler(VOCAB, EOS, "cpu", seed)
+    rows = [SamplingRow(p, [], []) for p in params_per_row]
+    seen = [[] for _ in rows]
+    for _ in range(calls):
+        tokens, _ = s(logits_row.expand(len(rows), -1).clone(), rows)
+        for i, t in enumerate(tokens):
+            seen[i].append(t)
+    return seen
+
+
+def test_pending_token_zero_is_penalized_like_any_other():
+    logits = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0]])
+    row = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0), [5], [], num_pending=1)
+    processed = Sampler(VOCAB, EOS, "cpu")._process(logits.clone(), [row], torch.tensor([0]))
+    assert processed[0, :2].tolist() == [0.5, 1.0]
+
+
+def test_top_k_1_always_takes_the_most_likely_token():
+    logits = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0])
+    assert set(draws([SamplingParams(temperature=1.0, top_k=1)], logits)[0]) == {0}
+
+
+def test_top_k_per_row_in_a_batch_smaller_than_the_vocabulary():
+    logits = torch.tensor([0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    off, two = draws([SamplingParams(temperature=1.0, top_k=0), SamplingParams(temperature=1.0, top_k=2)], logits)
+    assert len(set(off)) > 2 and set(two) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_it_exactly():
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0, NEG, NEG, NEG, NEG])  # 4 x 0.25, exact in binary
+    assert len(set(draws([SamplingParams(temperature=1.0, top_p=0.5)], logits)[0])) == 2
+    # a small top_p keeps the most likely token, never drops it
+    peaked = torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert set(draws([SamplingParams(temperature=1.0, top_p=0.1)], peaked)[0]) == {0}
+
+
+def test_min_p_keeps_tokens_exactly_at_the_threshold():
+    logits = torch.tensor([0.0, 0.0, NEG, NEG, NEG, NEG, NEG, NEG])  # 0.5 and 0.5: both at min_p * max
+    assert set(draws([SamplingParams(temperature=1.0, min_p=1.0)], logits)[0]) == {0, 1}
