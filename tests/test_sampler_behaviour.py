@@ -60,3 +60,17 @@ def test_top_p_keeps_the_smallest_prefix_that_reaches_it_exactly():
 def test_min_p_keeps_tokens_exactly_at_the_threshold():
     logits = torch.tensor([0.0, 0.0, NEG, NEG, NEG, NEG, NEG, NEG])  # 0.5 and 0.5: both at min_p * max
     assert set(draws([SamplingParams(temperature=1.0, min_p=1.0)], logits)[0]) == {0, 1}
+
+
+def test_logprobs_of_a_row_after_one_without_them():
+    logits = torch.tensor([[3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]).expand(3, -1).clone()
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=n), [], []) for n in (None, 2, None)]
+    tokens, logprobs = Sampler(VOCAB, EOS, "cpu")(logits, rows)
+    assert tokens == [0, 0, 0] and logprobs[0] is None and logprobs[2] is None
+    assert logprobs[1].token_id == 0 and set(logprobs[1].top) == {0, 1}
+
+
+def test_request_seeds_that_differ_give_different_generators():
+    s = Sampler(VOCAB, EOS, "cpu")
+    draws_by_seed = [torch.rand(8, generator=s.make_generator(seed)).tolist() for seed in (1, 3, 2**40 + 1)]
+    assert len({tuple(d) for d in draws_by_seed}) == 3
