@@ -18,7 +18,7 @@ CHILDREN=${MUTATION_CHILDREN:-2}
 
 # module name -> "file to mutate|pytest arguments, separated by ;" (fast tests that target the module)
 declare -A MODULES=(
-  [sampler]="longcat_service/engine/sampler.py|tests/test_sampler.py"
+  [sampler]="longcat_service/engine/sampler.py|tests/test_sampler.py;tests/test_sampler_behaviour.py"
   [output_processor]="longcat_service/engine/output_processor.py|tests/test_stop_string_streaming.py;tests/test_engine_requests.py;-k;not grpc"
   [detokenizer]="longcat_service/engine/detokenizer.py|tests/test_detokenizer.py"
   [block_manager]="longcat_service/engine/block_manager.py|tests/test_block_manager.py;tests/test_block_manager_behaviour.py;tests/test_prefix_cache_hits.py;-k;not engine"
