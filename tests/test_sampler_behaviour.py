@@ -74,3 +74,12 @@ def test_request_seeds_that_differ_give_different_generators():
     s = Sampler(VOCAB, EOS, "cpu")
     draws_by_seed = [torch.rand(8, generator=s.make_generator(seed)).tolist() for seed in (1, 3, 4)]
     assert len({tuple(d) for d in draws_by_seed}) == 3
+
+
+def test_frequency_or_presence_penalty_alone_applies():
+    logits = torch.zeros(1, VOCAB)
+    s = Sampler(VOCAB, EOS, "cpu")
+    freq_only = s._process(logits.clone(), [SamplingRow(SamplingParams(frequency_penalty=0.5), [], [1, 1])])
+    pres_only = s._process(logits.clone(), [SamplingRow(SamplingParams(presence_penalty=0.25), [], [1, 1])])
+    assert freq_only[0, 1].item() == -1.0 and pres_only[0, 1].item() == -0.25
+    assert freq_only[0, 0].item() == 0.0 and pres_only[0, 0].item() == 0.0
