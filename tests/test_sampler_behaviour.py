@@ -83,3 +83,13 @@ def test_frequency_or_presence_penalty_alone_applies():
     pres_only = s._process(logits.clone(), [SamplingRow(SamplingParams(presence_penalty=0.25), [], [1, 1])])
     assert freq_only[0, 1].item() == -1.0 and pres_only[0, 1].item() == -0.25
     assert freq_only[0, 0].item() == 0.0 and pres_only[0, 0].item() == 0.0
+
+
+def test_unseeded_draws_follow_the_sampler_seed_not_the_global_rng():
+    logits = torch.zeros(64, VOCAB)
+    rows = [SamplingRow(SamplingParams(temperature=1.0), [], []) for _ in range(64)]
+    a = Sampler(VOCAB, EOS, "cpu", seed=5)(logits.clone(), rows)[0]
+    torch.rand(100)  # moves the global generator only
+    b = Sampler(VOCAB, EOS, "cpu", seed=5)(logits.clone(), rows)[0]
+    c = Sampler(VOCAB, EOS, "cpu", seed=6)(logits.clone(), rows)[0]
+    assert a == b and a != c
