@@ -93,3 +93,11 @@ def test_unseeded_draws_follow_the_sampler_seed_not_the_global_rng():
     b = Sampler(VOCAB, EOS, "cpu", seed=5)(logits.clone(), rows)[0]
     c = Sampler(VOCAB, EOS, "cpu", seed=6)(logits.clone(), rows)[0]
     assert a == b and a != c
+
+
+def test_a_negative_request_seed_is_its_64_bit_twos_complement():
+    s = Sampler(VOCAB, EOS, "cpu")
+    for seed in (-1, -(2**63)):
+        twin = seed % 2**64
+        assert torch.rand(4, generator=s.make_generator(seed)).tolist() == \
+            torch.rand(4, generator=s.make_generator(twin)).tolist()
