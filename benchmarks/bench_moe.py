@@ -101,6 +101,15 @@ def graph_of(fn):
     return graph
 
 
+def moe_floor(experts_hit: float, real_rows: float, inter: int, copy_tbps: float, mm_tflops: float,
+              hidden: int = H) -> tuple[float, float, float]:
+    """(weight bytes, FLOPs, floor us) of one MoE layer: each hit expert's bf16 w13 [2I, H] and w2 [H, I] read once,
+    3 matmuls of H x I per real (non-zero-expert) row; the floor is the slower of reading and computing."""
+    weight_bytes = experts_hit * 3 * hidden * inter * 2
+    flops = 2 * real_rows * 3 * hidden * inter
+    return weight_bytes, flops, max(weight_bytes / (copy_tbps * 1e6), flops / (mm_tflops * 1e6))
+
+
 def bench_case(w13, w2, batch, copy_tbps, mm_tflops, reps):
     inter = w2.shape[-1]
     g = torch.Generator(device="cuda").manual_seed(batch)
@@ -117,9 +126,7 @@ def bench_case(w13, w2, batch, copy_tbps, mm_tflops, reps):
         hits.append(real.unique().numel())
         rows.append(real.numel())
     d_hit, n_rows = statistics.mean(hits), statistics.mean(rows)
-    weight_bytes = d_hit * 3 * H * inter * 2
-    flops = 2 * n_rows * 3 * H * inter
-    floor_us = max(weight_bytes / (copy_tbps * 1e6), flops / (mm_tflops * 1e6))
+    weight_bytes, flops, floor_us = moe_floor(d_hit, n_rows, inter, copy_tbps, mm_tflops)
 
     ours_fn = lambda: ops.moe_forward(hidden, logits, bias, w13, w2, K, SCALE)  # noqa: E731
     graph = graph_of(ours_fn)

@@ -64,7 +64,7 @@ if [[ -n ${DECODE_NEW_ENV:-} ]]; then
     --new-tokens 48 --profile-batches= --prefill-len 512 --out-dir "$L/decode_new" --results-md "$L/decode_new.md"
 fi
 # The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
-step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --hf-steps 3 --eager-steps 2 --new-tokens 48 \
+step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
 # The prefill pieces against the code they replaced (fused SwiGLU, row gather, grouped expert FFN without the
 # zeroing pass, bf16x3 router GEMM at 256..4096 tokens), with bit-identity and routing checks.

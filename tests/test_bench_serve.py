@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from longcat_service.config import ModelConfig
@@ -30,7 +31,13 @@ def test_bench_serve_cpu_smoke_with_hf_overrides():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == "6" and cells[2] == "30"  # every request streamed all 5 tokens (ignore_eos)
     ratio = [line for line in out.splitlines() if line.startswith("service / offline output tokens/s:")]
-    assert len(ratio) == 1 and float(ratio[0].split(":")[1]) > 0
+    assert len(ratio) == 1
+    tok_s = {row.split("|")[1].strip().split()[0]: float(row.strip("|").split("|")[4]) for row in rows}
+    # the printed ratio is the two rows' output tokens/s divided (rounded to 0.1 tok/s in the table) ...
+    expected = tok_s["gRPC"] / tok_s["offline"]
+    assert float(ratio[0].split(":")[1]) == pytest.approx(expected, rel=0.05, abs=2e-3)
+    # ... and a served stream of the same engine cannot outrun the offline engine many times over, nor crawl
+    assert 0.05 < expected < 3.0
 
 
 def test_real_config_builds_the_560b_model_and_the_2_layer_cut():

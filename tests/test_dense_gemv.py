@@ -12,10 +12,11 @@ import longcat_service.ops as ops
 from longcat_service.layers import linear as linear_mod
 from longcat_service.ops import extension
 from longcat_service.ops import reference as ref
+from tests.extension_switch import skip_without_extension
 
 HAVE_EXT = ops.ACTIVE_BACKEND.startswith("extension")
 HAVE_CUDA_OPS = torch.cuda.is_available() and ops.ACTIVE_BACKEND == "extension cpu+cuda"
-needs_ext = pytest.mark.skipif(not HAVE_EXT, reason=f"ops backend is {ops.ACTIVE_BACKEND}")
+needs_ext = skip_without_extension(HAVE_EXT, f"ops backend is {ops.ACTIVE_BACKEND}")
 needs_cuda_ops = pytest.mark.skipif(
     not HAVE_CUDA_OPS, reason=f"needs CUDA and the CUDA kernels (ops backend: {ops.ACTIVE_BACKEND})"
 )

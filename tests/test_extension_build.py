@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+from tests.extension_switch import skip_without_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_force_reference_env_selects_reference():
     assert "longcat ops backend: reference" in proc.stderr
 
 
-@pytest.mark.skipif(not _extension_built(), reason="extension not built: pip install --no-build-isolation -e .")
+@skip_without_extension(_extension_built(), "extension not built: pip install --no-build-isolation -e .")
 def test_extension_loads_after_torch_and_reports_backend():
     proc = _run_python(
         "import json, logging; logging.basicConfig(level=logging.INFO)\n"
@@ -91,7 +92,7 @@ def test_setup_with_torch_declares_the_extension():
     assert proc.stdout.strip() == "['longcat_service._C']"
 
 
-@pytest.mark.skipif(not _extension_built(), reason="extension not built: pip install --no-build-isolation -e .")
+@skip_without_extension(_extension_built(), "extension not built: pip install --no-build-isolation -e .")
 def test_cxx_error_from_extension_becomes_runtime_error():
     # In a subprocess: a mislinked extension (static libstdc++) segfaults here instead of raising.
     proc = _run_python(

@@ -159,6 +159,31 @@ def test_mla_prep_matches_reference_and_skips_padding_slots(dtype, heads):
     assert not (flat[[5, 2, 7]] == 123.0).any()
 
 
+def test_mla_prep_reference_is_the_eager_layer_math():
+    """The kernel's reference against the model's own pieces: layers/rotary.py's RoPE and the LoRA RMSNorm."""
+    from longcat_service.layers.layernorm import RMSNorm
+    from longcat_service.layers.rotary import apply_rope
+
+    gen = torch.Generator().manual_seed(4)
+    n, heads, dn, dr, rank = 3, 2, 4, 6, 8
+    q = torch.randn(n, heads, dn + dr, generator=gen)
+    kv_a = torch.randn(n, rank + dr, generator=gen)
+    ang = torch.randn(n, dr // 2, generator=gen)
+    cos, sin = ang.cos(), ang.sin()
+    norm = RMSNorm(rank, 1e-6, torch.float32)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(rank, generator=gen))
+    cache = torch.zeros(2, 4, rank + dr)
+    slots = torch.tensor([6, 0, 3])
+    got_q = mla_prep_reference(q, kv_a, cos, sin, norm.weight.detach(), 1e-6, 2.0, 3.0, slots, cache, dr)
+    q_scaled = q * 2.0
+    want_q = torch.cat((q_scaled[..., :dn], apply_rope(q_scaled[..., dn:], cos, sin)), dim=-1)
+    with torch.no_grad():
+        want_entry = torch.cat((norm(kv_a[:, :rank]) * 3.0, apply_rope(kv_a[:, rank:], cos, sin)), dim=-1)
+    torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
+    torch.testing.assert_close(cache.view(-1, rank + dr)[slots], want_entry, rtol=0, atol=0)
+
+
 TINY = TINY_CONFIG
 
 

@@ -10,9 +10,15 @@ from tests.hf_tiny import TINY_CONFIGS, load_hf_model
 from tests.paged_driver import PagedDriver
 
 FP32_REL_TOL = 1e-4  # of max |logit|
-# bf16: one bf16 ulp at |logit| ~ 2-4 is 0.0156 (spec §9); the weight-absorbed decode and the fp32 router
-# (HF rounds the router weights to bf16) add a little more. Measured: at most 1.15e-2 relative (5 seeds, 3 configs).
-BF16_REL_TOL = 3e-2
+# bf16 (max |diff| of max |logit|), from the noise measured against transformers in bf16 on 12 tiny checkpoints
+# (base, odd, nozero_top1 x weight seeds 0-3; prompts of 9 and 4 tokens):
+# - prefill: correct code 0 to 6.4e-3 (base seed 0: 5.6e-3); every planted bug tried is >= 9.2e-3 on every one of
+#   them (RoPE pairs swapped 9.2e-3 to 2.3e-2, softmax scale from the nope dims only 9.2e-3 to 0.11, the kv LoRA
+#   scale or the LoRA norms missing >= 0.29). 8e-3 sits between the two.
+# - one weight-absorbed decode step (another summation order than transformers' naive attention): correct code up to
+#   1.08e-2, so 1.25e-2; on base seed 0 a RoPE swap measures 1.49e-2 there, the other bugs far more.
+BF16_PREFILL_REL_TOL = 8e-3
+BF16_DECODE_REL_TOL = 1.25e-2
 
 
 def _prompts(vocab: int, lengths: list[int], seed: int = 1) -> dict[int, list[int]]:
@@ -88,12 +94,12 @@ def test_bf16_logits_close_to_hf(tiny_checkpoint, name):
     driver = PagedDriver(ours, block_size=4)
     logits = driver.step(prompts)
     for sid, toks in prompts.items():
-        _assert_close(logits[sid], _hf_logits(hf, toks), BF16_REL_TOL)
+        _assert_close(logits[sid], _hf_logits(hf, toks), BF16_PREFILL_REL_TOL)
     # one weight-absorbed decode step as well
     nxt = {sid: [int(lg[-1].argmax())] for sid, lg in logits.items()}
     logits = driver.step(nxt)
     for sid, toks in prompts.items():
-        _assert_close(logits[sid][-1], _hf_logits(hf, toks + nxt[sid])[-1], BF16_REL_TOL)
+        _assert_close(logits[sid][-1], _hf_logits(hf, toks + nxt[sid])[-1], BF16_DECODE_REL_TOL)
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 0.8}

@@ -24,6 +24,7 @@ from longcat_service.layers import router as router_mod  # noqa: E402
 from longcat_service.ops import extension  # noqa: E402
 from longcat_service.ops import reference as ref  # noqa: E402
 from longcat_service.ops.testing import make_expert_weights, make_router_inputs  # noqa: E402
+from tests.extension_switch import skip_without_extension  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -33,7 +34,7 @@ except ImportError:
     HAVE_TRITON = False
 
 HAVE_EXT = ops.ACTIVE_BACKEND.startswith("extension")
-needs_ext = pytest.mark.skipif(not HAVE_EXT, reason=f"ops backend is {ops.ACTIVE_BACKEND}")
+needs_ext = skip_without_extension(HAVE_EXT, f"ops backend is {ops.ACTIVE_BACKEND}")
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="no CUDA device")
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    c, s = cos.view(shape), sin.view(shape)
-    x_even, x_odd = x[..., 0::2], x[..., 1::2]
-    return torch.cat((x_even * c - x_odd * s, x_odd * c + x_even * s), dim=-1)
+from longcat_service.layers.rotary import apply_rope  # the model's RoPE is this kernel's spec
 
 
 def mla_prep_reference(
@@ -42,8 +37,8 @@ def mla_prep_reference(
     lf = latent.float()
     latent = norm_weight * (lf * torch.rsqrt(lf.pow(2).mean(-1, keepdim=True) + eps)).to(latent.dtype)
     latent = latent * kv_scale
-    q = torch.cat((q_nope, _rope_reference(q_rope, cos, sin)), dim=-1)
-    entry = torch.cat((latent, _rope_reference(k_rope, cos, sin)), dim=-1).to(kv_cache.dtype)
+    q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
+    entry = torch.cat((latent, apply_rope(k_rope, cos, sin)), dim=-1).to(kv_cache.dtype)
     keep = slot_mapping >= 0
     kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep]] = entry[keep]
     return q
