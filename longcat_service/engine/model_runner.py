@@ -13,7 +13,7 @@ from longcat_service.distributed.parallel_state import get_tp_size
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
 from longcat_service.engine.host_to_device import host_tensor, to_device
-from longcat_service.engine.sampler import SampledBatch, Sampler, SamplingRow
+from longcat_service.engine.sampler import NONFINITE_TOKEN, SampledBatch, Sampler, SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.model.attention_metadata import AttentionMetadata
 from longcat_service.outputs import Logprob
@@ -32,6 +32,7 @@ class SeqStepResult:
     token_id: int | None = None  # sampled when the chunk reached the sequence's last token
     logprob: Logprob | None = None
     prompt_logprobs: list[Logprob] | None = None  # for prompt positions start_pos+1 ..
+    error: str | None = None  # the sequence cannot go on (its logits were not finite): the engine fails its request
 
 
 @dataclass
@@ -265,6 +266,10 @@ class ModelRunner:
         if handle.sampled is not None:
             tokens, logprobs = self.sampler.collect(handle.sampled)
             for i, tok, lp in zip(handle.sample_idx, tokens, logprobs, strict=True):
+                if tok == NONFINITE_TOKEN:
+                    results[i].error = ("the model's logits for this request were not finite (NaN or inf, or every "
+                                        "token masked); no token was sampled")
+                    continue
                 results[i].token_id = tok
                 results[i].logprob = lp
         for i, chunks in handle.prompt_logprobs.items():

@@ -1,0 +1,133 @@
+"""Numeric edges of sampling (issue 14, defects 3 and 7): tiny temperatures sample greedily, non-finite logits fail
+their own request only, and stop ids are masked until min_tokens."""
+
+import pytest
+import torch
+
+from longcat_service.engine.sampler import NONFINITE_TOKEN, Sampler, SamplingRow
+from longcat_service.llm import LLM
+from longcat_service.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams, SamplingParamsError
+
+VOCAB = 8
+
+
+def _rows(params_list):
+    return [SamplingRow(p, [], []) for p in params_list]
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-45, 1e-6])
+def test_a_temperature_below_the_epsilon_is_greedy_in_the_sampler(temperature):
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(1)) * 30
+    tokens, _ = Sampler(VOCAB, None, "cpu")(logits, _rows([SamplingParams(temperature=temperature)] * 6))
+    assert tokens == logits.argmax(-1).tolist()
+
+
+def test_a_temperature_just_above_the_epsilon_samples_finite_tokens():
+    logits = torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(2)) * 30
+    t = GREEDY_TEMPERATURE_EPS * 1.01
+    tokens, _ = Sampler(VOCAB, None, "cpu")(logits, _rows([SamplingParams(temperature=t)] * 64))
+    # large logits over a tiny temperature: the distribution is one-hot at the argmax, never NaN
+    assert tokens == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_row_with_non_finite_logits_gets_no_token_and_the_others_do(poison):
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(3))
+    logits[1, 4] = poison
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, logprobs=2), SamplingParams(top_p=0.5)]
+    tokens, logprobs = Sampler(VOCAB, None, "cpu", seed=1)(logits, _rows(params))
+    assert tokens[1] == NONFINITE_TOKEN and logprobs[1] is None
+    assert tokens[0] == int(logits[0].argmax())
+    assert 0 <= tokens[2] < VOCAB
+
+
+def test_a_row_with_every_token_masked_gets_no_token():
+    # min_tokens masks the stop ids and EOS (7): here they are the whole vocabulary
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=list(range(VOCAB - 1)))
+    tokens, _ = Sampler(VOCAB, VOCAB - 1, "cpu")(torch.randn(1, VOCAB), _rows([params]))
+    assert tokens == [NONFINITE_TOKEN]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", max_model_len=256, num_kv_blocks=128)
+
+
+def test_offline_temperature_1e_39_equals_greedy(llm):
+    greedy = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    tiny = llm.generate("Hello", SamplingParams(temperature=1e-39, max_tokens=6, ignore_eos=True, seed=5))
+    assert tiny[0].outputs[0].token_ids == greedy[0].outputs[0].token_ids
+
+
+def test_nan_logits_fail_that_request_only_and_the_engine_keeps_serving(llm, monkeypatch):
+    poisoned = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    healthy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    sampler = llm.engine.runner.sampler
+    real_launch = sampler.launch
+    calls = []
+
+    def launch_with_nan(logits, rows, pending_tokens=None):
+        calls.append(len(rows))
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            if row.params is poisoned and len(row.output_token_ids) + row.num_pending == 2:  # the third token
+                logits[i, 3] = float("nan")
+        return real_launch(logits, rows, pending_tokens)
+
+    prompts = ["The cat", "Hello world", "A dog"]
+    expected = llm.generate(prompts, healthy)
+    monkeypatch.setattr(sampler, "launch", launch_with_nan)
+    outs = llm.generate(prompts, [healthy, poisoned, healthy])
+    assert max(calls) == 3  # the three requests shared steps
+    failed = outs[1].outputs[0]
+    assert failed.finish_reason == "error" and "not finite" in outs[1].error
+    assert len(failed.token_ids) == 2  # the tokens before the NaN; none made up from it
+    assert failed.token_ids == expected[1].outputs[0].token_ids[:2]
+    for i in (0, 2):
+        assert outs[i].outputs[0].finish_reason == "length" and outs[i].error is None
+        assert outs[i].outputs[0].token_ids == expected[i].outputs[0].token_ids
+    monkeypatch.undo()
+    again = llm.generate(prompts, healthy)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected]
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_min_tokens_masks_stop_ids_covering_most_of_the_vocabulary(llm):
+    first = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))[0]
+    allowed = {first.outputs[0].token_ids[0], 42}
+    stop_ids = [i for i in range(llm.engine.vocab_size) if i not in allowed]
+    out = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3, stop_token_ids=stop_ids))
+    tokens = out[0].outputs[0].token_ids
+    # the first 3 tokens are drawn from the unmasked ones only; the 4th may be a stop id and ends the sample
+    assert all(t in allowed for t in tokens[:3]), tokens
+    assert out[0].outputs[0].finish_reason == "stop" and len(tokens) == 4 and tokens[3] in stop_ids
+
+
+def test_min_tokens_with_stop_ids_covering_the_whole_vocabulary_is_rejected(llm):
+    everything = list(range(llm.engine.vocab_size))
+    with pytest.raises(SamplingParamsError, match="stop_token_ids"):
+        llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3, stop_token_ids=everything))
+    eos = llm.engine.eos_token_id
+    all_but_eos = [i for i in everything if i != eos]
+    with pytest.raises(SamplingParamsError, match="stop_token_ids"):  # EOS is masked too unless ignore_eos
+        llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3, stop_token_ids=all_but_eos))
+    out = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3, ignore_eos=True,
+                                               stop_token_ids=all_but_eos))
+    assert out[0].outputs[0].token_ids[:3] == [eos] * 3  # the one token left: EOS, ignored
+    # without min_tokens nothing is masked: the first token stops the sample
+    out = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=everything))
+    assert out[0].outputs[0].finish_reason == "stop" and len(out[0].outputs[0].token_ids) == 1
+
+
+def test_offline_max_tokens_beyond_the_context_is_a_clear_error(llm):
+    with pytest.raises(SamplingParamsError, match=r"max_tokens: .*context length of 256 tokens.*at most 254 fit"):
+        llm.generate([[5, 6]], SamplingParams(max_tokens=10**9))
+    with pytest.raises(ValueError, match="max_tokens"):  # SamplingParamsError is a ValueError
+        llm.generate([[5] * 200], SamplingParams(max_tokens=57))
+    assert not llm.engine.has_unfinished_requests()
+    fits = llm.generate([[5] * 200], SamplingParams(max_tokens=56, temperature=0.0, ignore_eos=True))
+    assert len(fits[0].outputs[0].token_ids) == 56
+    # the default max_tokens (16) is not refused near the context's end: the sample ends there
+    out = llm.generate([[5] * 250], SamplingParams(temperature=0.0, ignore_eos=True))
+    assert out[0].outputs[0].finish_reason == "length" and len(out[0].outputs[0].token_ids) == 6
