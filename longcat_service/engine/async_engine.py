@@ -164,6 +164,11 @@ class AsyncEngine:
         return self._engine().tokenizer
 
     @property
+    def description(self) -> str:
+        """LLMEngine.description: model, device, dtype, ops backend, limits (for the start-up log)."""
+        return self._core_info().description if self.mode == "process" else self._engine().description
+
+    @property
     def max_model_len(self) -> int:
         return self._core_info().max_model_len if self.mode == "process" else self._engine().max_model_len
 

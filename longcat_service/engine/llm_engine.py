@@ -64,6 +64,19 @@ class LLMEngine:
         self._inflight: _InFlight | None = None  # with overlap_steps: the step launched by the last call
         self.trace = StepTrace()  # LONGCAT_STEP_TRACE=<path>: one JSON line per step
 
+    @property
+    def description(self) -> str:
+        """One line for the start-up log: what a newcomer needs to know is running."""
+        from longcat_service import ops
+
+        runner = self.runner
+        dtype = str(getattr(runner, "dtype", "?")).removeprefix("torch.")
+        return (f"model {self.model_path} ({self.model_config.num_layers} layers, vocab {self.vocab_size}), "
+                f"device {getattr(runner, 'device', '?')}, dtype {dtype}, ops backend {ops.ACTIVE_BACKEND}, "
+                f"tensor parallel {self.args.tensor_parallel_size}, max_model_len {self.max_model_len}, "
+                f"max_num_batched_tokens {self.args.max_num_batched_tokens}, max_num_seqs {self.args.max_num_seqs}, "
+                f"KV cache {self.block_manager.num_blocks} blocks of {self.args.block_size} tokens")
+
     def _decide_max_model_len(self) -> int:
         limit = int(getattr(self.model_config, "max_position_embeddings", 0) or 0) or None
         capacity = self.runner.num_blocks * self.args.block_size

@@ -115,11 +115,20 @@ class ModelRunner:
         from longcat_service.sampling_params import SamplingParams
 
         chunk, shorts = 19, (17, 32)
-        first_len = min(WARMUP_PROMPT_TOKENS, int(self.config.max_position_embeddings) - chunk - 1)
-        long_len = min(WARMUP_LONG_TOKENS, int(self.config.max_position_embeddings))
-        lengths = (first_len + chunk + 1, long_len, *shorts)
-        need = [-(-n // self.block_size) for n in lengths]
+        max_pos = int(self.config.max_position_embeddings)
+        first_len = min(WARMUP_PROMPT_TOKENS, max_pos - chunk - 1)
+        # the long prompt plus a decode row make the largest step the scheduler builds (the token budget), so
+        # that its kernels, workspace sizes and allocator blocks exist before the first request of that size;
+        # at least WARMUP_LONG_TOKENS; when the cache is too small for the budget, WARMUP_LONG_TOKENS only
+        for long_len in (max(WARMUP_LONG_TOKENS, self.args.max_num_batched_tokens - 1), WARMUP_LONG_TOKENS):
+            long_len = min(long_len, max_pos)
+            lengths = (first_len + chunk + 1, long_len, *shorts)
+            need = [-(-n // self.block_size) for n in lengths]
+            if sum(need) <= self.num_blocks:
+                break
         if first_len < max(shorts) or sum(need) > self.num_blocks:
+            logger.warning("prefill warm-up skipped: the KV cache (%d blocks) or the context (%d tokens) is too "
+                           "small for it; the first requests may compile Triton kernels", self.num_blocks, max_pos)
             return False
         gen = torch.Generator().manual_seed(0)
         seqs, first = [], 0
