@@ -149,3 +149,41 @@ def test_exit_codes_are_in_the_help():
     text = serve_parser().format_help()
     for code in ("0", "1", "2", "3", "4"):
         assert f"\n  {code}  " in text
+
+
+def test_the_step_budget_default_is_per_device_and_prefills_4096_tokens_in_one_step_on_cuda():
+    assert EngineArgs(device="cuda").max_num_batched_tokens >= 4096
+    assert EngineArgs(device="cpu").max_num_batched_tokens == 2048
+    assert EngineArgs(device="cuda", max_num_batched_tokens=1024).max_num_batched_tokens == 1024
+
+
+def test_the_prefill_warm_up_runs_a_step_of_the_whole_token_budget():
+    from tests.engine_utils import make_engine
+
+    engine = make_engine(block_size=16, num_kv_blocks=512, max_model_len=4096, max_num_batched_tokens=3000)
+    runner, steps = engine.runner, []
+    runner.execute = lambda batch: steps.append(sum(s.num_new_tokens for s in batch)) or []
+    assert runner.warm_up_prefill()
+    assert max(steps) == 3000
+    small = make_engine(block_size=16, num_kv_blocks=120, max_model_len=1024, max_num_batched_tokens=8192)
+    small.runner.execute = lambda batch: steps.append(sum(s.num_new_tokens for s in batch)) or []
+    assert small.runner.warm_up_prefill()  # the cache cannot hold the budget: the 1100-token step still runs
+    assert steps[-2] == 1101
+
+
+def test_the_server_logs_what_it_runs_at_start():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "longcat_service.server.cli", "--device", "cpu", "--port", "0",
+                             "--num-kv-blocks", "64"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening" in line, proc.stderr.read() if proc.poll() is not None else line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    serving = [line for line in err.splitlines() if " serving model " in line]
+    assert len(serving) == 1, err
+    for part in ("device cpu", "dtype float32", "ops backend ", "max_num_batched_tokens 2048", "demo model"):
+        assert part in serving[0], serving[0]

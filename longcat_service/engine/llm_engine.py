@@ -71,7 +71,8 @@ class LLMEngine:
 
         runner = self.runner
         dtype = str(getattr(runner, "dtype", "?")).removeprefix("torch.")
-        return (f"model {self.model_path} ({self.model_config.num_layers} layers, vocab {self.vocab_size}), "
+        name = self.model_path if self.args.model is not None else f"{self.model_path}, the embedded demo model,"
+        return (f"model {name} ({self.model_config.num_layers} layers, vocab {self.vocab_size}), "
                 f"device {getattr(runner, 'device', '?')}, dtype {dtype}, ops backend {ops.ACTIVE_BACKEND}, "
                 f"tensor parallel {self.args.tensor_parallel_size}, max_model_len {self.max_model_len}, "
                 f"max_num_batched_tokens {self.args.max_num_batched_tokens}, max_num_seqs {self.args.max_num_seqs}, "
