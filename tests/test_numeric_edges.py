@@ -131,3 +131,61 @@ def test_offline_max_tokens_beyond_the_context_is_a_clear_error(llm):
     # the default max_tokens (16) is not refused near the context's end: the sample ends there
     out = llm.generate([[5] * 250], SamplingParams(temperature=0.0, ignore_eos=True))
     assert out[0].outputs[0].finish_reason == "length" and len(out[0].outputs[0].token_ids) == 6
+
+
+POISON_SEED = 4242  # requests with this seed get NaN logits from their second output token on
+
+
+def _poison_seeded_rows(engine) -> None:
+    """engine_hook: NaN logits for the rows of requests seeded POISON_SEED (a stand-in for a model fault)."""
+    sampler = engine.runner.sampler
+    real_launch = sampler.launch
+
+    def launch(logits, rows, pending_tokens=None):
+        bad = [i for i, r in enumerate(rows)
+               if r.params.seed == POISON_SEED and len(r.output_token_ids) + r.num_pending >= 1]
+        if bad:
+            logits = logits.clone()
+            logits[bad, 0] = float("nan")
+        return real_launch(logits, rows, pending_tokens)
+
+    sampler.launch = launch
+
+
+def test_over_grpc_nan_logits_fail_that_call_with_a_clear_message_and_the_server_keeps_serving():
+    import threading
+
+    import grpc
+
+    from longcat_service.client import LongCatClient
+    from longcat_service.engine.async_engine import AsyncEngine
+    from longcat_service.engine.engine_args import EngineArgs
+    from longcat_service.server.app import ServerConfig
+    from longcat_service.server.background import BackgroundServer
+    from longcat_service.server.generated import longcat_pb2 as pb
+    from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
+
+    args = EngineArgs(device="cpu", max_model_len=256, num_kv_blocks=64, engine_mode="thread",
+                      engine_hook=_poison_seeded_rows)
+    with BackgroundServer(lambda: AsyncEngine(args), ServerConfig(port=0)) as srv, \
+            grpc.insecure_channel(srv.address) as channel, LongCatClient(srv.address, timeout=60) as client:
+        healthy = {}
+        neighbour = threading.Thread(target=lambda: healthy.update(
+            r=client.generate("a neighbour", max_tokens=24, temperature=0.0, ignore_eos=True)))
+        neighbour.start()
+        request = pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(
+            max_tokens=24, temperature=0.0, seed=POISON_SEED, ignore_eos=True))
+        responses = []
+        with pytest.raises(grpc.RpcError) as err:
+            for r in pb_grpc.LongCatStub(channel).Generate(request, timeout=60):
+                responses.append(r)
+        neighbour.join(60)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        complete = [r.complete for r in responses if r.WhichOneof("response") == "complete"]
+        assert len(complete) == 1 and complete[0].finish_reason == pb.FINISH_REASON_ERROR
+        assert "not finite" in complete[0].error_message
+        assert sum(len(r.chunk.token_ids) for r in responses if r.WhichOneof("response") == "chunk") == 1
+        assert healthy["r"].finish_reason == "length" and len(healthy["r"].token_ids) == 24
+        assert client.health() == "SERVING"
+        again = client.generate("hello", max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert again.finish_reason == "length" and len(again.token_ids) == 4
