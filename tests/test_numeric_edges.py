@@ -189,3 +189,30 @@ def test_over_grpc_nan_logits_fail_that_call_with_a_clear_message_and_the_server
         assert client.health() == "SERVING"
         again = client.generate("hello", max_tokens=4, temperature=0.0, ignore_eos=True)
         assert again.finish_reason == "length" and len(again.token_ids) == 4
+
+
+def test_the_kv_blocks_of_a_request_with_non_finite_logits_leave_the_prefix_cache(llm, monkeypatch):
+    from longcat_service.engine.sequence import Sequence, SequenceGroup
+
+    bm = llm.engine.block_manager
+    prompt = list(range(100, 148))  # three full blocks of 16
+    poisoned = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    sampler = llm.engine.runner.sampler
+    real_launch = sampler.launch
+
+    def launch_with_nan(logits, rows, pending_tokens=None):
+        if any(r.params is poisoned for r in rows):
+            logits = logits.clone()
+            logits[[i for i, r in enumerate(rows) if r.params is poisoned], 0] = float("nan")
+        return real_launch(logits, rows, pending_tokens)
+
+    def cached_blocks() -> list[int]:
+        return bm.find_cached_blocks(Sequence(SequenceGroup("probe", prompt, SamplingParams(), 0.0), 0))
+
+    monkeypatch.setattr(sampler, "launch", launch_with_nan)
+    out = llm.generate([prompt], poisoned)
+    assert out[0].outputs[0].finish_reason == "error"
+    assert cached_blocks() == []
+    monkeypatch.undo()
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    assert len(cached_blocks()) >= 2  # a healthy run caches them as usual

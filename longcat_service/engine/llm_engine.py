@@ -338,7 +338,11 @@ class LLMEngine:
                 finalize[rid] = None
 
     def _fail_request(self, group, error: str, finalize: dict[str, None]) -> None:
+        """Non-finite logits: this request alone ends with "error"; its cached KV blocks are not offered to later
+        prompts (a NaN in the cache would fail every request that reused it)."""
         logger.error("request %s failed: %s", group.request_id, error)
+        for seq in group.seqs:
+            self.block_manager.uncache(seq)
         self.scheduler.finish_group(group, "error")
         self.states[group.request_id].error = error
         finalize[group.request_id] = None
