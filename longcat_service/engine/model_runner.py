@@ -90,16 +90,17 @@ class ModelRunner:
         # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP
         self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs else None
         if self.graph_runner is not None and args.capture_graphs_at_startup:
-            t0 = time.perf_counter()
-            self.graph_runner.capture_all()
-            logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
-                        time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
-            if get_tp_size() == 1 and self.warm_up_prefill():
-                logger.info("warmed up the prefill kernels in %.1f s", time.perf_counter() - t0)
-            from longcat_service.kernels.compile_watch import watch_compiles_after_warm_up
+            from longcat_service.kernels.compile_watch import warming_up, watch_compiles_after_warm_up
 
+            with warming_up():  # not reported, also when an earlier engine of this process installed the watch
+                t0 = time.perf_counter()
+                self.graph_runner.capture_all()
+                logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
+                            time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
+                if get_tp_size() == 1 and self.warm_up_prefill():
+                    logger.info("warmed up the prefill kernels in %.1f s", time.perf_counter() - t0)
             watch_compiles_after_warm_up()  # from now on, a new Triton specialization is logged (cold-start stalls)
 
     @torch.inference_mode()
