@@ -216,3 +216,13 @@ def test_the_kv_blocks_of_a_request_with_non_finite_logits_leave_the_prefix_cach
     monkeypatch.undo()
     llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     assert len(cached_blocks()) >= 2  # a healthy run caches them as usual
+
+
+def test_a_tiny_repetition_penalty_or_huge_logits_still_sample_a_real_token():
+    logits = torch.tensor([[3.0e4, -2.0, 1.0, 0.5, 2.0e4, -1.0, 0.0, 7.0]])
+    rows = [SamplingRow(SamplingParams(temperature=0.5, repetition_penalty=1e-36), [0, 4], [])]
+    tokens, _ = Sampler(VOCAB, None, "cpu", seed=2)(logits, rows)
+    assert tokens[0] in (0, 4)  # both overflow past float32 after the penalty: clamped, not NaN
+    big = torch.tensor([[1.0, 0.0, -1.0, 2.0, 3.0, 3.0e38, 4.0, 5.0]])
+    tokens, _ = Sampler(VOCAB, None, "cpu", seed=2)(big, _rows([SamplingParams(temperature=0.5)]))
+    assert tokens == [5]  # 3e38 / 0.5 would be +inf (NaN probabilities); shifted by the row max first it is 0

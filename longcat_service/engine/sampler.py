@@ -178,7 +178,8 @@ class Sampler:
         token_lists = [r.prompt_token_ids + r.output_token_ids for r in rows]
         seen = self._token_counts(token_lists, logits.device, rows, pending) > 0
         penalty = self._column([r.params.repetition_penalty for r in rows], logits).expand_as(logits)
-        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        # a tiny penalty must not overflow a positive logit to +inf (that row would fail as non-finite)
+        scaled = torch.where(logits > 0, (logits / penalty).clamp(max=torch.finfo(logits.dtype).max), logits * penalty)
         return torch.where(seen, scaled, logits)
 
     def _token_counts(self, token_lists: list[list[int]], device: torch.device, rows: list[SamplingRow],
@@ -209,7 +210,9 @@ class Sampler:
             return argmax
         greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
         temps = self._column([r.params.temperature if not r.params.greedy else 1.0 for r in rows], logits)
-        logits = logits / temps
+        # the safe form of logits / T: shifted by the row max first (softmax does not change), every value is <= 0,
+        # so a small T can only push a value to -inf (probability 0), never to +inf or NaN
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps
         logits = self._top_k(logits, [r.params.top_k for r in rows])
         probs = torch.softmax(logits, dim=-1)
         probs = self._top_p_min_p(probs, rows)
