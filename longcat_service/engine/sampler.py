@@ -49,7 +49,7 @@ class SampledBatch:
     chosen: torch.Tensor | None = None  # [M] raw logprob of the drawn token
     top_ids: torch.Tensor | None = None  # [M, max n]
     top_vals: torch.Tensor | None = None
-    nonfinite: torch.Tensor | None = None  # [M] bool: the row's logits were not finite; its token is meaningless
+    finite: torch.Tensor | None = None  # [M] bool: False where the row's logits were not finite (no real token)
     # on CUDA: the tensors above copied to pinned host memory, and the event that says the copies are done.
     # A plain .tolist() would be stream-ordered behind every step queued after this one (async scheduling
     # queues the next step before reading this one back), so collect waits on this event instead.
@@ -59,7 +59,7 @@ class SampledBatch:
     def start_readback(self) -> None:
         if not self.tokens.is_cuda:
             return
-        names = ("tokens", "nonfinite", "chosen", "top_ids", "top_vals")
+        names = ("tokens", "finite", "chosen", "top_ids", "top_vals")
         self.host = {n: getattr(self, n).to("cpu", non_blocking=True) for n in names if getattr(self, n) is not None}
         self.ready = torch.cuda.Event()
         self.ready.record()
@@ -107,9 +107,9 @@ class Sampler:
         in_place = any(self._edits_in_place(r) for r in rows)
         processed = self._process(logits.clone() if in_place else logits, rows, pending_tokens)
         # amax propagates NaN: one reduction finds NaN, +inf and rows with every token masked (-inf)
-        nonfinite = ~torch.isfinite(processed.amax(dim=-1))
-        tokens = self._draw(processed, rows).masked_fill(nonfinite, 0)
-        out = SampledBatch(tokens, ns, nonfinite=nonfinite)
+        finite = torch.isfinite(processed.amax(dim=-1))
+        tokens = torch.where(finite, self._draw(processed, rows), 0)
+        out = SampledBatch(tokens, ns, finite=finite)
         if raw_logprobs is not None:
             max_n = max(n or 0 for n in ns)
             out.chosen = raw_logprobs.gather(1, out.tokens[:, None])[:, 0]
@@ -123,8 +123,8 @@ class Sampler:
         """Wait for a launched sampling and read it back: the step's one device -> host copy (plus logprobs).
         A row whose logits were not finite gets NONFINITE_TOKEN and no logprob."""
         token_list = s.fetched("tokens").tolist()
-        nonfinite = s.fetched("nonfinite").tolist() if s.nonfinite is not None else [False] * len(token_list)
-        token_list = [NONFINITE_TOKEN if bad else tok for tok, bad in zip(token_list, nonfinite, strict=True)]
+        finite = s.fetched("finite").tolist() if s.finite is not None else [True] * len(token_list)
+        token_list = [tok if ok else NONFINITE_TOKEN for tok, ok in zip(token_list, finite, strict=True)]
         chosen = s.fetched("chosen").tolist() if s.chosen is not None else None
         top_ids = s.fetched("top_ids").tolist() if s.top_ids is not None else None
         top_vals = s.fetched("top_vals").tolist() if s.top_vals is not None else None
