@@ -196,7 +196,7 @@ def test_shutdown_reports_the_tokens_it_streamed_and_the_cached_prompt(mode):
         engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": mode}))
         await engine.start()
         await collect(engine, PROMPTS[2], greedy(1), "warm")  # leaves the prompt's full blocks as a cached prefix
-        gen = engine.generate(PROMPTS[2], greedy(10_000, logprobs=1), "open")
+        gen = engine.generate(PROMPTS[2], greedy(None, logprobs=1), "open")
         first = await gen.__anext__()
         streamed = first.outputs[0].new_token_ids + await take_tokens(gen, 3)
         await engine.shutdown()
