@@ -186,3 +186,9 @@ def test_the_server_logs_what_it_runs_at_start():
     assert len(serving) == 1, err
     for part in ("device cpu", "dtype float32", "ops backend ", "max_num_batched_tokens 2048", "demo model"):
         assert part in serving[0], serving[0]
+
+
+def test_an_unreadable_tls_file_is_one_line_and_exit_2(tmp_path):
+    proc = _serve("--port", "0", "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    assert proc.returncode == 2 and len(_stderr_lines(proc)) == 1, proc.stderr
+    assert "missing.pem" in proc.stderr

@@ -164,24 +164,33 @@ def engine_args_from(args: argparse.Namespace):
 
 
 def server_config_from(args: argparse.Namespace):
+    """ServerConfig from the flags; StartupError (one line, exit 2) for TLS / key flags that do not fit or files
+    that cannot be read."""
     from longcat_service.server.app import ServerConfig, TlsConfig
+    from longcat_service.server.preflight import StartupError
     from longcat_service.server.servicer import ServerOptions
 
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
+        raise StartupError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
-        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+        raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
     keys = list(args.api_key)
     if args.api_key_file:
-        with open(args.api_key_file) as f:
-            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        try:
+            with open(args.api_key_file) as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise StartupError(f"--api-key-file {args.api_key_file}: {e.strerror}") from None
     options = ServerOptions(
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         stream_buffer_size=args.stream_buffer_size, slow_reader_timeout_s=args.slow_reader_timeout_s,
         log_prompts=args.log_prompts, model_name=args.served_model_name or str(args.model or "longcat-demo"),
         tensor_parallel_size=args.tensor_parallel_size,
     )
-    tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    try:
+        tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    except OSError as e:
+        raise StartupError(f"--tls-*: {e.filename}: {e.strerror}") from None
     return ServerConfig(host=args.host, port=args.port, options=options, api_keys=keys, tls=tls,
                         metrics_port=args.metrics_port, http_port=http_port_from(args), http_host=args.http_host,
                         reasoning_parser=args.reasoning_parser)
@@ -196,11 +205,11 @@ def http_port_from(args: argparse.Namespace) -> int | None:
     return 0 if args.port == 0 else 8000
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, config=None) -> int:
     from longcat_service.engine.async_engine import AsyncEngine
     from longcat_service.server.app import LongCatServer
 
-    config = server_config_from(args)
+    config = config if config is not None else server_config_from(args)
     if args.model is None:
         from longcat_service.demo import DEMO_NOTICE
 
@@ -289,6 +298,7 @@ def _main(argv: list[str] | None) -> int:
             reason = str(e).removeprefix(f"{e.field}: ")
             raise preflight.StartupError(f"--{e.field.replace('_', '-')}: {reason}") from None
         if job is None or job.rank == 0:
+            config = server_config_from(args)
             preflight.check_port_free(args.host, args.port, "--port")
             preflight.check_port_free(args.host, args.metrics_port, "--metrics-port")
             preflight.check_port_free(args.http_host or args.host, http_port_from(args), "--http-port")
@@ -301,7 +311,7 @@ def _main(argv: list[str] | None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a follower rank keeps Python's defaults: it dies with the job
         signal.signal(signal.SIGINT, signal.default_int_handler)
         return run_worker(engine_args_from(args), args.model, job)
-    return asyncio.run(serve(args))
+    return asyncio.run(serve(args, config))
 
 
 if __name__ == "__main__":
