@@ -3,6 +3,7 @@ memory-bandwidth floor and transformers.
 
     python benchmarks/bench_decode.py                       # H200: ours (graphs + eager), floors, transformers
     python benchmarks/bench_decode.py --device cpu --tiny   # smoke test of the same code on a tiny config
+    python benchmarks/bench_decode.py --public-api-defaults # LLM.generate with every engine default (what a user gets)
 
 Ours runs through engine.ModelRunner.execute (CUDA-graph replay for decode, sampler read-back included);
 the transformers baseline runs in a child process after our model is freed (two 2-layer full-width models do
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-prefill", action="store_true", help="torch.profiler table of one prefill")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
     p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--public-api-defaults", action="store_true",
+                   help="only time LLM.generate (a --prefill-len prompt, then a short decode) with every engine "
+                        "setting at its default, on benchmarks/configs/longcat-flash-2l (or --tiny), dummy bf16")
     return p.parse_args(argv)
 
 
@@ -227,10 +231,72 @@ def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: t
     return "\n".join(lines) + "\n"
 
 
+def bench_public_api_defaults(args, raw: dict, device: torch.device) -> dict:
+    """LLM.generate as a user calls it: no engine setting given (the step budget, cache size, graphs and warm-up
+    are the defaults for the device). Times a prefill_len-token prompt (max_tokens=1) and a decode of new_tokens."""
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+
+    if args.tiny:
+        model = Path(tempfile.mkdtemp(prefix="lc_tiny_"))
+        (model / "config.json").write_text(json.dumps(dict(raw, model_type="longcat_flash")))
+    else:
+        model = ROOT / "benchmarks" / "configs" / "longcat-flash-2l"
+    t0 = time.perf_counter()
+    llm = LLM(model=str(model), load_format="dummy", dtype="bfloat16", device=str(device))
+    ready_s = time.perf_counter() - t0
+    with torch.no_grad():  # as bench_ours: zero correction bias, so that tokens spread over the experts
+        for layer in llm.engine.runner.model.model.layers:
+            layer.mlp.router.e_score_correction_bias.zero_()
+    engine, steps = llm.engine, [0]
+    real_step = engine.step
+
+    def counted_step():
+        steps[0] += 1
+        return real_step()
+
+    engine.step = counted_step
+    gen = torch.Generator().manual_seed(0)
+
+    def timed(prompt_len: int, params: SamplingParams) -> tuple[float, int]:
+        prompt = torch.randint(3, raw["vocab_size"], (prompt_len,), generator=gen).tolist()
+        steps[0] = 0
+        sync(device)
+        t = time.perf_counter()
+        llm.generate([prompt], params)
+        sync(device)
+        return time.perf_counter() - t, steps[0]
+
+    prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    decode = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+    timed(args.prefill_len, prefill)  # the first call after start-up (still timed below on fresh prompts)
+    prefill_runs = [timed(args.prefill_len, prefill) for _ in range(5)]
+    decode_runs = [timed(args.prompt_len, decode) for _ in range(3)]
+    res = {
+        "model": str(model), "device": str(device), "ready_s": ready_s,
+        "max_num_batched_tokens": engine.args.max_num_batched_tokens,
+        "prefill_tokens": args.prefill_len,
+        "prefill_chunks": -(-args.prefill_len // engine.args.max_num_batched_tokens),
+        "prefill_engine_step_calls": prefill_runs[0][1],  # chunks, plus the call that collects the last one
+        "prefill_ms": statistics.median(t for t, _ in prefill_runs) * 1e3,
+        "prefill_all_ms": [t * 1e3 for t, _ in prefill_runs],
+        "decode_prompt_tokens": args.prompt_len, "decode_new_tokens": args.new_tokens,
+        "decode_ms_per_token": statistics.median(t for t, _ in decode_runs) * 1e3 / args.new_tokens,
+    }
+    print(f"public API defaults: {json.dumps(res)}", flush=True)
+    return res
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     raw = TINY if args.tiny else FULL_2L
     device = torch.device(args.device)
+    if args.public_api_defaults:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        res = bench_public_api_defaults(args, raw, device)
+        (out_dir / "bench_public_api_defaults.json").write_text(json.dumps(res, indent=1))
+        return
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bw, flops = measure_ceilings(device, args.tiny)

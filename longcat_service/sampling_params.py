@@ -10,6 +10,21 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a smaller positive
+# temperature overflows float32 (1e-39 is a denormal) and would turn the probabilities into NaN.
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+
+class _DefaultMaxTokens(int):
+    """The default max_tokens: 16, marked as not chosen by the caller. An explicit max_tokens that does not fit in
+    the context with the prompt is refused (engine/request_checks.py); the default is not, and such a sample ends
+    at the context's end (finish_reason "length")."""
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+DEFAULT_MAX_TOKENS = _DefaultMaxTokens(16)
 
 
 class SamplingParamsError(ValueError):
@@ -23,7 +38,7 @@ class SamplingParamsError(ValueError):
 @dataclass
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: until EOS, a stop or the context's end
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -50,8 +65,14 @@ class SamplingParams:
         self.validate()
 
     @property
+    def max_tokens_is_default(self) -> bool:
+        return type(self.max_tokens) is _DefaultMaxTokens
+
+    @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or any temperature below GREEDY_TEMPERATURE_EPS: argmax (top_k/top_p/min_p and the seed
+        do not change an argmax)."""
+        return self.temperature < GREEDY_TEMPERATURE_EPS
 
     def validate(self, vocab_size: int | None = None) -> None:
         def finite(name: str, value: float) -> None:

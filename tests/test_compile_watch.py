@@ -39,6 +39,16 @@ def test_each_specialization_is_logged_once_and_counted(fresh, caplog):
     assert len(messages) == 2 and "_prefill_fwd" in messages[0] and "_rms_norm_kernel" in messages[1]
 
 
+def test_builds_during_a_later_engines_warm_up_are_not_reported(fresh, caplog):
+    hook = compile_watch._hook(None)
+    with caplog.at_level(logging.WARNING, logger=compile_watch.__name__):
+        with compile_watch.warming_up():  # e.g. an fp32 engine built after a bf16 one installed the watch
+            _call(hook, "_rms_norm_kernel(x: *fp32)")
+        _call(hook, "_silu_mul_kernel(x: *fp32)")  # a request's build, after that warm-up
+    assert compile_watch.compiles_after_warm_up() == {"_silu_mul_kernel(x: *fp32)": 1}
+    assert [r.getMessage().count("_silu_mul_kernel") for r in caplog.records] == [1]
+
+
 def test_an_existing_hook_still_runs_and_its_result_is_kept(fresh):
     calls = []
 
@@ -64,6 +74,8 @@ def test_install_chains_onto_the_triton_knob_once(fresh, monkeypatch):
 
 @pytest.mark.gpu
 def test_a_new_specialization_on_the_gpu_is_reported(fresh):
+    """New keys that every Triton version builds anew: another pointer dtype and another constexpr value. (Integer
+    specialization, e.g. n=17 against n=32, is version-dependent: Triton 3.6 on the H200 built one binary for both.)"""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (Triton compiles nothing in the CPU interpreter)")
@@ -76,12 +88,42 @@ def test_a_new_specialization_on_the_gpu_is_reported(fresh):
         tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
 
     assert compile_watch.watch_compiles_after_warm_up()
-    x = torch.arange(40, dtype=torch.float32, device="cuda")
-    y = torch.empty_like(x)
-    _watched_copy[(1,)](x, y, 17, BLOCK=64)  # n = 17: not a multiple of 16
-    _watched_copy[(1,)](x, y, 32, BLOCK=64)  # n = 32: another specialization
-    _watched_copy[(1,)](x, y, 19, BLOCK=64)  # same key as 17: no new build
+    x32 = torch.arange(40, dtype=torch.float32, device="cuda")
+    y32 = torch.empty_like(x32)
+    x16, y16 = x32.half(), torch.empty_like(x32.half())
+    _watched_copy[(1,)](x32, y32, 19, BLOCK=64)  # a first build
+    _watched_copy[(1,)](x32, y32, 19, BLOCK=64)  # the same key: no build
+    _watched_copy[(1,)](x16, y16, 19, BLOCK=64)  # fp16 pointers: a new build
+    _watched_copy[(1,)](x32, y32, 19, BLOCK=128)  # another constexpr: a new build
+    _watched_copy[(1,)](x16, y16, 19, BLOCK=64)  # built already
     torch.cuda.synchronize()
-    built = [k for k in compile_watch.compiles_after_warm_up() if "_watched_copy" in k]
-    assert len(built) == 2
-    assert torch.equal(y[:19], x[:19])
+    built = {k: v for k, v in compile_watch.compiles_after_warm_up().items() if "_watched_copy" in k}
+    assert len(built) == 3 and all(v == 1 for v in built.values()), built
+    assert torch.equal(y32[:19], x32[:19]) and torch.equal(y16[:19], x16[:19])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_after_the_engine_warm_up_requests_build_no_triton_kernel(dtype):
+    """Warm-up covers what an engine of each dtype runs: requests of many lengths, sampling, logprobs, n > 1 and
+    cached prefixes build no new Triton specialization (an fp32 model used to log seven on its first requests)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+
+    before = compile_watch.compiles_after_warm_up()
+    llm = LLM(device="cuda", dtype=dtype, max_num_seqs=16)
+    # an earlier engine of this process (the other dtype) installed the watch: this one's warm-up is not counted
+    assert compile_watch.compiles_after_warm_up() == before
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 2, 7, 16, 17, 31, 64, 100, 333, 1000)]
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=8, ignore_eos=True, seed=1),
+              SamplingParams(temperature=0.7, n=2, logprobs=3, max_tokens=5, ignore_eos=True,
+                             repetition_penalty=1.1, presence_penalty=0.2)]
+    for p in params:
+        llm.generate(prompts, p)
+        llm.generate([prompts[-1] + [5, 6, 7]], p)  # a cached prefix plus a few new tokens
+    assert compile_watch.compiles_after_warm_up() == before

@@ -65,7 +65,7 @@ def test_concurrent_generate_streams_and_matches_reference():
 def test_early_aclose_aborts_and_frees_blocks():
     async def body(engine):
         bm = engine.engine.block_manager
-        gen = engine.generate(PROMPTS[2], greedy(10_000), "long")
+        gen = engine.generate(PROMPTS[2], greedy(None), "long")
         first = await gen.__anext__()
         assert not first.finished
         assert bm.num_free_blocks < bm.num_blocks
@@ -81,7 +81,7 @@ def test_cancelled_consumer_aborts():
         started = asyncio.Event()
 
         async def consume():
-            async for _ in engine.generate(PROMPTS[0], greedy(10_000), "c"):
+            async for _ in engine.generate(PROMPTS[0], greedy(None), "c"):
                 started.set()
 
         task = asyncio.create_task(consume())
@@ -97,7 +97,7 @@ def test_cancelled_consumer_aborts():
 @both_modes
 def test_explicit_abort_ends_stream_with_abort(mode):
     async def body(engine):
-        gen = engine.generate(PROMPTS[0], greedy(10_000), "x")
+        gen = engine.generate(PROMPTS[0], greedy(None), "x")
         await gen.__anext__()
         assert await engine.abort("x")
         outs = [o async for o in gen]
@@ -121,7 +121,7 @@ def test_bad_prompt_raises_before_streaming(mode):
 @both_modes
 def test_deadline_through_async_engine(mode):
     async def body(engine):
-        outs = [o async for o in engine.generate(PROMPTS[0], greedy(10_000), "d", deadline=time.monotonic() + 0.05)]
+        outs = [o async for o in engine.generate(PROMPTS[0], greedy(None), "d", deadline=time.monotonic() + 0.05)]
         assert outs[-1].outputs[0].finish_reason == "deadline"
 
     run(body, engine_mode=mode)
@@ -129,7 +129,7 @@ def test_deadline_through_async_engine(mode):
 
 def test_loop_death_fails_requests_and_marks_unhealthy():
     async def body(engine):
-        gen = engine.generate(PROMPTS[0], greedy(10_000), "victim")
+        gen = engine.generate(PROMPTS[0], greedy(None), "victim")
         await gen.__anext__()
 
         def broken(now):
@@ -168,7 +168,7 @@ def test_shutdown_ends_open_streams(mode):
     async def main():
         engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": mode}))
         await engine.start()
-        gen = engine.generate(PROMPTS[0], greedy(10_000), "open")
+        gen = engine.generate(PROMPTS[0], greedy(None), "open")
         await gen.__anext__()
         await engine.shutdown()
         assert not engine.is_healthy()
@@ -196,7 +196,7 @@ def test_shutdown_reports_the_tokens_it_streamed_and_the_cached_prompt(mode):
         engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": mode}))
         await engine.start()
         await collect(engine, PROMPTS[2], greedy(1), "warm")  # leaves the prompt's full blocks as a cached prefix
-        gen = engine.generate(PROMPTS[2], greedy(10_000, logprobs=1), "open")
+        gen = engine.generate(PROMPTS[2], greedy(None, logprobs=1), "open")
         first = await gen.__anext__()
         streamed = first.outputs[0].new_token_ids + await take_tokens(gen, 3)
         await engine.shutdown()
@@ -219,7 +219,7 @@ def test_engine_death_reports_the_tokens_it_streamed(mode):
         engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": mode}))
         await engine.start()
         try:
-            gen = engine.generate(PROMPTS[0], greedy(10_000), "victim")
+            gen = engine.generate(PROMPTS[0], greedy(None), "victim")
             streamed = await take_tokens(gen, 3)
             if mode == "thread":
                 def broken(now):
@@ -255,7 +255,7 @@ def test_reused_request_id_gets_only_its_own_outputs():
     step's output (and the old request's abort) belong to the old request, never to the new stream."""
 
     async def body(engine):
-        gen_old = engine.generate(PROMPTS[2], greedy(10_000), "x")
+        gen_old = engine.generate(PROMPTS[2], greedy(None), "x")
         await gen_old.__anext__()
         real_step, in_step, release = engine.engine.step, threading.Event(), threading.Event()
 
@@ -287,7 +287,7 @@ def test_shutdown_does_not_wait_forever_for_a_hung_step():
     async def main():
         engine = AsyncEngine(EngineArgs(**{**ARGS, "step_timeout_s": 0.3}))
         await engine.start()
-        gen = engine.generate(PROMPTS[0], greedy(10_000), "hung")
+        gen = engine.generate(PROMPTS[0], greedy(None), "hung")
         await gen.__anext__()
         real_step, in_step, release = engine.engine.step, threading.Event(), threading.Event()
 

@@ -205,7 +205,7 @@ def test_an_unpicklable_engine_hook_in_process_mode_is_an_error_naming_the_field
 
 def test_early_aclose_aborts_and_the_child_frees_its_blocks():
     async def body(engine):
-        gen = engine.generate(PROMPTS[2], greedy(10_000), "long")
+        gen = engine.generate(PROMPTS[2], greedy(None), "long")
         await anext(gen)
         await wait_until(lambda: engine.load().kv_cache_usage > 0)
         await gen.aclose()
@@ -231,7 +231,7 @@ def test_engine_mode_auto_keeps_the_thread_under_torchrun(monkeypatch):
 # ---- failures --------------------------------------------------------------------------------------------------
 def test_child_killed_fails_open_streams_and_refuses_new_ones():
     async def body(engine):
-        gen = engine.generate(PROMPTS[0], greedy(10_000), "victim")
+        gen = engine.generate(PROMPTS[0], greedy(None), "victim")
         await anext(gen)
         os.kill(engine._core.process.pid, signal.SIGKILL)
         outs = [o async for o in gen]
@@ -246,7 +246,7 @@ def test_child_killed_fails_open_streams_and_refuses_new_ones():
 
 def test_loop_death_in_the_child_ends_streams_with_its_error():
     async def body(engine):
-        outs = [o async for o in engine.generate(PROMPTS[0], greedy(10_000), "victim")]
+        outs = [o async for o in engine.generate(PROMPTS[0], greedy(None), "victim")]
         assert outs[-1].outputs[0].finish_reason == "error" and "scheduler bug" in outs[-1].error
         await wait_until(lambda: not engine.is_healthy())
         with pytest.raises(EngineDeadError, match="scheduler bug"):
@@ -259,7 +259,7 @@ def test_a_failing_reader_thread_ends_the_streams_instead_of_hanging():
     """The parent's reader thread fails on a child message (a bug, an unreadable message): nobody would deliver
     the child's outputs any more, so the engine must count as dead and every open stream end with the error."""
     async def body(engine):
-        gen = engine.generate(PROMPTS[0], greedy(10_000), "victim")
+        gen = engine.generate(PROMPTS[0], greedy(None), "victim")
         await anext(gen)
         real = engine._core._on_message
 
@@ -299,7 +299,7 @@ def test_shutdown_kills_a_child_hung_in_a_step():
         engine = AsyncEngine(EngineArgs(**{**ARGS, "engine_mode": "process", "step_timeout_s": 0.3,
                                            "engine_hook": hang_steps_after_the_first_token}))
         await engine.start()
-        gen = engine.generate(PROMPTS[0], greedy(10_000), "hung")
+        gen = engine.generate(PROMPTS[0], greedy(None), "hung")
         await anext(gen)
         await wait_until(lambda: not engine.is_healthy(), timeout=5)
         await asyncio.wait_for(engine.shutdown(), 30)

@@ -86,8 +86,10 @@ def test_logit_bias_forces_token(engine):
 
 def test_max_model_len_finishes_with_length():
     eng = make_engine(max_model_len=16)
-    out, _ = one(eng, list(range(10, 24)), greedy(100))
+    out, _ = one(eng, list(range(10, 24)), greedy(None))  # no max_tokens: until the context's end
     assert len(out.outputs[0].token_ids) == 2 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(SamplingParamsError, match="max_tokens"):  # an explicit one that cannot fit is refused
+        eng.add_request("too-long", list(range(10, 24)), greedy(100))
 
 
 # ---- sampling -----------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ BAD_REQUESTS = {
     "negative max_tokens": (sampled(max_tokens=-5), "sampling.max_tokens"),
     "negative min_tokens": (sampled(min_tokens=-1), "sampling.min_tokens"),
     "min_tokens above max_tokens": (sampled(min_tokens=10, max_tokens=5), "sampling.min_tokens"),
+    "max_tokens beyond the context": (sampled(max_tokens=10**9), "sampling.max_tokens"),
+    "prompt + max_tokens beyond the context": (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 200),
+                                                                  sampling=pb.SamplingParams(max_tokens=57)),
+                                               "sampling.max_tokens"),
+    "min_tokens with stop ids covering the vocab": (sampled(min_tokens=2, stop_token_ids=list(range(VOCAB))),
+                                                    "sampling.stop_token_ids"),
     "n too large": (sampled(n=17), "sampling.n"),
     "n zero": (sampled(n=0), "sampling.n"),
     "too many stop strings": (sampled(stop=[f"s{i}" for i in range(17)]), "sampling.stop"),
@@ -107,6 +113,19 @@ def test_bad_generate_request_is_invalid_argument_naming_the_field(stub, case):
         list(stub.Generate(request, timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert err.value.details().startswith(f"{field}: "), err.value.details()
+
+
+def test_max_tokens_beyond_the_context_names_the_limit_and_a_fitting_one_runs(stub, client):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(sampled(max_tokens=10**9), timeout=30))
+    assert f"context length of {MAX_MODEL_LEN} tokens" in err.value.details(), err.value.details()
+    prompt = [5] * 200
+    fits = client.generate(prompt, max_tokens=MAX_MODEL_LEN - 200, temperature=0.0, ignore_eos=True)
+    assert fits.finish_reason == "length" and len(fits.token_ids) == MAX_MODEL_LEN - 200
+    # unset max_tokens keeps its default (16), which is not refused: the sample ends at the context's end
+    near_the_end = [5] * (MAX_MODEL_LEN - 4)
+    default = client.generate(near_the_end, temperature=0.0, ignore_eos=True)
+    assert default.finish_reason == "length" and len(default.token_ids) == 4
 
 
 def test_sdk_exposes_the_field(client):

@@ -17,33 +17,48 @@ from longcat_service.client.errors import LongCatError
 from longcat_service.client.sync_client import LongCatClient
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; a flag whose value is left to the server says so in its help instead."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+SERVER_DEFAULT = "default: the server's, "
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longcat-client", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="*", help="prompt text (read from stdin when absent)")
+    p = argparse.ArgumentParser(prog="longcat-client", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("prompt", nargs="*", help="prompt text (default: read from stdin)")
     p.add_argument("--address", default="127.0.0.1:50051", help="host:port, grpc:// or grpcs://")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user message (chat template)")
-    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--system", default=None, help="system message for --chat (default: none)")
     p.add_argument("--json", action="store_true", help="one JSON object per streamed event")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--tls", action="store_true")
-    p.add_argument("--root-cert", default=None, help="PEM file of the CA that signed the server certificate")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=int)
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--min-p", type=float)
-    s.add_argument("--repetition-penalty", type=float)
-    s.add_argument("--frequency-penalty", type=float)
-    s.add_argument("--presence-penalty", type=float)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--min-tokens", type=int)
-    s.add_argument("--ignore-eos", action="store_true", default=None)
-    s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--logprobs", type=int)
-    s.add_argument("-n", type=int, dest="n")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole call")
+    p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer KEY' (default: none)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (implied by grpcs://)")
+    p.add_argument("--root-cert", default=None,
+                   help="PEM file of the CA that signed the server certificate (default: the system's CAs)")
+    s = p.add_argument_group("sampling (unset: the server's default)")
+    s.add_argument("--max-tokens", type=int, help=SERVER_DEFAULT + "16; at most the context length minus the prompt")
+    s.add_argument("--temperature", type=float, help=SERVER_DEFAULT + "1.0; 0 (or below 1e-5) is greedy")
+    s.add_argument("--top-p", type=float, help=SERVER_DEFAULT + "1.0 (off)")
+    s.add_argument("--top-k", type=int, help=SERVER_DEFAULT + "0 (off)")
+    s.add_argument("--min-p", type=float, help=SERVER_DEFAULT + "0.0 (off)")
+    s.add_argument("--repetition-penalty", type=float, help=SERVER_DEFAULT + "1.0 (off)")
+    s.add_argument("--frequency-penalty", type=float, help=SERVER_DEFAULT + "0.0 (off)")
+    s.add_argument("--presence-penalty", type=float, help=SERVER_DEFAULT + "0.0 (off)")
+    s.add_argument("--seed", type=int, help=SERVER_DEFAULT + "none (the server's generator)")
+    s.add_argument("--min-tokens", type=int,
+                   help=SERVER_DEFAULT + "0; EOS and stop ids are masked until this many tokens are out")
+    s.add_argument("--ignore-eos", action="store_true", default=None,
+                   help=SERVER_DEFAULT + "off; keep generating after EOS")
+    s.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
+    s.add_argument("--logprobs", type=int, help="log-probabilities of each token and this many alternatives "
+                                                "(default: none)")
+    s.add_argument("-n", type=int, dest="n", help=SERVER_DEFAULT + "1; completions of the one prompt")
     return p
 
 

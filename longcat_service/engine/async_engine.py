@@ -39,6 +39,7 @@ from longcat_service.engine.engine_core_process import (
     resolve_engine_mode,
 )
 from longcat_service.engine.llm_engine import EngineLoad, LLMEngine
+from longcat_service.engine.request_checks import RequestLimits, check_request
 from longcat_service.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from longcat_service.sampling_params import SamplingParams
 
@@ -80,7 +81,7 @@ class AsyncEngine:
         self._core: EngineCoreClient | None = None  # process mode
         self._info = None  # process mode: CoreInfo from the child
         self._tokenizer = None
-        self._validator = None  # process mode: what LLMEngine.validate_request reads, without a model
+        self._limits: RequestLimits | None = None  # process mode: what the request checks need, without a model
         self._core_status: CoreStatus | None = None
         self._add_seq = itertools.count(1)
         self._pending_adds: collections.deque = collections.deque()  # (seq, prompt tokens) not yet in a status
@@ -124,15 +125,12 @@ class AsyncEngine:
         self._thread.start()
 
     def _start_core(self) -> None:
-        from types import SimpleNamespace
-
         from longcat_service.tokenizer import load_tokenizer
 
         info = self._core.start()
         self._info = info
         self._tokenizer = load_tokenizer(info.model_path) if info.has_tokenizer else None
-        self._validator = SimpleNamespace(max_model_len=info.max_model_len, vocab_size=info.vocab_size,
-                                          tokenizer=self._tokenizer)
+        self._limits = RequestLimits(info.vocab_size, info.max_model_len, info.eos_token_id, info.has_tokenizer)
 
     async def shutdown(self) -> None:
         """Stop the loop thread; unfinished requests end with finish_reason "abort". A step that hangs (a stuck
@@ -164,6 +162,11 @@ class AsyncEngine:
             self._core_info()
             return self._tokenizer
         return self._engine().tokenizer
+
+    @property
+    def description(self) -> str:
+        """LLMEngine.description: model, device, dtype, ops backend, limits (for the start-up log)."""
+        return self._core_info().description if self.mode == "process" else self._engine().description
 
     @property
     def max_model_len(self) -> int:
@@ -210,7 +213,7 @@ class AsyncEngine:
         # PromptError / SamplingParamsError before anything is queued (process mode: the engine's checks, run here)
         if self.mode == "process":
             self._core_info()
-            validate = functools.partial(LLMEngine.validate_request, self._validator)
+            validate = functools.partial(check_request, limits=self._limits)
         else:
             validate = self._engine().validate_request
         if self._stopping or not self.is_alive():

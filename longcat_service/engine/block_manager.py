@@ -132,6 +132,16 @@ class BlockManager:
                 self.cached[h] = block.block_id
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
 
+    def uncache(self, seq: Sequence) -> None:
+        """Withdraw the sequence's blocks from the prefix cache (their content is suspect: its logits were not
+        finite), so that no later prompt reuses them; the blocks themselves stay with their holders."""
+        for bid in seq.block_table:
+            block = self.blocks[bid]
+            if block.hash is not None:
+                if self.cached.get(block.hash) == bid:
+                    del self.cached[block.hash]
+                block.hash = block.token_ids = block.parent_hash = None
+
     def free(self, seq: Sequence) -> None:
         # tail first, so that a sequence's prefix blocks are the last of its blocks to be evicted
         for bid in reversed(seq.block_table):

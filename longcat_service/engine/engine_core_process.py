@@ -64,6 +64,8 @@ class CoreInfo:
     vocab_size: int
     model_path: str
     has_tokenizer: bool
+    eos_token_id: int | None = None
+    description: str = ""  # LLMEngine.description, for the server's start-up log
 
 
 PARENT_GONE_GRACE_S = 2.0  # after the parent died, the loop gets this long to end by itself
@@ -111,7 +113,7 @@ def run_engine_core(args, cmd_conn, out_conn) -> None:
         if args.engine_hook is not None:
             args.engine_hook(engine)
         info = CoreInfo(engine.model_config, engine.max_model_len, engine.vocab_size, str(engine.model_path),
-                        engine.tokenizer is not None)
+                        engine.tokenizer is not None, engine.eos_token_id, engine.description)
     except BaseException as e:
         logger.exception("engine core failed to start")
         out_conn.send(("failed", portable_error(e)))

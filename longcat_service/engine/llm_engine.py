@@ -8,15 +8,16 @@ from dataclasses import dataclass
 
 from longcat_service.engine.block_manager import BlockManager
 from longcat_service.engine.engine_args import EngineArgs
-from longcat_service.engine.errors import EngineArgsError, PromptError
+from longcat_service.engine.errors import EngineArgsError
 from longcat_service.engine.model_runner import SeqStepResult, StepHandle
 from longcat_service.engine.output_processor import OutputProcessor, RequestState
+from longcat_service.engine.request_checks import RequestLimits, check_request
 from longcat_service.engine.scheduler import ScheduledSeq, Scheduler
 from longcat_service.engine.sequence import Sequence, SequenceGroup
 from longcat_service.engine.step_trace import StepTrace
 from longcat_service.engine.tp_worker import create_model_runner
 from longcat_service.outputs import Logprob, RequestOutput
-from longcat_service.sampling_params import SamplingParams, SamplingParamsError
+from longcat_service.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,20 @@ class LLMEngine:
         self._inflight: _InFlight | None = None  # with overlap_steps: the step launched by the last call
         self.trace = StepTrace()  # LONGCAT_STEP_TRACE=<path>: one JSON line per step
 
+    @property
+    def description(self) -> str:
+        """One line for the start-up log: what a newcomer needs to know is running."""
+        from longcat_service import ops
+
+        runner = self.runner
+        dtype = str(getattr(runner, "dtype", "?")).removeprefix("torch.")
+        name = self.model_path if self.args.model is not None else f"{self.model_path}, the embedded demo model,"
+        return (f"model {name} ({self.model_config.num_layers} layers, vocab {self.vocab_size}), "
+                f"device {getattr(runner, 'device', '?')}, dtype {dtype}, ops backend {ops.ACTIVE_BACKEND}, "
+                f"tensor parallel {self.args.tensor_parallel_size}, max_model_len {self.max_model_len}, "
+                f"max_num_batched_tokens {self.args.max_num_batched_tokens}, max_num_seqs {self.args.max_num_seqs}, "
+                f"KV cache {self.block_manager.num_blocks} blocks of {self.args.block_size} tokens")
+
     def _decide_max_model_len(self) -> int:
         limit = int(getattr(self.model_config, "max_position_embeddings", 0) or 0) or None
         capacity = self.runner.num_blocks * self.args.block_size
@@ -81,25 +96,13 @@ class LLMEngine:
         return min(wanted, capacity)
 
     # ---- requests ------------------------------------------------------------------------------
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.vocab_size, self.max_model_len, self.eos_token_id, self.tokenizer is not None)
+
     def validate_request(self, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
         """Raise PromptError / SamplingParamsError for a request this engine cannot serve (no state touched)."""
-        if not isinstance(sampling_params, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        if prompt_token_ids is None or len(prompt_token_ids) == 0:
-            raise PromptError("prompt", "the prompt is empty")
-        if len(prompt_token_ids) + 1 > self.max_model_len:
-            raise PromptError(
-                "prompt",
-                f"{len(prompt_token_ids)} prompt tokens leave no room for an output token "
-                f"(max_model_len {self.max_model_len})",
-            )
-        for i, tok in enumerate(prompt_token_ids):
-            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
-                raise PromptError("token_ids", f"token {i} is {tok!r}, outside the vocabulary [0, {self.vocab_size})")
-        sampling_params.validate(self.vocab_size)
-        if self.tokenizer is None and sampling_params.stop:
-            raise SamplingParamsError("stop", "stop strings need a tokenizer and this model has none "
-                                      "(no tokenizer.json); use stop_token_ids")
+        check_request(prompt_token_ids, sampling_params, self.request_limits)
 
     def add_request(
         self,
@@ -288,6 +291,9 @@ class LLMEngine:
                 continue
             state = self.states[seq.request_id]
             self.scheduler.on_computed(s)
+            if r.error is not None:  # this request alone fails; the rest of the batch goes on
+                self._fail_request(seq.group, r.error, finalize)
+                continue
             if r.prompt_logprobs:
                 self.output_processor.record_prompt_logprobs(state, s.start_pos, r.prompt_logprobs)
             if r.token_id is None:
@@ -330,6 +336,16 @@ class LLMEngine:
                 self.scheduler.finish_group(group, "error")
                 self.states[rid].error = f"{type(error).__name__}: {error}"
                 finalize[rid] = None
+
+    def _fail_request(self, group, error: str, finalize: dict[str, None]) -> None:
+        """Non-finite logits: this request alone ends with "error"; its cached KV blocks are not offered to later
+        prompts (a NaN in the cache would fail every request that reused it)."""
+        logger.error("request %s failed: %s", group.request_id, error)
+        for seq in group.seqs:
+            self.block_manager.uncache(seq)
+        self.scheduler.finish_group(group, "error")
+        self.states[group.request_id].error = error
+        finalize[group.request_id] = None
 
     def _finalize(self, request_id: str) -> RequestOutput:
         """Last output of a request whose samples are all finished; forget it."""

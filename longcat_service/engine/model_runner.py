@@ -13,7 +13,7 @@ from longcat_service.distributed.parallel_state import get_tp_size
 from longcat_service.engine.cuda_graph_runner import create_graph_runner, decode_logits_with_graph
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
-from longcat_service.engine.sampler import SampledBatch, Sampler, SamplingRow
+from longcat_service.engine.sampler import NONFINITE_TOKEN, SampledBatch, Sampler, SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.host_to_device import host_tensor, to_device
@@ -33,6 +33,7 @@ class SeqStepResult:
     token_id: int | None = None  # sampled when the chunk reached the sequence's last token
     logprob: Logprob | None = None
     prompt_logprobs: list[Logprob] | None = None  # for prompt positions start_pos+1 ..
+    error: str | None = None  # the sequence cannot go on (its logits were not finite): the engine fails its request
 
 
 @dataclass
@@ -88,16 +89,17 @@ class ModelRunner:
         # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP
         self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs else None
         if self.graph_runner is not None and args.capture_graphs_at_startup:
-            t0 = time.perf_counter()
-            self.graph_runner.capture_all()
-            logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
-                        time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
-            if get_tp_size() == 1 and self.warm_up_prefill():
-                logger.info("warmed up the prefill kernels in %.1f s", time.perf_counter() - t0)
-            from longcat_service.kernels.compile_watch import watch_compiles_after_warm_up
+            from longcat_service.kernels.compile_watch import warming_up, watch_compiles_after_warm_up
 
+            with warming_up():  # not reported, also when an earlier engine of this process installed the watch
+                t0 = time.perf_counter()
+                self.graph_runner.capture_all()
+                logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
+                            time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
+                if get_tp_size() == 1 and self.warm_up_prefill():
+                    logger.info("warmed up the prefill kernels in %.1f s", time.perf_counter() - t0)
             watch_compiles_after_warm_up()  # from now on, a new Triton specialization is logged (cold-start stalls)
 
     @torch.inference_mode()
@@ -113,11 +115,20 @@ class ModelRunner:
         from longcat_service.sampling_params import SamplingParams
 
         chunk, shorts = 19, (17, 32)
-        first_len = min(WARMUP_PROMPT_TOKENS, int(self.config.max_position_embeddings) - chunk - 1)
-        long_len = min(WARMUP_LONG_TOKENS, int(self.config.max_position_embeddings))
-        lengths = (first_len + chunk + 1, long_len, *shorts)
-        need = [-(-n // self.block_size) for n in lengths]
+        max_pos = int(self.config.max_position_embeddings)
+        first_len = min(WARMUP_PROMPT_TOKENS, max_pos - chunk - 1)
+        # the long prompt plus a decode row make the largest step the scheduler builds (the token budget), so
+        # that its kernels, workspace sizes and allocator blocks exist before the first request of that size;
+        # at least WARMUP_LONG_TOKENS; when the cache is too small for the budget, WARMUP_LONG_TOKENS only
+        for long_len in (max(WARMUP_LONG_TOKENS, self.args.max_num_batched_tokens - 1), WARMUP_LONG_TOKENS):
+            long_len = min(long_len, max_pos)
+            lengths = (first_len + chunk + 1, long_len, *shorts)
+            need = [-(-n // self.block_size) for n in lengths]
+            if sum(need) <= self.num_blocks:
+                break
         if first_len < max(shorts) or sum(need) > self.num_blocks:
+            logger.warning("prefill warm-up skipped: the KV cache (%d blocks) or the context (%d tokens) is too "
+                           "small for it; the first requests may compile Triton kernels", self.num_blocks, max_pos)
             return False
         gen = torch.Generator().manual_seed(0)
         seqs, first = [], 0
@@ -262,6 +273,10 @@ class ModelRunner:
         if handle.sampled is not None:
             tokens, logprobs = self.sampler.collect(handle.sampled)
             for i, tok, lp in zip(handle.sample_idx, tokens, logprobs, strict=True):
+                if tok == NONFINITE_TOKEN:
+                    results[i].error = ("the model's logits for this request were not finite (NaN or inf, or every "
+                                        "token masked); no token was sampled")
+                    continue
                 results[i].token_id = tok
                 results[i].logprob = lp
         for i, chunks in handle.prompt_logprobs.items():

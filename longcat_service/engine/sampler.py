@@ -5,6 +5,10 @@ frequency / presence penalties (output tokens), then greedy argmax (temperature 
 top-p, min-p and a draw. Logprobs are the RAW log-softmax of the model logits (vLLM's default
 "raw_logprobs"): they describe the model, not the processed distribution the token was drawn from.
 
+A row whose processed logits are not finite (a NaN or +inf anywhere, or every token masked to -inf) samples
+no token: `collect` returns NONFINITE_TOKEN for it, and the engine fails that request alone with a clear
+error; its device-side token (the input of a chained decode step) is 0, so the next step stays in range.
+
 A request with a seed draws from its own torch.Generator (seed + sample index), so its tokens do not depend on
 what else is in the batch; unseeded rows share the engine's generator.
 """
@@ -20,6 +24,7 @@ from longcat_service.outputs import Logprob
 from longcat_service.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+NONFINITE_TOKEN = -1  # collect()'s token for a row whose logits were not finite
 
 
 @dataclass
@@ -39,11 +44,12 @@ class SamplingRow:
 class SampledBatch:
     """A launched sampling: device tensors until Sampler.collect reads them back."""
 
-    tokens: torch.Tensor  # [M] long
+    tokens: torch.Tensor  # [M] long, always a valid id (0 for a non-finite row)
     logprob_ns: list[int | None]  # per row: the top-n asked for, None = no logprobs
     chosen: torch.Tensor | None = None  # [M] raw logprob of the drawn token
     top_ids: torch.Tensor | None = None  # [M, max n]
     top_vals: torch.Tensor | None = None
+    finite: torch.Tensor | None = None  # [M] bool: False where the row's logits were not finite (no real token)
     # on CUDA: the tensors above copied to pinned host memory, and the event that says the copies are done.
     # A plain .tolist() would be stream-ordered behind every step queued after this one (async scheduling
     # queues the next step before reading this one back), so collect waits on this event instead.
@@ -53,7 +59,7 @@ class SampledBatch:
     def start_readback(self) -> None:
         if not self.tokens.is_cuda:
             return
-        names = ("tokens", "chosen", "top_ids", "top_vals")
+        names = ("tokens", "finite", "chosen", "top_ids", "top_vals")
         self.host = {n: getattr(self, n).to("cpu", non_blocking=True) for n in names if getattr(self, n) is not None}
         self.ready = torch.cuda.Event()
         self.ready.record()
@@ -100,7 +106,10 @@ class Sampler:
         # output buffer, [M, vocab] fp32: 34 MB at batch 64) only then
         in_place = any(self._edits_in_place(r) for r in rows)
         processed = self._process(logits.clone() if in_place else logits, rows, pending_tokens)
-        out = SampledBatch(self._draw(processed, rows), ns)
+        # amax propagates NaN: one reduction finds NaN, +inf and rows with every token masked (-inf)
+        finite = torch.isfinite(processed.amax(dim=-1))
+        tokens = torch.where(finite, self._draw(processed, rows), 0)
+        out = SampledBatch(tokens, ns, finite=finite)
         if raw_logprobs is not None:
             max_n = max(n or 0 for n in ns)
             out.chosen = raw_logprobs.gather(1, out.tokens[:, None])[:, 0]
@@ -111,14 +120,17 @@ class Sampler:
 
     @staticmethod
     def collect(s: SampledBatch) -> tuple[list[int], list[Logprob | None]]:
-        """Wait for a launched sampling and read it back: the step's one device -> host copy (plus logprobs)."""
+        """Wait for a launched sampling and read it back: the step's one device -> host copy (plus logprobs).
+        A row whose logits were not finite gets NONFINITE_TOKEN and no logprob."""
         token_list = s.fetched("tokens").tolist()
+        finite = s.fetched("finite").tolist() if s.finite is not None else [True] * len(token_list)
+        token_list = [tok if ok else NONFINITE_TOKEN for tok, ok in zip(token_list, finite, strict=True)]
         chosen = s.fetched("chosen").tolist() if s.chosen is not None else None
         top_ids = s.fetched("top_ids").tolist() if s.top_ids is not None else None
         top_vals = s.fetched("top_vals").tolist() if s.top_vals is not None else None
         logprobs: list[Logprob | None] = []
         for i, n in enumerate(s.logprob_ns):
-            if n is None:
+            if n is None or token_list[i] == NONFINITE_TOKEN:
                 logprobs.append(None)
                 continue
             top = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True)) if n else {}
@@ -166,7 +178,8 @@ class Sampler:
         token_lists = [r.prompt_token_ids + r.output_token_ids for r in rows]
         seen = self._token_counts(token_lists, logits.device, rows, pending) > 0
         penalty = self._column([r.params.repetition_penalty for r in rows], logits).expand_as(logits)
-        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        # a tiny penalty must not overflow a positive logit to +inf (that row would fail as non-finite)
+        scaled = torch.where(logits > 0, (logits / penalty).clamp(max=torch.finfo(logits.dtype).max), logits * penalty)
         return torch.where(seen, scaled, logits)
 
     def _token_counts(self, token_lists: list[list[int]], device: torch.device, rows: list[SamplingRow],
@@ -197,7 +210,9 @@ class Sampler:
             return argmax
         greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
         temps = self._column([r.params.temperature if not r.params.greedy else 1.0 for r in rows], logits)
-        logits = logits / temps
+        # the safe form of logits / T: shifted by the row max first (softmax does not change), every value is <= 0,
+        # so a small T can only push a value to -inf (probability 0), never to +inf or NaN
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps
         logits = self._top_k(logits, [r.params.top_k for r in rows])
         probs = torch.softmax(logits, dim=-1)
         probs = self._top_p_min_p(probs, rows)

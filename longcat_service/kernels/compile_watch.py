@@ -15,17 +15,36 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _seen: dict[str, int] = {}  # kernel repr -> times compiled after the warm-up (several devices: one each)
 _installed = False
+_warming_up = 0  # engines in their start-up warm-up now: their builds are the warm-up's, not a request's
+
+
+@contextmanager
+def warming_up() -> Iterator[None]:
+    """Builds inside are not reported: a second engine in a process whose watch is installed already (tests,
+    benchmarks, an fp32 and a bf16 engine) warms up without its warm-up being logged as request-time builds."""
+    global _warming_up
+    with _lock:
+        _warming_up += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _warming_up -= 1
 
 
 def record_compile(repr_text: str) -> None:
-    """Count one compile of a kernel specialization and log it the first time."""
+    """Count one compile of a kernel specialization and log it the first time (not during a warm-up)."""
     with _lock:
+        if _warming_up:
+            return
         first = repr_text not in _seen
         _seen[repr_text] = _seen.get(repr_text, 0) + 1
     if first:

@@ -1,5 +1,8 @@
 """`longcat-serve`: the gRPC server. SIGTERM/SIGINT drain: health NOT_SERVING, new calls UNAVAILABLE,
-in-flight calls finish within --drain-grace-s, then exit 0."""
+in-flight calls finish within --drain-grace-s, then exit 0.
+
+Before anything is bound or loaded, the model directory, its config.json and the ports are checked
+(server/preflight.py): a problem is one line on stderr and a non-zero exit. Exit codes: see EXIT_CODES."""
 
 from __future__ import annotations
 
@@ -11,50 +14,81 @@ import logging
 import signal
 import sys
 
-from longcat_service.server.app import LongCatServer, ServerConfig, TlsConfig
-from longcat_service.server.servicer import ServerOptions
+# Only the standard library at module level: `longcat-serve` installs its quiet signal handlers (main) before
+# torch and grpc are imported, so a signal during those seconds of imports exits 0 without a traceback.
 
 logger = logging.getLogger("longcat_service.server")
 
+EXIT_CODES = """exit codes:
+  0  stopped by SIGTERM/SIGINT (after draining; or before serving, also while still importing)
+  1  the engine failed while starting or serving
+  2  bad command line: a flag's value, the --model directory or its config.json
+  3  a tensor-parallel rank was lost
+  4  --port, --metrics-port or --http-port is already in use"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; a flag whose default the engine decides (None here) says it in its help."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longcat-serve", description="LongCat-Flash gRPC inference server")
+    from longcat_service.server.servicer import ServerOptions  # imports torch: called after main() set its handlers
+
+    p = argparse.ArgumentParser(prog="longcat-serve", description="LongCat-Flash gRPC inference server",
+                                epilog=EXIT_CODES, formatter_class=_HelpFormatter)
     g = p.add_argument_group("network")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at startup)")
-    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics HTTP port (off if unset)")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free port (printed at startup)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics HTTP port (default: no metrics endpoint)")
     g = p.add_argument_group("OpenAI-compatible HTTP API (same process, loop and engine as gRPC)")
     g.add_argument("--http-host", default=None, help="default: --host")
     g.add_argument("--http-port", type=int, default=None,
                    help="default 8000 (0 with --port 0); 0 picks a free port (printed at startup)")
     g.add_argument("--no-http", action="store_true", help="serve gRPC only")
     g.add_argument("--reasoning-parser", choices=["longcat"], default=None,
-                   help="longcat: <longcat_think>...</longcat_think> output -> reasoning_content")
+                   help="longcat: <longcat_think>...</longcat_think> output -> reasoning_content (default: none)")
     g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    g.add_argument("--model", default=None, help="checkpoint directory: config.json, model.safetensors[.index.json], "
+                                                 "tokenizer.json (default: the embedded demo model)")
     g.add_argument("--load-format", default="auto", help="auto | dummy (random weights of the config's shape)")
-    g.add_argument("--dtype", default=None)
     g.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: quantize an unquantized checkpoint to block FP8 as it loads (an FP8 checkpoint needs "
-                        "no flag: its config.json says so)")
-    g.add_argument("--device", default=None)
-    g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+                        "no flag: its config.json says so; default: none)")
+    g.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the checkpoint's dtype on "
+                                                 "CUDA, bfloat16 if it names none; float32 on CPU)")
+    g.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available, else cpu)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most sequences in one step (default: 256)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length, prompt + output (default: the model's max_position_embeddings, "
+                        "capped to the KV cache)")
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV-cache blocks (default: from --kv-cache-memory-bytes or --gpu-memory-utilization)")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV-cache size in bytes (default: --gpu-memory-utilization on CUDA, 128 MiB on CPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="share of the free GPU memory for the KV cache when no size is given")
-    g.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (chunked prefill)")
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
-    g.add_argument("--seed", type=int, default=None, help="seed for requests without their own")
-    g.add_argument("--step-timeout-s", type=float, default=None, help="a step longer than this turns health NOT_SERVING")
+                   help="share of the free GPU memory for the KV cache when no size is given (default: 0.9)")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block (default: 16)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step; longer prompts are prefilled in chunks (default: 8192 on CUDA, "
+                        "2048 on CPU)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="do not reuse the KV cache of shared prompt prefixes (default: reuse)")
+    g.add_argument("--seed", type=int, default=None, help="seed for requests without their own (default: 0)")
+    g.add_argument("--step-timeout-s", type=float, default=None,
+                   help="a step longer than this turns health NOT_SERVING (default: 120)")
     g.add_argument("--no-overlap", dest="overlap_steps", action="store_false", default=None,
-                   help="run each step's host work before launching the next (debugging)")
+                   help="run each step's host work before launching the next (debugging; default: overlap)")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
-                   help="read each decode step's tokens back before launching the next one")
-    g.add_argument("--tensor-parallel-size", type=int, default=1)
+                   help="read each decode step's tokens back before launching the next one (default: async)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
     g.add_argument("--enable-expert-parallel", action="store_true", default=None,
                    help="split the routed experts as whole experts over the tensor-parallel ranks (default: off)")
     g.add_argument("--collect-expert-load", action="store_true", default=None,
@@ -66,26 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine step loop in its own process (the event loop keeps its GIL) or a thread; "
                         "auto: process, thread under torchrun")
     g.add_argument("--hf-overrides", type=hf_overrides_json, default=None, metavar="JSON",
-                   help='config.json keys to replace, e.g. \'{"num_layers": 2}\'')
+                   help='config.json keys to replace, e.g. \'{"num_layers": 2}\' (default: none)')
     g = p.add_argument_group("security")
-    g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
-    g.add_argument("--tls-key", default=None)
-    g.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
-    g.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable)")
-    g.add_argument("--api-key-file", default=None, help="file with one accepted key per line")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain; enables TLS with --tls-key "
+                                                    "(default: plaintext)")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (default: none)")
+    g.add_argument("--tls-client-ca", default=None,
+                   help="require client certificates signed by this CA, mutual TLS (default: no client certificates)")
+    g.add_argument("--api-key", action="append", default=[],
+                   help="accepted key, sent as 'authorization: Bearer KEY'; repeatable (default: no keys, open)")
+    g.add_argument("--api-key-file", default=None, help="file with one accepted key per line (default: none)")
     g = p.add_argument_group("limits")
     d = ServerOptions()
-    g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests)
-    g.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens)
-    g.add_argument("--stream-buffer-size", type=int, default=d.stream_buffer_size, help="responses per stream")
-    g.add_argument("--slow-reader-timeout-s", type=float, default=d.slow_reader_timeout_s)
+    g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests admitted but not yet running; more are RESOURCE_EXHAUSTED with retry-after-ms")
+    g.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                   help="prompt tokens admitted but not yet running; more are RESOURCE_EXHAUSTED")
+    g.add_argument("--stream-buffer-size", type=int, default=d.stream_buffer_size,
+                   help="responses buffered per stream for a slow reader")
+    g.add_argument("--slow-reader-timeout-s", type=float, default=d.slow_reader_timeout_s,
+                   help="a client that reads nothing for this long is dropped (UNAVAILABLE) and its request aborted")
     g.add_argument("--drain-grace-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, and in-flight requests get "
                         "this many seconds to finish; streams still running then end with UNAVAILABLE ('server "
                         "shut down', output sent so far stays delivered) and the server stops within about 1 s "
                         "more (then the Python process exits) (default: %(default)s)")
     g = p.add_argument_group("logging")
-    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     g.add_argument("--log-prompts", action="store_true", help="log prompt and output text (off: counts only)")
     return p
 
@@ -105,8 +146,7 @@ def engine_args_from(args: argparse.Namespace):
 
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     wanted = {
-        "model": args.model, "dtype": args.dtype, "device": args.device, "load_format": args.load_format,
-        "quantization": args.quantization,
+        "model": args.model, "dtype": args.dtype, "quantization": args.quantization, "device": args.device, "load_format": args.load_format,
         "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
         "num_kv_blocks": args.num_kv_blocks, "tensor_parallel_size": args.tensor_parallel_size,
         "hf_overrides": args.hf_overrides, "engine_mode": args.engine_mode,
@@ -115,29 +155,42 @@ def engine_args_from(args: argparse.Namespace):
         "enable_prefix_caching": args.enable_prefix_caching, "seed": args.seed,
         "step_timeout_s": args.step_timeout_s, "overlap_steps": args.overlap_steps,
         "async_scheduling": args.async_scheduling,
-        "collect_expert_load": args.collect_expert_load, "enable_expert_parallel": args.enable_expert_parallel, "expert_placement": args.expert_placement,
+        "collect_expert_load": args.collect_expert_load, "enable_expert_parallel": args.enable_expert_parallel,
+        "expert_placement": args.expert_placement,
     }
     if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
         raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")
     return EngineArgs(**{k: v for k, v in wanted.items() if k in known and v is not None})
 
 
-def server_config_from(args: argparse.Namespace) -> ServerConfig:
+def server_config_from(args: argparse.Namespace):
+    """ServerConfig from the flags; StartupError (one line, exit 2) for TLS / key flags that do not fit or files
+    that cannot be read."""
+    from longcat_service.server.app import ServerConfig, TlsConfig
+    from longcat_service.server.preflight import StartupError
+    from longcat_service.server.servicer import ServerOptions
+
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
+        raise StartupError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
-        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+        raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
     keys = list(args.api_key)
     if args.api_key_file:
-        with open(args.api_key_file) as f:
-            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        try:
+            with open(args.api_key_file) as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise StartupError(f"--api-key-file {args.api_key_file}: {e.strerror}") from None
     options = ServerOptions(
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         stream_buffer_size=args.stream_buffer_size, slow_reader_timeout_s=args.slow_reader_timeout_s,
         log_prompts=args.log_prompts, model_name=args.served_model_name or str(args.model or "longcat-demo"),
         tensor_parallel_size=args.tensor_parallel_size,
     )
-    tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    try:
+        tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    except OSError as e:
+        raise StartupError(f"--tls-*: {e.filename}: {e.strerror}") from None
     return ServerConfig(host=args.host, port=args.port, options=options, api_keys=keys, tls=tls,
                         metrics_port=args.metrics_port, http_port=http_port_from(args), http_host=args.http_host,
                         reasoning_parser=args.reasoning_parser)
@@ -152,10 +205,11 @@ def http_port_from(args: argparse.Namespace) -> int | None:
     return 0 if args.port == 0 else 8000
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, config=None) -> int:
     from longcat_service.engine.async_engine import AsyncEngine
+    from longcat_service.server.app import LongCatServer
 
-    config = server_config_from(args)
+    config = config if config is not None else server_config_from(args)
     if args.model is None:
         from longcat_service.demo import DEMO_NOTICE
 
@@ -176,7 +230,13 @@ async def serve(args: argparse.Namespace) -> int:
         logger.info("stopped before serving")
         return 0
     stopped.cancel()
-    port = starting.result()
+    try:
+        port = starting.result()
+    except Exception as e:  # one line (the engine's own log holds the details); nothing left running
+        print(f"longcat-serve: could not start: {_one_line(e)}", file=sys.stderr, flush=True)
+        await server.stop()
+        return 4 if _address_in_use(e) else 1
+    logger.info("serving %s", server.engine.description)
     print(f"longcat-serve listening on {config.host}:{port}", flush=True)  # scripts wait for this line
     if server.metrics_port is not None:
         print(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
@@ -187,6 +247,17 @@ async def serve(args: argparse.Namespace) -> int:
     finished = await server.drain_and_stop(args.drain_grace_s)
     logger.info("stopped (%s)", "all requests finished" if finished else "grace period expired")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _address_in_use(error: BaseException) -> bool:
+    import errno
+
+    return (getattr(error, "errno", None) == errno.EADDRINUSE
+            or (isinstance(error, RuntimeError) and "Failed to bind" in str(error)))
 
 
 def _exit_quietly(signum, frame):
@@ -217,19 +288,30 @@ def _main(argv: list[str] | None) -> int:
     if job is not None:
         args.tensor_parallel_size = job.world_size
     from longcat_service.engine.errors import EngineArgsError
+    from longcat_service.server import preflight
 
-    try:  # a bad engine flag is a usage error naming the option, not a traceback
-        engine_args_from(args)
-    except EngineArgsError as e:
-        reason = str(e).removeprefix(f"{e.field}: ")
-        raise SystemExit(f"longcat-serve: --{e.field.replace('_', '-')}: {reason}") from None
+    try:  # bad flags, model directory, config or ports: one line naming the problem, before any bind or load
+        preflight.check_model_dir(args.model, args.load_format, args.hf_overrides)
+        try:
+            engine_args_from(args)
+        except EngineArgsError as e:
+            reason = str(e).removeprefix(f"{e.field}: ")
+            raise preflight.StartupError(f"--{e.field.replace('_', '-')}: {reason}") from None
+        if job is None or job.rank == 0:
+            config = server_config_from(args)
+            preflight.check_port_free(args.host, args.port, "--port")
+            preflight.check_port_free(args.host, args.metrics_port, "--metrics-port")
+            preflight.check_port_free(args.http_host or args.host, http_port_from(args), "--http-port")
+    except preflight.StartupError as e:
+        print(f"longcat-serve: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     if job is not None and job.rank != 0:
         from longcat_service.engine.tp_worker import run_worker
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a follower rank keeps Python's defaults: it dies with the job
         signal.signal(signal.SIGINT, signal.default_int_handler)
         return run_worker(engine_args_from(args), args.model, job)
-    return asyncio.run(serve(args))
+    return asyncio.run(serve(args, config))
 
 
 if __name__ == "__main__":
