@@ -113,11 +113,16 @@ SWITCHES: tuple[Switch, ...] = (
            "narrow experts (I <= 512: TP shards), for wide ones v3 (tensor cores) from 32 tokens and v1 below (each "
            "the fastest there on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "v1", "v2", "v3")),
+    Switch("LONGCAT_REQUIRE_EXTENSION", "bool", False, "testing",
+           "tests: a missing compiled extension fails the extension tests instead of skipping them (.ci/run sets it)",
+           _flag),
     # --- build (setup.py reads these itself: the package is not importable before it is built) --------------------
     Switch("LONGCAT_BUILD_CUDA", "bool", None, "build",
            "build the CUDA kernels (unset: when a CUDA toolkit and a CUDA build of torch are present)", _flag),
     Switch("LONGCAT_CUDA_ARCHS", "str", "90a", "build", "CUDA architectures to build for, e.g. '90a;80'"),
     Switch("LONGCAT_VERBOSE_BUILD", "bool", False, "build", "verbose CMake build output", _flag),
+    Switch("LONGCAT_BUILD_EXT", "bool", True, "build",
+           "0: install pure Python on purpose (no C++/CUDA extension; the reference ops run)", _flag),
     # --- deployment (deploy/grpc_health_check.py reads it itself: the image runs it as a standalone script) ---------
     Switch("LONGCAT_GRPC_PORT", "int", 50051, "deploy",
            "the port `longcat-healthcheck` probes (deploy/Dockerfile sets it)", _nonneg_int),

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from longcat_service.config import ModelConfig  # noqa: E402
 from longcat_service.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
-from longcat_service.kernels.mla_prep import mla_prep, mla_prep_reference  # noqa: E402
+from longcat_service.kernels.mla_prep import mla_prep  # noqa: E402
 from longcat_service.kernels.rmsnorm import (  # noqa: E402
     rms_norm,
     rms_norm_reference,
@@ -27,6 +27,7 @@ from longcat_service.kernels.rmsnorm import (  # noqa: E402
 from longcat_service.layers import fast_decode as fast_decode_mod  # noqa: E402
 from longcat_service.layers import layernorm as layernorm_mod  # noqa: E402
 from longcat_service.layers.attention_metadata import AttentionMetadata  # noqa: E402
+from longcat_service.layers.rotary import apply_rope  # noqa: E402  (the model's RoPE is mla_prep's spec)
 from longcat_service.model.kv_cache import allocate_kv_caches  # noqa: E402
 from longcat_service.model.loader import load_model  # noqa: E402
 from tests.tiny_config import TINY_CONFIG  # noqa: E402
@@ -35,6 +36,34 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # relative; the interpreter truncates at each of up to 3 bf16 roundings, a GPU rounds to nearest
 BF16_TOL = 2e-3 if ON_GPU else 3 * 2**-7
 
+
+
+def mla_prep_reference(
+    q: torch.Tensor,
+    kv_a: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    q_scale: float,
+    kv_scale: float,
+    slot_mapping: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rope_dim: int,
+) -> torch.Tensor:
+    """q [N, h, dn+dr], kv_a [N, r+dr] (kv_a_proj_with_mqa output) -> scaled, rotated q; writes kv_cache."""
+    q = q * q_scale
+    q_nope, q_rope = q.split([q.shape[-1] - rope_dim, rope_dim], dim=-1)
+    rank = kv_a.shape[-1] - rope_dim
+    latent, k_rope = kv_a.split([rank, rope_dim], dim=-1)
+    lf = latent.float()
+    latent = norm_weight * (lf * torch.rsqrt(lf.pow(2).mean(-1, keepdim=True) + eps)).to(latent.dtype)
+    latent = latent * kv_scale
+    q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
+    entry = torch.cat((latent, apply_rope(k_rope, cos, sin)), dim=-1).to(kv_cache.dtype)
+    keep = slot_mapping >= 0
+    kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep]] = entry[keep]
+    return q
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()

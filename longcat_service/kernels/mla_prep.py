@@ -13,36 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from longcat_service.layers.rotary import apply_rope  # the model's RoPE is this kernel's spec
-
-
-def mla_prep_reference(
-    q: torch.Tensor,
-    kv_a: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    q_scale: float,
-    kv_scale: float,
-    slot_mapping: torch.Tensor,
-    kv_cache: torch.Tensor,
-    rope_dim: int,
-) -> torch.Tensor:
-    """q [N, h, dn+dr], kv_a [N, r+dr] (kv_a_proj_with_mqa output) -> scaled, rotated q; writes kv_cache."""
-    q = q * q_scale
-    q_nope, q_rope = q.split([q.shape[-1] - rope_dim, rope_dim], dim=-1)
-    rank = kv_a.shape[-1] - rope_dim
-    latent, k_rope = kv_a.split([rank, rope_dim], dim=-1)
-    lf = latent.float()
-    latent = norm_weight * (lf * torch.rsqrt(lf.pow(2).mean(-1, keepdim=True) + eps)).to(latent.dtype)
-    latent = latent * kv_scale
-    q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
-    entry = torch.cat((latent, apply_rope(k_rope, cos, sin)), dim=-1).to(kv_cache.dtype)
-    keep = slot_mapping >= 0
-    kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep]] = entry[keep]
-    return q
-
 
 def mla_prep(
     q: torch.Tensor,
