@@ -1,7 +1,8 @@
 """Decode / prefill benchmark of LongCat-Flash-2L (the real config, 2 layers, dummy weights) against its
 memory-bandwidth floor and transformers.
 
-    python benchmarks/bench_decode.py                       # H200: ours (graphs + eager), floors, transformers
+    python benchmarks/bench_decode.py                       # H200: ours (graphs + eager), floors, defaults column,
+                                                            # transformers
     python benchmarks/bench_decode.py --device cpu --tiny   # smoke test of the same code on a tiny config
     python benchmarks/bench_decode.py --public-api-defaults # LLM.generate with every engine default (what a user gets)
 
@@ -9,6 +10,9 @@ Ours runs through engine.ModelRunner.execute (CUDA-graph replay for decode, samp
 the transformers baseline runs in a child process after our model is freed (two 2-layer full-width models do
 not fit together). The floor of a decode step is the bytes it must read (the experts its router actually
 hit, attention, dense MLPs, router, lm_head, KV cache) over the device-to-device copy bandwidth measured here.
+Ours runs with the engine settings it prints (those that differ from the defaults); the defaults column times
+LLM.generate with every setting at its default (public_api.py). The floors: decode_driver.decode_floor_bytes and
+prefill_flops (unit-tested in tests/test_bench_floors.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported as a package
-from decode_driver import FULL_2L, TINY, Driver, RouterProbe, param_bytes, profile_decode  # noqa: E402
+from decode_driver import (  # noqa: E402  (re-exported: tests import the floors from here)
+    FULL_2L,
+    TINY,
+    Driver,
+    RouterProbe,
+    decode_floor_bytes,
+    param_bytes,
+    prefill_flops,
+    profile_decode,
+)
 from harness import (  # noqa: E402
     ROOT,
     commit,
@@ -38,10 +51,12 @@ from harness import (  # noqa: E402
     ints,
     measure_ceilings,
     median_time,
+    non_default_settings,
     profile_step,
     sync,
 )
 from hf_baseline import run_hf_child  # noqa: E402
+from public_api import bench_public_api_defaults, default_llm, defaults_decode_ms  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,7 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--eager-steps", type=int, default=6, help="eager decode steps per batch (0 = skip)")
     p.add_argument("--prefill-len", type=int, default=4096)
     p.add_argument("--hf-batches", default="1,64", help="transformers baseline batches ('' = skip)")
-    p.add_argument("--hf-steps", type=int, default=8)
+    p.add_argument("--hf-steps", type=int, default=10, help="timed transformers decode steps (after the warm-up)")
+    p.add_argument("--hf-warmup", type=int, default=3, help="untimed transformers decode steps first")
+    p.add_argument("--defaults-batches", default="1,64",
+                   help="also time these batches with every engine setting at its default, through LLM.generate: "
+                        "(t(new tokens) - t(1)) / (new tokens - 1) ('' = skip)")
     p.add_argument("--profile-batches", default="1,64", help="torch.profiler tables for these batches")
     p.add_argument("--profile-prefill", action="store_true", help="torch.profiler table of one prefill")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
@@ -87,6 +106,9 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
                                 max_num_batched_tokens=16384)
     engine = LLMEngine(eargs)
     runner = engine.runner
+    settings = non_default_settings(eargs)
+    print("engine settings that differ from the defaults: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+          flush=True)
     print(f"model ready in {time.perf_counter() - t0:.1f}s; graphs: {runner.graph_runner is not None}", flush=True)
     model, drv = runner.model, Driver(runner, 16)
     with torch.no_grad():
@@ -95,10 +117,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         for layer in model.model.layers:
             layer.mlp.router.e_score_correction_bias.zero_()
     pb = param_bytes(model)
-    entry_bytes = raw["kv_lora_rank"] + raw["qk_rope_head_dim"]
-    n_sub = 2 * raw["num_layers"]
     gen = torch.Generator().manual_seed(0)
-    res: dict = {"decode": {}, "prefill": None}
+    res: dict = {"decode": {}, "prefill": None, "non_default_settings": settings}
     profile_set = set(ints(args.profile_batches))
 
     # prefill first, in the fresh process: one prompt of prefill_len tokens, one chunk (3 timed runs)
@@ -146,12 +166,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
                              f"prefill of {args.prefill_len} tokens", rows=60)
         print(f"--- prefill {args.prefill_len}: top kernels ---\n{table}", flush=True)
         drv.release([seq])
-    s, c = args.prefill_len, raw
-    expert_params = 3 * c["hidden_size"] * c["expert_ffn_hidden_size"]
-    dense_params = pb["dense_params"]
-    attn = n_sub * 2 * c["num_attention_heads"] * (s * s / 2) * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-                                                                  + c["v_head_dim"])
-    flops = 2 * dense_params * s + 2 * expert_params * sum(probe_slots) + attn + 2 * c["vocab_size"] * c["hidden_size"]
+    s = args.prefill_len
+    flops = prefill_flops(pb, raw, s, sum(probe_slots))
     t = statistics.median(times)
     res["prefill"] = {"tokens": s, "seconds": t, "tokens_per_s": s / t, "tflops": flops / t / 1e12,
                       "share_of_matmul": flops / t / ceil_flops, "gpu_timeline": prefill_gpu,
@@ -182,7 +198,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         # floor: bytes of this step (KV read at the median step's length)
         kv_tokens = sum(s.num_tokens for s in seqs) - bsz * (len(step_times) // 2)
         hit = statistics.median(sum(d) for d in distinct) if distinct else float("nan")
-        floor_bytes = pb["dense"] + hit * pb["per_expert"] + kv_tokens * entry_bytes * 2 * n_sub
+        floor_bytes = decode_floor_bytes(pb, hit, kv_tokens, raw)
         floor_ms = floor_bytes / ceil_bw * 1e3
         step_ms = statistics.median(timed) * 1e3
         drv.release(seqs)
@@ -204,7 +220,8 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
 
 
 # ---- report -------------------------------------------------------------------------------------------
-def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: torch.device) -> str:
+def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: torch.device,
+           defaults: dict[int, float] | None = None) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [
         f"## {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {gpu} | commit {commit()} | torch {torch.__version__}",
@@ -213,78 +230,30 @@ def report(args, ours: dict, hf: dict | None, bw: float, flops: float, device: t
         f" ({'tiny config' if args.tiny else 'LongCat-Flash-2L'}, dummy bf16 weights, prompt {args.prompt_len},"
         f" {args.new_tokens} new tokens, ignore_eos).",
         f"Measured ceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s.",
+        "Engine settings of the tuned run that differ from the defaults: "
+        + (", ".join(f"{k}={v}" for k, v in ours.get("non_default_settings", {}).items()) or "none") + ".",
+        "Defaults column: every engine setting at its default, through LLM.generate: (t(n tokens) - t(1)) / (n - 1)"
+        + (f", n = {args.new_tokens}." if defaults else " (not run)."),
+        f"transformers: median of {args.hf_steps} decode steps after {args.hf_warmup} warm-up steps." if hf else
+        "transformers: not run.",
         "",
-        "| batch | ours ms/step (engine) | runner execute ms | graph replay ms | eager ms | floor ms | ours/floor "
-        "| experts hit/layer | transformers ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | ours ms/step (engine) | defaults ms/step (LLM) | runner execute ms | graph replay ms | eager ms "
+        "| floor ms | ours/floor | experts hit/layer | transformers ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     for bsz, r in ours["decode"].items():
         hf_ms = (hf or {}).get("decode", {}).get(str(bsz)) or (hf or {}).get("decode", {}).get(bsz)
-        lines.append(f"| {bsz} | {fmt(r.get('engine_ms'))} | {r['step_ms']:.2f} | {fmt(r['gpu_replay_ms'])} | {fmt(r['eager_ms'])} | "
+        lines.append(f"| {bsz} | {fmt(r.get('engine_ms'))} | {fmt((defaults or {}).get(bsz))} | {r['step_ms']:.2f} | {fmt(r['gpu_replay_ms'])} | {fmt(r['eager_ms'])} | "
                      f"{r['floor_ms']:.2f} | {r['ratio']:.2f} | {fmt(r['experts_hit_per_layer'], '{}')} | {fmt(hf_ms)} |")
+    for bsz in sorted(set(defaults or {}) - set(ours["decode"])):  # --defaults-batches outside --batches
+        lines.append(f"| {bsz} | - | {defaults[bsz]:.2f} | - | - | - | - | - | - | - |")
     p = ours["prefill"]
     lines += ["", f"Prefill {p['tokens']} tokens: {p['tokens_per_s']:.0f} tokens/s, {p['tflops']:.0f} TFLOP/s = "
                   f"{100 * p['share_of_matmul']:.0f}% of the measured bf16 matmul rate."]
     if hf:
         lines.append(f"transformers {hf['transformers']} (its own LongcatFlashForCausalLM, bf16, random weights).")
     return "\n".join(lines) + "\n"
-
-
-def bench_public_api_defaults(args, raw: dict, device: torch.device) -> dict:
-    """LLM.generate as a user calls it: no engine setting given (the step budget, cache size, graphs and warm-up
-    are the defaults for the device). Times a prefill_len-token prompt (max_tokens=1) and a decode of new_tokens."""
-    from longcat_service.llm import LLM
-    from longcat_service.sampling_params import SamplingParams
-
-    if args.tiny:
-        model = Path(tempfile.mkdtemp(prefix="lc_tiny_"))
-        (model / "config.json").write_text(json.dumps(dict(raw, model_type="longcat_flash")))
-    else:
-        model = ROOT / "benchmarks" / "configs" / "longcat-flash-2l"
-    t0 = time.perf_counter()
-    llm = LLM(model=str(model), load_format="dummy", dtype="bfloat16", device=str(device))
-    ready_s = time.perf_counter() - t0
-    with torch.no_grad():  # as bench_ours: zero correction bias, so that tokens spread over the experts
-        for layer in llm.engine.runner.model.model.layers:
-            layer.mlp.router.e_score_correction_bias.zero_()
-    engine, steps = llm.engine, [0]
-    real_step = engine.step
-
-    def counted_step():
-        steps[0] += 1
-        return real_step()
-
-    engine.step = counted_step
-    gen = torch.Generator().manual_seed(0)
-
-    def timed(prompt_len: int, params: SamplingParams) -> tuple[float, int]:
-        prompt = torch.randint(3, raw["vocab_size"], (prompt_len,), generator=gen).tolist()
-        steps[0] = 0
-        sync(device)
-        t = time.perf_counter()
-        llm.generate([prompt], params)
-        sync(device)
-        return time.perf_counter() - t, steps[0]
-
-    prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    decode = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-    timed(args.prefill_len, prefill)  # the first call after start-up (still timed below on fresh prompts)
-    prefill_runs = [timed(args.prefill_len, prefill) for _ in range(5)]
-    decode_runs = [timed(args.prompt_len, decode) for _ in range(3)]
-    res = {
-        "model": str(model), "device": str(device), "ready_s": ready_s,
-        "max_num_batched_tokens": engine.args.max_num_batched_tokens,
-        "prefill_tokens": args.prefill_len,
-        "prefill_chunks": -(-args.prefill_len // engine.args.max_num_batched_tokens),
-        "prefill_engine_step_calls": prefill_runs[0][1],  # chunks, plus the call that collects the last one
-        "prefill_ms": statistics.median(t for t, _ in prefill_runs) * 1e3,
-        "prefill_all_ms": [t * 1e3 for t, _ in prefill_runs],
-        "decode_prompt_tokens": args.prompt_len, "decode_new_tokens": args.new_tokens,
-        "decode_ms_per_token": statistics.median(t for t, _ in decode_runs) * 1e3 / args.new_tokens,
-    }
-    print(f"public API defaults: {json.dumps(res)}", flush=True)
-    return res
 
 
 def main(argv=None) -> None:
@@ -306,11 +275,19 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         print(f"GPU memory still allocated before transformers: {torch.cuda.memory_allocated() / 1e9:.2f} GB")
-    hf = (run_hf_child(args.device, args.hf_batches, args.prompt_len, args.hf_steps, args.tiny)
+    defaults = None
+    if ints(args.defaults_batches):
+        llm = default_llm(raw, device, args.tiny)[0]
+        defaults = defaults_decode_ms(llm, raw, ints(args.defaults_batches), args.prompt_len, args.new_tokens, device)
+        del llm
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    hf = (run_hf_child(args.device, args.hf_batches, args.prompt_len, args.hf_steps, args.tiny, args.hf_warmup)
           if args.hf_batches else None)
-    text = report(args, ours, hf, bw, flops, device)
-    (out_dir / "bench_decode.json").write_text(json.dumps({"ours": ours, "hf": hf, "copy_Bps": bw,
-                                                            "matmul_flops": flops}, indent=1))
+    text = report(args, ours, hf, bw, flops, device, defaults)
+    (out_dir / "bench_decode.json").write_text(json.dumps({"ours": ours, "defaults": defaults, "hf": hf,
+                                                            "copy_Bps": bw, "matmul_flops": flops}, indent=1))
     with open(args.results_md, "a") as fh:
         fh.write("\n" + text)
     print("\n" + text, flush=True)

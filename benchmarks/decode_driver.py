@@ -1,5 +1,5 @@
 """LongCat-Flash-2L for the decode benchmarks: its config, a driver that feeds ModelRunner.execute the way the
-scheduler does, a probe of the experts each router hits, and the bytes a decode step must read."""
+scheduler does, a probe of the experts each router hits, and the floors (bytes of a decode step, FLOPs of a prefill)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,25 @@ def param_bytes(model) -> dict[str, int]:
         if scale is not None:
             per_expert += scale[0].numel() * scale.element_size()
     return {"dense": dense, "per_expert": per_expert, "dense_params": dense_params}
+
+
+def decode_floor_bytes(pb: dict[str, int], experts_hit: float, kv_tokens: int, raw: dict) -> float:
+    """Bytes one decode step must read: the routing-independent weights (param_bytes' dense), each expert hit once,
+    and the bf16 MLA cache entry ([kv_lora_rank | rope dims]) of every cached token in each of the 2 attention
+    sublayers per layer."""
+    entry_bytes = (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * 2
+    return pb["dense"] + experts_hit * pb["per_expert"] + kv_tokens * entry_bytes * 2 * raw["num_layers"]
+
+
+def prefill_flops(pb: dict[str, int], raw: dict, tokens: int, expert_rows: int) -> float:
+    """Matmul FLOPs of one causal prefill of `tokens`: every dense parameter (param_bytes' dense_params) per token,
+    3 expert matrices per routed row, causal attention (QK^T and PV over the causal half) in the 2 sublayers per
+    layer, and the lm_head for the last token only."""
+    c = raw
+    expert_params = 3 * c["hidden_size"] * c["expert_ffn_hidden_size"]
+    attn = 2 * c["num_layers"] * 2 * c["num_attention_heads"] * (tokens * tokens / 2) * (
+        c["qk_nope_head_dim"] + c["qk_rope_head_dim"] + c["v_head_dim"])
+    return 2 * pb["dense_params"] * tokens + 2 * expert_params * expert_rows + attn + 2 * c["vocab_size"] * c["hidden_size"]
 
 
 def profile_decode(drv: Driver, runner, prompts, cap: int, bsz: int, path: Path, device) -> None:

@@ -60,11 +60,12 @@ if [[ -n ${SERVE_NEW_ENV:-} ]]; then
 fi
 # DECODE_NEW_ENV="VAR=value": a second decode run (no baseline, no profiles) as the summary's "new" column
 if [[ -n ${DECODE_NEW_ENV:-} ]]; then
-  step decode_new 90 $DECODE_NEW_ENV $PY benchmarks/bench_decode.py --batches 1,16,64 --hf-batches= --eager-steps 0 \
-    --new-tokens 48 --profile-batches= --prefill-len 512 --out-dir "$L/decode_new" --results-md "$L/decode_new.md"
+  step decode_new 90 $DECODE_NEW_ENV $PY benchmarks/bench_decode.py --batches 1,16,64 --hf-batches= --defaults-batches= \
+    --eager-steps 0 --new-tokens 48 --profile-batches= --prefill-len 512 --out-dir "$L/decode_new" --results-md "$L/decode_new.md"
 fi
-# The default decode run carries the transformers baseline (batch 1 and 64) in the same process tree.
-step decode_default 170 $PY benchmarks/bench_decode.py --hf-batches 1,64 --eager-steps 2 --new-tokens 48 \
+# The default decode run carries the transformers baseline and the defaults column (LLM.generate with every engine
+# setting at its default; batch 1 and 64) in the same process tree; the other decode runs skip both.
+step decode_default 200 $PY benchmarks/bench_decode.py --hf-batches 1,64 --eager-steps 2 --new-tokens 48 \
   --profile-batches 1,64 --profile-prefill --out-dir "$L/decode_default" --results-md "$L/decode_default.md"
 # The prefill pieces against the code they replaced (fused SwiGLU, row gather, grouped expert FFN without the
 # zeroing pass, bf16x3 router GEMM at 256..4096 tokens), with bit-identity and routing checks.
@@ -74,7 +75,7 @@ step prefill_ops 60 $PY benchmarks/bench_prefill_ops.py --out "$L/prefill_ops.js
 for variant in ${DECODE_VARIANTS-moe_inline:LONGCAT_MOE_OVERLAP_MAX_TOKENS=0}; do
   name=${variant%%:*}
   envs=${variant#*:}
-  step decode_$name 60 ${envs//+/ } $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --eager-steps 0 \
+  step decode_$name 60 ${envs//+/ } $PY benchmarks/bench_decode.py --batches 1,64 --hf-batches= --defaults-batches= --eager-steps 0 \
     --new-tokens 32 --profile-batches= --prefill-len 512 --out-dir "$L/decode_$name" --results-md "$L/decode_$name.md"
 done
 # The prefill without Triton (eager S x S attention, torch._grouped_mm experts) against the default in
@@ -82,7 +83,7 @@ done
 for variant in ${PREFILL_VARIANTS-no_triton:LONGCAT_DISABLE_TRITON=1}; do
   name=${variant%%:*}
   envs=${variant#*:}
-  step prefill_$name 70 ${envs//,/ } $PY benchmarks/bench_decode.py --batches 1 --hf-batches= \
+  step prefill_$name 70 ${envs//,/ } $PY benchmarks/bench_decode.py --batches 1 --hf-batches= --defaults-batches= \
     --eager-steps 0 --new-tokens 8 --profile-batches= --profile-prefill --out-dir "$L/prefill_$name" \
     --results-md "$L/prefill_$name.md"
 done

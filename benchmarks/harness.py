@@ -45,6 +45,19 @@ def commit() -> str:
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+def non_default_settings(eargs) -> dict:
+    """The engine settings of a tuned run that differ from what a user of LLM / longcat-serve gets by default
+    (model, dtype, device and load format are the workload, not settings)."""
+    import dataclasses
+
+    from longcat_service.engine.engine_args import EngineArgs
+
+    workload = {"model", "dtype", "device", "load_format"}
+    defaults = EngineArgs(device=eargs.device)  # some defaults depend on the device (max_num_batched_tokens)
+    return {f.name: getattr(eargs, f.name) for f in dataclasses.fields(eargs)
+            if f.name not in workload and getattr(eargs, f.name) != getattr(defaults, f.name)}
+
+
 def run_child(argv: list[str], marker: str, timeout_s: float | None = None, echo: bool = False) -> dict:
     """python <argv> in a fresh process (so the caller holds no device memory): the JSON of its last stdout line
     that starts with `marker`. RuntimeError with the output's tail when there is none. echo: print the tail of the

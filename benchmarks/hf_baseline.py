@@ -2,7 +2,7 @@
 random weights) on the same config, run in a child process after our model is freed (two 2-layer full-width
 models do not fit together).
 
-    python benchmarks/hf_baseline.py --device cuda --batches 1,64 --prompt-len 512 --steps 8 [--tiny]
+    python benchmarks/hf_baseline.py --device cuda --batches 1,64 --prompt-len 512 --warmup 3 --steps 10 [--tiny]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from harness import ints, run_child, sync
 MARKER = "HF_JSON "
 
 
-def hf_decode_ms(raw: dict, device: torch.device, batches: list[int], prompt_len: int, steps: int) -> dict:
+def hf_decode_ms(raw: dict, device: torch.device, batches: list[int], prompt_len: int, steps: int,
+                 warmup: int = 3) -> dict:
+    """ms per decode step at each batch: the median of `steps` timed steps after `warmup` untimed ones."""
     import transformers
     from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
 
@@ -52,23 +54,24 @@ def hf_decode_ms(raw: dict, device: torch.device, batches: list[int], prompt_len
             o = model(input_ids=ids, use_cache=True)
             cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1)
             times = []
-            for _ in range(steps):
+            for step in range(warmup + steps):
                 sync(device)
                 t0 = time.perf_counter()
                 o = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
                 nxt = o.logits[:, -1].argmax(-1)
                 nxt.tolist()
-                times.append(time.perf_counter() - t0)
-        out["decode"][bsz] = statistics.median(times[1:] if len(times) > 2 else times) * 1e3
+                if step >= warmup:
+                    times.append(time.perf_counter() - t0)
+        out["decode"][bsz] = statistics.median(times) * 1e3
         print(f"transformers batch {bsz}: {out['decode'][bsz]:.2f} ms/step", flush=True)
         del o, cache
     return out
 
 
-def run_hf_child(device: str, batches: str, prompt_len: int, steps: int, tiny: bool) -> dict | None:
+def run_hf_child(device: str, batches: str, prompt_len: int, steps: int, tiny: bool, warmup: int = 3) -> dict | None:
     """hf_decode_ms in a child process; None (and its error printed) when it fails."""
     argv = [__file__, "--device", device, "--batches", batches, "--prompt-len", str(prompt_len),
-            "--steps", str(steps)] + (["--tiny"] if tiny else [])
+            "--steps", str(steps), "--warmup", str(warmup)] + (["--tiny"] if tiny else [])
     try:
         return run_child(argv, MARKER, echo=True)
     except RuntimeError as exc:
@@ -81,10 +84,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed decode steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args(argv)
-    res = hf_decode_ms(TINY if a.tiny else FULL_2L, torch.device(a.device), ints(a.batches), a.prompt_len, a.steps)
+    res = hf_decode_ms(TINY if a.tiny else FULL_2L, torch.device(a.device), ints(a.batches), a.prompt_len, a.steps, a.warmup)
     print(MARKER + json.dumps(res), flush=True)
 
 

@@ -75,3 +75,16 @@ def test_moe_floor_is_the_slower_of_reading_and_computing():
     assert floor_us == pytest.approx(61440)  # 1 byte/us and 1 FLOP/us: compute-bound
     _, _, floor_us = moe_floor(4, 10, inter, copy_tbps=1e-6, mm_tflops=1.0, hidden=hidden)
     assert floor_us == pytest.approx(24576)  # bandwidth-bound: 24576 bytes at 1 byte/us
+
+
+def test_non_default_settings_lists_only_what_differs_from_the_device_defaults():
+    from benchmarks.bench_decode import non_default_settings
+    from longcat_service.engine.engine_args import EngineArgs
+
+    tuned = EngineArgs(model="m", dtype="bfloat16", device="cpu", load_format="dummy", enable_prefix_caching=False,
+                       max_num_batched_tokens=16384, num_kv_blocks=100, max_num_seqs=256)
+    # the workload (model, dtype, device, load format) and max_num_seqs at its default 256 are not listed
+    assert non_default_settings(tuned) == {"enable_prefix_caching": False, "max_num_batched_tokens": 16384,
+                                           "num_kv_blocks": 100}
+    # a setting given at its default value is not listed
+    assert non_default_settings(EngineArgs(device="cpu", max_num_batched_tokens=2048)) == {}
