@@ -78,7 +78,9 @@ def per_token_group_quant(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Te
     xf = x.float()
     padded = F.pad(xf.abs(), (0, g * group - k))
     amax = padded.reshape(m, g, group).amax(dim=-1).clamp(min=1e-10)
-    x_scale = amax / FP8_MAX
+    # tensor / tensor: IEEE division on every device (CUDA divides by a Python scalar as a multiply by its
+    # reciprocal, which rounds differently from the kernels' correctly rounded division)
+    x_scale = amax / torch.full_like(amax, FP8_MAX)
     full = x_scale.repeat_interleave(group, dim=-1)[:, :k]
     x8 = (xf / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x8, x_scale
