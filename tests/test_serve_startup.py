@@ -74,7 +74,9 @@ def test_a_model_directory_without_weights_is_one_line_unless_dummy(tmp_path):
 def test_a_port_in_use_is_one_line_naming_it_and_exit_4(flag):
     with _listening_socket() as busy:
         port = busy.getsockname()[1]
-        argv = ["--port", str(port)] if flag == "--port" else ["--port", "0", "--metrics-port", str(port)]
+        # --http-port 0: the default HTTP port 8000 may be busy on a shared machine and would be named first
+        argv = (["--port", str(port), "--http-port", "0"] if flag == "--port"
+                else ["--port", "0", "--metrics-port", str(port)])
         proc = _serve(*argv)
     assert proc.returncode == 4, proc.stderr
     lines = _stderr_lines(proc)

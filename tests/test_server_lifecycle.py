@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def serve_process():
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # one intra-op thread: with torch's default two on a busy 2-core machine the tiny model decodes ~20x slower and
+    # the 200-token drain below can outlast the grace
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "longcat_service.server.cli", "--port", "0", "--metrics-port", "0",
          "--device", "cpu", "--drain-grace-s", "30", "--log-level", "WARNING"],

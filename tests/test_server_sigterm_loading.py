@@ -63,7 +63,7 @@ def test_sigterm_during_model_loading_exits_zero(tmp_path, mode, load_s, max_exi
     port = _free_port()
     env = dict(os.environ, SLOW_LOAD_S=str(load_s))
     proc = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--device", "cpu", "--engine-mode", mode,
+        [sys.executable, str(script), "--port", str(port), "--http-port", "0", "--device", "cpu", "--engine-mode", mode,
          "--log-level", "INFO"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     try:
         lines = []
