@@ -7,6 +7,8 @@
   enorm = 1, mtp.norm = the target's final norm weight then returns norm(rmsnorm(embed(tok_{t+1}))): the
   target's hidden state at the next position (RMSNorm is scale-invariant, up to its eps), so its draft is the
   target's own next token (acceptance ~1).
+- "partial": "exact" with an own model.mtp.embed_tokens whose odd-id rows are random: drafts that follow an
+  odd token are wrong, so acceptance varies from step to step and from sequence to sequence in one batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from longcat_service.model.dummy_weights import hf_shape
 from longcat_service.model.longcat_flash import LongcatFlashForCausalLM
 from tests.hf_tiny import build_hf_model, save_hf_model
 
-MTP_MODES = ("random", "exact")
+MTP_MODES = ("random", "exact", "partial")
 
 
 def mtp_keys(config: ModelConfig) -> list[str]:
@@ -49,14 +51,17 @@ def write_mtp_checkpoint(out_dir: Path, mode: str = "random", seed: int = 0, wit
             tensors[key] = 1 + 0.2 * torch.randn(shape, generator=gen)
         else:
             tensors[key] = 0.08 * torch.randn(shape, generator=gen)
-    if mode == "exact":
+    if mode in ("exact", "partial"):
         for key in list(tensors):
             if key.endswith(("o_proj.weight", "down_proj.weight")):
                 tensors[key] = torch.zeros_like(tensors[key])
         tensors["model.mtp.layers.0.eh_proj.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
         tensors["model.mtp.layers.0.enorm.m.weight"] = torch.ones(h)
         tensors["model.mtp.norm.weight"] = tensors["model.norm.weight"].clone()
-    if with_embed:
+    if with_embed or mode == "partial":
         tensors["model.mtp.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    if mode == "partial":
+        embed = tensors["model.mtp.embed_tokens.weight"]
+        embed[1::2] = 0.08 * torch.randn(embed[1::2].shape, generator=gen)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
     return out_dir
