@@ -1,0 +1,196 @@
+"""MTP speculative decoding in the engine: greedy tokens and logprobs equal MTP off (k = 1, 2, 3; drafts never,
+always and sometimes accepted, in one batch too), every request option, stops and lengths inside an accepted
+run, abort, preemption, prefix caching, n > 1, seeds, and the sampled distribution (chi-square)."""
+
+from __future__ import annotations
+
+import pytest
+
+from longcat_service.sampling_params import SamplingParams
+from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
+from tests.mtp_checkpoint import write_mtp_checkpoint
+
+PROMPTS = [
+    [5, 17, 100, 31, 9, 77, 31, 45, 12, 40, 23],
+    [101, 102],
+    [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+    [60, 61, 62, 63, 64, 65, 66],
+]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec")
+    return {mode: write_mtp_checkpoint(root / mode, mode, seed=1) for mode in ("random", "exact", "partial")}
+
+
+@pytest.fixture(scope="module")
+def off_partial_30(ckpts):
+    off, _ = run(ckpts["partial"], None, {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)})
+    return off
+
+
+@pytest.fixture(scope="module")
+def off_greedy(ckpts):
+    """MTP-off outputs of the parametrized greedy test, per model."""
+    requests = {f"r{i}": (p, greedy(18)) for i, p in enumerate(PROMPTS)}
+    return {mode: run(path, None, requests)[0] for mode, path in ckpts.items()}
+
+
+def spec(k: int) -> dict:
+    return {"method": "mtp", "num_speculative_tokens": k}
+
+
+def greedy(max_tokens: int = 16, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2, **kw)
+
+
+def run(path, k: int | None, requests: dict, **engine_kw):
+    engine = make_engine(model=path, speculative_config=spec(k) if k else None, **engine_kw)
+    final, _ = run_to_completion(engine, requests)
+    assert_all_blocks_free(engine)
+    return final, engine
+
+
+def assert_same(off: dict, on: dict) -> None:
+    assert off.keys() == on.keys()
+    for rid in off:
+        for a, b in zip(off[rid].outputs, on[rid].outputs, strict=True):
+            assert a.token_ids == b.token_ids, rid
+            assert a.finish_reason == b.finish_reason and a.stop_reason == b.stop_reason, rid
+            assert (a.logprobs is None) == (b.logprobs is None)
+            for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
+                assert x.token_id == y.token_id
+                assert abs(x.logprob - y.logprob) < 1e-4
+                assert x.top.keys() == y.top.keys()
+
+
+def accepted(final: dict) -> float:
+    drafts = sum(o.metrics.num_draft_tokens for o in final.values())
+    return sum(o.metrics.num_accepted_tokens for o in final.values()) / drafts
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["random", "exact", "partial"])
+def test_greedy_tokens_and_logprobs_equal_mtp_off(ckpts, off_greedy, mode, k):
+    requests = {f"r{i}": (p, greedy(18)) for i, p in enumerate(PROMPTS)}
+    on, _ = run(ckpts[mode], k, requests)
+    assert_same(off_greedy[mode], on)
+    rate = accepted(on)
+    if mode == "random":
+        assert rate < 0.2
+    elif mode == "exact":
+        assert rate == 1.0
+        assert all(o.metrics.spec_mean_accepted_length > k for o in on.values())
+    else:  # some drafts accepted, some not: both paths ran in the same batches
+        assert 0.1 < rate < 0.9
+
+
+def test_sampling_options_greedy_equal_mtp_off(ckpts):
+    """Penalties (counting accepted drafts), logit_bias, min_tokens with a stop id, on a model whose drafts are
+    often right: the draft distribution and the verification both apply them."""
+    p = ckpts["partial"]
+    requests = {
+        "pen": (PROMPTS[0], greedy(20, repetition_penalty=1.5, frequency_penalty=0.7, presence_penalty=0.4)),
+        "bias": (PROMPTS[1], greedy(20, logit_bias={7: 3.0, 9: -50.0})),
+        "min": (PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=20, min_tokens=12, stop_token_ids=[5, 6, 7],
+                                           logprobs=0)),
+        "plain": (PROMPTS[3], greedy(20)),
+    }
+    off, _ = run(p, None, requests)
+    for k in (1, 3):
+        on, _ = run(p, k, requests)
+        assert_same(off, on)
+
+
+def test_stop_id_and_max_tokens_inside_an_accepted_run(ckpts):
+    p = ckpts["exact"]
+    base = {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)}
+    off, _ = run(p, None, base)
+    requests = {}
+    for i, prompt in enumerate(PROMPTS):  # stop on the 6th token, a length limit of 5 (inside a k=3 run)
+        stop = off[f"r{i}"].outputs[0].token_ids[5]
+        requests[f"s{i}"] = (prompt, greedy(30, stop_token_ids=[stop]))
+        requests[f"m{i}"] = (prompt, greedy(5))
+    off, _ = run(p, None, requests)
+    on, engine = run(p, 3, requests)
+    assert_same(off, on)
+    assert all(len(on[f"m{i}"].outputs[0].token_ids) == 5 for i in range(len(PROMPTS)))
+    assert any(on[f"s{i}"].outputs[0].finish_reason == "stop" for i in range(len(PROMPTS)))
+
+
+def test_abort_mid_run_frees_every_block(ckpts, off_partial_30):
+    p = ckpts["partial"]
+    requests = {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)}
+    off = off_partial_30
+    engine = make_engine(model=p, speculative_config=spec(2))
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    final = {}
+    for step in range(200):
+        if step == 3:
+            assert engine.abort_request("r1")
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        if not engine.has_unfinished_requests():
+            break
+    assert final["r1"].outputs[0].finish_reason == "abort"
+    assert final["r1"].outputs[0].token_ids == off["r1"].outputs[0].token_ids[: len(final["r1"].outputs[0].token_ids)]
+    assert_same({r: off[r] for r in final if r != "r1"}, {r: final[r] for r in final if r != "r1"})
+    assert_all_blocks_free(engine)
+
+
+def test_preemption_and_small_budget_equal_mtp_off(ckpts, off_partial_30):
+    p = ckpts["partial"]
+    requests = {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)}
+    engine = make_engine(model=p, speculative_config=spec(3), num_kv_blocks=16, max_model_len=64)
+    preempt = engine.scheduler._preempt
+    count = []
+    engine.scheduler._preempt = lambda seq: (count.append(seq), preempt(seq))
+    on, _ = run_to_completion(engine, requests)
+    assert count  # the small cache did preempt
+    assert_all_blocks_free(engine)
+    assert_same(off_partial_30, on)
+    on, _ = run(p, 2, requests, max_num_batched_tokens=5)  # drafts cut to the token budget, chunked prompts
+    assert_same(off_partial_30, on)
+
+
+def test_prefix_cache_hit_and_n_samples_equal_mtp_off(ckpts):
+    p = ckpts["partial"]
+    shared = list(range(20, 38))
+    first = {"a": (shared + [3], greedy(12))}
+    second = {"b": (shared + [4, 5], greedy(12)), "c": (shared[:9], SamplingParams(
+        n=3, temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1))}
+    results = []
+    for k in (None, 2):
+        engine = make_engine(model=p, speculative_config=spec(k) if k else None)
+        out1, _ = run_to_completion(engine, first)
+        out2, _ = run_to_completion(engine, second)
+        assert out2["b"].num_cached_tokens > 0
+        assert_all_blocks_free(engine)
+        results.append({**out1, **out2})
+    assert_same(results[0], results[1])
+
+
+def test_seeded_sampling_is_deterministic_and_batch_independent(ckpts):
+    p = ckpts["partial"]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, ignore_eos=True, seed=1234, n=2)
+    alone, _ = run(p, 2, {"x": (PROMPTS[0], params)})
+    crowd = {"x": (PROMPTS[0], params)}
+    crowd.update({f"o{i}": (pr, SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True))
+                  for i, pr in enumerate(PROMPTS)})
+    batched, _ = run(p, 2, crowd)
+    assert [c.token_ids for c in alone["x"].outputs] == [c.token_ids for c in batched["x"].outputs]
+    other, _ = run(p, 2, {"x": (PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16,
+                                                           ignore_eos=True, seed=99, n=2))})
+    assert [c.token_ids for c in alone["x"].outputs] != [c.token_ids for c in other["x"].outputs]
+
+
+def test_request_metrics_report_acceptance(ckpts):
+    on, _ = run(ckpts["exact"], 2, {"r": (PROMPTS[0], greedy(13))})
+    m = on["r"].metrics
+    assert m.num_draft_tokens > 0 and m.num_accepted_tokens == m.num_draft_tokens
+    assert m.spec_acceptance_rate == 1.0 and m.spec_mean_accepted_length == 3.0
+    off, _ = run(ckpts["exact"], None, {"r": (PROMPTS[0], greedy(13))})
+    assert off["r"].metrics.spec_acceptance_rate is None and off["r"].metrics.num_draft_tokens == 0
