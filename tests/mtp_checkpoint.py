@@ -33,8 +33,10 @@ def mtp_keys(config: ModelConfig) -> list[str]:
     return [k for k in model.checkpoint_targets() if k.startswith("model.mtp.")]
 
 
-def write_mtp_checkpoint(out_dir: Path, mode: str = "random", seed: int = 0, with_embed: bool = False) -> Path:
-    """A tiny checkpoint directory (config.json + model.safetensors) holding model.mtp.* too."""
+def write_mtp_checkpoint(out_dir: Path, mode: str = "random", seed: int = 0, with_embed: bool = False,
+                         lm_head_scale: float = 1.0) -> Path:
+    """A tiny checkpoint directory (config.json + model.safetensors) holding model.mtp.* too. lm_head_scale:
+    sharper next-token distributions (statistical tests)."""
     if mode not in MTP_MODES:
         raise ValueError(mode)
     name = "base" if mode == "random" else "nozero_top1"
@@ -58,6 +60,7 @@ def write_mtp_checkpoint(out_dir: Path, mode: str = "random", seed: int = 0, wit
         tensors["model.mtp.layers.0.eh_proj.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
         tensors["model.mtp.layers.0.enorm.m.weight"] = torch.ones(h)
         tensors["model.mtp.norm.weight"] = tensors["model.norm.weight"].clone()
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * lm_head_scale
     if with_embed or mode == "partial":
         tensors["model.mtp.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     if mode == "partial":

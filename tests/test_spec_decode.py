@@ -5,6 +5,7 @@ run, abort, preemption, prefix caching, n > 1, seeds, and the sampled distributi
 from __future__ import annotations
 
 import pytest
+import torch
 
 from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
@@ -16,6 +17,15 @@ PROMPTS = [
     [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
     [60, 61, 62, 63, 64, 65, 66],
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: torch's intra-op thread pool costs more than it saves (ms per softmax on a loaded CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
