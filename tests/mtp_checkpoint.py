@@ -7,8 +7,11 @@
   enorm = 1, mtp.norm = the target's final norm weight then returns norm(rmsnorm(embed(tok_{t+1}))): the
   target's hidden state at the next position (RMSNorm is scale-invariant, up to its eps), so its draft is the
   target's own next token (acceptance ~1).
-- "partial": "exact" with an own model.mtp.embed_tokens whose odd-id rows are random: drafts that follow an
-  odd token are wrong, so acceptance varies from step to step and from sequence to sequence in one batch.
+- "partial": "exact" with an own model.mtp.embed_tokens whose odd-id rows carry added noise: the draft after an
+  odd token comes from a related but different distribution, so acceptance varies from step to step and from
+  sequence to sequence in one batch.
+- "noisy": the same noise on every row: every draft distribution overlaps the target's without equalling it, so
+  sampled requests see accepts and rejections at every position (statistical tests of the residual draw).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from longcat_service.model.dummy_weights import hf_shape
 from longcat_service.model.longcat_flash import LongcatFlashForCausalLM
 from tests.hf_tiny import build_hf_model, save_hf_model
 
-MTP_MODES = ("random", "exact", "partial")
+MTP_MODES = ("random", "exact", "partial", "noisy")
 
 
 def mtp_keys(config: ModelConfig) -> list[str]:
@@ -53,7 +56,7 @@ def write_mtp_checkpoint(out_dir: Path, mode: str = "random", seed: int = 0, wit
             tensors[key] = 1 + 0.2 * torch.randn(shape, generator=gen)
         else:
             tensors[key] = 0.08 * torch.randn(shape, generator=gen)
-    if mode in ("exact", "partial"):
+    if mode in ("exact", "partial", "noisy"):
         for key in list(tensors):
             if key.endswith(("o_proj.weight", "down_proj.weight")):
                 tensors[key] = torch.zeros_like(tensors[key])
@@ -61,10 +64,11 @@ def write_mtp_checkpoint(out_dir: Path, mode: str = "random", seed: int = 0, wit
         tensors["model.mtp.layers.0.enorm.m.weight"] = torch.ones(h)
         tensors["model.mtp.norm.weight"] = tensors["model.norm.weight"].clone()
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * lm_head_scale
-    if with_embed or mode == "partial":
+    if with_embed or mode in ("partial", "noisy"):
         tensors["model.mtp.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-    if mode == "partial":
+    if mode in ("partial", "noisy"):
         embed = tensors["model.mtp.embed_tokens.weight"]
-        embed[1::2] = 0.08 * torch.randn(embed[1::2].shape, generator=gen)
+        rows = slice(1, None, 2) if mode == "partial" else slice(None)
+        embed[rows] += 0.08 * torch.randn(embed[rows].shape, generator=gen)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
     return out_dir
