@@ -166,3 +166,42 @@ def test_speculative_config_accepts_the_vllm_alias_and_json():
     with pytest.raises(EngineArgsError) as e:
         EngineArgs(speculative_config={"method": "mtp"}, tensor_parallel_size=2)
     assert e.value.field == "speculative_config"
+
+
+def test_serve_flag_and_grpc_usage_carry_speculation(capsys):
+    from longcat_service.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from longcat_service.server import convert
+    from longcat_service.server.cli import build_parser, engine_args_from
+
+    args = engine_args_from(build_parser().parse_args(
+        ["--speculative-config", '{"method": "longcat_flash_mtp", "num_speculative_tokens": 3}']))
+    assert (args.speculative_config.method, args.speculative_config.num_speculative_tokens) == ("mtp", 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 9}'])
+    assert "speculative_config.num_speculative_tokens" in capsys.readouterr().err
+
+    out = CompletionOutput(index=0, token_ids=[1, 2, 3], text="", logprobs=None, finish_reason="length")
+    metrics = RequestMetrics(num_spec_steps=2, num_draft_tokens=4, num_accepted_tokens=3,
+                             spec_acceptance_rate=0.75, spec_mean_accepted_length=2.5)
+    resp = convert.complete_response("r", RequestOutput("r", [7], [out], True, metrics=metrics), out)
+    u = resp.complete.usage
+    assert (u.draft_tokens, u.accepted_draft_tokens, u.acceptance_rate, u.mean_accepted_length) == (4, 3, 0.75, 2.5)
+    from longcat_service.client.types import chunk_from_proto
+
+    usage = chunk_from_proto(resp).usage  # the client (and longcat-client --json) reads them back
+    assert (usage.draft_tokens, usage.accepted_draft_tokens, usage.acceptance_rate) == (4, 3, 0.75)
+    assert usage.mean_accepted_length == 2.5
+
+
+def test_prometheus_speculation_metrics():
+    from longcat_service.outputs import RequestMetrics
+    from longcat_service.server.metrics import ServerMetrics
+
+    m = ServerMetrics(engine=None, admission=None)
+    m.record_speculation(RequestMetrics())  # no drafts: nothing recorded
+    m.record_speculation(RequestMetrics(num_spec_steps=2, num_draft_tokens=4, num_accepted_tokens=3,
+                                        spec_acceptance_rate=0.75, spec_mean_accepted_length=2.5))
+    get = m.registry.get_sample_value
+    assert get("longcat_spec_draft_tokens_total") == 4 and get("longcat_spec_accepted_tokens_total") == 3
+    assert get("longcat_spec_acceptance_rate_count") == 1 and get("longcat_spec_acceptance_rate_sum") == 0.75
+    assert get("longcat_spec_mean_accepted_length_sum") == 2.5
