@@ -127,19 +127,24 @@ def part1(args, device: torch.device) -> dict:
         for b in batches:
             seqs = prefilled(engine, b, args.prompt_len, engine.vocab_size)
             batch = step_batch(engine, seqs)
+
+            def one_step(r=runner, bt=batch):
+                r.execute(bt)
+
             if k is None:
                 if runner.graph_runner is not None:
-                    res["plain_graph_ms"][b] = median_ms(lambda: runner.execute(batch), device, args.reps)
+                    res["plain_graph_ms"][b] = median_ms(one_step, device, args.reps)
                 graphs, runner.graph_runner = runner.graph_runner, None
-                res["plain_eager_ms"][b] = median_ms(lambda: runner.execute(batch), device, args.reps)
+                res["plain_eager_ms"][b] = median_ms(one_step, device, args.reps)
                 runner.graph_runner = graphs
             else:
                 assert all(len(s.draft_token_ids) == k for s in batch), "drafts missing"
-                res["spec_ms"].setdefault(k, {})[b] = median_ms(lambda: runner.execute(batch), device, args.reps)
+                res["spec_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
             for g in list(engine.scheduler.groups):
                 engine.abort_request(g)
             engine.step()
-        del engine, runner
+        del engine
+        runner = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
