@@ -204,3 +204,29 @@ def test_request_metrics_report_acceptance(ckpts):
     assert m.spec_acceptance_rate == 1.0 and m.spec_mean_accepted_length == 3.0
     off, _ = run(ckpts["exact"], None, {"r": (PROMPTS[0], greedy(13))})
     assert off["r"].metrics.spec_acceptance_rate is None and off["r"].metrics.num_draft_tokens == 0
+
+
+def test_stop_string_inside_an_accepted_run(ckpts, tmp_path):
+    """A stop string completed by a token in the middle of an accepted run: text cut, later tokens dropped."""
+    import shutil
+
+    from longcat_service.demo_model import ensure_demo_model
+
+    path = tmp_path / "with_tokenizer"
+    shutil.copytree(ckpts["exact"], path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a byte-level vocabulary covering ids < 128
+        shutil.copy(ensure_demo_model() / name, path / name)
+    base = {f"r{i}": (prompt, greedy(24, skip_special_tokens=False)) for i, prompt in enumerate(PROMPTS)}
+    off, _ = run(path, None, base)
+    requests = {}
+    for i, prompt in enumerate(PROMPTS):
+        text = off[f"r{i}"].outputs[0].text
+        if len(text) >= 8:
+            requests[f"s{i}"] = (prompt, greedy(24, stop=[text[5:7]], skip_special_tokens=False))
+    assert requests
+    off, _ = run(path, None, requests)
+    on, _ = run(path, 3, requests)
+    assert_same(off, on)
+    for rid in requests:
+        assert on[rid].outputs[0].text == off[rid].outputs[0].text
+        assert on[rid].outputs[0].finish_reason == "stop"
