@@ -176,8 +176,14 @@ def test_prefix_cache_hit_and_n_samples_equal_mtp_off(ckpts):
     for k in (None, 2):
         engine = make_engine(model=p, speculative_config=spec(k) if k else None)
         out1, _ = run_to_completion(engine, first)
+        cached = sorted(engine.block_manager.cached.values())
+        before = [c[cached].clone() for c in engine.runner.kv_caches]
         out2, _ = run_to_completion(engine, second)
         assert out2["b"].num_cached_tokens > 0
+        # the recomputed last cached token (MTP needs its hidden state) never rewrites the shared block
+        assert all(torch.equal(b, c[cached]) for b, c in zip(before, engine.runner.kv_caches, strict=True))
+        if k:  # ... its entry went to the scratch block past the pool (bitwise-equal values on CPU hide a rewrite)
+            assert engine.runner.kv_caches[0][engine.runner.num_blocks].abs().sum() > 0
         assert_all_blocks_free(engine)
         results.append({**out1, **out2})
     assert_same(results[0], results[1])

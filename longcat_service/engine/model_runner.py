@@ -88,6 +88,8 @@ class ModelRunner:
         # there until the engine knows the sequence goes on (LLMEngine._launch_chained); never in the engine's pool
         self.num_scratch_blocks = args.max_num_seqs if (self.supports_chained_decode and args.async_scheduling
                                                         and args.overlap_steps and self.spec_config is None) else 0
+        if self.spec_config is not None:  # one block past the pool: where a recomputed shared token's entry goes
+            self.num_scratch_blocks = 1
         self.num_mtp_cache_layers = 0 if self.spec_config is None else 1
         self.num_blocks = self._decide_num_blocks()
         from longcat_service.model.kv_cache import allocate_kv_caches

@@ -158,8 +158,10 @@ class Scheduler:
             # prompt logprobs need every prompt position computed, so such requests skip the prefix cache
             cached = [] if seq.params.prompt_logprobs is not None else bm.find_cached_blocks(seq)
             num_computed = len(cached) * bm.block_size
+            seq.shared_recompute_pos = None
             if self.num_speculative_tokens and num_computed:
                 num_computed -= 1  # recompute the last cached token: the MTP block needs its hidden state
+                seq.shared_recompute_pos = num_computed
             num_new = min(seq.num_tokens - num_computed, budget)
             need = self._tokens_to_allocate(seq, num_computed + num_new)
             if not bm.can_allocate(seq, need, cached):
@@ -212,5 +214,6 @@ class Scheduler:
                     self.block_manager.fork(seq, child)
                     if self.num_speculative_tokens and child.num_computed_tokens:
                         child.num_computed_tokens -= 1  # the MTP block needs the last shared token's hidden
+                        child.shared_recompute_pos = child.num_computed_tokens
                     child.status = SequenceStatus.RUNNING
                     self.running.append(child)

@@ -40,6 +40,7 @@ class Sequence:
         self.num_preemptions = 0
         # speculative decoding: the drafts for the next step, and this sample's totals so far
         self.draft_token_ids: list[int] = []
+        self.shared_recompute_pos: int | None = None  # a shared (cached / forked) token recomputed for the MTP
         self.num_spec_steps = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0

@@ -14,6 +14,9 @@ A step for each scheduled sequence:
    drafts for the next step: the first from the MTP output at the last known position, the others by running
    the MTP block again on its own draft token and output hidden state.
 
+A prefix-cache hit or an n > 1 fork recomputes the last shared token (the MTP block needs its hidden state); its
+target cache entry is written to a scratch slot, so a block other sequences share is never rewritten.
+
 Randomness: a request with a seed draws every uniform and every noise vector from its own generator, in an
 order fixed by its own state, so its output does not depend on the batch. Rejected drafts need no cache
 rollback: their target and MTP cache slots lie past the sequence's computed tokens and are overwritten before
@@ -58,6 +61,9 @@ class SpecDecoder:
             starts.append(starts[-1] + s.num_new_tokens)
         metadata = AttentionMetadata.build([s.num_new_tokens for s in batch], [s.end_pos for s in batch],
                                            [s.block_table for s in batch], r.block_size, r.device)
+        shared = [starts[i] for i, s in enumerate(batch) if s.seq.shared_recompute_pos == s.start_pos]
+        if shared:  # the recomputed last token of a prefix-cache hit / fork: its (equal) entry stays as cached
+            metadata.slot_mapping[torch.tensor(shared, device=r.device)] = r.num_blocks * r.block_size
         ids_t = torch.tensor(ids, dtype=torch.long, device=r.device)
         hidden = r.model(ids_t, torch.tensor(positions, dtype=torch.long, device=r.device), metadata, r.kv_caches)
         handle = StepHandle(len(batch), [])
