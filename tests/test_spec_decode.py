@@ -236,3 +236,21 @@ def test_stop_string_inside_an_accepted_run(ckpts, tmp_path):
     for rid in requests:
         assert on[rid].outputs[0].text == off[rid].outputs[0].text
         assert on[rid].outputs[0].finish_reason == "stop"
+
+
+def test_sampled_logprobs_are_the_targets_for_every_emitted_token(ckpts):
+    """Accepted drafts, corrections and bonus tokens alike carry the target's raw logprob (and top-n) at their
+    position, as a full recompute of the final sequence gives them."""
+    from tests.engine_utils import full_forward_logits
+
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=14, ignore_eos=True, seed=3, logprobs=3, n=2)
+    on, engine = run(ckpts["partial"], 3, {"r": (PROMPTS[0], params), "s": (PROMPTS[2], params)})
+    assert 0 < accepted(on) < 1
+    for rid, prompt in (("r", PROMPTS[0]), ("s", PROMPTS[2])):
+        for out in on[rid].outputs:
+            ref = torch.log_softmax(full_forward_logits(engine.runner.model, prompt + out.token_ids), dim=-1)
+            for j, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+                row = ref[len(prompt) - 1 + j]
+                assert lp.token_id == tok and abs(lp.logprob - float(row[tok])) < 1e-4
+                top = row.topk(3)
+                assert set(top.indices.tolist()) <= set(lp.top)
