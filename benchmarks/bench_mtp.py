@@ -1,7 +1,7 @@
 """MTP speculative decoding on the GPU (issue 17): spec-step cost, acceptance and per-user speed.
 
-    python benchmarks/bench_mtp.py                                   # H200: LongCat-Flash-2L dummy weights
-    python benchmarks/bench_mtp.py --model <ckpt with model.mtp.*>   # + acceptance and tok/s per user, on vs off
+    python benchmarks/bench_mtp.py                                   # H200: 2L dummy weights + the demo model
+    python benchmarks/bench_mtp.py --model <ckpt with model.mtp.*>   # part 2 on another checkpoint ('none': skip)
     python benchmarks/bench_mtp.py --device cpu --tiny               # CPU smoke test of the same code
 
 Part 1 (benchmarks/configs/longcat-flash-2l, dummy weights, MTP weights dummy too): one engine per setting,
@@ -11,7 +11,7 @@ graph replay where available, and eager), and a spec step for k = 1..3 (target v
 sequence + MTP drafting for the next step; eager: no CUDA graph for spec steps yet). Dummy MTP drafts are
 nearly never accepted; the projected per-user speed-up for an acceptance rate a is
 E[tokens per step] / (spec step / plain step), E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
-Part 2 (--model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy and
+Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy and
 temperature 1: acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
 Results: JSON under $OUT (or benchmarks/out) and a markdown table on stdout.
 """
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--ks", default="1,2,3")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--model", default=None, help="a checkpoint with MTP weights (e.g. the demo model): part 2")
+    p.add_argument("--model", default="demo", help="part 2's checkpoint with MTP weights: 'demo' (default) is the "
+                   "packaged trained demo model, 'none' skips part 2")
     p.add_argument("--batch", type=int, default=16, help="part 2: the larger batch")
     p.add_argument("--new-tokens", type=int, default=128, help="part 2: output tokens per request")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
@@ -225,7 +226,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     p1 = part1(args, device)
-    p2 = part2(args, device) if args.model else None
+    if args.model == "demo":
+        from longcat_service.demo import DEMO_CHECKPOINT_DIR
+
+        args.model = str(DEMO_CHECKPOINT_DIR)
+    p2 = part2(args, device) if args.model and args.model != "none" else None
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_mtp.json").write_text(json.dumps({"part1": p1, "part2": p2}, indent=1, default=str))
