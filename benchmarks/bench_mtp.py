@@ -174,8 +174,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
 def part2(args, device: torch.device) -> dict:
     from longcat_service.tokenizer import has_tokenizer, load_tokenizer
 
-    texts = ["Write a short story about a cat who learns to fly.", "Explain how a hash map works.",
-             "List ten fruits and their colours.", "What is the capital of France? Answer in one sentence."]
+    # ignore_eos: every request decodes new_tokens (the demo model may end a reply after a word)
+    texts = ["And God said", "Hello, how are you?", "The king of Israel", "What is your name?"]
     res: dict = {}
     for k in (None, *_ints(args.ks)):
         spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
@@ -183,8 +183,9 @@ def part2(args, device: torch.device) -> dict:
                                       speculative_config=spec))
         tok = load_tokenizer(args.model) if has_tokenizer(args.model) else None
         base = [tok.encode(t, add_special_tokens=True) if tok else [5 + i, 17, 31, 9] for i, t in enumerate(texts)]
-        for label, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=args.new_tokens)),
-                              ("t1", SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=0))):
+        for label, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)),
+                              ("t1", SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=0,
+                                                    ignore_eos=True))):
             for b in (1, args.batch):
                 prompts = [base[i % len(base)] for i in range(b)]
                 run_requests(engine, prompts[:1], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
