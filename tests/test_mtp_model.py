@@ -205,3 +205,14 @@ def test_prometheus_speculation_metrics():
     assert get("longcat_spec_draft_tokens_total") == 4 and get("longcat_spec_accepted_tokens_total") == 3
     assert get("longcat_spec_acceptance_rate_count") == 1 and get("longcat_spec_acceptance_rate_sum") == 0.75
     assert get("longcat_spec_mean_accepted_length_sum") == 2.5
+
+
+def test_engine_core_process_carries_the_speculation_metrics():
+    """Process mode (the server's default) sends every RequestMetrics field to the server process."""
+    from longcat_service.engine.engine_core_process import encode_output
+    from longcat_service.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    m = RequestMetrics(arrival_time=1.0, num_spec_steps=2, num_draft_tokens=4, num_accepted_tokens=3,
+                       spec_acceptance_rate=0.75, spec_mean_accepted_length=2.5)
+    d = encode_output(RequestOutput("k", [1], [CompletionOutput(index=0, new_token_ids=[7])], metrics=m), set())
+    assert RequestMetrics(*d.metrics) == m
