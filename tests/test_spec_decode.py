@@ -272,3 +272,15 @@ def test_trained_demo_model_mtp_head_drafts_well_and_changes_nothing():
     assert_same(outs[None], outs[1])
     assert_same(outs[None], outs[3])
     assert accepted(outs[1]) > 0.6
+
+
+def test_fp8_target_and_mtp_greedy_equal_mtp_off(ckpts):
+    """quantization='fp8': the MTP block's linears are block-FP8 too; greedy output still equals MTP off."""
+    requests = {f"r{i}": (p, greedy(12)) for i, p in enumerate(PROMPTS)}
+    off, _ = run(ckpts["partial"], None, requests, quantization="fp8")
+    on, engine = run(ckpts["partial"], 2, requests, quantization="fp8")
+    from longcat_service.layers.fp8_linear import Fp8Linear
+
+    assert isinstance(engine.runner.model.mtp.eh_proj, Fp8Linear)
+    assert_same(off, on)
+    assert accepted(on) > 0.1
