@@ -14,9 +14,9 @@ from transformers.models.longcat_flash import modeling_longcat_flash as hf
 from longcat_service.config import QuantConfig
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
+from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.fp8_linear import Fp8Linear
 from longcat_service.layers.weight_utils import CheckpointError
-from longcat_service.model.attention_metadata import AttentionMetadata
 from longcat_service.model.kv_cache import allocate_kv_caches
 from longcat_service.model.loader import load_model
 from longcat_service.model.mtp import build_mtp_plan

@@ -332,6 +332,12 @@ class ModelRunner:
         prompt = seq.token_ids[: seq.num_prompt_tokens] if seq.params.repetition_penalty != 1.0 else []
         return SamplingRow(seq.params, prompt, seq.output_token_ids, gen, num_pending=int(pending))
 
+    def results_with_prompt_logprobs(self, batch, hidden, starts) -> list[SeqStepResult]:
+        """A step's results holding only its prompt logprobs (speculative steps add their tokens)."""
+        handle = StepHandle(len(batch), [])
+        self._launch_prompt_logprobs(batch, hidden, starts, handle)
+        return self.collect(handle)
+
     def _launch_prompt_logprobs(self, batch, hidden, starts, handle: StepHandle) -> None:
         """Raw logprob of each prompt token given its prefix, for requests that asked (enqueued, read in collect)."""
         for i, s in enumerate(batch):

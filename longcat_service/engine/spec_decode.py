@@ -47,8 +47,6 @@ class SpecDecoder:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]):
-        from longcat_service.engine.model_runner import StepHandle
-
         r = self.runner
         ids: list[int] = []
         positions: list[int] = []
@@ -66,9 +64,7 @@ class SpecDecoder:
             metadata.slot_mapping[torch.tensor(shared, device=r.device)] = r.num_blocks * r.block_size
         ids_t = torch.tensor(ids, dtype=torch.long, device=r.device)
         hidden = r.model(ids_t, torch.tensor(positions, dtype=torch.long, device=r.device), metadata, r.kv_caches)
-        handle = StepHandle(len(batch), [])
-        r._launch_prompt_logprobs(batch, hidden, starts, handle)
-        results = r.collect(handle)  # prompt logprobs only
+        results = r.results_with_prompt_logprobs(batch, hidden, starts)
         emitted = self._verify(batch, hidden, starts, results)
         self._draft(batch, hidden, starts, emitted, results)
         return results
