@@ -284,3 +284,21 @@ def test_fp8_target_and_mtp_greedy_equal_mtp_off(ckpts):
     assert isinstance(engine.runner.model.mtp.eh_proj, Fp8Linear)
     assert_same(off, on)
     assert accepted(on) > 0.1
+
+
+def test_non_finite_logits_fail_the_request_and_the_engine_goes_on(ckpts):
+    """As without MTP (the sampler's rule): a request whose logits are not finite fails with an error, its blocks
+    come back, and the next request is served as MTP off serves it."""
+    p = ckpts["partial"]
+    requests = {"ok": (PROMPTS[0], greedy(10))}
+    off, _ = run(p, None, requests)
+    engine = make_engine(model=p, speculative_config=spec(2))
+    model = engine.runner.model
+    model.compute_logits = lambda h: torch.full((h.shape[0], 128), float("nan"))  # instance attribute
+    engine.add_request("bad", [5, 6, 7], greedy(10))
+    bad = [o for _ in range(5) for o in engine.step() if o.finished]
+    assert bad and bad[0].outputs[0].finish_reason == "error" and "not finite" in bad[0].error
+    del model.compute_logits  # the class method again
+    final, _ = run_to_completion(engine, requests)
+    assert_all_blocks_free(engine)
+    assert_same(off, final)

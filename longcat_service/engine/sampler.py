@@ -233,7 +233,8 @@ class Sampler:
     def probabilities(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """fp32 [M, vocab] raw logits -> [M, vocab] the exact distribution launch() draws each row's token from,
         after every sampling option (logit_bias, min_tokens, penalties, temperature, top-k/p, min-p); a greedy
-        row is a point mass at its argmax. Speculative decoding's rejection sampler verifies drafts with it."""
+        row is a point mass at its argmax; a row with non-finite logits is all NaN. Speculative decoding's rejection
+        sampler verifies drafts with it."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"logits has {logits.shape[0]} rows for {len(rows)} sampling rows")
         logits = logits.float()
@@ -241,11 +242,15 @@ class Sampler:
         processed = self._process(logits.clone() if in_place else logits, rows)
         point = torch.zeros_like(processed).scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
         if all(r.params.greedy for r in rows):
-            return point
-        probs = self._sampling_probs(processed, rows)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-        greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
-        return torch.where(greedy[:, None], point, probs)
+            probs = point
+        else:
+            probs = self._sampling_probs(processed, rows)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+            greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
+            probs = torch.where(greedy[:, None], point, probs)
+        # a row whose processed logits are not finite (launch() fails its request) comes back all NaN
+        finite = torch.isfinite(processed.amax(dim=-1))
+        return torch.where(finite[:, None], probs, float("nan"))
 
     @staticmethod
     def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

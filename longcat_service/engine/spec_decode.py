@@ -135,12 +135,17 @@ class SpecDecoder:
                 tv, ti = raw.topk(max_n, dim=-1)
                 top_vals, top_ids = tv.tolist(), ti.tolist()
         accept_l, token_l = accept.tolist(), token.tolist()
+        bad_l = torch.isnan(p[:, 0]).tolist()
         emitted: dict[int, list[int]] = {}
         for i in sampling:
             nd = len(batch[i].draft_token_ids)
             toks, lps = [], []
+            bad = False
             for j in range(nd + 1):
                 row = first_row[i] + j
+                if bad_l[row]:
+                    bad = True
+                    break
                 toks.append(token_l[row])
                 n = ns[row]
                 if n is None:
@@ -152,6 +157,10 @@ class SpecDecoder:
                 if not (j < nd and accept_l[row]):
                     break
             res = results[i]
+            if bad:  # as the plain sampler: this request fails, the batch goes on
+                res.error = ("the model's logits for this request were not finite (NaN or inf, or every token "
+                             "masked); no token was sampled")
+                continue
             res.token_id, res.logprob = toks[0], lps[0]
             res.spec_token_ids, res.spec_logprobs = toks, lps
             res.num_draft_tokens, res.num_accepted_tokens = nd, len(toks) - 1
@@ -182,13 +191,19 @@ class SpecDecoder:
             ext = s.seq.token_ids + emitted.get(i, [])
             known = s.num_new_tokens - len(s.draft_token_ids)
             m_end = s.start_pos + known + (len(emitted[i]) - 1 if i in emitted else 0)
+            if results[i].error is not None:  # a failed request: nothing more to compute
+                m_end = s.start_pos
             next_ids.extend(ext[s.start_pos + 1 : m_end + 1])
             rows.extend(range(starts[i], starts[i] + m_end - s.start_pos))
             m_starts.append(s.start_pos)
             m_ends.append(m_end)
             tables.append(s.block_table)
             extended.append(ext)
-        plan = build_mtp_plan(tables, m_starts, m_ends, bs, dev)
+        live = [i for i in range(len(batch)) if m_ends[i] > m_starts[i]]
+        if not live:
+            return
+        plan = build_mtp_plan([tables[i] for i in live], [m_starts[i] for i in live], [m_ends[i] for i in live],
+                              bs, dev)
         positions = torch.tensor([p for a, b in zip(m_starts, m_ends, strict=True) for p in range(a, b)],
                                  dtype=torch.long, device=dev)
         h = model.mtp_forward(torch.tensor(next_ids, dtype=torch.long, device=dev),
