@@ -38,6 +38,12 @@ class RequestMetrics:
     time_to_first_token_s: float | None = None  # arrival -> first output token
     mean_time_per_output_token_s: float | None = None  # after the first token
     finished_time: float | None = None
+    # speculative decoding (MTP), summed over the request's samples: None / 0 without it
+    num_spec_steps: int = 0  # steps that verified drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    spec_acceptance_rate: float | None = None  # accepted / draft tokens
+    spec_mean_accepted_length: float | None = None  # tokens emitted per spec step (accepted drafts + 1)
 
 
 @dataclass

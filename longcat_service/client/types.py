@@ -19,6 +19,11 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # MTP speculative decoding, for the whole request (0 without it)
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
 
 
 @dataclass
@@ -97,7 +102,9 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
     chunk.finish_reason = pb.FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
     which = done.WhichOneof("matched_stop")
     chunk.stop = getattr(done, which) if which else None
-    chunk.usage = Usage(done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.cached_tokens)
+    u = done.usage
+    chunk.usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.draft_tokens,
+                        u.accepted_draft_tokens, u.acceptance_rate, u.mean_accepted_length)
     chunk.timings = Timings(done.timings.queue_ms, done.timings.time_to_first_token_ms,
                             done.timings.mean_time_per_output_token_ms)
     chunk.error_message = done.error_message

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from longcat_service.engine.errors import EngineArgsError
+from longcat_service.engine.spec_config import SpeculativeConfig
 
 # Token budget of one engine step (chunked prefill) when none is given. CUDA: a 4096-token prompt in one step
 # rather than two: LLM.generate of 4096 tokens on LongCat-Flash-2L on the H200 took 41.8 ms in one chunk against
@@ -60,6 +61,9 @@ class EngineArgs:
     # called with the built LLMEngine wherever it runs (the engine-core process too); must be picklable (a module
     # function or functools.partial of one): benchmarks and tests swap its runner
     engine_hook: Callable | None = None
+    # {"method": "mtp" | "longcat_flash_mtp", "num_speculative_tokens": 1..3} (or its JSON): speculative decoding
+    # with the checkpoint's MTP layer (engine/spec_decode.py); None: off
+    speculative_config: dict | str | SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:
@@ -91,6 +95,10 @@ class EngineArgs:
             raise EngineArgsError("step_timeout_s", f"must be > 0, got {self.step_timeout_s}")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in _DTYPES:
             raise EngineArgsError("dtype", f"unknown dtype {self.dtype!r}; use one of {sorted(_DTYPES)}")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            raise EngineArgsError("speculative_config", "MTP speculative decoding is not supported with "
+                                  "tensor_parallel_size > 1 yet")
         if self.device is not None:
             try:
                 torch.device(self.device)

@@ -89,9 +89,7 @@ def encode_output(out: RequestOutput, prompt_logprobs_sent: set[str]) -> StepDel
         plp = out.prompt_logprobs
     if out.finished:
         prompt_logprobs_sent.discard(out.request_id)
-    m = out.metrics
-    metrics = (m.arrival_time, m.queue_time_s, m.time_to_first_token_s, m.mean_time_per_output_token_s,
-               m.finished_time)
+    metrics = dataclasses.astuple(out.metrics)  # every field (the speculative-decoding counts too)
     return StepDelta(out.request_id, out.finished, out.num_cached_tokens, metrics, out.error, plp, samples)
 
 

@@ -57,7 +57,10 @@ class LLMEngine:
         self.eos_token_id = self.runner.sampler.eos_token_id = eos
         self.max_model_len = self._decide_max_model_len()
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        spec = args.speculative_config
+        self.num_speculative_tokens = spec.num_speculative_tokens if spec is not None else 0
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
+                                   self.num_speculative_tokens, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_id, self.max_model_len)
         self.states: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # final outputs of requests finished between steps (abort)
@@ -176,7 +179,7 @@ class LLMEngine:
             launched = self._launch(sched.scheduled, finalize)
             trace.mark("launch")
             # an execute-only runner has finished the step already: deferring it would only delay its outputs
-            if launched is not None and launched.handle is not None and self.args.overlap_steps:
+            if launched is not None and launched.handle is not None and self._overlap:
                 self._inflight = launched
             elif launched is not None:
                 applied += self._collect(launched, finalize)  # after any in-flight step collected above
@@ -260,9 +263,14 @@ class LLMEngine:
         self.runner.copy_kv_slots(dst, src)
 
     @property
+    def _overlap(self) -> bool:
+        """Speculative steps run to completion in launch (eager, engine/spec_decode.py): nothing to overlap."""
+        return self.args.overlap_steps and not self.num_speculative_tokens
+
+    @property
     def _can_chain(self) -> bool:
         runner = self.runner
-        return (self.args.async_scheduling and self.args.overlap_steps and self._runner_can_launch()
+        return (self.args.async_scheduling and self._overlap and self._runner_can_launch()
                 and getattr(runner, "supports_chained_decode", False) and getattr(runner, "num_scratch_blocks", 0) > 0)
 
     def _launch(self, batch: list[ScheduledSeq], finalize: dict[str, None]) -> _InFlight | None:
@@ -290,6 +298,9 @@ class LLMEngine:
             if seq.is_finished:
                 continue
             state = self.states[seq.request_id]
+            if r.spec_token_ids is not None:
+                applied.extend(self._apply_spec(s, r, state, now))
+                continue
             self.scheduler.on_computed(s)
             if r.error is not None:  # this request alone fails; the rest of the batch goes on
                 self._fail_request(seq.group, r.error, finalize)
@@ -304,6 +315,33 @@ class LLMEngine:
                 self.scheduler.finish_seq(seq, *finish)
                 self.runner.release(seq.seq_id)
             applied.append(_AppliedToken(state, seq, r.token_id, r.logprob, now, finish))
+        return applied
+
+    def _apply_spec(self, s: ScheduledSeq, r: SeqStepResult, state: RequestState, now: float) -> list[_AppliedToken]:
+        """A speculative step's tokens, one at a time with the stop checks: the tokens after a stop (or past
+        max_tokens) are dropped. The cache is valid up to the last accepted draft; the rejected drafts' slots
+        are simply not counted as computed (overwritten by later steps, freed with the sequence)."""
+        seq = s.seq
+        seq.num_spec_steps += r.num_draft_tokens > 0
+        seq.num_draft_tokens += r.num_draft_tokens
+        seq.num_accepted_tokens += r.num_accepted_tokens
+        if r.prompt_logprobs:
+            self.output_processor.record_prompt_logprobs(state, s.start_pos, r.prompt_logprobs)
+        applied = []
+        finish = None
+        for tok, lp in zip(r.spec_token_ids, r.spec_logprobs, strict=True):
+            seq.append_token(tok)
+            finish = self.output_processor.check_finish(state, seq, tok)
+            applied.append(_AppliedToken(state, seq, tok, lp, now, finish))
+            if finish is not None:
+                break
+        valid = s.end_pos - (r.num_draft_tokens - r.num_accepted_tokens)
+        self.scheduler.on_computed(s, min(valid, seq.num_tokens - 1))
+        if finish is not None:
+            self.scheduler.finish_seq(seq, *finish)
+            self.runner.release(seq.seq_id)
+        else:
+            seq.draft_token_ids = list(r.draft_token_ids)
         return applied
 
     def _process(self, applied: list[_AppliedToken], finalize: dict[str, None]) -> list[RequestOutput]:

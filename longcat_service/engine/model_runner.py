@@ -34,6 +34,13 @@ class SeqStepResult:
     logprob: Logprob | None = None
     prompt_logprobs: list[Logprob] | None = None  # for prompt positions start_pos+1 ..
     error: str | None = None  # the sequence cannot go on (its logits were not finite): the engine fails its request
+    # speculative steps: every token the step emits (accepted drafts, then the target's own), their logprobs,
+    # and the drafts for the next step; token_id / logprob are then the first of them
+    spec_token_ids: list[int] | None = None
+    spec_logprobs: list[Logprob | None] | None = None
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # drafts verified in this step
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -52,6 +59,7 @@ class StepHandle:
     sample_idx: list[int]  # batch rows that sample a token, in the sampler's row order
     sampled: SampledBatch | None = None
     prompt_logprobs: dict[int, list[_PromptLogprobChunk]] = field(default_factory=dict)  # batch row -> chunks
+    results: list[SeqStepResult] | None = None  # a step that ran to completion in launch (speculative steps)
 
 
 class ModelRunner:
@@ -63,8 +71,10 @@ class ModelRunner:
 
         self.args = args
         self.device = args.torch_device
+        self.spec_config = args.speculative_config  # SpeculativeConfig or None
         self.model = load_model(model_path, dtype=args.torch_dtype, device=self.device, load_format=args.load_format,
-                                hf_overrides=args.hf_overrides, quantization=args.quantization)
+                                hf_overrides=args.hf_overrides, quantization=args.quantization,
+                                mtp=self.spec_config is not None)
         self.model.eval()
         self.expert_load = None
         if args.collect_expert_load:
@@ -77,17 +87,29 @@ class ModelRunner:
         # scratch blocks after the engine's blocks: a chained decode step writes a token that starts a new block
         # there until the engine knows the sequence goes on (LLMEngine._launch_chained); never in the engine's pool
         self.num_scratch_blocks = args.max_num_seqs if (self.supports_chained_decode and args.async_scheduling
-                                                        and args.overlap_steps) else 0
+                                                        and args.overlap_steps and self.spec_config is None) else 0
+        if self.spec_config is not None:  # one block past the pool: where a recomputed shared token's entry goes
+            self.num_scratch_blocks = 1
+        self.num_mtp_cache_layers = 0 if self.spec_config is None else 1
         self.num_blocks = self._decide_num_blocks()
         from longcat_service.model.kv_cache import allocate_kv_caches
 
-        self.kv_caches = allocate_kv_caches(self.config, self.num_blocks + self.num_scratch_blocks, self.block_size,
-                                            self.dtype, self.device)
+        caches = allocate_kv_caches(self.config, self.num_blocks + self.num_scratch_blocks, self.block_size,
+                                    self.dtype, self.device, self.num_mtp_cache_layers)
+        # the target's caches; with MTP one more (same blocks, same slots) for the MTP block, last
+        self.kv_caches = caches[: self.config.num_attention_sublayers]
+        self.mtp_kv_cache = caches[-1] if self.num_mtp_cache_layers else None
         self.vocab_size = int(self.config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self._eos_token_id(), self.device, args.seed)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> per-request generator
         # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP
-        self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs else None
+        # (not with MTP yet: every step of a speculative engine is an eager spec step, engine/spec_decode.py)
+        self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs and self.spec_config is None else None
+        self.spec_decoder = None
+        if self.spec_config is not None:
+            from longcat_service.engine.spec_decode import SpecDecoder
+
+            self.spec_decoder = SpecDecoder(self, self.spec_config.num_speculative_tokens)
         if self.graph_runner is not None and args.capture_graphs_at_startup:
             from longcat_service.kernels.compile_watch import warming_up, watch_compiles_after_warm_up
 
@@ -158,7 +180,8 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         from longcat_service.model.kv_cache import allocate_kv_caches
 
-        probe = allocate_kv_caches(self.config, 1, self.block_size, self.dtype, torch.device("meta"))
+        probe = allocate_kv_caches(self.config, 1, self.block_size, self.dtype, torch.device("meta"),
+                                   self.num_mtp_cache_layers)
         return sum(t.numel() * t.element_size() for t in probe)
 
     def _decide_num_blocks(self) -> int:
@@ -180,6 +203,8 @@ class ModelRunner:
 
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        if self.spec_decoder is not None:
+            self.spec_decoder.release(seq_id)
 
     # ---- one step ------------------------------------------------------------------------------
     def execute(self, batch: list[ScheduledSeq]) -> list[SeqStepResult]:
@@ -194,6 +219,8 @@ class ModelRunner:
         pinned memory (host_to_device.to_device), since a blocking copy would wait for the forward.
         `input_ids` (a decode batch's tokens as a device tensor, e.g. the previous step's samples) replaces the
         host token ids, which the caller may not know yet."""
+        if self.spec_decoder is not None:  # speculative: the whole step (verify + draft) runs here, eagerly
+            return StepHandle(len(batch), [], results=self.spec_decoder.execute(batch))
         if input_ids is not None and any(s.num_new_tokens != 1 for s in batch):
             raise ValueError("launch: device input_ids are for decode batches (one new token per sequence)")
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
@@ -269,6 +296,8 @@ class ModelRunner:
 
     def collect(self, handle: StepHandle) -> list[SeqStepResult]:
         """Wait for a launched step: its sampled tokens (and logprobs) to the host. The step's one sync."""
+        if handle.results is not None:
+            return handle.results
         results = [SeqStepResult() for _ in range(handle.batch_size)]
         if handle.sampled is not None:
             tokens, logprobs = self.sampler.collect(handle.sampled)
@@ -302,6 +331,12 @@ class ModelRunner:
         # the prompt is only read by the repetition penalty: skip copying it (every step, every row) otherwise
         prompt = seq.token_ids[: seq.num_prompt_tokens] if seq.params.repetition_penalty != 1.0 else []
         return SamplingRow(seq.params, prompt, seq.output_token_ids, gen, num_pending=int(pending))
+
+    def results_with_prompt_logprobs(self, batch, hidden, starts) -> list[SeqStepResult]:
+        """A step's results holding only its prompt logprobs (speculative steps add their tokens)."""
+        handle = StepHandle(len(batch), [])
+        self._launch_prompt_logprobs(batch, hidden, starts, handle)
+        return self.collect(handle)
 
     def _launch_prompt_logprobs(self, batch, hidden, starts, handle: StepHandle) -> None:
         """Raw logprob of each prompt token given its prefix, for requests that asked (enqueued, read in collect)."""

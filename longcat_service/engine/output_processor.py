@@ -178,4 +178,11 @@ class OutputProcessor:
             longest = max(s.num_output_tokens for s in group.seqs)
             if longest > 1 and state.last_token_time is not None:
                 m.mean_time_per_output_token_s = (state.last_token_time - state.first_token_time) / (longest - 1)
+        m.num_spec_steps = sum(s.num_spec_steps for s in group.seqs)
+        m.num_draft_tokens = sum(s.num_draft_tokens for s in group.seqs)
+        m.num_accepted_tokens = sum(s.num_accepted_tokens for s in group.seqs)
+        if m.num_draft_tokens:
+            m.spec_acceptance_rate = m.num_accepted_tokens / m.num_draft_tokens
+        if m.num_spec_steps:
+            m.spec_mean_accepted_length = (m.num_accepted_tokens + m.num_spec_steps) / m.num_spec_steps
         return m

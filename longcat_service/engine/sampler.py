@@ -209,13 +209,7 @@ class Sampler:
         if all(r.params.greedy for r in rows):  # decided on the host: no read-back of a device flag
             return argmax
         greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
-        temps = self._column([r.params.temperature if not r.params.greedy else 1.0 for r in rows], logits)
-        # the safe form of logits / T: shifted by the row max first (softmax does not change), every value is <= 0,
-        # so a small T can only push a value to -inf (probability 0), never to +inf or NaN
-        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps
-        logits = self._top_k(logits, [r.params.top_k for r in rows])
-        probs = torch.softmax(logits, dim=-1)
-        probs = self._top_p_min_p(probs, rows)
+        probs = self._sampling_probs(logits, rows)
         # exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a host sync
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, row in enumerate(rows):
@@ -223,6 +217,40 @@ class Sampler:
                 noise[i].exponential_(generator=row.generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy, argmax, sampled)
+
+    def _sampling_probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Processed logits -> the (unnormalised) probabilities a sampled row draws from: temperature, top-k,
+        softmax, top-p, min-p (greedy rows at temperature 1; callers take their argmax instead)."""
+        temps = self._column([r.params.temperature if not r.params.greedy else 1.0 for r in rows], logits)
+        # the safe form of logits / T: shifted by the row max first (softmax does not change), every value is <= 0,
+        # so a small T can only push a value to -inf (probability 0), never to +inf or NaN
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps
+        logits = self._top_k(logits, [r.params.top_k for r in rows])
+        probs = torch.softmax(logits, dim=-1)
+        return self._top_p_min_p(probs, rows)
+
+    @torch.inference_mode()
+    def probabilities(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """fp32 [M, vocab] raw logits -> [M, vocab] the exact distribution launch() draws each row's token from,
+        after every sampling option (logit_bias, min_tokens, penalties, temperature, top-k/p, min-p); a greedy
+        row is a point mass at its argmax; a row with non-finite logits is all NaN. Speculative decoding's rejection
+        sampler verifies drafts with it."""
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"logits has {logits.shape[0]} rows for {len(rows)} sampling rows")
+        logits = logits.float()
+        in_place = any(self._edits_in_place(r) for r in rows)
+        processed = self._process(logits.clone() if in_place else logits, rows)
+        point = torch.zeros_like(processed).scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
+        if all(r.params.greedy for r in rows):
+            probs = point
+        else:
+            probs = self._sampling_probs(processed, rows)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+            greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
+            probs = torch.where(greedy[:, None], point, probs)
+        # a row whose processed logits are not finite (launch() fails its request) comes back all NaN
+        finite = torch.isfinite(processed.amax(dim=-1))
+        return torch.where(finite[:, None], probs, float("nan"))
 
     @staticmethod
     def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

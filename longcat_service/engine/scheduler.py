@@ -24,9 +24,13 @@ class ScheduledSeq:
     needs_sample: bool = False  # the chunk reaches the last known token, so its logits give the next token
     # a chained decode step (LLMEngine async scheduling) runs on a table whose last block may be a scratch block
     block_table_override: list[int] | None = None
+    # speculative decoding: the drafts verified in this step (the last len(draft_token_ids) of the new tokens),
+    # and the number of tokens the sequence may reach (max_tokens, max_model_len), which caps its next drafts
+    draft_token_ids: list[int] = field(default_factory=list)
+    token_limit: int | None = None
 
     def __post_init__(self) -> None:
-        self.needs_sample = self.end_pos == self.seq.num_tokens
+        self.needs_sample = self.end_pos - len(self.draft_token_ids) == self.seq.num_tokens
 
     @property
     def block_table(self) -> list[int]:
@@ -54,8 +58,15 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        num_speculative_tokens: int = 0,
+        max_model_len: int | None = None,
     ):
         self.block_manager = block_manager
+        # speculative decoding (k > 0): a decoding sequence is scheduled with its drafts, its table covers k more
+        # tokens (the MTP drafts' cache writes), and a prefix hit or fork recomputes the last shared token (its
+        # hidden state feeds the MTP block); see engine/spec_decode.py
+        self.num_speculative_tokens = num_speculative_tokens
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -125,15 +136,18 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert num_new > 0, seq
-            while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
+            drafts = seq.draft_token_ids[: budget - 1] if num_new == seq.num_tokens - seq.num_computed_tokens == 1 else []
+            num_new += len(drafts)
+            need = self._tokens_to_allocate(seq, seq.num_computed_tokens + num_new)
+            while not bm.can_allocate(seq, need):
                 victim = self.running.pop()  # the newest; never one already scheduled (those precede i)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                bm.allocate(seq, seq.num_computed_tokens + num_new)
-                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
+                bm.allocate(seq, need)
+                out.scheduled.append(self._scheduled(seq, num_new, seq.num_computed_tokens, drafts))
                 budget -= num_new
                 i += 1
 
@@ -144,33 +158,62 @@ class Scheduler:
             # prompt logprobs need every prompt position computed, so such requests skip the prefix cache
             cached = [] if seq.params.prompt_logprobs is not None else bm.find_cached_blocks(seq)
             num_computed = len(cached) * bm.block_size
+            seq.shared_recompute_pos = None
+            if self.num_speculative_tokens and num_computed:
+                num_computed -= 1  # recompute the last cached token: the MTP block needs its hidden state
+                seq.shared_recompute_pos = num_computed
             num_new = min(seq.num_tokens - num_computed, budget)
-            if not bm.can_allocate(seq, num_computed + num_new, cached):
+            need = self._tokens_to_allocate(seq, num_computed + num_new)
+            if not bm.can_allocate(seq, need, cached):
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
-            bm.allocate(seq, num_computed + num_new, cached)
+            bm.allocate(seq, need, cached)
+            seq.num_computed_tokens = num_computed
             if seq.num_preemptions == 0 and seq.index == 0:
                 seq.num_cached_tokens = num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new, num_computed))
+            out.scheduled.append(self._scheduled(seq, num_new, num_computed, []))
             budget -= num_new
+
+    def _tokens_to_allocate(self, seq: Sequence, end: int) -> int:
+        """Tokens the block table must cover to compute up to `end`: with MTP also the k positions its drafts
+        write ahead (never past what the sequence may reach)."""
+        k = self.num_speculative_tokens
+        if not k:
+            return end
+        return max(end, min(end + k, self._token_limit(seq)))
+
+    def _token_limit(self, seq: Sequence) -> int:
+        limit = seq.num_prompt_tokens + seq.params.max_tokens if seq.params.max_tokens is not None else 1 << 62
+        return min(limit, self.max_model_len) if self.max_model_len is not None else limit
+
+    def _scheduled(self, seq: Sequence, num_new: int, start: int, drafts: list[int]) -> ScheduledSeq:
+        s = ScheduledSeq(seq, num_new, start, draft_token_ids=drafts)
+        if self.num_speculative_tokens:
+            s.token_limit = self._token_limit(seq)
+        return s
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        seq.draft_token_ids = []  # recomputed from the prompt and outputs: drafts come anew
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def on_computed(self, sched: ScheduledSeq) -> None:
-        """Account for a chunk the model has written to the cache; fork n > 1 samples once the prompt is in."""
+    def on_computed(self, sched: ScheduledSeq, num_computed: int | None = None) -> None:
+        """Account for a chunk the model has written to the cache; fork n > 1 samples once the prompt is in.
+        num_computed: where the valid cache entries end when not at end_pos (rejected drafts)."""
         seq = sched.seq
-        seq.num_computed_tokens = sched.end_pos
+        seq.num_computed_tokens = sched.end_pos if num_computed is None else num_computed
         self.block_manager.register_full_blocks(seq)
         if seq.index == 0 and seq.prompt_computed:
             for child in seq.group.seqs[1:]:
                 if child.status == SequenceStatus.PENDING_FORK:
                     self.block_manager.fork(seq, child)
+                    if self.num_speculative_tokens and child.num_computed_tokens:
+                        child.num_computed_tokens -= 1  # the MTP block needs the last shared token's hidden
+                        child.shared_recompute_pos = child.num_computed_tokens
                     child.status = SequenceStatus.RUNNING
                     self.running.append(child)

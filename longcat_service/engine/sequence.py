@@ -38,6 +38,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0
+        # speculative decoding: the drafts for the next step, and this sample's totals so far
+        self.draft_token_ids: list[int] = []
+        self.shared_recompute_pos: int | None = None  # a shared (cached / forked) token recomputed for the MTP
+        self.num_spec_steps = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def request_id(self) -> str:

@@ -29,10 +29,11 @@ def hf_shape(key: str, c: ModelConfig) -> tuple[int, ...]:
         "kv_b_proj": (nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), "o_proj": (h, nh * c.v_head_dim),
         "classifier": (c.num_router_experts, h), "e_score_correction_bias": (c.num_router_experts,),
         "embed_tokens": (c.vocab_size, h), "lm_head": (c.vocab_size, h), "norm": (h,),
+        "eh_proj": (h, 2 * h), "m": (h,), "input_layernorm": (h,), "post_attention_layernorm": (h,),
     }  # fmt: skip
     if ".experts." in key:
         inter = c.expert_ffn_hidden_size
-    elif ".mlps." in key:
+    elif ".mlps." in key or ".transformer_layer.mlp." in key:  # the MTP block's dense MLP too
         inter = c.ffn_hidden_size
     else:
         inter = None
@@ -52,7 +53,7 @@ def hf_shape(key: str, c: ModelConfig) -> tuple[int, ...]:
 def dummy_tensor(key: str, c: ModelConfig, seed: int, device, bias_std: float = DUMMY_BIAS_STD) -> torch.Tensor:
     """The full fp32 tensor of `key`: norms 1, biases N(0, bias_std), everything else N(0, DUMMY_STD)."""
     shape = hf_shape(key, c)
-    if key.endswith("norm.weight") or "layernorm" in key:
+    if key.endswith(("norm.weight", "norm.m.weight")) or "layernorm" in key:
         return torch.ones(shape, device=device)
     gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62))
     is_bias = key.endswith(("e_score_correction_bias", ".bias"))

@@ -4,7 +4,9 @@
 - Checkpoint: `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json`. Tensors are
   streamed from memory-mapped files with `safe_open`; each parameter's weight_loader reads only this rank's
   slice. All keys are checked (missing / unexpected / listed in the index but absent) before any data is read.
-- `model.mtp.*` (the multi-token-prediction layer) is set aside: recorded in `model.mtp_weight_names`.
+- `model.mtp.*` (the multi-token-prediction layer) is set aside (recorded in `model.mtp_weight_names`) unless
+  `mtp=True` builds the MTP block (model/mtp.py): then every MTP key must be there (a checkpoint without them is
+  refused, naming the missing keys); `model.mtp.embed_tokens` is kept only when it differs from the target's.
 - dtype None -> float32 on CPU (half-precision matmuls are slow on most CPUs and fp32 is the reference
   precision); on an accelerator the config's `torch_dtype`, else bfloat16.
 - Block-FP8 (config `quantization_config`, or `quantization="fp8"` for a bf16/fp32 checkpoint, quantized as it
@@ -32,6 +34,7 @@ from longcat_service.model.longcat_flash import LongcatFlashForCausalLM, WeightT
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MTP_PREFIX = "model.mtp."
+MTP_EMBED_KEY = "model.mtp.embed_tokens.weight"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZATIONS = ("fp8",)
 # safetensors dtype names (slice.get_dtype()) of the float8 formats
@@ -64,6 +67,7 @@ def load_model(
     seed: int = 0,
     hf_overrides: dict[str, Any] | None = None,
     quantization: str | None = None,
+    mtp: bool = False,
 ) -> LongcatFlashForCausalLM:
     """Return an eval-mode LongcatFlashForCausalLM on `device`.
 
@@ -100,11 +104,17 @@ def load_model(
     checkpoint = None if load_format == "dummy" else _CheckpointIndex.open(model_dir)  # type: ignore[arg-type]
     with torch.device(device):
         model = LongcatFlashForCausalLM(config, dtype)
+        if mtp:
+            model.enable_mtp()
     model.eval()
     if checkpoint is None:
         _init_dummy(model, seed)
     else:
+        if mtp:
+            _check_mtp_keys(model, checkpoint)
         model.mtp_weight_names = _load_checkpoint(model, checkpoint)
+        if mtp and MTP_EMBED_KEY in checkpoint.key_to_file:
+            _load_mtp_embedding(model, checkpoint)
     model.process_weights_after_loading()
     # One GEMM for q_a + kv_a (H200 decode: batch 1 1.58 -> 1.56 ms, graph replay 1.64 -> 1.56 ms).
     for layer in model.model.layers:
@@ -185,11 +195,36 @@ class _open_safetensors:
         return self._ctx.__exit__(*exc_info)
 
 
+def _check_mtp_keys(model: LongcatFlashForCausalLM, checkpoint: _CheckpointIndex) -> None:
+    """MTP asked for: every MTP key must be in the checkpoint (refused up front, naming them)."""
+    missing = [k for k in model.checkpoint_targets() if k.startswith(MTP_PREFIX) and k not in checkpoint.key_to_file]
+    if missing:
+        where = checkpoint.index_path or next(iter(checkpoint.key_to_file.values()), None)
+        raise CheckpointError(f"speculative decoding with MTP needs the MTP layer's weights, and {len(missing)} "
+                              f"model.mtp.* keys are missing: {', '.join(missing)}",
+                              file=str(where) if where else None, key=missing[0])
+
+
+def _load_mtp_embedding(model: LongcatFlashForCausalLM, checkpoint: _CheckpointIndex) -> None:
+    """The checkpoint's own MTP embedding, kept only where it differs from the target's (SGLang ignores it; the
+    released checkpoint's copy equals the target's)."""
+    from longcat_service.layers.embed_head import VocabParallelEmbedding
+
+    target = model.model.embed_tokens
+    with torch.device(target.weight.device):
+        embed = VocabParallelEmbedding(model.config.vocab_size, model.config.hidden_size, target.weight.dtype)
+    path = checkpoint.key_to_file[MTP_EMBED_KEY]
+    with _open_safetensors(path) as f:
+        _load_one(WeightTarget(embed.weight), f, MTP_EMBED_KEY, path)
+    if not torch.equal(embed.weight, target.weight):
+        model.mtp.embed_tokens = embed
+
+
 def _load_checkpoint(model: LongcatFlashForCausalLM, checkpoint: _CheckpointIndex) -> list[str]:
     targets = model.checkpoint_targets()
-    mtp = sorted(k for k in checkpoint.key_to_file if k.startswith(MTP_PREFIX))
+    mtp = sorted(k for k in checkpoint.key_to_file if k.startswith(MTP_PREFIX) and k not in targets)
     for key, path in checkpoint.key_to_file.items():
-        if key not in targets and not key.startswith(MTP_PREFIX):
+        if key not in targets and not key.startswith(MTP_PREFIX):  # model.mtp.* without MTP: set aside
             raise CheckpointError("unexpected key (not part of LongCat-Flash as configured)", file=str(path), key=key)
     missing = [k for k in targets if k not in checkpoint.key_to_file]
     if missing:

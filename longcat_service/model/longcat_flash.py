@@ -22,6 +22,7 @@ from longcat_service.layers.moe import LongcatMoE
 from longcat_service.layers.paged_attention import AttentionPlan, build_attention_plan
 from longcat_service.layers.rotary import RotaryEmbedding
 from longcat_service.layers.side_stream import ShortcutMoEStream
+from longcat_service.model.mtp import LongcatMTP
 
 
 class LongcatDecoderLayer(nn.Module):
@@ -77,7 +78,13 @@ class LongcatFlashForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
-        self.mtp_weight_names: list[str] = []  # filled by the loader: model.mtp.* keys set aside
+        self.mtp_weight_names: list[str] = []  # filled by the loader: model.mtp.* keys set aside (MTP not built)
+        self.mtp: LongcatMTP | None = None  # the MTP draft block, built by enable_mtp (speculative decoding)
+
+    def enable_mtp(self) -> None:
+        """Build the MTP block (its weights then come from the checkpoint's model.mtp.* keys)."""
+        if self.mtp is None:
+            self.mtp = LongcatMTP(self.config, self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -111,8 +118,17 @@ class LongcatFlashForCausalLM(nn.Module):
         """[M, H] -> fp32 [M, vocab] (the projection runs in the model dtype, as transformers does)."""
         return self.lm_head(hidden)
 
+    def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                    plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The MTP block at `positions` (mtp.py): next_ids [N] = tok_{t+1}, hidden [N, H] = h_t -> h' [N, H]."""
+        if self.mtp is None:
+            raise RuntimeError("mtp_forward: the model was loaded without its MTP block")
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        return self.mtp(self.model.embed_tokens, next_ids, hidden, cos, sin, plan, kv_cache)
+
     def checkpoint_targets(self) -> dict[str, WeightTarget]:
-        """Every HF checkpoint key this model expects (mtp keys excluded) -> its target."""
+        """Every HF checkpoint key this model expects -> its target (model.mtp.* only with the MTP block built;
+        model.mtp.embed_tokens never: the loader handles it)."""
         c = self.config
         t: dict[str, WeightTarget] = {"model.embed_tokens.weight": WeightTarget(self.model.embed_tokens.weight)}
         for i, layer in enumerate(self.model.layers):
@@ -143,6 +159,9 @@ class LongcatFlashForCausalLM(nn.Module):
         t["model.norm.weight"] = WeightTarget(self.model.norm.weight)
         if not c.tie_word_embeddings:
             t["lm_head.weight"] = WeightTarget(self.lm_head.weight)
+        if self.mtp is not None:
+            for key, (param, args) in self.mtp.checkpoint_targets().items():
+                t[key] = WeightTarget(param, args)
         if c.quantization is not None and c.quantization.checkpoint_quantized:
             for key, target in list(t.items()):  # block-FP8 weights carry their scale (layers/fp8_linear.py)
                 scale = getattr(target.param, "fp8_scale", None)
@@ -163,3 +182,5 @@ class LongcatFlashForCausalLM(nn.Module):
         for layer in self.model.layers:
             for attn in layer.self_attn:
                 attn.process_weights_after_loading()
+        if self.mtp is not None:
+            self.mtp.process_weights_after_loading()

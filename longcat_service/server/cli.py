@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: process, thread under torchrun")
     g.add_argument("--hf-overrides", type=hf_overrides_json, default=None, metavar="JSON",
                    help='config.json keys to replace, e.g. \'{"num_layers": 2}\' (default: none)')
+    g.add_argument("--speculative-config", type=speculative_config_json, default=None, metavar="JSON",
+                   help='speculative decoding with the checkpoint\'s MTP layer, e.g. '
+                        '\'{"method": "mtp", "num_speculative_tokens": 1}\' (alias method: longcat_flash_mtp; 1..3; '
+                        'default: off)')
     g = p.add_argument_group("security")
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain; enables TLS with --tls-key "
                                                     "(default: plaintext)")
@@ -141,6 +145,16 @@ def hf_overrides_json(text: str) -> dict:
     return value
 
 
+def speculative_config_json(text: str):
+    from longcat_service.engine.errors import EngineArgsError
+    from longcat_service.engine.spec_config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(text)
+    except EngineArgsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def engine_args_from(args: argparse.Namespace):
     from longcat_service.engine.engine_args import EngineArgs
 
@@ -154,7 +168,7 @@ def engine_args_from(args: argparse.Namespace):
         "block_size": args.block_size, "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": args.enable_prefix_caching, "seed": args.seed,
         "step_timeout_s": args.step_timeout_s, "overlap_steps": args.overlap_steps,
-        "async_scheduling": args.async_scheduling,
+        "async_scheduling": args.async_scheduling, "speculative_config": args.speculative_config,
         "collect_expert_load": args.collect_expert_load, "enable_expert_parallel": args.enable_expert_parallel,
         "expert_placement": args.expert_placement,
     }

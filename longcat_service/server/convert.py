@@ -138,6 +138,10 @@ def complete_response(request_id: str, request_output: RequestOutput, out: Compl
             prompt_tokens=len(request_output.prompt_token_ids),
             completion_tokens=len(out.token_ids),
             cached_tokens=request_output.num_cached_tokens,
+            draft_tokens=request_output.metrics.num_draft_tokens,
+            accepted_draft_tokens=request_output.metrics.num_accepted_tokens,
+            acceptance_rate=request_output.metrics.spec_acceptance_rate or 0.0,
+            mean_accepted_length=request_output.metrics.spec_mean_accepted_length or 0.0,
         ),
         timings=_timings(request_output),
     )

@@ -33,6 +33,15 @@ class ServerMetrics:
             buckets=_TPOT_BUCKETS, registry=r)
         self.output_tokens = Counter("longcat_output_tokens", "Output tokens streamed (rate() = tokens/s)", registry=r)
         self.prompt_tokens = Counter("longcat_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.spec_draft_tokens = Counter("longcat_spec_draft_tokens", "MTP draft tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter("longcat_spec_accepted_tokens", "MTP draft tokens accepted "
+                                            "(rate ratio to longcat_spec_draft_tokens = acceptance)", registry=r)
+        self.spec_acceptance_rate = Histogram(
+            "longcat_spec_acceptance_rate", "Per request: accepted / verified MTP draft tokens",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), registry=r)
+        self.spec_mean_accepted_length = Histogram(
+            "longcat_spec_mean_accepted_length", "Per request: tokens emitted per speculative step",
+            buckets=(1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0), registry=r)
         Gauge("longcat_queued_requests", "Admitted requests waiting for their first token",
               registry=r).set_function(lambda: admission.queued_requests)
         Gauge("longcat_queued_prompt_tokens", "Prompt tokens of queued requests",
@@ -47,6 +56,15 @@ class ServerMetrics:
         for outcome in OUTCOMES:  # export zeros so that rate() works from the first scrape
             self.requests.labels(outcome)
         self._http = None
+
+    def record_speculation(self, m) -> None:
+        """A finished request's speculative-decoding totals (outputs.RequestMetrics); nothing without drafts."""
+        if not m.num_draft_tokens:
+            return
+        self.spec_draft_tokens.inc(m.num_draft_tokens)
+        self.spec_accepted_tokens.inc(m.num_accepted_tokens)
+        self.spec_acceptance_rate.observe(m.spec_acceptance_rate)
+        self.spec_mean_accepted_length.observe(m.spec_mean_accepted_length)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (useful with port 0)."""

@@ -204,6 +204,8 @@ class LongCatServicer(pb_grpc.LongCatServicer):
                         if seq.finished and seq.index not in completed:
                             completed.add(seq.index)
                             await queue.put(convert.complete_response(request_id, out, seq))
+                    if out.finished:
+                        self.metrics.record_speculation(out.metrics)
             await queue.put(_END)
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,242 @@
+"""MTP speculative decoding on the GPU (issue 17): spec-step cost, acceptance and per-user speed.
+
+    python benchmarks/bench_mtp.py                                   # H200: 2L dummy weights + the demo model
+    python benchmarks/bench_mtp.py --model <ckpt with model.mtp.*>   # part 2 on another checkpoint ('none': skip)
+    python benchmarks/bench_mtp.py --device cpu --tiny               # CPU smoke test of the same code
+
+Part 1 (benchmarks/configs/longcat-flash-2l, dummy weights, MTP weights dummy too): one engine per setting,
+built one after the other; B greedy requests are prefilled through the engine, then one step is timed on the
+model runner (median of CUDA-event times, no scheduler cost): a plain decode step (its production path: CUDA
+graph replay where available, and eager), and a spec step for k = 1..3 (target verify of k+1 tokens per
+sequence + MTP drafting for the next step; eager: no CUDA graph for spec steps yet). Dummy MTP drafts are
+nearly never accepted; the projected per-user speed-up for an acceptance rate a is
+E[tokens per step] / (spec step / plain step), E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
+Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy and
+temperature 1: acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
+Results: JSON under $OUT (or benchmarks/out) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from longcat_service.engine.engine_args import EngineArgs  # noqa: E402
+from longcat_service.engine.llm_engine import LLMEngine  # noqa: E402
+from longcat_service.engine.scheduler import ScheduledSeq  # noqa: E402
+from longcat_service.sampling_params import SamplingParams  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="benchmarks/configs/longcat-flash-tiny (CPU smoke test)")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--ks", default="1,2,3")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--model", default="demo", help="part 2's checkpoint with MTP weights: 'demo' (default) is the "
+                   "packaged trained demo model, 'none' skips part 2")
+    p.add_argument("--batch", type=int, default=16, help="part 2: the larger batch")
+    p.add_argument("--new-tokens", type=int, default=128, help="part 2: output tokens per request")
+    p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
+    return p.parse_args(argv)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def make_engine(args, config_dir: Path, k: int | None, max_seqs: int) -> LLMEngine:
+    spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+    max_len = args.prompt_len + 64
+    blocks = max_seqs * (-(-max_len // 16) + 1) + 8
+    return LLMEngine(EngineArgs(model=str(config_dir), load_format="dummy", device=args.device,
+                                dtype="bfloat16" if args.device != "cpu" else "float32", num_kv_blocks=blocks,
+                                max_num_seqs=max_seqs, max_model_len=max_len, max_num_batched_tokens=8192,
+                                enable_prefix_caching=False, speculative_config=spec))
+
+
+def prefilled(engine: LLMEngine, batch: int, prompt_len: int, vocab: int) -> list:
+    """`batch` greedy requests whose prompts are computed and first token sampled (drafts ready with MTP)."""
+    gen = torch.Generator().manual_seed(0)
+    for i in range(batch):
+        prompt = torch.randint(3, vocab, (prompt_len,), generator=gen).tolist()
+        engine.add_request(f"b{i}", prompt, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
+    seqs = [g.seqs[0] for g in engine.scheduler.groups.values()]
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    return seqs
+
+
+def step_batch(engine: LLMEngine, seqs: list) -> list[ScheduledSeq]:
+    sched = engine.scheduler
+    out = []
+    for seq in seqs:
+        drafts = list(seq.draft_token_ids)
+        s = ScheduledSeq(seq, 1 + len(drafts), seq.num_tokens - 1, draft_token_ids=drafts)
+        if sched.num_speculative_tokens:
+            s.token_limit = sched._token_limit(seq)
+            engine.block_manager.allocate(seq, sched._tokens_to_allocate(seq, s.end_pos))
+        out.append(s)
+    return out
+
+
+def part1(args, device: torch.device) -> dict:
+    config_dir = ROOT / "benchmarks" / "configs" / ("longcat-flash-tiny" if args.tiny else "longcat-flash-2l")
+    batches, ks = _ints(args.batches), _ints(args.ks)
+    res: dict = {"config": config_dir.name, "plain_graph_ms": {}, "plain_eager_ms": {}, "spec_ms": {}}
+    for k in [None, *ks]:
+        engine = make_engine(args, config_dir, k, max(batches))
+        runner = engine.runner
+        for b in batches:
+            seqs = prefilled(engine, b, args.prompt_len, engine.vocab_size)
+            batch = step_batch(engine, seqs)
+
+            def one_step(r=runner, bt=batch):
+                r.execute(bt)
+
+            if k is None:
+                if runner.graph_runner is not None:
+                    res["plain_graph_ms"][b] = median_ms(one_step, device, args.reps)
+                graphs, runner.graph_runner = runner.graph_runner, None
+                res["plain_eager_ms"][b] = median_ms(one_step, device, args.reps)
+                runner.graph_runner = graphs
+            else:
+                assert all(len(s.draft_token_ids) == k for s in batch), "drafts missing"
+                res["spec_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
+            for g in list(engine.scheduler.groups):
+                engine.abort_request(g)
+            engine.step()
+        del engine
+        runner = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    final = {}
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in final.values())
+    drafts = sum(o.metrics.num_draft_tokens for o in final.values())
+    accepted = sum(o.metrics.num_accepted_tokens for o in final.values())
+    steps = sum(o.metrics.num_spec_steps for o in final.values())
+    return {"tokens_per_s_per_user": tokens / wall / len(prompts), "wall_s": wall,
+            "acceptance_rate": accepted / drafts if drafts else None,
+            "mean_accepted_length": (accepted + steps) / steps if steps else None}
+
+
+def part2(args, device: torch.device) -> dict:
+    from longcat_service.tokenizer import has_tokenizer, load_tokenizer
+
+    # ignore_eos: every request decodes new_tokens (the demo model may end a reply after a word)
+    texts = ["And God said", "Hello, how are you?", "The king of Israel", "What is your name?"]
+    res: dict = {}
+    for k in (None, *_ints(args.ks)):
+        spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+        engine = LLMEngine(EngineArgs(model=args.model, device=args.device, max_num_seqs=max(args.batch, 1),
+                                      speculative_config=spec))
+        tok = load_tokenizer(args.model) if has_tokenizer(args.model) else None
+        base = [tok.encode(t, add_special_tokens=True) if tok else [5 + i, 17, 31, 9] for i, t in enumerate(texts)]
+        for label, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)),
+                              ("t1", SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=0,
+                                                    ignore_eos=True))):
+            for b in (1, args.batch):
+                prompts = [base[i % len(base)] for i in range(b)]
+                run_requests(engine, prompts[:1], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+                res.setdefault(label, {}).setdefault(b, {})[k or 0] = run_requests(engine, prompts, params)
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def report(p1: dict, p2: dict | None) -> str:
+    lines = [f"### MTP spec step vs plain decode ({p1['config']}, dummy weights)", "",
+             "| batch | plain graph ms | plain eager ms | " + " | ".join(f"spec k={k} ms (x plain)" for k in p1["spec_ms"])
+             + " |", "|---" * (3 + len(p1["spec_ms"])) + "|"]
+    for b in p1["plain_eager_ms"]:
+        plain = p1["plain_graph_ms"].get(b, p1["plain_eager_ms"][b])
+        cells = [f"{p1['spec_ms'][k][b]:.2f} ({p1['spec_ms'][k][b] / plain:.2f}x)" for k in p1["spec_ms"]]
+        graph = f"{p1['plain_graph_ms'][b]:.2f}" if b in p1["plain_graph_ms"] else "-"
+        lines.append(f"| {b} | {graph} | {p1['plain_eager_ms'][b]:.2f} | " + " | ".join(cells) + " |")
+    if p2:
+        lines += ["", "### Demo model: MTP off vs on", "", "| sampling | batch | k | tok/s per user | acceptance | "
+                  "mean accepted length | projected 2L speed-up |", "|---|---|---|---|---|---|---|"]
+        for label, by_batch in p2.items():
+            for b, by_k in by_batch.items():
+                for k, r in by_k.items():
+                    proj = "-"
+                    a = r["acceptance_rate"]
+                    plain = p1["plain_graph_ms"].get(b, p1["plain_eager_ms"].get(b))
+                    if k and a is not None and plain and b in p1["spec_ms"].get(k, {}):
+                        proj = f"{sum(a**i for i in range(k + 1)) / (p1['spec_ms'][k][b] / plain):.2f}x"
+                    acc = f"{a:.3f}" if a is not None else "-"
+                    mal = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
+                    lines.append(f"| {label} | {b} | {k} | {r['tokens_per_s_per_user']:.1f} | {acc} | {mal} | {proj} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    p1 = part1(args, device)
+    if args.model == "demo":
+        from longcat_service.demo import DEMO_CHECKPOINT_DIR
+
+        args.model = str(DEMO_CHECKPOINT_DIR)
+    p2 = part2(args, device) if args.model and args.model != "none" else None
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_mtp.json").write_text(json.dumps({"part1": p1, "part2": p2}, indent=1, default=str))
+    print(report(p1, p2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Speculative decoding with the checkpoint's MTP block: one eager spec step per engine step.
+
+A step for each scheduled sequence:
+1. Target forward over its new tokens: a prompt chunk, or (decoding) its last token plus the d <= k drafts of
+   the previous step, as one multi-token query per sequence through the extend-attention path.
+2. Verification (rejection sampling, Leviathan et al. 2023), on the distributions the plain sampler draws from
+   (Sampler.probabilities: after logit_bias, min_tokens, penalties counting the drafts before each position,
+   temperature, top-k/p, min-p; greedy rows are point masses). Draft j is accepted with probability
+   min(1, p_j(d) / q_j(d)); at the first rejection the token is drawn from normalize(max(p_j - q_j, 0)); when all
+   are accepted a bonus token is drawn from the target. So every emitted token has exactly the target's
+   distribution, and greedy rows emit exactly the target's argmax. Logprobs are the raw target logprobs, as
+   the plain sampler reports them.
+3. MTP forward over the positions whose tokens are now known (writes the MTP cache; mtp.py), then up to k
+   drafts for the next step: the first from the MTP output at the last known position, the others by running
+   the MTP block again on its own draft token and output hidden state.
+
+A prefix-cache hit or an n > 1 fork recomputes the last shared token (the MTP block needs its hidden state); its
+target cache entry is written to a scratch slot, so a block other sequences share is never rewritten.
+
+Randomness: a request with a seed draws every uniform and every noise vector from its own generator, in an
+order fixed by its own state, so its output does not depend on the batch. Rejected drafts need no cache
+rollback: their target and MTP cache slots lie past the sequence's computed tokens and are overwritten before
+they are read; the scheduler keeps the blocks (they hold the next step's tokens) and frees them with the
+sequence. Eager only for now: no CUDA graph, two device syncs per step (verified tokens, drafts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longcat_service.engine.sampler import SamplingRow
+from longcat_service.engine.scheduler import ScheduledSeq
+from longcat_service.layers.attention_metadata import AttentionMetadata
+from longcat_service.model.mtp import build_mtp_plan
+from longcat_service.outputs import Logprob
+
+
+class SpecDecoder:
+    def __init__(self, runner, num_speculative_tokens: int):
+        self.runner = runner
+        self.k = num_speculative_tokens
+        # seq_id -> [drafts, vocab] the distributions its pending drafts were drawn from (sampled requests only)
+        self.draft_probs: dict[int, torch.Tensor] = {}
+
+    def release(self, seq_id: int) -> None:
+        self.draft_probs.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]):
+        r = self.runner
+        ids: list[int] = []
+        positions: list[int] = []
+        starts = [0]
+        for s in batch:
+            known_end = s.end_pos - len(s.draft_token_ids)
+            ids.extend(s.seq.token_ids[s.start_pos : known_end])
+            ids.extend(s.draft_token_ids)
+            positions.extend(range(s.start_pos, s.end_pos))
+            starts.append(starts[-1] + s.num_new_tokens)
+        metadata = AttentionMetadata.build([s.num_new_tokens for s in batch], [s.end_pos for s in batch],
+                                           [s.block_table for s in batch], r.block_size, r.device)
+        shared = [starts[i] for i, s in enumerate(batch) if s.seq.shared_recompute_pos == s.start_pos]
+        if shared:  # the recomputed last token of a prefix-cache hit / fork: its (equal) entry stays as cached
+            metadata.slot_mapping[torch.tensor(shared, device=r.device)] = r.num_blocks * r.block_size
+        ids_t = torch.tensor(ids, dtype=torch.long, device=r.device)
+        hidden = r.model(ids_t, torch.tensor(positions, dtype=torch.long, device=r.device), metadata, r.kv_caches)
+        results = r.results_with_prompt_logprobs(batch, hidden, starts)
+        emitted = self._verify(batch, hidden, starts, results)
+        self._draft(batch, hidden, starts, emitted, results)
+        return results
+
+    # ---- verification --------------------------------------------------------------------------
+    def _verify(self, batch, hidden, starts, results) -> dict[int, list[int]]:
+        """Accept/reject every sampling sequence's drafts; fills results; -> batch row -> emitted tokens."""
+        r = self.runner
+        sampling = [i for i, s in enumerate(batch) if s.needs_sample]
+        if not sampling:
+            return {}
+        rows_idx: list[int] = []
+        srows: list[SamplingRow] = []
+        drafts: list[int] = []  # per row: the draft it verifies, 0 for the bonus row
+        first_row: dict[int, int] = {}
+        for i in sampling:
+            s = batch[i]
+            d = s.draft_token_ids
+            base = r._sampling_row(s.seq)
+            first_row[i] = len(rows_idx)
+            first = starts[i] + s.num_new_tokens - 1 - len(d)
+            for j in range(len(d) + 1):
+                rows_idx.append(first + j)
+                srows.append(SamplingRow(base.params, base.prompt_token_ids, base.output_token_ids + d[:j],
+                                         base.generator))
+                drafts.append(d[j] if j < len(d) else 0)
+        dev = hidden.device
+        logits = r.model.compute_logits(hidden[torch.tensor(rows_idx, dtype=torch.long, device=dev)]).float()
+        p = r.sampler.probabilities(logits, srows)
+        q = torch.zeros_like(p)  # the draft distributions; zero on bonus rows, so max(p - q, 0) = p there
+        draft_t = torch.tensor(drafts, dtype=torch.long, device=dev)
+        has_draft = torch.zeros(len(rows_idx), dtype=torch.bool)
+        for i in sampling:
+            nd = len(batch[i].draft_token_ids)
+            if not nd:
+                continue
+            f = first_row[i]
+            has_draft[f : f + nd] = True
+            stored = self.draft_probs.get(batch[i].seq.seq_id)
+            if batch[i].seq.params.greedy or stored is None or stored.shape[0] < nd:
+                q[f : f + nd].scatter_(1, draft_t[f : f + nd, None], 1.0)  # a point mass (greedy drafts)
+            else:
+                q[f : f + nd] = stored[:nd]
+        has_draft = has_draft.to(dev)
+        pd = p.gather(1, draft_t[:, None])[:, 0]
+        qd = q.gather(1, draft_t[:, None])[:, 0]
+        greedy = [row.params.greedy for row in srows]
+        if all(greedy):
+            accept = has_draft & (pd >= 1.0)
+            token = torch.where(accept, draft_t, p.argmax(dim=-1))
+        else:
+            uniform, noise = self._randomness(srows, p.shape[1], dev)
+            accept = has_draft & (uniform * qd < pd)
+            residual = (p - q).clamp(min=0.0)
+            mass = residual.sum(dim=-1, keepdim=True)
+            residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+            drawn = (residual / noise).argmax(dim=-1)
+            greedy_t = torch.tensor(greedy, dtype=torch.bool, device=dev)
+            drawn = torch.where(greedy_t, p.argmax(dim=-1), drawn)
+            token = torch.where(accept, draft_t, drawn)
+        ns = [row.params.logprobs for row in srows]
+        chosen = top_vals = top_ids = None
+        if any(n is not None for n in ns):
+            raw = torch.log_softmax(logits, dim=-1)
+            chosen = raw.gather(1, token[:, None])[:, 0].tolist()
+            max_n = max(n or 0 for n in ns)
+            if max_n:
+                tv, ti = raw.topk(max_n, dim=-1)
+                top_vals, top_ids = tv.tolist(), ti.tolist()
+        accept_l, token_l = accept.tolist(), token.tolist()
+        bad_l = torch.isnan(p[:, 0]).tolist()
+        emitted: dict[int, list[int]] = {}
+        for i in sampling:
+            nd = len(batch[i].draft_token_ids)
+            toks, lps = [], []
+            bad = False
+            for j in range(nd + 1):
+                row = first_row[i] + j
+                if bad_l[row]:
+                    bad = True
+                    break
+                toks.append(token_l[row])
+                n = ns[row]
+                if n is None:
+                    lps.append(None)
+                else:
+                    top = dict(zip(top_ids[row][:n], top_vals[row][:n], strict=True)) if n else {}
+                    top[token_l[row]] = chosen[row]
+                    lps.append(Logprob(token_l[row], chosen[row], top))
+                if not (j < nd and accept_l[row]):
+                    break
+            res = results[i]
+            if bad:  # as the plain sampler: this request fails, the batch goes on
+                res.error = ("the model's logits for this request were not finite (NaN or inf, or every token "
+                             "masked); no token was sampled")
+                continue
+            res.token_id, res.logprob = toks[0], lps[0]
+            res.spec_token_ids, res.spec_logprobs = toks, lps
+            res.num_draft_tokens, res.num_accepted_tokens = nd, len(toks) - 1
+            emitted[i] = toks
+        return emitted
+
+    def _randomness(self, srows: list[SamplingRow], vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row a uniform in [0, 1) and an Exp(1) noise vector: from the row's own generator (seeded
+        requests, in row order) or the engine's."""
+        gen = self.runner.sampler.generator
+        uniform = torch.rand(len(srows), device=dev, generator=gen)
+        noise = torch.empty(len(srows), vocab, device=dev).exponential_(generator=gen)
+        for i, row in enumerate(srows):
+            if row.generator is not None:
+                uniform[i : i + 1].uniform_(generator=row.generator)
+                noise[i].exponential_(generator=row.generator)
+        return uniform, noise
+
+    # ---- MTP: cache entries for the known positions, then the next drafts --------------------------
+    def _draft(self, batch, hidden, starts, emitted, results) -> None:
+        r = self.runner
+        model, dev, bs = r.model, hidden.device, r.block_size
+        next_ids: list[int] = []
+        rows: list[int] = []
+        m_starts, m_ends, tables = [], [], []
+        extended: list[list[int]] = []
+        for i, s in enumerate(batch):
+            ext = s.seq.token_ids + emitted.get(i, [])
+            known = s.num_new_tokens - len(s.draft_token_ids)
+            m_end = s.start_pos + known + (len(emitted[i]) - 1 if i in emitted else 0)
+            if results[i].error is not None:  # a failed request: nothing more to compute
+                m_end = s.start_pos
+            next_ids.extend(ext[s.start_pos + 1 : m_end + 1])
+            rows.extend(range(starts[i], starts[i] + m_end - s.start_pos))
+            m_starts.append(s.start_pos)
+            m_ends.append(m_end)
+            tables.append(s.block_table)
+            extended.append(ext)
+        live = [i for i in range(len(batch)) if m_ends[i] > m_starts[i]]
+        if not live:
+            return
+        plan = build_mtp_plan([tables[i] for i in live], [m_starts[i] for i in live], [m_ends[i] for i in live],
+                              bs, dev)
+        positions = torch.tensor([p for a, b in zip(m_starts, m_ends, strict=True) for p in range(a, b)],
+                                 dtype=torch.long, device=dev)
+        h = model.mtp_forward(torch.tensor(next_ids, dtype=torch.long, device=dev),
+                              hidden[torch.tensor(rows, dtype=torch.long, device=dev)], positions, plan,
+                              r.mtp_kv_cache)
+        # which sequences draft, and how many: never past max_tokens / max_model_len (token_limit)
+        counts: dict[int, int] = {}
+        last_row: dict[int, int] = {}
+        offset = 0
+        for i, s in enumerate(batch):
+            offset += m_ends[i] - m_starts[i]
+            if i in emitted:
+                limit = s.token_limit if s.token_limit is not None else len(extended[i]) + self.k + 1
+                c = min(self.k, limit - len(extended[i]) - 1)
+                if c > 0:
+                    counts[i] = c
+                    last_row[i] = offset - 1
+            if i in emitted and i not in counts:
+                self.draft_probs.pop(s.seq.seq_id, None)
+        if not counts:
+            return
+        order = list(counts)
+        cur_h = h[torch.tensor([last_row[i] for i in order], dtype=torch.long, device=dev)]
+        cur_pos = {i: m_ends[i] - 1 for i in order}  # the MTP position whose output drafts the next token
+        drafts: dict[int, list[int]] = {i: [] for i in order}
+        dists: dict[int, list[torch.Tensor]] = {i: [] for i in order}
+        for step in range(1, max(counts.values()) + 1):
+            srows = []
+            for i in order:
+                base = r._sampling_row(batch[i].seq)
+                out = extended[i][batch[i].seq.num_prompt_tokens :] + drafts[i]
+                srows.append(SamplingRow(base.params, base.prompt_token_ids, out, base.generator))
+            q = r.sampler.probabilities(model.compute_logits(cur_h).float(), srows)
+            token = q.argmax(dim=-1)
+            if not all(row.params.greedy for row in srows):
+                noise = torch.empty_like(q).exponential_(generator=r.sampler.generator)
+                for j, row in enumerate(srows):
+                    if row.generator is not None:
+                        noise[j].exponential_(generator=row.generator)
+                sampled = (q / noise).argmax(dim=-1)
+                greedy_t = torch.tensor([row.params.greedy for row in srows], dtype=torch.bool, device=dev)
+                token = torch.where(greedy_t, token, sampled)
+            token_l = token.tolist()
+            for j, i in enumerate(order):
+                drafts[i].append(token_l[j])
+                if not batch[i].seq.params.greedy:
+                    dists[i].append(q[j])
+            keep = [j for j, i in enumerate(order) if counts[i] > step]
+            if not keep:
+                break
+            order = [order[j] for j in keep]
+            keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+            for i in order:
+                cur_pos[i] += 1
+            plan = build_mtp_plan([tables[i] for i in order], [cur_pos[i] for i in order],
+                                  [cur_pos[i] + 1 for i in order], bs, dev)
+            cur_h = model.mtp_forward(token[keep_t], cur_h[keep_t],
+                                      torch.tensor([cur_pos[i] for i in order], dtype=torch.long, device=dev),
+                                      plan, r.mtp_kv_cache)
+        for i in counts:
+            results[i].draft_token_ids = drafts[i]
+            if dists[i]:
+                self.draft_probs[batch[i].seq.seq_id] = torch.stack(dists[i])
+            else:
+                self.draft_probs.pop(batch[i].seq.seq_id, None)
