@@ -26,6 +26,7 @@ from longcat_service.server.openai_api.protocol import (
     ResponseMessage,
     ResponseToolCall,
     Usage,
+    speculative_usage,
 )
 from longcat_service.server.openai_api.reasoning_parser import ReasoningStreamParser, split_reasoning
 from longcat_service.server.openai_api.sampling import sampling_params
@@ -45,7 +46,8 @@ def usage_of(outputs, num_cached: int) -> Usage:
     prompt = len(outputs[0].prompt_token_ids) if outputs else 0
     completion = sum(len(c.token_ids) for out in outputs for c in out.outputs)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached),
+                 speculative=speculative_usage(outputs))
 
 
 async def create_chat_completion(ctx: HttpContext, request: ChatCompletionRequest, receive):

@@ -20,6 +20,7 @@ from longcat_service.server.openai_api.protocol import (
     CompletionResponse,
     PromptTokensDetails,
     Usage,
+    speculative_usage,
 )
 from longcat_service.server.openai_api.sampling import sampling_params
 from longcat_service.server.openai_api.tokens import TokenText
@@ -107,7 +108,8 @@ def _usage(finals: dict) -> Usage:
     completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
     cached = sum(out.num_cached_tokens for out in finals.values())
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                 speculative=speculative_usage(list(finals.values())))
 
 
 async def _final_outputs(gen: Generation) -> dict:

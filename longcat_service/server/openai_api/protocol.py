@@ -156,11 +156,33 @@ class PromptTokensDetails(_Response):
     cached_tokens: int = 0
 
 
+class SpeculativeUsage(_Response):
+    """MTP speculative decoding (a vLLM-style extra; absent without it): drafts proposed and accepted."""
+
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None
+
+
 class Usage(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    speculative: SpeculativeUsage | None = None
+
+
+def speculative_usage(outputs) -> SpeculativeUsage | None:
+    """Summed over the outputs' requests; None when none of them ran speculative steps."""
+    steps = sum(out.metrics.num_spec_steps for out in outputs)
+    drafts = sum(out.metrics.num_draft_tokens for out in outputs)
+    if not steps:
+        return None
+    accepted = sum(out.metrics.num_accepted_tokens for out in outputs)
+    return SpeculativeUsage(draft_tokens=drafts, accepted_draft_tokens=accepted,
+                            acceptance_rate=accepted / drafts if drafts else None,
+                            mean_accepted_length=(accepted + steps) / steps)
 
 
 class ResponseFunctionCall(_Response):
