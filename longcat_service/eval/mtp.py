@@ -1,5 +1,6 @@
-"""Held-out metrics of a checkpoint's MTP layer (the engine does not run MTP yet, so this uses the trainer's
-plain-PyTorch model, which matches transformers' main-model logits; tests/test_demo_trained.py).
+"""Held-out metrics of a checkpoint's MTP layer, computed with the trainer's plain-PyTorch model (which matches
+transformers' main-model logits; tests/test_demo_trained.py) over full windows; the engine's own acceptance with
+MTP speculative decoding on is measured by benchmarks/bench_mtp.py.
 
     python -m longcat_service.eval.mtp [--model DIR]      # default: the built-in demo checkpoint
 
