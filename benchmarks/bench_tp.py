@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     c.add_argument("--max-tokens", type=int, default=16)
     c.add_argument("--no-llm", dest="llm", action="store_false", help="skip greedy generation through LLM")
     c.add_argument("--crosscheck-dummy", action="store_true", help="tiny: virtual dummy init == its checkpoint")
+    c.add_argument("--expert-parallel", action="store_true",
+                   help="ranks > 1 hold whole experts (--enable-expert-parallel); compared with TP=1 as usual")
     s = sub.choices["speed"]
     s.add_argument("--prompt-len", type=int, default=512)
     s.add_argument("--new-tokens", type=int, default=64)
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
         h.add_argument("--batches", default="1,64")
         h.add_argument("--prompt-len", type=int, default=512)
         h.add_argument("--new-tokens", type=int, default=64)
+        h.add_argument("--expert-parallel", action="store_true")
     a = p.parse_args(argv)
     if a.cmd == "table":
         print(cmd_table(a.files))

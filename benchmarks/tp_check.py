@@ -104,11 +104,14 @@ def rank_check(
     tokens: list,
     comm_batches: list,
     vocab: int,
+    expert_parallel: bool = False,
 ) -> dict:
     """On every rank: load (this rank's shards), logits of one prefill of `tokens`; per batch B the collectives of
     a B-token forward and their timed replay. Rank 0's dict comes back."""
     from longcat_service.distributed import parallel_state
     from tests.engine_utils import full_forward_logits
+
+    parallel_state.set_expert_parallel(expert_parallel)
 
     rank, world = parallel_state.get_tp_rank(), parallel_state.get_tp_size()
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
@@ -158,7 +161,7 @@ def llm_child(a) -> dict:
         hf_overrides=json.loads(a.overrides) or None,
     )
     t0 = time.perf_counter()
-    llm = LLM(model=a.model_dir, tensor_parallel_size=a.tp, **kw)
+    llm = LLM(model=a.model_dir, tensor_parallel_size=a.tp, enable_expert_parallel=a.expert_parallel, **kw)
     load_s = time.perf_counter() - t0
     try:
         outs = llm.generate(prompts, params)
@@ -197,6 +200,7 @@ def cmd_check(a) -> dict:
         "skipped": skipped,
         "by_tp": {},
         "tolerance_rel": LOGIT_REL_TOL[dtype],
+        "expert_parallel": a.expert_parallel,
     }
     ref = None
     for tp in sizes:
@@ -215,6 +219,7 @@ def cmd_check(a) -> dict:
                 tokens,
                 ints(a.batches),
                 c.vocab_size,
+                a.expert_parallel,
                 timeout_s=a.rank_timeout,
             )
             logits = torch.from_numpy(out.pop("logits"))
@@ -248,6 +253,7 @@ def cmd_check(a) -> dict:
                         str(a.max_tokens),
                         "--overrides",
                         json.dumps(overrides),
+                        *(["--expert-parallel"] if a.expert_parallel else []),
                     ],
                     a.rank_timeout,
                 )

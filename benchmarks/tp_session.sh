@@ -9,6 +9,7 @@
 # check_tiny_graphs speed_graphs) picks steps (a second call can finish what the first left: SKIP_BUILD=1 with
 # the _C*.so the first call left in $OUT carried back).
 # NCCL_NVLS_ENABLE=0 is forced; the machine's multicast settings are left alone.
+#   check_tiny_ep  the same with --expert-parallel (whole experts per rank)
 #   check_tiny  TP 1,2,4,8 on the tiny model (fp32, real safetensors checkpoint): logits of one prefill vs TP=1
 #               (ranks of our own, NCCL) and greedy tokens + logprobs through LLM(tensor_parallel_size=N)
 #   speed       LongCat-Flash-2L (bf16, dummy TP-invariant weights): LLMEngine decode ms/step at batch 1, 64 for
@@ -23,7 +24,7 @@ L=$OUT/logs
 mkdir -p "$L"
 BUDGET=${BUDGET:-560}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-"check_tiny speed check_2l serve check_tiny_graphs speed_graphs"}
+STEPS=${STEPS:-"check_tiny check_tiny_ep speed check_2l serve check_tiny_graphs speed_graphs"}
 export NCCL_NVLS_ENABLE=0
 : > "$L/steps.tsv"
 
@@ -59,6 +60,8 @@ fi
 
 B="$PY benchmarks/bench_tp.py"
 step check_tiny 150 $B check --model tiny --device $DEVICE --tp-sizes $SIZES --out "$L/check_tiny.json"
+# expert parallelism (issue 20): the tiny checkpoint with whole experts per rank, logits and greedy tokens vs TP=1
+step check_tiny_ep 150 $B check --model tiny --device $DEVICE --tp-sizes $SIZES --expert-parallel --out "$L/check_tiny_ep.json"
 step speed 240 $B speed --model $BIG --device $DEVICE --tp-sizes $SIZES $SPEED --out "$L/speed.json"
 step check_2l 200 $B check --model $BIG --device $DEVICE --tp-sizes $SIZES --batches 1,64 --prompt-len 32 --no-llm \
   $([[ $DEVICE == cpu ]] && echo --dtype bfloat16) --out "$L/check_2l.json"
@@ -101,7 +104,7 @@ def tail(name, n=15):
     return "\n".join(p.read_text().splitlines()[-n:]) if p.exists() else "(no log)"
 
 
-for name in ("check_tiny", "check_2l"):
+for name in ("check_tiny", "check_tiny_ep", "check_2l"):
     r = load(name)
     print(f"\n== {name}: logits vs TP=1 (rel = ||d|| / ||ref||), greedy through LLM ==")
     if r is None:
