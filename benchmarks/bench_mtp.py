@@ -144,6 +144,9 @@ def part1(args, device: torch.device) -> dict:
             for g in list(engine.scheduler.groups):
                 engine.abort_request(g)
             engine.step()
+        # every name holding the runner (the closure's default argument too) must go, or the next engine's KV
+        # cache finds the GPU full (the H200 run of b313f95 ran out of memory here)
+        seqs = batch = one_step = graphs = None  # noqa: F841
         del engine
         runner = None
         gc.collect()
