@@ -152,6 +152,11 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             handler.cancel()
         return len(self._handlers)
 
+    async def wait_running_calls(self, timeout_s: float) -> None:
+        """Wait up to timeout_s for the Generate handlers that end_running_calls cancelled to end."""
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=timeout_s)
+
     async def _generate(self, request, context, started_at: float) -> str:
         if not self.state.accepting:
             raise CallFailed(grpc.StatusCode.UNAVAILABLE,
