@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark harness
+
+from harness import ints, median_time  # noqa: E402
 
 from longcat_service.engine.engine_args import EngineArgs  # noqa: E402
 from longcat_service.engine.llm_engine import LLMEngine  # noqa: E402
@@ -54,33 +56,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def median_ms(fn, device: torch.device, reps: int) -> float:
+    return median_time(fn, device, reps) * 1e3
 
 
 def make_engine(args, config_dir: Path, k: int | None, max_seqs: int) -> LLMEngine:
@@ -120,7 +97,7 @@ def step_batch(engine: LLMEngine, seqs: list) -> list[ScheduledSeq]:
 
 def part1(args, device: torch.device) -> dict:
     config_dir = ROOT / "benchmarks" / "configs" / ("longcat-flash-tiny" if args.tiny else "longcat-flash-2l")
-    batches, ks = _ints(args.batches), _ints(args.ks)
+    batches, ks = ints(args.batches), ints(args.ks)
     res: dict = {"config": config_dir.name, "plain_graph_ms": {}, "plain_eager_ms": {}, "spec_ms": {}}
     for k in [None, *ks]:
         engine = make_engine(args, config_dir, k, max(batches))
@@ -180,7 +157,7 @@ def part2(args, device: torch.device) -> dict:
     # ignore_eos: every request decodes new_tokens (the demo model may end a reply after a word)
     texts = ["And God said", "Hello, how are you?", "The king of Israel", "What is your name?"]
     res: dict = {}
-    for k in (None, *_ints(args.ks)):
+    for k in (None, *ints(args.ks)):
         spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
         engine = LLMEngine(EngineArgs(model=args.model, device=args.device, max_num_seqs=max(args.batch, 1),
                                       speculative_config=spec))

@@ -59,17 +59,7 @@ async def create_chat_completion(ctx: HttpContext, request: ChatCompletionReques
     if request.stream:
         return EventSourceResponse(_stream(ctx, gen, request, prompt, completion_id),
                                    background=BackgroundTask(gen.close, "cancelled"))
-    try:
-        final = await gen.until_disconnect(_last_output(gen))
-    except ApiError as e:
-        await gen.close(e.outcome)
-        raise gen.recorded(e) from None
-    except BaseException:
-        await gen.close("cancelled")
-        raise
-    outcome = gen.final_outcome()
-    await gen.close(outcome)
-    _raise_for_outcome(outcome, gen)
+    final = await collect_non_streaming(gen, _last_output(gen))
     tokens = TokenText(ctx.engine.tokenizer)
     choices = []
     for c in final.outputs:
@@ -99,6 +89,23 @@ async def _last_output(gen: Generation):
     async for _, out in gen.outputs():
         last = out
     return last
+
+
+async def collect_non_streaming(gen: Generation, outputs):
+    """A non-streaming response's outputs (the awaitable `outputs`), with the request closed and its outcome
+    recorded; a deadline or engine error raises its ApiError, a disconnect closes the request as cancelled."""
+    try:
+        result = await gen.until_disconnect(outputs)
+    except ApiError as e:
+        await gen.close(e.outcome)
+        raise gen.recorded(e) from None
+    except BaseException:
+        await gen.close("cancelled")
+        raise
+    outcome = gen.final_outcome()
+    await gen.close(outcome)
+    _raise_for_outcome(outcome, gen)
+    return result
 
 
 def _raise_for_outcome(outcome: str, gen: Generation) -> None:

@@ -9,7 +9,7 @@ import uuid
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.background import BackgroundTask
 
-from longcat_service.server.openai_api.chat import DONE, _raise_for_outcome
+from longcat_service.server.openai_api.chat import DONE, _raise_for_outcome, collect_non_streaming
 from longcat_service.server.openai_api.errors import ApiError, invalid
 from longcat_service.server.openai_api.generation import Generation, HttpContext
 from longcat_service.server.openai_api.prompts import completion_prompts
@@ -74,17 +74,7 @@ async def create_completion(ctx: HttpContext, request: CompletionRequest, receiv
     if request.stream:
         return EventSourceResponse(_stream(ctx, gen, request, prompts, texts, completion_id),
                                    background=BackgroundTask(gen.close, "cancelled"))
-    try:
-        finals = await gen.until_disconnect(_final_outputs(gen))
-    except ApiError as e:
-        await gen.close(e.outcome)
-        raise gen.recorded(e) from None
-    except BaseException:
-        await gen.close("cancelled")
-        raise
-    outcome = gen.final_outcome()
-    await gen.close(outcome)
-    _raise_for_outcome(outcome, gen)
+    finals = await collect_non_streaming(gen, _final_outputs(gen))
     tokens = TokenText(ctx.engine.tokenizer)
     choices = []
     for p, out in sorted(finals.items()):
