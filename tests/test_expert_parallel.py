@@ -160,6 +160,9 @@ def ep_reads(checkpoint: str) -> list[str]:
         def get_shape(self):
             return self.inner.get_shape()
 
+        def get_dtype(self):  # metadata only (the FP8 dtype check)
+            return self.inner.get_dtype()
+
         def __getitem__(self, index):
             reads.append(self.key)
             return self.inner[index]

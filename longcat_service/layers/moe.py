@@ -21,15 +21,15 @@ from longcat_service.config import ModelConfig, quantizes
 from longcat_service.distributed import parallel_state
 from longcat_service.distributed.expert_parallel import (
     AllToAllDispatcher,
-    ExpertPlacement,
     all_gather_token_shares,
     owned_token_range,
 )
-from longcat_service.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
+from longcat_service.distributed.parallel_state import all_reduce
+from longcat_service.layers.expert_shard import ExpertShard
 from longcat_service.layers.fp8_experts import Fp8FusedExperts
 from longcat_service.layers.router import TopkRouter
-from longcat_service.layers.weight_utils import WeightLoadError, check_shape, divide, make_param, read_narrow
-from longcat_service.ops.fp8 import moe_forward_fp8
+from longcat_service.layers.weight_utils import WeightLoadError, check_shape, make_param, read_narrow
+from longcat_service.ops.fp8 import fp8_expert_ffn, moe_forward_fp8
 
 EXPERT_SHARDS = ("gate", "up", "down")
 
@@ -37,37 +37,18 @@ EXPERT_SHARDS = ("gate", "up", "down")
 class FusedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.shard = shard = ExpertShard(num_experts, intermediate_size)
+        self.tp_rank, self.tp_size, self.placement = shard.tp_rank, shard.tp_size, shard.placement
+        self.local_experts, self.inter_per_rank = shard.local_experts, shard.inter_per_rank
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.placement: ExpertPlacement | None = None
-        if parallel_state.expert_parallel_enabled():
-            self.placement = ExpertPlacement.resolve(parallel_state.get_expert_placement_spec(), num_experts,
-                                                     self.tp_size)
-            self.local_experts = self.placement.experts_of(self.tp_rank)
-            self._local_index = self.placement.local_index
-            self.inter_per_rank = intermediate_size
-            num_local, shard_rank = len(self.local_experts), 0
-        else:
-            self.inter_per_rank = divide(intermediate_size, self.tp_size, "expert_ffn_hidden_size")
-            num_local, shard_rank = num_experts, self.tp_rank
-        self._shard_rank = shard_rank  # which slice of the intermediate dimension this rank reads
         i_local = self.inter_per_rank
-        self.w13 = make_param(num_local, 2 * i_local, hidden_size, dtype=dtype, loader=self._load_w13)
-        self.w2 = make_param(num_local, hidden_size, i_local, dtype=dtype, loader=self._load_w2)
-
-    def _check_expert(self, expert_id: int) -> int | None:
-        """The row of expert_id in this rank's stacked weights; None for an expert another rank holds (under EP
-        its tensors are never read here)."""
-        if not 0 <= expert_id < self.num_experts:
-            raise WeightLoadError(f"expert id {expert_id} out of range [0, {self.num_experts})")
-        if self.placement is None:
-            return expert_id
-        return self._local_index[expert_id] if self.placement.owner[expert_id] == self.tp_rank else None
+        self.w13 = make_param(shard.num_local, 2 * i_local, hidden_size, dtype=dtype, loader=self._load_w13)
+        self.w2 = make_param(shard.num_local, hidden_size, i_local, dtype=dtype, loader=self._load_w2)
 
     @torch.no_grad()
     def _load_w13(self, param: torch.Tensor, loaded: Any, expert_id: int, shard: str) -> None:
         """shard 'gate' or 'up': an HF [I, H] gate_proj / up_proj weight of one expert."""
-        row = self._check_expert(expert_id)
+        row = self.shard.row(expert_id)
         if shard not in ("gate", "up"):
             raise WeightLoadError(f"w13 shard must be 'gate' or 'up', got {shard!r}")
         check_shape(loaded, (self.intermediate_size, self.hidden_size))
@@ -75,19 +56,18 @@ class FusedExperts(nn.Module):
             return
         i_local = self.inter_per_rank
         offset = 0 if shard == "gate" else i_local
-        param[row, offset : offset + i_local].copy_(read_narrow(loaded, 0, self._shard_rank * i_local, i_local))
+        param[row, offset : offset + i_local].copy_(read_narrow(loaded, 0, self.shard.inter_start, i_local))
 
     @torch.no_grad()
     def _load_w2(self, param: torch.Tensor, loaded: Any, expert_id: int, shard: str = "down") -> None:
         """An HF [H, I] down_proj weight of one expert."""
-        row = self._check_expert(expert_id)
+        row = self.shard.row(expert_id)
         if shard != "down":
             raise WeightLoadError(f"w2 shard must be 'down', got {shard!r}")
         check_shape(loaded, (self.hidden_size, self.intermediate_size))
         if row is None:
             return
-        i_local = self.inter_per_rank
-        param[row].copy_(read_narrow(loaded, 1, self._shard_rank * i_local, i_local))
+        param[row].copy_(read_narrow(loaded, 1, self.shard.inter_start, self.inter_per_rank))
 
 
 class LongcatMoE(nn.Module):
@@ -97,9 +77,6 @@ class LongcatMoE(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.router = TopkRouter(config.hidden_size, config.num_router_experts)  # stays fp32, never quantized
         fp8 = quantizes(config, f"{prefix}.experts")
-        if fp8 and parallel_state.expert_parallel_enabled():
-            raise ValueError("enable_expert_parallel: FP8 experts under expert parallelism are not supported yet; "
-                             "serve FP8 with tensor parallelism only")
         experts_cls = Fp8FusedExperts if fp8 else FusedExperts
         self.experts = experts_cls(config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size, dtype)
         self.dispatcher: AllToAllDispatcher | None = None
@@ -160,9 +137,9 @@ class LongcatMoE(nn.Module):
         recv_rows, recv_expert, handle = dispatcher.dispatch(rows, local_row[expert_of_slot[order]], send_counts)
 
         # each received row is a one-slot token of the local experts
-        offsets, sorted_slots, slot_rows, _, _ = ops.moe_align(recv_expert.to(torch.int32).reshape(-1, 1),
+        offsets, sorted_slots, slot_rows, active, num_active = ops.moe_align(recv_expert.to(torch.int32).reshape(-1, 1),
                                                                experts.w13.shape[0])
-        y = ops.expert_ffn(recv_rows, experts.w13, experts.w2, offsets, sorted_slots, 1)
+        y = self._local_expert_ffn(recv_rows, offsets, sorted_slots, active, num_active)
         back = dispatcher.combine(y.index_select(0, slot_rows.long()), handle)
 
         expert_out = torch.empty_like(back)
@@ -172,3 +149,11 @@ class LongcatMoE(nn.Module):
         out_share = ops.combine(expert_out, slot_rows_share, weights, share, zero_weight, True)
         out = all_gather_token_shares(out_share, x.shape[0], rank, world, parallel_state.get_tp_group())
         return out.to(x.dtype)
+
+    def _local_expert_ffn(self, rows, offsets, sorted_slots, active, num_active) -> torch.Tensor:
+        """This rank's experts on received rows (one slot per row), BF16 or block-FP8 weights."""
+        e = self.experts
+        if isinstance(e, Fp8FusedExperts):
+            return fp8_expert_ffn(rows, e.w13, e.w13_scale, e.w2, e.w2_scale, offsets, sorted_slots, 1, active,
+                                  num_active, e.w13_parts, e.w8a8_reference)
+        return ops.expert_ffn(rows, e.w13, e.w2, offsets, sorted_slots, 1)
