@@ -26,6 +26,7 @@ _TP_SIZE = 1
 # Expert parallelism (distributed/expert_parallel.py): set before the model is built, read by the MoE layers.
 _EP_ENABLED = False
 _EP_PLACEMENT_SPEC: object = None  # None (contiguous), a {expert: rank} dict, or a JSON file path
+_EP_CAPACITY_FACTOR: float | None = None  # CUDA-graph decode steps' rows per peer (ep_static_dispatch.py)
 
 
 def init_distributed(
@@ -70,11 +71,12 @@ def destroy_distributed() -> None:
     set_expert_parallel(False)
 
 
-def set_expert_parallel(enabled: bool, placement: object = None) -> None:
+def set_expert_parallel(enabled: bool, placement: object = None, capacity_factor: float | None = None) -> None:
     """Split the routed experts as whole experts over the tp ranks (instead of every expert's intermediate
-    dimension). placement: None (contiguous groups), a {expert: rank} dict or a JSON file path. A no-op at tp 1."""
-    global _EP_ENABLED, _EP_PLACEMENT_SPEC
-    _EP_ENABLED, _EP_PLACEMENT_SPEC = bool(enabled), placement
+    dimension). placement: None (contiguous groups), a {expert: rank} dict or a JSON file path. capacity_factor:
+    see ep_static_dispatch.capacity_per_peer (None: buffers that never overflow). A no-op at tp 1."""
+    global _EP_ENABLED, _EP_PLACEMENT_SPEC, _EP_CAPACITY_FACTOR
+    _EP_ENABLED, _EP_PLACEMENT_SPEC, _EP_CAPACITY_FACTOR = bool(enabled), placement, capacity_factor
 
 
 def expert_parallel_enabled() -> bool:
@@ -83,6 +85,10 @@ def expert_parallel_enabled() -> bool:
 
 def get_expert_placement_spec() -> object:
     return _EP_PLACEMENT_SPEC
+
+
+def get_ep_capacity_factor() -> float | None:
+    return _EP_CAPACITY_FACTOR
 
 
 def get_tp_rank() -> int:

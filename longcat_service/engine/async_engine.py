@@ -194,6 +194,7 @@ class AsyncEngine:
             num_waiting_tokens=snap.num_waiting_tokens + sum(len(c[2]) for c in pending),
             kv_cache_usage=snap.kv_cache_usage,
             expert_tokens=snap.expert_tokens,
+            ep_capacity_overflows=snap.ep_capacity_overflows,
         )
 
     def _engine(self) -> LLMEngine:
@@ -320,7 +321,8 @@ class AsyncEngine:
             return EngineLoad(0, len(pending), sum(n for _, n in pending), 0.0)
         return EngineLoad(num_running=snap.num_running, num_waiting=snap.num_waiting + len(pending),
                           num_waiting_tokens=snap.num_waiting_tokens + sum(n for _, n in pending),
-                          kv_cache_usage=snap.kv_cache_usage, expert_tokens=snap.expert_tokens)
+                          kv_cache_usage=snap.kv_cache_usage, expert_tokens=snap.expert_tokens,
+                          ep_capacity_overflows=snap.ep_capacity_overflows)
 
     def _on_core_message(self, msg: tuple) -> None:
         """Reader thread: one child message; a step's deltas reach each event loop in one callback."""

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from longcat_service.distributed.ep_static_dispatch import static_dispatch
 from longcat_service.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class CUDAGraphRunner:
         )
 
     def _forward(self, b: int) -> torch.Tensor:
+        # expert parallelism: fixed-capacity all-to-all (static shapes, no host sync); a no-op otherwise
+        with static_dispatch():
+            return self._forward_static(b)
+
+    def _forward_static(self, b: int) -> torch.Tensor:
         hidden = self.model(self.packed[0, :b], self.packed[1, :b], self._metadata(b), self.kv_caches)
         return self.model.compute_logits(hidden)
 

@@ -47,6 +47,10 @@ class EngineArgs:
     # None (contiguous groups), a {expert: rank} dict or the path of a JSON file holding one
     enable_expert_parallel: bool = False
     expert_placement: str | dict | None = None
+    # EP CUDA-graph decode steps: all-to-all rows per peer = this factor x a uniform routing's share, at most the
+    # never-overflowing bound; a step that overflows runs again eagerly (distributed/ep_static_dispatch.py).
+    # None: the bound (largest token share x top-k per peer)
+    ep_capacity_factor: float | None = None
     # count the tokens routed to each expert (longcat_expert_routed_tokens_total; input of distributed/eplb.py)
     collect_expert_load: bool = False
     hf_overrides: dict | None = None  # config.json keys replaced before the model config is parsed ({"num_layers": 2})
@@ -83,6 +87,12 @@ class EngineArgs:
             raise EngineArgsError("quantization", f"unsupported method {self.quantization!r}; supported: 'fp8'")
         if self.expert_placement is not None and not self.enable_expert_parallel:
             raise EngineArgsError("expert_placement", "needs enable_expert_parallel=True")
+        if self.ep_capacity_factor is not None:
+            if not self.enable_expert_parallel:
+                raise EngineArgsError("ep_capacity_factor", "needs enable_expert_parallel=True")
+            if isinstance(self.ep_capacity_factor, bool) or not isinstance(self.ep_capacity_factor, int | float) \
+                    or not self.ep_capacity_factor > 0:
+                raise EngineArgsError("ep_capacity_factor", f"must be a number > 0, got {self.ep_capacity_factor!r}")
         if self.expert_placement is not None and not isinstance(self.expert_placement, str | Path | dict):
             raise EngineArgsError("expert_placement", f"must be a JSON file path or a dict, got {self.expert_placement!r}")
         if self.engine_mode not in ("auto", "process", "thread"):

@@ -55,6 +55,7 @@ class CoreStatus:
     runner_healthy: bool  # e.g. False when a tensor-parallel rank was lost
     last_add_seq: int  # the last add command applied (the parent counts later ones as still waiting)
     expert_tokens: tuple[int, ...] | None = None
+    ep_capacity_overflows: int | None = None
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _status(engine, last_add_seq: int) -> CoreStatus:
     load = engine.load()
     healthy = bool(getattr(engine.runner, "is_healthy", lambda: True)())
     return CoreStatus(load.num_running, load.num_waiting, load.num_waiting_tokens, load.kv_cache_usage, healthy,
-                      last_add_seq, load.expert_tokens)
+                      last_add_seq, load.expert_tokens, load.ep_capacity_overflows)
 
 
 def run_engine_core(args, cmd_conn, out_conn) -> None:

@@ -29,6 +29,8 @@ class EngineLoad:
     num_waiting_tokens: int
     kv_cache_usage: float  # share of KV blocks in use, 0..1
     expert_tokens: tuple[int, ...] | None = None  # with collect_expert_load: routed slots per expert so far
+    # under expert parallelism: CUDA-graph decode steps run again eagerly because a fixed-capacity buffer overflowed
+    ep_capacity_overflows: int | None = None
 
 
 class LLMEngine:
@@ -144,6 +146,7 @@ class LLMEngine:
             num_waiting_tokens=self.scheduler.num_waiting_tokens,
             kv_cache_usage=self.block_manager.usage,
             expert_tokens=counter.snapshot() if (counter := getattr(self.runner, "expert_load", None)) else None,
+            ep_capacity_overflows=getattr(self.runner, "ep_capacity_overflows", None),
         )
 
     # ---- the step ------------------------------------------------------------------------------

@@ -81,6 +81,11 @@ class ModelRunner:
             from longcat_service.engine.expert_load import ExpertLoadCounter
 
             self.expert_load = ExpertLoadCounter(self.model)
+        from longcat_service.layers.moe import capacity_overflowed
+
+        # expert parallelism: did the last graph-replayed decode step overflow a fixed-capacity all-to-all buffer?
+        self._ep_overflowed = capacity_overflowed(self.model)
+        self.ep_capacity_overflows = None if self._ep_overflowed is None else 0  # steps re-run eagerly for it
         self.config = self.model.config
         self.dtype = self.model.dtype  # the activation / KV-cache dtype (FP8 weights are not it)
         self.block_size = args.block_size
@@ -229,6 +234,12 @@ class ModelRunner:
             except Exception:  # e.g. a capture-unsafe op (host sync) in the decode path: serve eagerly instead
                 logger.exception("CUDA-graph decode failed; running eagerly from now on")
                 self.graph_runner = None
+                logits = None
+            if logits is not None and self._ep_overflowed is not None and self._ep_overflowed():
+                # some expert's rank got more rows than the buffers hold: the replay dropped slots and its logits
+                # are wrong; the same step runs again eagerly (variable splits; it rewrites the same cache slots).
+                # Every rank reads the same flag (all-reduced in the graph), so all ranks re-run it together.
+                self.ep_capacity_overflows += 1
                 logits = None
             if logits is not None:
                 rows = [self._sampling_row(s.seq, pending=input_ids is not None) for s in batch]

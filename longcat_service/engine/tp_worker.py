@@ -89,7 +89,8 @@ class _TPRunnerMixin:
             info.world_size, info.rank, backend=default_backend(device_type),
             store=dist.PrefixStore("longcat/pg", store),
         )  # fmt: skip
-        parallel_state.set_expert_parallel(args.enable_expert_parallel, args.expert_placement)
+        parallel_state.set_expert_parallel(args.enable_expert_parallel, args.expert_placement,
+                                           args.ep_capacity_factor)
         self.info = info
         self.store = store
         self.channel = StepChannel(parallel_state.get_cpu_group())
@@ -110,8 +111,8 @@ def _tp_cuda_graphs() -> bool:
 
 class TPDriverRunner(_TPRunnerMixin, ModelRunner):
     supports_chained_decode = False  # the workers get each step's token ids from the host
-    # EP's all-to-all exchanges its split sizes on the host: its steps stay eager (no capture)
-    uses_cuda_graphs = property(lambda self: _tp_cuda_graphs() and not self.args.enable_expert_parallel)
+    # under EP the captured decode steps use the fixed-capacity all-to-all (distributed/ep_static_dispatch.py)
+    uses_cuda_graphs = property(lambda self: _tp_cuda_graphs())
 
     def __init__(self, args: EngineArgs, model_path, env: RankInfo | None):
         self.failure: str | None = None  # set once the TP group is lost; the process then exits
@@ -257,8 +258,8 @@ class _SkipSampler:
 
 class TPWorkerRunner(_TPRunnerMixin, ModelRunner):
     supports_chained_decode = False
-    # EP's all-to-all exchanges its split sizes on the host: its steps stay eager (no capture)
-    uses_cuda_graphs = property(lambda self: _tp_cuda_graphs() and not self.args.enable_expert_parallel)
+    # under EP the captured decode steps use the fixed-capacity all-to-all (distributed/ep_static_dispatch.py)
+    uses_cuda_graphs = property(lambda self: _tp_cuda_graphs())
 
     def __init__(self, args: EngineArgs, model_path, info: RankInfo, store: dist.TCPStore):
         self._stopping = False

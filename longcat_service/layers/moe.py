@@ -11,6 +11,7 @@ it (w13 [E_r, 2I, H], w2 [E_r, H, I]); tokens travel to their experts and back (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,11 @@ import torch.nn as nn
 from longcat_service import ops
 from longcat_service.config import ModelConfig, quantizes
 from longcat_service.distributed import parallel_state
+from longcat_service.distributed.ep_static_dispatch import (
+    FixedCapacityDispatcher,
+    capacity_per_peer,
+    static_dispatch_active,
+)
 from longcat_service.distributed.expert_parallel import (
     AllToAllDispatcher,
     all_gather_token_shares,
@@ -27,6 +33,7 @@ from longcat_service.distributed.expert_parallel import (
 from longcat_service.distributed.parallel_state import all_reduce
 from longcat_service.layers.expert_shard import ExpertShard
 from longcat_service.layers.fp8_experts import Fp8FusedExperts
+from longcat_service.layers.moe_ep import exchange_static, exchange_variable
 from longcat_service.layers.router import TopkRouter
 from longcat_service.layers.weight_utils import WeightLoadError, check_shape, make_param, read_narrow
 from longcat_service.ops.fp8 import fp8_expert_ffn, moe_forward_fp8
@@ -81,9 +88,14 @@ class LongcatMoE(nn.Module):
         self.experts = experts_cls(config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size, dtype)
         self.dispatcher: AllToAllDispatcher | None = None
         if getattr(self.experts, "placement", None) is not None:
-            self.dispatcher = AllToAllDispatcher(parallel_state.get_tp_group(), self.experts.tp_size)
-            self._owner = torch.tensor(self.experts.placement.owner, dtype=torch.int64)
-            self._local_row = torch.tensor(self.experts.placement.local_index, dtype=torch.int64)
+            group, world = parallel_state.get_tp_group(), self.experts.tp_size
+            self.dispatcher = AllToAllDispatcher(group, world)
+            self.static_dispatcher = FixedCapacityDispatcher(group, world)
+            device = self.router.e_score_correction_bias.device
+            self._owner = torch.tensor(self.experts.placement.owner, dtype=torch.int64, device=device)
+            self._local_row = torch.tensor(self.experts.placement.local_index, dtype=torch.int64, device=device)
+            # set by each fixed-capacity step (static_dispatch): this layer dropped slots (see capacity_overflowed)
+            self.capacity_overflow = torch.zeros((), dtype=torch.bool, device=device)
 
         # tokens routed to each real expert (last entry: identity slots), counted only once enabled
         self.expert_load: torch.Tensor | None = None
@@ -117,8 +129,9 @@ class LongcatMoE(nn.Module):
 
     def _forward_expert_parallel(self, x: torch.Tensor) -> torch.Tensor:
         """Route this rank's share of the tokens, send real-expert slots to their experts' ranks, run the local
-        experts on what arrives, send the outputs back, combine in slot order, all-gather the shares."""
-        experts, dispatcher = self.experts, self.dispatcher
+        experts on what arrives, send the outputs back, combine in slot order, all-gather the shares. Inside
+        `static_dispatch()` (CUDA-graph decode) with fixed capacity per peer, else with variable splits."""
+        experts = self.experts
         rank, world = experts.tp_rank, experts.tp_size
         start, end = owned_token_range(x.shape[0], rank, world)
         share = x[start:end]
@@ -126,34 +139,37 @@ class LongcatMoE(nn.Module):
                                                     self.top_k, self.routed_scaling_factor, experts.num_experts)
         if self.expert_load is not None:
             self._count(ids)
-        flat = ids.reshape(-1).long()
-        real_slots = torch.nonzero(flat < experts.num_experts).flatten()  # zero-expert slots stay here
-        expert_of_slot = flat[real_slots]
-        owner, local_row = self._owner.to(x.device), self._local_row.to(x.device)
-        dest = owner[expert_of_slot]
-        order = torch.sort(dest, stable=True).indices  # rows for rank r contiguous, slot order within
-        send_counts = torch.bincount(dest, minlength=world).tolist()
-        rows = share.index_select(0, torch.div(real_slots[order], self.top_k, rounding_mode="floor"))
-        recv_rows, recv_expert, handle = dispatcher.dispatch(rows, local_row[expert_of_slot[order]], send_counts)
-
-        # each received row is a one-slot token of the local experts
-        offsets, sorted_slots, slot_rows, active, num_active = ops.moe_align(recv_expert.to(torch.int32).reshape(-1, 1),
-                                                               experts.w13.shape[0])
-        y = self._local_expert_ffn(recv_rows, offsets, sorted_slots, active, num_active)
-        back = dispatcher.combine(y.index_select(0, slot_rows.long()), handle)
-
-        expert_out = torch.empty_like(back)
-        expert_out[order] = back  # back to the order of real_slots
-        slot_rows_share = torch.full((flat.numel(),), -1, dtype=torch.int32, device=x.device)
-        slot_rows_share[real_slots] = torch.arange(real_slots.numel(), dtype=torch.int32, device=x.device)
-        out_share = ops.combine(expert_out, slot_rows_share, weights, share, zero_weight, True)
+        if static_dispatch_active():
+            capacity = capacity_per_peer(x.shape[0], world, self.top_k, parallel_state.get_ep_capacity_factor())
+            expert_out, slot_rows, overflow = exchange_static(
+                share, ids, experts.num_experts, self._owner, self._local_row, self.top_k, experts.w13.shape[0],
+                self.static_dispatcher, self._local_experts, capacity)
+            self.capacity_overflow.copy_(overflow)
+        else:
+            expert_out, slot_rows = exchange_variable(share, ids, experts.num_experts, self._owner, self._local_row,
+                                                      self.top_k, world, self.dispatcher, self._local_experts)
+        out_share = ops.combine(expert_out, slot_rows, weights, share, zero_weight, True)
         out = all_gather_token_shares(out_share, x.shape[0], rank, world, parallel_state.get_tp_group())
         return out.to(x.dtype)
 
-    def _local_expert_ffn(self, rows, offsets, sorted_slots, active, num_active) -> torch.Tensor:
-        """This rank's experts on received rows (one slot per row), BF16 or block-FP8 weights."""
+    def _local_experts(self, rows: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on received rows (one slot each; local_expert >= E_local: no expert, output
+        unspecified) -> [R, H] aligned with rows. BF16 or block-FP8 weights."""
         e = self.experts
+        offsets, sorted_slots, slot_rows, active, num_active = ops.moe_align(
+            local_expert.to(torch.int32).reshape(-1, 1), e.w13.shape[0])
         if isinstance(e, Fp8FusedExperts):
-            return fp8_expert_ffn(rows, e.w13, e.w13_scale, e.w2, e.w2_scale, offsets, sorted_slots, 1, active,
-                                  num_active, e.w13_parts, e.w8a8_reference)
-        return ops.expert_ffn(rows, e.w13, e.w2, offsets, sorted_slots, 1)
+            y = fp8_expert_ffn(rows, e.w13, e.w13_scale, e.w2, e.w2_scale, offsets, sorted_slots, 1, active,
+                               num_active, e.w13_parts, e.w8a8_reference)
+        else:
+            y = ops.expert_ffn(rows, e.w13, e.w2, offsets, sorted_slots, 1)
+        return y.index_select(0, slot_rows.long().clamp(min=0))
+
+
+def capacity_overflowed(model: nn.Module) -> Callable[[], bool] | None:
+    """For a model with expert-parallel MoE layers: a function telling whether the last fixed-capacity step
+    (static_dispatch) dropped slots in any layer (reads the device flags: a host sync). None without EP."""
+    flags = [m.capacity_overflow for m in model.modules() if isinstance(m, LongcatMoE) and m.dispatcher is not None]
+    if not flags:
+        return None
+    return lambda: bool(torch.stack(flags).any().item())

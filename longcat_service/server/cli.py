@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--collect-expert-load", action="store_true", default=None,
                    help="export longcat_expert_routed_tokens_total per expert, the input of "
                         "`python -m longcat_service.distributed.eplb` (default: off)")
+    g.add_argument("--ep-capacity-factor", type=float, default=None, metavar="F",
+                   help="--enable-expert-parallel with CUDA graphs: all-to-all rows per peer in a decode step, as F x "
+                        "a uniform routing's share (a step that overflows runs again eagerly; default: buffers "
+                        "that never overflow)")
     g.add_argument("--expert-placement", default=None, metavar="JSON_FILE",
                    help="static expert -> rank map for --enable-expert-parallel (default: contiguous groups)")
     g.add_argument("--engine-mode", choices=["auto", "process", "thread"], default="auto",
@@ -170,7 +174,7 @@ def engine_args_from(args: argparse.Namespace):
         "step_timeout_s": args.step_timeout_s, "overlap_steps": args.overlap_steps,
         "async_scheduling": args.async_scheduling, "speculative_config": args.speculative_config,
         "collect_expert_load": args.collect_expert_load, "enable_expert_parallel": args.enable_expert_parallel,
-        "expert_placement": args.expert_placement,
+        "expert_placement": args.expert_placement, "ep_capacity_factor": args.ep_capacity_factor,
     }
     if args.tensor_parallel_size != 1 and "tensor_parallel_size" not in known:
         raise SystemExit("--tensor-parallel-size: this engine build has no tensor parallelism")

@@ -53,6 +53,7 @@ class ServerMetrics:
         Gauge("longcat_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
               registry=r).set_function(lambda: engine.load().kv_cache_usage)
         r.register(_ExpertLoadCollector(engine))
+        r.register(_EpOverflowCollector(engine))
         for outcome in OUTCOMES:  # export zeros so that rate() works from the first scrape
             self.requests.labels(outcome)
         self._http = None
@@ -96,4 +97,24 @@ class _ExpertLoadCollector:
                                      labels=["expert"])
         for expert, count in enumerate(counts):
             family.add_metric([str(expert)], count)
+        yield family
+
+
+class _EpOverflowCollector:
+    """longcat_ep_capacity_overflow_total: under expert parallelism, CUDA-graph decode steps whose fixed-capacity
+    all-to-all overflowed and that ran again eagerly (distributed/ep_static_dispatch.py); absent without EP."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        count = getattr(self.engine.load(), "ep_capacity_overflows", None)
+        if count is None:
+            return
+        family = CounterMetricFamily("longcat_ep_capacity_overflow", "EP decode steps re-run eagerly because a "
+                                     "fixed-capacity all-to-all buffer overflowed")
+        family.add_metric([], count)
         yield family
