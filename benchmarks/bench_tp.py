@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     c.add_argument("--crosscheck-dummy", action="store_true", help="tiny: virtual dummy init == its checkpoint")
     c.add_argument("--expert-parallel", action="store_true",
                    help="ranks > 1 hold whole experts (--enable-expert-parallel); compared with TP=1 as usual")
+    c.add_argument("--ep-capacity-factor", type=float, default=None,
+                   help="with --expert-parallel: EngineArgs.ep_capacity_factor of the LLM runs (CUDA-graph decode)")
     s = sub.choices["speed"]
     s.add_argument("--prompt-len", type=int, default=512)
     s.add_argument("--new-tokens", type=int, default=64)
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
         h.add_argument("--prompt-len", type=int, default=512)
         h.add_argument("--new-tokens", type=int, default=64)
         h.add_argument("--expert-parallel", action="store_true")
+        h.add_argument("--ep-capacity-factor", type=float, default=None)
     a = p.parse_args(argv)
     if a.cmd == "table":
         print(cmd_table(a.files))

@@ -161,8 +161,11 @@ def llm_child(a) -> dict:
         hf_overrides=json.loads(a.overrides) or None,
     )
     t0 = time.perf_counter()
+    if a.expert_parallel and a.tp > 1 and a.ep_capacity_factor is not None:
+        kw["ep_capacity_factor"] = a.ep_capacity_factor
     llm = LLM(model=a.model_dir, tensor_parallel_size=a.tp, enable_expert_parallel=a.expert_parallel, **kw)
     load_s = time.perf_counter() - t0
+    runner = llm.engine.runner
     try:
         outs = llm.generate(prompts, params)
     finally:
@@ -171,6 +174,9 @@ def llm_child(a) -> dict:
             close()
     return {
         "load_s": load_s,
+        # decode CUDA graphs captured on rank 0 (0: eager), and EP graph steps re-run eagerly for overflow
+        "graphs": len(runner.graph_runner.graphs) if runner.graph_runner is not None else 0,
+        "ep_capacity_overflows": getattr(runner, "ep_capacity_overflows", None),
         "tokens": [o.outputs[0].token_ids for o in outs],
         "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs],
     }
@@ -254,6 +260,7 @@ def cmd_check(a) -> dict:
                         "--overrides",
                         json.dumps(overrides),
                         *(["--expert-parallel"] if a.expert_parallel else []),
+                        *(["--ep-capacity-factor", str(a.ep_capacity_factor)] if a.ep_capacity_factor else []),
                     ],
                     a.rank_timeout,
                 )

@@ -5,11 +5,14 @@
 #   DEVICE=cpu bash benchmarks/tp_session.sh   CPU dry run: tiny model everywhere, gloo, TP 1 and 2, small loads
 # Wheels it installs from .whl/ (grpc health/reflection): benchmarks/fetch_device_wheels.sh on the CPU machine.
 # Every step runs under `timeout`, capped by what is left of BUDGET (default 560 s, so one 600 s call fits), in
-# priority order; the summary is always written. STEPS (default: check_tiny speed check_2l serve
-# check_tiny_graphs speed_graphs) picks steps (a second call can finish what the first left: SKIP_BUILD=1 with
+# priority order; the summary is always written. STEPS (default: check_tiny check_tiny_ep speed check_2l serve
+# check_tiny_graphs check_tiny_ep_graphs check_tiny_ep_graphs_overflow speed_graphs) picks steps (a second call can finish what the first left: SKIP_BUILD=1 with
 # the _C*.so the first call left in $OUT carried back).
 # NCCL_NVLS_ENABLE=0 is forced; the machine's multicast settings are left alone.
 #   check_tiny_ep  the same with --expert-parallel (whole experts per rank)
+#   check_tiny_ep_graphs(_overflow)  check_tiny_ep with LONGCAT_TP_CUDA_GRAPHS=1 (EP decode captured with the
+#               fixed-capacity all-to-all), default capacity and a tiny one (--ep-capacity-factor 0.05: overflowing
+#               steps re-run eagerly, by_tp.N.llm.ep_capacity_overflows > 0, tokens still equal TP=1)
 #   check_tiny  TP 1,2,4,8 on the tiny model (fp32, real safetensors checkpoint): logits of one prefill vs TP=1
 #               (ranks of our own, NCCL) and greedy tokens + logprobs through LLM(tensor_parallel_size=N)
 #   speed       LongCat-Flash-2L (bf16, dummy TP-invariant weights): LLMEngine decode ms/step at batch 1, 64 for
@@ -24,7 +27,7 @@ L=$OUT/logs
 mkdir -p "$L"
 BUDGET=${BUDGET:-560}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-"check_tiny check_tiny_ep speed check_2l serve check_tiny_graphs speed_graphs"}
+STEPS=${STEPS:-"check_tiny check_tiny_ep speed check_2l serve check_tiny_graphs check_tiny_ep_graphs check_tiny_ep_graphs_overflow speed_graphs"}
 export NCCL_NVLS_ENABLE=0
 : > "$L/steps.tsv"
 
@@ -77,6 +80,12 @@ fi
 if [[ $DEVICE != cpu ]]; then
   step check_tiny_graphs 150 LONGCAT_TP_CUDA_GRAPHS=1 $B check --model tiny --device $DEVICE --tp-sizes $SIZES \
     --out "$L/check_tiny_graphs.json"
+  # EP decode in CUDA graphs (fixed-capacity all-to-all captured): default capacity (never overflows: by_tp.N.llm
+  # ep_capacity_overflows 0, graphs > 0), then a tiny one (overflowing steps re-run eagerly; tokens still equal)
+  step check_tiny_ep_graphs 150 LONGCAT_TP_CUDA_GRAPHS=1 $B check --model tiny --device $DEVICE --tp-sizes $SIZES \
+    --expert-parallel --out "$L/check_tiny_ep_graphs.json"
+  step check_tiny_ep_graphs_overflow 150 LONGCAT_TP_CUDA_GRAPHS=1 $B check --model tiny --device $DEVICE \
+    --tp-sizes $SIZES --expert-parallel --ep-capacity-factor 0.05 --out "$L/check_tiny_ep_graphs_overflow.json"
   step speed_graphs 240 LONGCAT_TP_CUDA_GRAPHS=1 $B speed --model $BIG --device $DEVICE --tp-sizes $SIZES $SPEED \
     --out "$L/speed_graphs.json"
 fi
@@ -104,7 +113,7 @@ def tail(name, n=15):
     return "\n".join(p.read_text().splitlines()[-n:]) if p.exists() else "(no log)"
 
 
-for name in ("check_tiny", "check_tiny_ep", "check_2l"):
+for name in ("check_tiny", "check_tiny_ep", "check_2l", "check_tiny_ep_graphs", "check_tiny_ep_graphs_overflow"):
     r = load(name)
     print(f"\n== {name}: logits vs TP=1 (rel = ||d|| / ||ref||), greedy through LLM ==")
     if r is None:
@@ -125,6 +134,8 @@ for name in ("check_tiny", "check_tiny_ep", "check_2l"):
               f"{g('peak_gib', '{:.1f}'):>8}")
         if "llm_error" in x:
             print(f"    LLM ERROR {x['llm_error'][-600:]}")
+        if "graphs" in (x.get("llm") or {}):  # decode graphs captured, EP graph steps re-run for overflow
+            print(f"    graphs {x['llm']['graphs']}, ep_capacity_overflows {x['llm'].get('ep_capacity_overflows')}")
     for tp, x in r["by_tp"].items():
         for b, c in (x.get("comm") or {}).items():
             if c.get("ms") is not None:
