@@ -236,3 +236,40 @@ def test_engine_decode_through_fixed_capacity_equals_tp1(model, reference, capac
     else:  # one row per peer: every multi-sequence decode step overflows, runs again eagerly, and is counted
         assert 0 < got["overflows"] <= got["replays"]
     assert _overflow_metric(got["metrics"]) == got["overflows"]
+
+
+def test_ep_capacity_factor_flag_and_its_errors():
+    from longcat_service.engine.engine_args import EngineArgs
+    from longcat_service.engine.errors import EngineArgsError
+    from longcat_service.server.cli import build_parser, engine_args_from
+
+    argv = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--ep-capacity-factor", "1.5"]
+    assert engine_args_from(build_parser().parse_args(argv)).ep_capacity_factor == 1.5
+    assert EngineArgs().ep_capacity_factor is None
+    with pytest.raises(EngineArgsError, match="ep_capacity_factor.*needs enable_expert_parallel"):
+        EngineArgs(ep_capacity_factor=2.0)
+    for bad in (0, -1.0, "2", True):
+        with pytest.raises(EngineArgsError, match="ep_capacity_factor.*must be a number > 0"):
+            EngineArgs(enable_expert_parallel=True, ep_capacity_factor=bad)
+
+
+def test_overflow_counter_is_exported_only_under_expert_parallelism():
+    from prometheus_client import generate_latest
+
+    from longcat_service.engine.llm_engine import EngineLoad
+    from longcat_service.server.metrics import ServerMetrics
+
+    class Engine:
+        overflows = None
+
+        def load(self):
+            return EngineLoad(0, 0, 0, 0.0, ep_capacity_overflows=self.overflows)
+
+    class Admission:
+        queued_requests = queued_tokens = 0
+
+    engine = Engine()
+    metrics = ServerMetrics(engine, Admission())
+    assert "longcat_ep_capacity_overflow" not in generate_latest(metrics.registry).decode()
+    engine.overflows = 3
+    assert _overflow_metric(generate_latest(metrics.registry).decode()) == 3
