@@ -201,19 +201,26 @@ def ep_engine_rank(model: str, capacity_factor: float | None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def models(tmp_path_factory):
+    """A BF16-style (fp32 here) checkpoint with zero experts and 6 experts over 2 ranks, and a block-FP8 one."""
+    from tests.fp8_checkpoint import write_pair
     from tests.hf_tiny import build_hf_model, save_hf_model
     from tests.test_expert_parallel import UNEVEN
+    from tests.test_expert_parallel_fp8 import EP_FP8
 
-    return str(save_hf_model(build_hf_model("base", seed=1, **UNEVEN), tmp_path_factory.mktemp("ep_static")))
+    return {"bf16": str(save_hf_model(build_hf_model("base", seed=1, **UNEVEN), tmp_path_factory.mktemp("ep_st"))),
+            "fp8": str(write_pair(tmp_path_factory.mktemp("ep_st_fp8"), EP_FP8, seed=2)["fp8"])}
 
 
 @pytest.fixture(scope="module")
-def reference(model):
+def references(models):
     from longcat_service.llm import LLM
 
-    out = LLM(model=model, **LLM_KWARGS).generate(PROMPTS, _params())
-    return [o.outputs[0].token_ids for o in out], [[lp.logprob for lp in o.outputs[0].logprobs] for o in out]
+    refs = {}
+    for kind, path in models.items():
+        out = LLM(model=path, **LLM_KWARGS).generate(PROMPTS, _params())
+        refs[kind] = [o.outputs[0].token_ids for o in out], [[lp.logprob for lp in o.outputs[0].logprobs] for o in out]
+    return refs
 
 
 def _overflow_metric(text: str) -> float:
@@ -223,10 +230,10 @@ def _overflow_metric(text: str) -> float:
     raise AssertionError("longcat_ep_capacity_overflow_total not exported")
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 0.01])
-def test_engine_decode_through_fixed_capacity_equals_tp1(model, reference, capacity_factor):
-    got = run_on_ranks(2, ep_engine_rank, model, capacity_factor, timeout_s=300)
-    want_tokens, want_logprobs = reference
+@pytest.mark.parametrize(("kind", "capacity_factor"), [("bf16", None), ("bf16", 0.01), ("fp8", 0.01)])
+def test_engine_decode_through_fixed_capacity_equals_tp1(models, references, kind, capacity_factor):
+    got = run_on_ranks(2, ep_engine_rank, models[kind], capacity_factor, timeout_s=300)
+    want_tokens, want_logprobs = references[kind]
     assert got["tokens"] == want_tokens
     for want, have in zip(want_logprobs, got["logprobs"], strict=True):
         assert have == pytest.approx(want, abs=1e-4)

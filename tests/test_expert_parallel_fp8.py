@@ -109,7 +109,8 @@ def test_fp8_ep_rank_reads_only_its_experts_weights_and_scales(ckpt):
         assert any(k.endswith(".weight_scale_inv") for k in keys)
 
 
-def test_llm_fp8_ep2_greedy_tokens_equal_tp1_fp8(ckpt):
+@pytest.mark.parametrize("world", [2, 4])
+def test_llm_fp8_ep_greedy_tokens_equal_tp1_fp8(world, ckpt):
     from longcat_service.llm import LLM
     from longcat_service.sampling_params import SamplingParams
 
@@ -118,7 +119,7 @@ def test_llm_fp8_ep2_greedy_tokens_equal_tp1_fp8(ckpt):
     kwargs = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=48, max_model_len=48,
                   max_num_batched_tokens=8, enable_prefix_caching=False)
     want = [o.outputs[0].token_ids for o in LLM(model=str(ckpt["fp8"]), **kwargs).generate(prompts, params)]
-    llm = LLM(model=str(ckpt["fp8"]), tensor_parallel_size=2, enable_expert_parallel=True, **kwargs)
+    llm = LLM(model=str(ckpt["fp8"]), tensor_parallel_size=world, enable_expert_parallel=True, **kwargs)
     try:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     finally:
