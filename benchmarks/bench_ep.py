@@ -15,6 +15,9 @@ modelled per-layer MoE time and a modelled decode step of the full 28-layer mode
   H200 SXM data sheet: NVLink 900 GB/s per GPU, both directions together); ALPHA_US = 15 us per NCCL call is an
   assumption (small-message latency on one NVLink node), printed with the results. Ring all-reduce moves
   2(N-1)/N of the tensor per rank, all-gather (N-1)/N; all-to-all (N-1)/N of what a rank sends.
+- Decode steps in CUDA graphs send a fixed number of rows per peer instead (distributed/ep_static_dispatch.py):
+  `ep8_graph_comm_us` / `ep8_graph_comm_us_f2` model that all-to-all at the default capacity (the largest share x
+  top-k, never overflows) and at --ep-capacity-factor 2 (same expert compute: padding rows get no expert).
 - The attention and dense-MLP part of a decode step is the same under TP8 and TP8+EP8; it is modelled by its byte
   floor per rank (weights / measured copy rate) and 4 fp32 all-reduces per layer, so the step comparison isolates
   the MoE. KV-cache reads are left out (short contexts).
@@ -31,6 +34,7 @@ import statistics
 import torch
 
 import longcat_service.ops as ops
+from longcat_service.distributed.ep_static_dispatch import capacity_per_peer
 from longcat_service.ops import reference as ref
 
 H, E, Z, K, SCALE, INTER, WORLD, LAYERS = 6144, 512, 256, 12, 6.0, 2048, 8, 28
@@ -82,6 +86,11 @@ def _replay_median(fns, reps: int) -> float:
 
 def collective_us(bytes_per_rank: float) -> float:
     return ALPHA_US + bytes_per_rank / (NVLINK_GBPS * 1e3)
+
+
+def fixed_a2a_bytes_per_rank(batch: int, capacity_factor: float | None) -> float:
+    """One way, one rank, bf16 rows: capacity rows to each of the other N-1 ranks (its own block stays)."""
+    return (WORLD - 1) * capacity_per_peer(batch, WORLD, K, capacity_factor) * H * 2
 
 
 def weights(num_experts: int, inter: int, fp8: bool):
@@ -167,6 +176,10 @@ def bench_batch(batch: int, tp_w, ep_w, tp_w8, ep_w8, copy_tbps: float, reps: in
     row["tp8_comm_us"] = collective_us(allreduce_bytes)
     row["ep8_comm_us"] = 2 * collective_us(a2a_bytes) + collective_us(gather_bytes) + collective_us(0)  # + counts
     row["a2a_bytes_per_rank_one_way"] = a2a_bytes
+    for key, factor in (("ep8_graph_comm_us", None), ("ep8_graph_comm_us_f2", 2.0)):
+        fixed = fixed_a2a_bytes_per_rank(batch, factor)
+        row[key] = 2 * collective_us(fixed) + collective_us(gather_bytes) + collective_us(0)  # + overflow max
+        row[key.replace("comm_us", "a2a_bytes")] = fixed
     row["allreduce_bytes_per_rank"] = allreduce_bytes
     for tag in ("bf16", "fp8"):
         if f"tp8_moe_us_{tag}" not in row:
@@ -221,6 +234,9 @@ def main() -> None:
                     f"{r[f'tp8_layer_moe_us_{tag}']:.1f}", f"{r[f'ep8_layer_moe_us_{tag}']:.1f}",
                     f"{r[f'tp8_step_ms_{tag}']:.2f}", f"{r[f'ep8_step_ms_{tag}']:.2f}")
             print("| " + " | ".join(str(v) for v in vals) + " |")
+    for r in rows:
+        print(f"B={r['B']}: EP8 comm in a CUDA-graph decode step (fixed capacity) {r['ep8_graph_comm_us']:.1f} us "
+              f"(--ep-capacity-factor 2: {r['ep8_graph_comm_us_f2']:.1f} us) vs {r['ep8_comm_us']:.1f} us eager")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"copy_tbps": copy_tbps, "nvlink_gbps": NVLINK_GBPS, "alpha_us": ALPHA_US, "rows": rows}, f,
