@@ -12,6 +12,7 @@ per layer): the caller must then run the step again with variable splits (engine
 in longcat_ep_capacity_overflow_total).
 
 `static_dispatch()` switches the MoE layers to this path; the CUDA-graph runner enters it around warm-up and capture.
+A DeepEP-style low-latency backend (fixed per-peer buffers too) would replace `FixedCapacityDispatcher`.
 """
 
 from __future__ import annotations

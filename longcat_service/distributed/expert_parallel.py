@@ -126,7 +126,7 @@ class ExpertDispatcher(Protocol):
 
 class AllToAllDispatcher:
     """torch.distributed all_to_all_single with variable splits. The split sizes are exchanged first (host
-    sync), so a step under EP is not CUDA-graph capturable with this backend."""
+    sync), so this backend is for eager steps; CUDA-graph decode steps use ep_static_dispatch.py."""
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int):
         self.group, self.world_size = group, world_size

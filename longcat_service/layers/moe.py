@@ -6,7 +6,9 @@ w2 columns (w2 [E, H, I/tp]). Each rank's `moe_forward` gives a partial fp32 sum
 (zero-expert) term so that the single all-reduce counts it once.
 
 Expert parallelism (`parallel_state.set_expert_parallel`): rank r holds whole experts, those the placement gives
-it (w13 [E_r, 2I, H], w2 [E_r, H, I]); tokens travel to their experts and back (distributed/expert_parallel.py).
+it (w13 [E_r, 2I, H], w2 [E_r, H, I]; BF16 or block FP8, layers/expert_shard.py); tokens travel to their experts
+and back (layers/moe_ep.py): with variable splits in eager steps, with fixed capacity per peer inside
+`static_dispatch()` (CUDA-graph decode; distributed/ep_static_dispatch.py).
 """
 
 from __future__ import annotations
