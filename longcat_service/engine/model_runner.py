@@ -239,6 +239,7 @@ class ModelRunner:
                 # some expert's rank got more rows than the buffers hold: the replay dropped slots and its logits
                 # are wrong; the same step runs again eagerly (variable splits; it rewrites the same cache slots).
                 # Every rank reads the same flag (all-reduced in the graph), so all ranks re-run it together.
+                # (With collect_expert_load the re-run step's routing is counted twice.)
                 self.ep_capacity_overflows += 1
                 logits = None
             if logits is not None:
