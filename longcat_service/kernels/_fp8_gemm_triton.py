@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from longcat_service.kernels import interpreter_mode
-from longcat_service.kernels._silu_mul_triton import _round
+from longcat_service.kernels._silu_mul_triton import _round, _to_f32
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -39,6 +39,20 @@ def _e4m3_grid_round(v):
 
 
 @triton.jit
+def _quant_groups(x, MANUAL_FP8: tl.constexpr):
+    """x fp32 [S, 128], one scale group per row (zeros where masked) -> (q e4m3 [S, 128], s fp32 [S]):
+    s = max(|x|, 1e-10) / 448, q = clamp(x / s) rounded to nearest. The fused kernels share it, so they quantize
+    bit for bit like _quant_kernel."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
+    s = tl.div_rn(amax, FP8_MAX)
+    q = tl.div_rn(x, s[:, None])
+    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    if MANUAL_FP8:
+        q = _e4m3_grid_round(q)
+    return q.to(tl.float8e4nv), s
+
+
+@triton.jit
 def _quant_kernel(
     x_ptr, q_ptr, s_ptr, M, K, s_xm, s_qm, s_sm,
     BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr, MANUAL_FP8: tl.constexpr, MANUAL_BF16: tl.constexpr,
@@ -50,17 +64,8 @@ def _quant_kernel(
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + r64 * s_xm + cols[None, :], mask=mask, other=0.0)
-    if MANUAL_BF16 and x.dtype == tl.bfloat16:  # the interpreter's bf16 -> fp32 cast loses subnormals
-        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = x.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
-    s = tl.div_rn(amax, FP8_MAX)
-    q = tl.div_rn(x, s[:, None])
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    if MANUAL_FP8:
-        q = _e4m3_grid_round(q)
-    tl.store(q_ptr + r64 * s_qm + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    q, s = _quant_groups(_to_f32(x, MANUAL_BF16), MANUAL_FP8)
+    tl.store(q_ptr + r64 * s_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * s_sm + g, s, mask=rows < M)
 
 

@@ -42,6 +42,20 @@ def _round(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
 
 
 @triton.jit
+def _silu_mul(gate, up, dtype: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """silu(gate) * up rounded to dtype as eager torch does (gate, up: loaded tiles of the model dtype)."""
+    gate = _to_f32(gate, MANUAL_BF16)
+    up = _to_f32(up, MANUAL_BF16)
+    if LIBDEVICE_EXP:
+        e = libdevice.exp(-gate)
+    else:  # the interpreter has no libdevice
+        e = tl.exp(-gate)
+    silu = tl.math.div_rn(gate, 1.0 + e)  # IEEE division, like torch (tl's `/` may lower to div.full)
+    silu = _to_f32(_round(silu, dtype, MANUAL_BF16), MANUAL_BF16)  # F.silu's output dtype
+    return _round(silu * up, dtype, MANUAL_BF16)  # one rounding, as torch's fp32-opmath mul
+
+
+@triton.jit
 def _silu_mul_kernel(
     x_ptr, out_ptr, num_rows_ptr, inter, s_x, s_o,
     BLOCK: tl.constexpr, LIMIT_ROWS: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr,
@@ -52,15 +66,9 @@ def _silu_mul_kernel(
     if LIMIT_ROWS:  # rows at or past *num_rows_ptr (read on the device: no host sync) are left unwritten
         mask = mask & (row < tl.load(num_rows_ptr).to(tl.int64))
     gate_ptr = x_ptr + row * s_x + cols
-    gate = _to_f32(tl.load(gate_ptr, mask=mask, other=0.0), MANUAL_BF16)
-    up = _to_f32(tl.load(gate_ptr + inter, mask=mask, other=0.0), MANUAL_BF16)
-    if LIBDEVICE_EXP:
-        e = libdevice.exp(-gate)
-    else:  # the interpreter has no libdevice
-        e = tl.exp(-gate)
-    silu = tl.math.div_rn(gate, 1.0 + e)  # IEEE division, like torch (tl's `/` may lower to div.full)
-    silu = _to_f32(_round(silu, out_ptr.dtype.element_ty, MANUAL_BF16), MANUAL_BF16)  # F.silu's output dtype
-    out = _round(silu * up, out_ptr.dtype.element_ty, MANUAL_BF16)  # one rounding, as torch's fp32-opmath mul
+    gate = tl.load(gate_ptr, mask=mask, other=0.0)
+    up = tl.load(gate_ptr + inter, mask=mask, other=0.0)
+    out = _silu_mul(gate, up, out_ptr.dtype.element_ty, LIBDEVICE_EXP, MANUAL_BF16)
     tl.store(out_ptr + row * s_o + cols, out, mask=mask)
 
 
