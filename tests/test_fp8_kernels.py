@@ -58,7 +58,7 @@ def test_quant_equals_reference_bit_for_bit(m, k, dtype):
     x = (torch.randn(m, k, generator=g) * 20).to(dtype)
     if m:
         x[0, : min(k, 128)] = 0  # an all-zero group: the 1e-10 floor
-        x[-1, :4] = torch.tensor([31.9, -126.3, 447.9, 1e-6])[: min(k, 4)].to(dtype)  # rounding carries, tiny
+        x[-1, :5] = torch.tensor([31.9, -126.3, 447.9, 1e-6, -1e-6])[: min(k, 5)].to(dtype)  # carries, +-0
     q, s = fg.per_token_group_quant_fp8(x)
     rq, rs = fr.per_token_group_quant(x)
     assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == rs.shape
@@ -78,6 +78,123 @@ def test_quant_of_strided_rows_and_bad_inputs():
         fg.per_token_group_quant_fp8(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="unit last stride"):
         fg.per_token_group_quant_fp8(torch.zeros(4, 8).t())
+
+
+# ---- fused MoE quantization (kernels/moe_fp8_quant.py) ---------------------------------------------------------
+# Spec: the unfused pairs, bit for bit on the rows below num_rows (later rows are unspecified in both).
+
+
+def _assert_same_quant(got, want, n, what):
+    (q, s), (rq, rs) = got, want
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32, what
+    assert q.shape == rq.shape and s.shape == rs.shape, (what, q.shape, rq.shape, s.shape, rs.shape)
+    assert torch.equal(s[:n], rs[:n]), f"{what}: scales differ"
+    assert torch.equal(q[:n].view(torch.uint8), rq[:n].view(torch.uint8)), f"{what}: e4m3 bytes differ"
+
+
+def _with_edge_values(x, g):
+    """Groups that hit the clamp and the 1e-10 floor: huge values, an all-zero group, tiny values, rounding carries."""
+    if x.shape[0] == 0:
+        return x
+    big = {torch.bfloat16: 3e38, torch.float16: 65504.0, torch.float32: 3e38}[x.dtype]
+    x[0, : min(x.shape[1], 128)] = 0
+    x[-1, :3] = torch.tensor([big, -big / 3, 1.0])[: min(3, x.shape[1])].to(x.dtype)
+    if x.shape[1] > 128:
+        x[-1, 128:] = (torch.randn(x.shape[1] - 128, generator=g) * 1e-12).to(x.dtype)  # below the floor
+    x[x.shape[0] // 2, :4] = torch.tensor([31.9, -126.3, 447.9, 1e-6])[: min(4, x.shape[1])].to(x.dtype)
+    return x
+
+
+GATHER_CASES = [(7, 3, 300, 17), (5, 2, 128, 10), (9, 1, 130, 9), (6, 4, 256, 0), (0, 4, 256, 0), (4, 3, 64, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("t,k,h,n", GATHER_CASES)  # n > t * k: every row (num_rows is clipped to the rows)
+def test_gather_quant_is_the_unfused_pair(t, k, h, n, dtype):
+    from longcat_service.kernels.moe_fp8_quant import gather_quant_fp8
+    from longcat_service.kernels.moe_gather import gather_expert_rows, gather_expert_rows_reference
+
+    g = torch.Generator().manual_seed(t * 31 + h + n)
+    hidden = _with_edge_values((torch.randn(t, h, generator=g) * 20).to(dtype), g)
+    sorted_slots = torch.randperm(t * k, generator=g).to(torch.int32)
+    num_rows = torch.tensor([n], dtype=torch.int32 if n % 2 else torch.int64)
+    got = gather_quant_fp8(hidden, sorted_slots, k, num_rows)
+    real = min(n, t * k)
+    _assert_same_quant(got, fg.per_token_group_quant_fp8(gather_expert_rows(hidden, sorted_slots, k, num_rows)),
+                       real, "unfused kernels")
+    _assert_same_quant(got, fr.per_token_group_quant(gather_expert_rows_reference(hidden, sorted_slots, k)), real,
+                       "references")
+
+
+SILU_CASES = [(13, 200, 11), (8, 128, None), (5, 64, 0), (0, 256, None), (3, 300, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,inter,n", SILU_CASES)
+def test_silu_mul_quant_is_the_unfused_pair(rows, inter, n, dtype):
+    from longcat_service.kernels.moe_fp8_quant import silu_mul_quant_fp8
+    from longcat_service.kernels.silu_mul import silu_and_mul, silu_and_mul_reference
+
+    g = torch.Generator().manual_seed(rows * 17 + inter)
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
+    if rows:
+        gate_up[0, : min(inter, 128)] = 0  # gate 0: an all-zero group
+        gate_up[-1, :2] = torch.tensor([200.0, -200.0]).to(dtype)  # silu(x) = x and -0
+        big = 1e36 if dtype != torch.float16 else 300.0  # 200 * big: finite (inf is outside the quantizer's domain)
+        gate_up[-1, inter: inter + 2] = torch.tensor([big, 5.0]).to(dtype)  # the group's amax, near the clamp
+    num_rows = None if n is None else torch.tensor([n])
+    got = silu_mul_quant_fp8(gate_up, num_rows)
+    real = rows if n is None else min(n, rows)
+    _assert_same_quant(got, fg.per_token_group_quant_fp8(silu_and_mul(gate_up, num_rows)), real, "unfused kernels")
+    if dtype == torch.bfloat16:  # the interpreter's exp is numpy's: bit-identical to torch in bf16 (test_silu_mul)
+        _assert_same_quant(got, fr.per_token_group_quant(silu_and_mul_reference(gate_up)), real, "references")
+
+
+@pytest.mark.parametrize("block_m,groups", [(1, 1), (2, 4), (16, 2)])
+def test_fused_quant_tiles(block_m, groups):
+    """Any tile of rows x scale groups gives the same bytes (the max over a group is exact)."""
+    from longcat_service.kernels import _moe_fp8_quant_triton as mq
+    from longcat_service.kernels.moe_gather import gather_expert_rows
+    from longcat_service.kernels.silu_mul import silu_and_mul
+
+    g = torch.Generator().manual_seed(block_m + groups)
+    hidden = (torch.randn(6, 400, generator=g) * 3).to(torch.bfloat16)
+    slots = torch.randperm(18, generator=g).to(torch.int32)
+    n = torch.tensor([13])
+    q, s = torch.empty(18, 400, dtype=torch.float8_e4m3fn), torch.empty(18, 4)
+    mq.launch_gather_quant(hidden, slots, 3, n, q, s, block_m=block_m, groups=groups, num_warps=4)
+    _assert_same_quant((q, s), fg.per_token_group_quant_fp8(gather_expert_rows(hidden, slots, 3, n)), 13, "gather")
+    gate_up = (torch.randn(18, 800, generator=g) * 3).to(torch.bfloat16)
+    mq.launch_silu_mul_quant(gate_up, n, q, s, block_m=block_m, groups=groups, num_warps=4)
+    _assert_same_quant((q, s), fg.per_token_group_quant_fp8(silu_and_mul(gate_up, n)), 13, "silu")
+
+
+def test_fused_quant_bad_inputs():
+    from longcat_service.kernels.moe_fp8_quant import gather_quant_fp8, silu_mul_quant_fp8
+
+    hidden, slots, n = torch.zeros(4, 128, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int32), torch.tensor([3])
+    with pytest.raises(ValueError, match="must be \\[T, H\\]"):
+        gather_quant_fp8(hidden[None], slots, 2, n)
+    with pytest.raises(ValueError, match="dtype"):
+        gather_quant_fp8(hidden.double(), slots, 2, n)
+    with pytest.raises(ValueError, match="contiguous"):
+        gather_quant_fp8(torch.zeros(128, 4, dtype=torch.bfloat16).t(), slots, 2, n)
+    with pytest.raises(ValueError, match="num_rows"):
+        gather_quant_fp8(hidden, slots, 2, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="num_rows"):
+        gather_quant_fp8(hidden, slots, 2, None)
+    with pytest.raises(ValueError, match="sorted_slots"):
+        gather_quant_fp8(hidden, slots.float(), 2, n)
+    with pytest.raises(ValueError, match="\\[N, 2I\\]"):
+        silu_mul_quant_fp8(torch.zeros(3, 5, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="dtype"):
+        silu_mul_quant_fp8(torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        silu_mul_quant_fp8(torch.zeros(4, 6, dtype=torch.bfloat16).t())
+    with pytest.raises(ValueError, match="num_rows"):
+        silu_mul_quant_fp8(torch.zeros(3, 4, dtype=torch.bfloat16), torch.tensor([1.0]))
+    q, s = silu_mul_quant_fp8(torch.zeros(3, 0, dtype=torch.bfloat16))  # I = 0, like the quantizer's K = 0
+    assert q.shape == (3, 0) and s.shape == (3, 0)
 
 
 # ---- dense w8a8 ------------------------------------------------------------------------------------------------

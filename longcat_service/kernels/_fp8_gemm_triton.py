@@ -27,15 +27,17 @@ GROUP = 128
 
 @triton.jit
 def _e4m3_grid_round(v):
-    """v (fp32, |v| <= 448) rounded to nearest-even on the e4m3 grid, still fp32 (exact arithmetic only)."""
+    """v (fp32, |v| <= 448) rounded to nearest-even on the e4m3 grid, still fp32 (exact arithmetic only). The sign
+    is kept, also where the magnitude rounds to zero (-tiny -> -0, as torch's cast)."""
     bits = v.to(tl.uint32, bitcast=True)
+    sign = bits & 0x80000000
     exp = ((bits >> 23) & 0xFF).to(tl.int32) - 127
     ulp_exp = tl.maximum(exp, -6) - 3  # 3 mantissa bits; subnormals below 2^-6 share the 2^-9 step
     ulp = ((ulp_exp + 127).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
-    q = v / ulp  # exact: ulp is a power of two, |q| < 16
-    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |q| < 2^22 to an integer, ties to even
-    r = (q + magic) - magic
-    return r * ulp
+    q = tl.abs(v) / ulp  # exact: ulp is a power of two, q < 16
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds q < 2^22 to an integer, ties to even
+    r = ((q + magic) - magic) * ulp
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
