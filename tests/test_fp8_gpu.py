@@ -228,6 +228,59 @@ def test_quant_is_bitwise_the_reference(m, k):
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
 
 
+# Fused MoE quantization (kernels/moe_fp8_quant.py): bit for bit the unfused pairs on the rows below num_rows.
+
+
+def _assert_same_quant(got, want, n, what):
+    (q, s), (rq, rs) = got, want
+    assert q.shape == rq.shape and s.shape == rs.shape and q.dtype == rq.dtype and s.dtype == torch.float32, what
+    assert torch.equal(s[:n], rs[:n]), f"{what}: scales differ"
+    bad = q[:n].view(torch.uint8) != rq[:n].view(torch.uint8)
+    assert not bool(bad.any()), f"{what}: {int(bad.sum())} e4m3 bytes differ, first at {bad.nonzero()[:3].tolist()}"
+
+
+@pytest.mark.parametrize("t,k,h,share", [(4096, 12, 6144, 0.67), (37, 3, 300, 0.5), (5, 12, 6144, 1.0),
+                                         (0, 12, 6144, 1.0)])
+def test_gather_quant_fp8_is_the_unfused_pair(t, k, h, share):
+    from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8
+    from longcat_service.kernels.moe_fp8_quant import gather_quant_fp8
+    from longcat_service.kernels.moe_gather import gather_expert_rows, gather_expert_rows_reference
+
+    g = torch.Generator(device=DEV).manual_seed(t + h)
+    hidden = (torch.randn(t, h, device=DEV, generator=g) * 30).to(torch.bfloat16)
+    if t:
+        hidden[0, :128] = 0  # the 1e-10 floor
+        hidden[-1, :6] = torch.tensor([3e38, -1e38, 31.9, 1e-6, -1e-6, 447.9])  # near the clamp, +-0, carries
+        hidden[-1, 128:256] = torch.randn(128, device=DEV, generator=g) * 1e-12  # a group below the floor
+    sorted_slots = torch.randperm(t * k, device=DEV, generator=g).to(torch.int32)
+    n = int(share * t * k)
+    num_rows = torch.tensor([n], device=DEV)
+    got = gather_quant_fp8(hidden, sorted_slots, k, num_rows)
+    _assert_same_quant(got, per_token_group_quant_fp8(gather_expert_rows(hidden, sorted_slots, k, num_rows)), n,
+                       "unfused kernels")
+    _assert_same_quant(got, fr.per_token_group_quant(gather_expert_rows_reference(hidden, sorted_slots, k)), n,
+                       "references")
+
+
+@pytest.mark.parametrize("rows,inter,share", [(49152, 2048, 0.67), (37, 200, 1.0), (300, 256, None), (0, 2048, None)])
+def test_silu_mul_quant_fp8_is_the_unfused_pair(rows, inter, share):
+    from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8
+    from longcat_service.kernels.moe_fp8_quant import silu_mul_quant_fp8
+    from longcat_service.kernels.silu_mul import silu_and_mul, silu_and_mul_reference
+
+    g = torch.Generator(device=DEV).manual_seed(rows + inter)
+    gate_up = (torch.randn(rows, 2 * inter, device=DEV, generator=g) * 4).to(torch.bfloat16)
+    if rows:
+        gate_up[0, :128] = 0  # an all-zero activation group
+        gate_up[-1, :2] = torch.tensor([200.0, -200.0])  # silu = x and -0
+        gate_up[-1, inter:inter + 2] = torch.tensor([1e36, 5.0])  # the group's amax
+    num_rows = None if share is None else torch.tensor([int(share * rows)], device=DEV, dtype=torch.int32)
+    n = rows if share is None else int(share * rows)
+    got = silu_mul_quant_fp8(gate_up, num_rows)
+    _assert_same_quant(got, per_token_group_quant_fp8(silu_and_mul(gate_up, num_rows)), n, "unfused kernels")
+    _assert_same_quant(got, fr.per_token_group_quant(silu_and_mul_reference(gate_up)), n, "references")
+
+
 def _w8a8_exact(x, w8, scale):
     x8, xs = fr.per_token_group_quant(x)
     k = x.shape[1]
@@ -313,6 +366,33 @@ def test_grouped_gemm_fp8_every_config(n, k):
                 _assert_bf16_within(y[a:b], xq @ w.t(), xq.abs() @ w.abs().t(), k, f"{cfg} expert {e}", mma=True)
 
 
+def _unfused_expert_ffn(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k):
+    """The prefill path before the fused quantization kernels, with the same GEMM configs."""
+    from longcat_service.kernels import fp8_gemm as fg
+    from longcat_service.kernels.moe_gather import gather_expert_rows
+    from longcat_service.kernels.silu_mul import silu_and_mul
+
+    num_rows, offs = offsets[-1:], offsets.to(torch.int32)
+    x8, xs = fg.per_token_group_quant_fp8(gather_expert_rows(hidden, sorted_slots, k, num_rows))
+    gate_up = fg.grouped_gemm_fp8(x8, xs, w13, w13_s, offs, hidden.shape[0], config=fg.DEFAULT_GATE_UP_CONFIG)
+    a8, a_s = fg.per_token_group_quant_fp8(silu_and_mul(gate_up, num_rows))
+    return fg.grouped_gemm_fp8(a8, a_s, w2, w2_s, offs, hidden.shape[0], config=fg.DEFAULT_DOWN_CONFIG)
+
+
+def test_prefill_fused_quant_equals_unfused_at_longcat_shapes():
+    """4096 tokens, k = 12, H = 6144, I = 2048 (32 of the 512 experts: the per-expert shapes, ~1000 rows each):
+    the fused path equals the unfused one bit for bit on the real rows (the grouped GEMMs are deterministic)."""
+    from longcat_service.ops import extension
+
+    case = (4096, 32, 16, 12, "mixed", 6144, 2048)
+    hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, _, _, k = _routed(case, seed=4096)
+    y = extension._expert_ffn_grouped_fp8(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
+    n = int(offsets[-1])
+    assert 0 < n < sorted_slots.numel()
+    want = _unfused_expert_ffn(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
+    assert torch.equal(y[:n], want[:n])
+
+
 def test_prefill_expert_ffn_fp8_path():
     from longcat_service.ops import extension
 
@@ -321,6 +401,7 @@ def test_prefill_expert_ffn_fp8_path():
     assert extension._use_grouped_fp8(hidden, w13, w2, sorted_slots.numel())
     y = extension.expert_ffn_fp8(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k, active, num_active)
     n = int(offsets[-1])
+    assert torch.equal(y[:n], _unfused_expert_ffn(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)[:n])
     weight_only = fr.expert_ffn_fp8_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)[:n].float()
     err = (y[:n].float() - weight_only).abs()
     # activation quantization (e4m3: <= 2^-4 relative per element, ~2.5% rms) twice

@@ -308,6 +308,7 @@ def test_config_tables():
         assert 128 % cfg.block_k == 0
         assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg  # fp8: 1 byte
     assert fg.DEFAULT_GROUPED_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DENSE_CONFIG in fg.DENSE_CONFIGS
+    assert fg.DEFAULT_GATE_UP_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DOWN_CONFIG in fg.GROUPED_CONFIGS
     for cfg in fg.DENSE_CONFIGS:
         assert 128 % cfg.block_k == 0
         assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg
@@ -343,6 +344,19 @@ def _w8a8_expert_ffn_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
     return out
 
 
+def _unfused_expert_ffn(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k):
+    """The prefill path before the fused quantization kernels, with its GEMM configs (the fused kernels are bit for
+    bit the unfused pairs, so the results must be equal)."""
+    from longcat_service.kernels.moe_gather import gather_expert_rows
+    from longcat_service.kernels.silu_mul import silu_and_mul
+
+    num_rows, offs = offsets[-1:], offsets.to(torch.int32)
+    x8, xs = fg.per_token_group_quant_fp8(gather_expert_rows(hidden, sorted_slots, k, num_rows))
+    gate_up = fg.grouped_gemm_fp8(x8, xs, w13, w13_s, offs, hidden.shape[0], config=fg.DEFAULT_GATE_UP_CONFIG)
+    a8, a_s = fg.per_token_group_quant_fp8(silu_and_mul(gate_up, num_rows))
+    return fg.grouped_gemm_fp8(a8, a_s, w2, w2_s, offs, hidden.shape[0], config=fg.DEFAULT_DOWN_CONFIG)
+
+
 @pytest.mark.parametrize("t,e,k,h,inter", [(40, 6, 3, 128, 64), (25, 5, 2, 160, 48), (0, 4, 2, 128, 64)])
 def test_prefill_expert_ffn_is_w8a8(t, e, k, h, inter):
     from longcat_service.ops import extension
@@ -351,6 +365,7 @@ def test_prefill_expert_ffn_is_w8a8(t, e, k, h, inter):
     y = extension._expert_ffn_grouped_fp8(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
     n = int(offsets[-1])
     assert y.shape == (t * k, h) and y.dtype == torch.bfloat16
+    assert torch.equal(y[:n], _unfused_expert_ffn(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)[:n])
     want = _w8a8_expert_ffn_ref(hidden, w13, w13_s, w2, w2_s, offsets, sorted_slots, k)
     if n:
         # the same quantized operands, except that act (SiLU * up, bf16) may differ by one bf16 ulp (exp), and when
@@ -445,9 +460,12 @@ def test_fp8_linear_on_cpu_is_the_weight_only_reference():
 _AOT = """
 from longcat_service.kernels._fp8_gemm_triton import aot_compile_dense, aot_compile_grouped, aot_compile_quant
 from longcat_service.kernels.fp8_gemm import DENSE_CONFIGS, GROUPED_CONFIGS
-ptx = aot_compile_quant().asm["ptx"]
-assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx, "quant: RNE cast, IEEE division"
-print("quant", flush=True)
+from longcat_service.kernels._moe_fp8_quant_triton import aot_compile_gather_quant, aot_compile_silu_mul_quant
+for name, compile_quant in [("quant", aot_compile_quant), ("gather_quant", aot_compile_gather_quant),
+                            ("silu_mul_quant", aot_compile_silu_mul_quant)]:
+    ptx = compile_quant().asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx, (name, "RNE cast, IEEE division")
+    print(name, flush=True)
 for cfg in DENSE_CONFIGS[:2]:
     ck = aot_compile_dense(cfg, 4096, 6144, 6144)
     assert "e4m3.e4m3" in ck.asm["ptx"] and "wgmma" in ck.asm["ptx"], (cfg, "no fp8 wgmma")
@@ -476,6 +494,6 @@ def test_sm90_build_uses_fp8_tensor_cores():
     out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 6, lines
-    for line in lines[1:]:
+    assert len(lines) == 8, lines
+    for line in lines[3:]:
         assert int(line.split()[-1]) <= 227 * 1024, line
