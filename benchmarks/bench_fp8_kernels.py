@@ -11,7 +11,11 @@ this torch has it). experts: the routed experts of one layer, E = 512, H = 6144,
 shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1, 16, 64 (decode: CUDA expert_ffn_fp8, the FMA
 kernel at B = 1, the tensor-core kernel expert_ffn_fp8_mma.cuh from 16 tokens; run 1 had the FMA kernel) and 4096
 (prefill: w8a8 grouped FP8 GEMM) against expert_ffn with bf16 weights. grouped: every grouped FP8 GEMM config at
-the 4096-token prefill shapes against the bf16 Triton grouped GEMM.
+the 4096-token prefill shapes against the bf16 Triton grouped GEMM; then the activation quantization of that prefill
+(kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
+silu_mul_quant_fp8 against silu_and_mul + per_token_group_quant_fp8 (fused at the default and a few other tiles;
+byte floor = the fused kernel's bytes: bf16 in once, e4m3 + scales out), and the whole routed-expert FFN
+(ops/extension._expert_ffn_grouped_fp8, fused) against the same path with the unfused pairs.
 Each timing is a CUDA graph of several calls cycling through weight copies / routings so that weights stream from
 HBM, timed with CUDA events (median). byte floor = bytes moved / device copy rate; FLOP floor = FLOPs / FP8 matmul
 rate (torch._scaled_mm, tensor-wise e4m3, 8192^3), both measured in this run.
@@ -200,6 +204,68 @@ def bench_grouped(copy_tbps, fp8_tflops, reps, num_configs, tokens=4096):
     return rows
 
 
+FUSED_TILES = ((4, 8, 4), (1, 16, 4), (2, 8, 4), (8, 4, 4), (16, 1, 4), (4, 16, 8))  # (block_m, groups, warps)
+
+
+def _unfused_ffn(hidden, w13, s13, w2, s2, offsets, sorted_slots, tokens):
+    """_expert_ffn_grouped_fp8 with the unfused gather / SwiGLU and quantization kernels (same GEMM configs)."""
+    from longcat_service.kernels import fp8_gemm as fg
+    from longcat_service.kernels.moe_gather import gather_expert_rows
+    from longcat_service.kernels.silu_mul import silu_and_mul
+
+    num_rows = offsets[-1:]
+    x8, xs = fg.per_token_group_quant_fp8(gather_expert_rows(hidden, sorted_slots, TOP_K, num_rows))
+    gate_up = fg.grouped_gemm_fp8(x8, xs, w13, s13, offsets, tokens, config=fg.DEFAULT_GATE_UP_CONFIG)
+    a8, a_s = fg.per_token_group_quant_fp8(silu_and_mul(gate_up, num_rows))
+    return fg.grouped_gemm_fp8(a8, a_s, w2, s2, offsets, tokens, config=fg.DEFAULT_DOWN_CONFIG)
+
+
+def bench_quant_fusion(copy_tbps, reps, tokens=4096, inter=2048):
+    """The prefill's two activation quantizations, fused vs unfused, and the expert FFN with each."""
+    from longcat_service.kernels import _moe_fp8_quant_triton as mq
+    from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8
+    from longcat_service.kernels.moe_fp8_quant import gather_quant_fp8, silu_mul_quant_fp8
+    from longcat_service.kernels.moe_gather import gather_expert_rows
+    from longcat_service.kernels.silu_mul import silu_and_mul
+    from longcat_service.ops import extension
+
+    offsets, sorted_slots, _, _, _, n_rows = _routings(tokens, 1, seed=7)[0]
+    offsets = offsets.to(torch.int32)
+    num_rows, rows_total = offsets[-1:], tokens * TOP_K
+    hidden = torch.randn(tokens, H, device="cuda").to(torch.bfloat16)
+    gate_up = torch.randn(rows_total, 2 * inter, device="cuda").to(torch.bfloat16)
+    stages = {
+        "gather_quant": (H, 1, lambda: per_token_group_quant_fp8(gather_expert_rows(hidden, sorted_slots, TOP_K,
+                                                                                    num_rows)),
+                         lambda: gather_quant_fp8(hidden, sorted_slots, TOP_K, num_rows),
+                         lambda q, s, t: mq.launch_gather_quant(hidden, sorted_slots, TOP_K, num_rows, q, s, *t)),
+        "silu_mul_quant": (inter, 2, lambda: per_token_group_quant_fp8(silu_and_mul(gate_up, num_rows)),
+                           lambda: silu_mul_quant_fp8(gate_up, num_rows),
+                           lambda q, s, t: mq.launch_silu_mul_quant(gate_up, num_rows, q, s, *t)),
+    }
+    rows = []
+    for name, (k, inputs, unfused, fused, launch) in stages.items():
+        q = torch.empty(rows_total, k, dtype=FP8, device="cuda")
+        s = torch.empty(rows_total, -(-k // 128), device="cuda")
+        tiles = {}
+        for tile in FUSED_TILES:
+            tiles[",".join(map(str, tile))], _ = timed([functools.partial(launch, q, s, tile)], reps)
+        row = {"stage": name, "rows": n_rows, "K": k, "unfused_us": timed([unfused], reps)[0],
+               "fused_us": timed([fused], reps)[0], "fused_tiles_us": tiles,
+               "byte_floor_us": n_rows * k * (2 * inputs + 1 + 4 / 128) / (copy_tbps * 1e6)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    w13, w2 = random_fp8((E, 2 * inter, H), seed=1), random_fp8((E, H, inter), seed=2)
+    s13, s2 = scales_for(w13, 1.0 / (64 * H**0.5)), scales_for(w2, 1.0 / (64 * inter**0.5))
+    args = (hidden, w13, s13, w2, s2, offsets, sorted_slots)
+    row = {"stage": "expert_ffn", "rows": n_rows, "K": H,
+           "unfused_us": timed([functools.partial(_unfused_ffn, *args, tokens)], reps)[0],
+           "fused_us": timed([functools.partial(extension._expert_ffn_grouped_fp8, *args, TOP_K)], reps)[0]}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return rows
+
+
 def _fmt(v, width=9):
     return f"{v:>{width - 2}.1f}us" if isinstance(v, (int, float)) else f"{'-':>{width}}"
 
@@ -229,6 +295,12 @@ def print_tables(res):
         for r in res["grouped"]:
             print(f"{r['gemm']:>8} {r['config']:>28} {_fmt(r['ours_us'])} {_fmt(r['quant_us'])} "
                   f"{_fmt(r['bf16_grouped_us'])} {_fmt(r['byte_floor_us'])} {_fmt(r['flop_floor_us'])}")
+    if res.get("quant_fusion"):
+        print(f"\n{'quant fusion':>14} {'unfused':>9} {'fused':>9} {'bytes':>9}  fused per tile (block_m,groups,warps)")
+        for r in res["quant_fusion"]:
+            tiles = " ".join(f"{t}:{_fmt(v).strip()}" for t, v in r.get("fused_tiles_us", {}).items())
+            print(f"{r['stage']:>14} {_fmt(r['unfused_us'])} {_fmt(r['fused_us'])} "
+                  f"{_fmt(r.get('byte_floor_us'))}  {tiles}")
 
 
 def main() -> None:
@@ -255,6 +327,8 @@ def main() -> None:
         res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps)
     if "grouped" in sections:
         res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps, args.configs)
+        torch.cuda.empty_cache()
+        res["quant_fusion"] = bench_quant_fusion(copy_tbps, args.reps)
     print_tables(res)
     if args.out:
         with open(args.out, "w") as f:
