@@ -105,7 +105,8 @@ def _with_edge_values(x, g):
     return x
 
 
-GATHER_CASES = [(7, 3, 300, 17), (5, 2, 128, 10), (9, 1, 130, 9), (6, 4, 256, 0), (0, 4, 256, 0), (4, 3, 64, 40)]
+GATHER_CASES = [(1, 1, 1, 1), (7, 3, 300, 17), (5, 2, 128, 10), (9, 1, 130, 9), (6, 4, 256, 0), (0, 4, 256, 0),
+                (4, 3, 64, 40)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -126,7 +127,7 @@ def test_gather_quant_is_the_unfused_pair(t, k, h, n, dtype):
                        "references")
 
 
-SILU_CASES = [(13, 200, 11), (8, 128, None), (5, 64, 0), (0, 256, None), (3, 300, 7)]
+SILU_CASES = [(1, 1, None), (13, 200, 11), (8, 128, None), (5, 64, 0), (0, 256, None), (3, 300, 7)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -137,7 +138,7 @@ def test_silu_mul_quant_is_the_unfused_pair(rows, inter, n, dtype):
 
     g = torch.Generator().manual_seed(rows * 17 + inter)
     gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
-    if rows:
+    if rows and inter >= 2:
         gate_up[0, : min(inter, 128)] = 0  # gate 0: an all-zero group
         gate_up[-1, :2] = torch.tensor([200.0, -200.0]).to(dtype)  # silu(x) = x and -0
         big = 1e36 if dtype != torch.float16 else 300.0  # 200 * big: finite (inf is outside the quantizer's domain)
