@@ -65,6 +65,7 @@ class StepHandle:
 class ModelRunner:
     supports_chained_decode = True  # launch(batch, input_ids=<device tensor>) works (not under TP: ranks get host ids)
     uses_cuda_graphs = True  # TP runners: only with LONGCAT_TP_CUDA_GRAPHS=1 (tp_worker.py)
+    samples_tokens = True  # False on TP ranks > 0: they compute logits but rank 0 samples (tp_worker.py)
 
     def __init__(self, args: EngineArgs, model_path):
         from longcat_service.model.loader import load_model  # the model package is heavy; import on use
@@ -205,6 +206,11 @@ class ModelRunner:
         if num_blocks < 1:
             raise EngineArgsError("kv_cache_memory_bytes", f"{budget} bytes hold no KV block ({per_block} bytes each)")
         return int(num_blocks)
+
+    def share_decision(self, value):
+        """A speculative step's host-side decision that later forwards depend on (engine/spec_decode.py): rank 0's
+        value on every rank. One GPU: the value itself; TP runners broadcast it (tp_worker.py)."""
+        return value
 
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
