@@ -140,6 +140,44 @@ def test_mla_decode_attends_only_within_seq_len():
     assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("uv", [False, True])
+def test_mla_decode_first_pos_skips_position_zero(uv):
+    """first_pos=1 (the MTP cache: no entry at position 0): equals softmax attention over positions 1..L-1 computed
+    here directly, and poisoning position 0 changes nothing; padded rows (0) stay zero."""
+    from longcat_service.kernels.mla_decode import mla_decode_uv_reference
+
+    gen = torch.Generator().manual_seed(11)
+    lens = [2, 9, 0, 40]
+    q_lat, q_rope, cache, tables, seq = _paged_case(gen, len(lens), 4, 16, 4, 4, lens, torch.float32)
+    w_uv = (torch.randn(4, 12, 16, generator=gen) * 0.2).to(DEVICE) if uv else None
+    flat = cache.view(-1, cache.shape[-1]).float()
+    expect = torch.zeros(len(lens), 4, 16, dtype=torch.float64)
+    for b, n in enumerate(lens):
+        if n:
+            pos = torch.arange(1, n)
+            entries = flat[(tables[b].long()[pos // 4] * 4 + pos % 4)].double().cpu()
+            q = torch.cat((q_lat[b], q_rope[b]), -1).double().cpu()
+            expect[b] = torch.softmax(0.37 * q @ entries.t(), -1) @ entries[:, :16]
+    if uv:
+        expect = torch.bmm(expect.transpose(0, 1), w_uv.double().cpu().transpose(1, 2)).transpose(0, 1)
+        ref = mla_decode_uv_reference(q_lat, q_rope, cache, tables, seq, 0.37, w_uv, first_pos=1)
+    else:
+        ref = mla_decode_reference(q_lat, q_rope, cache, tables, seq, 0.37, first_pos=1)
+    assert _rel(ref.cpu(), expect) < 1e-5
+    poisoned = cache.clone()
+    for b in range(len(lens)):
+        poisoned[tables[b, 0].long(), 0] = 1e3  # position 0 of every row
+    for splits in (1, 3, None):
+        out = mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, num_splits=splits, w_uv=w_uv, first_pos=1)
+        assert _rel(out.cpu(), expect) < 1e-5, f"splits={splits}"
+        assert (out[2] == 0).all()
+        again = mla_decode(q_lat, q_rope, poisoned, tables, seq, 0.37, num_splits=splits, w_uv=w_uv, first_pos=1)
+        assert torch.equal(out, again)
+    assert _rel(mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, w_uv=w_uv).cpu(), expect) > 1e-3  # control
+    with pytest.raises(ValueError, match="first_pos"):
+        mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, first_pos=2)
+
+
 def test_mla_decode_rejects_bad_shapes():
     gen = torch.Generator().manual_seed(0)
     q_lat, q_rope, cache, tables, lens = _paged_case(gen, 2, 4, 16, 4, 4, [3, 5], torch.float32)
