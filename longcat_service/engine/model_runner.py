@@ -108,22 +108,27 @@ class ModelRunner:
         self.vocab_size = int(self.config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self._eos_token_id(), self.device, args.seed)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> per-request generator
-        # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP
-        # (not with MTP yet: every step of a speculative engine is an eager spec step, engine/spec_decode.py)
+        # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP; with MTP every step is a spec step
+        # (engine/spec_decode.py), whose decode steps replay the spec graphs (engine/spec_graph_runner.py) instead
         self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs and self.spec_config is None else None
         self.spec_decoder = None
+        graphs = self.graph_runner
         if self.spec_config is not None:
             from longcat_service.engine.spec_decode import SpecDecoder
+            from longcat_service.engine.spec_graph_runner import create_spec_graph_runner
 
-            self.spec_decoder = SpecDecoder(self, self.spec_config.num_speculative_tokens)
-        if self.graph_runner is not None and args.capture_graphs_at_startup:
+            k = self.spec_config.num_speculative_tokens
+            self.spec_decoder = SpecDecoder(self, k)
+            if self.uses_cuda_graphs:
+                graphs = self.spec_decoder.graphs = create_spec_graph_runner(self, k)
+        if graphs is not None and args.capture_graphs_at_startup:
             from longcat_service.kernels.compile_watch import warming_up, watch_compiles_after_warm_up
 
             with warming_up():  # not reported, also when an earlier engine of this process installed the watch
                 t0 = time.perf_counter()
-                self.graph_runner.capture_all()
-                logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
-                            time.perf_counter() - t0)
+                graphs.capture_all()
+                logger.info("captured %d %s CUDA graphs in %.1f s", len(graphs.graphs),
+                            "decode" if graphs is self.graph_runner else "spec-step", time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
                 if get_tp_size() == 1 and self.warm_up_prefill():
@@ -143,15 +148,17 @@ class ModelRunner:
         from longcat_service.sampling_params import SamplingParams
 
         chunk, shorts = 19, (17, 32)
+        k = self.spec_config.num_speculative_tokens if self.spec_config is not None else 0
+        margin = 2 * k + 2 if k else 0  # spec steps: drafts verified, then MTP cache writes k positions further
         max_pos = int(self.config.max_position_embeddings)
-        first_len = min(WARMUP_PROMPT_TOKENS, max_pos - chunk - 1)
+        first_len = min(WARMUP_PROMPT_TOKENS, max_pos - chunk - 1 - margin)
         # the long prompt plus a decode row make the largest step the scheduler builds (the token budget), so
         # that its kernels, workspace sizes and allocator blocks exist before the first request of that size;
         # at least WARMUP_LONG_TOKENS; when the cache is too small for the budget, WARMUP_LONG_TOKENS only
         for long_len in (max(WARMUP_LONG_TOKENS, self.args.max_num_batched_tokens - 1), WARMUP_LONG_TOKENS):
             long_len = min(long_len, max_pos)
             lengths = (first_len + chunk + 1, long_len, *shorts)
-            need = [-(-n // self.block_size) for n in lengths]
+            need = [-(-(n + margin) // self.block_size) for n in lengths]
             if sum(need) <= self.num_blocks:
                 break
         if first_len < max(shorts) or sum(need) > self.num_blocks:
@@ -168,10 +175,14 @@ class ModelRunner:
             first += blocks
             seqs.append(seq)
         a, b = seqs[0], seqs[1]
-        for batch in ([ScheduledSeq(a, first_len, 0)],  # a whole prompt
-                      [ScheduledSeq(a, chunk, first_len)],  # a chunk after cached context
-                      [ScheduledSeq(a, 1, first_len + chunk), ScheduledSeq(b, long_len, 0)],  # a decode row + a long prompt
-                      [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[2:]]):  # two short prompts
+        batches = [[ScheduledSeq(a, first_len, 0)],  # a whole prompt
+                   [ScheduledSeq(a, chunk, first_len)],  # a chunk after cached context
+                   [ScheduledSeq(a, 1, first_len + chunk), ScheduledSeq(b, long_len, 0)],  # a decode row + a long prompt
+                   [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[2:]]]  # two short prompts
+        if k:  # an eager verify of k drafts (a multi-token query) beside a prompt
+            batches.append([ScheduledSeq(a, 1 + k, first_len + chunk, draft_token_ids=[3] * k),
+                            ScheduledSeq(seqs[2], seqs[2].num_tokens, 0)])
+        for batch in batches:
             self.execute(batch)
         for seq in seqs:
             self.release(seq.seq_id)

@@ -31,13 +31,18 @@ verification; each draft token that feeds another MTP pass) reach the other rank
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from longcat_service.engine.model_runner import SeqStepResult
 from longcat_service.engine.sampler import SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.mtp import build_mtp_plan
 from longcat_service.outputs import Logprob
+
+logger = logging.getLogger(__name__)
 
 
 class SpecDecoder:
@@ -45,6 +50,7 @@ class SpecDecoder:
         self.runner = runner
         self.k = num_speculative_tokens
         self.decides = getattr(runner, "samples_tokens", True)  # False on TP ranks > 0: they follow rank 0
+        self.graphs = None  # a SpecGraphRunner (CUDA; set by the ModelRunner): decode spec steps replay graphs
         # seq_id -> [drafts, vocab] the distributions its pending drafts were drawn from (sampled requests only)
         self.draft_probs: dict[int, torch.Tensor] = {}
 
@@ -53,6 +59,40 @@ class SpecDecoder:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]):
+        r = self.runner
+        bucket = None
+        if self.graphs is not None and self.graphs.can_verify(batch):
+            try:
+                bucket, hidden, graph_logits = self.graphs.verify(batch)
+            except Exception:  # e.g. a capture-unsafe op in the decode path: serve eagerly instead
+                logger.exception("CUDA-graph spec step failed; running eagerly from now on")
+                self.graphs = None
+        if bucket is None:
+            hidden, starts = self._target_forward(batch)
+            results = r.results_with_prompt_logprobs(batch, hidden, starts)
+            row_base = [starts[i] + s.num_new_tokens - 1 - len(s.draft_token_ids) for i, s in enumerate(batch)]
+
+            def logits_of(rows: torch.Tensor) -> torch.Tensor:
+                return r.model.compute_logits(hidden[rows]).float()
+        else:  # flat rows: sequence i's verify token j is row i*(k+1) + j (spec_graph_runner.py)
+            starts = None
+            results = [SeqStepResult() for _ in batch]  # decode rows past the prompt: no prompt logprobs
+            row_base = [i * (self.k + 1) for i in range(len(batch))]
+
+            def logits_of(rows: torch.Tensor) -> torch.Tensor:
+                return graph_logits.index_select(0, rows)
+        emitted = self._verify(batch, row_base, logits_of, results)
+        failed = [i for i, res in enumerate(results) if res.error is not None]
+        counts = self._draft_counts(batch, emitted) if self.decides else None
+        emitted, failed, counts = r.share_decision((emitted, failed, counts))
+        if bucket is None:
+            self._draft(batch, hidden, starts, emitted, set(failed), counts, results)
+        else:
+            self._draft_with_graphs(batch, bucket, emitted, set(failed), counts, results)
+        return results
+
+    def _target_forward(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
+        """The eager target forward over every sequence's new tokens -> final hidden states, row starts."""
         r = self.runner
         ids: list[int] = []
         positions: list[int] = []
@@ -70,17 +110,12 @@ class SpecDecoder:
             metadata.slot_mapping[torch.tensor(shared, device=r.device)] = r.num_blocks * r.block_size
         ids_t = torch.tensor(ids, dtype=torch.long, device=r.device)
         hidden = r.model(ids_t, torch.tensor(positions, dtype=torch.long, device=r.device), metadata, r.kv_caches)
-        results = r.results_with_prompt_logprobs(batch, hidden, starts)
-        emitted = self._verify(batch, hidden, starts, results)
-        failed = [i for i, res in enumerate(results) if res.error is not None]
-        counts = self._draft_counts(batch, emitted) if self.decides else None
-        emitted, failed, counts = r.share_decision((emitted, failed, counts))
-        self._draft(batch, hidden, starts, emitted, set(failed), counts, results)
-        return results
+        return hidden, starts
 
     # ---- verification --------------------------------------------------------------------------
-    def _verify(self, batch, hidden, starts, results) -> dict[int, list[int]]:
-        """Accept/reject every sampling sequence's drafts; fills results; -> batch row -> emitted tokens."""
+    def _verify(self, batch, row_base: list[int], logits_of, results) -> dict[int, list[int]]:
+        """Accept/reject every sampling sequence's drafts; fills results; -> batch row -> emitted tokens.
+        row_base[i]: the row of sequence i's first verify token (its last known one); logits_of(rows) -> fp32."""
         r = self.runner
         sampling = [i for i, s in enumerate(batch) if s.needs_sample]
         if not sampling:
@@ -94,15 +129,14 @@ class SpecDecoder:
             d = s.draft_token_ids
             base = r._sampling_row(s.seq) if self.decides else None
             first_row[i] = len(rows_idx)
-            first = starts[i] + s.num_new_tokens - 1 - len(d)
             for j in range(len(d) + 1):
-                rows_idx.append(first + j)
+                rows_idx.append(row_base[i] + j)
                 if base is not None:
                     srows.append(SamplingRow(base.params, base.prompt_token_ids, base.output_token_ids + d[:j],
                                              base.generator))
                 drafts.append(d[j] if j < len(d) else 0)
-        dev = hidden.device
-        logits = r.model.compute_logits(hidden[torch.tensor(rows_idx, dtype=torch.long, device=dev)]).float()
+        dev = r.device
+        logits = logits_of(torch.tensor(rows_idx, dtype=torch.long, device=dev))
         if not self.decides:  # a TP follower: the logits' all-gather is its part; rank 0 shares the outcome
             return {}
         p = r.sampler.probabilities(logits, srows)
@@ -242,6 +276,37 @@ class SpecDecoder:
             offset += m_ends[i] - m_starts[i]
             if i in counts:
                 last_row[i] = offset - 1
+        self._draft_more(batch, h, last_row, m_ends, tables, emitted, counts, results)
+
+    def _draft_with_graphs(self, batch, bucket: int, emitted, failed: set[int], counts: dict[int, int],
+                           results) -> None:
+        """_draft for a step whose verify ran as a graph: the MTP pass over the flat rows replays the mtp graph."""
+        seqs, m_ends, last_row = [], [], {}
+        for i, s in enumerate(batch):
+            toks = [] if i in failed else emitted.get(i, [])
+            seqs.append((toks, s.start_pos, list(s.block_table)))
+            m_ends.append(s.start_pos + len(toks))
+            if i in counts:
+                last_row[i] = i * (self.k + 1) + len(toks) - 1
+        h = self.graphs.mtp(bucket, seqs)
+        self._draft_more(batch, h, last_row, m_ends, [s.block_table for s in batch], emitted, counts, results)
+
+    def _mtp_pass(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: list[int],
+                  tables: list[list[int]]) -> torch.Tensor:
+        """One recursive MTP pass (one position per row): a graph replay where one fits, else eager."""
+        r = self.runner
+        g = self.graphs
+        if g is not None and g.k > 1 and g.fits(tables):
+            return g.draft(tokens, hidden, positions, tables)
+        plan = build_mtp_plan(tables, positions, [p + 1 for p in positions], r.block_size, hidden.device)
+        return r.model.mtp_forward(tokens, hidden, torch.tensor(positions, dtype=torch.long, device=hidden.device),
+                                   plan, r.mtp_kv_cache)
+
+    def _draft_more(self, batch, h, last_row: dict[int, int], m_ends: list[int], tables, emitted,
+                    counts: dict[int, int], results) -> None:
+        """Drafts from the MTP output h at each drafting row's last known position, recursing for k > 1."""
+        r = self.runner
+        model, dev = r.model, h.device
         if not counts:
             return
         order = list(counts)
@@ -271,11 +336,8 @@ class SpecDecoder:
             keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
             for i in order:
                 cur_pos[i] += 1
-            plan = build_mtp_plan([tables[i] for i in order], [cur_pos[i] for i in order],
-                                  [cur_pos[i] + 1 for i in order], bs, dev)
-            cur_h = model.mtp_forward(token[keep_t], cur_h[keep_t],
-                                      torch.tensor([cur_pos[i] for i in order], dtype=torch.long, device=dev),
-                                      plan, r.mtp_kv_cache)
+            cur_h = self._mtp_pass(token[keep_t], cur_h[keep_t], [cur_pos[i] for i in order],
+                                   [tables[i] for i in order])
         if not self.decides:
             return
         for i in counts:
