@@ -143,28 +143,17 @@ class _StaticRows:
         return DecodePlan(n, self.packed[2, :n], self.tables[:n], self.packed[3, :n], first_pos=1)
 
 
-class SpecGraphRunner:
-    def __init__(self, model, kv_caches: list[torch.Tensor], mtp_kv_cache: torch.Tensor, block_size: int,
-                 max_blocks_per_seq: int, k: int, buckets: tuple[int, ...]):
+class SpecRowsRunner:
+    """What a spec step asks of its graphs, on host rows: which batches qualify, and the rows of each pass.
+    Subclasses run the rows: SpecGraphRunner replays CUDA graphs; tests run them eagerly on CPU (the same rows)."""
+
+    def __init__(self, block_size: int, max_blocks_per_seq: int, k: int, buckets: tuple[int, ...]):
         if not buckets:
             raise ValueError(f"no spec graph bucket fits {MAX_GRAPH_ROWS} rows at k = {k}")
-        if model.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
-        self.model, self.kv_caches, self.mtp_kv_cache = model, kv_caches, mtp_kv_cache
         self.block_size, self.max_blocks, self.k = block_size, max_blocks_per_seq, k
         self.buckets = tuple(buckets)
         self.max_batch = self.buckets[-1]
-        dev = model.device
-        flat = self.max_batch * (k + 1)
-        self.verify_in = _StaticRows(flat, max_blocks_per_seq, dev)
-        self.mtp_in = _StaticRows(flat, max_blocks_per_seq, dev)
-        self.draft_in = _StaticRows(self.max_batch, max_blocks_per_seq, dev)
-        self.draft_hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=model.dtype, device=dev)
-        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
-        self.pool = None
 
-    # ---- what qualifies --------------------------------------------------------------------------
     def fits(self, tables: list[list[int]]) -> bool:
         """Rows of these block tables fit a bucket and the table buffers."""
         return 0 < len(tables) <= self.max_batch and max(len(t) for t in tables) <= self.max_blocks
@@ -176,6 +165,53 @@ class SpecGraphRunner:
                     or s.start_pos < s.seq.num_prompt_tokens):
                 return False
         return self.fits([s.block_table for s in batch])
+
+    def verify(self, batch) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The target forward of a batch that can_verify -> (bucket, hidden, fp32 logits) of the flat rows (row
+        i*(k+1) + j is sequence i's verify token j; graph outputs are views valid until the bucket's next replay)."""
+        b = bucket_for(len(batch), self.buckets)
+        seqs = [(s.seq.token_ids[s.start_pos], list(s.draft_token_ids), s.start_pos, list(s.block_table))
+                for s in batch]
+        hidden, logits = self._run_verify(b, verify_rows(seqs, self.k, self.block_size))
+        return b, hidden, logits
+
+    def mtp(self, b: int, seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """After verify (bucket b) and verification: the MTP block over the flat rows -> h' [b*(k+1), H].
+        seqs: mtp_rows' input."""
+        return self._run_mtp(b, mtp_rows(seqs, self.k, self.block_size))
+
+    def draft(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: list[int], tables: list[list[int]]
+              ) -> torch.Tensor:
+        """One recursive MTP pass over len(positions) rows (tokens and hidden on the device) -> h' [rows, H]."""
+        b = bucket_for(len(positions), self.buckets)
+        return self._run_draft(b, draft_rows(positions, tables, self.block_size), tokens, hidden)
+
+    def _run_verify(self, b: int, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _run_mtp(self, b: int, rows: DecodeRows) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _run_draft(self, b: int, rows: DecodeRows, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SpecGraphRunner(SpecRowsRunner):
+    def __init__(self, model, kv_caches: list[torch.Tensor], mtp_kv_cache: torch.Tensor, block_size: int,
+                 max_blocks_per_seq: int, k: int, buckets: tuple[int, ...]):
+        super().__init__(block_size, max_blocks_per_seq, k, buckets)
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
+        self.model, self.kv_caches, self.mtp_kv_cache = model, kv_caches, mtp_kv_cache
+        dev = model.device
+        flat = self.max_batch * (k + 1)
+        self.verify_in = _StaticRows(flat, max_blocks_per_seq, dev)
+        self.mtp_in = _StaticRows(flat, max_blocks_per_seq, dev)
+        self.draft_in = _StaticRows(self.max_batch, max_blocks_per_seq, dev)
+        self.draft_hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=model.dtype, device=dev)
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+        self.pool = None
 
     # ---- the forwards, captured per bucket ------------------------------------------------------------
     def _forward(self, kind: str, b: int) -> tuple[torch.Tensor, ...]:
@@ -192,16 +228,16 @@ class SpecGraphRunner:
         return (model.mtp_forward(rows.packed[0, :b], self.draft_hidden[:b], rows.packed[1, :b], rows.mtp_plan(b),
                                   self.mtp_kv_cache),)
 
+    def _inputs(self, kind: str) -> _StaticRows:
+        return {"verify": self.verify_in, "mtp": self.mtp_in, "draft": self.draft_in}[kind]
+
     @torch.inference_mode()
     def capture(self, kind: str, b: int) -> None:
         """Capture one graph (inputs hold padding: no cache writes during warm-up or capture). The mtp graph reads
         the verify graph's output of its bucket: capture that first."""
         if kind == "mtp" and ("verify", b) not in self.graphs:
             self.capture("verify", b)
-        n = b if kind == "draft" else b * (self.k + 1)
-        rows = {"verify": self.verify_in, "mtp": self.mtp_in, "draft": self.draft_in}[kind]
-        padding = DecodeRows()
-        rows.load(padding, n)
+        self._inputs(kind).load(DecodeRows(), b if kind == "draft" else b * (self.k + 1))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -226,41 +262,33 @@ class SpecGraphRunner:
                 if (kind, b) not in self.graphs:
                     self.capture(kind, b)
 
-    def _replay(self, kind: str, b: int) -> tuple[torch.Tensor, ...]:
+    def _prepare(self, kind: str, b: int, rows: DecodeRows) -> tuple[torch.Tensor, ...]:
+        """Captured (now, if not at start-up) and its inputs loaded: the graph's static outputs."""
         if (kind, b) not in self.graphs:
             self.capture(kind, b)
-        self.graphs[(kind, b)].replay()
+        self._inputs(kind).load(rows, b if kind == "draft" else b * (self.k + 1))
         return self.outputs[(kind, b)]
 
-    # ---- one step's replays ------------------------------------------------------------------------
     @torch.inference_mode()
-    def verify(self, batch) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """Replay the verify graph for a batch that can_verify -> (bucket, hidden, fp32 logits) of the flat rows
-        (views valid until the bucket's next replay; row i*(k+1) + j is sequence i's verify token j)."""
-        b = bucket_for(len(batch), self.buckets)
-        seqs = [(s.seq.token_ids[s.start_pos], list(s.draft_token_ids), s.start_pos, list(s.block_table))
-                for s in batch]
-        self.verify_in.load(verify_rows(seqs, self.k, self.block_size), b * (self.k + 1))
-        hidden, logits = self._replay("verify", b)
-        return b, hidden, logits
+    def _run_verify(self, b: int, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._prepare("verify", b, rows)
+        self.graphs[("verify", b)].replay()
+        return out[0], out[1]
 
     @torch.inference_mode()
-    def mtp(self, b: int, seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """After verify(bucket b) and verification: the MTP block over the flat rows -> h' [b*(k+1), H] (a view
-        valid until the next replay). seqs: mtp_rows' input."""
-        self.mtp_in.load(mtp_rows(seqs, self.k, self.block_size), b * (self.k + 1))
-        return self._replay("mtp", b)[0]
+    def _run_mtp(self, b: int, rows: DecodeRows) -> torch.Tensor:
+        out = self._prepare("mtp", b, rows)
+        self.graphs[("mtp", b)].replay()
+        return out[0]
 
     @torch.inference_mode()
-    def draft(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: list[int], tables: list[list[int]]
-              ) -> torch.Tensor:
-        """One recursive MTP pass over len(positions) rows (tokens and hidden on the device) -> h' [rows, H]."""
-        n = len(positions)
-        b = bucket_for(n, self.buckets)
-        self.draft_in.load(draft_rows(positions, tables, self.block_size), b)
+    def _run_draft(self, b: int, rows: DecodeRows, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        out = self._prepare("draft", b, rows)
+        n = len(rows)
         self.draft_in.packed[0, :n].copy_(tokens)  # stream-ordered after the host copy it overrides
         self.draft_hidden[:n].copy_(hidden)
-        return self._replay("draft", b)[0][:n]
+        self.graphs[("draft", b)].replay()
+        return out[0][:n]
 
 
 def create_spec_graph_runner(model_runner, k: int) -> SpecGraphRunner | None:
