@@ -116,23 +116,28 @@ class _StaticRows:
     pinned host mirrors."""
 
     def __init__(self, num_rows: int, max_blocks: int, device: torch.device):
+        cuda = device.type == "cuda"
         self.packed = torch.zeros(4, num_rows, dtype=torch.int64, device=device)
-        self.packed_host = torch.zeros(4, num_rows, dtype=torch.int64).pin_memory()
+        self.packed_host = torch.zeros(4, num_rows, dtype=torch.int64)
         self.tables = torch.zeros(num_rows, max_blocks, dtype=torch.int32, device=device)
-        self.tables_host = torch.zeros(num_rows, max_blocks, dtype=torch.int32).pin_memory()
+        self.tables_host = torch.zeros(num_rows, max_blocks, dtype=torch.int32)
+        if cuda:
+            self.packed_host, self.tables_host = self.packed_host.pin_memory(), self.tables_host.pin_memory()
         self.query_start_loc = torch.arange(num_rows + 1, dtype=torch.int32, device=device)
         self.packed_np, self.tables_np = self.packed_host.numpy(), self.tables_host.numpy()
-        self.copy_done = torch.cuda.Event()
+        self.copy_done = torch.cuda.Event() if cuda else None
 
     def load(self, rows: DecodeRows, n: int) -> None:
         """Rows into the first n buffer rows (the rest of n: padding). Asynchronous (pinned memory)."""
-        self.copy_done.synchronize()  # the previous load's copies must be done before the host buffers change
+        if self.copy_done is not None:  # the previous load's copies must be done before the host buffers change
+            self.copy_done.synchronize()
         width = max(max((len(t) for t in rows.tables), default=0), 1)
         write_host_inputs(self.packed_np, self.tables_np, n, width, rows.input_ids, rows.positions, rows.slots,
                           rows.seq_lens, rows.tables)
         self.packed[:, :n].copy_(self.packed_host[:, :n], non_blocking=True)
         self.tables[:n, :width].copy_(self.tables_host[:n, :width], non_blocking=True)
-        self.copy_done.record()
+        if self.copy_done is not None:
+            self.copy_done.record()
 
     def metadata(self, n: int, block_size: int) -> AttentionMetadata:
         return AttentionMetadata(block_size=block_size, query_start_loc=self.query_start_loc[: n + 1],
@@ -200,10 +205,10 @@ class SpecGraphRunner(SpecRowsRunner):
     def __init__(self, model, kv_caches: list[torch.Tensor], mtp_kv_cache: torch.Tensor, block_size: int,
                  max_blocks_per_seq: int, k: int, buckets: tuple[int, ...]):
         super().__init__(block_size, max_blocks_per_seq, k, buckets)
-        if model.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
         self.model, self.kv_caches, self.mtp_kv_cache = model, kv_caches, mtp_kv_cache
         dev = model.device
+        # CPU (tests, with the Triton kernels interpreted): the same forwards on the same buffers, run eagerly
+        self.use_graphs = dev.type == "cuda"
         flat = self.max_batch * (k + 1)
         self.verify_in = _StaticRows(flat, max_blocks_per_seq, dev)
         self.mtp_in = _StaticRows(flat, max_blocks_per_seq, dev)
@@ -262,33 +267,38 @@ class SpecGraphRunner(SpecRowsRunner):
                 if (kind, b) not in self.graphs:
                     self.capture(kind, b)
 
-    def _prepare(self, kind: str, b: int, rows: DecodeRows) -> tuple[torch.Tensor, ...]:
-        """Captured (now, if not at start-up) and its inputs loaded: the graph's static outputs."""
-        if (kind, b) not in self.graphs:
+    def _prepare(self, kind: str, b: int, rows: DecodeRows) -> None:
+        """Captured (now, if not at start-up) and its inputs loaded."""
+        if self.use_graphs and (kind, b) not in self.graphs:
             self.capture(kind, b)
         self._inputs(kind).load(rows, b if kind == "draft" else b * (self.k + 1))
+
+    def _launch(self, kind: str, b: int) -> tuple[torch.Tensor, ...]:
+        """Replay -> the graph's static outputs (views valid until its next replay)."""
+        if self.use_graphs:
+            self.graphs[(kind, b)].replay()
+        else:
+            self.outputs[(kind, b)] = self._forward(kind, b)
         return self.outputs[(kind, b)]
 
     @torch.inference_mode()
     def _run_verify(self, b: int, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._prepare("verify", b, rows)
-        self.graphs[("verify", b)].replay()
-        return out[0], out[1]
+        self._prepare("verify", b, rows)
+        hidden, logits = self._launch("verify", b)
+        return hidden, logits
 
     @torch.inference_mode()
     def _run_mtp(self, b: int, rows: DecodeRows) -> torch.Tensor:
-        out = self._prepare("mtp", b, rows)
-        self.graphs[("mtp", b)].replay()
-        return out[0]
+        self._prepare("mtp", b, rows)
+        return self._launch("mtp", b)[0]
 
     @torch.inference_mode()
     def _run_draft(self, b: int, rows: DecodeRows, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        out = self._prepare("draft", b, rows)
+        self._prepare("draft", b, rows)
         n = len(rows)
         self.draft_in.packed[0, :n].copy_(tokens)  # stream-ordered after the host copy it overrides
         self.draft_hidden[:n].copy_(hidden)
-        self.graphs[("draft", b)].replay()
-        return out[0][:n]
+        return self._launch("draft", b)[0][:n]
 
 
 def create_spec_graph_runner(model_runner, k: int) -> SpecGraphRunner | None:
