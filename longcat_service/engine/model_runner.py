@@ -59,7 +59,8 @@ class StepHandle:
     sample_idx: list[int]  # batch rows that sample a token, in the sampler's row order
     sampled: SampledBatch | None = None
     prompt_logprobs: dict[int, list[_PromptLogprobChunk]] = field(default_factory=dict)  # batch row -> chunks
-    results: list[SeqStepResult] | None = None  # a step that ran to completion in launch (speculative steps)
+    results: list[SeqStepResult] | None = None  # a step that ran to completion in launch (TP speculative steps)
+    spec: object | None = None  # a speculative step's launch (spec_decode.SpecLaunch), finished by collect
 
 
 class ModelRunner:
@@ -241,8 +242,10 @@ class ModelRunner:
         pinned memory (host_to_device.to_device), since a blocking copy would wait for the forward.
         `input_ids` (a decode batch's tokens as a device tensor, e.g. the previous step's samples) replaces the
         host token ids, which the caller may not know yet."""
-        if self.spec_decoder is not None:  # speculative: the whole step (verify + draft) runs here, eagerly
-            return StepHandle(len(batch), [], results=self.spec_decoder.execute(batch))
+        if self.spec_decoder is not None:  # speculative: the target forward now; verification and drafts in collect
+            if get_tp_size() > 1:  # TP: the whole step here (the workers follow rank 0's decisions mid-step)
+                return StepHandle(len(batch), [], results=self.spec_decoder.execute(batch))
+            return StepHandle(len(batch), [], spec=self.spec_decoder.launch(batch))
         if input_ids is not None and any(s.num_new_tokens != 1 for s in batch):
             raise ValueError("launch: device input_ids are for decode batches (one new token per sequence)")
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
@@ -327,6 +330,8 @@ class ModelRunner:
         """Wait for a launched step: its sampled tokens (and logprobs) to the host. The step's one sync."""
         if handle.results is not None:
             return handle.results
+        if handle.spec is not None:
+            return self.spec_decoder.finish(handle.spec)
         results = [SeqStepResult() for _ in range(handle.batch_size)]
         if handle.sampled is not None:
             tokens, logprobs = self.sampler.collect(handle.sampled)

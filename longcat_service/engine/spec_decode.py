@@ -32,6 +32,7 @@ verification; each draft token that feeds another MTP pass) reach the other rank
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -43,6 +44,17 @@ from longcat_service.model.mtp import build_mtp_plan
 from longcat_service.outputs import Logprob
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpecLaunch:
+    """A spec step whose target forward is enqueued: what SpecDecoder.finish needs."""
+
+    batch: list[ScheduledSeq]
+    hidden: torch.Tensor  # the target's final hidden states (eager: in batch order; graphs: the flat rows)
+    starts: list[int] | None  # eager: each sequence's first row
+    bucket: int | None = None  # graphs: the bucket replayed
+    graph_logits: torch.Tensor | None = None  # graphs: fp32 logits of the flat rows
 
 
 class SpecDecoder:
@@ -57,38 +69,50 @@ class SpecDecoder:
     def release(self, seq_id: int) -> None:
         self.draft_probs.pop(seq_id, None)
 
-    @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]):
-        r = self.runner
-        bucket = None
+        return self.finish(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: list[ScheduledSeq]) -> SpecLaunch:
+        """Enqueue the target forward (a graph replay for decode batches that fit) without reading anything back:
+        with overlap_steps the engine does the previous step's host work while the device computes it."""
         if self.graphs is not None and self.graphs.can_verify(batch):
             try:
                 bucket, hidden, graph_logits = self.graphs.verify(batch)
+                return SpecLaunch(batch, hidden, None, bucket, graph_logits)
             except Exception:  # e.g. a capture-unsafe op in the decode path: serve eagerly instead
                 logger.exception("CUDA-graph spec step failed; running eagerly from now on")
                 self.graphs = None
-        if bucket is None:
-            hidden, starts = self._target_forward(batch)
+        hidden, starts = self._target_forward(batch)
+        return SpecLaunch(batch, hidden, starts)
+
+    @torch.inference_mode()
+    def finish(self, step: SpecLaunch):
+        """Verification, then the MTP pass and the next drafts -> the step's results. A sequence finished since the
+        launch (an abort between engine calls; its blocks are free) gets nothing: no tokens, cache writes or drafts."""
+        r = self.runner
+        batch, hidden, starts = step.batch, step.hidden, step.starts
+        gone = {i for i, s in enumerate(batch) if getattr(s.seq, "is_finished", False)}
+        if step.bucket is None:
             results = r.results_with_prompt_logprobs(batch, hidden, starts)
             row_base = [starts[i] + s.num_new_tokens - 1 - len(s.draft_token_ids) for i, s in enumerate(batch)]
 
             def logits_of(rows: torch.Tensor) -> torch.Tensor:
                 return r.model.compute_logits(hidden[rows]).float()
         else:  # flat rows: sequence i's verify token j is row i*(k+1) + j (spec_graph_runner.py)
-            starts = None
             results = [SeqStepResult() for _ in batch]  # decode rows past the prompt: no prompt logprobs
             row_base = [i * (self.k + 1) for i in range(len(batch))]
 
             def logits_of(rows: torch.Tensor) -> torch.Tensor:
-                return graph_logits.index_select(0, rows)
-        emitted = self._verify(batch, row_base, logits_of, results)
-        failed = [i for i, res in enumerate(results) if res.error is not None]
+                return step.graph_logits.index_select(0, rows)
+        emitted = self._verify(batch, row_base, logits_of, results, gone)
+        failed = [i for i, res in enumerate(results) if res.error is not None or i in gone]
         counts = self._draft_counts(batch, emitted) if self.decides else None
         emitted, failed, counts = r.share_decision((emitted, failed, counts))
-        if bucket is None:
+        if step.bucket is None:
             self._draft(batch, hidden, starts, emitted, set(failed), counts, results)
         else:
-            self._draft_with_graphs(batch, bucket, emitted, set(failed), counts, results)
+            self._draft_with_graphs(batch, step.bucket, emitted, set(failed), counts, results)
         return results
 
     def _target_forward(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
@@ -113,11 +137,12 @@ class SpecDecoder:
         return hidden, starts
 
     # ---- verification --------------------------------------------------------------------------
-    def _verify(self, batch, row_base: list[int], logits_of, results) -> dict[int, list[int]]:
+    def _verify(self, batch, row_base: list[int], logits_of, results, gone: set[int]) -> dict[int, list[int]]:
         """Accept/reject every sampling sequence's drafts; fills results; -> batch row -> emitted tokens.
-        row_base[i]: the row of sequence i's first verify token (its last known one); logits_of(rows) -> fp32."""
+        row_base[i]: the row of sequence i's first verify token (its last known one); logits_of(rows) -> fp32.
+        gone: rows not to verify (finished since the launch)."""
         r = self.runner
-        sampling = [i for i, s in enumerate(batch) if s.needs_sample]
+        sampling = [i for i, s in enumerate(batch) if s.needs_sample and i not in gone]
         if not sampling:
             return {}
         rows_idx: list[int] = []
