@@ -366,6 +366,10 @@ class ModelRunner:
         prompt = seq.token_ids[: seq.num_prompt_tokens] if seq.params.repetition_penalty != 1.0 else []
         return SamplingRow(seq.params, prompt, seq.output_token_ids, gen, num_pending=int(pending))
 
+    @staticmethod
+    def empty_results(n: int) -> list[SeqStepResult]:
+        return [SeqStepResult() for _ in range(n)]
+
     def results_with_prompt_logprobs(self, batch, hidden, starts) -> list[SeqStepResult]:
         """A step's results holding only its prompt logprobs (speculative steps add their tokens)."""
         handle = StepHandle(len(batch), [])

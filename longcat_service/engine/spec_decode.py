@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 
-from longcat_service.engine.model_runner import SeqStepResult
 from longcat_service.engine.sampler import SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.layers.attention_metadata import AttentionMetadata
@@ -100,7 +99,7 @@ class SpecDecoder:
             def logits_of(rows: torch.Tensor) -> torch.Tensor:
                 return r.model.compute_logits(hidden[rows]).float()
         else:  # flat rows: sequence i's verify token j is row i*(k+1) + j (spec_graph_runner.py)
-            results = [SeqStepResult() for _ in batch]  # decode rows past the prompt: no prompt logprobs
+            results = r.empty_results(len(batch))  # decode rows past the prompt: no prompt logprobs
             row_base = [i * (self.k + 1) for i in range(len(batch))]
 
             def logits_of(rows: torch.Tensor) -> torch.Tensor:
