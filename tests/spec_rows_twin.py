@@ -16,7 +16,8 @@ from longcat_service.model.mtp import build_mtp_plan
 
 class EagerSpecRows(SpecRowsRunner):
     def __init__(self, runner, k: int, buckets: tuple[int, ...], max_blocks: int = 64):
-        super().__init__(runner.block_size, max_blocks, k, buckets)
+        scratch = runner.num_blocks * runner.block_size if hasattr(runner, "num_blocks") else None
+        super().__init__(runner.block_size, max_blocks, k, buckets, scratch)
         self.runner = runner
         self.calls: Counter = Counter()  # kind -> replays
         self.batch_sizes: list[int] = []  # sequences of each verify
@@ -38,7 +39,11 @@ class EagerSpecRows(SpecRowsRunner):
         assert all(rows.seq_lens[i] == rows.positions[i] + 1 for i in real)  # causal: up to its own position
         md = AttentionMetadata.build([1] * len(real), [rows.seq_lens[i] for i in real], [rows.tables[i] for i in real],
                                      r.block_size, r.device)
-        assert md.slot_mapping.tolist() == [rows.slots[i] for i in real]
+        slots = [rows.slots[i] for i in real]
+        redirected = [j for j, (a, b) in enumerate(zip(md.slot_mapping.tolist(), slots, strict=True)) if a != b]
+        assert all(slots[j] == self.scratch_slot for j in redirected)  # only recomputed shared tokens move
+        self.calls["redirected"] += len(redirected)
+        md.slot_mapping = torch.tensor(slots, dtype=torch.long, device=r.device)
         ids = torch.tensor([rows.input_ids[i] for i in real])
         h = r.model(ids, torch.tensor([rows.positions[i] for i in real]), md, r.kv_caches)
         hidden = torch.zeros(n, h.shape[1], dtype=h.dtype)

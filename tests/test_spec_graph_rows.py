@@ -33,14 +33,17 @@ def test_spec_buckets_fit_the_row_cap_and_the_seat_count():
 
 def test_verify_rows_flatten_each_query_and_pad_to_k_plus_one():
     # block_size 4; sequence 0 at position 9 with 2 drafts, sequence 1 at position 3 with none
-    rows = verify_rows([(50, [51, 52], 9, [7, 2, 5]), (60, [], 3, [4, 8])], k=3, block_size=4)
+    rows = verify_rows([(50, [51, 52], 9, [7, 2, 5], None), (60, [], 3, [4, 8], None)], k=3, block_size=4)
     assert rows.input_ids == [50, 51, 52, 0, 60, 0, 0, 0]
     assert rows.positions == [9, 10, 11, 0, 3, 0, 0, 0]
     assert rows.slots == [5 * 4 + 1, 5 * 4 + 2, 5 * 4 + 3, -1, 4 * 4 + 3, -1, -1, -1]
     assert rows.seq_lens == [10, 11, 12, 0, 4, 0, 0, 0]  # token j attends to positions 0..start+j
     assert rows.tables == [[7, 2, 5]] * 3 + [[]] + [[4, 8]] + [[]] * 3
+    # a recomputed shared token: its entry goes to the scratch slot, its drafts to their own slots
+    rows = verify_rows([(50, [51], 7, [7, 2, 5], 99)], k=1, block_size=4)
+    assert rows.slots == [99, 5 * 4 + 0] and rows.seq_lens == [8, 9]
     with pytest.raises(ValueError, match="drafts"):
-        verify_rows([(1, [2, 3], 0, [0])], k=1, block_size=4)
+        verify_rows([(1, [2, 3], 0, [0], None)], k=1, block_size=4)
 
 
 def test_mtp_rows_read_the_emitted_tokens_and_write_the_next_slot():
@@ -130,3 +133,35 @@ def test_graph_rows_with_sampling_options_and_seeds_equal_eager(ckpts):
     rows, twin = _run(ckpts["partial"], 2, requests, twin_buckets=(1, 2, 4))
     _assert_same(eager, rows)
     assert twin.calls["verify"] > 0
+
+
+def test_graph_rows_with_a_prefix_cache_hit_and_forks_equal_mtp_off(ckpts):
+    """Prefix-cache hits and n > 1 forks with the graph rows: the recomputed shared tokens (chunks of >= 2 tokens
+    here, so eager steps; a 1-token recompute would be redirected to the scratch slot in the rows, see
+    test_verify_rows_...) leave the shared blocks' entries as they were, later decode steps go through the rows,
+    outputs equal MTP off, every block is freed."""
+    shared = list(range(20, 38))
+    waves = [{"a": (shared + [3], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1))},
+             {"b": (shared + [4, 5], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)),
+              "c": (shared[:9], SamplingParams(n=3, temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1))}]
+    outs = []
+    for k in (None, 2):
+        engine = make_engine(model=ckpts["partial"], speculative_config={"method": "mtp", "num_speculative_tokens": 2}
+                             if k else None)
+        twin = None
+        if k:
+            twin = engine.runner.spec_decoder.graphs = EagerSpecRows(engine.runner, k, (1, 2, 4))
+        final, _ = run_to_completion(engine, waves[0])
+        cached = sorted(engine.block_manager.cached.values())
+        before = [c[cached].clone() for c in engine.runner.kv_caches]
+        out, _ = run_to_completion(engine, waves[1])
+        final.update(out)
+        assert all(torch.equal(b, c[cached]) for b, c in zip(before, engine.runner.kv_caches, strict=True))
+        assert final["b"].num_cached_tokens > 0
+        assert_all_blocks_free(engine)
+        outs.append(final)
+        if twin is not None:
+            assert twin.calls["verify"] > 0 and twin.calls["redirected"] == 0
+    for rid in outs[0]:
+        for x, y in zip(outs[0][rid].outputs, outs[1][rid].outputs, strict=True):
+            assert x.token_ids == y.token_ids, rid

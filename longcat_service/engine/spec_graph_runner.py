@@ -73,15 +73,19 @@ def spec_buckets(k: int, max_num_seqs: int, max_rows: int = MAX_GRAPH_ROWS) -> t
     return tuple(b for b in fits if need is not None and b <= need)
 
 
-def verify_rows(seqs: list[tuple[int, list[int], int, list[int]]], k: int, block_size: int) -> DecodeRows:
-    """seqs: (last known token, drafts (<= k), start position, block table) -> the b * (k+1) flat verify rows."""
+def verify_rows(seqs: list[tuple[int, list[int], int, list[int], int | None]], k: int, block_size: int
+                ) -> DecodeRows:
+    """seqs: (last known token, drafts (<= k), start position, block table, where the last known token's entry goes
+    instead of its own slot (None: its slot)) -> the b * (k+1) flat verify rows. The redirect is for a recomputed
+    shared token (a prefix-cache hit or fork: its block is shared, spec_decode.py)."""
     rows = DecodeRows()
-    for last, drafts, start, table in seqs:
+    for last, drafts, start, table, first_slot in seqs:
         if len(drafts) > k:
             raise ValueError(f"verify_rows: {len(drafts)} drafts for k = {k}")
         for j, token in enumerate([last, *drafts]):
             pos = start + j
-            rows.add(token, pos, slot_of(table, pos, block_size), pos + 1, table)
+            slot = first_slot if j == 0 and first_slot is not None else slot_of(table, pos, block_size)
+            rows.add(token, pos, slot, pos + 1, table)
         for _ in range(k - len(drafts)):
             rows.pad()
     return rows
@@ -152,10 +156,12 @@ class SpecRowsRunner:
     """What a spec step asks of its graphs, on host rows: which batches qualify, and the rows of each pass.
     Subclasses run the rows: SpecGraphRunner replays CUDA graphs; tests run them eagerly on CPU (the same rows)."""
 
-    def __init__(self, block_size: int, max_blocks_per_seq: int, k: int, buckets: tuple[int, ...]):
+    def __init__(self, block_size: int, max_blocks_per_seq: int, k: int, buckets: tuple[int, ...],
+                 scratch_slot: int | None = None):
         if not buckets:
             raise ValueError(f"no spec graph bucket fits {MAX_GRAPH_ROWS} rows at k = {k}")
         self.block_size, self.max_blocks, self.k = block_size, max_blocks_per_seq, k
+        self.scratch_slot = scratch_slot  # where a recomputed shared token's entry goes (ModelRunner's scratch block)
         self.buckets = tuple(buckets)
         self.max_batch = self.buckets[-1]
 
@@ -164,10 +170,13 @@ class SpecRowsRunner:
         return 0 < len(tables) <= self.max_batch and max(len(t) for t in tables) <= self.max_blocks
 
     def can_verify(self, batch) -> bool:
-        """A pure decode spec batch: every sequence past its prompt, its last token plus <= k drafts."""
+        """A pure decode spec batch: every sequence at its last prompt token or past it, computing its last token
+        plus <= k drafts (no prompt logprobs to compute)."""
         for s in batch:
             if (not s.needs_sample or s.num_new_tokens != 1 + len(s.draft_token_ids) or len(s.draft_token_ids) > self.k
-                    or s.start_pos < s.seq.num_prompt_tokens):
+                    or s.start_pos < s.seq.num_prompt_tokens - 1):
+                return False
+            if self._redirected(s) and self.scratch_slot is None:
                 return False
         return self.fits([s.block_table for s in batch])
 
@@ -175,10 +184,14 @@ class SpecRowsRunner:
         """The target forward of a batch that can_verify -> (bucket, hidden, fp32 logits) of the flat rows (row
         i*(k+1) + j is sequence i's verify token j; graph outputs are views valid until the bucket's next replay)."""
         b = bucket_for(len(batch), self.buckets)
-        seqs = [(s.seq.token_ids[s.start_pos], list(s.draft_token_ids), s.start_pos, list(s.block_table))
-                for s in batch]
+        seqs = [(s.seq.token_ids[s.start_pos], list(s.draft_token_ids), s.start_pos, list(s.block_table),
+                 self.scratch_slot if self._redirected(s) else None) for s in batch]
         hidden, logits = self._run_verify(b, verify_rows(seqs, self.k, self.block_size))
         return b, hidden, logits
+
+    @staticmethod
+    def _redirected(s) -> bool:
+        return getattr(s.seq, "shared_recompute_pos", None) == s.start_pos
 
     def mtp(self, b: int, seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
         """After verify (bucket b) and verification: the MTP block over the flat rows -> h' [b*(k+1), H].
@@ -203,8 +216,8 @@ class SpecRowsRunner:
 
 class SpecGraphRunner(SpecRowsRunner):
     def __init__(self, model, kv_caches: list[torch.Tensor], mtp_kv_cache: torch.Tensor, block_size: int,
-                 max_blocks_per_seq: int, k: int, buckets: tuple[int, ...]):
-        super().__init__(block_size, max_blocks_per_seq, k, buckets)
+                 max_blocks_per_seq: int, k: int, buckets: tuple[int, ...], scratch_slot: int | None = None):
+        super().__init__(block_size, max_blocks_per_seq, k, buckets, scratch_slot)
         self.model, self.kv_caches, self.mtp_kv_cache = model, kv_caches, mtp_kv_cache
         dev = model.device
         # CPU (tests, with the Triton kernels interpreted): the same forwards on the same buffers, run eagerly
@@ -318,4 +331,5 @@ def create_spec_graph_runner(model_runner, k: int) -> SpecGraphRunner | None:
     if not buckets:
         return None
     return SpecGraphRunner(model_runner.model, model_runner.kv_caches, model_runner.mtp_kv_cache,
-                           model_runner.block_size, max_blocks, k, buckets)
+                           model_runner.block_size, max_blocks, k, buckets,
+                           scratch_slot=model_runner.num_blocks * model_runner.block_size)
