@@ -29,10 +29,10 @@ def waves() -> list[dict]:
     return [first, {"b": (SHARED + [4, 5], greedy(10)), "s": (PROMPTS[0], seeded)}]
 
 
-def generate(path, k: int | None, tp: int = 1) -> tuple[dict, dict]:
+def generate(path, k: int | None, tp: int = 1, device: str = "cpu") -> tuple[dict, dict]:
     """Outputs of both waves and the engine's step facts: cached tokens of "b", acceptance."""
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
-    engine = make_engine(model=path, speculative_config=spec, tensor_parallel_size=tp, **ENGINE)
+    engine = make_engine(model=path, speculative_config=spec, tensor_parallel_size=tp, device=device, **ENGINE)
     try:
         final = {}
         for wave in waves():
@@ -111,3 +111,18 @@ def test_mtp_layer_is_split_like_a_decoder_layer(ckpts):
     assert shards["o_proj"] == (full.self_attn.o_proj.weight.shape[0], full.self_attn.o_proj.weight.shape[1] // 2)
     assert shards["down_proj"] == (full.mlp.down_proj.weight.shape[0], full.mlp.down_proj.weight.shape[1] // 2)
     assert shards["gate_up"] == (full.mlp.gate_up_proj.weight.shape[0] // 2, full.mlp.gate_up_proj.weight.shape[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_tp2_with_mtp_on_two_gpus_equals_mtp_off(ckpts):
+    """The same over NCCL (model collectives) with the gloo step channel carrying rank 0's decisions."""
+    off, _ = generate(ckpts["exact"], None, device="cuda")
+    tp1, _ = generate(ckpts["exact"], 2, device="cuda")
+    tp2, _ = generate(ckpts["exact"], 2, tp=2, device="cuda")
+    for ref in (off, tp1):
+        for rid in (r for r in ref if r != "s"):
+            a, b = ref[rid].outputs[0], tp2[rid].outputs[0]
+            assert a.token_ids == b.token_ids, rid
+            assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
+    assert accepted(tp2) > 0.9

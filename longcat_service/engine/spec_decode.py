@@ -21,7 +21,9 @@ Randomness: a request with a seed draws every uniform and every noise vector fro
 order fixed by its own state, so its output does not depend on the batch. Rejected drafts need no cache
 rollback: their target and MTP cache slots lie past the sequence's computed tokens and are overwritten before
 they are read; the scheduler keeps the blocks (they hold the next step's tokens) and frees them with the
-sequence. Eager only for now: no CUDA graph, two device syncs per step (verified tokens, drafts).
+sequence. Two device syncs per step (verified tokens, drafts). `launch` enqueues step 1 and `finish` does the rest,
+so the engine overlaps the previous step's host work with the target forward (overlap_steps). Decode batches that
+fit a bucket run steps 1 and 3 as CUDA-graph replays (engine/spec_graph_runner.py); the rest runs eagerly.
 
 Tensor parallelism: every rank runs the same forwards and logits (the collectives line up); only rank 0
 samples. Its decisions that later forwards depend on (the emitted tokens, failed rows and draft counts after
