@@ -336,3 +336,17 @@ def test_overlapped_spec_steps_equal_sequential_and_an_abort_in_flight_leaves_no
     assert final["s"].outputs[0].finish_reason == "abort"
     assert engine.runner.spec_decoder.draft_probs == {}  # s's in-flight step stored no draft distribution
     assert_all_blocks_free(engine)
+
+
+def test_start_up_warm_up_with_mtp_leaves_the_engine_unchanged(ckpts, off_partial_30):
+    """The warm-up (run at start-up on CUDA) also runs eager spec steps: prompts, a verify of k drafts beside a
+    prompt, MTP passes and drafting on borrowed blocks (k positions further than the prompts). Afterwards every
+    block is free, no draft distribution is left, and outputs are unchanged."""
+    engine = make_engine(model=ckpts["partial"], speculative_config=spec(3))
+    free_before = engine.block_manager.num_free_blocks
+    assert engine.runner.warm_up_prefill()
+    assert engine.block_manager.num_free_blocks == free_before
+    assert engine.runner.spec_decoder.draft_probs == {}
+    final, _ = run_to_completion(engine, {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)})
+    assert_same(off_partial_30, final)
+    assert_all_blocks_free(engine)
