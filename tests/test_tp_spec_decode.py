@@ -24,15 +24,21 @@ def greedy(max_tokens: int) -> SamplingParams:
 
 def waves() -> list[dict]:
     first = {f"r{i}": (p, greedy(14)) for i, p in enumerate(PROMPTS)}
+    first["r1"] = (PROMPTS[1] + [7, 9, 11], SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2,
+                                                          prompt_logprobs=2))
     first["a"] = (SHARED + [3], greedy(10))
     seeded = SamplingParams(temperature=1.0, top_k=20, max_tokens=12, ignore_eos=True, seed=11, logprobs=1)
     return [first, {"b": (SHARED + [4, 5], greedy(10)), "s": (PROMPTS[0], seeded)}]
 
 
-def generate(path, k: int | None, tp: int = 1, device: str = "cpu") -> tuple[dict, dict]:
-    """Outputs of both waves and the engine's step facts: cached tokens of "b", acceptance."""
+def generate(path, k: int | None, tp: int = 1, device: str = "cpu", **engine_kw) -> tuple[dict, dict]:
+    """Outputs of both waves and the engine's step facts: cached tokens of "b", preemptions."""
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
-    engine = make_engine(model=path, speculative_config=spec, tensor_parallel_size=tp, device=device, **ENGINE)
+    engine = make_engine(model=path, speculative_config=spec, tensor_parallel_size=tp, device=device,
+                         **{**ENGINE, **engine_kw})
+    preempt = engine.scheduler._preempt
+    preempted = []
+    engine.scheduler._preempt = lambda seq: (preempted.append(seq), preempt(seq))
     try:
         final = {}
         for wave in waves():
@@ -42,12 +48,15 @@ def generate(path, k: int | None, tp: int = 1, device: str = "cpu") -> tuple[dic
     finally:
         if tp > 1:
             engine.runner.close()
-    return final, {"cached_b": final["b"].num_cached_tokens}
+    return final, {"cached_b": final["b"].num_cached_tokens, "preempted": len(preempted)}
 
 
 def assert_same(ref: dict, got: dict) -> None:
     assert ref.keys() == got.keys()
     for rid in ref:
+        if ref[rid].prompt_logprobs:
+            for x, y in zip(ref[rid].prompt_logprobs[1:], got[rid].prompt_logprobs[1:], strict=True):
+                assert abs(x.logprob - y.logprob) < 1e-4, rid
         a, b = ref[rid].outputs[0], got[rid].outputs[0]
         assert a.token_ids == b.token_ids, rid
         assert len(a.logprobs) == len(b.logprobs)
@@ -89,6 +98,16 @@ def test_tp2_with_mtp_equals_tp1_with_mtp_and_mtp_off(ckpts, mode, k):
         assert rate == 1.0
     else:  # both the accept and the reject path ran under TP
         assert 0.1 < rate < 0.9
+
+
+def test_tp2_with_mtp_under_preemption_and_a_small_token_budget(ckpts):
+    """A cache small enough to preempt (tables resent), chunked prompts and drafts cut to the token budget."""
+    small = dict(num_kv_blocks=16, max_num_batched_tokens=10)
+    off, _ = generate(ckpts["partial"], None, **small)
+    tp2, facts = generate(ckpts["partial"], 3, tp=2, **small)
+    greedy_ids = [rid for rid in off if rid != "s"]
+    assert_same({r: off[r] for r in greedy_ids}, {r: tp2[r] for r in greedy_ids})
+    assert facts["preempted"] > 0
 
 
 def _mtp_shard_shapes(path: str) -> dict:
