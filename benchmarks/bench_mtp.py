@@ -8,7 +8,8 @@ Part 1 (benchmarks/configs/longcat-flash-2l, dummy weights, MTP weights dummy to
 built one after the other; B greedy requests are prefilled through the engine, then one step is timed on the
 model runner (median of CUDA-event times, no scheduler cost): a plain decode step (its production path: CUDA
 graph replay where available, and eager), and a spec step for k = 1..3 (target verify of k+1 tokens per
-sequence + MTP drafting for the next step; eager: no CUDA graph for spec steps yet). Dummy MTP drafts are
+sequence + MTP drafting for the next step), both with the spec-step CUDA graphs (engine/spec_graph_runner.py;
+the production path) and eager ("spec_eager_ms" in the JSON). Dummy MTP drafts are
 nearly never accepted; the projected per-user speed-up for an acceptance rate a is
 E[tokens per step] / (spec step / plain step), E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
 Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy and
@@ -98,7 +99,8 @@ def step_batch(engine: LLMEngine, seqs: list) -> list[ScheduledSeq]:
 def part1(args, device: torch.device) -> dict:
     config_dir = ROOT / "benchmarks" / "configs" / ("longcat-flash-tiny" if args.tiny else "longcat-flash-2l")
     batches, ks = ints(args.batches), ints(args.ks)
-    res: dict = {"config": config_dir.name, "plain_graph_ms": {}, "plain_eager_ms": {}, "spec_ms": {}}
+    res: dict = {"config": config_dir.name, "plain_graph_ms": {}, "plain_eager_ms": {}, "spec_ms": {},
+                 "spec_eager_ms": {}}
     for k in [None, *ks]:
         engine = make_engine(args, config_dir, k, max(batches))
         runner = engine.runner
@@ -118,6 +120,10 @@ def part1(args, device: torch.device) -> dict:
             else:
                 assert all(len(s.draft_token_ids) == k for s in batch), "drafts missing"
                 res["spec_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
+                graphs, runner.spec_decoder.graphs = runner.spec_decoder.graphs, None
+                if graphs is not None:  # the production step above replayed graphs: the eager step too
+                    res["spec_eager_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
+                runner.spec_decoder.graphs = graphs
             for g in list(engine.scheduler.groups):
                 engine.abort_request(g)
             engine.step()

@@ -138,3 +138,36 @@ def test_after_the_engine_warm_up_requests_build_no_triton_kernel(dtype):
         llm.generate(prompts, p)
         llm.generate([prompts[-1] + [5, 6, 7]], p)  # a cached prefix plus a few new tokens
     assert compile_watch.compiles_after_warm_up() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "k"), [("bfloat16", 1), ("float32", 3)])
+def test_after_the_mtp_engine_warm_up_requests_build_no_triton_kernel(dtype, k):
+    """With MTP on, the start-up warm-up (spec-step graphs of every bucket, eager prefill and verify steps) covers
+    what requests run: spec decode steps of many batch sizes, mixed prefill + verify steps, sampling, cached
+    prefixes build no new Triton specialization and capture no new graph."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from longcat_service.demo import DEMO_CHECKPOINT_DIR
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+
+    before = compile_watch.compiles_after_warm_up()
+    llm = LLM(model=str(DEMO_CHECKPOINT_DIR), device="cuda", dtype=dtype, max_num_seqs=16,
+              speculative_config={"method": "mtp", "num_speculative_tokens": k})
+    assert compile_watch.compiles_after_warm_up() == before
+    graphs = llm.engine.runner.spec_decoder.graphs
+    captured = set(graphs.graphs)
+    assert captured == {(kind, b) for kind in graphs.kinds() for b in graphs.buckets}
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 2, 7, 16, 17, 31, 64, 100, 333, 1000)]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=12, ignore_eos=True, seed=1),
+              SamplingParams(temperature=0.7, n=2, logprobs=3, max_tokens=7, ignore_eos=True,
+                             repetition_penalty=1.1, presence_penalty=0.2)]
+    for p in params:
+        llm.generate(prompts, p)
+        llm.generate([prompts[-1] + [5, 6, 7]], p)  # a cached prefix plus a few new tokens
+    assert compile_watch.compiles_after_warm_up() == before
+    assert set(graphs.graphs) == captured

@@ -140,6 +140,44 @@ def test_mla_decode_attends_only_within_seq_len():
     assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("uv", [False, True])
+def test_mla_decode_first_pos_skips_position_zero(uv):
+    """first_pos=1 (the MTP cache: no entry at position 0): equals softmax attention over positions 1..L-1 computed
+    here directly, and poisoning position 0 changes nothing; padded rows (0) stay zero."""
+    from longcat_service.kernels.mla_decode import mla_decode_uv_reference
+
+    gen = torch.Generator().manual_seed(11)
+    lens = [2, 9, 0, 40]
+    q_lat, q_rope, cache, tables, seq = _paged_case(gen, len(lens), 4, 16, 4, 4, lens, torch.float32)
+    w_uv = (torch.randn(4, 12, 16, generator=gen) * 0.2).to(DEVICE) if uv else None
+    flat = cache.view(-1, cache.shape[-1]).float()
+    expect = torch.zeros(len(lens), 4, 16, dtype=torch.float64)
+    for b, n in enumerate(lens):
+        if n:
+            pos = torch.arange(1, n)
+            entries = flat[(tables[b].long()[pos // 4] * 4 + pos % 4)].double().cpu()
+            q = torch.cat((q_lat[b], q_rope[b]), -1).double().cpu()
+            expect[b] = torch.softmax(0.37 * q @ entries.t(), -1) @ entries[:, :16]
+    if uv:
+        expect = torch.bmm(expect.transpose(0, 1), w_uv.double().cpu().transpose(1, 2)).transpose(0, 1)
+        ref = mla_decode_uv_reference(q_lat, q_rope, cache, tables, seq, 0.37, w_uv, first_pos=1)
+    else:
+        ref = mla_decode_reference(q_lat, q_rope, cache, tables, seq, 0.37, first_pos=1)
+    assert _rel(ref.cpu(), expect) < 1e-5
+    poisoned = cache.clone()
+    for b in range(len(lens)):
+        poisoned[tables[b, 0].long(), 0] = 1e3  # position 0 of every row
+    for splits in (1, 3, None):
+        out = mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, num_splits=splits, w_uv=w_uv, first_pos=1)
+        assert _rel(out.cpu(), expect) < 1e-5, f"splits={splits}"
+        assert (out[2] == 0).all()
+        again = mla_decode(q_lat, q_rope, poisoned, tables, seq, 0.37, num_splits=splits, w_uv=w_uv, first_pos=1)
+        assert torch.equal(out, again)
+    assert _rel(mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, w_uv=w_uv).cpu(), expect) > 1e-3  # control
+    with pytest.raises(ValueError, match="first_pos"):
+        mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, first_pos=2)
+
+
 def test_mla_decode_rejects_bad_shapes():
     gen = torch.Generator().manual_seed(0)
     q_lat, q_rope, cache, tables, lens = _paged_case(gen, 2, 4, 16, 4, 4, [3, 5], torch.float32)
@@ -254,3 +292,63 @@ def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_uv_max_ba
     assert _rel(fast, eager) < tol
     for a, b in zip(fast_caches, eager_caches, strict=True):
         assert _rel(a, b) < tol
+
+
+def test_spec_graph_forwards_equal_the_eager_rows(monkeypatch):
+    """The forwards the spec-step CUDA graphs capture (engine/spec_graph_runner.SpecGraphRunner, run uncaptured
+    here: the Triton decode kernels on its static buffers, MTP attention with first_pos=1) equal the same flat rows
+    through the eager reference layers (tests/spec_rows_twin.py): verify hidden states, logits and target cache
+    writes; the MTP pass over emitted tokens and its cache writes; a recursive draft pass. Padded rows write
+    nothing."""
+    from types import SimpleNamespace
+
+    from longcat_service.engine.spec_graph_runner import SpecGraphRunner
+    from tests.spec_rows_twin import EagerSpecRows
+
+    k, bs = 2, 4
+    config = ModelConfig.from_dict(TINY)
+    model = load_model(config, dtype=torch.float32, device=DEVICE, load_format="dummy", seed=1, mtp=True)
+    gen = torch.Generator().manual_seed(3)
+    base = [c.normal_(generator=gen) if not ON_GPU else c.copy_(torch.randn(c.shape, generator=gen))
+            for c in allocate_kv_caches(config, 16, bs, torch.float32, "cpu", 1)]
+    tables = [[3, 7, 1, 12], [0, 5], [9, 2, 14]]
+    seqs = [SimpleNamespace(token_ids=list(range(20, 40))), SimpleNamespace(token_ids=list(range(50, 60))),
+            SimpleNamespace(token_ids=list(range(70, 84)))]
+    starts, drafts = [9, 4, 6], [[11, 12], [], [13]]
+    batch = [SimpleNamespace(seq=q, start_pos=p, draft_token_ids=d, block_table=t)
+             for q, p, d, t in zip(seqs, starts, drafts, tables, strict=True)]
+    emitted = [([11, 12, 30], 9, tables[0]), ([61], 4, tables[1]), ([], 6, tables[2])]  # row 2: failed
+    draft_h = torch.randn(2, config.hidden_size, generator=gen).to(DEVICE)
+    draft_ids = torch.tensor([5, 6], device=DEVICE)
+
+    def run(runner_cls):
+        caches = [c.clone().to(DEVICE) for c in base]
+        r = SimpleNamespace(model=model, kv_caches=caches[:-1], mtp_kv_cache=caches[-1], block_size=bs,
+                            device=torch.device(DEVICE), vocab_size=int(config.vocab_size))
+        if runner_cls is EagerSpecRows:
+            g = EagerSpecRows(r, k, (1, 2, 4), max_blocks=4)
+        else:
+            g = SpecGraphRunner(model, r.kv_caches, r.mtp_kv_cache, bs, 4, k, (1, 2, 4))
+        with torch.inference_mode():
+            b, hidden, logits = g.verify(batch)
+            hidden, logits = hidden.clone(), logits.clone()
+            h_mtp = g.mtp(b, emitted).clone()
+            h_draft = g.draft(draft_ids, draft_h, [11, 5], [tables[0], tables[1]]).clone()
+        return b, hidden, logits, h_mtp, h_draft, caches
+
+    with torch.inference_mode():
+        monkeypatch.setenv("LONGCAT_DISABLE_TRITON", "1")
+        ref = run(EagerSpecRows)
+        monkeypatch.delenv("LONGCAT_DISABLE_TRITON")
+        if not ON_GPU:  # route CPU tensors through the interpreted kernels
+            monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
+            monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
+        got = run(SpecGraphRunner)
+    assert got[0] == ref[0] == 4  # 3 sequences padded to the bucket of 4
+    verify_real = [0, 1, 2, 3, 6, 7]  # seq 0: last + 2 drafts; seq 1: last only; seq 2: last + 1 draft
+    mtp_real = [0, 1, 2, 3]  # seq 0: 3 emitted tokens; seq 1: 1; seq 2: none
+    for i, real in ((1, verify_real), (2, verify_real), (3, mtp_real)):
+        assert _rel(got[i][real], ref[i][real]) < 1e-5, i
+    assert _rel(got[4], ref[4]) < 1e-5
+    for a, b in zip(got[5], ref[5], strict=True):  # every cache write equal; padding wrote nothing
+        assert _rel(a, b) < 1e-5

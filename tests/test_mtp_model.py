@@ -163,9 +163,8 @@ def test_speculative_config_accepts_the_vllm_alias_and_json():
     b = EngineArgs(speculative_config='{"method": "mtp"}').speculative_config
     assert (a.method, a.num_speculative_tokens) == ("mtp", 2)
     assert (b.method, b.num_speculative_tokens) == ("mtp", 1)
-    with pytest.raises(EngineArgsError) as e:
-        EngineArgs(speculative_config={"method": "mtp"}, tensor_parallel_size=2)
-    assert e.value.field == "speculative_config"
+    # works with tensor parallelism (tests/test_tp_spec_decode.py)
+    assert EngineArgs(speculative_config={"method": "mtp"}, tensor_parallel_size=2).speculative_config == b
 
 
 def test_serve_flag_and_grpc_usage_carry_speculation(capsys):

@@ -302,3 +302,51 @@ def test_non_finite_logits_fail_the_request_and_the_engine_goes_on(ckpts):
     final, _ = run_to_completion(engine, requests)
     assert_all_blocks_free(engine)
     assert_same(off, final)
+
+
+def test_overlapped_spec_steps_equal_sequential_and_an_abort_in_flight_leaves_nothing(ckpts, off_partial_30):
+    """overlap_steps: each spec step is collected (verified, drafted) by the next engine call, after the host work
+    of the one before. Outputs equal the sequential engine; a request aborted while its step is in flight gets
+    no token from it, and no block or draft distribution outlives the run."""
+    p = ckpts["partial"]
+    requests = {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)}
+    sequential, _ = run(p, 2, requests, overlap_steps=False)
+    assert_same(off_partial_30, sequential)
+    sampled = SamplingParams(temperature=0.9, max_tokens=30, ignore_eos=True, seed=3)
+    requests["s"] = (PROMPTS[0], sampled)
+    engine = make_engine(model=p, speculative_config=spec(2))
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    final, aborted_in_flight = {}, False
+    for step in range(200):
+        if step == 4:
+            assert engine._inflight is not None  # the step launched by the last call is not collected yet
+            assert any(s.seq.request_id == "r1" for s in engine._inflight.batch)
+            tokens_before = len(engine.states["r1"].group.seqs[0].output_token_ids)
+            aborted_in_flight = engine.abort_request("r1") and engine.abort_request("s")  # s: sampled drafts
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        if not engine.has_unfinished_requests():
+            break
+    assert aborted_in_flight and final["r1"].outputs[0].finish_reason == "abort"
+    assert len(final["r1"].outputs[0].token_ids) == tokens_before
+    assert_same({r: off_partial_30[r] for r in off_partial_30 if r != "r1"},
+                {r: final[r] for r in off_partial_30 if r != "r1"})
+    assert final["s"].outputs[0].finish_reason == "abort"
+    assert engine.runner.spec_decoder.draft_probs == {}  # s's in-flight step stored no draft distribution
+    assert_all_blocks_free(engine)
+
+
+def test_start_up_warm_up_with_mtp_leaves_the_engine_unchanged(ckpts, off_partial_30):
+    """The warm-up (run at start-up on CUDA) also runs eager spec steps: prompts, a verify of k drafts beside a
+    prompt, MTP passes and drafting on borrowed blocks (k positions further than the prompts). Afterwards every
+    block is free, no draft distribution is left, and outputs are unchanged."""
+    engine = make_engine(model=ckpts["partial"], speculative_config=spec(3))
+    free_before = engine.block_manager.num_free_blocks
+    assert engine.runner.warm_up_prefill()
+    assert engine.block_manager.num_free_blocks == free_before
+    assert engine.runner.spec_decoder.draft_probs == {}
+    final, _ = run_to_completion(engine, {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)})
+    assert_same(off_partial_30, final)
+    assert_all_blocks_free(engine)

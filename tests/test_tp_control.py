@@ -81,13 +81,13 @@ def test_step_messages_carry_what_execute_reads_and_table_deltas():
     # the rest of the prompt: the table grew by one block, which alone is sent
     seq.block_table.append(5)
     rows, released = enc.encode([ScheduledSeq(seq, 4, 6)])
-    assert rows[0][8:] == (3, [5]) and released == []
+    assert rows[0][8:10] == (3, [5]) and released == []
     (r,) = dec.decode((rows, released))
     assert r.seq.block_table == [4, 9, 2, 5] and r.needs_sample and r.seq.token_ids[6:10] == [7, 8, 9, 10]
     # preempted and rescheduled with other blocks: the whole table is resent
     seq.block_table = [1, 3]
     rows, _ = enc.encode([ScheduledSeq(seq, 8, 0)])
-    assert rows[0][8:] == (0, [1, 3])
+    assert rows[0][8:10] == (0, [1, 3])
     assert dec.decode((rows, []))[0].seq.block_table == [1, 3]
     # finished: the next message tells the workers to drop the table
     enc.forget(seq.seq_id)
@@ -98,9 +98,20 @@ def test_step_messages_carry_what_execute_reads_and_table_deltas():
     assert seq.seq_id not in dec.tables and dec.tables[other.seq_id] == [6]
 
 
+def test_step_messages_carry_speculative_drafts_and_the_recomputed_shared_position():
+    enc, dec = StepEncoder(), StepDecoder()
+    seq = _seq(range(1, 6), n_out=2, table=[3, 8])
+    seq.shared_recompute_pos = 4
+    (r,) = dec.decode(enc.encode([ScheduledSeq(seq, 3, 6, draft_token_ids=[41, 42])]))
+    assert r.draft_token_ids == [41, 42] and r.seq.shared_recompute_pos == 4
+    assert r.needs_sample and r.end_pos == 9 and r.seq.token_ids[6:7] == [101]
+    (r,) = dec.decode(enc.encode([ScheduledSeq(_seq([1, 2], table=[6]), 2, 0)]))
+    assert r.draft_token_ids == [] and r.seq.shared_recompute_pos is None
+
+
 def test_decoder_refuses_a_delta_it_cannot_apply():
     with pytest.raises(RuntimeError, match="keeps 3 blocks"):
-        StepDecoder().decode(([(1, 0, 0, 1, True, 1, None, [5], 3, [])], []))
+        StepDecoder().decode(([(1, 0, 0, 1, True, 1, None, [5], 3, [], [], None)], []))
 
 
 @pytest.fixture

@@ -106,9 +106,6 @@ class EngineArgs:
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in _DTYPES:
             raise EngineArgsError("dtype", f"unknown dtype {self.dtype!r}; use one of {sorted(_DTYPES)}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        if self.speculative_config is not None and self.tensor_parallel_size > 1:
-            raise EngineArgsError("speculative_config", "MTP speculative decoding is not supported with "
-                                  "tensor_parallel_size > 1 yet")
         if self.device is not None:
             try:
                 torch.device(self.device)

@@ -267,13 +267,18 @@ class LLMEngine:
 
     @property
     def _overlap(self) -> bool:
-        """Speculative steps run to completion in launch (eager, engine/spec_decode.py): nothing to overlap."""
-        return self.args.overlap_steps and not self.num_speculative_tokens
+        """Speculative steps too: launch enqueues the target forward, collect verifies and drafts (spec_decode.py)."""
+        return self.args.overlap_steps
 
     @property
     def _can_chain(self) -> bool:
+        """Not with MTP: a chained step must be launched before the in-flight one is read back, but a spec step's
+        inputs (the bonus token and the new drafts, their positions) and its sampling rows (penalties counting
+        the accepted drafts) depend on how many drafts the in-flight step accepts, which only its read-back
+        tells; the scheduler then schedules each spec step after the previous one is collected."""
         runner = self.runner
-        return (self.args.async_scheduling and self._overlap and self._runner_can_launch()
+        return (self.args.async_scheduling and self._overlap and not self.num_speculative_tokens
+                and self._runner_can_launch()
                 and getattr(runner, "supports_chained_decode", False) and getattr(runner, "num_scratch_blocks", 0) > 0)
 
     def _launch(self, batch: list[ScheduledSeq], finalize: dict[str, None]) -> _InFlight | None:

@@ -59,12 +59,14 @@ class StepHandle:
     sample_idx: list[int]  # batch rows that sample a token, in the sampler's row order
     sampled: SampledBatch | None = None
     prompt_logprobs: dict[int, list[_PromptLogprobChunk]] = field(default_factory=dict)  # batch row -> chunks
-    results: list[SeqStepResult] | None = None  # a step that ran to completion in launch (speculative steps)
+    results: list[SeqStepResult] | None = None  # a step that ran to completion in launch (TP speculative steps)
+    spec: object | None = None  # a speculative step's launch (spec_decode.SpecLaunch), finished by collect
 
 
 class ModelRunner:
     supports_chained_decode = True  # launch(batch, input_ids=<device tensor>) works (not under TP: ranks get host ids)
     uses_cuda_graphs = True  # TP runners: only with LONGCAT_TP_CUDA_GRAPHS=1 (tp_worker.py)
+    samples_tokens = True  # False on TP ranks > 0: they compute logits but rank 0 samples (tp_worker.py)
 
     def __init__(self, args: EngineArgs, model_path):
         from longcat_service.model.loader import load_model  # the model package is heavy; import on use
@@ -107,22 +109,27 @@ class ModelRunner:
         self.vocab_size = int(self.config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self._eos_token_id(), self.device, args.seed)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> per-request generator
-        # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP
-        # (not with MTP yet: every step of a speculative engine is an eager spec step, engine/spec_decode.py)
+        # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP; with MTP every step is a spec step
+        # (engine/spec_decode.py), whose decode steps replay the spec graphs (engine/spec_graph_runner.py) instead
         self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs and self.spec_config is None else None
         self.spec_decoder = None
+        graphs = self.graph_runner
         if self.spec_config is not None:
             from longcat_service.engine.spec_decode import SpecDecoder
+            from longcat_service.engine.spec_graph_runner import create_spec_graph_runner
 
-            self.spec_decoder = SpecDecoder(self, self.spec_config.num_speculative_tokens)
-        if self.graph_runner is not None and args.capture_graphs_at_startup:
+            k = self.spec_config.num_speculative_tokens
+            self.spec_decoder = SpecDecoder(self, k)
+            if self.uses_cuda_graphs:
+                graphs = self.spec_decoder.graphs = create_spec_graph_runner(self, k)
+        if graphs is not None and args.capture_graphs_at_startup:
             from longcat_service.kernels.compile_watch import warming_up, watch_compiles_after_warm_up
 
             with warming_up():  # not reported, also when an earlier engine of this process installed the watch
                 t0 = time.perf_counter()
-                self.graph_runner.capture_all()
-                logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_runner.graphs),
-                            time.perf_counter() - t0)
+                graphs.capture_all()
+                logger.info("captured %d %s CUDA graphs in %.1f s", len(graphs.graphs),
+                            "decode" if graphs is self.graph_runner else "spec-step", time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 # one GPU only: under TP rank 0's steps are also broadcast to the workers, which would replay them
                 if get_tp_size() == 1 and self.warm_up_prefill():
@@ -142,15 +149,17 @@ class ModelRunner:
         from longcat_service.sampling_params import SamplingParams
 
         chunk, shorts = 19, (17, 32)
+        k = self.spec_config.num_speculative_tokens if self.spec_config is not None else 0
+        margin = 2 * k + 2 if k else 0  # spec steps: drafts verified, then MTP cache writes k positions further
         max_pos = int(self.config.max_position_embeddings)
-        first_len = min(WARMUP_PROMPT_TOKENS, max_pos - chunk - 1)
+        first_len = min(WARMUP_PROMPT_TOKENS, max_pos - chunk - 1 - margin)
         # the long prompt plus a decode row make the largest step the scheduler builds (the token budget), so
         # that its kernels, workspace sizes and allocator blocks exist before the first request of that size;
         # at least WARMUP_LONG_TOKENS; when the cache is too small for the budget, WARMUP_LONG_TOKENS only
         for long_len in (max(WARMUP_LONG_TOKENS, self.args.max_num_batched_tokens - 1), WARMUP_LONG_TOKENS):
             long_len = min(long_len, max_pos)
             lengths = (first_len + chunk + 1, long_len, *shorts)
-            need = [-(-n // self.block_size) for n in lengths]
+            need = [-(-(n + margin) // self.block_size) for n in lengths]
             if sum(need) <= self.num_blocks:
                 break
         if first_len < max(shorts) or sum(need) > self.num_blocks:
@@ -167,10 +176,14 @@ class ModelRunner:
             first += blocks
             seqs.append(seq)
         a, b = seqs[0], seqs[1]
-        for batch in ([ScheduledSeq(a, first_len, 0)],  # a whole prompt
-                      [ScheduledSeq(a, chunk, first_len)],  # a chunk after cached context
-                      [ScheduledSeq(a, 1, first_len + chunk), ScheduledSeq(b, long_len, 0)],  # a decode row + a long prompt
-                      [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[2:]]):  # two short prompts
+        batches = [[ScheduledSeq(a, first_len, 0)],  # a whole prompt
+                   [ScheduledSeq(a, chunk, first_len)],  # a chunk after cached context
+                   [ScheduledSeq(a, 1, first_len + chunk), ScheduledSeq(b, long_len, 0)],  # a decode row + a long prompt
+                   [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[2:]]]  # two short prompts
+        if k:  # an eager verify of k drafts (a multi-token query) beside a prompt
+            batches.append([ScheduledSeq(a, 1 + k, first_len + chunk, draft_token_ids=[3] * k),
+                            ScheduledSeq(seqs[2], seqs[2].num_tokens, 0)])
+        for batch in batches:
             self.execute(batch)
         for seq in seqs:
             self.release(seq.seq_id)
@@ -206,6 +219,11 @@ class ModelRunner:
             raise EngineArgsError("kv_cache_memory_bytes", f"{budget} bytes hold no KV block ({per_block} bytes each)")
         return int(num_blocks)
 
+    def share_decision(self, value):
+        """A speculative step's host-side decision that later forwards depend on (engine/spec_decode.py): rank 0's
+        value on every rank. One GPU: the value itself; TP runners broadcast it (tp_worker.py)."""
+        return value
+
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
         if self.spec_decoder is not None:
@@ -224,8 +242,10 @@ class ModelRunner:
         pinned memory (host_to_device.to_device), since a blocking copy would wait for the forward.
         `input_ids` (a decode batch's tokens as a device tensor, e.g. the previous step's samples) replaces the
         host token ids, which the caller may not know yet."""
-        if self.spec_decoder is not None:  # speculative: the whole step (verify + draft) runs here, eagerly
-            return StepHandle(len(batch), [], results=self.spec_decoder.execute(batch))
+        if self.spec_decoder is not None:  # speculative: the target forward now; verification and drafts in collect
+            if get_tp_size() > 1:  # TP: the whole step here (the workers follow rank 0's decisions mid-step)
+                return StepHandle(len(batch), [], results=self.spec_decoder.execute(batch))
+            return StepHandle(len(batch), [], spec=self.spec_decoder.launch(batch))
         if input_ids is not None and any(s.num_new_tokens != 1 for s in batch):
             raise ValueError("launch: device input_ids are for decode batches (one new token per sequence)")
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
@@ -310,6 +330,8 @@ class ModelRunner:
         """Wait for a launched step: its sampled tokens (and logprobs) to the host. The step's one sync."""
         if handle.results is not None:
             return handle.results
+        if handle.spec is not None:
+            return self.spec_decoder.finish(handle.spec)
         results = [SeqStepResult() for _ in range(handle.batch_size)]
         if handle.sampled is not None:
             tokens, logprobs = self.sampler.collect(handle.sampled)
@@ -343,6 +365,10 @@ class ModelRunner:
         # the prompt is only read by the repetition penalty: skip copying it (every step, every row) otherwise
         prompt = seq.token_ids[: seq.num_prompt_tokens] if seq.params.repetition_penalty != 1.0 else []
         return SamplingRow(seq.params, prompt, seq.output_token_ids, gen, num_pending=int(pending))
+
+    @staticmethod
+    def empty_results(n: int) -> list[SeqStepResult]:
+        return [SeqStepResult() for _ in range(n)]
 
     def results_with_prompt_logprobs(self, batch, hidden, starts) -> list[SeqStepResult]:
         """A step's results holding only its prompt logprobs (speculative steps add their tokens)."""

@@ -21,10 +21,20 @@ Randomness: a request with a seed draws every uniform and every noise vector fro
 order fixed by its own state, so its output does not depend on the batch. Rejected drafts need no cache
 rollback: their target and MTP cache slots lie past the sequence's computed tokens and are overwritten before
 they are read; the scheduler keeps the blocks (they hold the next step's tokens) and frees them with the
-sequence. Eager only for now: no CUDA graph, two device syncs per step (verified tokens, drafts).
+sequence. Two device syncs per step (verified tokens, drafts). `launch` enqueues step 1 and `finish` does the rest,
+so the engine overlaps the previous step's host work with the target forward (overlap_steps). Decode batches that
+fit a bucket run steps 1 and 3 as CUDA-graph replays (engine/spec_graph_runner.py); the rest runs eagerly.
+
+Tensor parallelism: every rank runs the same forwards and logits (the collectives line up); only rank 0
+samples. Its decisions that later forwards depend on (the emitted tokens, failed rows and draft counts after
+verification; each draft token that feeds another MTP pass) reach the other ranks through runner.share_decision
+(a broadcast on the TP control group, engine/tp_worker.py; the identity at TP=1).
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -34,19 +44,80 @@ from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.mtp import build_mtp_plan
 from longcat_service.outputs import Logprob
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpecLaunch:
+    """A spec step whose target forward is enqueued: what SpecDecoder.finish needs."""
+
+    batch: list[ScheduledSeq]
+    hidden: torch.Tensor  # the target's final hidden states (eager: in batch order; graphs: the flat rows)
+    starts: list[int] | None  # eager: each sequence's first row
+    bucket: int | None = None  # graphs: the bucket replayed
+    graph_logits: torch.Tensor | None = None  # graphs: fp32 logits of the flat rows
+
 
 class SpecDecoder:
     def __init__(self, runner, num_speculative_tokens: int):
         self.runner = runner
         self.k = num_speculative_tokens
+        self.decides = getattr(runner, "samples_tokens", True)  # False on TP ranks > 0: they follow rank 0
+        self.graphs = None  # a SpecGraphRunner (CUDA; set by the ModelRunner): decode spec steps replay graphs
         # seq_id -> [drafts, vocab] the distributions its pending drafts were drawn from (sampled requests only)
         self.draft_probs: dict[int, torch.Tensor] = {}
 
     def release(self, seq_id: int) -> None:
         self.draft_probs.pop(seq_id, None)
 
-    @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]):
+        return self.finish(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: list[ScheduledSeq]) -> SpecLaunch:
+        """Enqueue the target forward (a graph replay for decode batches that fit) without reading anything back:
+        with overlap_steps the engine does the previous step's host work while the device computes it."""
+        if self.graphs is not None and self.graphs.can_verify(batch):
+            try:
+                bucket, hidden, graph_logits = self.graphs.verify(batch)
+                return SpecLaunch(batch, hidden, None, bucket, graph_logits)
+            except Exception:  # e.g. a capture-unsafe op in the decode path: serve eagerly instead
+                logger.exception("CUDA-graph spec step failed; running eagerly from now on")
+                self.graphs = None
+        hidden, starts = self._target_forward(batch)
+        return SpecLaunch(batch, hidden, starts)
+
+    @torch.inference_mode()
+    def finish(self, step: SpecLaunch):
+        """Verification, then the MTP pass and the next drafts -> the step's results. A sequence finished since the
+        launch (an abort between engine calls; its blocks are free) gets nothing: no tokens, cache writes or drafts."""
+        r = self.runner
+        batch, hidden, starts = step.batch, step.hidden, step.starts
+        gone = {i for i, s in enumerate(batch) if getattr(s.seq, "is_finished", False)}
+        if step.bucket is None:
+            results = r.results_with_prompt_logprobs(batch, hidden, starts)
+            row_base = [starts[i] + s.num_new_tokens - 1 - len(s.draft_token_ids) for i, s in enumerate(batch)]
+
+            def logits_of(rows: torch.Tensor) -> torch.Tensor:
+                return r.model.compute_logits(hidden[rows]).float()
+        else:  # flat rows: sequence i's verify token j is row i*(k+1) + j (spec_graph_runner.py)
+            results = r.empty_results(len(batch))  # decode rows past the prompt: no prompt logprobs
+            row_base = [i * (self.k + 1) for i in range(len(batch))]
+
+            def logits_of(rows: torch.Tensor) -> torch.Tensor:
+                return step.graph_logits.index_select(0, rows)
+        emitted = self._verify(batch, row_base, logits_of, results, gone)
+        failed = [i for i, res in enumerate(results) if res.error is not None or i in gone]
+        counts = self._draft_counts(batch, emitted) if self.decides else None
+        emitted, failed, counts = r.share_decision((emitted, failed, counts))
+        if step.bucket is None:
+            self._draft(batch, hidden, starts, emitted, set(failed), counts, results)
+        else:
+            self._draft_with_graphs(batch, step.bucket, emitted, set(failed), counts, results)
+        return results
+
+    def _target_forward(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
+        """The eager target forward over every sequence's new tokens -> final hidden states, row starts."""
         r = self.runner
         ids: list[int] = []
         positions: list[int] = []
@@ -64,16 +135,15 @@ class SpecDecoder:
             metadata.slot_mapping[torch.tensor(shared, device=r.device)] = r.num_blocks * r.block_size
         ids_t = torch.tensor(ids, dtype=torch.long, device=r.device)
         hidden = r.model(ids_t, torch.tensor(positions, dtype=torch.long, device=r.device), metadata, r.kv_caches)
-        results = r.results_with_prompt_logprobs(batch, hidden, starts)
-        emitted = self._verify(batch, hidden, starts, results)
-        self._draft(batch, hidden, starts, emitted, results)
-        return results
+        return hidden, starts
 
     # ---- verification --------------------------------------------------------------------------
-    def _verify(self, batch, hidden, starts, results) -> dict[int, list[int]]:
-        """Accept/reject every sampling sequence's drafts; fills results; -> batch row -> emitted tokens."""
+    def _verify(self, batch, row_base: list[int], logits_of, results, gone: set[int]) -> dict[int, list[int]]:
+        """Accept/reject every sampling sequence's drafts; fills results; -> batch row -> emitted tokens.
+        row_base[i]: the row of sequence i's first verify token (its last known one); logits_of(rows) -> fp32.
+        gone: rows not to verify (finished since the launch)."""
         r = self.runner
-        sampling = [i for i, s in enumerate(batch) if s.needs_sample]
+        sampling = [i for i, s in enumerate(batch) if s.needs_sample and i not in gone]
         if not sampling:
             return {}
         rows_idx: list[int] = []
@@ -83,16 +153,18 @@ class SpecDecoder:
         for i in sampling:
             s = batch[i]
             d = s.draft_token_ids
-            base = r._sampling_row(s.seq)
+            base = r._sampling_row(s.seq) if self.decides else None
             first_row[i] = len(rows_idx)
-            first = starts[i] + s.num_new_tokens - 1 - len(d)
             for j in range(len(d) + 1):
-                rows_idx.append(first + j)
-                srows.append(SamplingRow(base.params, base.prompt_token_ids, base.output_token_ids + d[:j],
-                                         base.generator))
+                rows_idx.append(row_base[i] + j)
+                if base is not None:
+                    srows.append(SamplingRow(base.params, base.prompt_token_ids, base.output_token_ids + d[:j],
+                                             base.generator))
                 drafts.append(d[j] if j < len(d) else 0)
-        dev = hidden.device
-        logits = r.model.compute_logits(hidden[torch.tensor(rows_idx, dtype=torch.long, device=dev)]).float()
+        dev = r.device
+        logits = logits_of(torch.tensor(rows_idx, dtype=torch.long, device=dev))
+        if not self.decides:  # a TP follower: the logits' all-gather is its part; rank 0 shares the outcome
+            return {}
         p = r.sampler.probabilities(logits, srows)
         q = torch.zeros_like(p)  # the draft distributions; zero on bonus rows, so max(p - q, 0) = p there
         draft_t = torch.tensor(drafts, dtype=torch.long, device=dev)
@@ -180,25 +252,40 @@ class SpecDecoder:
         return uniform, noise
 
     # ---- MTP: cache entries for the known positions, then the next drafts --------------------------
-    def _draft(self, batch, hidden, starts, emitted, results) -> None:
+    def _draft_counts(self, batch, emitted: dict[int, list[int]]) -> dict[int, int]:
+        """Rank 0: batch row -> how many drafts it gets, never past max_tokens / max_model_len (token_limit)."""
+        counts: dict[int, int] = {}
+        for i, toks in emitted.items():
+            s = batch[i]
+            length = s.seq.num_tokens + len(toks)
+            limit = s.token_limit if s.token_limit is not None else length + self.k + 1
+            c = min(self.k, limit - length - 1)
+            if c > 0:
+                counts[i] = c
+            else:
+                self.draft_probs.pop(s.seq.seq_id, None)
+        return counts
+
+    def _draft(self, batch, hidden, starts, emitted, failed: set[int], counts: dict[int, int], results) -> None:
         r = self.runner
         model, dev, bs = r.model, hidden.device, r.block_size
         next_ids: list[int] = []
         rows: list[int] = []
         m_starts, m_ends, tables = [], [], []
-        extended: list[list[int]] = []
         for i, s in enumerate(batch):
-            ext = s.seq.token_ids + emitted.get(i, [])
             known = s.num_new_tokens - len(s.draft_token_ids)
             m_end = s.start_pos + known + (len(emitted[i]) - 1 if i in emitted else 0)
-            if results[i].error is not None:  # a failed request: nothing more to compute
+            if i in failed:  # a failed request: nothing more to compute
                 m_end = s.start_pos
-            next_ids.extend(ext[s.start_pos + 1 : m_end + 1])
+            # tok_{t+1} for MTP positions start_pos..m_end-1: known tokens (a prompt chunk short of the end: up to
+            # the one after it), then the emitted ones
+            known_end = s.start_pos + known + (0 if s.needs_sample else 1)
+            ext = list(s.seq.token_ids[s.start_pos + 1 : known_end]) + emitted.get(i, [])
+            next_ids.extend(ext[: m_end - s.start_pos])
             rows.extend(range(starts[i], starts[i] + m_end - s.start_pos))
             m_starts.append(s.start_pos)
             m_ends.append(m_end)
             tables.append(s.block_table)
-            extended.append(ext)
         live = [i for i in range(len(batch)) if m_ends[i] > m_starts[i]]
         if not live:
             return
@@ -209,20 +296,43 @@ class SpecDecoder:
         h = model.mtp_forward(torch.tensor(next_ids, dtype=torch.long, device=dev),
                               hidden[torch.tensor(rows, dtype=torch.long, device=dev)], positions, plan,
                               r.mtp_kv_cache)
-        # which sequences draft, and how many: never past max_tokens / max_model_len (token_limit)
-        counts: dict[int, int] = {}
         last_row: dict[int, int] = {}
         offset = 0
-        for i, s in enumerate(batch):
+        for i in range(len(batch)):
             offset += m_ends[i] - m_starts[i]
-            if i in emitted:
-                limit = s.token_limit if s.token_limit is not None else len(extended[i]) + self.k + 1
-                c = min(self.k, limit - len(extended[i]) - 1)
-                if c > 0:
-                    counts[i] = c
-                    last_row[i] = offset - 1
-            if i in emitted and i not in counts:
-                self.draft_probs.pop(s.seq.seq_id, None)
+            if i in counts:
+                last_row[i] = offset - 1
+        self._draft_more(batch, h, last_row, m_ends, tables, emitted, counts, results)
+
+    def _draft_with_graphs(self, batch, bucket: int, emitted, failed: set[int], counts: dict[int, int],
+                           results) -> None:
+        """_draft for a step whose verify ran as a graph: the MTP pass over the flat rows replays the mtp graph."""
+        seqs, m_ends, last_row = [], [], {}
+        for i, s in enumerate(batch):
+            toks = [] if i in failed else emitted.get(i, [])
+            seqs.append((toks, s.start_pos, list(s.block_table)))
+            m_ends.append(s.start_pos + len(toks))
+            if i in counts:
+                last_row[i] = i * (self.k + 1) + len(toks) - 1
+        h = self.graphs.mtp(bucket, seqs)
+        self._draft_more(batch, h, last_row, m_ends, [s.block_table for s in batch], emitted, counts, results)
+
+    def _mtp_pass(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: list[int],
+                  tables: list[list[int]]) -> torch.Tensor:
+        """One recursive MTP pass (one position per row): a graph replay where one fits, else eager."""
+        r = self.runner
+        g = self.graphs
+        if g is not None and g.k > 1 and g.fits(tables):
+            return g.draft(tokens, hidden, positions, tables)
+        plan = build_mtp_plan(tables, positions, [p + 1 for p in positions], r.block_size, hidden.device)
+        return r.model.mtp_forward(tokens, hidden, torch.tensor(positions, dtype=torch.long, device=hidden.device),
+                                   plan, r.mtp_kv_cache)
+
+    def _draft_more(self, batch, h, last_row: dict[int, int], m_ends: list[int], tables, emitted,
+                    counts: dict[int, int], results) -> None:
+        """Drafts from the MTP output h at each drafting row's last known position, recursing for k > 1."""
+        r = self.runner
+        model, dev = r.model, h.device
         if not counts:
             return
         order = list(counts)
@@ -231,41 +341,54 @@ class SpecDecoder:
         drafts: dict[int, list[int]] = {i: [] for i in order}
         dists: dict[int, list[torch.Tensor]] = {i: [] for i in order}
         for step in range(1, max(counts.values()) + 1):
-            srows = []
-            for i in order:
-                base = r._sampling_row(batch[i].seq)
-                out = extended[i][batch[i].seq.num_prompt_tokens :] + drafts[i]
-                srows.append(SamplingRow(base.params, base.prompt_token_ids, out, base.generator))
-            q = r.sampler.probabilities(model.compute_logits(cur_h).float(), srows)
-            token = q.argmax(dim=-1)
-            if not all(row.params.greedy for row in srows):
-                noise = torch.empty_like(q).exponential_(generator=r.sampler.generator)
-                for j, row in enumerate(srows):
-                    if row.generator is not None:
-                        noise[j].exponential_(generator=row.generator)
-                sampled = (q / noise).argmax(dim=-1)
-                greedy_t = torch.tensor([row.params.greedy for row in srows], dtype=torch.bool, device=dev)
-                token = torch.where(greedy_t, token, sampled)
-            token_l = token.tolist()
-            for j, i in enumerate(order):
-                drafts[i].append(token_l[j])
-                if not batch[i].seq.params.greedy:
-                    dists[i].append(q[j])
-            keep = [j for j, i in enumerate(order) if counts[i] > step]
-            if not keep:
+            logits = model.compute_logits(cur_h).float()
+            more = any(counts[i] > step for i in order)
+            if not self.decides:  # a TP follower: rank 0's drafts, when another MTP pass needs them
+                token_l = r.share_decision(None) if more else []
+                token = torch.tensor(token_l, dtype=torch.long, device=dev)
+            else:
+                token, q = self._sample_drafts(batch, order, emitted, drafts, logits)
+                token_l = token.tolist()
+                if more:
+                    r.share_decision(token_l)
+                for j, i in enumerate(order):
+                    drafts[i].append(token_l[j])
+                    if not batch[i].seq.params.greedy:
+                        dists[i].append(q[j])
+            if not more:
                 break
+            keep = [j for j, i in enumerate(order) if counts[i] > step]
             order = [order[j] for j in keep]
             keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
             for i in order:
                 cur_pos[i] += 1
-            plan = build_mtp_plan([tables[i] for i in order], [cur_pos[i] for i in order],
-                                  [cur_pos[i] + 1 for i in order], bs, dev)
-            cur_h = model.mtp_forward(token[keep_t], cur_h[keep_t],
-                                      torch.tensor([cur_pos[i] for i in order], dtype=torch.long, device=dev),
-                                      plan, r.mtp_kv_cache)
+            cur_h = self._mtp_pass(token[keep_t], cur_h[keep_t], [cur_pos[i] for i in order],
+                                   [tables[i] for i in order])
+        if not self.decides:
+            return
         for i in counts:
             results[i].draft_token_ids = drafts[i]
             if dists[i]:
                 self.draft_probs[batch[i].seq.seq_id] = torch.stack(dists[i])
             else:
                 self.draft_probs.pop(batch[i].seq.seq_id, None)
+
+    def _sample_drafts(self, batch, order: list[int], emitted, drafts, logits) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0: the next draft token of each row in `order` and the distribution it was drawn from."""
+        r = self.runner
+        srows = []
+        for i in order:
+            base = r._sampling_row(batch[i].seq)
+            out = batch[i].seq.output_token_ids + emitted[i] + drafts[i]
+            srows.append(SamplingRow(base.params, base.prompt_token_ids, out, base.generator))
+        q = r.sampler.probabilities(logits, srows)
+        token = q.argmax(dim=-1)
+        if not all(row.params.greedy for row in srows):
+            noise = torch.empty_like(q).exponential_(generator=r.sampler.generator)
+            for j, row in enumerate(srows):
+                if row.generator is not None:
+                    noise[j].exponential_(generator=row.generator)
+            sampled = (q / noise).argmax(dim=-1)
+            greedy_t = torch.tensor([row.params.greedy for row in srows], dtype=torch.bool, device=q.device)
+            token = torch.where(greedy_t, token, sampled)
+        return token, q

@@ -9,11 +9,11 @@ as a delta against what this worker already holds (tables only grow, except afte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # One sequence on the wire (a tuple: compact to pickle):
 # (seq_id, index, start_pos, num_new_tokens, needs_sample, num_prompt_tokens, prompt_logprobs,
-#  window_tokens, keep_blocks, new_blocks)
+#  window_tokens, keep_blocks, new_blocks, draft_token_ids, shared_recompute_pos)
 WireSeq = tuple
 
 
@@ -54,6 +54,7 @@ class ReplicaSeq:
     token_ids: TokenWindow
     block_table: list[int]
     params: ReplicaParams
+    shared_recompute_pos: int | None = None  # speculative decoding: a recomputed shared token (spec_decode.py)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ReplicaScheduled:
     num_new_tokens: int
     start_pos: int
     needs_sample: bool
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative decoding: the drafts this step verifies
 
     @property
     def end_pos(self) -> int:
@@ -92,7 +94,8 @@ class StepEncoder:
             window = seq.token_ids[s.start_pos : min(end + 1, len(seq.token_ids))]
             rows.append((
                 seq.seq_id, seq.index, s.start_pos, s.num_new_tokens, s.needs_sample, seq.num_prompt_tokens,
-                seq.params.prompt_logprobs, window, keep, new_blocks,
+                seq.params.prompt_logprobs, window, keep, new_blocks, list(getattr(s, "draft_token_ids", ())),
+                getattr(seq, "shared_recompute_pos", None),
             ))  # fmt: skip
         released, self._released = self._released, []
         return rows, released
@@ -114,7 +117,8 @@ class StepDecoder:
         for seq_id in released:
             self.tables.pop(seq_id, None)
         batch = []
-        for seq_id, index, start, num_new, needs_sample, num_prompt, prompt_lp, window, keep, new_blocks in rows:
+        for (seq_id, index, start, num_new, needs_sample, num_prompt, prompt_lp, window, keep, new_blocks, drafts,
+             shared_pos) in rows:
             held = self.tables.get(seq_id, [])
             if keep > len(held):
                 raise RuntimeError(f"step message: seq {seq_id} keeps {keep} blocks but this rank holds {len(held)}")
@@ -123,6 +127,7 @@ class StepDecoder:
                 table = self.tables[seq_id] = held
             else:
                 table = self.tables[seq_id] = held[:keep] + new_blocks
-            seq = ReplicaSeq(seq_id, index, num_prompt, TokenWindow(start, window), table, ReplicaParams(prompt_lp))
-            batch.append(ReplicaScheduled(seq, num_new, start, needs_sample))
+            seq = ReplicaSeq(seq_id, index, num_prompt, TokenWindow(start, window), table, ReplicaParams(prompt_lp),
+                             shared_pos)
+            batch.append(ReplicaScheduled(seq, num_new, start, needs_sample, drafts))
         return batch

@@ -174,6 +174,11 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
                 self.fail(f"step failed on rank 0 after its inputs were broadcast ({type(e).__name__}: {e})")
                 self._wait_for_exit()
 
+    def share_decision(self, value):
+        """Mid-step (speculative decoding): the workers follow rank 0's verification and drafts."""
+        self.channel.send(value)
+        return value
+
     def release(self, seq_id: int) -> None:
         super().release(seq_id)
         self.encoder.forget(seq_id)
@@ -258,6 +263,7 @@ class _SkipSampler:
 
 class TPWorkerRunner(_TPRunnerMixin, ModelRunner):
     supports_chained_decode = False
+    samples_tokens = False
     # under EP the captured decode steps use the fixed-capacity all-to-all (distributed/ep_static_dispatch.py)
     uses_cuda_graphs = property(lambda self: _tp_cuda_graphs())
 
@@ -271,6 +277,9 @@ class TPWorkerRunner(_TPRunnerMixin, ModelRunner):
 
     def _sampling_row(self, seq, pending: bool = False):
         return None
+
+    def share_decision(self, value):
+        return self.channel.recv()
 
     def _rank0_lost(self, reason: str) -> None:
         if not self._stopping:

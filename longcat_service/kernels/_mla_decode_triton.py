@@ -10,10 +10,10 @@ import triton.language as tl
 @triton.jit
 def _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb, s_cb, s_ct, block_size, scale,
            offs_r, offs_d, rmask, dmask, RANK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-           UPCAST: tl.constexpr):
-    """One BLOCK_N-token step of the online softmax."""
+           UPCAST: tl.constexpr, FIRST_POS: tl.constexpr):
+    """One BLOCK_N-token step of the online softmax (positions before FIRST_POS are masked out)."""
     pos = n0 + tl.arange(0, BLOCK_N)
-    pmask = pos < end
+    pmask = (pos < end) & (pos >= FIRST_POS)
     page = tl.load(tables_ptr + b * s_tb + pos // block_size, mask=pmask, other=0).to(tl.int64)
     row = page * s_cb + (pos % block_size).to(tl.int64) * s_ct
     lat = tl.load(cache_ptr + row[:, None] + offs_r[None, :], mask=pmask[:, None] & rmask[None, :], other=0.0)
@@ -50,7 +50,7 @@ def _stage1(
     s_pob, s_poh, s_pos, s_plb, s_plh,
     RANK: tl.constexpr, ROPE: tl.constexpr, RANK_PAD: tl.constexpr, ROPE_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_WHILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_WHILE: tl.constexpr, FIRST_POS: tl.constexpr,
 ):
     # head block varies fastest so programs that read the same cache chunk run together (L2 reuse)
     hb = tl.program_id(0)
@@ -85,15 +85,15 @@ def _stage1(
         while n0 < end:
             m_i, l_i, acc = _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb, s_cb, s_ct,
                                    block_size, scale, offs_r, offs_d, rmask, dmask, RANK, BLOCK_N, DOT_PRECISION,
-                                   UPCAST)
+                                   UPCAST, FIRST_POS)
             n0 += BLOCK_N
     else:  # a for loop, so that the compiler software-pipelines the cache loads (num_stages)
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _chunk(n0, end, m_i, l_i, acc, q_lat, q_rope, cache_ptr, tables_ptr, b, s_tb, s_cb, s_ct,
                                    block_size, scale, offs_r, offs_d, rmask, dmask, RANK, BLOCK_N, DOT_PRECISION,
-                                   UPCAST)
+                                   UPCAST, FIRST_POS)
 
-    has = l_i > 0.0  # always true for a split that holds tokens (the merge reads no other)
+    has = l_i > 0.0  # true for a split that holds tokens (the merge reads no other) unless FIRST_POS masks them all
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(part_out_ptr + b * s_pob + heads[:, None] * s_poh + split * s_pos + offs_r[None, :], out,

@@ -43,7 +43,7 @@ class LaunchConfig:
 
 
 def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dtype, dv: int | None = None,
-                  num_splits: int | None = None) -> LaunchConfig:
+                  num_splits: int | None = None, first_pos: int = 0) -> LaunchConfig:
     if num_splits is None:
         num_splits = choose_num_splits(batch, heads)
     if num_splits < 1:
@@ -54,7 +54,7 @@ def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dty
         RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H,
         BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interp,  # the CPU interpreter has no bf16 matmul: compute in fp32 there
-        USE_WHILE=interp, num_warps=STAGE1_WARPS, num_stages=STAGE1_STAGES,
+        USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=STAGE1_STAGES,
     )
     stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
                   num_warps=4)
@@ -73,16 +73,18 @@ def mla_decode_reference(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    first_pos: int = 0,
 ) -> torch.Tensor:
-    """Pure-PyTorch spec: fp32 scores and softmax, output in q_latent's dtype. Reads seq_lens on the host."""
+    """Pure-PyTorch spec: fp32 scores and softmax, output in q_latent's dtype. Reads seq_lens on the host.
+    first_pos: each row attends to positions first_pos..seq_len-1 (the MTP cache holds nothing at position 0)."""
     rank = q_latent.shape[-1]
     block_size = kv_cache.shape[1]
     flat = kv_cache.reshape(-1, kv_cache.shape[-1])
     out = torch.zeros_like(q_latent)
     for b, length in enumerate(seq_lens.tolist()):
-        if length == 0:
+        if length <= first_pos:
             continue
-        pos = torch.arange(length, device=kv_cache.device)
+        pos = torch.arange(first_pos, length, device=kv_cache.device)
         slots = block_tables[b].long()[pos // block_size] * block_size + pos % block_size
         entries = flat[slots].float()  # [L, rank + rope]
         q = torch.cat((q_latent[b], q_rope[b]), dim=-1).float()  # [h, rank + rope]
@@ -126,10 +128,14 @@ def mla_decode(
     scale: float,
     num_splits: int | None = None,
     w_uv: torch.Tensor | None = None,
+    first_pos: int = 0,
 ) -> torch.Tensor:
     """q_latent [B, h, r], q_rope [B, h, dr], kv_cache [nb, bs, r+dr], block_tables [B, mb] int,
     seq_lens [B] int (device) -> o_latent [B, h, r] in the input dtype; with w_uv [h, dv, r] (unit last stride)
-    the merge stage also applies it and returns [B, h, dv] (see mla_decode_uv_reference)."""
+    the merge stage also applies it and returns [B, h, dv] (see mla_decode_uv_reference). first_pos 1: positions
+    1..seq_len-1 only (the MTP block's cache, model/mtp.py; seq_len >= 2 or 0)."""
+    if first_pos not in (0, 1):
+        raise ValueError(f"first_pos must be 0 or 1, got {first_pos}")
     _check_inputs(q_latent, q_rope, kv_cache, block_tables, seq_lens)
     if w_uv is not None:
         heads, rank = q_latent.shape[1], q_latent.shape[2]
@@ -141,11 +147,12 @@ def mla_decode(
 
     batch, heads, rank = q_latent.shape
     cfg = launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype,
-                        dv=None if w_uv is None else w_uv.shape[1], num_splits=num_splits)
+                        dv=None if w_uv is None else w_uv.shape[1], num_splits=num_splits, first_pos=first_pos)
     return launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, cfg, w_uv=w_uv)
 
 
-def mla_decode_uv_reference(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, w_uv) -> torch.Tensor:
+def mla_decode_uv_reference(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, w_uv,
+                            first_pos: int = 0) -> torch.Tensor:
     """mla_decode with w_uv: the unfused path's o_latent (model dtype), then the per-head W_UV product."""
-    o_latent = mla_decode_reference(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale)
+    o_latent = mla_decode_reference(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, first_pos)
     return torch.bmm(o_latent.transpose(0, 1).float(), w_uv.float().transpose(1, 2)).transpose(0, 1).to(o_latent.dtype)

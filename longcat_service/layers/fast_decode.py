@@ -27,6 +27,7 @@ class DecodePlan:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32 or int64 (graph replays) on the device, 0 = padding row
     fast_decode: bool = True  # MLAAttention checks this flag to take mla_decode_forward
+    first_pos: int = 0  # 1 for the MTP block's cache (model/mtp.py): no entry at position 0
 
 
 def use_fast_decode(meta: AttentionMetadata, input_ids: torch.Tensor) -> bool:
@@ -62,8 +63,10 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     w_uk, w_uv = w[:, :dn, :], w[:, dn:, :]
     q_latent = torch.bmm(q[..., :dn].transpose(0, 1), w_uk).transpose(0, 1)  # [n, h, r]
     if n <= FUSED_UV_MAX_BATCH:  # the merge stage applies W_UV itself: one launch less, no o_latent round trip
-        out = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale, w_uv=w_uv)
+        out = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale, w_uv=w_uv,
+                         first_pos=plan.first_pos)
     else:  # many rows: cuBLAS's batched GEMM reads each head's W_UV once for all of them
-        o_latent = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale)
+        o_latent = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale,
+                              first_pos=plan.first_pos)
         out = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, h, dv]
     return attn.o_proj(out.reshape(n, heads * dv))

@@ -1,0 +1,79 @@
+"""An eager CPU twin of engine/spec_graph_runner.SpecGraphRunner: the same bucket choice and flat rows (the
+production SpecRowsRunner), run through the model's reference path instead of captured graphs, so that CPU tests
+cover what the graph spec step computes apart from the capture itself. Padding rows are skipped (the graphs give
+them slot -1, seq_len 0) and their outputs left zero."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from longcat_service.engine.spec_graph_runner import DecodeRows, SpecRowsRunner
+from longcat_service.layers.attention_metadata import AttentionMetadata
+from longcat_service.model.mtp import build_mtp_plan
+
+
+class EagerSpecRows(SpecRowsRunner):
+    def __init__(self, runner, k: int, buckets: tuple[int, ...], max_blocks: int = 64):
+        scratch = runner.num_blocks * runner.block_size if hasattr(runner, "num_blocks") else None
+        super().__init__(runner.block_size, max_blocks, k, buckets, scratch)
+        self.runner = runner
+        self.calls: Counter = Counter()  # kind -> replays
+        self.batch_sizes: list[int] = []  # sequences of each verify
+        self._verify_hidden: dict[int, torch.Tensor] = {}
+
+    def verify(self, batch):
+        self.batch_sizes.append(len(batch))
+        return super().verify(batch)
+
+    @staticmethod
+    def _real(rows: DecodeRows) -> list[int]:
+        return [i for i, n in enumerate(rows.seq_lens) if n > 0]
+
+    def _run_verify(self, b: int, rows: DecodeRows):
+        self.calls["verify"] += 1
+        r, n = self.runner, b * (self.k + 1)
+        assert len(rows) <= n
+        real = self._real(rows)
+        assert all(rows.seq_lens[i] == rows.positions[i] + 1 for i in real)  # causal: up to its own position
+        md = AttentionMetadata.build([1] * len(real), [rows.seq_lens[i] for i in real], [rows.tables[i] for i in real],
+                                     r.block_size, r.device)
+        slots = [rows.slots[i] for i in real]
+        redirected = [j for j, (a, b) in enumerate(zip(md.slot_mapping.tolist(), slots, strict=True)) if a != b]
+        assert all(slots[j] == self.scratch_slot for j in redirected)  # only recomputed shared tokens move
+        self.calls["redirected"] += len(redirected)
+        md.slot_mapping = torch.tensor(slots, dtype=torch.long, device=r.device)
+        ids = torch.tensor([rows.input_ids[i] for i in real])
+        h = r.model(ids, torch.tensor([rows.positions[i] for i in real]), md, r.kv_caches)
+        hidden = torch.zeros(n, h.shape[1], dtype=h.dtype)
+        hidden[real] = h
+        logits = torch.zeros(n, r.vocab_size)
+        logits[real] = r.model.compute_logits(h).float()
+        self._verify_hidden[b] = hidden
+        return hidden, logits
+
+    def _mtp(self, rows: DecodeRows, hidden: torch.Tensor, n: int) -> torch.Tensor:
+        r = self.runner
+        real = self._real(rows)
+        out = torch.zeros(n, hidden.shape[1], dtype=hidden.dtype)
+        if not real:
+            return out
+        # the graphs attend positions 1..t+1 (seq_len t + 2, first_pos 1): the context build_mtp_plan gives
+        assert all(rows.seq_lens[i] == rows.positions[i] + 2 for i in real)
+        pos = [rows.positions[i] for i in real]
+        plan = build_mtp_plan([rows.tables[i] for i in real], pos, [p + 1 for p in pos], r.block_size, r.device)
+        assert plan.slot_mapping.tolist() == [rows.slots[i] for i in real]
+        out[real] = r.model.mtp_forward(torch.tensor([rows.input_ids[i] for i in real]), hidden[real],
+                                        torch.tensor(pos), plan, r.mtp_kv_cache)
+        return out
+
+    def _run_mtp(self, b: int, rows: DecodeRows):
+        self.calls["mtp"] += 1
+        return self._mtp(rows, self._verify_hidden[b], b * (self.k + 1))
+
+    def _run_draft(self, b: int, rows: DecodeRows, tokens: torch.Tensor, hidden: torch.Tensor):
+        self.calls["draft"] += 1
+        assert len(rows) <= b and tokens.shape[0] == hidden.shape[0] == len(rows)
+        rows.input_ids = tokens.tolist()
+        return self._mtp(rows, hidden, len(rows))

@@ -1,0 +1,89 @@
+"""Spec steps replayed as CUDA graphs (engine/spec_graph_runner.py) on a tiny fp32 model: greedy tokens and logprobs
+equal the eager spec step and MTP off, for k = 1..3, batches inside the buckets, between them (padded) and above
+the largest (eager fallback); every KV block freed; drafts still accepted where the MTP weights reproduce the
+target ("exact"). The host-side rows are tested on CPU (test_spec_graph_rows.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat_service.sampling_params import SamplingParams
+from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
+from tests.mtp_checkpoint import write_mtp_checkpoint
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from longcat_service.engine.spec_graph_runner import SpecGraphRunner  # noqa: E402
+
+PROMPTS = [[5, 17, 100, 31, 9, 77, 31, 45, 12, 40, 23], [101, 102], list(range(7, 40)), [60, 61, 62, 63],
+           [90, 3, 3, 8], [44], [120, 121, 122]]
+BUCKETS = (1, 2, 4)  # 7 sequences: 5..7 run eagerly, 3 is padded to 4
+
+
+class CountingGraphs(SpecGraphRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_sizes: list[int] = []
+
+    def verify(self, batch):
+        self.batch_sizes.append(len(batch))
+        return super().verify(batch)
+
+
+def _requests():
+    return {f"r{i}": (p, SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True, logprobs=2))
+            for i, p in enumerate(PROMPTS)}
+
+
+def _run(path, k, graphs: str):
+    """graphs: "off" (eager spec steps), "on" (CountingGraphs with BUCKETS) or "" (MTP off: decode graphs)."""
+    spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+    engine = make_engine(model=path, device="cuda", speculative_config=spec, max_num_seqs=8)
+    runner = engine.runner
+    counting = None
+    if k:
+        assert runner.spec_decoder.graphs is not None  # the engine built its own spec graphs
+        if graphs == "off":
+            runner.spec_decoder.graphs = None
+        else:
+            own = runner.spec_decoder.graphs
+            counting = runner.spec_decoder.graphs = CountingGraphs(
+                runner.model, runner.kv_caches, runner.mtp_kv_cache, runner.block_size, own.max_blocks, k, BUCKETS)
+    final, _ = run_to_completion(engine, _requests())
+    assert_all_blocks_free(engine)
+    return final, counting
+
+
+def _assert_same(a: dict, b: dict, what: str) -> None:
+    for rid in a:
+        x, y = a[rid].outputs[0], b[rid].outputs[0]
+        assert x.token_ids == y.token_ids, (what, rid)
+        assert max(abs(p.logprob - q.logprob) for p, q in zip(x.logprobs, y.logprobs, strict=True)) < 1e-3, (what, rid)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["exact", "partial"])
+def test_graph_spec_steps_equal_eager_spec_steps_and_mtp_off(tmp_path, mode, k):
+    path = write_mtp_checkpoint(tmp_path / mode, mode, seed=1)
+    off, _ = _run(path, None, "")
+    eager, _ = _run(path, k, "off")
+    graphs, counting = _run(path, k, "on")
+    _assert_same(off, graphs, "graphs vs MTP off")
+    _assert_same(eager, graphs, "graphs vs eager spec")
+    assert {1, 3, 4} <= set(counting.batch_sizes) and max(counting.batch_sizes) <= 4
+    assert ("verify", 4) in counting.graphs and ("mtp", 4) in counting.graphs
+    assert (("draft", 1) in counting.graphs) == (k > 1)
+    if mode == "exact":  # the MTP graphs drafted right: every draft accepted
+        assert all(o.metrics.spec_acceptance_rate > 0.9 for o in graphs.values())
+
+
+def test_engine_captures_every_spec_bucket_at_start_up(tmp_path):
+    path = write_mtp_checkpoint(tmp_path / "e", "exact", seed=1)
+    engine = make_engine(model=path, device="cuda", max_num_seqs=8,
+                         speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    graphs = engine.runner.spec_decoder.graphs
+    assert graphs.buckets == (1, 2, 4, 8)
+    assert set(graphs.graphs) == {(kind, b) for kind in ("verify", "mtp", "draft") for b in graphs.buckets}
