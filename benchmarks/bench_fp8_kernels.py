@@ -52,7 +52,7 @@ DENSE_SHAPES = {  # (N, K) of LongCat-Flash (benchmarks/configs/longcat-flash-2l
 }
 BATCHES = (1, 2, 4, 8, 16, 64, 4096)
 E, Z, H, TOP_K = 512, 256, 6144, 12
-EXPERT_BATCHES = (1, 16, 64, 4096)
+EXPERT_BATCHES = (1, 2, 4, 8, 16, 64, 4096)
 CALLS = 8  # calls per timed graph
 ROTATION_BYTES = 256 * 1024**2
 

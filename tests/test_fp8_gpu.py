@@ -94,6 +94,29 @@ def test_dense_gemv_fp8_matches_exact(n, k):
     assert float((got - want).abs().max()) <= 2**-6 * float(want.abs().max()) + 1e-3
 
 
+def _every_e4m3_code(rows: int) -> torch.Tensor:
+    """[rows, 256] float8_e4m3fn: row i is the 256 byte codes rolled by i (NaN codes 0x7f / 0xff -> 0): every sign,
+    exponent (subnormals included) and mantissa in every lane position of a 16-byte vector."""
+    codes = torch.arange(256, dtype=torch.int64)
+    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes)
+    table = torch.stack([codes.roll(i) for i in range(rows)]).to(torch.uint8)
+    return table.view(torch.float8_e4m3fn).to(DEV)
+
+
+@needs_ops
+def test_dense_gemv_fp8_dequantizes_every_code_exactly():
+    """One-hot activations pick single weights: the output is exactly the dequantized weight (e4m3 values times a
+    power-of-two scale are bf16 numbers), for all 256 codes (subnormals included) in every position of a 16-byte
+    vector, so a wrong bit or order in the in-register conversion fails."""
+    w8 = _every_e4m3_code(136)  # 2 row blocks, the second partial
+    scale = torch.tensor([[2.0**-7, 2.0**-7], [2.0**3, 2.0**3]], device=DEV)  # [2, 2]: a power of two per block
+    eye = torch.eye(256, device=DEV, dtype=torch.bfloat16)
+    want = fr.block_dequant(w8, scale, dtype=torch.float32).t()  # [256 (k), 136 (n)]
+    for m in (1, 2, 4):  # the GEMV's row variants
+        got = torch.cat([L.dense_gemv_fp8(eye[i:i + m], w8, scale) for i in range(0, 256, m)]).float()
+        assert torch.equal(got, want), f"M={m}: {int((got != want).sum())} weights off"
+
+
 @needs_ops
 def test_dense_gemv_fp8_strided_x_graph_and_rejects():
     w8, scale = _quantized((300, 512), seed=1, std=512**-0.5)
@@ -116,8 +139,8 @@ def test_dense_gemv_fp8_strided_x_graph_and_rejects():
 
 # ---- expert_ffn_fp8 (CUDA decode) ------------------------------------------------------------------------------
 
-# (T, E, Z, k, share, H, I): T = 0, 1, 2, 3-4 (row variants), 7 (the FMA kernel), 16, 40, 64, 129 (the tensor-core
-# kernel, expert_ffn_fp8_mma.cuh, from 16 tokens); I = 64 / 256 (narrow: split-K SwiGLU), 2048 (wide); H, I with
+# (T, E, Z, k, share, H, I): T = 0, 1 (one-row kernel), 2-7 (2-row passes; experts with more rows take several), 16
+# and 129 at I <= 512 (the tensor-core kernel, expert_ffn_fp8_mma.cuh), 40 / 64 at I = 640 / 2048 (2-row passes); I = 64 / 256 (narrow: split-K SwiGLU), 2048 (wide); H, I with
 # partial 128-blocks and an odd number of 64-wide chunks (H = 272, I = 48 / 144 / 640); all / no slots to zero experts.
 FFN_CASES = [
     (0, 12, 6, 4, "mixed", 256, 128),

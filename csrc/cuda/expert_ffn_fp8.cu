@@ -8,10 +8,12 @@
 // (fp8_common.cuh); each 16-product partial sum is scaled once by its block's scale; fp32 accumulation.
 // WK > 1 (narrow experts, e.g. a TP shard's I = 256; expert_ffn_v2.cuh's idea): the block's WK warps split K of
 // the same columns and meet in shared memory, so a narrow expert still gets enough warps in flight.
-// One design serves batch 1 and batch 64 (at B = 64 an active expert has ~1.5 rows: the FMA work per weight byte
-// stays well under the SM's issue rate). From kMmaMinTokens tokens a step the tensor-core variant takes over
-// (expert_ffn_fp8_mma.cuh: v3's design; on the H200 this FMA kernel reached only 0.57 / 0.50 of the byte floor at
-// B = 16 / 64, run 1).
+// Rows per pass: at most 2 (an expert with more rows takes several passes over its weights). H200 session 6
+// (benchmarks/RESULTS.md): wide experts (I = 2048) at B = 4 / 8 / 16 / 64 reach 0.86 / 0.87 / 0.85 / 0.70 of the
+// byte floor with 2-row passes, against 0.70 / 0.60 with 4 / 8-row passes (160-215 registers: half the warps in
+// flight) and 0.54 / 0.56 for the tensor-core kernel at B = 16 / 64. Narrow experts (a TP shard's I <= 512) keep
+// the tensor-core kernel from kMmaMinTokens tokens (expert_ffn_fp8_mma.cuh: B = 16 / 64 at 266 / 696 us against
+// 302 / 958 us here).
 #include "../ops.h"
 #include "expert_ffn_fp8_mma.cuh"
 #include "fp8_common.cuh"
@@ -20,11 +22,10 @@ namespace longcat {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxRows = 8;
+constexpr int kMaxRows = 2;
 // I at or below this: SwiGLU launch splits K over the block's 4 warps (expert_ffn.cu's v2 bound).
 constexpr int kSplitKMaxIntermediate = 512;
-// Tokens a step from which the tensor-core kernel (expert_ffn_fp8_mma.cuh) runs: ~1.5 rows per active expert at
-// B = 16 (LongCat: 12 of 512 experts a token), where the FMA kernel's dequantize-and-multiply per row dominates.
+// Tokens a step from which narrow experts (I <= kSplitKMaxIntermediate) take the tensor-core kernel.
 constexpr int64_t kMmaMinTokens = 16;
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
 #pragma unroll
       for (int c = 0; c < NW; ++c) acc[i][c] = 0.f;
 
-#pragma unroll(kRows <= 2 ? 4 : 2)
+#pragma unroll 4
     for (int k = (wk * kWarp + lane) * fp8::kVec; k < K; k += kStep) {
       uint4 wv[NW];
 #pragma unroll
@@ -173,10 +174,6 @@ void launch(const T* a, const at::Tensor& w, const at::Tensor& scale, T* out, co
   // Host-side choice from the token count only (fixed per captured CUDA graph), never from device values.
   if (r.num_tokens <= 1) {
     LONGCAT_FP8_LAUNCH(1);
-  } else if (r.num_tokens <= 2) {
-    LONGCAT_FP8_LAUNCH(2);
-  } else if (r.num_tokens <= 4) {
-    LONGCAT_FP8_LAUNCH(4);
   } else {
     LONGCAT_FP8_LAUNCH(kMaxRows);
   }
@@ -240,7 +237,8 @@ at::Tensor expert_ffn_fp8_cuda(const at::Tensor& hidden_in, const at::Tensor& w1
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int Hi = static_cast<int>(H), Ii = static_cast<int>(I);
   using T = __nv_bfloat16;
-  if (hidden.size(0) >= kMmaMinTokens) {  // host-side choice from the token count (fixed per CUDA graph)
+  // Host-side choice from the shapes and the token count (fixed per CUDA graph).
+  if (I <= kSplitKMaxIntermediate && hidden.size(0) >= kMmaMinTokens) {
     const fp8mma::Launch mma{routing.offsets, routing.sorted_slots, routing.active, routing.num_active,
                              routing.max_active, routing.top_k, active_in.has_value() && num_active_in.has_value()};
     fp8mma::run_ffn(static_cast<const T*>(hidden.data_ptr()), w13, s13, w2, s2, static_cast<T*>(h.data_ptr()),

@@ -1,4 +1,5 @@
-// expert_ffn_fp8 for several token rows per step (batch >= kMmaMinTokens): expert_ffn_v3.cuh's tensor-core grouped
+// expert_ffn_fp8 for narrow experts (a TP shard's I <= 512) at >= kMmaMinTokens tokens a step (wide experts measured
+// faster in expert_ffn_fp8.cu's 2-row FMA passes): expert_ffn_v3.cuh's tensor-core grouped
 // GEMV (same launch contract, same warp tiles, same register double buffering) with block-FP8 weights.
 //  - One K "chunk" = 64 wide: lane (g, t) loads ONE 16-byte vector of 16 e4m3 weights of row g and of row g + 8 at
 //    k = 64 c + 16 t (v3's step pair: a whole 128-byte line per row per chunk) and the matching 16 bf16 of its
