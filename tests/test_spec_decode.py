@@ -338,13 +338,29 @@ def test_overlapped_spec_steps_equal_sequential_and_an_abort_in_flight_leaves_no
     assert_all_blocks_free(engine)
 
 
-def test_start_up_warm_up_with_mtp_leaves_the_engine_unchanged(ckpts, off_partial_30):
+def test_start_up_warm_up_with_mtp_leaves_the_engine_unchanged(ckpts, off_partial_30, monkeypatch):
     """The warm-up (run at start-up on CUDA) also runs eager spec steps: prompts, a verify of k drafts beside a
-    prompt, MTP passes and drafting on borrowed blocks (k positions further than the prompts). Afterwards every
-    block is free, no draft distribution is left, and outputs are unchanged."""
+    prompt, MTP passes and drafting on borrowed blocks (k positions further than the prompts). Every position it
+    computes (target and MTP forwards) lies inside the model's context: on CUDA cos/sin are gathered from a table of
+    max_position_embeddings rows (an index past it is a device-side assert; the CPU path computes any position), and
+    its longest prompt fills the whole context (no drafts past it). Afterwards every block is free, no draft
+    distribution is left, and outputs are unchanged."""
+    from longcat_service.layers.rotary import RotaryEmbedding
+
     engine = make_engine(model=ckpts["partial"], speculative_config=spec(3))
+    seen: list[int] = []
+    cos_sin = RotaryEmbedding.cos_sin
+
+    def recording_cos_sin(self, positions, dtype):
+        seen.append(int(positions.max()))
+        return cos_sin(self, positions, dtype)
+
+    monkeypatch.setattr(RotaryEmbedding, "cos_sin", recording_cos_sin)
     free_before = engine.block_manager.num_free_blocks
     assert engine.runner.warm_up_prefill()
+    max_pos = engine.runner.config.max_position_embeddings
+    assert max(seen) == max_pos - 1  # the longest prompt reaches the end of the context, never past it
+    monkeypatch.undo()
     assert engine.block_manager.num_free_blocks == free_before
     assert engine.runner.spec_decoder.draft_probs == {}
     final, _ = run_to_completion(engine, {f"r{i}": (prompt, greedy(30)) for i, prompt in enumerate(PROMPTS)})

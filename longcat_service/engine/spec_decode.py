@@ -64,6 +64,9 @@ class SpecDecoder:
         self.k = num_speculative_tokens
         self.decides = getattr(runner, "samples_tokens", True)  # False on TP ranks > 0: they follow rank 0
         self.graphs = None  # a SpecGraphRunner (CUDA; set by the ModelRunner): decode spec steps replay graphs
+        # no draft past the model's context: on CUDA, rotary cos/sin come from a table of max_position_embeddings
+        # rows, and an MTP pass past it is an out-of-range gather (a device-side assert)
+        self.context = int(getattr(runner.config, "max_position_embeddings", 0) or 0) or None
         # seq_id -> [drafts, vocab] the distributions its pending drafts were drawn from (sampled requests only)
         self.draft_probs: dict[int, torch.Tensor] = {}
 
@@ -253,12 +256,16 @@ class SpecDecoder:
 
     # ---- MTP: cache entries for the known positions, then the next drafts --------------------------
     def _draft_counts(self, batch, emitted: dict[int, list[int]]) -> dict[int, int]:
-        """Rank 0: batch row -> how many drafts it gets, never past max_tokens / max_model_len (token_limit)."""
+        """Rank 0: batch row -> how many drafts it gets, never past max_tokens / max_model_len (token_limit) nor
+        the model's context (also where no token_limit is given: the start-up warm-up, whose longest prompt fills
+        the context)."""
         counts: dict[int, int] = {}
         for i, toks in emitted.items():
             s = batch[i]
             length = s.seq.num_tokens + len(toks)
             limit = s.token_limit if s.token_limit is not None else length + self.k + 1
+            if self.context is not None:
+                limit = min(limit, self.context)
             c = min(self.k, limit - length - 1)
             if c > 0:
                 counts[i] = c
