@@ -44,11 +44,12 @@ class EagerSpecRows(SpecRowsRunner):
         assert all(slots[j] == self.scratch_slot for j in redirected)  # only recomputed shared tokens move
         self.calls["redirected"] += len(redirected)
         md.slot_mapping = torch.tensor(slots, dtype=torch.long, device=r.device)
-        ids = torch.tensor([rows.input_ids[i] for i in real])
-        h = r.model(ids, torch.tensor([rows.positions[i] for i in real]), md, r.kv_caches)
-        hidden = torch.zeros(n, h.shape[1], dtype=h.dtype)
+        ids = torch.tensor([rows.input_ids[i] for i in real], dtype=torch.long, device=r.device)
+        positions = torch.tensor([rows.positions[i] for i in real], dtype=torch.long, device=r.device)
+        h = r.model(ids, positions, md, r.kv_caches)
+        hidden = torch.zeros(n, h.shape[1], dtype=h.dtype, device=h.device)
         hidden[real] = h
-        logits = torch.zeros(n, r.vocab_size)
+        logits = torch.zeros(n, r.vocab_size, device=h.device)
         logits[real] = r.model.compute_logits(h).float()
         self._verify_hidden[b] = hidden
         return hidden, logits
@@ -56,7 +57,7 @@ class EagerSpecRows(SpecRowsRunner):
     def _mtp(self, rows: DecodeRows, hidden: torch.Tensor, n: int) -> torch.Tensor:
         r = self.runner
         real = self._real(rows)
-        out = torch.zeros(n, hidden.shape[1], dtype=hidden.dtype)
+        out = torch.zeros(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         if not real:
             return out
         # the graphs attend positions 1..t+1 (seq_len t + 2, first_pos 1): the context build_mtp_plan gives
@@ -64,8 +65,9 @@ class EagerSpecRows(SpecRowsRunner):
         pos = [rows.positions[i] for i in real]
         plan = build_mtp_plan([rows.tables[i] for i in real], pos, [p + 1 for p in pos], r.block_size, r.device)
         assert plan.slot_mapping.tolist() == [rows.slots[i] for i in real]
-        out[real] = r.model.mtp_forward(torch.tensor([rows.input_ids[i] for i in real]), hidden[real],
-                                        torch.tensor(pos), plan, r.mtp_kv_cache)
+        ids = torch.tensor([rows.input_ids[i] for i in real], dtype=torch.long, device=r.device)
+        out[real] = r.model.mtp_forward(ids, hidden[real], torch.tensor(pos, dtype=torch.long, device=r.device), plan,
+                                        r.mtp_kv_cache)
         return out
 
     def _run_mtp(self, b: int, rows: DecodeRows):

@@ -154,7 +154,7 @@ def test_mla_decode_first_pos_skips_position_zero(uv):
     expect = torch.zeros(len(lens), 4, 16, dtype=torch.float64)
     for b, n in enumerate(lens):
         if n:
-            pos = torch.arange(1, n)
+            pos = torch.arange(1, n, device=tables.device)
             entries = flat[(tables[b].long()[pos // 4] * 4 + pos % 4)].double().cpu()
             q = torch.cat((q_lat[b], q_rope[b]), -1).double().cpu()
             expect[b] = torch.softmax(0.37 * q @ entries.t(), -1) @ entries[:, :16]
