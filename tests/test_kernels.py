@@ -295,11 +295,11 @@ def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_uv_max_ba
 
 
 def test_spec_graph_forwards_equal_the_eager_rows(monkeypatch):
-    """The forwards the spec-step CUDA graphs capture (engine/spec_graph_runner.SpecGraphRunner, run uncaptured
-    here: the Triton decode kernels on its static buffers, MTP attention with first_pos=1) equal the same flat rows
-    through the eager reference layers (tests/spec_rows_twin.py): verify hidden states, logits and target cache
-    writes; the MTP pass over emitted tokens and its cache writes; a recursive draft pass. Padded rows write
-    nothing."""
+    """The forwards the spec-step CUDA graphs capture (engine/spec_graph_runner.SpecGraphRunner, run uncaptured on
+    CPU, captured and replayed on CUDA: the Triton decode kernels on its static buffers, MTP attention with
+    first_pos=1) equal the same flat rows through the eager reference layers (tests/spec_rows_twin.py): verify
+    hidden states, logits and target cache writes; the MTP pass over emitted tokens and its cache writes; a recursive
+    draft pass. Padded rows write nothing."""
     from types import SimpleNamespace
 
     from longcat_service.engine.spec_graph_runner import SpecGraphRunner
