@@ -24,7 +24,6 @@ class IncrementalDetokenizer:
         self.token_ids: list[int] = []
         self.prefix_offset = 0  # window start: the tokens before read_offset give the decoder its context
         self.read_offset = 0  # tokens up to here have been emitted as text
-        self.text = ""  # everything emitted so far
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -39,7 +38,6 @@ class IncrementalDetokenizer:
         delta = new_text[len(prefix_text) :]
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
-        self.text += delta
         return delta
 
     def flush(self) -> str:
@@ -50,5 +48,4 @@ class IncrementalDetokenizer:
         new_text = self._decode(self.token_ids[self.prefix_offset :])
         delta = new_text[len(prefix_text) :]
         self.prefix_offset = self.read_offset = len(self.token_ids)
-        self.text += delta
         return delta
