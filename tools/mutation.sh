@@ -5,7 +5,7 @@
 #
 #   tools/mutation.sh                 # every module below
 #   tools/mutation.sh sampler block_manager
-#   MUTATION_RESUME=1 tools/mutation.sh sampler   # after adding tests: re-run only that module's survivors
+#   MUTATION_RESUME=1 tools/mutation.sh sampler   # after adding tests: re-run only that module's survivors (and mutants no test reached)
 #
 # Results: a "module killed/total score" line per module on stdout and in $MUTATION_DIR/<module>/score.txt;
 # surviving mutants with `cd $MUTATION_DIR/<module> && mutmut results` and `mutmut show <name>`.
@@ -19,10 +19,10 @@ CHILDREN=${MUTATION_CHILDREN:-2}
 # module name -> "file to mutate|pytest arguments, separated by ;" (fast tests that target the module)
 declare -A MODULES=(
   [sampler]="longcat_service/engine/sampler.py|tests/test_sampler.py;tests/test_sampler_behaviour.py"
-  [output_processor]="longcat_service/engine/output_processor.py|tests/test_stop_string_streaming.py;tests/test_engine_requests.py;-k;not grpc"
+  [output_processor]="longcat_service/engine/output_processor.py|tests/test_output_processor.py"
   [detokenizer]="longcat_service/engine/detokenizer.py|tests/test_detokenizer.py"
   [block_manager]="longcat_service/engine/block_manager.py|tests/test_block_manager.py;tests/test_block_manager_behaviour.py;tests/test_prefix_cache_hits.py;-k;not engine"
-  [scheduler]="longcat_service/engine/scheduler.py|tests/test_scheduler.py"
+  [scheduler]="longcat_service/engine/scheduler.py|tests/test_scheduler.py;tests/test_scheduler_behaviour.py"
   [rotary]="longcat_service/layers/rotary.py|tests/test_rope_table.py;tests/test_model_parity.py;-k;variant or prefill_batch"
   [router]="longcat_service/layers/router.py|tests/test_moe_prefill.py;tests/test_ops.py"
   [moe_reference]="longcat_service/ops/reference.py|tests/test_ops.py;tests/test_moe_prefill.py"
@@ -57,7 +57,7 @@ for name in "${ORDER[@]}"; do
   if [ $resume = 1 ]; then
     # after adding tests: refresh them in the scratch copy and re-run only the mutants that survived
     cp -r tests "$work/mutants"/ && cp "$work/pyproject.toml" "$work/mutants/"
-    mapfile -t survivors < <(cd "$work" && mutmut results 2>/dev/null | awk -F: '/: survived/ {gsub(/ /, "", $1); print $1}')
+    mapfile -t survivors < <(cd "$work" && mutmut results 2>/dev/null | awk -F: '/: (survived|no tests)$/ {gsub(/ /, "", $1); print $1}')
     if [ ${#survivors[@]} -gt 0 ]; then
       (cd "$work" && nice -n 10 mutmut run --max-children "$CHILDREN" "${survivors[@]}" > rerun.log 2>&1) || true
     fi

@@ -109,7 +109,8 @@ class OutputProcessor:
 
     @staticmethod
     def _find_stop(text: str, prev_len: int, stops: list[str]) -> tuple[int, str] | None:
-        """Earliest stop string that ends in the new text (it may start in text seen before)."""
+        """Earliest stop string that ends in the new text (it may start in text seen before); of stop strings
+        starting at the same place, the one listed first."""
         best: tuple[int, str] | None = None
         for stop in stops:
             idx = text.find(stop, max(0, prev_len - len(stop) + 1))
