@@ -27,10 +27,11 @@ declare -A MODULES=(
   [router]="longcat_service/layers/router.py|tests/test_moe_prefill.py;tests/test_ops.py"
   [moe_reference]="longcat_service/ops/reference.py|tests/test_ops.py;tests/test_moe_prefill.py"
   [config]="longcat_service/config.py|tests/test_config.py"
-  [convert]="longcat_service/server/convert.py|tests/test_server_validation.py"
-  [admission]="longcat_service/server/admission.py|tests/test_server_faults.py"
+  [convert]="longcat_service/server/convert.py|tests/test_convert.py"
+  [call_status]="longcat_service/server/call_status.py|tests/test_call_status.py"
+  [admission]="longcat_service/server/admission.py|tests/test_admission.py"
 )
-ORDER=(sampler block_manager output_processor scheduler convert admission detokenizer config rotary router moe_reference)
+ORDER=(sampler block_manager output_processor scheduler convert call_status admission detokenizer config rotary router moe_reference)
 [ $# -gt 0 ] && ORDER=("$@")
 
 for name in "${ORDER[@]}"; do

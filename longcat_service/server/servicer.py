@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import grpc
 
 from longcat_service import __version__
-from longcat_service.engine.async_engine import EngineDeadError
-from longcat_service.engine.errors import PromptError
-from longcat_service.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParamsError
-from longcat_service.server import convert
+from longcat_service.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
+from longcat_service.server import call_status, convert
 from longcat_service.server.admission import AdmissionController, Overloaded
+from longcat_service.server.call_status import CallFailed, ClientGone
 from longcat_service.server.generated import longcat_pb2 as pb
 from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
 from longcat_service.server.health import ServingState
@@ -55,28 +54,6 @@ class ServerOptions:
             raise ValueError(f"stream_buffer_size must be >= 1, got {self.stream_buffer_size}")
         if not self.slow_reader_timeout_s > 0:
             raise ValueError(f"slow_reader_timeout_s must be > 0, got {self.slow_reader_timeout_s}")
-
-
-class CallFailed(Exception):
-    """Ends a Generate call with a non-OK status; `outcome` labels it in the metrics."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, outcome: str, trailing_metadata=()):
-        super().__init__(message)
-        self.code, self.message, self.outcome, self.trailing_metadata = code, message, outcome, trailing_metadata
-
-
-class ClientGone(Exception):
-    """Writing to the client failed: it cancelled the call, disconnected, or its deadline passed."""
-
-
-# The client's deadline passes a little before the server's (its clock started before the request arrived): a
-# call that ends this close to the server's deadline ended because of the deadline.
-DEADLINE_TOLERANCE_S = 0.25
-
-
-def _gone_outcome(context) -> str:
-    remaining = context.time_remaining()
-    return "deadline" if remaining is not None and remaining <= DEADLINE_TOLERANCE_S else "cancelled"
 
 
 @dataclass
@@ -132,10 +109,10 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             outcome = failure.outcome
             await context.abort(failure.code, failure.message, trailing_metadata=failure.trailing_metadata)
         except ClientGone:
-            outcome = _gone_outcome(context)  # nobody is left to tell: end quietly
+            outcome = call_status.gone_outcome(context.time_remaining())  # nobody is left to tell: end quietly
         except asyncio.CancelledError:  # gRPC cancels the handler when the client cancels or the deadline passes
             if not self._shutting_down:
-                outcome = _gone_outcome(context)
+                outcome = call_status.gone_outcome(context.time_remaining())
                 raise
             outcome = "shutdown"  # end_running_calls: tell the client why its stream ends
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
@@ -159,25 +136,22 @@ class LongCatServicer(pb_grpc.LongCatServicer):
 
     async def _generate(self, request, context, started_at: float) -> str:
         if not self.state.accepting:
-            raise CallFailed(grpc.StatusCode.UNAVAILABLE,
-                             "server is draining" if self.state.draining else "server is loading", "rejected")
+            raise call_status.not_accepting(self.state.draining)
         if not self.state.engine_healthy():
-            raise CallFailed(grpc.StatusCode.UNAVAILABLE, "engine is not healthy", "error")
+            raise call_status.engine_unhealthy()
         try:
             prompt = convert.prompt_from_request(request, self.engine.tokenizer, self.engine.max_model_len)
             params = convert.sampling_params_from_proto(request.sampling, self._vocab_size())
             convert.validate_request_id(request.request_id)
         except convert.RequestError as e:
-            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid") from e
+            raise call_status.invalid_request(e) from e
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._running:
-            raise CallFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running",
-                             "invalid")
+            raise call_status.already_running(request_id)
         try:
             ticket = self.admission.admit(len(prompt.token_ids))
         except Overloaded as e:
-            raise CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}", "rejected",
-                             (("retry-after-ms", str(e.retry_after_ms)),)) from e
+            raise call_status.overloaded(e) from e
         deadline = convert.engine_deadline(request, context.time_remaining())
         self._running.add(request_id)
         self.metrics.prompt_tokens.inc(len(prompt.token_ids))
@@ -192,7 +166,7 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             self.admission.release(ticket)
             self._running.discard(request_id)
             self._record(request_id, prompt, stats, started_at)
-        return self._final_status(stats)
+        return call_status.final_status(stats.finish_reasons, stats.num_tokens)
 
     async def _pump(self, prompt, params, request_id, deadline, queue: asyncio.Queue, ticket) -> None:
         """Engine outputs -> proto responses on the queue, then _END (or the exception)."""
@@ -225,7 +199,7 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             if item is _END:
                 return
             if isinstance(item, Exception):
-                raise self._engine_failure(item, prompt)
+                raise call_status.engine_failure(item, prompt.kind)
             kind = item.WhichOneof("response")
             if kind == "chunk":
                 held = _coalesce(item, queue)
@@ -242,35 +216,9 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             try:
                 await asyncio.wait_for(context.write(item), timeout)
             except TimeoutError as e:
-                raise CallFailed(grpc.StatusCode.UNAVAILABLE,
-                                 f"client stopped reading the stream for {timeout:g}s; the request was aborted",
-                                 "slow_reader") from e
+                raise call_status.slow_reader(timeout) from e
             except Exception as e:  # the call is over on the client's side: a cancel, a disconnect, a deadline
                 raise ClientGone() from e
-
-    @staticmethod
-    def _engine_failure(error: Exception, prompt) -> CallFailed:
-        if isinstance(error, PromptError):
-            # The engine names its own argument ("prompt" / "token_ids"); report the field the client set.
-            message = str(error).removeprefix(f"{error.field}: ")
-            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{prompt.kind}: {message}", "invalid")
-        if isinstance(error, SamplingParamsError):
-            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{error}", "invalid")
-        if isinstance(error, EngineDeadError):
-            return CallFailed(grpc.StatusCode.UNAVAILABLE, f"engine unavailable: {error}", "error")
-        logger.error("engine failed", exc_info=error)
-        return CallFailed(grpc.StatusCode.INTERNAL, f"engine error: {type(error).__name__}: {error}", "error")
-
-    @staticmethod
-    def _final_status(stats: _Stats) -> str:
-        reasons = stats.finish_reasons
-        if pb.FINISH_REASON_DEADLINE in reasons:
-            raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"deadline passed after {stats.num_tokens} output token(s); partial output delivered",
-                             "deadline")
-        if pb.FINISH_REASON_ERROR in reasons:
-            raise CallFailed(grpc.StatusCode.INTERNAL, "the engine failed while generating", "error")
-        return "cancelled" if pb.FINISH_REASON_ABORT in reasons else "ok"
 
     def _record(self, request_id: str, prompt, stats: _Stats, started_at: float) -> None:
         if stats.first_token_at is not None:
