@@ -68,6 +68,7 @@ def test_token_limit_counts_the_new_prompt_and_allows_exactly_the_limit(clock):
     with pytest.raises(Overloaded) as excinfo:
         ac2.admit(41)
     assert str(excinfo.value) == ("60 prompt tokens are already queued; 41 more would exceed the limit of 100")
+    assert excinfo.value.retry_after_ms == 1000
     assert (ac2.queued_requests, ac2.queued_tokens) == (1, 60)
 
 
