@@ -239,6 +239,8 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
     if model_type is not None and model_type != "longcat_flash":
         raise r.error("model_type", f"expected 'longcat_flash', got {model_type!r}")
 
+    if "q_lora_rank" in raw and raw["q_lora_rank"] is None:  # before the generic "missing (required)"
+        raise r.error("q_lora_rank", "null is not supported (transformers' LongCat forward always uses the q LoRA)")
     sizes = {name: r.int(name) for name in _REQUIRED_POSITIVE_INTS}
     zero_expert_num = r.int("zero_expert_num", minimum=0)
     num_layers = _num_layers(r)
@@ -256,8 +258,6 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
     qk_head_dim = r.int("qk_head_dim", default=sizes["qk_nope_head_dim"] + sizes["qk_rope_head_dim"])
     if qk_head_dim != sizes["qk_nope_head_dim"] + sizes["qk_rope_head_dim"]:
         raise r.error("qk_head_dim", f"must equal qk_nope_head_dim + qk_rope_head_dim, got {qk_head_dim}")
-    if raw.get("q_lora_rank", 0) is None:
-        raise r.error("q_lora_rank", "null is not supported (transformers' LongCat forward always uses the q LoRA)")
     if sizes["moe_topk"] > sizes["n_routed_experts"] + zero_expert_num:
         raise r.error("moe_topk", f"{sizes['moe_topk']} exceeds n_routed_experts + zero_expert_num")
     act = raw.get("hidden_act", "silu")

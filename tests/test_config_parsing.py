@@ -254,3 +254,50 @@ def test_quantizes_follows_the_skip_list_by_whole_name_parts():
     assert quantizes(cfg, "model.layers.10.mlp.experts")
     assert not quantizes(parse(), "model.layers.0.mlps.0.gate_proj")  # no quantization at all
     assert QuantConfig().quantizes("lm_head") and not QuantConfig(skipped=("lm_head",)).quantizes("lm_head")
+
+
+# ---- structure --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, text", [
+    ({"model_type": "llama"}, "model_type: expected 'longcat_flash', got 'llama'"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads: MLA needs num_key_value_heads == num_attention_heads (4), got 2"),
+    ({"head_dim": 8}, "head_dim: must equal qk_rope_head_dim (4), got 8"),
+    ({"qk_rope_head_dim": 5, "head_dim": 5}, "qk_rope_head_dim: must be even (RoPE rotates pairs), got 5"),
+    ({"qk_head_dim": 13}, "qk_head_dim: must equal qk_nope_head_dim + qk_rope_head_dim, got 13"),
+    ({"q_lora_rank": None}, "q_lora_rank: null is not supported (transformers' LongCat forward always uses the q LoRA)"),
+    ({"moe_topk": 10}, "moe_topk: 10 exceeds n_routed_experts + zero_expert_num"),
+    ({"hidden_act": "gelu"}, "hidden_act: only 'silu' is supported, got 'gelu'"),
+    ({"zero_expert_type": "zero"}, "zero_expert_type: only 'identity' is supported, got 'zero'"),
+    ({"norm_topk_prob": True}, "norm_topk_prob: renormalised top-k weights are not part of LongCat-Flash (must be false)"),
+    ({"num_layers": None}, "num_layers: missing (and no num_hidden_layers to fall back on)"),
+])
+def test_structural_errors(overrides, text):
+    assert message(**overrides) == text
+
+
+def test_missing_q_lora_rank_is_a_missing_required_field():
+    raw = {k: v for k, v in TINY_CONFIG.items() if k != "q_lora_rank"}
+    with pytest.raises(ConfigError, match=r"field 'q_lora_rank': missing \(required\)$"):
+        ModelConfig.from_dict(raw)
+
+
+def test_structural_values_that_are_accepted():
+    assert parse(model_type="longcat_flash").num_layers == 2
+    assert parse(model_type=None, hidden_act="silu", zero_expert_type="identity", norm_topk_prob=False).moe_topk == 3
+    assert parse(zero_expert_type=None).zero_expert_num == 3
+    assert parse(moe_topk=9).moe_topk == 9  # 6 routed + 3 zero experts: every expert chosen
+    assert parse(moe_topk=5).moe_topk == 5  # more than the routed experts alone
+    assert parse(num_layers=None, num_hidden_layers=3).num_layers == 3
+    cfg = parse()
+    assert (cfg.max_position_embeddings, cfg.router_bias, cfg.pad_token_id) == (256, False, None)
+    assert parse(rope_parameters={"rope_theta": 0.5}, rope_theta=None).rope_theta == 0.5  # any positive theta
+
+
+def test_config_error_from_a_dict():
+    err = ConfigError("hidden_size", "missing (required)")
+    assert (err.field, err.source, str(err)) == ("hidden_size", "<dict>", "<dict>: field 'hidden_size': missing (required)")
+
+
+def test_skip_list_names_keep_their_characters_but_the_surrounding_dots():
+    q = parse(quantization_config={**FP8, "modules_to_not_convert": ["..mlp.X.", "Xproj"]}).quantization
+    assert q.skipped == ("mlp.X", "Xproj")
