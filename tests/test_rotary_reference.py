@@ -30,7 +30,11 @@ YARN_SETTINGS = [
     {"factor": 4.0, "original_max_position_embeddings": 2048, "truncate": False},
     {"factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 0.8},
     {"factor": 0.5, "original_max_position_embeddings": 64},  # factor <= 1: no attention correction
-    {"factor": 2.0, "original_max_position_embeddings": 8, "beta_fast": 4.0, "beta_slow": 4.0},  # a zero-width ramp
+    {"factor": 2.0, "original_max_position_embeddings": 4096, "beta_fast": 4.0, "beta_slow": 4.0,
+     "truncate": False},  # a zero-width ramp
+    {"factor": 4.0, "original_max_position_embeddings": 10**9},  # the ramp's end clamped to the last dim
+    {"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 2.0},
 ]
 
 
@@ -58,7 +62,7 @@ def test_inv_freq_and_attention_factor_match_transformers(dim, theta, scaling):
     assert factor == pytest.approx(ref_factor, rel=1e-12)
 
 
-@pytest.mark.parametrize("scaling", [None] + YARN_SETTINGS[:4] + YARN_SETTINGS[7:8])
+@pytest.mark.parametrize("scaling", [None] + YARN_SETTINGS[:4] + YARN_SETTINGS[7:8] + YARN_SETTINGS[-2:])
 @pytest.mark.parametrize("dim", [4, 8])
 def test_cos_sin_match_transformers_rotary_embedding(scaling, dim):
     raw = {**TINY_CONFIG, "qk_rope_head_dim": dim, "head_dim": dim, "max_position_embeddings": 4096,
@@ -75,10 +79,12 @@ def test_cos_sin_match_transformers_rotary_embedding(scaling, dim):
         torch.testing.assert_close(ref_cos[0, :, dim // 2 :].to(dtype), cos, rtol=1e-6, atol=1e-6)
 
 
-def test_cpu_cos_sin_goes_through_the_computation_on_every_call():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_cos_sin_in_the_asked_dtype_on_every_call(dtype):
     rot = RotaryEmbedding(ModelConfig.from_dict(TINY_CONFIG))
-    first = rot.cos_sin(torch.tensor([3, 5]), torch.float32)
-    again = rot.cos_sin(torch.tensor([5, 3]), torch.float32)
+    first = rot.cos_sin(torch.tensor([3, 5]), dtype)
+    again = rot.cos_sin(torch.tensor([5, 3]), dtype)
+    assert first[0].dtype == first[1].dtype == dtype
     assert torch.equal(first[0].flip(0), again[0]) and torch.equal(first[1].flip(0), again[1])
 
 
