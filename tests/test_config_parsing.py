@@ -299,5 +299,5 @@ def test_config_error_from_a_dict():
 
 
 def test_skip_list_names_keep_their_characters_but_the_surrounding_dots():
-    q = parse(quantization_config={**FP8, "modules_to_not_convert": ["..mlp.X.", "Xproj"]}).quantization
-    assert q.skipped == ("mlp.X", "Xproj")
+    q = parse(quantization_config={**FP8, "modules_to_not_convert": ["..mlp.X.", "Xproj", "X"]}).quantization
+    assert q.skipped == ("mlp.X", "Xproj", "X")

@@ -62,6 +62,16 @@ def test_inv_freq_and_attention_factor_match_transformers(dim, theta, scaling):
     assert factor == pytest.approx(ref_factor, rel=1e-12)
 
 
+@pytest.mark.parametrize("dim", [6, 8, 64])
+def test_yarn_ramp_clamped_inside_the_rotated_dims_matches_transformers(dim):
+    """A small theta puts the ramp's start inside the dim/2 rotated pairs and its end past the last dim (clamped)."""
+    scaling = {"factor": 4.0, "original_max_position_embeddings": 700}
+    ref_freq, ref_factor = hf_inv_freq(dim, 10.0, 8192, scaling)
+    freq, factor = ours_inv_freq(dim, 10.0, 8192, scaling)
+    torch.testing.assert_close(freq, ref_freq.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(ref_factor, rel=1e-12)
+
+
 @pytest.mark.parametrize("scaling", [None] + YARN_SETTINGS[:4] + YARN_SETTINGS[7:8] + YARN_SETTINGS[-2:])
 @pytest.mark.parametrize("dim", [4, 8])
 def test_cos_sin_match_transformers_rotary_embedding(scaling, dim):
