@@ -116,3 +116,13 @@ def test_apply_rope_matches_transformers_interleaved_rotation(heads, dim):
     torch.testing.assert_close(out, ref[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
     out2 = apply_rope(x[:, 0], cos, sin)  # [n, dim]: no head axis
     torch.testing.assert_close(out2, ref[0, 0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", [None, YARN_SETTINGS[0]])
+def test_tables_are_built_on_the_cpu_whatever_the_default_device(scaling):
+    """Models are built under a device context (meta, cuda); RoPE's inverse frequencies are real CPU numbers."""
+    raw = {**TINY_CONFIG, "rope_scaling": None if scaling is None else {"rope_type": "yarn", **scaling}}
+    want = RotaryEmbedding(ModelConfig.from_dict(raw)).inv_freq
+    with torch.device("meta"):
+        rot = RotaryEmbedding(ModelConfig.from_dict(raw))
+    assert rot.inv_freq.device.type == "cpu" and torch.equal(rot.inv_freq, want)

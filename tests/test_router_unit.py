@@ -30,7 +30,7 @@ class FakeCudaInput:
 
 def test_parameters_are_fp32_under_a_bf16_default_dtype():
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # as while a bf16 model is built
+    torch.set_default_dtype(torch.bfloat16)  # as transformers does while it builds a bf16 model
     try:
         router = TopkRouter(64, 24)
     finally:
