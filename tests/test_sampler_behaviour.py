@@ -1,5 +1,7 @@
 """Sampler behaviour that the mutation run (tools/mutation.sh sampler) found unchecked."""
 
+import dataclasses
+
 import torch
 
 from longcat_service.engine.sampler import Sampler, SamplingRow
@@ -101,3 +103,64 @@ def test_a_negative_request_seed_is_its_64_bit_twos_complement():
         twin = seed % 2**64
         assert torch.rand(4, generator=s.make_generator(seed)).tolist() == \
             torch.rand(4, generator=s.make_generator(twin)).tolist()
+
+
+def _rich_rows():
+    """Every option at once, so that each tensor the sampler builds is exercised: greedy, seeded and generator-drawn
+    rows; penalties over prompt and output tokens and a pending token; logit_bias; top-k / top-p / min-p; logprobs."""
+    return [
+        SamplingRow(SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=1.5), [1, 2], [3]),
+        SamplingRow(SamplingParams(temperature=0.8, top_k=3, top_p=0.9, seed=5, presence_penalty=0.5,
+                                   frequency_penalty=0.25, logprobs=0), [4], [4, 4, 6]),
+        SamplingRow(SamplingParams(temperature=1.2, min_p=0.05, logit_bias={2: 3.0, 5: -2.0}, logprobs=3), [], [0],
+                    num_pending=1),
+        SamplingRow(SamplingParams(temperature=1.0, min_tokens=4, stop_token_ids=[6]), [6], []),
+    ]
+
+
+def _sample_twice(rows_fn, sampler_seed=3):
+    s = Sampler(VOCAB, EOS, "cpu", sampler_seed)
+    logits = torch.linspace(-2.0, 2.0, 4 * VOCAB, dtype=torch.float32, device="cpu").reshape(4, VOCAB).cos() * 3
+    out = []
+    for _ in range(2):
+        batch = s.launch(logits.clone(), rows_fn(), pending_tokens=torch.tensor([0, 0, 1, 0], device="cpu"))
+        out.append(s.collect(batch))
+    return out
+
+
+def _greedy_rows():
+    """_rich_rows at temperature 0: every tensor but the sampling draw's."""
+    return [SamplingRow(dataclasses.replace(r.params, temperature=0.0, seed=None), r.prompt_token_ids,
+                        r.output_token_ids, num_pending=r.num_pending) for r in _rich_rows()]
+
+
+def _assert_same_samples(got, want):
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+    for (_, lp_got), (_, lp_want) in zip(got, want, strict=True):
+        for a, b in zip(lp_got, lp_want, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a == b
+
+
+def test_sampler_computes_in_its_own_dtypes_whatever_the_default_float_dtype():
+    """A process may change torch's default float dtype: the sampler's tensors keep the dtypes it computes in
+    (fp32 logits, counts, penalties; int64 ids), so tokens and logprobs do not change."""
+    want = _sample_twice(_rich_rows)
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = _sample_twice(_rich_rows)
+    finally:
+        torch.set_default_dtype(old)
+    _assert_same_samples(got, want)
+
+
+def test_sampler_builds_its_tensors_on_its_own_device_whatever_the_default_device():
+    """A process may change torch's default device (libraries do): every tensor the sampler builds goes to its own
+    device (host staging to the CPU). The meta default device makes any tensor built without one fail. Greedy
+    rows only: torch's default-device mode does not support a generator-driven draw at all."""
+    want = _sample_twice(_greedy_rows)
+    with torch.device("meta"):
+        got = _sample_twice(_greedy_rows)
+    _assert_same_samples(got, want)

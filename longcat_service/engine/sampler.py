@@ -187,12 +187,14 @@ class Sampler:
         """[M, vocab] occurrence counts, each row's pending (device-side) token included; padding goes to an
         extra column that is dropped."""
         width = max((len(t) for t in token_lists), default=0)
-        padded = torch.full((len(token_lists), max(width, 1)), self.vocab_size, dtype=torch.long)
+        # host staging on the CPU, counts in fp32 on the device, whatever torch's default device and dtype are
+        padded = torch.full((len(token_lists), max(width, 1)), self.vocab_size, dtype=torch.long, device="cpu")
         for i, t in enumerate(token_lists):
             if t:
-                padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=device)
-        counts.scatter_add_(1, to_device(padded, torch.long, device), torch.ones(padded.shape, device=device))
+                padded[i, : len(t)] = torch.tensor(t, dtype=torch.long, device="cpu")
+        counts = torch.zeros(len(token_lists), self.vocab_size + 1, dtype=torch.float32, device=device)
+        counts.scatter_add_(1, to_device(padded, torch.long, device),
+                            torch.ones(padded.shape, dtype=torch.float32, device=device))
         if any(r.num_pending for r in rows):
             has = to_device([float(r.num_pending) for r in rows], torch.float32, device)
             ids = pending.to(device=device, dtype=torch.long).clamp(0, self.vocab_size)  # rows without one add 0

@@ -21,7 +21,7 @@ def host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
         return values.to(dtype)
     if len(values) >= NUMPY_MIN_LEN and dtype in _NUMPY_INTS:  # numpy builds long int lists ~2x faster
         return torch.from_numpy(np.asarray(values, dtype=_NUMPY_INTS[dtype]))
-    return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, device="cpu")  # CPU whatever torch's default device is
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
