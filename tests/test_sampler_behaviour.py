@@ -164,3 +164,28 @@ def test_sampler_builds_its_tensors_on_its_own_device_whatever_the_default_devic
     with torch.device("meta"):
         got = _sample_twice(_greedy_rows)
     _assert_same_samples(got, want)
+
+
+def test_a_row_with_non_finite_logits_gets_the_nonfinite_token_and_no_logprob_others_are_untouched():
+    from longcat_service.engine.sampler import NONFINITE_TOKEN
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [float("nan")] + [0.0] * 7])
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=1), [], []) for _ in range(2)]
+    tokens, logprobs = Sampler(VOCAB, EOS, "cpu")(logits, rows)
+    assert tokens == [1, NONFINITE_TOKEN]
+    assert logprobs[0] is not None and logprobs[0].token_id == 1 and logprobs[1] is None
+
+
+def test_a_batch_without_a_finite_mask_reads_every_row_as_finite():
+    from longcat_service.engine.sampler import SampledBatch
+
+    tokens, logprobs = Sampler.collect(SampledBatch(torch.tensor([3, 0, 6]), [None, None, None]))
+    assert tokens == [3, 0, 6] and logprobs == [None, None, None]
+
+
+def test_huge_logits_at_a_small_temperature_still_sample_the_top_token():
+    """The temperature divides logits already shifted by the row max (all <= 0): near-fp32-max logits at T = 0.1
+    must neither overflow to inf nor turn into NaN."""
+    logits = torch.tensor([3e38, 2.9e38, -3e38, 0.0, 0.0, 0.0, 0.0, 0.0])
+    seen = draws([SamplingParams(temperature=0.1)], logits, calls=20)[0]
+    assert set(seen) == {0}
