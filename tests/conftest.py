@@ -32,3 +32,12 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: torch's intra-op thread pool costs more than it saves (ms per softmax on a loaded CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

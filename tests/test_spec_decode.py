@@ -11,21 +11,14 @@ from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
+
 PROMPTS = [
     [5, 17, 100, 31, 9, 77, 31, 45, 12, 40, 23],
     [101, 102],
     [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
     [60, 61, 62, 63, 64, 65, 66],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: torch's intra-op thread pool costs more than it saves (ms per softmax on a loaded CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,11 @@ from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
+
 NUM_SEEDS = 2000
 ALPHA = 1e-3
 PROMPT = [11, 12, 13]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: torch's intra-op thread pool costs more than it saves (ms per softmax on a loaded CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_compl
 from tests.mtp_checkpoint import write_mtp_checkpoint
 from tests.spec_rows_twin import EagerSpecRows
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
+
 
 def test_spec_buckets_fit_the_row_cap_and_the_seat_count():
     assert spec_buckets(1, 256) == (1, 2, 4, 8, 16, 32, 64, 128)  # 128 * 2 rows = MAX_GRAPH_ROWS
@@ -65,14 +67,6 @@ def test_draft_rows_one_position_each():
 # ---- whole engines through the twin ---------------------------------------------------------------------
 PROMPTS = [[5, 17, 100, 31, 9, 77, 31, 45, 12, 40, 23], [101, 102], list(range(7, 26)), [60, 61, 62, 63],
            [90, 3, 3, 8], [44], [120, 121, 122]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

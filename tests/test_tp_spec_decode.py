@@ -13,6 +13,8 @@ from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_compl
 from tests.mtp_checkpoint import write_mtp_checkpoint
 from tests.tp_harness import run_on_ranks
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
+
 PROMPTS = [[5, 17, 100, 31, 9, 77, 31, 45, 12, 40, 23], [101, 102], list(range(7, 26)), [60, 61, 62, 63]]
 SHARED = list(range(20, 38))  # a second wave shares this prefix with the first: a prefix-cache hit
 ENGINE = dict(block_size=4, num_kv_blocks=96, max_model_len=64)
@@ -74,14 +76,6 @@ def accepted(final: dict) -> float:
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_spec")
     return {mode: write_mtp_checkpoint(root / mode, mode, seed=1) for mode in ("exact", "partial")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("mode", "k"), [("exact", 1), ("exact", 2), ("partial", 2)])
