@@ -122,21 +122,12 @@ def test_after_the_engine_warm_up_requests_build_no_triton_kernel(dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from longcat_service.llm import LLM
-    from longcat_service.sampling_params import SamplingParams
 
     before = compile_watch.compiles_after_warm_up()
     llm = LLM(device="cuda", dtype=dtype, max_num_seqs=16)
     # an earlier engine of this process (the other dtype) installed the watch: this one's warm-up is not counted
     assert compile_watch.compiles_after_warm_up() == before
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 2, 7, 16, 17, 31, 64, 100, 333, 1000)]
-    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=8, ignore_eos=True, seed=1),
-              SamplingParams(temperature=0.7, n=2, logprobs=3, max_tokens=5, ignore_eos=True,
-                             repetition_penalty=1.1, presence_penalty=0.2)]
-    for p in params:
-        llm.generate(prompts, p)
-        llm.generate([prompts[-1] + [5, 6, 7]], p)  # a cached prefix plus a few new tokens
+    _varied_requests(llm, max_tokens=(8, 8, 5))
     assert compile_watch.compiles_after_warm_up() == before
 
 
@@ -151,7 +142,6 @@ def test_after_the_mtp_engine_warm_up_requests_build_no_triton_kernel(dtype, k):
         pytest.skip("needs a CUDA GPU")
     from longcat_service.demo import DEMO_CHECKPOINT_DIR
     from longcat_service.llm import LLM
-    from longcat_service.sampling_params import SamplingParams
 
     before = compile_watch.compiles_after_warm_up()
     llm = LLM(model=str(DEMO_CHECKPOINT_DIR), device="cuda", dtype=dtype, max_num_seqs=16,
@@ -160,14 +150,25 @@ def test_after_the_mtp_engine_warm_up_requests_build_no_triton_kernel(dtype, k):
     graphs = llm.engine.runner.spec_decoder.graphs
     captured = set(graphs.graphs)
     assert captured == {(kind, b) for kind in graphs.kinds() for b in graphs.buckets}
+    _varied_requests(llm, max_tokens=(12, 12, 7))
+    assert compile_watch.compiles_after_warm_up() == before
+    assert set(graphs.graphs) == captured
+
+
+def _varied_requests(llm, max_tokens):
+    """Prompts of many lengths under greedy, top-p/top-k and n=2 + logprobs + penalties sampling, each batch followed
+    by a cached prefix plus a few new tokens. max_tokens: one per sampling setting."""
+    import torch
+
+    from longcat_service.sampling_params import SamplingParams
+
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 2, 7, 16, 17, 31, 64, 100, 333, 1000)]
-    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=12, ignore_eos=True, seed=1),
-              SamplingParams(temperature=0.7, n=2, logprobs=3, max_tokens=7, ignore_eos=True,
+    greedy, top, multi = max_tokens
+    params = [SamplingParams(temperature=0.0, max_tokens=greedy, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=top, ignore_eos=True, seed=1),
+              SamplingParams(temperature=0.7, n=2, logprobs=3, max_tokens=multi, ignore_eos=True,
                              repetition_penalty=1.1, presence_penalty=0.2)]
     for p in params:
         llm.generate(prompts, p)
         llm.generate([prompts[-1] + [5, 6, 7]], p)  # a cached prefix plus a few new tokens
-    assert compile_watch.compiles_after_warm_up() == before
-    assert set(graphs.graphs) == captured
