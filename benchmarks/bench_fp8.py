@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
+from public_api import default_llm, defaults_decode_ms  # noqa: E402
 
 TARGETS_MS = {"decode_1": 0.95, "decode_64": 7.3, "prefill": 28.0}
 
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--prefill-len", type=int, default=4096)
     p.add_argument("--profile", action="store_true", help="torch.profiler tables (decode 1 and 64, prefill)")
+    p.add_argument("--defaults-batches", default="1,64",
+                   help="also time these batches through LLM.generate with every engine setting at its default "
+                        "('' = skip)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(bd.ROOT / "benchmarks" / "out")))
     p.add_argument("--results-md", default=None, help="append the report to this markdown file")
     return p.parse_args(argv)
@@ -91,14 +95,17 @@ def report(args, results: dict, bw: float, flops: float, fp8_rates: dict, device
         f"Ceilings in this run: copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s, FP8 _scaled_mm "
         f"tensor-wise {rate(fp8_rates.get('tensorwise'))}, row-wise {rate(fp8_rates.get('rowwise'))}.",
         "",
-        "| format | batch | engine ms/step | runner ms | graph replay ms | floor ms | engine/floor | target ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| format | batch | engine ms/step | LLM defaults ms/step | runner ms | graph replay ms | floor ms | "
+        "engine/floor | target ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for fmt, res in results.items():
         for bsz, r in res["decode"].items():
             target = TARGETS_MS.get(f"decode_{bsz}") if fmt == "fp8" else None
             replay = "-" if r["gpu_replay_ms"] is None else f"{r['gpu_replay_ms']:.2f}"
-            lines.append(f"| {fmt} | {bsz} | {r['engine_ms']:.2f} | {r['step_ms']:.2f} | {replay} | "
+            dflt = res.get("defaults", {}).get(bsz)
+            dflt = "-" if dflt is None else f"{dflt:.2f}"
+            lines.append(f"| {fmt} | {bsz} | {r['engine_ms']:.2f} | {dflt} | {r['step_ms']:.2f} | {replay} | "
                          f"{r['floor_ms']:.2f} | {r['ratio']:.2f} | {target or '-'} |")
     lines.append("")
     for fmt, res in results.items():
@@ -130,6 +137,14 @@ def main(argv=None) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if bd.ints(args.defaults_batches):  # what a user of LLM gets: every engine setting at its default
+            llm = default_llm(raw, device, args.tiny, quantization="fp8" if fmt == "fp8" else None)[0]
+            results[fmt]["defaults"] = defaults_decode_ms(llm, raw, bd.ints(args.defaults_batches), args.prompt_len,
+                                                          args.new_tokens, device)
+            del llm
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     text = report(args, results, bw, flops, fp8_rates, device)
     (out_dir / "bench_fp8.json").write_text(json.dumps({"results": results, "copy_Bps": bw, "matmul_flops": flops,
                                                         "fp8_matmul_flops": fp8_rates}, indent=1, default=str))

@@ -14,9 +14,10 @@ import torch
 from harness import ROOT, sync
 
 
-def default_llm(raw: dict, device: torch.device, tiny: bool):
+def default_llm(raw: dict, device: torch.device, tiny: bool, quantization: str | None = None):
     """(LLM with no engine setting given, its model path, seconds to ready) on benchmarks/configs/longcat-flash-2l
-    (or the tiny config), dummy bf16 weights, router correction bias zeroed as in bench_decode's tuned run."""
+    (or the tiny config), dummy bf16 weights (FP8 with quantization="fp8"), router correction bias zeroed as in
+    bench_decode's tuned run."""
     from longcat_service.llm import LLM
 
     if tiny:
@@ -25,7 +26,7 @@ def default_llm(raw: dict, device: torch.device, tiny: bool):
     else:
         model = ROOT / "benchmarks" / "configs" / "longcat-flash-2l"
     t0 = time.perf_counter()
-    llm = LLM(model=str(model), load_format="dummy", dtype="bfloat16", device=str(device))
+    llm = LLM(model=str(model), load_format="dummy", dtype="bfloat16", device=str(device), quantization=quantization)
     ready_s = time.perf_counter() - t0
     with torch.no_grad():  # the dummy bias would send every token to the same experts (see bench_ours)
         for layer in llm.engine.runner.model.model.layers:
