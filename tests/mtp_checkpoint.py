@@ -1,4 +1,7 @@
-"""Tiny LongCat-Flash checkpoints with an MTP layer (model.mtp.* added to tests/hf_tiny.py's safetensors).
+"""Tiny LongCat-Flash checkpoints with an MTP layer, written without transformers (GPU machines may carry a
+transformers that cannot save the per-expert layout): every key of our model's checkpoint targets, with
+tests/hf_tiny.py's initialisation (norm weights 1 + 0.2 N(0,1), matrices 0.08 N(0,1), router correction bias
+0.05 N(0,1)), plus model.mtp.*.
 
 - "random": random MTP weights (drafts are nearly never accepted).
 - "exact": a target whose attention o_proj, dense down_proj and expert down_proj are zero and which has no
@@ -16,17 +19,40 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from longcat_service.config import ModelConfig
 from longcat_service.model.dummy_weights import hf_shape
 from longcat_service.model.longcat_flash import LongcatFlashForCausalLM
-from tests.hf_tiny import build_hf_model, save_hf_model
+from tests.tiny_config import TINY_CONFIG
 
 MTP_MODES = ("random", "exact", "partial", "noisy")
+# tests/hf_tiny.py's "base" and "nozero_top1" (no identity experts, one routed choice per token)
+BASE_CONFIGS = {
+    "base": TINY_CONFIG,
+    "nozero_top1": {**TINY_CONFIG, "zero_expert_num": 0, "moe_topk": 1, "n_routed_experts": 4, "rope_theta": 1e4},
+}
+
+
+def target_tensors(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Every checkpoint key of the model without MTP -> a random fp32 tensor, initialised as tests/hf_tiny.py."""
+    with torch.device("meta"):
+        model = LongcatFlashForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in model.checkpoint_targets():
+        shape = hf_shape(key, config)
+        if key.endswith("norm.weight"):
+            out[key] = 1 + 0.2 * torch.randn(shape, generator=gen)
+        elif key.endswith("e_score_correction_bias"):
+            out[key] = 0.05 * torch.randn(shape, generator=gen)
+        else:
+            out[key] = 0.08 * torch.randn(shape, generator=gen)
+    return out
 
 
 def mtp_keys(config: ModelConfig) -> list[str]:
@@ -42,12 +68,13 @@ def write_mtp_checkpoint(out_dir: Path, mode: str = "random", seed: int = 0, wit
     sharper next-token distributions (statistical tests)."""
     if mode not in MTP_MODES:
         raise ValueError(mode)
-    name = "base" if mode == "random" else "nozero_top1"
-    hf = build_hf_model(name, seed=seed)
-    save_hf_model(hf, out_dir)
+    raw = BASE_CONFIGS["base" if mode == "random" else "nozero_top1"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps({"model_type": "longcat_flash",
+                                                     "architectures": ["LongcatFlashForCausalLM"], **raw}))
     path = out_dir / "model.safetensors"
-    tensors = load_file(str(path))
     config = ModelConfig.from_pretrained(out_dir / "config.json")
+    tensors = target_tensors(config, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     h = config.hidden_size
     for key in mtp_keys(config):
