@@ -49,6 +49,14 @@ def test_cpu_positions_are_computed_not_gathered():
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
 
 
+def test_cpu_position_past_the_table_is_refused_like_the_cuda_gather():
+    rot = _rotary(max_position_embeddings=64)
+    with pytest.raises(IndexError, match="position 64 is past max_position_embeddings \\(64\\)"):
+        rot.cos_sin(torch.tensor([3, 64, 1]), torch.float32)
+    cos, _ = rot.cos_sin(torch.tensor([], dtype=torch.long), torch.float32)  # an empty batch is fine
+    assert cos.shape[0] == 0
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the table is the CUDA path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_cos_sin_bit_identical_to_computation(dtype):

@@ -75,6 +75,10 @@ class RotaryEmbedding:
         """cos, sin [N, dim/2] in dtype (unit last stride; on CUDA, views of one gathered [N, dim] tensor)."""
         table = self._table(positions.device, dtype) if positions.is_cuda else None
         if table is None:
+            if not positions.is_cuda and positions.numel() and int(positions.max()) >= self.max_positions:
+                # CUDA's table gather would assert on the device: fail here too, so CPU tests catch such callers
+                raise IndexError(f"rotary position {int(positions.max())} is past max_position_embeddings "
+                                 f"({self.max_positions})")
             return self.compute_cos_sin(positions, dtype)
         both = table.index_select(0, positions)
         half = both.shape[-1] // 2
