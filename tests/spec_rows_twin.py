@@ -1,7 +1,9 @@
 """An eager CPU twin of engine/spec_graph_runner.SpecGraphRunner: the same bucket choice and flat rows (the
 production SpecRowsRunner), run through the model's reference path instead of captured graphs, so that CPU tests
 cover what the graph spec step computes apart from the capture itself. Padding rows are skipped (the graphs give
-them slot -1, seq_len 0) and their outputs left zero."""
+them slot -1, seq_len 0) and their outputs left zero. The device-side greedy step (engine/spec_greedy.py) runs its
+production tensor code here too, with these eager forwards; the MTP rows it builds on the device are checked
+against the host's build_mtp_plan."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections import Counter
 import torch
 
 from longcat_service.engine.spec_graph_runner import DecodeRows, SpecRowsRunner
+from longcat_service.engine.spec_greedy import greedy_spec_step
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.mtp import build_mtp_plan
 
@@ -21,6 +24,7 @@ class EagerSpecRows(SpecRowsRunner):
         self.runner = runner
         self.calls: Counter = Counter()  # kind -> replays
         self.batch_sizes: list[int] = []  # sequences of each verify
+        self.greedy_sizes: list[int] = []  # sequences of each device-side greedy step
         self._verify_hidden: dict[int, torch.Tensor] = {}
 
     def verify(self, batch):
@@ -33,6 +37,9 @@ class EagerSpecRows(SpecRowsRunner):
 
     def _run_verify(self, b: int, rows: DecodeRows):
         self.calls["verify"] += 1
+        return self._verify(b, rows)
+
+    def _verify(self, b: int, rows: DecodeRows):
         r, n = self.runner, b * (self.k + 1)
         assert len(rows) <= n
         real = self._real(rows)
@@ -73,6 +80,43 @@ class EagerSpecRows(SpecRowsRunner):
     def _run_mtp(self, b: int, rows: DecodeRows):
         self.calls["mtp"] += 1
         return self._mtp(rows, self._verify_hidden[b], b * (self.k + 1))
+
+    def greedy_step(self, batch, rooms):
+        self.greedy_sizes.append(len(batch))
+        return super().greedy_step(batch, rooms)
+
+    def _run_greedy(self, b: int, rows: DecodeRows, seq_info: list[list[int]]) -> torch.Tensor:
+        self.calls["greedy"] += 1
+        r, n = self.runner, b * (self.k + 1)
+        for _ in range(n - len(rows)):
+            rows.pad()
+        dev = r.device
+        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        for i, t in enumerate(rows.tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        ids = torch.tensor(rows.input_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(rows.positions, dtype=torch.long, device=dev)
+        info = torch.tensor(seq_info, dtype=torch.long, device=dev)
+        return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
+                                lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info)
+
+    def _mtp_device_rows(self, ids, hidden, positions, slots, seq_lens, tables) -> torch.Tensor:
+        """The greedy step's MTP pass: rows whose slots and lengths were built on the device."""
+        self.calls["greedy_mtp"] += 1
+        r, bs = self.runner, self.block_size
+        out = torch.zeros_like(hidden)
+        real = [i for i, n in enumerate(seq_lens.tolist()) if n > 0]
+        if not real:
+            return out
+        pos = positions[real].tolist()
+        assert seq_lens[real].tolist() == [p + 2 for p in pos]
+        own = [tables[i, : -(-(p + 2) // bs)].tolist() for i, p in zip(real, pos, strict=True)]
+        plan = build_mtp_plan(own, pos, [p + 1 for p in pos], bs, r.device)
+        assert plan.slot_mapping.tolist() == slots[real].tolist()  # the device-built slots are the host's
+        assert all(s == -1 for i, s in enumerate(slots.tolist()) if i not in set(real))  # masked rows write nothing
+        idx = torch.tensor(real, dtype=torch.long, device=r.device)
+        out[idx] = r.model.mtp_forward(ids[idx], hidden[idx], positions[idx], plan, r.mtp_kv_cache)
+        return out
 
     def _run_draft(self, b: int, rows: DecodeRows, tokens: torch.Tensor, hidden: torch.Tensor):
         self.calls["draft"] += 1

@@ -138,11 +138,24 @@ class Sampler:
             logprobs.append(Logprob(token_list[i], chosen[i], top))
         return token_list, logprobs
 
+    def plain_greedy(self, params: SamplingParams, num_output_tokens: int) -> bool:
+        """True when, from now on, a request's token is exactly the argmax of the raw logits and nothing but the
+        token is asked of the sampler: greedy (temperature below GREEDY_TEMPERATURE_EPS; top-k/p, min-p and the
+        seed do not change an argmax), no logprobs, no logit_bias, no repetition / frequency / presence penalty,
+        and min_tokens masking nothing (reached at num_output_tokens, which only grows, or no stop id / EOS to
+        mask). Such rows need no host-built sampler tensors (speculative decoding's device-side greedy step)."""
+        p = params
+        return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+                and not self._min_tokens_bans(p, num_output_tokens))
+
     # ---- logits processing ---------------------------------------------------------------------
     def _banned_for_min_tokens(self, row: SamplingRow) -> list[int]:
         """Token ids masked while the row is below min_tokens (stop ids, and EOS unless ignored)."""
-        p = row.params
-        if len(row.output_token_ids) + row.num_pending >= p.min_tokens:
+        return self._min_tokens_bans(row.params, len(row.output_token_ids) + row.num_pending)
+
+    def _min_tokens_bans(self, p: SamplingParams, num_output_tokens: int) -> list[int]:
+        if num_output_tokens >= p.min_tokens:
             return []
         banned = list(p.stop_token_ids)
         if self.eos_token_id is not None and not p.ignore_eos:

@@ -25,6 +25,12 @@ sequence. Two device syncs per step (verified tokens, drafts). `launch` enqueues
 so the engine overlaps the previous step's host work with the target forward (overlap_steps). Decode batches that
 fit a bucket run steps 1 and 3 as CUDA-graph replays (engine/spec_graph_runner.py); the rest runs eagerly.
 
+Plain-greedy decode batches (every row Sampler.plain_greedy: argmax of the raw logits, nothing else asked) that fit
+a bucket take a faster path: the whole step is one graph replay (engine/spec_greedy.py: argmax acceptance, MTP
+pass, drafts, all on the device) enqueued by `launch`, and `finish` reads one small tensor: one host read per step.
+A sequence aborted while such a step is in flight gets nothing from it; the step's cache writes for it (already
+enqueued) land in slots past its computed tokens, before any later step's, as its verify writes always did.
+
 Tensor parallelism: every rank runs the same forwards and logits (the collectives line up); only rank 0
 samples. Its decisions that later forwards depend on (the emitted tokens, failed rows and draft counts after
 verification; each draft token that feeds another MTP pass) reach the other ranks through runner.share_decision
@@ -40,11 +46,15 @@ import torch
 
 from longcat_service.engine.sampler import SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
+from longcat_service.engine.spec_greedy import GreedyLayout, GreedyReadback, draft_room
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.mtp import build_mtp_plan
 from longcat_service.outputs import Logprob
 
 logger = logging.getLogger(__name__)
+
+NONFINITE_ERROR = ("the model's logits for this request were not finite (NaN or inf, or every token masked); no "
+                   "token was sampled")
 
 
 @dataclass
@@ -56,6 +66,7 @@ class SpecLaunch:
     starts: list[int] | None  # eager: each sequence's first row
     bucket: int | None = None  # graphs: the bucket replayed
     graph_logits: torch.Tensor | None = None  # graphs: fp32 logits of the flat rows
+    greedy: GreedyReadback | None = None  # a plain-greedy step: its whole result, on its way to the host
 
 
 class SpecDecoder:
@@ -64,6 +75,7 @@ class SpecDecoder:
         self.k = num_speculative_tokens
         self.decides = getattr(runner, "samples_tokens", True)  # False on TP ranks > 0: they follow rank 0
         self.graphs = None  # a SpecGraphRunner (CUDA; set by the ModelRunner): decode spec steps replay graphs
+        self.fuse_greedy = True  # plain-greedy batches: the whole step on the device (off: benchmarks compare)
         # no draft past the model's context: on CUDA, rotary cos/sin come from a table of max_position_embeddings
         # rows, and an MTP pass past it is an out-of-range gather (a device-side assert)
         self.context = int(getattr(runner.config, "max_position_embeddings", 0) or 0) or None
@@ -81,6 +93,14 @@ class SpecDecoder:
         """Enqueue the target forward (a graph replay for decode batches that fit) without reading anything back:
         with overlap_steps the engine does the previous step's host work while the device computes it."""
         if self.graphs is not None and self.graphs.can_verify(batch):
+            if self._plain_greedy(batch):
+                try:
+                    rooms = [draft_room(s.seq.num_tokens, s.token_limit, self.context) for s in batch]
+                    bucket, packed = self.graphs.greedy_step(batch, rooms)
+                    return SpecLaunch(batch, None, None, bucket, greedy=GreedyReadback(packed, len(batch)))
+                except Exception:  # e.g. a capture-unsafe op: the step-by-step path below instead
+                    logger.exception("device-side greedy spec step failed; verifying on the host from now on")
+                    self.fuse_greedy = False
             try:
                 bucket, hidden, graph_logits = self.graphs.verify(batch)
                 return SpecLaunch(batch, hidden, None, bucket, graph_logits)
@@ -97,6 +117,8 @@ class SpecDecoder:
         r = self.runner
         batch, hidden, starts = step.batch, step.hidden, step.starts
         gone = {i for i, s in enumerate(batch) if getattr(s.seq, "is_finished", False)}
+        if step.greedy is not None:
+            return self._greedy_results(batch, step.greedy.rows(), gone)
         if step.bucket is None:
             results = r.results_with_prompt_logprobs(batch, hidden, starts)
             row_base = [starts[i] + s.num_new_tokens - 1 - len(s.draft_token_ids) for i, s in enumerate(batch)]
@@ -117,6 +139,31 @@ class SpecDecoder:
             self._draft(batch, hidden, starts, emitted, set(failed), counts, results)
         else:
             self._draft_with_graphs(batch, step.bucket, emitted, set(failed), counts, results)
+        return results
+
+    def _plain_greedy(self, batch: list[ScheduledSeq]) -> bool:
+        """The device-side greedy step applies: enabled, rank 0 of one GPU, every row plain greedy."""
+        sampler = self.runner.sampler
+        return self.fuse_greedy and self.decides and all(
+            sampler.plain_greedy(s.seq.params, s.seq.num_output_tokens) for s in batch)
+
+    def _greedy_results(self, batch, packed_rows: list[list[int]], gone: set[int]):
+        """The host side of a device-side greedy step: its packed rows -> the step's results."""
+        layout = GreedyLayout(self.k)
+        results = self.runner.empty_results(len(batch))
+        for i, (s, row) in enumerate(zip(batch, packed_rows, strict=True)):
+            self.draft_probs.pop(s.seq.seq_id, None)  # greedy drafts are point masses: nothing stored
+            if i in gone:
+                continue
+            toks, drafts = layout.unpack(row)
+            res = results[i]
+            if not toks:  # the stopping row's logits were not finite: as the sampler, this request fails
+                res.error = NONFINITE_ERROR
+                continue
+            res.token_id = toks[0]
+            res.spec_token_ids, res.spec_logprobs = toks, [None] * len(toks)
+            res.num_draft_tokens, res.num_accepted_tokens = len(s.draft_token_ids), len(toks) - 1
+            res.draft_token_ids = drafts
         return results
 
     def _target_forward(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
@@ -233,8 +280,7 @@ class SpecDecoder:
                     break
             res = results[i]
             if bad:  # as the plain sampler: this request fails, the batch goes on
-                res.error = ("the model's logits for this request were not finite (NaN or inf, or every token "
-                             "masked); no token was sampled")
+                res.error = NONFINITE_ERROR
                 continue
             res.token_id, res.logprob = toks[0], lps[0]
             res.spec_token_ids, res.spec_logprobs = toks, lps
@@ -262,11 +308,7 @@ class SpecDecoder:
         counts: dict[int, int] = {}
         for i, toks in emitted.items():
             s = batch[i]
-            length = s.seq.num_tokens + len(toks)
-            limit = s.token_limit if s.token_limit is not None else length + self.k + 1
-            if self.context is not None:
-                limit = min(limit, self.context)
-            c = min(self.k, limit - length - 1)
+            c = min(self.k, draft_room(s.seq.num_tokens, s.token_limit, self.context) - len(toks))
             if c > 0:
                 counts[i] = c
             else:

@@ -14,9 +14,14 @@ Per bucket b:
   padding. Its cache entry goes to the slot of position t + 1 and it attends to positions 1..t+1 (model/mtp.py;
   mla_decode first_pos=1).
 - draft (k > 1): one MTP pass over b rows, for the recursive drafts.
-Verification and draft sampling run eagerly between the replays, on Sampler.probabilities (every sampling option;
-host-built per-row tensors that a graph cannot hold), and the host reads the emitted tokens once per step, as the
-eager step does. Buckets hold at most MAX_GRAPH_ROWS flat rows; larger batches run the eager spec step.
+- greedy: the whole step of a batch whose every row is plain greedy (Sampler.plain_greedy), on the device
+  (engine/spec_greedy.py): verify forward, argmax acceptance, the MTP pass over the flat rows (its slots and lengths
+  derived from the verify rows and masked past each emitted count), the drafts and the recursive MTP passes. The
+  host reads one small packed tensor per step.
+For other batches verification and draft sampling run eagerly between the verify / mtp / draft replays, on
+Sampler.probabilities (every sampling option; host-built per-row tensors that a graph cannot hold), and the host
+reads the emitted tokens once per step, as the eager step does. Buckets hold at most MAX_GRAPH_ROWS flat rows;
+larger batches run the eager spec step.
 
 The host-side row building (verify_rows, mtp_rows, draft_rows, spec_buckets) is plain Python, tested on CPU.
 """
@@ -29,8 +34,10 @@ from dataclasses import dataclass, field
 import torch
 
 from longcat_service.engine.cuda_graph_runner import BUCKETS, bucket_for, write_host_inputs
+from longcat_service.engine.spec_greedy import greedy_spec_step
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.fast_decode import DecodePlan
+from longcat_service.layers.host_to_device import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +191,22 @@ class SpecRowsRunner:
         """The target forward of a batch that can_verify -> (bucket, hidden, fp32 logits) of the flat rows (row
         i*(k+1) + j is sequence i's verify token j; graph outputs are views valid until the bucket's next replay)."""
         b = bucket_for(len(batch), self.buckets)
+        hidden, logits = self._run_verify(b, self._verify_rows(batch))
+        return b, hidden, logits
+
+    def greedy_step(self, batch, rooms: list[int]) -> tuple[int, torch.Tensor]:
+        """The whole spec step of a plain-greedy batch that can_verify, on the device (spec_greedy.py). rooms: each
+        sequence's spec_greedy.draft_room. -> (bucket, packed [bucket, 2k+3] int64 result, spec_greedy.GreedyLayout;
+        rows past the batch are padding; a graph output valid until the bucket's next replay)."""
+        b = bucket_for(len(batch), self.buckets)
+        pad = b - len(batch)
+        info = [[len(s.draft_token_ids) for s in batch] + [-1] * pad, list(rooms) + [0] * pad]
+        return b, self._run_greedy(b, self._verify_rows(batch), info)
+
+    def _verify_rows(self, batch) -> DecodeRows:
         seqs = [(s.seq.token_ids[s.start_pos], list(s.draft_token_ids), s.start_pos, list(s.block_table),
                  self.scratch_slot if self._redirected(s) else None) for s in batch]
-        hidden, logits = self._run_verify(b, verify_rows(seqs, self.k, self.block_size))
-        return b, hidden, logits
+        return verify_rows(seqs, self.k, self.block_size)
 
     @staticmethod
     def _redirected(s) -> bool:
@@ -213,6 +232,9 @@ class SpecRowsRunner:
     def _run_draft(self, b: int, rows: DecodeRows, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _run_greedy(self, b: int, rows: DecodeRows, seq_info: list[list[int]]) -> torch.Tensor:
+        raise NotImplementedError
+
 
 class SpecGraphRunner(SpecRowsRunner):
     def __init__(self, model, kv_caches: list[torch.Tensor], mtp_kv_cache: torch.Tensor, block_size: int,
@@ -227,6 +249,7 @@ class SpecGraphRunner(SpecRowsRunner):
         self.mtp_in = _StaticRows(flat, max_blocks_per_seq, dev)
         self.draft_in = _StaticRows(self.max_batch, max_blocks_per_seq, dev)
         self.draft_hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=model.dtype, device=dev)
+        self.seq_info = torch.zeros(2, self.max_batch, dtype=torch.long, device=dev)  # greedy: drafts, draft room
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
         self.pool = None
@@ -242,12 +265,26 @@ class SpecGraphRunner(SpecRowsRunner):
             rows, (hidden, _) = self.mtp_in, self.outputs[("verify", b)]
             return (model.mtp_forward(rows.packed[0, :n], hidden, rows.packed[1, :n], rows.mtp_plan(n),
                                       self.mtp_kv_cache),)
+        if kind == "greedy":
+            rows = self.verify_in
+
+            def verify() -> torch.Tensor:
+                return model(rows.packed[0, :n], rows.packed[1, :n], rows.metadata(n, self.block_size),
+                             self.kv_caches)
+
+            return (greedy_spec_step(self.k, self.block_size, verify, self._mtp_rows, model.compute_logits,
+                                     rows.packed[0, :n], rows.packed[1, :n], rows.tables[:n], self.seq_info[:, :b]),)
         rows = self.draft_in
         return (model.mtp_forward(rows.packed[0, :b], self.draft_hidden[:b], rows.packed[1, :b], rows.mtp_plan(b),
                                   self.mtp_kv_cache),)
 
+    def _mtp_rows(self, ids, hidden, positions, slots, seq_lens, tables) -> torch.Tensor:
+        """The MTP block over decode rows whose slots and lengths come from the device (the greedy step)."""
+        plan = DecodePlan(ids.shape[0], slots, tables, seq_lens, first_pos=1)
+        return self.model.mtp_forward(ids, hidden, positions, plan, self.mtp_kv_cache)
+
     def _inputs(self, kind: str) -> _StaticRows:
-        return {"verify": self.verify_in, "mtp": self.mtp_in, "draft": self.draft_in}[kind]
+        return {"verify": self.verify_in, "mtp": self.mtp_in, "draft": self.draft_in, "greedy": self.verify_in}[kind]
 
     @torch.inference_mode()
     def capture(self, kind: str, b: int) -> None:
@@ -256,6 +293,8 @@ class SpecGraphRunner(SpecRowsRunner):
         if kind == "mtp" and ("verify", b) not in self.graphs:
             self.capture("verify", b)
         self._inputs(kind).load(DecodeRows(), b if kind == "draft" else b * (self.k + 1))
+        if kind == "greedy":
+            self.seq_info[0].fill_(-1)  # padding sequences only: nothing emitted, no MTP cache write
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -271,7 +310,7 @@ class SpecGraphRunner(SpecRowsRunner):
         logger.info("captured spec-step %s CUDA graph for batch bucket %d", kind, b)
 
     def kinds(self) -> tuple[str, ...]:
-        return ("verify", "mtp", "draft") if self.k > 1 else ("verify", "mtp")
+        return ("verify", "mtp", "draft", "greedy") if self.k > 1 else ("verify", "mtp", "greedy")
 
     def capture_all(self) -> None:
         """Every bucket of every kind now, largest first (the shared pool is sized by it)."""
@@ -312,6 +351,12 @@ class SpecGraphRunner(SpecRowsRunner):
         self.draft_in.packed[0, :n].copy_(tokens)  # stream-ordered after the host copy it overrides
         self.draft_hidden[:n].copy_(hidden)
         return self._launch("draft", b)[0][:n]
+
+    @torch.inference_mode()
+    def _run_greedy(self, b: int, rows: DecodeRows, seq_info: list[list[int]]) -> torch.Tensor:
+        self._prepare("greedy", b, rows)
+        self.seq_info[:, :b].copy_(to_device(seq_info, torch.long, self.seq_info.device))
+        return self._launch("greedy", b)[0]
 
 
 def create_spec_graph_runner(model_runner, k: int) -> SpecGraphRunner | None:
