@@ -27,18 +27,23 @@ class CountingGraphs(SpecGraphRunner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_sizes: list[int] = []
+        self.greedy_sizes: list[int] = []
 
     def verify(self, batch):
         self.batch_sizes.append(len(batch))
         return super().verify(batch)
 
+    def greedy_step(self, batch, rooms):
+        self.greedy_sizes.append(len(batch))
+        return super().greedy_step(batch, rooms)
 
-def _requests():
-    return {f"r{i}": (p, SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True, logprobs=2))
+
+def _requests(logprobs: int | None = 2):
+    return {f"r{i}": (p, SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True, logprobs=logprobs))
             for i, p in enumerate(PROMPTS)}
 
 
-def _run(path, k, graphs: str):
+def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True):
     """graphs: "off" (eager spec steps), "on" (CountingGraphs with BUCKETS) or "" (MTP off: decode graphs)."""
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
     engine = make_engine(model=path, device="cuda", speculative_config=spec, max_num_seqs=8)
@@ -52,7 +57,8 @@ def _run(path, k, graphs: str):
             own = runner.spec_decoder.graphs
             counting = runner.spec_decoder.graphs = CountingGraphs(
                 runner.model, runner.kv_caches, runner.mtp_kv_cache, runner.block_size, own.max_blocks, k, BUCKETS)
-    final, _ = run_to_completion(engine, _requests())
+        runner.spec_decoder.fuse_greedy = fuse_greedy
+    final, _ = run_to_completion(engine, requests or _requests())
     assert_all_blocks_free(engine)
     return final, counting
 
@@ -86,4 +92,22 @@ def test_engine_captures_every_spec_bucket_at_start_up(tmp_path):
                          speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     graphs = engine.runner.spec_decoder.graphs
     assert graphs.buckets == (1, 2, 4, 8)
-    assert set(graphs.graphs) == {(kind, b) for kind in ("verify", "mtp", "draft") for b in graphs.buckets}
+    assert set(graphs.graphs) == {(kind, b) for kind in ("verify", "mtp", "draft", "greedy") for b in graphs.buckets}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["exact", "partial"])
+def test_device_greedy_steps_equal_mtp_off(tmp_path, mode, k):
+    """Plain-greedy requests (no logprobs): decode spec steps run as one captured graph each (engine/spec_greedy.py),
+    tokens equal MTP off and the host-verified graph steps, every block freed."""
+    path = write_mtp_checkpoint(tmp_path / mode, mode, seed=1)
+    requests = _requests(logprobs=None)
+    off, _ = _run(path, None, "", requests)
+    fused, counting = _run(path, k, "on", requests)
+    host, host_counting = _run(path, k, "on", requests, fuse_greedy=False)
+    for rid in off:
+        assert off[rid].outputs[0].token_ids == fused[rid].outputs[0].token_ids == host[rid].outputs[0].token_ids, rid
+    assert {1, 3, 4} <= set(counting.greedy_sizes) and not counting.batch_sizes  # no host-verified graph step
+    assert ("greedy", 4) in counting.graphs and not host_counting.greedy_sizes
+    if mode == "exact":  # the drafts of the fused graph are right: every one accepted
+        assert all(o.metrics.spec_acceptance_rate == 1.0 for o in fused.values())
