@@ -8,10 +8,13 @@ Part 1 (benchmarks/configs/longcat-flash-2l, dummy weights, MTP weights dummy to
 built one after the other; B greedy requests are prefilled through the engine, then one step is timed on the
 model runner (median of CUDA-event times, no scheduler cost): a plain decode step (its production path: CUDA
 graph replay where available, and eager), and a spec step for k = 1..3 (target verify of k+1 tokens per
-sequence + MTP drafting for the next step), both with the spec-step CUDA graphs (engine/spec_graph_runner.py;
-the production path) and eager ("spec_eager_ms" in the JSON). Dummy MTP drafts are
-nearly never accepted; the projected per-user speed-up for an acceptance rate a is
-E[tokens per step] / (spec step / plain step), E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
+sequence + MTP drafting for the next step): the production path for these greedy requests (the device-side greedy
+step, one CUDA graph per bucket: engine/spec_greedy.py; "spec_ms" in the JSON), the spec-step graphs verified on the
+host ("spec_host_ms", what non-greedy batches run) and eager ("spec_eager_ms"). Beside them the byte floor ratio
+(spec_floor_ratio): the bytes a spec step must read over those of a plain step, with the experts that uniformly
+random routing hits in expectation (dummy weights route about so). Dummy MTP drafts are nearly never accepted; the
+projected per-user speed-up for an acceptance rate a is E[tokens per step] / (spec step / plain step),
+E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
 Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy and
 temperature 1: acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
 Results: JSON under $OUT (or benchmarks/out) and a markdown table on stdout.
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark harness
 
+from decode_driver import decode_floor_bytes, param_bytes  # noqa: E402
 from harness import ints, median_time  # noqa: E402
 
 from longcat_service.engine.engine_args import EngineArgs  # noqa: E402
@@ -55,6 +59,44 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128, help="part 2: output tokens per request")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
     return p.parse_args(argv)
+
+
+def expected_experts_hit(raw: dict, tokens: int) -> float:
+    """Distinct real experts one MoE layer reads for `tokens` tokens under uniformly random routing: each token
+    takes moe_topk distinct slots of the n_routed_experts + zero_expert_num, so a given real expert is missed by
+    all of them with probability (1 - topk / slots) ** tokens."""
+    slots = raw["n_routed_experts"] + raw.get("zero_expert_num", 0)
+    return raw["n_routed_experts"] * (1.0 - (1.0 - raw["moe_topk"] / slots) ** tokens)
+
+
+def floor_parts(raw: dict) -> dict[str, int]:
+    """Weight bytes (bf16, from the model built on the meta device from the config): decode_driver.param_bytes'
+    dense (lm_head included) and per_expert, the MTP block (eh_proj, its layer and norms) and the lm_head."""
+    from longcat_service.config import ModelConfig
+    from longcat_service.model.longcat_flash import LongcatFlashForCausalLM
+
+    cfg = ModelConfig.from_dict(dict(raw, model_type="longcat_flash"))
+    with torch.device("meta"):
+        model = LongcatFlashForCausalLM(cfg, torch.bfloat16)
+        parts = param_bytes(model)
+        model.enable_mtp()
+    parts["mtp"] = sum(p.numel() * p.element_size() for p in model.mtp.parameters())
+    parts["lm_head"] = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return parts
+
+
+def spec_floor_ratio(raw: dict, batch: int, k: int, kv_tokens: int, parts: dict | None = None) -> float:
+    """Bytes of a spec step over bytes of a plain decode step, batch sequences with kv_tokens cached each. Plain:
+    decode_floor_bytes with the experts b tokens hit. Spec: the verify forward of b*(k+1) tokens (the same
+    weights, the experts b*(k+1) tokens hit, each sequence's cache read once) plus k draft passes, each the MTP block,
+    the lm_head and the MTP cache (one bf16 MLA entry per cached token)."""
+    parts = parts or floor_parts(raw)
+    layers = raw["num_layers"]
+    entry = (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * 2
+    plain = decode_floor_bytes(parts, layers * expected_experts_hit(raw, batch), batch * kv_tokens, raw)
+    verify = decode_floor_bytes(parts, layers * expected_experts_hit(raw, batch * (k + 1)), batch * kv_tokens, raw)
+    draft = parts["mtp"] + parts["lm_head"] + batch * kv_tokens * entry
+    return (verify + k * draft) / plain
 
 
 def median_ms(fn, device: torch.device, reps: int) -> float:
@@ -100,7 +142,9 @@ def part1(args, device: torch.device) -> dict:
     config_dir = ROOT / "benchmarks" / "configs" / ("longcat-flash-tiny" if args.tiny else "longcat-flash-2l")
     batches, ks = ints(args.batches), ints(args.ks)
     res: dict = {"config": config_dir.name, "plain_graph_ms": {}, "plain_eager_ms": {}, "spec_ms": {},
-                 "spec_eager_ms": {}}
+                 "spec_host_ms": {}, "spec_eager_ms": {}, "floor_ratio": {}}
+    raw = json.loads((config_dir / "config.json").read_text())
+    parts = floor_parts(raw)
     for k in [None, *ks]:
         engine = make_engine(args, config_dir, k, max(batches))
         runner = engine.runner
@@ -119,17 +163,22 @@ def part1(args, device: torch.device) -> dict:
                 runner.graph_runner = graphs
             else:
                 assert all(len(s.draft_token_ids) == k for s in batch), "drafts missing"
+                dec = runner.spec_decoder
+                res["floor_ratio"].setdefault(k, {})[b] = spec_floor_ratio(raw, b, k, args.prompt_len, parts)
                 res["spec_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
-                graphs, runner.spec_decoder.graphs = runner.spec_decoder.graphs, None
-                if graphs is not None:  # the production step above replayed graphs: the eager step too
+                if dec.graphs is not None:  # the production step above replayed graphs: the host-verified and eager
+                    dec.fuse_greedy = False
+                    res["spec_host_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
+                    dec.fuse_greedy = True
+                    graphs, dec.graphs = dec.graphs, None
                     res["spec_eager_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
-                runner.spec_decoder.graphs = graphs
+                    dec.graphs = graphs
             for g in list(engine.scheduler.groups):
                 engine.abort_request(g)
             engine.step()
         # every name holding the runner (the closure's default argument too) must go, or the next engine's KV
         # cache finds the GPU full (the H200 run of b313f95 ran out of memory here)
-        seqs = batch = one_step = graphs = None  # noqa: F841
+        seqs = batch = one_step = graphs = dec = None  # noqa: F841
         del engine
         runner = None
         gc.collect()
@@ -192,6 +241,22 @@ def report(p1: dict, p2: dict | None) -> str:
         cells = [f"{p1['spec_ms'][k][b]:.2f} ({p1['spec_ms'][k][b] / plain:.2f}x)" for k in p1["spec_ms"]]
         graph = f"{p1['plain_graph_ms'][b]:.2f}" if b in p1["plain_graph_ms"] else "-"
         lines.append(f"| {b} | {graph} | {p1['plain_eager_ms'][b]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Per k: the production spec step (the device-side greedy graph where graphs run) vs the host-verified "
+              "graphs and eager, and the byte floor ratio (spec step bytes / plain step bytes, uniformly random routing)",
+              "",
+              "| k | batch | spec ms (x plain) | host-verified graphs ms (x plain) | eager ms | floor ratio |",
+              "|---|---|---|---|---|---|"]
+    for k in p1["spec_ms"]:
+        for b in p1["spec_ms"][k]:
+            plain = p1["plain_graph_ms"].get(b, p1["plain_eager_ms"][b])
+
+            def cell(key, kk=k, bb=b, pl=plain):
+                ms = p1[key].get(kk, {}).get(bb)
+                return f"{ms:.2f} ({ms / pl:.2f}x)" if ms is not None else "-"
+
+            eager = p1["spec_eager_ms"].get(k, {}).get(b)
+            lines.append(f"| {k} | {b} | {cell('spec_ms')} | {cell('spec_host_ms')} | "
+                         f"{f'{eager:.2f}' if eager is not None else '-'} | {p1['floor_ratio'][k][b]:.2f}x |")
     if p2:
         lines += ["", "### Demo model: MTP off vs on", "", "| sampling | batch | k | tok/s per user | acceptance | "
                   "mean accepted length | projected 2L speed-up |", "|---|---|---|---|---|---|---|"]

@@ -1,5 +1,5 @@
-"""The floor arithmetic of benchmarks/bench_decode.py and bench_moe.py, against bytes and FLOPs counted by hand
-from a small config (the benchmarks' own tiny config)."""
+"""The floor arithmetic of benchmarks/bench_decode.py, bench_moe.py and bench_mtp.py, against bytes and FLOPs counted by
+hand from a small config (the benchmarks' own tiny config)."""
 
 from __future__ import annotations
 
@@ -88,3 +88,45 @@ def test_non_default_settings_lists_only_what_differs_from_the_device_defaults()
                                            "num_kv_blocks": 100}
     # a setting given at its default value is not listed
     assert non_default_settings(EngineArgs(device="cpu", max_num_batched_tokens=2048)) == {}
+
+
+# ---- MTP: the byte floor of a spec step (benchmarks/bench_mtp.py) ---------------------------------------------------
+def hand_mtp_bytes() -> int:
+    """The MTP block: eh_proj [H, 2H], one attention sublayer, one dense MLP, 5 norms (enorm, hnorm, the layer's
+    two, the final one)."""
+    attention = (H * QR + QR + QR * HEADS * (DN + DR) + H * (KVR + DR) + KVR + KVR * HEADS * (DN + DV)
+                 + HEADS * DV * H)
+    return (2 * H * H + attention + 3 * H * F + 5 * H) * BF16
+
+
+def test_expected_experts_hit_under_uniform_routing():
+    from benchmarks.bench_mtp import expected_experts_hit
+
+    # 3 of 9 slots per token (6 real experts, 3 zero experts): a real expert is hit with probability 1/3 per token
+    assert expected_experts_hit(TINY, 1) == pytest.approx(2.0)
+    assert expected_experts_hit(TINY, 2) == pytest.approx(6 * (1 - (2 / 3) ** 2))
+    assert expected_experts_hit(TINY, 1000) == pytest.approx(6.0)
+
+
+def test_spec_floor_ratio_counts_verify_tokens_experts_and_draft_passes():
+    from benchmarks.bench_mtp import floor_parts, spec_floor_ratio
+
+    parts = floor_parts(TINY)
+    assert parts["mtp"] == hand_mtp_bytes() and parts["lm_head"] == V * H * BF16
+    assert parts["dense"] == hand_dense_bytes() and parts["per_expert"] == 3 * H * I_EXP * BF16
+    kv, entry = 100, (KVR + DR) * BF16
+    expert = 3 * H * I_EXP * BF16
+    for b, k in ((1, 1), (2, 3)):
+        hit = lambda t: 6 * (1 - (2 / 3) ** t)  # noqa: E731
+        plain = hand_dense_bytes() + L * hit(b) * expert + b * kv * entry * 2 * L
+        verify = hand_dense_bytes() + L * hit(b * (k + 1)) * expert + b * kv * entry * 2 * L
+        draft = hand_mtp_bytes() + V * H * BF16 + b * kv * entry
+        assert spec_floor_ratio(TINY, b, k, kv) == pytest.approx((verify + k * draft) / plain, rel=1e-12)
+
+
+def test_spec_floor_ratio_of_the_2l_model_at_k1_batch1():
+    """The issue's estimate: two tokens touch about twice the experts and the draft reads the lm_head again."""
+    from benchmarks.bench_mtp import spec_floor_ratio
+    from benchmarks.decode_driver import FULL_2L
+
+    assert 1.6 < spec_floor_ratio(FULL_2L, 1, 1, 512) < 1.7
