@@ -93,7 +93,7 @@ class SpecDecoder:
         """Enqueue the target forward (a graph replay for decode batches that fit) without reading anything back:
         with overlap_steps the engine does the previous step's host work while the device computes it."""
         if self.graphs is not None and self.graphs.can_verify(batch):
-            if self._plain_greedy(batch):
+            if getattr(self.graphs, "greedy_ok", True) and self._plain_greedy(batch):
                 try:
                     rooms = [draft_room(s.seq.num_tokens, s.token_limit, self.context) for s in batch]
                     bucket, packed = self.graphs.greedy_step(batch, rooms)

@@ -250,6 +250,7 @@ class SpecGraphRunner(SpecRowsRunner):
         self.draft_in = _StaticRows(self.max_batch, max_blocks_per_seq, dev)
         self.draft_hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=model.dtype, device=dev)
         self.seq_info = torch.zeros(2, self.max_batch, dtype=torch.long, device=dev)  # greedy: drafts, draft room
+        self.greedy_ok = True  # False once a greedy graph failed to capture at start-up (SpecDecoder then skips it)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
         self.pool = None
@@ -316,8 +317,16 @@ class SpecGraphRunner(SpecRowsRunner):
         """Every bucket of every kind now, largest first (the shared pool is sized by it)."""
         for b in sorted(self.buckets, reverse=True):
             for kind in self.kinds():
-                if (kind, b) not in self.graphs:
+                if (kind, b) in self.graphs or (kind == "greedy" and not self.greedy_ok):
+                    continue
+                try:
                     self.capture(kind, b)
+                except Exception:
+                    if kind != "greedy":
+                        raise
+                    # the whole-step graph is an optimisation: without it greedy batches take the step-by-step graphs
+                    logger.exception("capturing the device-side greedy spec step failed; not using it")
+                    self.greedy_ok = False
 
     def _prepare(self, kind: str, b: int, rows: DecodeRows) -> None:
         """Captured (now, if not at start-up) and its inputs loaded."""

@@ -1,12 +1,11 @@
 """The whole spec step of a plain-greedy decode batch on the device (engine/spec_decode.py's fast path).
 
 When every row of a decode spec batch draws exactly the argmax of the raw logits (Sampler.plain_greedy), the
-verification needs no sampler: draft j is accepted while it equals the target's argmax at verify row j - 1 ...
-in the flat-row convention of spec_graph_runner.py (row i*(k+1) + j is sequence i's verify token j: its last
-token, then its drafts), the target's prediction of token j+1 is the argmax of row j, so draft j (verify token
-j+1) is accepted while it equals argmax(row j) and every earlier draft was accepted. The emitted tokens are then
-argmax(rows 0..a) for a accepted drafts (accepted drafts equal those argmaxes; row a gives the correction or
-the bonus token): exactly what MTP off emits, one token at a time.
+verification needs no sampler. In the flat-row convention of spec_graph_runner.py (row i*(k+1) + j is sequence i's
+verify token j: its last known token, then its drafts), the target's prediction of verify token j+1 is the argmax
+of row j, so the draft at verify token j+1 is accepted while it equals argmax(row j) and every earlier draft was
+accepted. With a drafts accepted the emitted tokens are argmax(rows 0..a) (the accepted drafts equal those
+argmaxes; row a gives the correction or the bonus token): exactly what MTP off emits, one token at a time.
 
 greedy_spec_step computes, without a host read: verify forward and argmax per flat row -> acceptance and emitted
 count per sequence -> the MTP pass over the flat rows (tok_{t+1} = emitted token j; rows at or past the emitted
