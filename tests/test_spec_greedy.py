@@ -339,3 +339,38 @@ def test_the_production_graph_runner_uncaptured_equals_mtp_off(ckpts, monkeypatc
     assert_all_blocks_free(engine)
     assert_same_tokens(off, on)
     assert 2 in sizes and 1 in sizes and not graphs.use_graphs
+
+
+def test_a_greedy_graph_that_fails_to_capture_disables_only_the_greedy_step(ckpts, monkeypatch):
+    from longcat_service.engine.spec_graph_runner import SpecGraphRunner
+
+    engine = make_engine(model=ckpts["exact"], speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    r = engine.runner
+    graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2, (1, 2))
+    captured = []
+
+    def capture(kind, b):
+        if kind == "greedy":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captured.append((kind, b))
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    graphs.capture_all()
+    assert not graphs.greedy_ok
+    assert sorted(captured) == sorted((kind, b) for kind in ("verify", "mtp", "draft") for b in (1, 2))
+    monkeypatch.setattr(graphs, "capture", lambda kind, b: (_ for _ in ()).throw(AssertionError("no capture")))
+    monkeypatch.setattr(graphs, "use_graphs", False)
+    r.spec_decoder.graphs = graphs
+    greedy_calls, verify = [], graphs.verify
+    monkeypatch.setattr(graphs, "greedy_step", lambda *a: greedy_calls.append(a))
+    monkeypatch.setattr(graphs, "verify", lambda batch: (greedy_calls.append("verify"), verify(batch))[1])
+    requests = {"a": (PROMPTS[1], plain(2))}
+    off, _ = run(ckpts["exact"], None, requests)
+    from longcat_service.layers import fast_decode as fast_decode_mod
+    from longcat_service.layers import layernorm as layernorm_mod
+
+    monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
+    monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
+    on, _ = run_to_completion(engine, requests)  # the host-verified graph steps (uncaptured here)
+    assert_same_tokens(off, on)
+    assert greedy_calls and all(c == "verify" for c in greedy_calls)
