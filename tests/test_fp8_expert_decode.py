@@ -225,6 +225,32 @@ def test_config_parsing():
     assert fd.DEFAULT_GATE_UP_CONFIG in fd.SWEEP_CONFIGS and fd.DEFAULT_DOWN_CONFIG in fd.SWEEP_CONFIGS
 
 
+def test_dispatch_rule_keeps_the_cuda_kernel_until_set(monkeypatch):
+    from longcat_service.ops import extension
+
+    monkeypatch.delenv("LONGCAT_FP8_EXPERT_KERNEL", raising=False)
+    monkeypatch.setattr(extension, "TRITON_FP8_DECODE_MIN_TOKENS", None)
+    assert {extension.fp8_decode_expert_kernel(t, 2048) for t in (1, 8, 64, 256)} == {"cuda"}
+    monkeypatch.setattr(extension, "TRITON_FP8_DECODE_MIN_TOKENS", 8)
+    assert [extension.fp8_decode_expert_kernel(t, 2048) for t in (1, 7, 8, 64)] == ["cuda", "cuda", "triton", "triton"]
+    assert extension.fp8_decode_expert_kernel(64, extension.TRITON_FP8_DECODE_MIN_INTER - 1) == "cuda"
+    monkeypatch.setenv("LONGCAT_FP8_EXPERT_KERNEL", "cuda")
+    assert extension.fp8_decode_expert_kernel(64, 2048) == "cuda"
+    monkeypatch.setenv("LONGCAT_FP8_EXPERT_KERNEL", "triton")
+    assert extension.fp8_decode_expert_kernel(1, 256) == "triton"
+    monkeypatch.setenv("LONGCAT_FP8_EXPERT_KERNEL", "mma")
+    with pytest.raises(ValueError, match="LONGCAT_FP8_EXPERT_KERNEL"):
+        extension.fp8_decode_expert_kernel(64, 2048)
+
+
+def test_supported_takes_only_cuda_fp8_with_standard_scales():
+    c = _case(2, 4, 2, 128, 128, "none")
+    assert fd.supported(c["hidden"], c["w13"], c["w2"], c["s13"], c["s2"]) == ON_GPU
+    if ON_GPU:
+        assert not fd.supported(c["hidden"].float(), c["w13"], c["w2"], c["s13"], c["s2"])
+        assert not fd.supported(c["hidden"], c["w13"], c["w2"], c["s13"][:, :1], c["s2"])
+
+
 _AOT = """
 from longcat_service.kernels.fp8_expert_decode import SWEEP_CONFIGS
 from longcat_service.kernels._fp8_expert_decode_triton import aot_compile

@@ -146,7 +146,7 @@ def _swiglu_tile(
 @triton.jit
 def _swiglu_kernel(
     x_ptr, w_ptr, s_ptr, h_ptr, offs_ptr, slots_ptr, active_ptr, num_active_ptr,
-    I, K, top_k, s_xm, s_we, s_wn, s_se, s_sn, s_hm,
+    inter, K, top_k, s_xm, s_we, s_wn, s_se, s_sn, s_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr,
     SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr,
     USE_WHILE: tl.constexpr,
@@ -156,14 +156,14 @@ def _swiglu_kernel(
     if end <= start:
         return
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < I
+    col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     w_base = w_ptr + expert.to(tl.int64) * s_we
     wg_ptrs = w_base + cols.to(tl.int64)[:, None] * s_wn + ks[None, :]
-    wu_ptrs = w_base + (cols + I).to(tl.int64)[:, None] * s_wn + ks[None, :]
+    wu_ptrs = w_base + (cols + inter).to(tl.int64)[:, None] * s_wn + ks[None, :]
     s_base = s_ptr + expert.to(tl.int64) * s_se
     sg_ptrs = s_base + (cols // 128) * s_sn
-    su_ptrs = s_base + ((cols + I) // 128) * s_sn
+    su_ptrs = s_base + ((cols + inter) // 128) * s_sn
     if USE_WHILE:
         row0 = start
         while row0 < end:
@@ -291,7 +291,7 @@ def aot_compile(config, kind: str, hidden: int = 6144, inter: int = 2048, num_ex
         fn, n, k = _swiglu_kernel, inter, hidden
         values = dict(x_ptr=torch.empty(1, dtype=bf16), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
                       h_ptr=torch.empty(1, dtype=bf16), offs_ptr=ints, slots_ptr=ints, active_ptr=ints,
-                      num_active_ptr=ints, I=n, K=k, top_k=12, s_xm=k, s_we=2 * n * k, s_wn=k,
+                      num_active_ptr=ints, inter=n, K=k, top_k=12, s_xm=k, s_we=2 * n * k, s_wn=k,
                       s_se=-(-2 * n // 128) * -(-k // 128), s_sn=-(-k // 128), s_hm=n)
         extra = dict(LIBDEVICE_EXP=True)
     elif kind == "down":
