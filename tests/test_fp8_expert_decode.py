@@ -6,7 +6,8 @@ slot on zero experts, compact and full expert grids); with one, the same tests r
 gpu-marked ones add the LongCat-Flash shapes under every benchmarked config, CUDA-graph replay and the dispatch.
 
 Bounds. The SwiGLU launch: gate and up are fp32 sums of exact products (each 128-block's partial sum scaled in
-fp32), so within (K + 2) * 2^-24 of their magnitude of the fp64 values; each is rounded to the activation dtype, then
+fp32; with a prescale config, products of the weights rounded to the activation dtype as the reference's, which the
+fp64 values then use too), so within (K + 2) * 2^-24 of their magnitude of the fp64 values; each is rounded to the activation dtype, then
 silu(gate) (|silu'| <= 1.1, |silu(g)| <= |g|) rounded, then the product rounded: |h - silu(g) * u| <= 5 ulp |g| |u|
 + 1.2 (|g| acc_u + |u| acc_g). The down launch, from the kernel's own h: one rounding plus fp32 accumulation error
 of the fp64 product. The whole FFN against the reference (which rounds the dequantized weights to bf16 first, and h
@@ -69,9 +70,14 @@ def _case(tokens, num_experts, top_k, hidden_size, inter, routing="mixed", dtype
                 num_active=num_active.to(**to))
 
 
-def _exact_gate_up(c):
+def _weights(w8, scale, c, prescale):
+    """The dequantized weights the kernel multiplies by, in fp64: exact, or (prescale) rounded to hidden's dtype."""
+    return fr.block_dequant(w8, scale, dtype=c["hidden"].dtype if prescale else torch.float64).double()
+
+
+def _exact_gate_up(c, prescale):
     """fp64 gate, up and their products' magnitudes (for the accumulation bound) of the real rows."""
-    w = fr.block_dequant(c["w13"], c["s13"], dtype=torch.float64)
+    w = _weights(c["w13"], c["s13"], c, prescale)
     inter = w.shape[1] // 2
     n = int(c["offsets"][-1])
     gu = torch.zeros(n, 2 * inter, dtype=torch.float64, device=DEV)
@@ -86,8 +92,8 @@ def _exact_gate_up(c):
     return gu[:, :inter], gu[:, inter:], mag[:, :inter], mag[:, inter:]
 
 
-def _assert_h_within(h, c):
-    g, u, mg, mu = _exact_gate_up(c)
+def _assert_h_within(h, c, prescale=False):
+    g, u, mg, mu = _exact_gate_up(c, prescale)
     n, k = g.shape[0], c["hidden"].shape[1]
     ulp = ULP[h.dtype]
     acc_g, acc_u = (k + 2) * 2.0**-24 * mg, (k + 2) * 2.0**-24 * mu
@@ -99,9 +105,9 @@ def _assert_h_within(h, c):
     assert not bool(bad.any()), f"h: {int(bad.sum())}/{err.numel()} off, worst {float((err / bound).max()):.3g}x"
 
 
-def _assert_y_within(y, h, c):
+def _assert_y_within(y, h, c, prescale=False):
     """y against the fp64 down product of the kernel's own h."""
-    w = fr.block_dequant(c["w2"], c["s2"], dtype=torch.float64)
+    w = _weights(c["w2"], c["s2"], c, prescale)
     n, k = int(c["offsets"][-1]), w.shape[2]
     offs = c["offsets"].tolist()
     exact = torch.zeros(n, w.shape[1], dtype=torch.float64, device=DEV)
@@ -142,9 +148,11 @@ def _run(c, config, compact=True):
 # for expert 0 of "hand", two row tiles (or one of 32 rows).
 CASES = [
     (20, 8, 3, 272, 144, "hand", torch.bfloat16, "16,64,64,2,4", True),
-    (20, 8, 3, 272, 144, "hand", torch.bfloat16, "16,64,128,2,4,swap", False),
+    (20, 8, 3, 272, 144, "hand", torch.bfloat16, "16,64,128,2,4,swap,pre", False),
     (17, 8, 3, 200, 80, "hand", torch.float16, "32,32,64,1,4,swap", False),
+    (17, 8, 3, 200, 80, "hand", torch.float16, "16,32,64,1,4,pre", False),
     (9, 8, 4, 200, 48, "mixed", torch.bfloat16, "16,32,32,2,4", True),
+    (9, 8, 4, 200, 48, "mixed", torch.bfloat16, "16,32,32,2,4,pre", False),
     (1, 3, 1, 128, 128, "none", torch.bfloat16, "16,64,128,2,4,swap", False),
 ]
 
@@ -157,8 +165,8 @@ def test_decode_ffn_within_exact_bounds(case):
     h, y = _run(c, cfg)
     assert h.shape == (c["sorted_slots"].numel(), inter) and h.dtype == dtype
     assert y.shape == (c["sorted_slots"].numel(), hidden_size) and y.dtype == dtype
-    _assert_h_within(h, c)
-    _assert_y_within(y, h, c)
+    _assert_h_within(h, c, cfg.prescale)
+    _assert_y_within(y, h, c, cfg.prescale)
     if dtype == torch.bfloat16:
         _assert_close_to_reference(y, c)
     n = int(c["offsets"][-1])
@@ -213,11 +221,12 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_config_parsing():
     cfg = fd.parse_config("16,64,128,4,4,swap")
-    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.swap_ab) == (16, 64, 128, 4, 4,
-                                                                                                    True)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.swap_ab, cfg.prescale) == (
+        16, 64, 128, 4, 4, True, False)
+    assert fd.parse_config("16,64,128,4,4,pre,swap") == fd.DecodeConfig(16, 64, 128, 4, 4, True, True)
     assert fd.parse_config(str(cfg)) == cfg and str(fd.parse_config("32,16,32,1,2")) == "32,16,32,1,2"
     for bad, match in [("16,64,256,4,4", "must divide 128"), ("8,64,128,4,4", "power of two"),
-                       ("16,64,128,4", "expected"), ("16,64,128,4,4,tma", "expected"), ("a,64,128,4,4", "integers"),
+                       ("16,64,128,4", "expected"), ("16,64,128,4,4,tma", "expected"), ("16,64,128,4,4,pre,pre", "expected"), ("a,64,128,4,4", "integers"),
                        ("16,64,128,0,4", "num_stages")]:
         with pytest.raises(ValueError, match=match):
             fd.parse_config(bad)
@@ -292,8 +301,8 @@ def test_longcat_shapes_every_config(tokens, config):
     """H = 6144, I = 2048 (32 of the 512 experts: the same per-expert shapes, more rows per expert)."""
     c = _case(tokens, 32, 12, 6144, 2048, "mixed", seed=tokens)
     h, y = _run(c, config)
-    _assert_h_within(h, c)
-    _assert_y_within(y, h, c)
+    _assert_h_within(h, c, config.prescale)
+    _assert_y_within(y, h, c, config.prescale)
     _assert_close_to_reference(y, c)
 
 

@@ -31,26 +31,42 @@ SCALE_BLOCK = 128
 
 
 @triton.jit
-def _scaled_partial(acc, x, w8, s, SWAP_AB: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """acc + (x @ w^T) * s per weight row, x [BM, BK], w8 e4m3 [BN, BK], s fp32 [BN]; acc [BM, BN] or, SWAP_AB,
-    [BN, BM]."""
-    if MANUAL_BF16:  # the interpreter's dot multiplies bf16 as raw uint16 bits: exact fp32 operands instead
-        xf = _to_f32(x, MANUAL_BF16)
-        wf = w8.to(tl.float32)
-        if SWAP_AB:
-            part = tl.dot(wf, tl.trans(xf), input_precision="ieee")
+def _scaled_partial(acc, x, w8, s, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """acc + x @ (w8 * s)^T, x [BM, BK], w8 e4m3 [BN, BK], s fp32 [BN] (its rows' block scales); acc [BM, BN] or,
+    SWAP_AB, [BN, BM]. PRESCALE: dequantize the tile to x's dtype first (bf16(w8 * s): the reference's weights, bit
+    for bit) and accumulate on the tensor cores; else exact products into a fresh partial, scaled in fp32."""
+    if PRESCALE:
+        w = _round(w8.to(tl.float32) * s[:, None], x.dtype, MANUAL_BF16)
+        if MANUAL_BF16:  # the interpreter's dot multiplies bf16 as raw uint16 bits: exact fp32 operands instead
+            xf = _to_f32(x, MANUAL_BF16)
+            wf = _to_f32(w, MANUAL_BF16)
+            if SWAP_AB:
+                return tl.dot(wf, tl.trans(xf), acc, input_precision="ieee")
+            else:
+                return tl.dot(xf, tl.trans(wf), acc, input_precision="ieee")
         else:
-            part = tl.dot(xf, tl.trans(wf), input_precision="ieee")
+            if SWAP_AB:
+                return tl.dot(w, tl.trans(x), acc)
+            else:
+                return tl.dot(x, tl.trans(w), acc)
     else:
-        w = w8.to(x.dtype)
-        if SWAP_AB:
-            part = tl.dot(w, tl.trans(x))
+        if MANUAL_BF16:
+            xf = _to_f32(x, MANUAL_BF16)
+            wf = w8.to(tl.float32)
+            if SWAP_AB:
+                part = tl.dot(wf, tl.trans(xf), input_precision="ieee")
+            else:
+                part = tl.dot(xf, tl.trans(wf), input_precision="ieee")
         else:
-            part = tl.dot(x, tl.trans(w))
-    if SWAP_AB:
-        return acc + part * s[:, None]
-    else:
-        return acc + part * s[None, :]
+            w = w8.to(x.dtype)
+            if SWAP_AB:
+                part = tl.dot(w, tl.trans(x))
+            else:
+                part = tl.dot(x, tl.trans(w))
+        if SWAP_AB:
+            return acc + part * s[:, None]
+        else:
+            return acc + part * s[None, :]
 
 
 @triton.jit
@@ -74,12 +90,12 @@ def _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _swiglu_step(acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, k0, K, row_ok, col_ok, ks,
-                 EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, MANUAL_BF16: tl.constexpr):
+                 EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, MANUAL_BF16: tl.constexpr):
     x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
     wg, sg = _load_w(wg_ptrs, sg_ptrs, k0, K, col_ok, ks, EVEN_K)
     wu, su = _load_w(wu_ptrs, su_ptrs, k0, K, col_ok, ks, EVEN_K)
-    acc_g = _scaled_partial(acc_g, x, wg, sg, SWAP_AB, MANUAL_BF16)
-    acc_u = _scaled_partial(acc_u, x, wu, su, SWAP_AB, MANUAL_BF16)
+    acc_g = _scaled_partial(acc_g, x, wg, sg, SWAP_AB, PRESCALE, MANUAL_BF16)
+    acc_u = _scaled_partial(acc_u, x, wu, su, SWAP_AB, PRESCALE, MANUAL_BF16)
     return acc_g, acc_u
 
 
@@ -112,7 +128,7 @@ def _expert_of_program(offs_ptr, active_ptr, num_active_ptr, COMPACT: tl.constex
 @triton.jit
 def _swiglu_tile(
     x_ptr, h_ptr, slots_ptr, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, row0, end, cols, col_ok, ks, K, top_k, s_xm, s_hm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr,
     EVEN_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """h rows [row0, min(row0 + BLOCK_M, end)) of the program's N tile."""
@@ -129,12 +145,12 @@ def _swiglu_tile(
         k0 = 0
         while k0 < K:
             acc_g, acc_u = _swiglu_step(acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, k0, K, row_ok,
-                                        col_ok, ks, EVEN_K, SWAP_AB, MANUAL_BF16)
+                                        col_ok, ks, EVEN_K, SWAP_AB, PRESCALE, MANUAL_BF16)
             k0 += BLOCK_K
     else:  # a for loop, so that the compiler software-pipelines the loads (num_stages)
         for k0 in range(0, K, BLOCK_K):
             acc_g, acc_u = _swiglu_step(acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, k0, K, row_ok,
-                                        col_ok, ks, EVEN_K, SWAP_AB, MANUAL_BF16)
+                                        col_ok, ks, EVEN_K, SWAP_AB, PRESCALE, MANUAL_BF16)
     dtype = h_ptr.dtype.element_ty
     gate = _round(acc_g, dtype, MANUAL_BF16)  # the reference's gate_up GEMM output dtype
     up = _round(acc_u, dtype, MANUAL_BF16)
@@ -148,8 +164,8 @@ def _swiglu_kernel(
     x_ptr, w_ptr, s_ptr, h_ptr, offs_ptr, slots_ptr, active_ptr, num_active_ptr,
     inter, K, top_k, s_xm, s_we, s_wn, s_se, s_sn, s_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr,
-    SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr,
-    USE_WHILE: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, EVEN_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """h[r, n] = silu(x_r . Wg[e, n]) * (x_r . Wu[e, n]) for expert e's rows r, x_r = x[slots[r] // top_k]."""
     expert, start, end = _expert_of_program(offs_ptr, active_ptr, num_active_ptr, COMPACT)
@@ -168,20 +184,20 @@ def _swiglu_kernel(
         row0 = start
         while row0 < end:
             _swiglu_tile(x_ptr, h_ptr, slots_ptr, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, row0, end, cols, col_ok, ks, K,
-                         top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, LIBDEVICE_EXP, MANUAL_BF16,
-                         USE_WHILE)
+                         top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, PRESCALE, EVEN_K, LIBDEVICE_EXP,
+                         MANUAL_BF16, USE_WHILE)
             row0 += BLOCK_M
     else:  # one pass per BLOCK_M rows (decode: one)
         for row0 in range(start, end, BLOCK_M):
             _swiglu_tile(x_ptr, h_ptr, slots_ptr, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, row0, end, cols, col_ok, ks, K,
-                         top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, LIBDEVICE_EXP, MANUAL_BF16,
-                         USE_WHILE)
+                         top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, PRESCALE, EVEN_K, LIBDEVICE_EXP,
+                         MANUAL_BF16, USE_WHILE)
 
 
 @triton.jit
 def _down_tile(
     h_ptr, y_ptr, w_ptrs, s_ptrs, row0, end, cols, col_ok, ks, K, s_hm, s_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr,
     EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -196,13 +212,13 @@ def _down_tile(
         while k0 < K:
             x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
             w8, s = _load_w(w_ptrs, s_ptrs, k0, K, col_ok, ks, EVEN_K)
-            acc = _scaled_partial(acc, x, w8, s, SWAP_AB, MANUAL_BF16)
+            acc = _scaled_partial(acc, x, w8, s, SWAP_AB, PRESCALE, MANUAL_BF16)
             k0 += BLOCK_K
     else:
         for k0 in range(0, K, BLOCK_K):
             x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
             w8, s = _load_w(w_ptrs, s_ptrs, k0, K, col_ok, ks, EVEN_K)
-            acc = _scaled_partial(acc, x, w8, s, SWAP_AB, MANUAL_BF16)
+            acc = _scaled_partial(acc, x, w8, s, SWAP_AB, PRESCALE, MANUAL_BF16)
     y_ptrs, mask = _out_ptrs(y_ptr, rows, cols, s_ym, row_ok, col_ok, SWAP_AB)
     tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16), mask=mask)
 
@@ -212,7 +228,8 @@ def _down_kernel(
     h_ptr, w_ptr, s_ptr, y_ptr, offs_ptr, active_ptr, num_active_ptr,
     N, K, s_hm, s_we, s_wn, s_se, s_sn, s_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr,
-    SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    USE_WHILE: tl.constexpr,
 ):
     """y[r, n] = h_r . W2[e, n] for expert e's rows r."""
     expert, start, end = _expert_of_program(offs_ptr, active_ptr, num_active_ptr, COMPACT)
@@ -227,12 +244,12 @@ def _down_kernel(
         row0 = start
         while row0 < end:
             _down_tile(h_ptr, y_ptr, w_ptrs, s_ptrs, row0, end, cols, col_ok, ks, K, s_hm, s_ym, BLOCK_M, BLOCK_N,
-                       BLOCK_K, SWAP_AB, EVEN_K, MANUAL_BF16, USE_WHILE)
+                       BLOCK_K, SWAP_AB, PRESCALE, EVEN_K, MANUAL_BF16, USE_WHILE)
             row0 += BLOCK_M
     else:
         for row0 in range(start, end, BLOCK_M):
             _down_tile(h_ptr, y_ptr, w_ptrs, s_ptrs, row0, end, cols, col_ok, ks, K, s_hm, s_ym, BLOCK_M, BLOCK_N,
-                       BLOCK_K, SWAP_AB, EVEN_K, MANUAL_BF16, USE_WHILE)
+                       BLOCK_K, SWAP_AB, PRESCALE, EVEN_K, MANUAL_BF16, USE_WHILE)
 
 
 def _routing_args(expert_offsets, active_experts, num_active, num_experts, num_slots):
@@ -255,8 +272,8 @@ def launch_swiglu(hidden, w13, w13_scale, h, expert_offsets, sorted_slots, top_k
         hidden, w13, w13_scale, h, offs, sorted_slots, active, count, inter, k, top_k, hidden.stride(0),
         w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), h.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=compact,
-        SWAP_AB=config.swap_ab, EVEN_K=k % config.block_k == 0, LIBDEVICE_EXP=not interp, MANUAL_BF16=interp,
-        USE_WHILE=interp, num_stages=config.num_stages, num_warps=config.num_warps,
+        SWAP_AB=config.swap_ab, PRESCALE=config.prescale, EVEN_K=k % config.block_k == 0, LIBDEVICE_EXP=not interp,
+        MANUAL_BF16=interp, USE_WHILE=interp, num_stages=config.num_stages, num_warps=config.num_warps,
     )
 
 
@@ -271,7 +288,8 @@ def launch_down(h, w2, w2_scale, y, expert_offsets, active_experts, num_active, 
         h, w2, w2_scale, y, offs, active, count, n, k, h.stride(0), w2.stride(0), w2.stride(1),
         w2_scale.stride(0), w2_scale.stride(1), y.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=compact,
-        SWAP_AB=config.swap_ab, EVEN_K=k % config.block_k == 0, MANUAL_BF16=interp, USE_WHILE=interp,
+        SWAP_AB=config.swap_ab, PRESCALE=config.prescale, EVEN_K=k % config.block_k == 0, MANUAL_BF16=interp,
+        USE_WHILE=interp,
         num_stages=config.num_stages, num_warps=config.num_warps,
     )
 
@@ -303,7 +321,8 @@ def aot_compile(config, kind: str, hidden: int = 6144, inter: int = 2048, num_ex
     else:
         raise ValueError(f"aot_compile: kind must be 'swiglu' or 'down', got {kind!r}")
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=True,
-                      SWAP_AB=config.swap_ab, EVEN_K=k % config.block_k == 0, MANUAL_BF16=False, USE_WHILE=False,
+                      SWAP_AB=config.swap_ab, PRESCALE=config.prescale, EVEN_K=k % config.block_k == 0,
+                      MANUAL_BF16=False, USE_WHILE=False,
                       **extra)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

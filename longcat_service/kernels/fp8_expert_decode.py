@@ -11,8 +11,9 @@ into h [T*k, I], then down. Each program owns one expert and one N tile and runs
 block_m) through one pass over its weight tile, so at decode (~1-5 rows per expert) each active expert's e4m3 bytes
 are read from HBM once; the CUDA kernel (csrc/cuda/expert_ffn_fp8.cu) runs passes of at most 2 rows, re-streaming
 the weights of experts with more. Numerics: every product x * w8 exact, fp32 sums, each 128-block's partial sum
-scaled in fp32 (more exact than the reference's bf16-dequantized weights); gate and up rounded to the activation
-dtype before silu(gate) * up, as the reference's eager ops.
+scaled in fp32 (more exact than the reference's bf16-dequantized weights), or, with a config's prescale, the
+reference's bf16 weights bf16(w8 * scale) bit for bit, fp32 sums; gate and up rounded to the activation dtype
+before silu(gate) * up, as the reference's eager ops.
 
 CUDA-graph safe: the grids come from shapes only (E or min(E, T*k) experts, N tiles); the row counts are read on
 the device, programs without rows exit at once; no host sync.
@@ -33,8 +34,9 @@ ACT_DTYPES = (torch.bfloat16, torch.float16)
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Tiles of one of the two GEMMs. block_m: rows per pass over the weights (>= 16, the tensor cores' minimum);
-    block_k divides 128 (one scale block per K step); swap_ab: weights as the MMA's M operand (see the Triton
-    module)."""
+    block_k divides 128 (one scale block per K step); swap_ab: weights as the MMA's M operand; prescale: the
+    weight tile dequantized to the activation dtype before the MMA, which then accumulates in place (see the
+    Triton module)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -42,6 +44,7 @@ class DecodeConfig:
     num_stages: int = 4
     num_warps: int = 4
     swap_ab: bool = False
+    prescale: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -55,20 +58,21 @@ class DecodeConfig:
 
     def __str__(self) -> str:
         fields = (self.block_m, self.block_n, self.block_k, self.num_stages, self.num_warps)
-        return ",".join(map(str, fields)) + (",swap" if self.swap_ab else "")
+        return ",".join(map(str, fields)) + (",swap" if self.swap_ab else "") + (",pre" if self.prescale else "")
 
 
 @functools.lru_cache(maxsize=64)
 def parse_config(text: str) -> DecodeConfig:
-    """"bm,bn,bk,stages,warps[,swap]" -> DecodeConfig."""
+    """"bm,bn,bk,stages,warps[,swap][,pre]" -> DecodeConfig."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    if len(parts) not in (5, 6) or (len(parts) == 6 and parts[5] != "swap"):
-        raise ValueError(f"fp8 decode config {text!r}: expected 'bm,bn,bk,stages,warps[,swap]'")
+    flags = parts[5:]
+    if len(parts) < 5 or any(f not in ("swap", "pre") for f in flags) or len(set(flags)) != len(flags):
+        raise ValueError(f"fp8 decode config {text!r}: expected 'bm,bn,bk,stages,warps[,swap][,pre]'")
     try:
         bm, bn, bk, stages, warps = (int(p) for p in parts[:5])
     except ValueError:
         raise ValueError(f"fp8 decode config {text!r}: the first five fields must be integers") from None
-    return DecodeConfig(bm, bn, bk, stages, warps, swap_ab=len(parts) == 6)
+    return DecodeConfig(bm, bn, bk, stages, warps, swap_ab="swap" in flags, prescale="pre" in flags)
 
 
 # Candidates for the H200, timed per GEMM by `benchmarks/bench_fp8_kernels.py --sections experts`. Per stage a
@@ -83,6 +87,9 @@ SWEEP_CONFIGS: tuple[DecodeConfig, ...] = tuple(parse_config(c) for c in (
     "16,64,64,6,4",
     "16,64,128,5,4,swap",
     "32,64,128,4,4,swap",
+    "16,64,128,4,4,pre",
+    "16,64,128,4,4,swap,pre",
+    "16,128,128,3,4,swap,pre",
 ))
 DEFAULT_GATE_UP_CONFIG = SWEEP_CONFIGS[0]
 DEFAULT_DOWN_CONFIG = SWEEP_CONFIGS[0]
