@@ -150,11 +150,12 @@ def _run(c, config, compact=True):
 
 # (tokens, E, top_k, H, I, routing, dtype, config, also_full_grid): small tiles so that the interpreter walks several
 # N tiles, K steps (masked where H or I is not a multiple of the K tile; several per scale block at block_k 32) and,
-# for expert 0 of "hand", two row tiles (or one of 32 rows).
+# for expert 0 of "hand", two row tiles (or one of 32 rows). tma at H = 200: pointer loads for w13 (rows of 200
+# bytes), TMA for w2 (rows of 80).
 CASES = [
     (20, 8, 3, 272, 144, "hand", torch.bfloat16, "16,64,64,2,4", True),
-    (20, 8, 3, 272, 144, "hand", torch.bfloat16, "16,64,128,2,4,swap,pre", False),
-    (17, 8, 3, 200, 80, "hand", torch.float16, "32,32,64,1,4,swap", False),
+    (20, 8, 3, 272, 144, "hand", torch.bfloat16, "16,64,128,2,4,swap,pre,tma", False),
+    (17, 8, 3, 200, 80, "hand", torch.float16, "32,32,64,1,4,swap,tma", False),
     (17, 8, 3, 200, 80, "hand", torch.float16, "16,32,64,1,4,pre", False),
     (9, 8, 4, 200, 48, "mixed", torch.bfloat16, "16,32,32,2,4", True),
     (9, 8, 4, 200, 48, "mixed", torch.bfloat16, "16,32,32,2,4,pre", False),
@@ -229,9 +230,11 @@ def test_config_parsing():
     assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.swap_ab, cfg.prescale) == (
         16, 64, 128, 4, 4, True, False)
     assert fd.parse_config("16,64,128,4,4,pre,swap") == fd.DecodeConfig(16, 64, 128, 4, 4, True, True)
+    assert fd.parse_config("16,64,128,4,4,tma,swap").tma and str(fd.parse_config("16,64,128,4,4,tma,swap")) == (
+        "16,64,128,4,4,swap,tma")
     assert fd.parse_config(str(cfg)) == cfg and str(fd.parse_config("32,16,32,1,2")) == "32,16,32,1,2"
     for bad, match in [("16,64,256,4,4", "must divide 128"), ("8,64,128,4,4", "power of two"),
-                       ("16,64,128,4", "expected"), ("16,64,128,4,4,tma", "expected"), ("16,64,128,4,4,pre,pre", "expected"), ("a,64,128,4,4", "integers"),
+                       ("16,64,128,4", "expected"), ("16,64,128,4,4,split", "expected"), ("16,64,128,4,4,pre,pre", "expected"), ("a,64,128,4,4", "integers"),
                        ("16,64,128,0,4", "num_stages")]:
         with pytest.raises(ValueError, match=match):
             fd.parse_config(bad)
@@ -273,6 +276,7 @@ for cfg in SWEEP_CONFIGS:
         ck = aot_compile(cfg, kind)
         ttgir = ck.asm["ttgir"]
         assert ("warp_group_dot" in ttgir) == cfg.swap_ab, (cfg, kind, "wgmma only with swap")
+        assert ("async_tma_copy_global_to_local" in ttgir) == cfg.tma, (cfg, kind, "tma")
         assert "async_copy_global_to_local" in ttgir, (cfg, kind, "no pipelined loads")
         print(kind, cfg, ck.metadata.shared, flush=True)
 """
@@ -314,13 +318,14 @@ def test_longcat_shapes_every_config(tokens, config):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-def test_graph_replay_follows_new_routing():
+@pytest.mark.parametrize("config", [fd.DEFAULT_GATE_UP_CONFIG, fd.parse_config("16,64,128,4,4")], ids=str)
+def test_graph_replay_follows_new_routing(config):
     """Captured once, replayed on other routings of the same shapes (device-side counts, static grid)."""
     c = _case(16, 24, 12, 512, 256, "mixed", seed=1)
     static = {k: v.clone() if torch.is_tensor(v) else v for k, v in c.items()}
     args = lambda: (static["hidden"], static["w13"], static["s13"], static["w2"], static["s2"],  # noqa: E731
                     static["offsets"], static["sorted_slots"], static["top_k"], static["active"],
-                    static["num_active"])
+                    static["num_active"], config, config)
     fd.expert_ffn_fp8_decode(*args())  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -332,7 +337,8 @@ def test_graph_replay_follows_new_routing():
         graph.replay()
         n = int(other["offsets"][-1])
         want = fd.expert_ffn_fp8_decode(static["hidden"], c["w13"], c["s13"], c["w2"], c["s2"], other["offsets"],
-                                        other["sorted_slots"], 12, other["active"], other["num_active"])
+                                        other["sorted_slots"], 12, other["active"], other["num_active"], config,
+                                        config)
         assert torch.equal(out[:n], want[:n])
 
 

@@ -29,14 +29,15 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_BLOCK = 128
 ACT_DTYPES = (torch.bfloat16, torch.float16)
+_FLAGS = ("swap", "pre", "tma")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Tiles of one of the two GEMMs. block_m: rows per pass over the weights (>= 16, the tensor cores' minimum);
     block_k divides 128 (one scale block per K step); swap_ab: weights as the MMA's M operand; prescale: the
-    weight tile dequantized to the activation dtype before the MMA, which then accumulates in place (see the
-    Triton module)."""
+    weight tile dequantized to the activation dtype before the MMA, which then accumulates in place; tma: weight
+    tiles through TMA descriptors where the layout allows (else pointer loads); see the Triton module."""
 
     block_m: int = 16
     block_n: int = 64
@@ -45,6 +46,7 @@ class DecodeConfig:
     num_warps: int = 4
     swap_ab: bool = False
     prescale: bool = False
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -58,38 +60,41 @@ class DecodeConfig:
 
     def __str__(self) -> str:
         fields = (self.block_m, self.block_n, self.block_k, self.num_stages, self.num_warps)
-        return ",".join(map(str, fields)) + (",swap" if self.swap_ab else "") + (",pre" if self.prescale else "")
+        flags = ("swap",) * self.swap_ab + ("pre",) * self.prescale + ("tma",) * self.tma
+        return ",".join([str(v) for v in fields] + list(flags))
 
 
 @functools.lru_cache(maxsize=64)
 def parse_config(text: str) -> DecodeConfig:
-    """"bm,bn,bk,stages,warps[,swap][,pre]" -> DecodeConfig."""
+    """"bm,bn,bk,stages,warps[,swap][,pre][,tma]" -> DecodeConfig."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     flags = parts[5:]
-    if len(parts) < 5 or any(f not in ("swap", "pre") for f in flags) or len(set(flags)) != len(flags):
-        raise ValueError(f"fp8 decode config {text!r}: expected 'bm,bn,bk,stages,warps[,swap][,pre]'")
+    if len(parts) < 5 or any(f not in _FLAGS for f in flags) or len(set(flags)) != len(flags):
+        raise ValueError(f"fp8 decode config {text!r}: expected 'bm,bn,bk,stages,warps' and optional flags {_FLAGS}")
     try:
         bm, bn, bk, stages, warps = (int(p) for p in parts[:5])
     except ValueError:
         raise ValueError(f"fp8 decode config {text!r}: the first five fields must be integers") from None
-    return DecodeConfig(bm, bn, bk, stages, warps, swap_ab="swap" in flags, prescale="pre" in flags)
+    return DecodeConfig(bm, bn, bk, stages, warps, swap_ab="swap" in flags, prescale="pre" in flags,
+                        tma="tma" in flags)
 
 
-# Candidates for the H200, timed per GEMM by `benchmarks/bench_fp8_kernels.py --sections experts`. Per stage a
+# Candidates for the H200, timed per launch by `benchmarks/bench_fp8_kernels.py --sections experts`. Per stage a
 # program holds a bn x bk e4m3 tile (SwiGLU: two, gate and up) plus bm x bk bf16 rows: 16 KB + 4 KB at 64/128 SwiGLU,
-# so 4 stages leave room for two or three programs per SM. Not measured yet: the defaults are the first entry.
+# so 4 stages leave room for two or three programs per SM. Not measured yet: the default of both launches is a guess
+# (wgmma with the dequantized weight tile in registers, in-place accumulation, TMA weight loads) until that run.
 SWEEP_CONFIGS: tuple[DecodeConfig, ...] = tuple(parse_config(c) for c in (
+    "16,64,128,4,4,swap,pre,tma",
     "16,64,128,4,4",
-    "16,64,128,4,4,swap",
-    "16,128,128,3,4,swap",
-    "16,128,128,3,8",
-    "16,32,128,6,4",
-    "16,64,64,6,4",
-    "16,64,128,5,4,swap",
-    "32,64,128,4,4,swap",
     "16,64,128,4,4,pre",
+    "16,32,128,6,4",
+    "16,64,128,4,4,swap",
+    "16,64,128,4,4,swap,tma",
     "16,64,128,4,4,swap,pre",
-    "16,128,128,3,4,swap,pre",
+    "16,64,128,6,4,swap,pre,tma",
+    "16,128,128,3,4,swap,pre,tma",
+    "16,128,128,3,8,swap,pre,tma",
+    "32,64,128,4,4,swap,pre,tma",
 ))
 DEFAULT_GATE_UP_CONFIG = SWEEP_CONFIGS[0]
 DEFAULT_DOWN_CONFIG = SWEEP_CONFIGS[0]
