@@ -351,7 +351,7 @@ def test_dispatch_switch_picks_the_kernel(forced, monkeypatch):
     if not hasattr(torch.ops.longcat, "expert_ffn_fp8"):
         pytest.skip("FP8 ops not in the extension")
     monkeypatch.setenv("LONGCAT_FP8_EXPERT_KERNEL", forced)
-    c = _case(16, 24, 12, 512, 256, "mixed", seed=4)
+    c = _case(16, 64, 12, 512, 256, "mixed", seed=4)  # 192 slots < 8 per expert: the decode regime
     args = (c["hidden"], c["w13"], c["s13"], c["w2"], c["s2"], c["offsets"], c["sorted_slots"], c["top_k"],
             c["active"], c["num_active"])
     y = extension.expert_ffn_fp8(*args)
