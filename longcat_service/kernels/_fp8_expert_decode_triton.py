@@ -338,38 +338,39 @@ def launch_down(h, w2, w2_scale, y, expert_offsets, active_experts, num_active, 
     )
 
 
-def aot_compile(config, kind: str, hidden: int = 6144, inter: int = 2048, num_experts: int = 512,
-                capability: int = 90):
+def aot_compile(config, kind: str, hidden: int = 6144, inter: int = 2048, num_experts: int = 512, top_k: int = 12,
+                compact: bool = True, dtype: torch.dtype = torch.bfloat16, capability: int = 90):
     """triton.compile of the SwiGLU ("swiglu") or down ("down") kernel as the launches would specialise it for
-    LongCat-like shapes, for a CUDA GPU of this capability, without a GPU (an offline check of the GPU path, which
-    the interpreter does not compile). Needs TRITON_INTERPRET unset at import. Returns triton's CompiledKernel."""
+    these shapes (default LongCat-Flash's), for a CUDA GPU of this capability, without a GPU (an offline check of the
+    GPU path, which the interpreter does not compile). Needs TRITON_INTERPRET unset at import. Returns triton's
+    CompiledKernel."""
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import native_specialize_impl
 
-    bf16, fp8, i32 = torch.bfloat16, torch.float8_e4m3fn, torch.int32
+    act, fp8, i32 = dtype, torch.float8_e4m3fn, torch.int32
     ints = torch.empty(num_experts + 1, dtype=i32)
     if kind == "swiglu":
         fn, n, k, rows = _swiglu_kernel, inter, hidden, 2 * inter
-        values = dict(x_ptr=torch.empty(1, dtype=bf16), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
-                      h_ptr=torch.empty(1, dtype=bf16), offs_ptr=ints, slots_ptr=ints, active_ptr=ints,
-                      num_active_ptr=ints, inter=n, K=k, top_k=12, s_xm=k, s_we=2 * n * k, s_wn=k,
+        values = dict(x_ptr=torch.empty(1, dtype=act), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
+                      h_ptr=torch.empty(1, dtype=act), offs_ptr=ints, slots_ptr=ints, active_ptr=ints,
+                      num_active_ptr=ints, inter=n, K=k, top_k=top_k, s_xm=k, s_we=2 * n * k, s_wn=k,
                       s_se=-(-2 * n // 128) * -(-k // 128), s_sn=-(-k // 128), s_hm=n)
         extra = dict(LIBDEVICE_EXP=True)
     elif kind == "down":
         fn, n, k, rows = _down_kernel, hidden, inter, hidden
-        values = dict(h_ptr=torch.empty(1, dtype=bf16), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
-                      y_ptr=torch.empty(1, dtype=bf16), offs_ptr=ints, active_ptr=ints, num_active_ptr=ints, N=n,
+        values = dict(h_ptr=torch.empty(1, dtype=act), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
+                      y_ptr=torch.empty(1, dtype=act), offs_ptr=ints, active_ptr=ints, num_active_ptr=ints, N=n,
                       K=k, s_hm=k, s_we=n * k, s_wn=k, s_se=-(-n // 128) * -(-k // 128), s_sn=-(-k // 128), s_ym=n)
         extra = {}
     else:
         raise ValueError(f"aot_compile: kind must be 'swiglu' or 'down', got {kind!r}")
-    use_tma = config.tma and TensorDescriptor is not None
+    use_tma = config.tma and TensorDescriptor is not None and k % 16 == 0  # tma_supported() on contiguous weights
     values["w_desc"] = None
     if use_tma:  # a CPU stand-in: specialisation reads the block shape and dtype
         w_rows = torch.empty(64, k, dtype=fp8)
         values["w_desc"] = TensorDescriptor(w_rows, [num_experts * rows, k], [k, 1], [config.block_n, config.block_k])
-    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=True,
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=compact,
                       SWAP_AB=config.swap_ab, PRESCALE=config.prescale, TMA=use_tma, EVEN_K=k % config.block_k == 0,
                       MANUAL_BF16=False, USE_WHILE=False, **extra)
     signature, attrs = {}, {}
