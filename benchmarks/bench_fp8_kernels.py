@@ -1,6 +1,7 @@
 """Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
 
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
+        [--sweep-batches 8,16,64,128]
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
@@ -143,7 +144,7 @@ def _routings(batch, num, seed):
     return out
 
 
-def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
+def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256), sweep_batches=SWEEP_BATCHES):
     from longcat_service.kernels import fp8_expert_decode as fd
     from longcat_service.ops import extension
 
@@ -179,7 +180,7 @@ def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
                    "triton_error": triton_err, "bf16_us": bf16, "byte_floor_us": bytes_fp8 / (copy_tbps * 1e6),
                    "bf16_byte_floor_us": (active * per_expert * 2) / (copy_tbps * 1e6),
                    "flop_floor_us": 2 * real_rows * per_expert / (fp8_tflops * 1e6)}
-            if inter in SWEEP_INTERS and batch in SWEEP_BATCHES:
+            if inter in SWEEP_INTERS and batch in sweep_batches:
                 row["sweep"] = sweep_decode_configs(hidden, w13, s13, w2, s2, routes, copy_tbps, reps)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -376,6 +377,8 @@ def main() -> None:
     parser.add_argument("--sections", default="dense,experts,grouped")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--configs", type=int, default=None, help="grouped: time only the first N configs")
+    parser.add_argument("--sweep-batches", default=",".join(map(str, SWEEP_BATCHES)),
+                        help="experts: batches at which every Triton decode config is timed ('' for none)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -392,7 +395,8 @@ def main() -> None:
     if "dense" in sections:
         res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps)
     if "experts" in sections:
-        res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps)
+        sweep = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
+        res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps, sweep_batches=sweep)
     if "grouped" in sections:
         res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps, args.configs)
         torch.cuda.empty_cache()
