@@ -223,6 +223,11 @@ def test_bad_inputs_raise_clear_errors():
         call(a6=c["sorted_slots"][:-1])
     with pytest.raises(ValueError, match="both active_experts and num_active"):
         fd.expert_ffn_fp8_decode(*args, c["active"], None)
+    h = torch.zeros(6, 128, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="expert_offsets must be int32"):
+        fd.down_fp8_decode(h, c["w2"], c["s2"], c["offsets"].long())
+    with pytest.raises(ValueError, match="active_experts must be int32"):
+        fd.down_fp8_decode(h, c["w2"], c["s2"], c["offsets"], c["active"].long(), c["num_active"])
 
 
 def test_config_parsing():

@@ -116,12 +116,14 @@ def _check_routing(expert_offsets, sorted_slots, active_experts, num_active, num
     if expert_offsets.dtype != torch.int32 or tuple(expert_offsets.shape) != (num_experts + 1,):
         raise ValueError(f"expert_ffn_fp8_decode: expert_offsets must be int32 [{num_experts + 1}], got "
                          f"{expert_offsets.dtype} {tuple(expert_offsets.shape)}")
-    if sorted_slots.dtype != torch.int32 or sorted_slots.dim() != 1 or sorted_slots.shape[0] != num_slots:
-        raise ValueError(f"expert_ffn_fp8_decode: sorted_slots must be int32 [T*k] = [{num_slots}], got "
-                         f"{sorted_slots.dtype} {tuple(sorted_slots.shape)}")
+    tensors = [expert_offsets]
+    if sorted_slots is not None:  # the down launch has no sorted_slots
+        if sorted_slots.dtype != torch.int32 or sorted_slots.dim() != 1 or sorted_slots.shape[0] != num_slots:
+            raise ValueError(f"expert_ffn_fp8_decode: sorted_slots must be int32 [T*k] = [{num_slots}], got "
+                             f"{sorted_slots.dtype} {tuple(sorted_slots.shape)}")
+        tensors.append(sorted_slots)
     if (active_experts is None) != (num_active is None):
         raise ValueError("expert_ffn_fp8_decode: pass both active_experts and num_active, or neither")
-    tensors = [expert_offsets, sorted_slots]
     if active_experts is not None:
         if active_experts.dtype != torch.int32 or tuple(active_experts.shape) != (num_experts,):
             raise ValueError(f"expert_ffn_fp8_decode: active_experts must be int32 [{num_experts}]")
@@ -200,6 +202,7 @@ def down_fp8_decode(h, w2, w2_scale, expert_offsets, active_experts=None, num_ac
         raise ValueError(f"expert_ffn_fp8_decode: h must be [T*k, {inter}] {ACT_DTYPES}, got {h.dtype} "
                          f"{tuple(h.shape)}")
     _check_weight("w2", w2, w2_scale, h_size, inter, num_experts)
+    _check_routing(expert_offsets, None, active_experts, num_active, num_experts, h.shape[0], h.device)
     if w2.device != h.device or w2_scale.device != h.device:
         raise ValueError("expert_ffn_fp8_decode: w2 and its scale must be on hidden's device")
     y = torch.empty(h.shape[0], h_size, dtype=h.dtype, device=h.device)
