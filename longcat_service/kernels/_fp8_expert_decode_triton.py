@@ -37,8 +37,6 @@ try:
 except ImportError:  # pragma: no cover - triton < 3.4
     TensorDescriptor = None
 
-SCALE_BLOCK = 128
-
 
 @triton.jit
 def _scaled_partial(acc, x, w8, s, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, MANUAL_BF16: tl.constexpr):
