@@ -370,3 +370,30 @@ def test_dispatch_switch_picks_the_kernel(forced, monkeypatch):
     n = int(c["offsets"][-1])
     want = fd.expert_ffn_fp8_decode(*args) if forced == "triton" else torch.ops.longcat.expert_ffn_fp8(*args)
     assert torch.equal(y[:n], want[:n])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_fp8_model_forward_with_either_decode_kernel(tmp_path, monkeypatch):
+    """The tiny FP8 model (E = 6, k = 3) on 8 tokens (24 slots: the decode regime) through the layers' dispatch, with
+    each kernel forced: the Triton one runs (counted) and both give logits within bf16 rounding of each other."""
+    import longcat_service.ops as ops
+    from longcat_service.model.loader import load_model
+    from tests.engine_utils import full_forward_logits
+    from tests.fp8_checkpoint import ALIGNED, write_pair
+
+    if ops.ACTIVE_BACKEND != "extension cpu+cuda" or not hasattr(torch.ops.longcat, "expert_ffn_fp8"):
+        pytest.skip("CUDA FP8 ops not built")
+    calls = []
+    decode = fd.expert_ffn_fp8_decode
+    monkeypatch.setattr(fd, "expert_ffn_fp8_decode", lambda *a, **kw: calls.append(1) or decode(*a, **kw))
+    model = load_model(write_pair(tmp_path, ALIGNED, seed=5)["fp8"], dtype="bfloat16", device=DEV)
+    tokens = list(range(3, 11))
+    logits = {}
+    for kernel in ("cuda", "triton"):
+        monkeypatch.setenv("LONGCAT_FP8_EXPERT_KERNEL", kernel)
+        calls.clear()
+        logits[kernel] = full_forward_logits(model, tokens).cpu()
+        assert bool(calls) == (kernel == "triton"), kernel
+    assert torch.isfinite(logits["triton"]).all()
+    torch.testing.assert_close(logits["triton"], logits["cuda"], rtol=5e-2, atol=5e-2)
