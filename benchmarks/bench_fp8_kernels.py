@@ -15,7 +15,8 @@ B = 256, both decode kernels forced: cuda = the CUDA expert_ffn_fp8 (2-row FMA p
 expert_ffn_fp8_mma.cuh for I <= 512 from 16 tokens), triton = kernels/fp8_expert_decode.py at its default configs
 (each active expert's weights read once for up to 16 rows). At I = 2048 and B = 8, 16, 64, 128 every Triton decode
 config (SWEEP_CONFIGS) is timed on each launch alone (gate_up = SwiGLU, down) against that launch's byte floor, and
-the whole FFN with the fastest pair: the numbers that set its defaults and ops/extension.TRITON_FP8_DECODE_MIN_TOKENS. grouped: every grouped FP8 GEMM config at
+the whole FFN with the fastest pair: the numbers that set its defaults and
+ops/extension.TRITON_FP8_DECODE_MIN_TOKENS. grouped: every grouped FP8 GEMM config at
 the 4096-token prefill shapes against the bf16 Triton grouped GEMM; then the activation quantization of that prefill
 (kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
 silu_mul_quant_fp8 against silu_and_mul + per_token_group_quant_fp8 (fused at the default and a few other tiles;
@@ -354,8 +355,8 @@ def print_tables(res):
                 sw = r["sweep"]
                 for cfg, t in sw["gate_up"].items():
                     d = sw["down"][cfg]
-                    print(f"{'':>20} {r['I']:>5} {r['B']:>4} {cfg:>22} {_fmt(t)} {eff(sw['floor_us']['gate_up'], t):>7} "
-                          f"{_fmt(d)} {eff(sw['floor_us']['down'], d):>7}")
+                    print(f"{'':>20} {r['I']:>5} {r['B']:>4} {cfg:>22} {_fmt(t)} "
+                          f"{eff(sw['floor_us']['gate_up'], t):>7} {_fmt(d)} {eff(sw['floor_us']['down'], d):>7}")
                 print(f"{'best':>20} {r['I']:>5} {r['B']:>4} gate_up {sw['best']['gate_up']} + down "
                       f"{sw['best']['down']}: FFN {_fmt(sw.get('best_ffn_us'))} (cuda {_fmt(r.get('cuda_decode_us'))}, "
                       f"byte floor {_fmt(r['byte_floor_us'])})")

@@ -6,12 +6,12 @@ slot on zero experts, compact and full expert grids); with one, the same tests r
 gpu-marked ones add the LongCat-Flash shapes under every benchmarked config, CUDA-graph replay and the dispatch.
 
 Bounds. The SwiGLU launch: gate and up are fp32 sums of exact products (each 128-block's partial sum scaled in
-fp32; with a prescale config, products of the weights rounded to the activation dtype as the reference's, which the
-fp64 values then use too), so within (K + 2) * 2^-24 of their magnitude of the fp64 values; each is rounded to the activation dtype, then
-silu(gate) (|silu'| <= 1.1, |silu(g)| <= |g|) rounded, then the product rounded: |h - silu(g) * u| <= 5 ulp |g| |u|
-+ 1.2 (|g| acc_u + |u| acc_g). The down launch, from the kernel's own h: one rounding plus fp32 accumulation error
-of the fp64 product. The whole FFN against the reference (which rounds the dequantized weights to bf16 first, and h
-differently): a loose bound on top.
+fp32; with a prescale config, of the weights rounded to the activation dtype as the reference's, which the fp64
+values then use too), so within (K + 2) * 2^-24 of their magnitude of the fp64 values; each is rounded to the
+activation dtype, then silu(gate) (|silu'| <= 1.1, |silu(g)| <= |g|) rounded, then the product rounded:
+|h - silu(g) * u| <= 5 ulp |g| |u| + 1.2 (|g| acc_u + |u| acc_g). The down launch, from the kernel's own h: one
+rounding plus fp32 accumulation error of the fp64 product. The whole FFN against the reference (which rounds the
+dequantized weights to bf16 first, and h differently): a loose bound on top.
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ def test_config_parsing():
         "16,64,128,4,4,swap,tma")
     assert fd.parse_config(str(cfg)) == cfg and str(fd.parse_config("32,16,32,1,2")) == "32,16,32,1,2"
     for bad, match in [("16,64,256,4,4", "must divide 128"), ("8,64,128,4,4", "power of two"),
-                       ("16,64,128,4", "expected"), ("16,64,128,4,4,split", "expected"), ("16,64,128,4,4,pre,pre", "expected"), ("a,64,128,4,4", "integers"),
+                       ("16,64,128,4", "expected"), ("16,64,128,4,4,split", "expected"),
+                       ("16,64,128,4,4,pre,pre", "expected"), ("a,64,128,4,4", "integers"),
                        ("16,64,128,0,4", "num_stages")]:
         with pytest.raises(ValueError, match=match):
             fd.parse_config(bad)
