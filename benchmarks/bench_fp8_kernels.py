@@ -1,6 +1,7 @@
 """Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
 
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
+        [--sweep-batches 8,16,64,128]
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
@@ -8,9 +9,14 @@ torch's blockwise scaled-mm where it takes the shape, else the Triton w8a8 GEMM,
 w8a8 = the Triton w8a8 GEMM at every M (to place the thresholds); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
 this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
-shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1, 16, 64 (decode: CUDA expert_ffn_fp8, the FMA
-kernel at B = 1, the tensor-core kernel expert_ffn_fp8_mma.cuh from 16 tokens; run 1 had the FMA kernel) and 4096
-(prefill: w8a8 grouped FP8 GEMM) against expert_ffn with bf16 weights. grouped: every grouped FP8 GEMM config at
+shard), LongCat-like routing (~1/3 of slots on zero experts), B = 1 .. 256 (decode) and 4096 (prefill: w8a8 grouped
+FP8 GEMM): ours = the dispatch (ops/extension.expert_ffn_fp8), against expert_ffn with bf16 weights and, up to
+B = 256, both decode kernels forced: cuda = the CUDA expert_ffn_fp8 (2-row FMA passes; the tensor-core
+expert_ffn_fp8_mma.cuh for I <= 512 from 16 tokens), triton = kernels/fp8_expert_decode.py at its default configs
+(each active expert's weights read once for up to 16 rows). At I = 2048 and B = 8, 16, 64, 128 every Triton decode
+config (SWEEP_CONFIGS) is timed on each launch alone (gate_up = SwiGLU, down) against that launch's byte floor, and
+the whole FFN with the fastest pair: the numbers that set its defaults and
+ops/extension.TRITON_FP8_DECODE_MIN_TOKENS. grouped: every grouped FP8 GEMM config at
 the 4096-token prefill shapes against the bf16 Triton grouped GEMM; then the activation quantization of that prefill
 (kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
 silu_mul_quant_fp8 against silu_and_mul + per_token_group_quant_fp8 (fused at the default and a few other tiles;
@@ -52,7 +58,9 @@ DENSE_SHAPES = {  # (N, K) of LongCat-Flash (benchmarks/configs/longcat-flash-2l
 }
 BATCHES = (1, 2, 4, 8, 16, 64, 4096)
 E, Z, H, TOP_K = 512, 256, 6144, 12
-EXPERT_BATCHES = (1, 2, 4, 8, 16, 64, 4096)
+EXPERT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 4096)
+TRITON_DECODE_MAX_BATCH = 256  # the decode kernels are timed up to here (4096: the grouped FP8 GEMM regime)
+SWEEP_INTERS, SWEEP_BATCHES = (2048,), (8, 16, 64, 128)  # where every Triton decode config is timed
 CALLS = 8  # calls per timed graph
 ROTATION_BYTES = 256 * 1024**2
 
@@ -137,7 +145,8 @@ def _routings(batch, num, seed):
     return out
 
 
-def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
+def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256), sweep_batches=SWEEP_BATCHES):
+    from longcat_service.kernels import fp8_expert_decode as fd
     from longcat_service.ops import extension
 
     rows = []
@@ -158,18 +167,61 @@ def bench_experts(copy_tbps, fp8_tflops, reps, inters=(2048, 256)):
                                                  r[2], r[3]) for r in routes], reps)
             bf16, _ = timed([functools.partial(extension.expert_ffn, hidden, w13b, w2b, r[0], r[1], TOP_K, r[2], r[3])
                              for r in routes], reps)
+            cuda = triton_us = triton_err = None
+            if batch <= TRITON_DECODE_MAX_BATCH:  # the two decode kernels, whatever the dispatch picks
+                cuda, _ = timed([functools.partial(torch.ops.longcat.expert_ffn_fp8, hidden, w13, s13, w2, s2, r[0],
+                                                   r[1], TOP_K, r[2], r[3]) for r in routes], reps)
+                triton_us, triton_err = timed([functools.partial(fd.expert_ffn_fp8_decode, hidden, w13, s13, w2, s2,
+                                                                 r[0], r[1], TOP_K, r[2], r[3]) for r in routes], reps)
             active = statistics.mean(r[4] for r in routes)
             real_rows = statistics.mean(r[5] for r in routes)
             bytes_fp8 = active * per_expert + real_rows * (H + inter) * 2 * 2
             row = {"I": inter, "B": batch, "active_experts": active, "rows": real_rows, "ours_us": ours,
-                   "ours_error": err, "bf16_us": bf16, "byte_floor_us": bytes_fp8 / (copy_tbps * 1e6),
+                   "ours_error": err, "cuda_decode_us": cuda, "triton_decode_us": triton_us,
+                   "triton_error": triton_err, "bf16_us": bf16, "byte_floor_us": bytes_fp8 / (copy_tbps * 1e6),
                    "bf16_byte_floor_us": (active * per_expert * 2) / (copy_tbps * 1e6),
                    "flop_floor_us": 2 * real_rows * per_expert / (fp8_tflops * 1e6)}
+            if inter in SWEEP_INTERS and batch in sweep_batches:
+                row["sweep"] = sweep_decode_configs(hidden, w13, s13, w2, s2, routes, copy_tbps, reps)
             rows.append(row)
             print(json.dumps(row), flush=True)
         w13 = w2 = w13b = w2b = None
         torch.cuda.empty_cache()
     return rows
+
+
+def sweep_decode_configs(hidden, w13, s13, w2, s2, routes, copy_tbps, reps):
+    """Each Triton decode config on each of the two launches alone (us and fraction of that launch's byte floor),
+    then the whole FFN with the fastest of each: the numbers that set DEFAULT_GATE_UP_CONFIG / DEFAULT_DOWN_CONFIG."""
+    from longcat_service.kernels import fp8_expert_decode as fd
+
+    inter = w2.shape[-1]
+    active = statistics.mean(r[4] for r in routes)
+    real_rows = statistics.mean(r[5] for r in routes)
+    floors = {"gate_up": (active * 2 * inter * H + real_rows * (H + inter) * 2) / (copy_tbps * 1e6),
+              "down": (active * H * inter + real_rows * (inter + H) * 2) / (copy_tbps * 1e6)}
+    hs = [fd.swiglu_fp8_decode(hidden, w13, s13, r[0], r[1], TOP_K, r[2], r[3]) for r in routes]
+    out = {"floor_us": floors, "gate_up": {}, "down": {}}
+    for cfg in fd.SWEEP_CONFIGS:
+        t, err = timed([functools.partial(fd.swiglu_fp8_decode, hidden, w13, s13, r[0], r[1], TOP_K, r[2], r[3],
+                                          config=cfg) for r in routes], reps)
+        out["gate_up"][str(cfg)] = t if err is None else err
+        t, err = timed([functools.partial(fd.down_fp8_decode, h, w2, s2, r[0], r[2], r[3], config=cfg)
+                        for h, r in zip(hs, routes, strict=True)], reps)
+        out["down"][str(cfg)] = t if err is None else err
+        print(f"  sweep I={inter} B={hidden.shape[0]} {str(cfg):>22}: gate_up {_fmt(out['gate_up'][str(cfg)])} "
+              f"down {_fmt(out['down'][str(cfg)])} (floors {floors['gate_up']:.1f} / {floors['down']:.1f} us)",
+              flush=True)
+    best = {}
+    for gemm in ("gate_up", "down"):
+        timings = {c: t for c, t in out[gemm].items() if isinstance(t, float)}
+        best[gemm] = min(timings, key=timings.get) if timings else None
+    out["best"] = best
+    if best["gate_up"] and best["down"]:
+        gu, dn = fd.parse_config(best["gate_up"]), fd.parse_config(best["down"])
+        out["best_ffn_us"], _ = timed([functools.partial(fd.expert_ffn_fp8_decode, hidden, w13, s13, w2, s2, r[0], r[1],
+                                                         TOP_K, r[2], r[3], gu, dn) for r in routes], reps)
+    return out
 
 
 def bench_grouped(copy_tbps, fp8_tflops, reps, num_configs, tokens=4096):
@@ -281,15 +333,33 @@ def print_tables(res):
                   f"{_fmt(r['bf16_us'])} {_fmt(r['scaled_mm_us'])} {_fmt(r['byte_floor_us'])} "
                   f"{_fmt(r['flop_floor_us'])} {eff:>10}")
     if res.get("experts"):
-        print(f"\n{'experts I':>9} {'B':>5} {'active':>6} {'ours':>10} {'bf16':>10} {'bytes':>9} {'flops':>9} "
-              f"{'floor/ours':>10} {'bf16/ours':>9}")
+        print(f"\n{'experts I':>9} {'B':>5} {'active':>6} {'ours':>10} {'cuda':>10} {'triton':>10} {'bf16':>10} "
+              f"{'bytes':>9} {'flops':>9} {'floor/ours':>10} {'floor/cuda':>10} {'floor/triton':>12} {'bf16/ours':>9}")
+
+        def eff(floor, t):
+            return f"{floor / t:.2f}" if isinstance(t, float) and t > 0 else "-"
+
         for r in res["experts"]:
             floor = max(r["byte_floor_us"], r["flop_floor_us"])
-            eff = f"{floor / r['ours_us']:.2f}" if r["ours_us"] else "-"
             ratio = f"{r['bf16_us'] / r['ours_us']:.2f}" if r["ours_us"] and r["bf16_us"] else "-"
             print(f"{r['I']:>9} {r['B']:>5} {r['active_experts']:>6.0f} {_fmt(r['ours_us'], 10)} "
-                  f"{_fmt(r['bf16_us'], 10)} {_fmt(r['byte_floor_us'])} {_fmt(r['flop_floor_us'])} {eff:>10} "
-                  f"{ratio:>9}")
+                  f"{_fmt(r.get('cuda_decode_us'), 10)} {_fmt(r.get('triton_decode_us'), 10)} "
+                  f"{_fmt(r['bf16_us'], 10)} {_fmt(r['byte_floor_us'])} {_fmt(r['flop_floor_us'])} "
+                  f"{eff(floor, r['ours_us']):>10} {eff(floor, r.get('cuda_decode_us')):>10} "
+                  f"{eff(floor, r.get('triton_decode_us')):>12} {ratio:>9}")
+        sweeps = [r for r in res["experts"] if r.get("sweep")]
+        if sweeps:
+            print(f"\n{'triton decode sweep':>20} {'I':>5} {'B':>4} {'config':>22} {'gate_up':>9} {'(floor)':>7} "
+                  f"{'down':>9} {'(floor)':>7}")
+            for r in sweeps:
+                sw = r["sweep"]
+                for cfg, t in sw["gate_up"].items():
+                    d = sw["down"][cfg]
+                    print(f"{'':>20} {r['I']:>5} {r['B']:>4} {cfg:>22} {_fmt(t)} "
+                          f"{eff(sw['floor_us']['gate_up'], t):>7} {_fmt(d)} {eff(sw['floor_us']['down'], d):>7}")
+                print(f"{'best':>20} {r['I']:>5} {r['B']:>4} gate_up {sw['best']['gate_up']} + down "
+                      f"{sw['best']['down']}: FFN {_fmt(sw.get('best_ffn_us'))} (cuda {_fmt(r.get('cuda_decode_us'))}, "
+                      f"byte floor {_fmt(r['byte_floor_us'])})")
     if res.get("grouped"):
         print(f"\n{'grouped':>8} {'config':>28} {'ours':>9} {'quant':>9} {'bf16':>9} {'bytes':>9} {'flops':>9}")
         for r in res["grouped"]:
@@ -308,6 +378,8 @@ def main() -> None:
     parser.add_argument("--sections", default="dense,experts,grouped")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--configs", type=int, default=None, help="grouped: time only the first N configs")
+    parser.add_argument("--sweep-batches", default=",".join(map(str, SWEEP_BATCHES)),
+                        help="experts: batches at which every Triton decode config is timed ('' for none)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -324,7 +396,8 @@ def main() -> None:
     if "dense" in sections:
         res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps)
     if "experts" in sections:
-        res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps)
+        sweep = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
+        res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps, sweep_batches=sweep)
     if "grouped" in sections:
         res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps, args.configs)
         torch.cuda.empty_cache()

@@ -7,7 +7,8 @@ expert_ffn's rows at or past expert_offsets[-1] are unspecified (the grouped-GEM
 uninitialised); combine reads only the rows of real-expert slots.
 dense_gemv runs the compiled kernel only on the shapes and layouts it takes (dense_gemv_supported), else F.linear.
 Block FP8 (spec: ops/fp8_reference.py): dense_gemv_fp8 and expert_ffn_fp8 run the compiled decode kernels where they
-take the inputs (*_supported), prefill experts go to the Triton grouped FP8 GEMM, anything else to the reference.
+take the inputs (*_supported; decode experts: or the Triton w8a16 kernel where fp8_decode_expert_kernel picks it),
+prefill experts go to the Triton grouped FP8 GEMM, anything else to the reference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longcat_service import envs
 from longcat_service.kernels import fast_path_enabled
 from longcat_service.ops import fp8_reference
 
@@ -210,13 +212,49 @@ def _expert_ffn_grouped_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets
                             config=DEFAULT_DOWN_CONFIG)
 
 
+# Decode batches (tokens a step) from which wide FP8 experts (I >= TRITON_FP8_DECODE_MIN_INTER) take the Triton
+# w8a16 kernel (kernels/fp8_expert_decode.py: each active expert's weights read once for all of its rows) instead of
+# the CUDA expert_ffn_fp8 (2-row passes); up to the grouped-GEMM regime. None: never (the CUDA kernel, as before the
+# Triton kernel existed) until an H200 run of `benchmarks/bench_fp8_kernels.py --sections experts` places it.
+TRITON_FP8_DECODE_MIN_TOKENS: int | None = None
+TRITON_FP8_DECODE_MIN_INTER = 1024
+
+
+def fp8_decode_expert_kernel(tokens: int, inter: int) -> str:
+    """'triton' or 'cuda': which decode kernel runs FP8 experts of width `inter` for `tokens` tokens (host values
+    only: fixed per captured CUDA graph). LONGCAT_FP8_EXPERT_KERNEL=triton|cuda forces one (temporary)."""
+    forced = envs.LONGCAT_FP8_EXPERT_KERNEL
+    if forced != "auto":
+        return forced
+    min_tokens = TRITON_FP8_DECODE_MIN_TOKENS
+    if min_tokens is not None and tokens >= min_tokens and inter >= TRITON_FP8_DECODE_MIN_INTER:
+        return "triton"
+    return "cuda"
+
+
+def _use_triton_fp8_decode(hidden, w13, w13_scale, w2, w2_scale) -> bool:
+    from longcat_service.kernels import fp8_expert_decode
+
+    if not fast_path_enabled(hidden) or fp8_decode_expert_kernel(hidden.shape[0], w2.shape[-1]) != "triton":
+        return False
+    if torch.cuda.get_device_capability(hidden.device) < (8, 9):  # e4m3 in Triton
+        return False
+    return fp8_expert_decode.supported(hidden, w13, w2, w13_scale, w2_scale)
+
+
 def expert_ffn_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k, active_experts=None,
                    num_active=None):
-    """expert_ffn with block-FP8 expert weights. Decode (few rows per expert): the compiled weight-only kernel;
-    prefill (many rows per expert, CUDA): w8a8 through the Triton grouped FP8 GEMM; shapes neither takes: the
-    weights dequantized to hidden's dtype, then expert_ffn (tiny test models only: that copies every expert)."""
+    """expert_ffn with block-FP8 expert weights. Decode (few rows per expert): the compiled weight-only kernel, or
+    the Triton w8a16 one where fp8_decode_expert_kernel picks it; prefill (many rows per expert, CUDA): w8a8
+    through the Triton grouped FP8 GEMM; shapes none takes: the weights dequantized to hidden's dtype, then
+    expert_ffn (tiny test models only: that copies every expert)."""
     if _use_grouped_fp8(hidden, w13, w2, sorted_slots.shape[0]):
         return _expert_ffn_grouped_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k)
+    if _use_triton_fp8_decode(hidden, w13, w13_scale, w2, w2_scale):
+        from longcat_service.kernels.fp8_expert_decode import expert_ffn_fp8_decode
+
+        return expert_ffn_fp8_decode(hidden, w13, w13_scale, w2, w2_scale, expert_offsets.to(torch.int32),
+                                     sorted_slots.to(torch.int32), top_k, active_experts, num_active)
     if expert_ffn_fp8_supported(hidden, w13, w2):
         return _ops.expert_ffn_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets, sorted_slots, top_k,
                                    active_experts, num_active)
