@@ -241,6 +241,12 @@ SMALL_GROUPED = {
     "tma": fg.parse_config("16,32,32,2,4,tma"),
     "split": fg.parse_config("32,128,32,2,4,split"),
     "tma_split": fg.parse_config("16,64,32,2,4,tma,split"),
+    # the FP8-only variants (fp8_gemm.GroupedFp8Config); ws is the compiled path's (here the plain loop runs)
+    "swap": fg.parse_fp8_config("32,64,32,2,4,swap"),
+    "swap_tma_split": fg.parse_fp8_config("16,32,32,2,4,tma,split,swap"),
+    "persist": fg.parse_fp8_config("32,64,16,2,4,persist"),
+    "persist_tma_swap": fg.parse_fp8_config("16,32,32,2,4,tma,swap,persist2"),
+    "persist_ws": fg.parse_fp8_config("16,32,16,2,4,tma,persist1,ws"),
 }
 COUNTS = {"mixed": [5, 0, 33, 1, 0, 16, 17, 40], "one_expert": [0, 0, 77, 0], "all_empty": [0, 0, 0]}
 
@@ -304,8 +310,68 @@ def test_grouped_no_rows_no_k_and_bad_inputs():
         fg.grouped_gemm_fp8(x8, xs, w8, ws, offsets, config=fg.parse_config("32,256,32,2,4"))
 
 
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("counts", [[0, 3, 0, 16, 17, 0], [1100], [0, 0, 0], [5] * 37])
+def test_row_tile_list(counts, block_m):
+    """_row_tiles_kernel: every expert's row tiles (expert, first row) in expert order, and their number (1100 rows
+    of 16: 69 tiles, more than one BLOCK_T step; 37 experts: not a power of two)."""
+    from longcat_service.kernels import _fp8_gemm_triton as ft
+
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    offsets[1:] = torch.tensor(counts).cumsum(0)
+    want = [(e, int(offsets[e]) + j) for e, c in enumerate(counts) for j in range(0, c, block_m)]
+    size = len(want) + 5
+    tile_expert = torch.full((size,), -7, dtype=torch.int32)
+    tile_row, count = tile_expert.clone(), torch.full((1,), -7, dtype=torch.int32)
+    ft._row_tiles_kernel[(len(counts),)](offsets, len(counts), tile_expert, tile_row, count, BLOCK_M=block_m,
+                                         BLOCK_E=fg.next_pow2(len(counts)), BLOCK_T=64, USE_WHILE=True)
+    assert int(count) == len(want)
+    assert list(zip(tile_expert[: len(want)].tolist(), tile_row[: len(want)].tolist())) == want
+    assert tile_expert[len(want):].eq(-7).all() and tile_row[len(want):].eq(-7).all()
+
+
+@pytest.mark.parametrize("cfg", ["16,32,16,2,4,tma,persist1", "32,64,32,2,4,swap,persist3", "16,32,32,2,4,tma,split,swap",
+                                 "16,32,32,2,4,tma,swap,persist2"])
+def test_grouped_variants_write_only_their_rows(cfg):
+    """Row tiles that cross into the next expert's rows (or past the last real row) store only their own expert's
+    rows: rows past expert_offsets[-1] keep what they held; different grid sizes (persist 1..3 x 3 programs under
+    the interpreter) change which of two overlapping tiles runs last."""
+    from longcat_service.kernels._fp8_gemm_triton import launch_grouped
+
+    config = fg.parse_fp8_config(cfg)
+    counts = [7, 0, 21, 40, 1, 0, 33, 2]
+    x8, xs, w8, ws, offsets = _grouped_case(counts, 72, 256, seed=17, extra_rows=29)
+    y = torch.full((x8.shape[0], 72), float("nan"), dtype=torch.bfloat16)
+    launch_grouped(x8, xs, w8, ws, offsets, y, config.block_m, config.block_n, config.block_k, config.num_stages,
+                   config.num_warps, config.tma, config.split_tail, swap_ab=config.swap_ab,
+                   persistent=config.persistent, warp_specialize=config.warp_specialize)
+    n_real = int(offsets[-1])
+    assert y[n_real:].isnan().all()
+    _check_grouped(y, x8, xs, w8, ws, offsets, cfg)
+
+
+def test_fp8_config_grammar():
+    for text in ["128,128,64,4,4,tma,swap", "128,128,64,4,4,tma,persist2,ws", "64,128,128,4,4,tma,split",
+                 "16,32,32,2,4,split,swap", "32,64,16,2,4,persist3"]:
+        cfg = fg.parse_fp8_config(text)
+        assert fg.parse_fp8_config(str(cfg)) == cfg
+    cfg = fg.parse_fp8_config(" 128, 128, 64, 4, 4, PERSIST, swap, tma ")
+    assert (cfg.block_n, cfg.block_k, cfg.block_m, cfg.num_stages, cfg.num_warps) == (128, 128, 64, 4, 4)
+    assert cfg.tma and cfg.swap_ab and cfg.persistent == 1 and not cfg.warp_specialize and not cfg.split_tail
+    assert str(cfg) == "128,128,64,4,4,tma,swap,persist1"
+    for bad, match in [("128,128,64,4,4,persistx", "persist"), ("128,128,64,4,4,persist,persist2", "persist"),
+                       ("128,128,64,4,4,tma,ws", "ws needs"), ("128,128,64,4,8,tma,persist1,ws", "ws needs"),
+                       ("128,128,64,4,4,persist1,ws", "ws needs"), ("256,128,64,4,4,tma,persist1,ws", "ws needs"),
+                       ("128,128,64,4,4,split,persist2", "do not combine"), ("128,128,64,4,4,persist9", "0..8"),
+                       ("128,256,64,4,4", "divide"), ("128,128,64,4,4,swapp", "expected"), ("128,128,48,4,4", "power")]:
+        with pytest.raises(ValueError, match=match):
+            fg.parse_fp8_config(bad)
+
+
 def test_config_tables():
-    for cfg in fg.GROUPED_CONFIGS:
+    assert set(fg.ALL_GROUPED_CONFIGS) == set(fg.GROUPED_CONFIGS) | set(fg.VARIANT_CONFIGS)
+    assert len(set(fg.ALL_GROUPED_CONFIGS)) == len(fg.ALL_GROUPED_CONFIGS)
+    for cfg in fg.ALL_GROUPED_CONFIGS:
         assert 128 % cfg.block_k == 0
         assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg  # fp8: 1 byte
     assert fg.DEFAULT_GROUPED_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DENSE_CONFIG in fg.DENSE_CONFIGS
