@@ -326,7 +326,7 @@ def test_row_tile_list(counts, block_m):
     ft._row_tiles_kernel[(len(counts),)](offsets, len(counts), tile_expert, tile_row, count, BLOCK_M=block_m,
                                          BLOCK_E=fg.next_pow2(len(counts)), BLOCK_T=64, USE_WHILE=True)
     assert int(count) == len(want)
-    assert list(zip(tile_expert[: len(want)].tolist(), tile_row[: len(want)].tolist())) == want
+    assert list(zip(tile_expert[: len(want)].tolist(), tile_row[: len(want)].tolist(), strict=True)) == want
     assert tile_expert[len(want):].eq(-7).all() and tile_row[len(want):].eq(-7).all()
 
 
@@ -564,3 +564,44 @@ def test_sm90_build_uses_fp8_tensor_cores():
     assert len(lines) == 8, lines
     for line in lines[3:]:
         assert int(line.split()[-1]) <= 227 * 1024, line
+
+
+_AOT_VARIANTS = """
+import re
+from longcat_service.kernels._fp8_gemm_triton import aot_compile_grouped
+from longcat_service.kernels.fp8_gemm import VARIANT_CONFIGS
+for cfg in VARIANT_CONFIGS:
+    ck = aot_compile_grouped(cfg, 6144, 2048)
+    ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
+    shapes = set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.]m64n(\\d+)k32[.]f32[.]e4m3[.]e4m3", ptx))
+    # swap-AB: the token tile (block_m, or half of it for a split tail) is the wgmma's N; else the weight tile
+    want = {cfg.block_m, cfg.block_m // 2} if cfg.swap_ab and cfg.split_tail else {cfg.block_m} if cfg.swap_ab else None
+    assert shapes and (want is None or {int(v) for v in shapes} <= want), (str(cfg), shapes)
+    assert "async_tma_copy_global_to_local" in ttgir, (str(cfg), "tma")
+    ws = "ttg.warp_specialize" in ttgir.replace("tt.warp_specialize", "")
+    assert ws == cfg.warp_specialize, (str(cfg), "warp specialization", ws)
+    print(cfg, ck.metadata.shared, ck.metadata.num_warps, flush=True)
+"""
+
+
+def test_sm90_build_of_the_grouped_variants():
+    """Every VARIANT_CONFIGS kernel compiles for sm_90 at the LongCat down shape (6144 x 2048): FP8 wgmma with the
+    token tile on the N side where swap-AB, TMA, a warp-specialized kernel exactly where ws, shared memory that
+    fits an H200 SM."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:
+        pytest.skip("triton's CUDA backend is not installed")
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _AOT_VARIANTS], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(fg.VARIANT_CONFIGS), lines
+    for line in lines:
+        assert int(line.split()[-2]) <= 227 * 1024, line
