@@ -436,7 +436,7 @@ def test_grouped_gemm_fp8_variants(cfg, n, k):
     y = torch.full((x8.shape[0], n), float("nan"), dtype=torch.bfloat16, device=DEV)
     launch_grouped(x8, xs, w8, ws, offsets, y, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps,
                    cfg.tma, cfg.split_tail, swap_ab=cfg.swap_ab, persistent=cfg.persistent,
-                   warp_specialize=cfg.warp_specialize)
+                   warp_specialize=cfg.warp_specialize, flatten=cfg.flatten)
     n_real = int(offsets[-1])
     assert y[n_real:].isnan().all() and not y[:n_real].isnan().any(), str(cfg)
     torch.cuda.synchronize()

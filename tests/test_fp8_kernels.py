@@ -344,7 +344,8 @@ def test_grouped_variants_write_only_their_rows(cfg):
     y = torch.full((x8.shape[0], 72), float("nan"), dtype=torch.bfloat16)
     launch_grouped(x8, xs, w8, ws, offsets, y, config.block_m, config.block_n, config.block_k, config.num_stages,
                    config.num_warps, config.tma, config.split_tail, swap_ab=config.swap_ab,
-                   persistent=config.persistent, warp_specialize=config.warp_specialize)
+                   persistent=config.persistent, warp_specialize=config.warp_specialize,
+                   flatten=config.flatten)
     n_real = int(offsets[-1])
     assert y[n_real:].isnan().all()
     _check_grouped(y, x8, xs, w8, ws, offsets, cfg)
@@ -352,7 +353,7 @@ def test_grouped_variants_write_only_their_rows(cfg):
 
 def test_fp8_config_grammar():
     for text in ["128,128,64,4,4,tma,swap", "128,128,64,4,4,tma,persist2,ws", "64,128,128,4,4,tma,split",
-                 "16,32,32,2,4,split,swap", "32,64,16,2,4,persist3"]:
+                 "16,32,32,2,4,split,swap", "32,64,16,2,4,persist3", "32,64,16,2,4,swap,persist3,flat"]:
         cfg = fg.parse_fp8_config(text)
         assert fg.parse_fp8_config(str(cfg)) == cfg
     cfg = fg.parse_fp8_config(" 128, 128, 64, 4, 4, PERSIST, swap, tma ")
@@ -363,6 +364,7 @@ def test_fp8_config_grammar():
                        ("128,128,64,4,4,tma,ws", "ws needs"), ("128,128,64,4,8,tma,persist1,ws", "ws needs"),
                        ("128,128,64,4,4,persist1,ws", "ws needs"), ("256,128,64,4,4,tma,persist1,ws", "ws needs"),
                        ("128,128,64,4,4,split,persist2", "do not combine"), ("128,128,64,4,4,persist9", "0..8"),
+                       ("128,128,64,4,4,tma,flat", "flat needs"), ("128,128,64,4,4,tma,persist1,ws,flat", "flat needs"),
                        ("128,256,64,4,4", "divide"), ("128,128,64,4,4,swapp", "expected"), ("128,128,48,4,4", "power")]:
         with pytest.raises(ValueError, match=match):
             fg.parse_fp8_config(bad)
@@ -587,7 +589,7 @@ for cfg in VARIANT_CONFIGS:
 def test_sm90_build_of_the_grouped_variants():
     """Every VARIANT_CONFIGS kernel compiles for sm_90 at the LongCat down shape (6144 x 2048): FP8 wgmma with the
     token tile on the N side where swap-AB, TMA, a warp-specialized kernel exactly where ws, shared memory that
-    fits an H200 SM."""
+    fits an H200 SM (228 KB, 1 KB reserved per block) for each of a persistent config's programs per SM."""
     import subprocess
     import sys
 
@@ -603,5 +605,7 @@ def test_sm90_build_of_the_grouped_variants():
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == len(fg.VARIANT_CONFIGS), lines
-    for line in lines:
-        assert int(line.split()[-2]) <= 227 * 1024, line
+    for cfg, line in zip(fg.VARIANT_CONFIGS, lines, strict=True):
+        shared = int(line.split()[-2])
+        assert shared <= 227 * 1024, line
+        assert max(cfg.persistent, 1) * (shared + 1024) <= 228 * 1024, f"{line}: the persistent programs do not fit"

@@ -307,11 +307,14 @@ def _grouped_fp8_persistent_kernel(
     x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, count_ptr, x_desc, w_desc, N, K,
     s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-    SWAP_AB: tl.constexpr, WS: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    SWAP_AB: tl.constexpr, WS: tl.constexpr, FLATTEN: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    USE_WHILE: tl.constexpr,
 ):
     """A fixed grid walks the tiles (row tile g of _row_tiles_kernel's list, N tile), N tile fastest: programs in
     flight together read consecutive weight tiles of one expert, and an expert's row tiles of one weight tile
-    are num_n tiles apart, in flight together too (the weight tile comes from HBM once)."""
+    are num_n tiles apart, in flight together too (the weight tile comes from HBM once). FLATTEN: Triton fuses the
+    tile and K loops into one software pipeline, so a tile's first loads are issued during the previous tile's last
+    steps (no ramp per tile; not with WS, which it turns off)."""
     num_n = tl.cdiv(N, BLOCK_N)
     total = tl.load(count_ptr) * num_n
     if USE_WHILE:
@@ -322,7 +325,8 @@ def _grouped_fp8_persistent_kernel(
                              BLOCK_K, EVEN_K, TMA, SWAP_AB, MANUAL_BF16, USE_WHILE)
             tile += tl.num_programs(0)
     else:
-        for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), warp_specialize=WS):
+        for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), warp_specialize=WS,
+                             flatten=FLATTEN):
             _persistent_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, x_desc,
                              w_desc, tile, num_n, N, K, s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N,
                              BLOCK_K, EVEN_K, TMA, SWAP_AB, MANUAL_BF16, USE_WHILE)
@@ -370,7 +374,7 @@ def _cuda_sms(index: int) -> int:
 
 
 def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block_k, num_stages, num_warps, tma,
-                   split_tail, swap_ab=False, persistent=0, warp_specialize=False) -> None:
+                   split_tail, swap_ab=False, persistent=0, warp_specialize=False, flatten=False) -> None:
     """persistent > 0: a grid of persistent x SMs programs (_grouped_fp8_persistent_kernel; no split tail)."""
     rows, k = x8.shape
     num_experts, n, _ = w8.shape
@@ -396,7 +400,8 @@ def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block
         _grouped_fp8_persistent_kernel[grid](
             x8, w8, y, x_scale, w_scale, offsets, tile_expert, tile_row, count, x_desc, w_desc, n, k, *strides,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, TMA=use_tma,
-            SWAP_AB=swap_ab, WS=warp_specialize and use_tma and not interp, MANUAL_BF16=interp, USE_WHILE=interp,
+            SWAP_AB=swap_ab, WS=warp_specialize and use_tma and not interp, FLATTEN=flatten and not interp,
+            MANUAL_BF16=interp, USE_WHILE=interp,
             num_stages=num_stages, num_warps=num_warps,
         )
         return
@@ -455,6 +460,7 @@ def aot_compile_grouped(config, n: int, k: int, rows: int = 49152, num_experts: 
                       USE_WHILE=False, SWAP_AB=getattr(config, "swap_ab", False))
     if persistent:
         constexprs["WS"] = getattr(config, "warp_specialize", False)
+        constexprs["FLATTEN"] = getattr(config, "flatten", False)
         i32 = torch.empty(rows, dtype=torch.int32)
         values.update(tile_expert_ptr=i32, tile_row_ptr=i32, count_ptr=i32)
         return _aot(_grouped_fp8_persistent_kernel, values, constexprs, config.num_warps, config.num_stages,

@@ -47,7 +47,7 @@ DENSE_CONFIGS: tuple[DenseFp8Config, ...] = (
     DenseFp8Config(block_m=64, block_n=256, num_stages=3),
 )
 
-_FP8_FLAGS = ("swap", "ws")
+_FP8_FLAGS = ("swap", "ws", "flat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +56,15 @@ class GroupedFp8Config(GroupedGemmConfig):
     swap_ab: each tile is computed as w @ x^T, so the weight rows (block_n >= 64) fill the wgmma's M side and the
     tokens (block_m, may be 16 or 32) its N side. persistent: 0 = one program per (N tile, expert) walking the
     expert's row tiles; p > 0 = p programs per SM walking a device-side list of (expert, N tile, row tile)
-    tiles of block_m rows (no split tail). warp_specialize: Triton's automatic warp specialization (a producer
-    warp group feeding the MMA warps) of the persistent tile loop; compiled path only (the interpreter runs the
-    plain loop)."""
+    tiles of block_m rows (no split tail; p programs must fit one SM's shared memory). warp_specialize: Triton's
+    automatic warp specialization (a producer warp group feeding the MMA warps) of the persistent tile loop.
+    flatten: the persistent tile and K loops as one software pipeline (the next tile's loads overlap this tile's
+    last steps). ws and flat apply to the compiled path only (the interpreter runs the plain loops)."""
 
     swap_ab: bool = False
     persistent: int = 0
     warp_specialize: bool = False
+    flatten: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,17 +76,21 @@ class GroupedFp8Config(GroupedGemmConfig):
         # loop with TMA loads only, leaves 8-warp kernels as they are, and fails to build block_n 256
         if self.warp_specialize and not (self.persistent and self.tma and self.num_warps == 4 and self.block_n <= 128):
             raise ValueError("grouped fp8 config: ws needs persist, tma, 4 warps and block_n <= 128")
+        if self.flatten and not (self.persistent and not self.warp_specialize):
+            raise ValueError("grouped fp8 config: flat needs persist and no ws (flattening turns off ws)")
         if GROUP % self.block_k:
             raise ValueError(f"grouped fp8 config: block_k={self.block_k} must divide {GROUP}")
 
     def __str__(self) -> str:
         flags = ("swap",) * self.swap_ab + (f"persist{self.persistent}",) * bool(self.persistent)
-        return ",".join([super().__str__(), *flags, *("ws",) * self.warp_specialize])
+        flags += ("ws",) * self.warp_specialize + ("flat",) * self.flatten
+        return ",".join([super().__str__(), *flags])
 
 
 @functools.lru_cache(maxsize=128)
 def parse_fp8_config(text: str) -> GroupedFp8Config:
-    """"bn,bk,bm,stages,warps[,tma][,split][,swap][,persist<p>][,ws]" -> GroupedFp8Config ("persist" = persist1)."""
+    """"bn,bk,bm,stages,warps[,tma][,split][,swap][,persist<p>][,ws][,flat]" -> GroupedFp8Config ("persist" =
+    persist1)."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     base = [p for p in parts if p not in _FP8_FLAGS and not p.startswith("persist")]
     persist = [p for p in parts if p.startswith("persist")]
@@ -92,7 +98,8 @@ def parse_fp8_config(text: str) -> GroupedFp8Config:
         raise ValueError(f"grouped fp8 config {text!r}: expected one flag 'persist' or 'persist<programs per SM>'")
     cfg = parse_config(",".join(base))
     return GroupedFp8Config(**dataclasses.asdict(cfg), swap_ab="swap" in parts,
-                            persistent=int(persist[0][7:] or 1) if persist else 0, warp_specialize="ws" in parts)
+                            persistent=int(persist[0][7:] or 1) if persist else 0, warp_specialize="ws" in parts,
+                            flatten="flat" in parts)
 
 
 # Grouped: the bf16 kernel's shapes with K steps of one whole scale group (fp8 tiles are half the bytes: a
@@ -128,12 +135,15 @@ VARIANT_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c 
     "256,128,64,5,8,tma,swap",
     "128,128,128,4,8,tma,swap,split",
     "256,128,128,4,8,tma,swap,split",
-    # (a) persistent
+    # (a) persistent, with and without one pipeline across tiles (flat)
     "128,128,64,4,4,tma,persist2",
+    "128,128,64,4,4,tma,persist2,flat",
     "256,128,64,5,8,tma,persist1",
-    "128,128,64,5,4,tma,swap,persist2",
-    "256,128,64,5,8,tma,swap,persist1",
-    "128,128,32,6,4,tma,swap,persist2",
+    "256,128,64,5,8,tma,persist1,flat",
+    "128,128,64,4,4,tma,swap,persist2",
+    "128,128,64,4,4,tma,swap,persist2,flat",
+    "256,128,64,5,8,tma,swap,persist1,flat",
+    "128,128,32,5,4,tma,swap,persist2,flat",
     # (b) warp specialization (of the persistent tile loop)
     "128,128,64,4,4,tma,persist1,ws",
     "128,128,64,4,4,tma,swap,persist1,ws",
@@ -266,7 +276,7 @@ def grouped_gemm_fp8(
     launch_grouped(x8, x_scale.contiguous(), w8, w_scale.contiguous(), expert_offsets.contiguous(), y, block_m,
                    cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.tma, split_tail,
                    swap_ab=getattr(cfg, "swap_ab", False), persistent=getattr(cfg, "persistent", 0),
-                   warp_specialize=getattr(cfg, "warp_specialize", False))
+                   warp_specialize=getattr(cfg, "warp_specialize", False), flatten=getattr(cfg, "flatten", False))
     return y
 
 
