@@ -14,8 +14,8 @@ kernel at B = 1, the tensor-core kernel expert_ffn_fp8_mma.cuh from 16 tokens; r
 (prefill: w8a8 grouped FP8 GEMM) against expert_ffn with bf16 weights. grouped: grouped FP8 GEMM configs (default
 every one of fp8_gemm.ALL_GROUPED_CONFIGS, the measured ones and the untested variants) at the prefill shapes of
 --tokens prompts (default 4096: ~64 rows per expert) against the bf16 Triton grouped GEMM, each with its fraction
-of the copy floor and the fastest per GEMM at the end; then (unless --no-fusion) the activation quantization of that prefill
-(kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
+of the copy floor and the fastest per GEMM at the end; then (unless --no-fusion) the activation quantization of
+that prefill (kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
 silu_mul_quant_fp8 against silu_and_mul + per_token_group_quant_fp8 (fused at the default and a few other tiles;
 byte floor = the fused kernel's bytes: bf16 in once, e4m3 + scales out), and the whole routed-expert FFN
 (ops/extension._expert_ffn_grouped_fp8, fused) against the same path with the unfused pairs.
@@ -342,7 +342,7 @@ def main() -> None:
     parser.add_argument("--configs", default=None,
                         help="grouped: N (the first N of ALL_GROUPED_CONFIGS), all (default), variants or base")
     parser.add_argument("--config-list", default=None,
-                        help="grouped: explicit configs separated by ';', e.g. '128,128,64,4,4,tma;128,128,64,4,4,tma,swap'")
+                        help="grouped: configs separated by ';', e.g. '128,128,64,4,4,tma;128,128,64,4,4,tma,swap'")
     parser.add_argument("--tokens", default="4096", help="grouped: prompt lengths, e.g. 1024,4096,32768")
     parser.add_argument("--no-fusion", action="store_true", help="grouped: skip the quantization-fusion timings")
     parser.add_argument("--out", default=None)

@@ -330,8 +330,8 @@ def test_row_tile_list(counts, block_m):
     assert tile_expert[len(want):].eq(-7).all() and tile_row[len(want):].eq(-7).all()
 
 
-@pytest.mark.parametrize("cfg", ["16,32,16,2,4,tma,persist1", "32,64,32,2,4,swap,persist3", "16,32,32,2,4,tma,split,swap",
-                                 "16,32,32,2,4,tma,swap,persist2"])
+@pytest.mark.parametrize("cfg", ["16,32,16,2,4,tma,persist1", "32,64,32,2,4,swap,persist3",
+                                 "16,32,32,2,4,tma,split,swap", "16,32,32,2,4,tma,swap,persist2"])
 def test_grouped_variants_write_only_their_rows(cfg):
     """Row tiles that cross into the next expert's rows (or past the last real row) store only their own expert's
     rows: rows past expert_offsets[-1] keep what they held; different grid sizes (persist 1..3 x 3 programs under
