@@ -609,3 +609,31 @@ def test_sm90_build_of_the_grouped_variants():
         shared = int(line.split()[-2])
         assert shared <= 227 * 1024, line
         assert max(cfg.persistent, 1) * (shared + 1024) <= 228 * 1024, f"{line}: the persistent programs do not fit"
+
+
+def test_bench_grouped_config_selection_and_table(capsys):
+    """benchmarks/bench_fp8_kernels.py: --configs / --config-list pick the sweep; the table prints each config's
+    fraction of the copy floor (failed configs with their error) and the fastest per GEMM and token count."""
+    from benchmarks.bench_fp8_kernels import grouped_configs, print_tables
+
+    assert grouped_configs(None, None) == list(fg.ALL_GROUPED_CONFIGS)
+    assert grouped_configs("all", None) == list(fg.ALL_GROUPED_CONFIGS)
+    assert grouped_configs("variants", None) == list(fg.VARIANT_CONFIGS)
+    assert grouped_configs("base", None) == list(fg.GROUPED_CONFIGS)
+    assert grouped_configs("3", None) == list(fg.ALL_GROUPED_CONFIGS[:3])
+    listed = grouped_configs("2", " 128,128,64,4,4,tma ; 128,128,64,4,4,tma,swap,persist2,flat;")
+    assert [str(c) for c in listed] == ["128,128,64,4,4,tma", "128,128,64,4,4,tma,swap,persist2,flat"]
+    with pytest.raises(ValueError):
+        grouped_configs(None, "128,128,64,4,4,tma,ws")
+    base = {"N": 4096, "K": 6144, "rows": 32768, "quant_us": 50.0, "bf16_grouped_us": 6500.0, "byte_floor_us": 3000.0,
+            "flop_floor_us": 1000.0}
+    rows = [dict(base, gemm="gate_up", tokens=4096, config="a", ours_us=4000.0, error=None, copy_frac=0.75),
+            dict(base, gemm="gate_up", tokens=4096, config="b", ours_us=3750.0, error=None, copy_frac=0.8),
+            dict(base, gemm="gate_up", tokens=4096, config="c", ours_us=None, error="CompilationError: x",
+                 copy_frac=None),
+            dict(base, gemm="down", tokens=1024, config="a", ours_us=2000.0, error=None, copy_frac=0.5)]
+    print_tables({"grouped": rows})
+    out = capsys.readouterr().out
+    assert "0.800" in out and "CompilationError: x" in out
+    assert 'fastest gate_up at 4096 tokens: "b" 3750.0 us, 0.800 of the copy floor' in out
+    assert 'fastest down at 1024 tokens: "a" 2000.0 us, 0.500 of the copy floor' in out
