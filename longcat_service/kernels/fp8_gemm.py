@@ -125,6 +125,7 @@ GROUPED_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c 
 VARIANT_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c in (
     # (c) wide weight tiles, deep pipelines
     "256,128,64,5,8,tma",
+    "256,64,64,6,8,tma",
     "256,128,64,4,8,tma,split",
     "256,128,128,4,8,tma,split",
     "256,64,128,6,8,tma,split",
