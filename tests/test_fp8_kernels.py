@@ -569,11 +569,18 @@ def test_sm90_build_uses_fp8_tensor_cores():
 
 
 _AOT_VARIANTS = """
-import re
+import os, re, subprocess, tempfile
+import triton
 from longcat_service.kernels._fp8_gemm_triton import aot_compile_grouped
 from longcat_service.kernels.fp8_gemm import VARIANT_CONFIGS
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for cfg in VARIANT_CONFIGS:
     ck = aot_compile_grouped(cfg, 6144, 2048)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "k.cubin"), "wb") as f:
+            f.write(ck.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"STACK:0 ", usage), (str(cfg), "spills registers", usage)
     ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
     shapes = set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.]m64n(\\d+)k32[.]f32[.]e4m3[.]e4m3", ptx))
     # swap-AB: the token tile (block_m, or half of it for a split tail) is the wgmma's N; else the weight tile
@@ -588,8 +595,9 @@ for cfg in VARIANT_CONFIGS:
 
 def test_sm90_build_of_the_grouped_variants():
     """Every VARIANT_CONFIGS kernel compiles for sm_90 at the LongCat down shape (6144 x 2048): FP8 wgmma with the
-    token tile on the N side where swap-AB, TMA, a warp-specialized kernel exactly where ws, shared memory that
-    fits an H200 SM (228 KB, 1 KB reserved per block) for each of a persistent config's programs per SM."""
+    token tile on the N side where swap-AB, TMA, a warp-specialized kernel exactly where ws, no register spills,
+    shared memory that fits an H200 SM (228 KB, 1 KB reserved per block) for each of a persistent config's
+    programs per SM."""
     import subprocess
     import sys
 

@@ -162,7 +162,7 @@ def launch_w8a8(x8, x_scale, w8, w_scale, out, block_m, block_n, block_k, group_
 @triton.jit
 def _g_step(
     acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok, ks,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     if TMA:
         a = x_desc.load([row0, k0])
@@ -177,13 +177,18 @@ def _g_step(
             b = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     g = k0 // 128
     a_s = tl.load(xs_ptrs + g, mask=row_ok, other=0.0)
-    b_s = tl.load(ws_ptrs + g, mask=col_ok, other=0.0)
+    if BLOCK_N <= 128:  # the tile lies in one 128-row block of the weight: one scale (ws_ptrs is a scalar)
+        b_s = tl.load(ws_ptrs + g)
+    else:
+        b_s = tl.load(ws_ptrs + g, mask=col_ok, other=0.0)
+    if BLOCK_N > 128:
+        b_s = b_s[:, None] if SWAP_AB else b_s[None, :]
     if SWAP_AB:  # acc is [BLOCK_N, BLOCK_M]
         part = tl.dot(b, tl.trans(a))
-        return acc + part * b_s[:, None] * a_s[None, :]
+        return acc + part * b_s * a_s[None, :]
     else:
         part = tl.dot(a, tl.trans(b))
-        return acc + part * a_s[:, None] * b_s[None, :]
+        return acc + part * a_s[:, None] * b_s
 
 
 @triton.jit
@@ -201,7 +206,10 @@ def _g_tile(
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * s_xm + ks[None, :]
     w_ptrs = w_ptr + expert.to(tl.int64) * s_we + cols.to(tl.int64)[:, None] * s_wn + ks[None, :]
     xs_ptrs = xs_ptr + rows.to(tl.int64) * s_xsm
-    ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (cols // 128).to(tl.int64) * s_wsn
+    if BLOCK_N <= 128:
+        ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (n0 // 128).to(tl.int64) * s_wsn
+    else:
+        ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (cols // 128).to(tl.int64) * s_wsn
     w_row0 = expert * N + n0
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -211,12 +219,12 @@ def _g_tile(
         k0 = 0
         while k0 < K:
             acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
-                          ks, EVEN_K, TMA, SWAP_AB)
+                          ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
             k0 += BLOCK_K
     else:
         for k0 in range(0, K, BLOCK_K):
             acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
-                          ks, EVEN_K, TMA, SWAP_AB)
+                          ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
     if SWAP_AB:
         acc = tl.trans(acc)
     out = _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16)
