@@ -145,6 +145,8 @@ VARIANT_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c 
     "128,128,64,4,4,tma,swap,persist2,flat",
     "256,128,64,5,8,tma,swap,persist1",
     "128,128,32,5,4,tma,swap,persist2,flat",
+    "128,128,128,4,8,tma,persist1",
+    "128,128,128,4,8,tma,persist1,flat",
     # (b) warp specialization (of the persistent tile loop; last: the least proven compiler path)
     "128,128,64,4,4,tma,persist1,ws",
     "128,128,64,4,4,tma,swap,persist1,ws",
