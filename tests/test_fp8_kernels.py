@@ -247,6 +247,8 @@ SMALL_GROUPED = {
     "persist": fg.parse_fp8_config("32,64,16,2,4,persist"),
     "persist_tma_swap": fg.parse_fp8_config("16,32,32,2,4,tma,swap,persist2"),
     "persist_ws": fg.parse_fp8_config("16,32,16,2,4,tma,persist1,ws"),
+    "k2": fg.parse_fp8_config("32,64,32,2,4,k2"),
+    "k2_tma_swap_persist": fg.parse_fp8_config("16,32,16,2,4,tma,swap,persist2,k2"),
 }
 COUNTS = {"mixed": [5, 0, 33, 1, 0, 16, 17, 40], "one_expert": [0, 0, 77, 0], "all_empty": [0, 0, 0]}
 
@@ -283,6 +285,24 @@ def test_grouped_matches_exact(counts, variant, n, k):
     n_real = int(offsets[-1])
     want = fg.grouped_gemm_fp8_reference(x8, xs, w8, ws, offsets)
     torch.testing.assert_close(y[:n_real].float(), want[:n_real].float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", ["32,128,32,2,4,tma,k2", "32,128,32,2,4,k2", "32,128,16,2,4,tma,swap,persist2,k2",
+                                 "64,128,32,2,4,tma,split,k2"])
+@pytest.mark.parametrize("k", [320, 384])
+def test_grouped_k2_when_k_is_not_a_multiple_of_two_steps(cfg, k):
+    """K2 with K % 256 in (0, 128]: the last iteration's second step starts at or past K (TMA zero-fills it, its
+    scales are masked: NaN after the scale tensors would show) or covers a partial block; the result is the exact
+    product all the same."""
+    x8, xs, w8, ws, offsets = _grouped_case(COUNTS["mixed"], 72, k, seed=k, extra_rows=0)
+
+    def nan_after(t):
+        buf = torch.full((t.numel() + 64,), float("nan"))
+        buf[: t.numel()] = t.flatten()
+        return buf[: t.numel()].view(t.shape)
+
+    y = fg.grouped_gemm_fp8(x8, nan_after(xs), w8, nan_after(ws), offsets, config=fg.parse_fp8_config(cfg))
+    _check_grouped(y, x8, xs, w8, ws, offsets, f"{cfg} K={k}")
 
 
 def test_grouped_tma_choice_and_row_hint():
@@ -353,7 +373,8 @@ def test_grouped_variants_write_only_their_rows(cfg):
 
 def test_fp8_config_grammar():
     for text in ["128,128,64,4,4,tma,swap", "128,128,64,4,4,tma,persist2,ws", "64,128,128,4,4,tma,split",
-                 "16,32,32,2,4,split,swap", "32,64,16,2,4,persist3", "32,64,16,2,4,swap,persist3,flat"]:
+                 "16,32,32,2,4,split,swap", "32,64,16,2,4,persist3", "32,64,16,2,4,swap,persist3,flat",
+                 "128,128,64,2,4,tma,persist2,flat,k2"]:
         cfg = fg.parse_fp8_config(text)
         assert fg.parse_fp8_config(str(cfg)) == cfg
     cfg = fg.parse_fp8_config(" 128, 128, 64, 4, 4, PERSIST, swap, tma ")

@@ -47,7 +47,7 @@ DENSE_CONFIGS: tuple[DenseFp8Config, ...] = (
     DenseFp8Config(block_m=64, block_n=256, num_stages=3),
 )
 
-_FP8_FLAGS = ("swap", "ws", "flat")
+_FP8_FLAGS = ("swap", "ws", "flat", "k2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +59,15 @@ class GroupedFp8Config(GroupedGemmConfig):
     tiles of block_m rows (no split tail; p programs must fit one SM's shared memory). warp_specialize: Triton's
     automatic warp specialization (a producer warp group feeding the MMA warps) of the persistent tile loop.
     flatten: the persistent tile and K loops as one software pipeline (the next tile's loads overlap this tile's
-    last steps). ws and flat apply to the compiled path only (the interpreter runs the plain loops)."""
+    last steps). ws and flat apply to the compiled path only (the interpreter runs the plain loops). k_steps = 2:
+    two K steps per loop iteration (their loads issued together: 2 x block_k contiguous bytes of each weight row;
+    num_stages then counts pairs, each stage twice the shared memory)."""
 
     swap_ab: bool = False
     persistent: int = 0
     warp_specialize: bool = False
     flatten: bool = False
+    k_steps: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,16 +83,18 @@ class GroupedFp8Config(GroupedGemmConfig):
             raise ValueError("grouped fp8 config: flat needs persist and no ws (flattening turns off ws)")
         if GROUP % self.block_k:
             raise ValueError(f"grouped fp8 config: block_k={self.block_k} must divide {GROUP}")
+        if self.k_steps not in (1, 2):
+            raise ValueError(f"grouped fp8 config: k_steps={self.k_steps} must be 1 or 2")
 
     def __str__(self) -> str:
         flags = ("swap",) * self.swap_ab + (f"persist{self.persistent}",) * bool(self.persistent)
-        flags += ("ws",) * self.warp_specialize + ("flat",) * self.flatten
+        flags += ("ws",) * self.warp_specialize + ("flat",) * self.flatten + ("k2",) * (self.k_steps == 2)
         return ",".join([super().__str__(), *flags])
 
 
 @functools.lru_cache(maxsize=128)
 def parse_fp8_config(text: str) -> GroupedFp8Config:
-    """"bn,bk,bm,stages,warps[,tma][,split][,swap][,persist<p>][,ws][,flat]" -> GroupedFp8Config ("persist" =
+    """"bn,bk,bm,stages,warps[,tma][,split][,swap][,persist<p>][,ws][,flat][,k2]" -> GroupedFp8Config ("persist" =
     persist1)."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     base = [p for p in parts if p not in _FP8_FLAGS and not p.startswith("persist")]
@@ -99,7 +104,7 @@ def parse_fp8_config(text: str) -> GroupedFp8Config:
     cfg = parse_config(",".join(base))
     return GroupedFp8Config(**dataclasses.asdict(cfg), swap_ab="swap" in parts,
                             persistent=int(persist[0][7:] or 1) if persist else 0, warp_specialize="ws" in parts,
-                            flatten="flat" in parts)
+                            flatten="flat" in parts, k_steps=2 if "k2" in parts else 1)
 
 
 # Grouped: the bf16 kernel's shapes with K steps of one whole scale group (fp8 tiles are half the bytes: a
@@ -147,6 +152,13 @@ VARIANT_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c 
     "128,128,32,5,4,tma,swap,persist2,flat",
     "128,128,128,4,8,tma,persist1",
     "128,128,128,4,8,tma,persist1,flat",
+    # K2: two adjacent K blocks per pipeline stage (each weight row read 256 contiguous bytes at a time, DRAM
+    # pages opened half as often; one iteration's two wgmma groups)
+    "128,128,64,2,4,tma,k2",
+    "64,128,128,2,4,tma,split,k2",
+    "128,128,64,3,4,tma,k2",
+    "256,128,64,2,8,tma,k2",
+    "128,128,64,2,4,tma,persist2,flat,k2",
     # (b) warp specialization (of the persistent tile loop; last: the least proven compiler path)
     "128,128,64,4,4,tma,persist1,ws",
     "128,128,64,4,4,tma,swap,persist1,ws",
@@ -279,7 +291,8 @@ def grouped_gemm_fp8(
     launch_grouped(x8, x_scale.contiguous(), w8, w_scale.contiguous(), expert_offsets.contiguous(), y, block_m,
                    cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.tma, split_tail,
                    swap_ab=getattr(cfg, "swap_ab", False), persistent=getattr(cfg, "persistent", 0),
-                   warp_specialize=getattr(cfg, "warp_specialize", False), flatten=getattr(cfg, "flatten", False))
+                   warp_specialize=getattr(cfg, "warp_specialize", False), flatten=getattr(cfg, "flatten", False),
+                   k_steps=getattr(cfg, "k_steps", 1))
     return y
 
 
