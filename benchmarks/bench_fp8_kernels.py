@@ -2,6 +2,7 @@
 
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
         [--sweep-batches 8,16,64,128]
+        [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
@@ -16,9 +17,11 @@ expert_ffn_fp8_mma.cuh for I <= 512 from 16 tokens), triton = kernels/fp8_expert
 (each active expert's weights read once for up to 16 rows). At I = 2048 and B = 8, 16, 64, 128 every Triton decode
 config (SWEEP_CONFIGS) is timed on each launch alone (gate_up = SwiGLU, down) against that launch's byte floor, and
 the whole FFN with the fastest pair: the numbers that set its defaults and
-ops/extension.TRITON_FP8_DECODE_MIN_TOKENS. grouped: every grouped FP8 GEMM config at
-the 4096-token prefill shapes against the bf16 Triton grouped GEMM; then the activation quantization of that prefill
-(kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
+ops/extension.TRITON_FP8_DECODE_MIN_TOKENS. grouped: grouped FP8 GEMM configs (default
+every one of fp8_gemm.ALL_GROUPED_CONFIGS, the measured ones and the untested variants) at the prefill shapes of
+--tokens prompts (default 4096: ~64 rows per expert) against the bf16 Triton grouped GEMM, each with its fraction
+of the copy floor and the fastest per GEMM at the end; then (unless --no-fusion) the activation quantization of
+that prefill (kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
 silu_mul_quant_fp8 against silu_and_mul + per_token_group_quant_fp8 (fused at the default and a few other tiles;
 byte floor = the fused kernel's bytes: bf16 in once, e4m3 + scales out), and the whole routed-expert FFN
 (ops/extension._expert_ffn_grouped_fp8, fused) against the same path with the unfused pairs.
@@ -224,35 +227,53 @@ def sweep_decode_configs(hidden, w13, s13, w2, s2, routes, copy_tbps, reps):
     return out
 
 
-def bench_grouped(copy_tbps, fp8_tflops, reps, num_configs, tokens=4096):
-    from longcat_service.kernels.fp8_gemm import GROUPED_CONFIGS, grouped_gemm_fp8, per_token_group_quant_fp8
+def grouped_configs(spec: str | None, config_list: str | None):
+    """--configs N (the first N of fp8_gemm.ALL_GROUPED_CONFIGS), 'all' (every one; the default), 'variants'
+    (VARIANT_CONFIGS) or 'base' (GROUPED_CONFIGS); --config-list 'c1;c2;...' (parse_fp8_config strings) instead."""
+    from longcat_service.kernels import fp8_gemm as fg
+
+    if config_list:
+        return [fg.parse_fp8_config(c) for c in config_list.split(";") if c.strip()]
+    named = {"all": fg.ALL_GROUPED_CONFIGS, "variants": fg.VARIANT_CONFIGS, "base": fg.GROUPED_CONFIGS}
+    if spec is None or spec in named:
+        return list(named[spec or "all"])
+    return list(fg.ALL_GROUPED_CONFIGS[: int(spec)])
+
+
+def bench_grouped(copy_tbps, fp8_tflops, reps, configs, token_counts=(4096,)):
+    """Every config at the prefill GEMM shapes of each token count (LongCat routing: rows per expert ~ tokens *
+    12 / 768, 16 at 1024 tokens, 64 at 4096, 512 at 32768); copy_frac = byte floor / time."""
+    from longcat_service.kernels.fp8_gemm import grouped_gemm_fp8, per_token_group_quant_fp8
     from longcat_service.kernels.grouped_gemm import grouped_gemm
 
     inter = 2048
-    routes = _routings(tokens, 1, seed=7)
-    offsets, n_rows = routes[0][0], routes[0][5]
-    rows_total = tokens * TOP_K
     rows = []
-    for name, (n, k) in {"gate_up": (2 * inter, H), "down": (H, inter)}.items():
-        w8 = random_fp8((E, n, k), seed=n)
-        ws = scales_for(w8, 1.0 / (64 * k**0.5))
-        wb = torch.empty(E, n, k, device="cuda", dtype=torch.bfloat16)
-        for e0 in range(0, E, 64):
-            wb[e0:e0 + 64].copy_(w8[e0:e0 + 64].float() * (1.0 / (64 * k**0.5)))
-        x = torch.randn(rows_total, k, device="cuda").to(torch.bfloat16)
-        x8, xs = per_token_group_quant_fp8(x)
-        quant, _ = timed([functools.partial(per_token_group_quant_fp8, x)], reps)
-        bf16, _ = timed([functools.partial(grouped_gemm, x, wb, offsets, tokens)], reps)
-        floor_b = (E * n * k + n_rows * (k + 2 * n)) / (copy_tbps * 1e6)
-        floor_f = 2 * n_rows * n * k / (fp8_tflops * 1e6)
-        for cfg in GROUPED_CONFIGS[:num_configs]:
-            t, err = timed([functools.partial(grouped_gemm_fp8, x8, xs, w8, ws, offsets, tokens, config=cfg)], reps)
-            row = {"gemm": name, "N": n, "K": k, "rows": n_rows, "config": str(cfg), "ours_us": t, "error": err,
-                   "quant_us": quant, "bf16_grouped_us": bf16, "byte_floor_us": floor_b, "flop_floor_us": floor_f}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        w8 = wb = x = x8 = None
-        torch.cuda.empty_cache()
+    for tokens in token_counts:
+        routes = _routings(tokens, 1, seed=7)
+        offsets, n_rows = routes[0][0], routes[0][5]
+        rows_total = tokens * TOP_K
+        for name, (n, k) in {"gate_up": (2 * inter, H), "down": (H, inter)}.items():
+            w8 = random_fp8((E, n, k), seed=n)
+            ws = scales_for(w8, 1.0 / (64 * k**0.5))
+            wb = torch.empty(E, n, k, device="cuda", dtype=torch.bfloat16)
+            for e0 in range(0, E, 64):
+                wb[e0:e0 + 64].copy_(w8[e0:e0 + 64].float() * (1.0 / (64 * k**0.5)))
+            x = torch.randn(rows_total, k, device="cuda").to(torch.bfloat16)
+            x8, xs = per_token_group_quant_fp8(x)
+            quant, _ = timed([functools.partial(per_token_group_quant_fp8, x)], reps)
+            bf16, _ = timed([functools.partial(grouped_gemm, x, wb, offsets, tokens)], reps)
+            floor_b = (E * n * k + n_rows * (k + 2 * n)) / (copy_tbps * 1e6)
+            floor_f = 2 * n_rows * n * k / (fp8_tflops * 1e6)
+            for cfg in configs:
+                t, err = timed([functools.partial(grouped_gemm_fp8, x8, xs, w8, ws, offsets, tokens, config=cfg)], reps)
+                row = {"gemm": name, "tokens": tokens, "N": n, "K": k, "rows": n_rows, "config": str(cfg),
+                       "ours_us": t, "error": err, "quant_us": quant, "bf16_grouped_us": bf16,
+                       "byte_floor_us": floor_b, "flop_floor_us": floor_f,
+                       "copy_frac": floor_b / t if t else None}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            w8 = wb = x = x8 = None
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -361,10 +382,21 @@ def print_tables(res):
                       f"{sw['best']['down']}: FFN {_fmt(sw.get('best_ffn_us'))} (cuda {_fmt(r.get('cuda_decode_us'))}, "
                       f"byte floor {_fmt(r['byte_floor_us'])})")
     if res.get("grouped"):
-        print(f"\n{'grouped':>8} {'config':>28} {'ours':>9} {'quant':>9} {'bf16':>9} {'bytes':>9} {'flops':>9}")
+        print(f"\n{'grouped':>8} {'tokens':>6} {'config':>40} {'ours':>9} {'copy_frac':>9} {'quant':>9} {'bf16':>9} "
+              f"{'bytes':>9} {'flops':>9}")
         for r in res["grouped"]:
-            print(f"{r['gemm']:>8} {r['config']:>28} {_fmt(r['ours_us'])} {_fmt(r['quant_us'])} "
-                  f"{_fmt(r['bf16_grouped_us'])} {_fmt(r['byte_floor_us'])} {_fmt(r['flop_floor_us'])}")
+            frac = f"{r['copy_frac']:.3f}" if r.get("copy_frac") else "-"
+            print(f"{r['gemm']:>8} {r.get('tokens', 4096):>6} {r['config']:>40} {_fmt(r['ours_us'])} {frac:>9} "
+                  f"{_fmt(r['quant_us'])} {_fmt(r['bf16_grouped_us'])} {_fmt(r['byte_floor_us'])} "
+                  f"{_fmt(r['flop_floor_us'])}{'  ' + r['error'] if r.get('error') else ''}")
+        best = {}
+        for r in res["grouped"]:
+            key = (r["gemm"], r.get("tokens", 4096))
+            if r["ours_us"] and (key not in best or r["ours_us"] < best[key]["ours_us"]):
+                best[key] = r
+        for (gemm, tokens), r in best.items():
+            print(f"fastest {gemm} at {tokens} tokens: \"{r['config']}\" {r['ours_us']:.1f} us, "
+                  f"{r['copy_frac']:.3f} of the copy floor")
     if res.get("quant_fusion"):
         print(f"\n{'quant fusion':>14} {'unfused':>9} {'fused':>9} {'bytes':>9}  fused per tile (block_m,groups,warps)")
         for r in res["quant_fusion"]:
@@ -377,9 +409,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="dense,experts,grouped")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--configs", type=int, default=None, help="grouped: time only the first N configs")
     parser.add_argument("--sweep-batches", default=",".join(map(str, SWEEP_BATCHES)),
                         help="experts: batches at which every Triton decode config is timed ('' for none)")
+    parser.add_argument("--configs", default=None,
+                        help="grouped: N (the first N of ALL_GROUPED_CONFIGS), all (default), variants or base")
+    parser.add_argument("--config-list", default=None,
+                        help="grouped: configs separated by ';', e.g. '128,128,64,4,4,tma;128,128,64,4,4,tma,swap'")
+    parser.add_argument("--tokens", default="4096", help="grouped: prompt lengths, e.g. 1024,4096,32768")
+    parser.add_argument("--no-fusion", action="store_true", help="grouped: skip the quantization-fusion timings")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -399,9 +436,12 @@ def main() -> None:
         sweep = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
         res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps, sweep_batches=sweep)
     if "grouped" in sections:
-        res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps, args.configs)
+        configs = grouped_configs(args.configs, args.config_list)
+        tokens = tuple(int(t) for t in args.tokens.split(","))
+        res["grouped"] = bench_grouped(copy_tbps, fp8_tflops, args.reps, configs, tokens)
         torch.cuda.empty_cache()
-        res["quant_fusion"] = bench_quant_fusion(copy_tbps, args.reps)
+        if not args.no_fusion:
+            res["quant_fusion"] = bench_quant_fusion(copy_tbps, args.reps)
     print_tables(res)
     if args.out:
         with open(args.out, "w") as f:

@@ -241,6 +241,14 @@ SMALL_GROUPED = {
     "tma": fg.parse_config("16,32,32,2,4,tma"),
     "split": fg.parse_config("32,128,32,2,4,split"),
     "tma_split": fg.parse_config("16,64,32,2,4,tma,split"),
+    # the FP8-only variants (fp8_gemm.GroupedFp8Config); ws is the compiled path's (here the plain loop runs)
+    "swap": fg.parse_fp8_config("32,64,32,2,4,swap"),
+    "swap_tma_split": fg.parse_fp8_config("16,32,32,2,4,tma,split,swap"),
+    "persist": fg.parse_fp8_config("32,64,16,2,4,persist"),
+    "persist_tma_swap": fg.parse_fp8_config("16,32,32,2,4,tma,swap,persist2"),
+    "persist_ws": fg.parse_fp8_config("16,32,16,2,4,tma,persist1,ws"),
+    "k2": fg.parse_fp8_config("32,64,32,2,4,k2"),
+    "k2_tma_swap_persist": fg.parse_fp8_config("16,32,16,2,4,tma,swap,persist2,k2"),
 }
 COUNTS = {"mixed": [5, 0, 33, 1, 0, 16, 17, 40], "one_expert": [0, 0, 77, 0], "all_empty": [0, 0, 0]}
 
@@ -279,6 +287,24 @@ def test_grouped_matches_exact(counts, variant, n, k):
     torch.testing.assert_close(y[:n_real].float(), want[:n_real].float(), rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.parametrize("cfg", ["32,128,32,2,4,tma,k2", "32,128,32,2,4,k2", "32,128,16,2,4,tma,swap,persist2,k2",
+                                 "64,128,32,2,4,tma,split,k2"])
+@pytest.mark.parametrize("k", [320, 384])
+def test_grouped_k2_when_k_is_not_a_multiple_of_two_steps(cfg, k):
+    """K2 with K % 256 in (0, 128]: the last iteration's second step starts at or past K (TMA zero-fills it, its
+    scales are masked: NaN after the scale tensors would show) or covers a partial block; the result is the exact
+    product all the same."""
+    x8, xs, w8, ws, offsets = _grouped_case(COUNTS["mixed"], 72, k, seed=k, extra_rows=0)
+
+    def nan_after(t):
+        buf = torch.full((t.numel() + 64,), float("nan"))
+        buf[: t.numel()] = t.flatten()
+        return buf[: t.numel()].view(t.shape)
+
+    y = fg.grouped_gemm_fp8(x8, nan_after(xs), w8, nan_after(ws), offsets, config=fg.parse_fp8_config(cfg))
+    _check_grouped(y, x8, xs, w8, ws, offsets, f"{cfg} K={k}")
+
+
 def test_grouped_tma_choice_and_row_hint():
     from longcat_service.kernels._fp8_gemm_triton import tma_supported
 
@@ -304,10 +330,74 @@ def test_grouped_no_rows_no_k_and_bad_inputs():
         fg.grouped_gemm_fp8(x8, xs, w8, ws, offsets, config=fg.parse_config("32,256,32,2,4"))
 
 
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("counts", [[0, 3, 0, 16, 17, 0], [1100], [0, 0, 0], [5] * 37])
+def test_row_tile_list(counts, block_m):
+    """_row_tiles_kernel: every expert's row tiles (expert, first row) in expert order, and their number (1100 rows
+    of 16: 69 tiles, more than one BLOCK_T step; 37 experts: not a power of two)."""
+    from longcat_service.kernels import _fp8_gemm_triton as ft
+
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    offsets[1:] = torch.tensor(counts).cumsum(0)
+    want = [(e, int(offsets[e]) + j) for e, c in enumerate(counts) for j in range(0, c, block_m)]
+    size = len(want) + 5
+    tile_expert = torch.full((size,), -7, dtype=torch.int32)
+    tile_row, count = tile_expert.clone(), torch.full((1,), -7, dtype=torch.int32)
+    ft._row_tiles_kernel[(len(counts),)](offsets, len(counts), tile_expert, tile_row, count, BLOCK_M=block_m,
+                                         BLOCK_E=fg.next_pow2(len(counts)), BLOCK_T=64, USE_WHILE=True)
+    assert int(count) == len(want)
+    assert list(zip(tile_expert[: len(want)].tolist(), tile_row[: len(want)].tolist(), strict=True)) == want
+    assert tile_expert[len(want):].eq(-7).all() and tile_row[len(want):].eq(-7).all()
+
+
+@pytest.mark.parametrize("cfg", ["16,32,16,2,4,tma,persist1", "32,64,32,2,4,swap,persist3",
+                                 "16,32,32,2,4,tma,split,swap", "16,32,32,2,4,tma,swap,persist2"])
+def test_grouped_variants_write_only_their_rows(cfg):
+    """Row tiles that cross into the next expert's rows (or past the last real row) store only their own expert's
+    rows: rows past expert_offsets[-1] keep what they held; different grid sizes (persist 1..3 x 3 programs under
+    the interpreter) change which of two overlapping tiles runs last."""
+    from longcat_service.kernels._fp8_gemm_triton import launch_grouped
+
+    config = fg.parse_fp8_config(cfg)
+    counts = [7, 0, 21, 40, 1, 0, 33, 2]
+    x8, xs, w8, ws, offsets = _grouped_case(counts, 72, 256, seed=17, extra_rows=29)
+    y = torch.full((x8.shape[0], 72), float("nan"), dtype=torch.bfloat16)
+    launch_grouped(x8, xs, w8, ws, offsets, y, config.block_m, config.block_n, config.block_k, config.num_stages,
+                   config.num_warps, config.tma, config.split_tail, swap_ab=config.swap_ab,
+                   persistent=config.persistent, warp_specialize=config.warp_specialize,
+                   flatten=config.flatten)
+    n_real = int(offsets[-1])
+    assert y[n_real:].isnan().all()
+    _check_grouped(y, x8, xs, w8, ws, offsets, cfg)
+
+
+def test_fp8_config_grammar():
+    for text in ["128,128,64,4,4,tma,swap", "128,128,64,4,4,tma,persist2,ws", "64,128,128,4,4,tma,split",
+                 "16,32,32,2,4,split,swap", "32,64,16,2,4,persist3", "32,64,16,2,4,swap,persist3,flat",
+                 "128,128,64,2,4,tma,persist2,flat,k2"]:
+        cfg = fg.parse_fp8_config(text)
+        assert fg.parse_fp8_config(str(cfg)) == cfg
+    cfg = fg.parse_fp8_config(" 128, 128, 64, 4, 4, PERSIST, swap, tma ")
+    assert (cfg.block_n, cfg.block_k, cfg.block_m, cfg.num_stages, cfg.num_warps) == (128, 128, 64, 4, 4)
+    assert cfg.tma and cfg.swap_ab and cfg.persistent == 1 and not cfg.warp_specialize and not cfg.split_tail
+    assert str(cfg) == "128,128,64,4,4,tma,swap,persist1"
+    for bad, match in [("128,128,64,4,4,persistx", "persist"), ("128,128,64,4,4,persist,persist2", "persist"),
+                       ("128,128,64,4,4,tma,ws", "ws needs"), ("128,128,64,4,8,tma,persist1,ws", "ws needs"),
+                       ("128,128,64,4,4,persist1,ws", "ws needs"), ("256,128,64,4,4,tma,persist1,ws", "ws needs"),
+                       ("128,128,64,4,4,split,persist2", "do not combine"), ("128,128,64,4,4,persist9", "0..8"),
+                       ("128,128,64,4,4,tma,flat", "flat needs"), ("128,128,64,4,4,tma,persist1,ws,flat", "flat needs"),
+                       ("128,256,64,4,4", "divide"), ("128,128,64,4,4,swapp", "expected"), ("128,128,48,4,4", "power")]:
+        with pytest.raises(ValueError, match=match):
+            fg.parse_fp8_config(bad)
+
+
 def test_config_tables():
-    for cfg in fg.GROUPED_CONFIGS:
+    assert set(fg.ALL_GROUPED_CONFIGS) == set(fg.GROUPED_CONFIGS) | set(fg.VARIANT_CONFIGS)
+    assert len(set(fg.ALL_GROUPED_CONFIGS)) == len(fg.ALL_GROUPED_CONFIGS)
+    for cfg in fg.ALL_GROUPED_CONFIGS:
         assert 128 % cfg.block_k == 0
-        assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg  # fp8: 1 byte
+        stage = (cfg.block_m + cfg.block_n) * cfg.block_k * cfg.k_steps  # fp8: 1 byte; k2: two K blocks a stage
+        assert cfg.num_stages * stage <= 200 * 1024, cfg
     assert fg.DEFAULT_GROUPED_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DENSE_CONFIG in fg.DENSE_CONFIGS
     assert fg.DEFAULT_GATE_UP_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DOWN_CONFIG in fg.GROUPED_CONFIGS
     for cfg in fg.DENSE_CONFIGS:
@@ -498,3 +588,82 @@ def test_sm90_build_uses_fp8_tensor_cores():
     assert len(lines) == 8, lines
     for line in lines[3:]:
         assert int(line.split()[-1]) <= 227 * 1024, line
+
+
+_AOT_VARIANTS = """
+import os, re, subprocess, tempfile
+import triton
+from longcat_service.kernels._fp8_gemm_triton import aot_compile_grouped
+from longcat_service.kernels.fp8_gemm import VARIANT_CONFIGS
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for cfg in VARIANT_CONFIGS:
+    ck = aot_compile_grouped(cfg, 6144, 2048)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "k.cubin"), "wb") as f:
+            f.write(ck.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"STACK:0 ", usage), (str(cfg), "spills registers", usage)
+    ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
+    shapes = set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.]m64n(\\d+)k32[.]f32[.]e4m3[.]e4m3", ptx))
+    # swap-AB: the token tile (block_m, or half of it for a split tail) is the wgmma's N; else the weight tile
+    want = {cfg.block_m, cfg.block_m // 2} if cfg.swap_ab and cfg.split_tail else {cfg.block_m} if cfg.swap_ab else None
+    assert shapes and (want is None or {int(v) for v in shapes} <= want), (str(cfg), shapes)
+    assert "async_tma_copy_global_to_local" in ttgir, (str(cfg), "tma")
+    ws = "ttg.warp_specialize" in ttgir.replace("tt.warp_specialize", "")
+    assert ws == cfg.warp_specialize, (str(cfg), "warp specialization", ws)
+    print(cfg, ck.metadata.shared, ck.metadata.num_warps, flush=True)
+"""
+
+
+def test_sm90_build_of_the_grouped_variants():
+    """Every VARIANT_CONFIGS kernel compiles for sm_90 at the LongCat down shape (6144 x 2048): FP8 wgmma with the
+    token tile on the N side where swap-AB, TMA, a warp-specialized kernel exactly where ws, no register spills,
+    shared memory that fits an H200 SM (228 KB, 1 KB reserved per block) for each of a persistent config's
+    programs per SM."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:
+        pytest.skip("triton's CUDA backend is not installed")
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _AOT_VARIANTS], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(fg.VARIANT_CONFIGS), lines
+    for cfg, line in zip(fg.VARIANT_CONFIGS, lines, strict=True):
+        shared = int(line.split()[-2])
+        assert shared <= 227 * 1024, line
+        assert max(cfg.persistent, 1) * (shared + 1024) <= 228 * 1024, f"{line}: the persistent programs do not fit"
+
+
+def test_bench_grouped_config_selection_and_table(capsys):
+    """benchmarks/bench_fp8_kernels.py: --configs / --config-list pick the sweep; the table prints each config's
+    fraction of the copy floor (failed configs with their error) and the fastest per GEMM and token count."""
+    from benchmarks.bench_fp8_kernels import grouped_configs, print_tables
+
+    assert grouped_configs(None, None) == list(fg.ALL_GROUPED_CONFIGS)
+    assert grouped_configs("all", None) == list(fg.ALL_GROUPED_CONFIGS)
+    assert grouped_configs("variants", None) == list(fg.VARIANT_CONFIGS)
+    assert grouped_configs("base", None) == list(fg.GROUPED_CONFIGS)
+    assert grouped_configs("3", None) == list(fg.ALL_GROUPED_CONFIGS[:3])
+    listed = grouped_configs("2", " 128,128,64,4,4,tma ; 128,128,64,4,4,tma,swap,persist2,flat;")
+    assert [str(c) for c in listed] == ["128,128,64,4,4,tma", "128,128,64,4,4,tma,swap,persist2,flat"]
+    with pytest.raises(ValueError):
+        grouped_configs(None, "128,128,64,4,4,tma,ws")
+    base = {"N": 4096, "K": 6144, "rows": 32768, "quant_us": 50.0, "bf16_grouped_us": 6500.0, "byte_floor_us": 3000.0,
+            "flop_floor_us": 1000.0}
+    rows = [dict(base, gemm="gate_up", tokens=4096, config="a", ours_us=4000.0, error=None, copy_frac=0.75),
+            dict(base, gemm="gate_up", tokens=4096, config="b", ours_us=3750.0, error=None, copy_frac=0.8),
+            dict(base, gemm="gate_up", tokens=4096, config="c", ours_us=None, error="CompilationError: x",
+                 copy_frac=None),
+            dict(base, gemm="down", tokens=1024, config="a", ours_us=2000.0, error=None, copy_frac=0.5)]
+    print_tables({"grouped": rows})
+    out = capsys.readouterr().out
+    assert "0.800" in out and "CompilationError: x" in out
+    assert 'fastest gate_up at 4096 tokens: "b" 3750.0 us, 0.800 of the copy floor' in out
+    assert 'fastest down at 1024 tokens: "a" 2000.0 us, 0.500 of the copy floor' in out

@@ -9,11 +9,13 @@ with MANUAL_FP8 the quantizer rounds to the e4m3 grid in fp32 first (the cast of
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from longcat_service.kernels import interpreter_mode
+from longcat_service.kernels import interpreter_mode, next_pow2
 from longcat_service.kernels._silu_mul_triton import _round, _to_f32
 
 try:
@@ -150,12 +152,17 @@ def launch_w8a8(x8, x_scale, w8, w_scale, out, block_m, block_n, block_k, group_
 
 # ---- grouped (MoE prefill experts): y[r] = x8[r] @ w8[e]^T for expert e's rows -------------------------------
 # The structure of _grouped_gemm_triton.py: one program per (N tile, expert), walking the expert's rows.
+# Variants (fp8_gemm.GroupedFp8Config): SWAP_AB computes the tile as w @ x^T (the weight rows fill the MMA's M side,
+# at least 64 on Hopper; the tokens its N side, which may be 16 or 32); _grouped_fp8_persistent_kernel runs a fixed
+# grid over a device-side list of equal tiles, its tile loop optionally warp-specialized by Triton (WS). Triton
+# 3.6's Hopper warp specialization takes only a loop with no loop around it and no reductions inside (the K loop
+# of _grouped_fp8_kernel, inside the row loop, fails to compile; hence the row-tile list of _row_tiles_kernel).
 
 
 @triton.jit
 def _g_step(
     acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok, ks,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     if TMA:
         a = x_desc.load([row0, k0])
@@ -169,10 +176,26 @@ def _g_step(
             a = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     g = k0 // 128
-    a_s = tl.load(xs_ptrs + g, mask=row_ok, other=0.0)
-    b_s = tl.load(ws_ptrs + g, mask=col_ok, other=0.0)
-    part = tl.dot(a, tl.trans(b))
-    return acc + part * a_s[:, None] * b_s[None, :]
+    if EVEN_K:
+        a_s = tl.load(xs_ptrs + g, mask=row_ok, other=0.0)
+        if BLOCK_N <= 128:  # the tile lies in one 128-row block of the weight: one scale (ws_ptrs is a scalar)
+            b_s = tl.load(ws_ptrs + g)
+        else:
+            b_s = tl.load(ws_ptrs + g, mask=col_ok, other=0.0)
+    else:  # a second step of a K2 iteration may start at or past K: no scale there (its operands are zeros)
+        a_s = tl.load(xs_ptrs + g, mask=row_ok & (k0 < K), other=0.0)
+        if BLOCK_N <= 128:
+            b_s = tl.load(ws_ptrs + g, mask=k0 < K, other=0.0)
+        else:
+            b_s = tl.load(ws_ptrs + g, mask=col_ok & (k0 < K), other=0.0)
+    if BLOCK_N > 128:
+        b_s = b_s[:, None] if SWAP_AB else b_s[None, :]
+    if SWAP_AB:  # acc is [BLOCK_N, BLOCK_M]
+        part = tl.dot(b, tl.trans(a))
+        return acc + part * b_s * a_s[None, :]
+    else:
+        part = tl.dot(a, tl.trans(b))
+        return acc + part * a_s[:, None] * b_s
 
 
 @triton.jit
@@ -180,8 +203,11 @@ def _g_tile(
     x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, row_end, expert, n0, N, K,
     s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr, SWAP_AB: tl.constexpr = False, K_STEPS: tl.constexpr = 1,
 ):
+    """One BLOCK_M x BLOCK_N output tile. K_STEPS = 2: two K steps per loop iteration, so that the software pipeline
+    issues the loads of two adjacent K blocks together (each weight row is read 2 x BLOCK_K contiguous bytes at a
+    time); EVEN_K then means K % (2 * BLOCK_K) == 0."""
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
@@ -190,19 +216,33 @@ def _g_tile(
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * s_xm + ks[None, :]
     w_ptrs = w_ptr + expert.to(tl.int64) * s_we + cols.to(tl.int64)[:, None] * s_wn + ks[None, :]
     xs_ptrs = xs_ptr + rows.to(tl.int64) * s_xsm
-    ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (cols // 128).to(tl.int64) * s_wsn
+    if BLOCK_N <= 128:
+        ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (n0 // 128).to(tl.int64) * s_wsn
+    else:
+        ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (cols // 128).to(tl.int64) * s_wsn
     w_row0 = expert * N + n0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_WHILE:
         k0 = 0
         while k0 < K:
             acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
-                          ks, EVEN_K, TMA)
-            k0 += BLOCK_K
+                          ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
+            if K_STEPS == 2:
+                acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0 + BLOCK_K, K,
+                              row_ok, col_ok, ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
+            k0 += BLOCK_K * K_STEPS
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K * K_STEPS):
             acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
-                          ks, EVEN_K, TMA)
+                          ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
+            if K_STEPS == 2:
+                acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0 + BLOCK_K, K,
+                              row_ok, col_ok, ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     out = _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * s_ym + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -213,6 +253,7 @@ def _grouped_fp8_kernel(
     s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_TAIL: tl.constexpr,
     EVEN_K: tl.constexpr, TMA: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    SWAP_AB: tl.constexpr = False, K_STEPS: tl.constexpr = 1,
 ):
     n0 = tl.program_id(0) * BLOCK_N
     expert = tl.program_id(1)
@@ -227,22 +268,108 @@ def _grouped_fp8_kernel(
         row0 = start
         while row0 < full_end:
             _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we,
-                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
+                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE,
+                    SWAP_AB, K_STEPS)
             row0 += BLOCK_M
     else:
         for row0 in range(start, full_end, BLOCK_M):
             _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we,
-                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
+                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE,
+                    SWAP_AB, K_STEPS)
     if SPLIT_TAIL:
         if full_end < end:
             if end - full_end <= BLOCK_M // 2:
                 _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_half_desc, w_desc, full_end, end, expert, n0, N, K,
                         s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                        MANUAL_BF16, USE_WHILE)
+                        MANUAL_BF16, USE_WHILE, SWAP_AB, K_STEPS)
             else:
                 _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, full_end, end, expert, n0, N, K,
                         s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                        MANUAL_BF16, USE_WHILE)
+                        MANUAL_BF16, USE_WHILE, SWAP_AB, K_STEPS)
+
+
+@triton.jit
+def _row_tiles_kernel(
+    offs_ptr, num_experts, tile_expert_ptr, tile_row_ptr, count_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, USE_WHILE: tl.constexpr,
+):
+    """Program e lists expert e's row tiles (expert, first row) at their place in the expert-ordered list of all
+    row tiles of BLOCK_M rows; the last program writes the list's length (empty experts have no tiles)."""
+    e = tl.program_id(0)
+    e_idx = tl.arange(0, BLOCK_E)
+    e_ok = e_idx < num_experts
+    starts = tl.load(offs_ptr + e_idx, mask=e_ok, other=0)
+    ends = tl.load(offs_ptr + e_idx + 1, mask=e_ok, other=0)
+    m_tiles = tl.where(ends > starts, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    first = tl.sum(tl.where(e_idx < e, m_tiles, 0), axis=0)
+    start = tl.load(offs_ptr + e)
+    end = tl.load(offs_ptr + e + 1)
+    count = tl.where(end > start, (end - start + BLOCK_M - 1) // BLOCK_M, 0)
+    if USE_WHILE:
+        j0 = 0
+        while j0 < count:
+            _list_row_tiles(tile_expert_ptr, tile_row_ptr, e, start, first, j0, count, BLOCK_M, BLOCK_T)
+            j0 += BLOCK_T
+    else:
+        for j0 in range(0, count, BLOCK_T):
+            _list_row_tiles(tile_expert_ptr, tile_row_ptr, e, start, first, j0, count, BLOCK_M, BLOCK_T)
+    if e == num_experts - 1:
+        tl.store(count_ptr, first + count)
+
+
+@triton.jit
+def _list_row_tiles(tile_expert_ptr, tile_row_ptr, e, start, first, j0, count, BLOCK_M: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
+    j = j0 + tl.arange(0, BLOCK_T)
+    ok = j < count
+    tl.store(tile_expert_ptr + first + j, tl.zeros_like(j) + e, mask=ok)
+    tl.store(tile_row_ptr + first + j, start + j * BLOCK_M, mask=ok)
+
+
+@triton.jit
+def _grouped_fp8_persistent_kernel(
+    x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, count_ptr, x_desc, w_desc, N, K,
+    s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    SWAP_AB: tl.constexpr, WS: tl.constexpr, FLATTEN: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    USE_WHILE: tl.constexpr, K_STEPS: tl.constexpr = 1,
+):
+    """A fixed grid walks the tiles (row tile g of _row_tiles_kernel's list, N tile), N tile fastest: programs in
+    flight together read consecutive weight tiles of one expert, and an expert's row tiles of one weight tile
+    are num_n tiles apart, in flight together too (the weight tile comes from HBM once). FLATTEN: Triton fuses the
+    tile and K loops into one software pipeline, so a tile's first loads are issued during the previous tile's last
+    steps (no ramp per tile; not with WS, which it turns off)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    total = tl.load(count_ptr) * num_n
+    if USE_WHILE:
+        tile = tl.program_id(0)
+        while tile < total:
+            _persistent_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, x_desc,
+                             w_desc, tile, num_n, N, K, s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N,
+                             BLOCK_K, EVEN_K, TMA, SWAP_AB, MANUAL_BF16, USE_WHILE, K_STEPS)
+            tile += tl.num_programs(0)
+    else:
+        for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), warp_specialize=WS,
+                             flatten=FLATTEN):
+            _persistent_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, x_desc,
+                             w_desc, tile, num_n, N, K, s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N,
+                             BLOCK_K, EVEN_K, TMA, SWAP_AB, MANUAL_BF16, USE_WHILE, K_STEPS)
+
+
+@triton.jit
+def _persistent_tile(
+    x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, x_desc, w_desc, tile, num_n, N, K,
+    s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    SWAP_AB: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr, K_STEPS: tl.constexpr,
+):
+    g = tile // num_n
+    n0 = (tile - g * num_n) * BLOCK_N
+    expert = tl.load(tile_expert_ptr + g)
+    row0 = tl.load(tile_row_ptr + g)
+    end = tl.load(offs_ptr + expert + 1)
+    _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we, s_wn, s_ym,
+            s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE, SWAP_AB, K_STEPS)
 
 
 def tma_supported(x8: torch.Tensor, w8: torch.Tensor) -> bool:
@@ -257,8 +384,22 @@ def tma_supported(x8: torch.Tensor, w8: torch.Tensor) -> bool:
             and w8.data_ptr() % 16 == 0 and x8.stride(0) % 16 == 0 and w8.stride(1) % 16 == 0)
 
 
+def num_sms(device: torch.device) -> int:
+    """Programs per unit of a persistent grid: the GPU's SM count; 3 under the interpreter (CPU tensors), so that
+    the tests' programs each walk several tiles."""
+    if device.type != "cuda":
+        return 3
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block_k, num_stages, num_warps, tma,
-                   split_tail) -> None:
+                   split_tail, swap_ab=False, persistent=0, warp_specialize=False, flatten=False, k_steps=1) -> None:
+    """persistent > 0: a grid of persistent x SMs programs (_grouped_fp8_persistent_kernel; no split tail)."""
     rows, k = x8.shape
     num_experts, n, _ = w8.shape
     interp = interpreter_mode()
@@ -269,12 +410,32 @@ def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block
         w_desc = TensorDescriptor(w8, [num_experts * n, k], [w8.stride(1), 1], [block_n, block_k])
     else:
         x_desc = x_half_desc = w_desc = None
+    strides = (x8.stride(0), w8.stride(0), w8.stride(1), y.stride(0), x_scale.stride(0), w_scale.stride(0),
+               w_scale.stride(1))
+    if persistent:
+        if split_tail:
+            raise ValueError("launch_grouped: the persistent kernel has no split tail")
+        max_row_tiles = triton.cdiv(rows, block_m) + num_experts
+        tile_expert = torch.empty(2 * max_row_tiles + 1, dtype=torch.int32, device=x8.device)
+        tile_row, count = tile_expert[max_row_tiles: 2 * max_row_tiles], tile_expert[2 * max_row_tiles:]
+        _row_tiles_kernel[(num_experts,)](offsets, num_experts, tile_expert, tile_row, count, BLOCK_M=block_m,
+                                          BLOCK_E=next_pow2(num_experts), BLOCK_T=64, USE_WHILE=interp, num_warps=4)
+        grid = (max(1, min(persistent * num_sms(x8.device), triton.cdiv(n, block_n) * max_row_tiles)),)
+        _grouped_fp8_persistent_kernel[grid](
+            x8, w8, y, x_scale, w_scale, offsets, tile_expert, tile_row, count, x_desc, w_desc, n, k, *strides,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % (block_k * k_steps) == 0, TMA=use_tma,
+            SWAP_AB=swap_ab, WS=warp_specialize and use_tma and not interp, FLATTEN=flatten and not interp,
+            MANUAL_BF16=interp, USE_WHILE=interp, K_STEPS=k_steps,
+            num_stages=num_stages, num_warps=num_warps,
+        )
+        return
     grid = (triton.cdiv(n, block_n), num_experts)
     _grouped_fp8_kernel[grid](
-        x8, w8, y, x_scale, w_scale, offsets, x_desc, x_half_desc, w_desc, n, k,
-        x8.stride(0), w8.stride(0), w8.stride(1), y.stride(0), x_scale.stride(0), w_scale.stride(0), w_scale.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_TAIL=split_tail, EVEN_K=k % block_k == 0,
-        TMA=use_tma, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
+        x8, w8, y, x_scale, w_scale, offsets, x_desc, x_half_desc, w_desc, n, k, *strides,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_TAIL=split_tail,
+        EVEN_K=k % (block_k * k_steps) == 0, TMA=use_tma, MANUAL_BF16=interp, USE_WHILE=interp, SWAP_AB=swap_ab,
+        K_STEPS=k_steps,
+        num_stages=num_stages, num_warps=num_warps,
     )
 
 
@@ -303,12 +464,14 @@ def _aot(fn, values: dict, constexprs: dict, num_warps: int, num_stages: int, ca
 
 
 def aot_compile_grouped(config, n: int, k: int, rows: int = 49152, num_experts: int = 512, capability: int = 90):
-    """Compile _grouped_fp8_kernel as launch_grouped() would specialise it (an offline check of the GPU build; needs
-    TRITON_INTERPRET unset at import). Returns triton's CompiledKernel."""
+    """Compile the grouped kernel launch_grouped() would run for config (_grouped_fp8_persistent_kernel where
+    config.persistent) as it would specialise it (an offline check of the GPU build; needs TRITON_INTERPRET unset
+    at import). Returns triton's CompiledKernel."""
     x8 = torch.empty(rows, k, dtype=torch.float8_e4m3fn)
     w_rows = torch.empty(64, k, dtype=torch.float8_e4m3fn)
     use_tma = config.tma and tma_supported(x8, w_rows.view(1, 64, k))
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    persistent = getattr(config, "persistent", 0)
     f32 = torch.empty(rows, 1)
     values = dict(x_ptr=x8, w_ptr=x8, y_ptr=torch.empty(1, dtype=torch.bfloat16), xs_ptr=f32, ws_ptr=f32,
                   offs_ptr=torch.empty(num_experts + 1, dtype=torch.int32), N=n, K=k, s_xm=k, s_we=n * k, s_wn=k,
@@ -318,8 +481,17 @@ def aot_compile_grouped(config, n: int, k: int, rows: int = 49152, num_experts: 
         if config.split_tail:
             values["x_half_desc"] = TensorDescriptor(x8, [rows, k], [k, 1], [bm // 2, bk])
         values["w_desc"] = TensorDescriptor(w_rows, [num_experts * n, k], [k, 1], [bn, bk])
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_TAIL=config.split_tail, EVEN_K=k % bk == 0,
-                      TMA=use_tma, MANUAL_BF16=False, USE_WHILE=False)
+    k_steps = getattr(config, "k_steps", 1)
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % (bk * k_steps) == 0, TMA=use_tma,
+                      MANUAL_BF16=False, USE_WHILE=False, SWAP_AB=getattr(config, "swap_ab", False), K_STEPS=k_steps)
+    if persistent:
+        constexprs["WS"] = getattr(config, "warp_specialize", False)
+        constexprs["FLATTEN"] = getattr(config, "flatten", False)
+        i32 = torch.empty(rows, dtype=torch.int32)
+        values.update(tile_expert_ptr=i32, tile_row_ptr=i32, count_ptr=i32)
+        return _aot(_grouped_fp8_persistent_kernel, values, constexprs, config.num_warps, config.num_stages,
+                    capability)
+    constexprs["SPLIT_TAIL"] = config.split_tail
     return _aot(_grouped_fp8_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
 
 

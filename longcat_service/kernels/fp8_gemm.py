@@ -13,6 +13,7 @@ x_scale[m, g] * w_scale[n // 128, g] in fp32. Partial scale blocks (N or K not m
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -46,9 +47,69 @@ DENSE_CONFIGS: tuple[DenseFp8Config, ...] = (
     DenseFp8Config(block_m=64, block_n=256, num_stages=3),
 )
 
+_FP8_FLAGS = ("swap", "ws", "flat", "k2")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedFp8Config(GroupedGemmConfig):
+    """grouped_gemm's tiles and flags plus the FP8 kernel's variants (kernels/_fp8_gemm_triton.py):
+    swap_ab: each tile is computed as w @ x^T, so the weight rows (block_n >= 64) fill the wgmma's M side and the
+    tokens (block_m, may be 16 or 32) its N side. persistent: 0 = one program per (N tile, expert) walking the
+    expert's row tiles; p > 0 = p programs per SM walking a device-side list of (expert, N tile, row tile)
+    tiles of block_m rows (no split tail; p programs must fit one SM's shared memory). warp_specialize: Triton's
+    automatic warp specialization (a producer warp group feeding the MMA warps) of the persistent tile loop.
+    flatten: the persistent tile and K loops as one software pipeline (the next tile's loads overlap this tile's
+    last steps). ws and flat apply to the compiled path only (the interpreter runs the plain loops). k_steps = 2:
+    two K steps per loop iteration (their loads issued together: 2 x block_k contiguous bytes of each weight row;
+    num_stages then counts pairs, each stage twice the shared memory)."""
+
+    swap_ab: bool = False
+    persistent: int = 0
+    warp_specialize: bool = False
+    flatten: bool = False
+    k_steps: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.persistent <= 8:
+            raise ValueError(f"grouped fp8 config: persistent={self.persistent} must be 0..8 programs per SM")
+        if self.persistent and self.split_tail:
+            raise ValueError("grouped fp8 config: persist and split do not combine (the persistent tiles are equal)")
+        # Triton 3.6 on sm_90 (compiled offline, tests/test_fp8_kernels.py): warp specialization takes an outermost
+        # loop with TMA loads only, leaves 8-warp kernels as they are, and fails to build block_n 256
+        if self.warp_specialize and not (self.persistent and self.tma and self.num_warps == 4 and self.block_n <= 128):
+            raise ValueError("grouped fp8 config: ws needs persist, tma, 4 warps and block_n <= 128")
+        if self.flatten and not (self.persistent and not self.warp_specialize):
+            raise ValueError("grouped fp8 config: flat needs persist and no ws (flattening turns off ws)")
+        if GROUP % self.block_k:
+            raise ValueError(f"grouped fp8 config: block_k={self.block_k} must divide {GROUP}")
+        if self.k_steps not in (1, 2):
+            raise ValueError(f"grouped fp8 config: k_steps={self.k_steps} must be 1 or 2")
+
+    def __str__(self) -> str:
+        flags = ("swap",) * self.swap_ab + (f"persist{self.persistent}",) * bool(self.persistent)
+        flags += ("ws",) * self.warp_specialize + ("flat",) * self.flatten + ("k2",) * (self.k_steps == 2)
+        return ",".join([super().__str__(), *flags])
+
+
+@functools.lru_cache(maxsize=128)
+def parse_fp8_config(text: str) -> GroupedFp8Config:
+    """"bn,bk,bm,stages,warps[,tma][,split][,swap][,persist<p>][,ws][,flat][,k2]" -> GroupedFp8Config ("persist" =
+    persist1)."""
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    base = [p for p in parts if p not in _FP8_FLAGS and not p.startswith("persist")]
+    persist = [p for p in parts if p.startswith("persist")]
+    if len(persist) > 1 or (persist and not (persist[0][7:] or "1").isdigit()):
+        raise ValueError(f"grouped fp8 config {text!r}: expected one flag 'persist' or 'persist<programs per SM>'")
+    cfg = parse_config(",".join(base))
+    return GroupedFp8Config(**dataclasses.asdict(cfg), swap_ab="swap" in parts,
+                            persistent=int(persist[0][7:] or 1) if persist else 0, warp_specialize="ws" in parts,
+                            flatten="flat" in parts, k_steps=2 if "k2" in parts else 1)
+
+
 # Grouped: the bf16 kernel's shapes with K steps of one whole scale group (fp8 tiles are half the bytes: a
 # 128 x 128 x 128 stage pair is 32 KB).
-GROUPED_CONFIGS: tuple[GroupedGemmConfig, ...] = tuple(parse_config(c) for c in (
+GROUPED_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c in (
     "128,128,128,4,8,tma,split",
     "128,128,128,3,8,tma,split",
     "128,128,128,4,8,tma",
@@ -58,6 +119,52 @@ GROUPED_CONFIGS: tuple[GroupedGemmConfig, ...] = tuple(parse_config(c) for c in 
     "64,128,128,4,4,tma,split",
     "128,64,128,4,8,tma,split",
 ))
+# Candidates for ~64 rows per expert (4096 tokens x 12 slots over 768 experts incl. the zero experts), where the
+# GEMMs should stream weights at the copy rate. Not yet measured (benchmarks/bench_fp8_kernels.py --sections grouped
+# times them all); the reasoning: every N tile re-reads its expert's rows from L2 (gate_up at block_n 64: as many
+# bytes as the weights), so wider weight tiles cut that traffic, with deeper pipelines while the weight tile
+# dominates shared memory; swap-AB puts the weight rows on the wgmma's M side (token tiles of 64 or 32 rows without
+# padding); an expert's second row tile re-reads its weight tile, from HBM when the same program walks both, from
+# L2 in the persistent order (row tiles of a weight tile in flight together), which also keeps programs busy
+# across tiles; ws lets Triton give the TMA loads their own warp group. None spills registers in the sm_90 build
+# (tests/test_fp8_kernels.py; GROUPED_CONFIGS[5] does, and so did 256 x 128 tiles, or 128 x 128 swapped with split).
+VARIANT_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c in (
+    # (c) wide weight tiles, deep pipelines
+    "256,128,64,5,8,tma",
+    "256,64,64,6,8,tma",
+    "256,128,64,4,8,tma,split",
+    "128,128,64,6,4,tma",
+    # (e) swap-AB ("64,128,128,4,4,tma,swap,split" is DEFAULT_GATE_UP_CONFIG swapped)
+    "128,128,64,4,4,tma,swap",
+    "128,128,64,5,4,tma,swap,split",
+    "64,128,128,4,4,tma,swap,split",
+    "64,128,64,6,4,tma,swap,split",
+    "256,128,64,5,8,tma,swap",
+    "128,128,128,4,8,tma,swap",
+    # (a) persistent, with and without one pipeline across tiles (flat)
+    "128,128,64,4,4,tma,persist2",
+    "128,128,64,4,4,tma,persist2,flat",
+    "256,128,64,5,8,tma,persist1",
+    "256,128,64,5,8,tma,persist1,flat",
+    "128,128,64,4,4,tma,swap,persist2",
+    "128,128,64,4,4,tma,swap,persist2,flat",
+    "256,128,64,5,8,tma,swap,persist1",
+    "128,128,32,5,4,tma,swap,persist2,flat",
+    "128,128,128,4,8,tma,persist1",
+    "128,128,128,4,8,tma,persist1,flat",
+    # K2: two adjacent K blocks per pipeline stage (each weight row read 256 contiguous bytes at a time, DRAM
+    # pages opened half as often; one iteration's two wgmma groups)
+    "128,128,64,2,4,tma,k2",
+    "64,128,128,2,4,tma,split,k2",
+    "128,128,64,3,4,tma,k2",
+    "256,128,64,2,8,tma,k2",
+    "128,128,64,2,4,tma,persist2,flat,k2",
+    # (b) warp specialization (of the persistent tile loop; last: the least proven compiler path)
+    "128,128,64,4,4,tma,persist1,ws",
+    "128,128,64,4,4,tma,swap,persist1,ws",
+    "128,128,64,6,4,tma,persist1,ws",
+))
+ALL_GROUPED_CONFIGS = GROUPED_CONFIGS + VARIANT_CONFIGS
 # H200 run 1 (benchmarks/RESULTS.md): the first is the fastest of the four measured at the LongCat-Flash prefill
 # shapes (gate_up 4651 us vs 4923 / 5541 / 5472, down 2474 vs 2732 / 2956 / 3133; bf16 6513 / 3271).
 DEFAULT_GROUPED_CONFIG = GROUPED_CONFIGS[0]
@@ -65,8 +172,8 @@ DEFAULT_GROUPED_CONFIG = GROUPED_CONFIGS[0]
 # 4096-token LongCat-Flash shapes (32768 expert rows, H = 6144, I = 2048), H200, 2026-12-03,
 # `python benchmarks/bench_fp8_kernels.py --sections grouped --reps 10`: gate_up "64,128,128,4,4,tma,split"
 # 4334 us (GROUPED_CONFIGS[0] 4435 us), down "128,128,64,4,4,tma" 2259 us (GROUPED_CONFIGS[0] 2449 us).
-DEFAULT_GATE_UP_CONFIG = parse_config("64,128,128,4,4,tma,split")
-DEFAULT_DOWN_CONFIG = parse_config("128,128,64,4,4,tma")
+DEFAULT_GATE_UP_CONFIG = parse_fp8_config("64,128,128,4,4,tma,split")
+DEFAULT_DOWN_CONFIG = parse_fp8_config("128,128,64,4,4,tma")
 
 
 def _check_scale(name: str, w8: torch.Tensor, scale: torch.Tensor) -> None:
@@ -149,7 +256,7 @@ def grouped_gemm_fp8(
     [E, ceil(N/128), ceil(K/128)], expert_offsets int32 [E+1] (device, non-decreasing, within [0, R]) -> y [R, N]
     in out_dtype with y[r] = sum_g (x8[r, g] . w8[e, :, g]) * x_scale[r, g] * w_scale[e, :, g] for the rows of
     expert e; other rows are left uninitialised. max_rows_per_expert: grouped_gemm's tile-size hint.
-    config: a GroupedGemmConfig (block_k must divide 128); default DEFAULT_GROUPED_CONFIG."""
+    config: a GroupedFp8Config or GroupedGemmConfig (block_k must divide 128); default DEFAULT_GROUPED_CONFIG."""
     if x8.dim() != 2 or w8.dim() != 3 or x8.shape[1] != w8.shape[2]:
         raise ValueError(f"grouped_gemm_fp8: x8 {tuple(x8.shape)} must be [R, K] and w8 {tuple(w8.shape)} [E, N, K]")
     if x8.dtype != FP8_DTYPE:
@@ -182,7 +289,10 @@ def grouped_gemm_fp8(
     from longcat_service.kernels._fp8_gemm_triton import launch_grouped
 
     launch_grouped(x8, x_scale.contiguous(), w8, w_scale.contiguous(), expert_offsets.contiguous(), y, block_m,
-                   cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.tma, split_tail)
+                   cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.tma, split_tail,
+                   swap_ab=getattr(cfg, "swap_ab", False), persistent=getattr(cfg, "persistent", 0),
+                   warp_specialize=getattr(cfg, "warp_specialize", False), flatten=getattr(cfg, "flatten", False),
+                   k_steps=getattr(cfg, "k_steps", 1))
     return y
 
 
