@@ -33,6 +33,9 @@ _CHANNEL_OPTIONS = [
 # transport closes and the engine stops. The process exits within grace + DRAIN_EPSILON_S (documented bound).
 SHUTDOWN_FLUSH_S = 0.5
 DRAIN_EPSILON_S = 1.0
+# How long the cut-off handlers get to send their UNAVAILABLE status (they return as soon as they have; on a
+# loaded 2-core machine 0.5 s was not always enough, and gRPC's stop then cancelled them first).
+CUTOFF_SEND_S = 0.8
 # Calls that finished inside the grace may still be sending their last messages to a slow client: they get what is
 # left of the grace for that, up to this.
 MAX_TRANSPORT_GRACE_S = 5.0
@@ -150,7 +153,7 @@ class LongCatServer:
             # the cut-off handlers send their UNAVAILABLE status before the transport closes: else gRPC's own stop
             # cancels them first ("Cancelling all calls"), as it did on a loaded machine with the HTTP front running
             t0 = time.monotonic()
-            await self.servicer.wait_running_calls(SHUTDOWN_FLUSH_S)
+            await self.servicer.wait_running_calls(CUTOFF_SEND_S)
             flush = max(SHUTDOWN_FLUSH_S - (time.monotonic() - t0), 0.1)
         left = min(max(ends_at - time.monotonic(), 0.0), MAX_TRANSPORT_GRACE_S)
         await self.stop(transport_grace_s=left + flush)
