@@ -117,9 +117,9 @@ SWITCHES: tuple[Switch, ...] = (
            "the fastest there on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "v1", "v2", "v3")),
     Switch("LONGCAT_FP8_EXPERT_KERNEL", "auto|triton|cuda", "auto", "testing",
-           "TEMPORARY (issue 15, until one H200 run picks the winner): decode routed experts with block-FP8 weights "
-           "through the Triton w8a16 kernel (kernels/fp8_expert_decode.py) or the CUDA expert_ffn_fp8; auto = "
-           "ops/extension.py's rule (TRITON_FP8_DECODE_MIN_TOKENS); forcing one is for benchmarks",
+           "decode routed experts with block-FP8 weights through the Triton w8a16 kernel (kernels/fp8_expert_decode.py) "
+           "or the CUDA expert_ffn_fp8; auto = ops/extension.py's rule (Triton from 16 tokens for wide experts, from 8 "
+           "for narrow ones: the fastest on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "triton", "cuda")),
     Switch("LONGCAT_REQUIRE_EXTENSION", "bool", False, "testing",
            "tests: a missing compiled extension fails the extension tests instead of skipping them (.ci/run sets it)",

@@ -248,15 +248,18 @@ def test_config_parsing():
     assert fd.DEFAULT_GATE_UP_CONFIG in fd.SWEEP_CONFIGS and fd.DEFAULT_DOWN_CONFIG in fd.SWEEP_CONFIGS
 
 
-def test_dispatch_rule_keeps_the_cuda_kernel_until_set(monkeypatch):
+def test_dispatch_rule_by_tokens_and_expert_width(monkeypatch):
     from longcat_service.ops import extension
 
     monkeypatch.delenv("LONGCAT_FP8_EXPERT_KERNEL", raising=False)
-    monkeypatch.setattr(extension, "TRITON_FP8_DECODE_MIN_TOKENS", None)
-    assert {extension.fp8_decode_expert_kernel(t, 2048) for t in (1, 8, 64, 256)} == {"cuda"}
-    monkeypatch.setattr(extension, "TRITON_FP8_DECODE_MIN_TOKENS", 8)
-    assert [extension.fp8_decode_expert_kernel(t, 2048) for t in (1, 7, 8, 64)] == ["cuda", "cuda", "triton", "triton"]
-    assert extension.fp8_decode_expert_kernel(64, extension.TRITON_FP8_DECODE_MIN_INTER - 1) == "cuda"
+    monkeypatch.setattr(extension, "TRITON_FP8_DECODE_MIN_TOKENS_WIDE", 16)
+    monkeypatch.setattr(extension, "TRITON_FP8_DECODE_MIN_TOKENS_NARROW", 8)
+    assert [extension.fp8_decode_expert_kernel(t, 2048) for t in (1, 8, 15, 16, 64)] == [
+        "cuda", "cuda", "cuda", "triton", "triton"]
+    narrow = extension.TRITON_FP8_DECODE_WIDE_INTER - 1
+    assert [extension.fp8_decode_expert_kernel(t, narrow) for t in (1, 7, 8, 64)] == [
+        "cuda", "cuda", "triton", "triton"]
+    assert extension.fp8_decode_expert_kernel(8, extension.TRITON_FP8_DECODE_WIDE_INTER) == "cuda"
     monkeypatch.setenv("LONGCAT_FP8_EXPERT_KERNEL", "cuda")
     assert extension.fp8_decode_expert_kernel(64, 2048) == "cuda"
     monkeypatch.setenv("LONGCAT_FP8_EXPERT_KERNEL", "triton")

@@ -168,12 +168,14 @@ ALL_GROUPED_CONFIGS = GROUPED_CONFIGS + VARIANT_CONFIGS
 # H200 run 1 (benchmarks/RESULTS.md): the first is the fastest of the four measured at the LongCat-Flash prefill
 # shapes (gate_up 4651 us vs 4923 / 5541 / 5472, down 2474 vs 2732 / 2956 / 3133; bf16 6513 / 3271).
 DEFAULT_GROUPED_CONFIG = GROUPED_CONFIGS[0]
-# Per call site of the MoE prefill (ops/extension._expert_ffn_grouped_fp8), the fastest of all 8 configs at the
-# 4096-token LongCat-Flash shapes (32768 expert rows, H = 6144, I = 2048), H200, 2026-12-03,
-# `python benchmarks/bench_fp8_kernels.py --sections grouped --reps 10`: gate_up "64,128,128,4,4,tma,split"
-# 4334 us (GROUPED_CONFIGS[0] 4435 us), down "128,128,64,4,4,tma" 2259 us (GROUPED_CONFIGS[0] 2449 us).
-DEFAULT_GATE_UP_CONFIG = parse_fp8_config("64,128,128,4,4,tma,split")
-DEFAULT_DOWN_CONFIG = parse_fp8_config("128,128,64,4,4,tma")
+# Per call site of the MoE prefill (ops/extension._expert_ffn_grouped_fp8), the fastest at the 4096-token
+# LongCat-Flash shapes (32768 expert rows, H = 6144, I = 2048), H200, 2026-12-03, `python
+# benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --no-fusion --config-list ...` (14 configs): gate_up
+# "256,128,64,5,8,tma,persist1,flat" 3956 us = 0.79 of the copy floor (former default "64,128,128,4,4,tma,split"
+# 4133, its swap-AB form 4031), down "128,128,64,4,4,tma,persist2,flat" 1962 us = 0.83 (former "128,128,64,4,4,tma"
+# 2265; without flat 1978).
+DEFAULT_GATE_UP_CONFIG = parse_fp8_config("256,128,64,5,8,tma,persist1,flat")
+DEFAULT_DOWN_CONFIG = parse_fp8_config("128,128,64,4,4,tma,persist2,flat")
 
 
 def _check_scale(name: str, w8: torch.Tensor, scale: torch.Tensor) -> None:

@@ -212,12 +212,16 @@ def _expert_ffn_grouped_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets
                             config=DEFAULT_DOWN_CONFIG)
 
 
-# Decode batches (tokens a step) from which wide FP8 experts (I >= TRITON_FP8_DECODE_MIN_INTER) take the Triton
-# w8a16 kernel (kernels/fp8_expert_decode.py: each active expert's weights read once for all of its rows) instead of
-# the CUDA expert_ffn_fp8 (2-row passes); up to the grouped-GEMM regime. None: never (the CUDA kernel, as before the
-# Triton kernel existed) until an H200 run of `benchmarks/bench_fp8_kernels.py --sections experts` places it.
-TRITON_FP8_DECODE_MIN_TOKENS: int | None = None
-TRITON_FP8_DECODE_MIN_INTER = 1024
+# Decode batches (tokens a step) from which FP8 experts take the Triton w8a16 kernel (kernels/fp8_expert_decode.py:
+# each active expert's weights read once for all of its rows) instead of the CUDA expert_ffn_fp8 (2-row FMA passes;
+# the tensor-core expert_ffn_fp8_mma.cuh for narrow experts), up to the grouped-GEMM regime. H200, 2026-12-03,
+# `python benchmarks/bench_fp8_kernels.py --sections experts --reps 20` (LongCat routing, E = 512, H = 6144): I = 2048
+# B = 64: Triton 3216 us (0.90 of the byte floor) vs CUDA 4216 (0.69), B = 128 4988 vs 7621, B = 256 5814 vs 14011;
+# below 16 tokens CUDA is as fast or faster (B = 8 668 vs 743). I = 256 (a TP8 shard): Triton from 8 tokens (115 vs
+# 154 us; B = 2 62 vs 45).
+TRITON_FP8_DECODE_MIN_TOKENS_WIDE = 16
+TRITON_FP8_DECODE_MIN_TOKENS_NARROW = 8
+TRITON_FP8_DECODE_WIDE_INTER = 1024
 
 
 def fp8_decode_expert_kernel(tokens: int, inter: int) -> str:
@@ -226,10 +230,9 @@ def fp8_decode_expert_kernel(tokens: int, inter: int) -> str:
     forced = envs.LONGCAT_FP8_EXPERT_KERNEL
     if forced != "auto":
         return forced
-    min_tokens = TRITON_FP8_DECODE_MIN_TOKENS
-    if min_tokens is not None and tokens >= min_tokens and inter >= TRITON_FP8_DECODE_MIN_INTER:
-        return "triton"
-    return "cuda"
+    wide = inter >= TRITON_FP8_DECODE_WIDE_INTER
+    min_tokens = TRITON_FP8_DECODE_MIN_TOKENS_WIDE if wide else TRITON_FP8_DECODE_MIN_TOKENS_NARROW
+    return "triton" if tokens >= min_tokens else "cuda"
 
 
 def _use_triton_fp8_decode(hidden, w13, w13_scale, w2, w2_scale) -> bool:
