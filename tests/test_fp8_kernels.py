@@ -399,7 +399,7 @@ def test_config_tables():
         stage = (cfg.block_m + cfg.block_n) * cfg.block_k * cfg.k_steps  # fp8: 1 byte; k2: two K blocks a stage
         assert cfg.num_stages * stage <= 200 * 1024, cfg
     assert fg.DEFAULT_GROUPED_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DENSE_CONFIG in fg.DENSE_CONFIGS
-    assert fg.DEFAULT_GATE_UP_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DOWN_CONFIG in fg.GROUPED_CONFIGS
+    assert fg.DEFAULT_GATE_UP_CONFIG in fg.ALL_GROUPED_CONFIGS and fg.DEFAULT_DOWN_CONFIG in fg.ALL_GROUPED_CONFIGS
     for cfg in fg.DENSE_CONFIGS:
         assert 128 % cfg.block_k == 0
         assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg
