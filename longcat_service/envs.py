@@ -113,6 +113,11 @@ SWITCHES: tuple[Switch, ...] = (
            "narrow experts (I <= 512: TP shards), for wide ones v3 (tensor cores) from 32 tokens and v1 below (each "
            "the fastest there on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "v1", "v2", "v3")),
+    Switch("LONGCAT_MLA_DECODE_KERNEL", "old|new", "new", "testing",
+           "MLA decode attention kernels (read at each call): new = 64-head MQA programs "
+           "(kernels/_mla_decode_mqa_triton.py), old = the previous 16-head ones; a temporary A/B switch for one "
+           "H200 run (benchmarks/bench_mla_decode.py), to be deleted with the old kernels",
+           _one_of("old", "new")),
     Switch("LONGCAT_REQUIRE_EXTENSION", "bool", False, "testing",
            "tests: a missing compiled extension fails the extension tests instead of skipping them (.ci/run sets it)",
            _flag),
