@@ -193,3 +193,10 @@ def test_split_count_and_head_block_follow_the_batch(batch, heads, max_len, bloc
     assert cfg.grid1 == (_cdiv(heads, block_h), splits, batch)
     assert cfg.stage1["DIRECT_OUT"] == (splits == 1) and (cfg.grid2 == ()) == (splits == 1)
     assert md.launch_config(batch, heads, 512, 64, torch.bfloat16, dv=128, max_len=max_len).stage1["DIRECT_OUT"] is False
+
+
+def test_fp32_keeps_16_head_programs():
+    """fp32 at the real widths would not fit 64 heads in shared memory: 16-head programs, 4x the split count."""
+    assert md.block_heads(64, torch.float32) == 16 and md.block_heads(64, torch.bfloat16) == 64
+    cfg = md.launch_config(16, 64, 512, 64, torch.float32)
+    assert cfg.grid1 == (4, 2, 16) and cfg.stage1["num_warps"] == 4

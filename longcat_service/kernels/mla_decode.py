@@ -48,15 +48,18 @@ class LaunchConfig:
     stage2: dict
 
 
-def block_heads(heads: int) -> int:
-    return min(MAX_BLOCK_H, next_pow2(heads))
+def block_heads(heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Heads per stage-1 program. fp32 (tests, CPU-twin runs; never served at the real widths) takes 16 as the old
+    kernels did: 64 fp32 heads x 576 would need ~230 KB of shared memory and spill registers."""
+    return min(MAX_BLOCK_H if dtype.itemsize <= 2 else 16, next_pow2(heads))
 
 
-def choose_num_splits(batch: int, heads: int, max_len: int | None = None) -> int:
+def choose_num_splits(batch: int, heads: int, max_len: int | None = None,
+                      dtype: torch.dtype = torch.bfloat16) -> int:
     """As many splits as keep the stage-1 grid within one wave of TARGET_PROGRAMS, at most one per BLOCK_N
     tokens of the longest possible row (max_len: the block table's width in tokens). A function of host-known
     shapes only, so one CUDA-graph bucket always uses the same grid."""
-    programs = batch * -(-heads // block_heads(heads))
+    programs = batch * -(-heads // block_heads(heads, dtype))
     splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // programs))
     if max_len is not None:
         splits = min(splits, max(1, -(-max_len // BLOCK_N)))
@@ -66,12 +69,12 @@ def choose_num_splits(batch: int, heads: int, max_len: int | None = None) -> int
 def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dtype, dv: int | None = None,
                   num_splits: int | None = None, first_pos: int = 0, max_len: int | None = None) -> LaunchConfig:
     if num_splits is None:
-        num_splits = choose_num_splits(batch, heads, max_len)
+        num_splits = choose_num_splits(batch, heads, max_len, dtype)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     interp = interpreter_mode()
     rank_pad = next_pow2(rank)
-    block_h = block_heads(heads)
+    block_h = block_heads(heads, dtype)
     direct = num_splits == 1 and dv is None
     stage1 = dict(
         RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=block_h,
