@@ -102,6 +102,13 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, sweep) -> dict:
     return row
 
 
+def _best(sweep: dict | None) -> str:
+    if not sweep:
+        return "-"
+    name = min(sweep, key=sweep.get)
+    return f"{name} {sweep[name]:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64")
@@ -123,10 +130,10 @@ def main() -> None:
             print(json.dumps(results[-1]))
             torch.cuda.empty_cache()
     header = ["batch", "context", "splits new", "floor us", "latent old", "latent new", "prod old", "prod new",
-              "err old", "err new"]
+              "err old", "err new", "best of sweep (latent)"]
     rows = [[r["batch"], r["context"], r["splits_new"], harness.fmt(r["floor_us"]), harness.fmt(r["latent_old_us"]),
              harness.fmt(r["latent_new_us"]), harness.fmt(r["prod_old_us"]), harness.fmt(r["prod_new_us"]),
-             f"{r['err_old']:.1e}", f"{r['err_new']:.1e}"] for r in results]
+             f"{r['err_old']:.1e}", f"{r['err_new']:.1e}", _best(r.get("sweep_new_latent_us"))] for r in results]
     print("\n".join(harness.markdown_table(header, rows)))
     if a.out:
         with open(a.out, "w") as f:
