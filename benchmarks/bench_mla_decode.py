@@ -10,7 +10,7 @@ Per (batch, context), every row at that context, pages scattered over the cache:
 - latent: mla_decode alone (o_latent out).
 - floor: the latent cache bytes (B x context x 576 x 2) at the measured copy rate (2 GB device copy, read + write).
 - err: relative error of each kernel's output against mla_decode_reference (must stay < 1e-2, as the GPU tests).
---sweep adds the new kernel's latent time at forced split counts and stage-1 pipeline depths.
+--sweep adds the new kernel's latent time at forced split counts and tilings (SWEEP_TILES).
 Times: one CUDA graph of REPEAT calls replayed (no launch overhead, as in the served decode step), median per call.
 """
 
@@ -74,16 +74,27 @@ def _with_kernel(kernel: str, fn):
         os.environ["LONGCAT_MLA_DECODE_KERNEL"] = "new"
 
 
+# (BLOCK_N, stage-1 pipeline stages, largest head block) of the sweep; the first is the default
+SWEEP_TILES = ((32, 2, 64), (32, 3, 64), (64, 2, 64), (32, 2, 32))
+
+
 def _sweep(args, reps: int) -> dict:
+    """The new kernel's latent time at forced split counts and tilings (module constants patched for the sweep
+    only; a tiling that does not compile on this GPU is recorded as None)."""
     out = {}
-    stages = md.STAGE1_STAGES
+    saved = md.BLOCK_N, md.STAGE1_STAGES, md.MAX_BLOCK_H
     try:
-        for st in (2, 3):
-            md.STAGE1_STAGES = st
+        for block_n, stages, block_h in SWEEP_TILES:
+            md.BLOCK_N, md.STAGE1_STAGES, md.MAX_BLOCK_H = block_n, stages, block_h
             for splits in (1, 2, 4, 8, 16, 32):
-                out[f"splits{splits}_stages{st}"] = _graph_us(lambda s=splits: md.mla_decode(*args, num_splits=s), reps)
+                name = f"n{block_n}_st{stages}_h{block_h}_splits{splits}"
+                try:
+                    out[name] = _graph_us(lambda s=splits: md.mla_decode(*args, num_splits=s), reps)
+                except Exception as exc:  # e.g. out of shared memory
+                    print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+                    out[name] = None
     finally:
-        md.STAGE1_STAGES = stages
+        md.BLOCK_N, md.STAGE1_STAGES, md.MAX_BLOCK_H = saved
     return out
 
 
@@ -105,7 +116,10 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, sweep) -> dict:
 def _best(sweep: dict | None) -> str:
     if not sweep:
         return "-"
-    name = min(sweep, key=sweep.get)
+    done = {k: v for k, v in sweep.items() if v is not None}
+    if not done:
+        return "-"
+    name = min(done, key=done.get)
     return f"{name} {sweep[name]:.2f}"
 
 
