@@ -102,7 +102,7 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, sweep) -> dict:
     args, w_uv = _case(batch, ctx, heads, block_size, gen)
     ref = md.mla_decode_reference(*args)
     row = dict(batch=batch, context=ctx, heads=heads, block_size=block_size,
-               splits_new=md.choose_num_splits(batch, heads, args[3].shape[1] * block_size),
+               splits_new=md.choose_num_splits(batch, heads),
                floor_us=batch * ctx * (RANK + ROPE) * 2 / copy_bw * 1e6)
     for kernel in ("old", "new"):
         row[f"err_{kernel}"] = _with_kernel(kernel, lambda: _rel(md.mla_decode(*args), ref))

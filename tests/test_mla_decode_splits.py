@@ -149,12 +149,9 @@ def test_launch_configuration_does_not_depend_on_seq_lens(monkeypatch):
             assert [entry[0] for entry in log] == ["stage1", "stage2" if uv is None else "stage2_uv"]
             seen.append(list(log))
         assert all(s == seen[0] for s in seen[1:]), seen
-        max_len = tables.shape[1] * PAGE  # the block table's width: the longest row a graph could replay
-        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.float32, dv=None if uv is None else DV,
-                               max_len=max_len)
+        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.float32, dv=None if uv is None else DV)
         assert seen[0] == [("stage1", cfg.grid1, cfg.stage1), (seen[0][1][0], cfg.grid2, cfg.stage2)]
-        assert cfg.grid1 == (1, md.choose_num_splits(batch, HEADS, max_len), batch)
-        assert cfg.num_splits == _cdiv(max_len, BN)  # 2 rows would take 32 splits: capped by the table width
+        assert cfg.grid1 == (1, md.choose_num_splits(batch, HEADS), batch)
 
 
 def test_one_split_without_w_uv_writes_the_output_in_stage_1(monkeypatch):
@@ -173,26 +170,25 @@ def test_one_split_without_w_uv_writes_the_output_in_stage_1(monkeypatch):
     assert _rel(out_uv, md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)) < 1e-5
 
 
-@pytest.mark.parametrize("batch,heads,max_len,block_h,splits", [
-    (1, 64, None, 64, md.MAX_SPLITS),  # one row: as many splits as allowed
-    (16, 64, None, 64, 8),  # 128 programs: one wave of 132 SMs
-    (64, 64, None, 64, 2),
-    (64, 64, 4096, 64, 2),
-    (67, 64, None, 64, 1),  # past one wave: one split, stage 1 writes the output
-    (256, 64, None, 64, 1),
-    (1, 64, 100, 64, 4),  # no more splits than BLOCK_N blocks in the table's width (cdiv(100, 32))
-    (4, 8, None, 16, md.MAX_SPLITS),  # TP8: 8 heads a rank, padded to 16 rows
-    (16, 16, None, 16, 8),
-    (16, 128, None, 64, 4),  # 128 heads: two head blocks
-    (16, 20, None, 32, 8),
+@pytest.mark.parametrize("batch,heads,block_h,splits", [
+    (1, 64, 64, md.MAX_SPLITS),  # one row: as many splits as allowed
+    (16, 64, 64, 8),  # 128 programs: one wave of 132 SMs
+    (64, 64, 64, 2),
+    (67, 64, 64, 1),  # past one wave: one split, stage 1 writes the output
+    (256, 64, 64, 1),
+    (4, 8, 16, md.MAX_SPLITS),  # TP8: 8 heads a rank, padded to 16 rows
+    (16, 16, 16, 8),
+    (16, 128, 64, 4),  # 128 heads: two head blocks
+    (16, 20, 32, 8),
 ])
-def test_split_count_and_head_block_follow_the_batch(batch, heads, max_len, block_h, splits):
-    """Host-known shapes only (a CUDA-graph bucket always gets the same grid): one wave of up to 64-head programs."""
-    cfg = md.launch_config(batch, heads, 512, 64, torch.bfloat16, max_len=max_len)
+def test_split_count_and_head_block_follow_the_batch(batch, heads, block_h, splits):
+    """The batch and head count only (a CUDA-graph bucket always gets the same grid): one wave of up to 64-head
+    programs."""
+    cfg = md.launch_config(batch, heads, 512, 64, torch.bfloat16)
     assert cfg.stage1["BLOCK_H"] == block_h and cfg.num_splits == splits
     assert cfg.grid1 == (_cdiv(heads, block_h), splits, batch)
     assert cfg.stage1["DIRECT_OUT"] == (splits == 1) and (cfg.grid2 == ()) == (splits == 1)
-    assert md.launch_config(batch, heads, 512, 64, torch.bfloat16, dv=128, max_len=max_len).stage1["DIRECT_OUT"] is False
+    assert md.launch_config(batch, heads, 512, 64, torch.bfloat16, dv=128).stage1["DIRECT_OUT"] is False
 
 
 def test_fp32_keeps_16_head_programs():

@@ -11,9 +11,8 @@ each cache tile is loaded once for all of them. The row is cut into `num_splits`
 blocks (so small batches still fill the GPU); stage 1 writes each chunk's normalised partial output and
 log-sum-exp, stage 2 merges them (and may apply W_UV). With one split and no W_UV, stage 1 writes the output
 itself. Splits past a row's end (a short row fills only the first few) do no work and are skipped by the merge.
-Sequence lengths are read from device memory and every grid size depends only on B, the head count, the block
-table width and the dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new
-lengths. Rows with seq_len 0 (batch padding) produce zeros.
+Sequence lengths are read from device memory and every grid size depends only on B, the head count and the
+dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with seq_len 0 (batch padding) produce zeros.
 """
 
 from __future__ import annotations
@@ -54,22 +53,18 @@ def block_heads(heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
     return min(MAX_BLOCK_H if dtype.itemsize <= 2 else 16, next_pow2(heads))
 
 
-def choose_num_splits(batch: int, heads: int, max_len: int | None = None,
-                      dtype: torch.dtype = torch.bfloat16) -> int:
-    """As many splits as keep the stage-1 grid within one wave of TARGET_PROGRAMS, at most one per BLOCK_N
-    tokens of the longest possible row (max_len: the block table's width in tokens). A function of host-known
-    shapes only, so one CUDA-graph bucket always uses the same grid."""
+def choose_num_splits(batch: int, heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """As many splits as keep the stage-1 grid within one wave of TARGET_PROGRAMS. A function of the batch and the
+    heads only (not of the block table's width either: eager decode would then build a kernel variant for each
+    new width), so one CUDA-graph bucket always uses the same grid; splits past a row's end cost an early exit."""
     programs = batch * -(-heads // block_heads(heads, dtype))
-    splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // programs))
-    if max_len is not None:
-        splits = min(splits, max(1, -(-max_len // BLOCK_N)))
-    return splits
+    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // programs))
 
 
 def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dtype, dv: int | None = None,
-                  num_splits: int | None = None, first_pos: int = 0, max_len: int | None = None) -> LaunchConfig:
+                  num_splits: int | None = None, first_pos: int = 0) -> LaunchConfig:
     if num_splits is None:
-        num_splits = choose_num_splits(batch, heads, max_len, dtype)
+        num_splits = choose_num_splits(batch, heads, dtype)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     interp = interpreter_mode()
@@ -179,7 +174,7 @@ def mla_decode(
     from longcat_service.kernels._mla_decode_mqa_triton import launch
 
     cfg = launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype, dv=dv, num_splits=num_splits,
-                        first_pos=first_pos, max_len=block_tables.shape[1] * kv_cache.shape[1])
+                        first_pos=first_pos)
     return launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, cfg, w_uv=w_uv)
 
 
