@@ -12,7 +12,8 @@ blocks (so small batches still fill the GPU); stage 1 writes each chunk's normal
 log-sum-exp, stage 2 merges them (and may apply W_UV). With one split and no W_UV, stage 1 writes the output
 itself. Splits past a row's end (a short row fills only the first few) do no work and are skipped by the merge.
 Sequence lengths are read from device memory and every grid size depends only on B, the head count and the
-dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with seq_len 0 (batch padding) produce zeros.
+dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with
+seq_len 0 (batch padding) produce zeros.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from longcat_service import envs
 from longcat_service.kernels import interpreter_mode, next_pow2
 
-BLOCK_N = 32  # cache tokens per inner step (64 left no registers for 64 heads: 255 of 255 used, sm_90a)
+BLOCK_N = 32  # cache tokens per inner step (64: 255 registers and 221 KB of shared memory at 64 heads, sm_90a)
 MAX_BLOCK_H = 64  # heads per stage-1 program; fewer heads per rank (TP) pad up to tl.dot's 16 rows
 # A 64-head program fills an SM on its own (147 KB shared memory, 235 registers x 8 warps on sm_90a), so one wave
 # of programs is one per H200 SM.
@@ -48,8 +49,8 @@ class LaunchConfig:
 
 
 def block_heads(heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Heads per stage-1 program. fp32 (tests, CPU-twin runs; never served at the real widths) takes 16 as the old
-    kernels did: 64 fp32 heads x 576 would need ~230 KB of shared memory and spill registers."""
+    """Heads per stage-1 program. fp32 (the tests' tight checks, the tiny CPU-twin models) takes 16 as the old
+    kernels did: 64 fp32 heads x 576 would need ~230 KB of shared memory and spill registers (sm_90a)."""
     return min(MAX_BLOCK_H if dtype.itemsize <= 2 else 16, next_pow2(heads))
 
 
