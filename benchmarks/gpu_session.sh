@@ -34,7 +34,7 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null  # carry it back in a later call to skip the build
 fi
 
-TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_silu_mul.py tests/test_moe_prefill.py tests/test_dense_gemv.py tests/test_mla_decode_splits.py tests/test_rope_table.py tests/test_grouped_gemm.py tests/test_compile_watch.py"}
+TESTS=${GPU_TESTS:-"tests/test_ops.py tests/test_ops_gpu.py tests/test_gpu_twins.py tests/test_kernels.py tests/test_engine_correctness.py tests/test_async_scheduling_gpu.py tests/test_prefill_attn_triton.py tests/test_silu_mul.py tests/test_moe_prefill.py tests/test_dense_gemv.py tests/test_mla_decode_splits.py tests/test_mla_decode_gpu.py tests/test_rope_table.py tests/test_grouped_gemm.py tests/test_compile_watch.py"}
 MINE=${GPU_VARIANT_TESTS-"tests/test_decode_variants_gpu.py"}
 step pytest_default 240 $PY -m pytest -q -rs -p no:cacheprovider $TESTS $MINE
 

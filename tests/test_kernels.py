@@ -89,7 +89,9 @@ def _paged_case(gen, batch, heads, rank, rope, block_size, lens, dtype):
         (20, 32, 16, 8, [70]),  # heads over one head block
     ],
 )
-def test_mla_decode_matches_reference(dtype, heads, rank, rope, block_size, lens):
+@pytest.mark.parametrize("kernel", ["new", "old"])  # old: the temporary LONGCAT_MLA_DECODE_KERNEL=old A/B path
+def test_mla_decode_matches_reference(monkeypatch, kernel, dtype, heads, rank, rope, block_size, lens):
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", kernel)
     gen = torch.Generator().manual_seed(len(lens) * 100 + heads)
     args = _paged_case(gen, len(lens), heads, rank, rope, block_size, lens, dtype)
     ref = mla_decode_reference(*args, scale=0.37)
@@ -126,6 +128,44 @@ def test_mla_decode_with_w_uv_matches_reference(dtype, heads, rank, rope, dv, le
             assert (out[zero_rows] == 0).all()
     with pytest.raises(ValueError, match="w_uv"):
         mla_decode(*args, scale=0.37, w_uv=w_uv[1:])
+
+
+@pytest.mark.parametrize("heads,block_size,first_pos", [
+    (8, 16, 0),  # 8 heads a rank (TP 8): a 16-row head block, half of it padding
+    (16, 64, 1),  # TP 4; the MTP cache (no entry at position 0)
+    (64, 16, 1),  # one rank: all 64 heads in one program
+    (64, 64, 0),
+])
+def test_mla_decode_head_blocks_pages_and_first_pos(heads, block_size, first_pos):
+    """All heads of a row in one stage-1 program: odd lengths, padded rows (0), a row over many pages and BLOCK_N
+    tiles, first_pos 0 and 1; fp32 (tight) and bf16 (64 heads: fp32 only, for the interpreter's time; the GPU
+    tests take bf16 there); one split (stage 1 writes the output) and several, with and without the W_UV merge."""
+    from longcat_service.kernels.mla_decode import mla_decode_uv_reference
+
+    lens = [0, 1 + first_pos, 97, 201]
+    for dtype in (torch.float32,) if heads == 64 else (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(heads * 1000 + block_size * 10 + first_pos)
+        args = _paged_case(gen, len(lens), heads, 32, 16, block_size, lens, dtype)
+        w_uv = (torch.randn(heads, 24, 32, generator=gen) * 0.2).to(dtype).to(DEVICE)
+        ref = mla_decode_reference(*args, scale=0.29, first_pos=first_pos)
+        tol = 1e-5 if dtype == torch.float32 else 2 * BF16_TOL
+        for splits in (1, 5):
+            out = mla_decode(*args, scale=0.29, num_splits=splits, first_pos=first_pos)
+            assert out.dtype == dtype and _rel(out, ref) < tol, (dtype, splits)
+            assert (out[0] == 0).all()
+        ref_uv = mla_decode_uv_reference(*args, scale=0.29, w_uv=w_uv, first_pos=first_pos)
+        out_uv = mla_decode(*args, scale=0.29, num_splits=3, w_uv=w_uv, first_pos=first_pos)
+        assert _rel(out_uv, ref_uv) < tol and (out_uv[0] == 0).all(), dtype
+
+
+def test_mla_decode_longcat_rank_and_rope():
+    """The real latent widths (512 + 64) at 64 heads, bf16, a length that ends inside a 64-token page."""
+    gen = torch.Generator().manual_seed(3)
+    args = _paged_case(gen, 3, 64, 512, 64, 64, [130, 0, 5], torch.bfloat16)
+    ref = mla_decode_reference(*args, scale=0.0722)
+    for splits in (1, 3):
+        out = mla_decode(*args, scale=0.0722, num_splits=splits)
+        assert _rel(out, ref) < 2 * BF16_TOL and (out[1] == 0).all()
 
 
 def test_mla_decode_attends_only_within_seq_len():

@@ -17,7 +17,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from longcat_service.kernels import _mla_decode_triton as tri  # noqa: E402
+from longcat_service.kernels import _mla_decode_mqa_triton as tri  # noqa: E402
 from longcat_service.kernels import mla_decode as md  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -135,7 +135,7 @@ def test_launch_configuration_does_not_depend_on_seq_lens(monkeypatch):
     """What a CUDA graph captures (grids, constexprs, warps) must be the same whatever the batch's lengths:
     empty rows, short rows filling one split, long rows filling all of them."""
     log: list = []
-    for name in ("_stage1", "_stage2", "_stage2_uv"):
+    for name in ("stage1", "stage2", "stage2_uv"):
         monkeypatch.setattr(tri, name, _Recorder(getattr(tri, name), log))
     args, w_uv = _case(3, [300, 300], torch.float32)
     q_lat, q_rope, cache, tables, _ = args
@@ -146,9 +146,53 @@ def test_launch_configuration_does_not_depend_on_seq_lens(monkeypatch):
             log.clear()
             seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
             md.mla_decode(q_lat, q_rope, cache, tables, seq, 0.37, w_uv=uv)
-            assert [entry[0] for entry in log] == ["_stage1", "_stage2" if uv is None else "_stage2_uv"]
+            assert [entry[0] for entry in log] == ["stage1", "stage2" if uv is None else "stage2_uv"]
             seen.append(list(log))
         assert all(s == seen[0] for s in seen[1:]), seen
         cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.float32, dv=None if uv is None else DV)
-        assert seen[0] == [("_stage1", cfg.grid1, cfg.stage1), (seen[0][1][0], cfg.grid2, cfg.stage2)]
+        assert seen[0] == [("stage1", cfg.grid1, cfg.stage1), (seen[0][1][0], cfg.grid2, cfg.stage2)]
         assert cfg.grid1 == (1, md.choose_num_splits(batch, HEADS), batch)
+
+
+def test_one_split_without_w_uv_writes_the_output_in_stage_1(monkeypatch):
+    """num_splits 1 (large batches) and no W_UV: stage 1 writes the final output itself (no merge launch), zeros
+    for a padded row, equal to the reference; with W_UV the merge stage still runs."""
+    log: list = []
+    for name in ("stage1", "stage2", "stage2_uv"):
+        monkeypatch.setattr(tri, name, _Recorder(getattr(tri, name), log))
+    args, w_uv = _case(5, [0, 1, 700, BN + 1], torch.float32)
+    out = md.mla_decode(*args, scale=0.37, num_splits=1)
+    assert [entry[0] for entry in log] == ["stage1"] and log[0][2]["DIRECT_OUT"]
+    assert _rel(out, md.mla_decode_reference(*args, scale=0.37)) < 1e-5 and (out[0] == 0).all()
+    log.clear()
+    out_uv = md.mla_decode(*args, scale=0.37, num_splits=1, w_uv=w_uv)
+    assert [entry[0] for entry in log] == ["stage1", "stage2_uv"] and not log[0][2]["DIRECT_OUT"]
+    assert _rel(out_uv, md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)) < 1e-5
+
+
+@pytest.mark.parametrize("batch,heads,block_h,splits", [
+    (1, 64, 64, md.MAX_SPLITS),  # one row: as many splits as allowed
+    (16, 64, 64, 8),  # 128 programs: one wave of 132 SMs
+    (64, 64, 64, 2),
+    (67, 64, 64, 1),  # past one wave: one split, stage 1 writes the output
+    (256, 64, 64, 1),
+    (4, 8, 16, md.MAX_SPLITS),  # TP8: 8 heads a rank, padded to 16 rows
+    (16, 16, 16, 8),
+    (16, 128, 64, 4),  # 128 heads: two head blocks
+    (16, 20, 32, 8),
+])
+def test_split_count_and_head_block_follow_the_batch(batch, heads, block_h, splits):
+    """The batch and head count only (a CUDA-graph bucket always gets the same grid): one wave of up to 64-head
+    programs."""
+    cfg = md.launch_config(batch, heads, 512, 64, torch.bfloat16)
+    assert cfg.stage1["BLOCK_H"] == block_h and cfg.num_splits == splits
+    assert cfg.grid1 == (_cdiv(heads, block_h), splits, batch)
+    assert cfg.stage1["DIRECT_OUT"] == (splits == 1) and (cfg.grid2 == ()) == (splits == 1)
+    assert md.launch_config(batch, heads, 512, 64, torch.bfloat16, dv=128).stage1["DIRECT_OUT"] is False
+
+
+def test_fp32_keeps_16_head_programs():
+    """fp32 at the real widths would not fit 64 heads in shared memory: 16-head programs, 4x the split count."""
+    assert md.block_heads(64, torch.float32) == 16 and md.block_heads(64, torch.bfloat16) == 64
+    cfg = md.launch_config(16, 64, 512, 64, torch.float32)
+    assert cfg.grid1 == (4, 2, 16) and cfg.stage1["num_warps"] == 4

@@ -1,10 +1,50 @@
-"""The Triton side of mla_decode (kept apart so that importing mla_decode never imports triton)."""
+"""The previous Triton side of mla_decode: 16-head programs (each cache tile loaded once per 16 heads), a serial
+split merge. Kept only while LONGCAT_MLA_DECODE_KERNEL=old can A/B it against _mla_decode_mqa_triton on the GPU;
+delete this file (and the switch) after that run.
+"""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from longcat_service.kernels import interpreter_mode, next_pow2
+
+BLOCK_N = 32  # cache tokens per inner step
+BLOCK_H = 16  # heads per program
+TARGET_PROGRAMS = 2 * 132  # ~2 programs per H200 SM
+MAX_SPLITS = 32
+STAGE1_WARPS, STAGE1_STAGES = 4, 2
+UV_BLOCK_D = 32  # W_UV columns per program of the W_UV merge stage
+
+
+def choose_num_splits(batch: int, num_heads: int) -> int:
+    programs = batch * -(-num_heads // BLOCK_H)
+    return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // programs)))
+
+
+def launch_config(batch, heads, rank, rope, dtype, dv=None, num_splits=None, first_pos=0):
+    """The old kernels' LaunchConfig (see mla_decode.LaunchConfig)."""
+    from longcat_service.kernels.mla_decode import LaunchConfig
+
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, heads)
+    interp = interpreter_mode()
+    rank_pad = next_pow2(rank)
+    stage1 = dict(
+        RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H,
+        BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp,
+        USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=STAGE1_STAGES,
+    )
+    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
+                  num_warps=4)
+    grid1 = (-(-heads // BLOCK_H), num_splits, batch)
+    if dv is None:
+        return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
+    block_d = min(UV_BLOCK_D, next_pow2(dv))
+    stage2.update(BLOCK_D=block_d, DV=dv)
+    return LaunchConfig(num_splits, grid1, (heads, batch, -(-dv // block_d)), stage1, stage2)
 
 
 @triton.jit

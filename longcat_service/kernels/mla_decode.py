@@ -5,12 +5,15 @@ entries [latent | rope key] directly, and the output stays in the latent space (
 
     o_latent[b, h] = softmax_t(scale * (q_latent[b, h] . latent_t + q_rope[b, h] . rope_t)) @ latent
 
-The sequence is cut into `num_splits` even chunks of whole BLOCK_N blocks (so batch 1 still fills the GPU);
-stage 1 writes each chunk's normalised partial output and log-sum-exp, stage 2 merges them. Splits past a row's
-end (a short row fills only the first few) do no work in stage 1 and are skipped by the merge.
+This is multi-query attention: all heads of a row read the same cache entries. Stage 1 (_mla_decode_mqa_triton)
+runs one program per (block of up to 64 heads, split, row): the heads are the M side of its tensor-core dots, so
+each cache tile is loaded once for all of them. The row is cut into `num_splits` even chunks of whole BLOCK_N
+blocks (so small batches still fill the GPU); stage 1 writes each chunk's normalised partial output and
+log-sum-exp, stage 2 merges them (and may apply W_UV). With one split and no W_UV, stage 1 writes the output
+itself. Splits past a row's end (a short row fills only the first few) do no work and are skipped by the merge.
 Sequence lengths are read from device memory and every grid size depends only on B, the head count and the
-fixed split count (see launch_config), so a launch can be captured in a CUDA graph and replayed with new
-lengths. Rows with seq_len 0 (batch padding) produce zeros.
+dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with
+seq_len 0 (batch padding) produce zeros.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
+from longcat_service import envs
 from longcat_service.kernels import interpreter_mode, next_pow2
 
-BLOCK_N = 32  # cache tokens per inner step
-BLOCK_H = 16  # heads per program (tl.dot needs >= 16 rows); 32- and 64-head blocks timed equal on the H200
-TARGET_PROGRAMS = 2 * 132  # ~2 programs per H200 SM
+BLOCK_N = 32  # cache tokens per inner step (64: 255 registers and 221 KB of shared memory at 64 heads, sm_90a)
+MAX_BLOCK_H = 64  # heads per stage-1 program; fewer heads per rank (TP) pad up to tl.dot's 16 rows
+# A 64-head program fills an SM on its own (147 KB shared memory, 235 registers x 8 warps on sm_90a), so one wave
+# of programs is one per H200 SM.
+TARGET_PROGRAMS = 132
 MAX_SPLITS = 32
-STAGE1_WARPS, STAGE1_STAGES = 4, 2
+STAGE1_STAGES = 2
 UV_BLOCK_D = 32  # W_UV columns per program of the W_UV merge stage (a [32, 512] tile: 32 KB of bf16)
 
 
@@ -37,28 +43,49 @@ class LaunchConfig:
 
     num_splits: int
     grid1: tuple[int, int, int]  # (head blocks, splits, batch)
-    grid2: tuple[int, ...]  # (heads, batch) or, with W_UV, (heads, batch, dv blocks)
+    grid2: tuple[int, ...]  # (heads, batch) or, with W_UV, (heads, batch, dv blocks); () when stage 1 writes out
     stage1: dict
     stage2: dict
+
+
+def block_heads(heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Heads per stage-1 program. fp32 (the tests' tight checks, the tiny CPU-twin models) takes 16 as the old
+    kernels did: 64 fp32 heads x 576 would need ~230 KB of shared memory and spill registers (sm_90a)."""
+    return min(MAX_BLOCK_H if dtype.itemsize <= 2 else 16, next_pow2(heads))
+
+
+def choose_num_splits(batch: int, heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """As many splits as keep the stage-1 grid within one wave of TARGET_PROGRAMS. A function of the batch and the
+    heads only (not of the block table's width either: eager decode would then build a kernel variant for each
+    new width), so one CUDA-graph bucket always uses the same grid; splits past a row's end cost an early exit."""
+    programs = batch * -(-heads // block_heads(heads, dtype))
+    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // programs))
 
 
 def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dtype, dv: int | None = None,
                   num_splits: int | None = None, first_pos: int = 0) -> LaunchConfig:
     if num_splits is None:
-        num_splits = choose_num_splits(batch, heads)
+        num_splits = choose_num_splits(batch, heads, dtype)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     interp = interpreter_mode()
     rank_pad = next_pow2(rank)
+    block_h = block_heads(heads, dtype)
+    direct = num_splits == 1 and dv is None
     stage1 = dict(
-        RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H,
+        RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=block_h,
         BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interp,  # the CPU interpreter has no bf16 matmul: compute in fp32 there
-        USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=STAGE1_STAGES,
+        USE_WHILE=interp, FIRST_POS=first_pos, DIRECT_OUT=direct,
+        num_warps=8 if block_h >= 32 else 4,  # 32 heads on 4 warps spill registers, on 8 they do not (sm_90a)
+        num_stages=STAGE1_STAGES,
     )
-    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
-                  num_warps=4)
-    grid1 = (-(-heads // BLOCK_H), num_splits, batch)
+    grid1 = (-(-heads // block_h), num_splits, batch)
+    if direct:
+        return LaunchConfig(num_splits, grid1, (), stage1, {})
+    splits_pad = next_pow2(num_splits, minimum=2)
+    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, BLOCK_N=BLOCK_N,
+                  num_warps=8 if splits_pad >= 16 else 4)
     if dv is None:
         return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
     block_d = min(UV_BLOCK_D, next_pow2(dv))
@@ -113,12 +140,6 @@ def _check_inputs(q_latent, q_rope, kv_cache, block_tables, seq_lens) -> None:
             raise ValueError(f"{name} is on {t.device}, q_latent on {q_latent.device}")
 
 
-def choose_num_splits(batch: int, num_heads: int) -> int:
-    """A function of the batch and head count only (so one CUDA-graph bucket always uses the same grid)."""
-    programs = batch * -(-num_heads // BLOCK_H)
-    return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // programs)))
-
-
 def mla_decode(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -143,11 +164,18 @@ def mla_decode(
             raise ValueError(f"w_uv {tuple(w_uv.shape)} must be [{heads}, dv, {rank}] with a unit last stride")
         if w_uv.dtype != q_latent.dtype or w_uv.device != q_latent.device:
             raise ValueError(f"w_uv is {w_uv.dtype} on {w_uv.device}, q_latent {q_latent.dtype} on {q_latent.device}")
-    from longcat_service.kernels._mla_decode_triton import launch
-
     batch, heads, rank = q_latent.shape
-    cfg = launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype,
-                        dv=None if w_uv is None else w_uv.shape[1], num_splits=num_splits, first_pos=first_pos)
+    dv = None if w_uv is None else w_uv.shape[1]
+    if envs.LONGCAT_MLA_DECODE_KERNEL == "old":  # temporary A/B switch (see envs.py)
+        from longcat_service.kernels import _mla_decode_triton as old
+
+        cfg = old.launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype, dv=dv, num_splits=num_splits,
+                                first_pos=first_pos)
+        return old.launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, cfg, w_uv=w_uv)
+    from longcat_service.kernels._mla_decode_mqa_triton import launch
+
+    cfg = launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype, dv=dv, num_splits=num_splits,
+                        first_pos=first_pos)
     return launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, cfg, w_uv=w_uv)
 
 
