@@ -6,17 +6,15 @@ read on the device, exits at once) or, without one, every expert (those without 
 walks its expert's rows in BLOCK_M tiles (decode: one tile, so the weight tile is read from HBM exactly once for
 all of the expert's rows; an expert with more than BLOCK_M rows re-reads it per extra tile).
 
-One K step: the e4m3 weight tile [BLOCK_N, BLOCK_K] is converted to the activation dtype in registers (exact:
-every e4m3 value is a bf16 / fp16 value), multiplied on the tensor cores with fp32 accumulation into a fresh
-partial, and that partial is scaled by the weight rows' block scales (BLOCK_K divides 128: a step lies in one
-scale block) and added to the fp32 accumulator: every product exact, as the CUDA kernels. SWAP_AB computes the
-transposed product (weights as the MMA's M operand, rows as its N) so that a 16-row tile still gives the tensor
-cores a 64+ wide M (Hopper's wgmma); which orientation streams faster is measured (bench_fp8_kernels.py).
-
-PRESCALE instead dequantizes the tile in registers (bf16(w8 * scale), the reference's weights bit for bit) and lets
-the tensor cores accumulate in place (wgmma chains asynchronously). TMA: weight tiles through a descriptor of the
-weight viewed as [E * N, K] (where its layout allows, else pointer loads); the activation rows are always gathered
-with pointer loads (rows past the expert's end masked: no memory traffic).
+One K step: the e4m3 weight tile [BLOCK_N, BLOCK_K] is dequantized in registers to the activation dtype with its
+rows' block scales (bf16(w8 * scale), the reference's weights bit for bit; BLOCK_K divides 128: a step lies in one
+scale block) and the tensor cores accumulate the transposed product in place (fp32): the weight rows are the MMA's
+M side, so a 16-row token tile still gives Hopper's wgmma a 64+ wide M. Weight tiles come through a TMA descriptor
+of the weight viewed as [E * N, K] where its layout allows (rows of 16-byte multiples, aligned base), else through
+pointer loads: that fallback is not a tuning variant but the path for layouts TMA cannot take. The activation rows
+are always gathered with pointer loads (rows past the expert's end masked: no memory traffic). The H200 sweep
+(fp8_expert_decode.py) was won by this form; the unswapped, exact-products-scaled-in-fp32 and pointer-load (on
+TMA-able weights) forms measured slower than the winner and are gone.
 
 SwiGLU kernel: one program owns gate rows n and up rows I + n of its N tile (two accumulators); the epilogue
 rounds gate and up to the activation dtype, then silu(gate) * up as eager torch does (_silu_mul_triton), and
@@ -39,42 +37,15 @@ except ImportError:  # pragma: no cover - triton < 3.4
 
 
 @triton.jit
-def _scaled_partial(acc, x, w8, s, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """acc + x @ (w8 * s)^T, x [BM, BK], w8 e4m3 [BN, BK], s fp32 [BN] (its rows' block scales); acc [BM, BN] or,
-    SWAP_AB, [BN, BM]. PRESCALE: dequantize the tile to x's dtype first (bf16(w8 * s): the reference's weights, bit
-    for bit) and accumulate on the tensor cores; else exact products into a fresh partial, scaled in fp32."""
-    if PRESCALE:
-        w = _round(w8.to(tl.float32) * s[:, None], x.dtype, MANUAL_BF16)
-        if MANUAL_BF16:  # the interpreter's dot multiplies bf16 as raw uint16 bits: exact fp32 operands instead
-            xf = _to_f32(x, MANUAL_BF16)
-            wf = _to_f32(w, MANUAL_BF16)
-            if SWAP_AB:
-                return tl.dot(wf, tl.trans(xf), acc, input_precision="ieee")
-            else:
-                return tl.dot(xf, tl.trans(wf), acc, input_precision="ieee")
-        else:
-            if SWAP_AB:
-                return tl.dot(w, tl.trans(x), acc)
-            else:
-                return tl.dot(x, tl.trans(w), acc)
+def _scaled_partial(acc, x, w8, s, MANUAL_BF16: tl.constexpr):
+    """acc [BN, BM] + (w8 * s) @ x^T, x [BM, BK], w8 e4m3 [BN, BK], s fp32 [BN] (its rows' block scales): the tile
+    is dequantized to x's dtype (bf16(w8 * s): the reference's weights, bit for bit) and the tensor cores accumulate
+    in place; the weight rows are the MMA's M side (Hopper's wgmma needs 64), the token rows its N side (16 do)."""
+    w = _round(w8.to(tl.float32) * s[:, None], x.dtype, MANUAL_BF16)
+    if MANUAL_BF16:  # the interpreter's dot multiplies bf16 as raw uint16 bits: exact fp32 operands instead
+        return tl.dot(_to_f32(w, MANUAL_BF16), tl.trans(_to_f32(x, MANUAL_BF16)), acc, input_precision="ieee")
     else:
-        if MANUAL_BF16:
-            xf = _to_f32(x, MANUAL_BF16)
-            wf = w8.to(tl.float32)
-            if SWAP_AB:
-                part = tl.dot(wf, tl.trans(xf), input_precision="ieee")
-            else:
-                part = tl.dot(xf, tl.trans(wf), input_precision="ieee")
-        else:
-            w = w8.to(x.dtype)
-            if SWAP_AB:
-                part = tl.dot(w, tl.trans(x))
-            else:
-                part = tl.dot(x, tl.trans(w))
-        if SWAP_AB:
-            return acc + part * s[:, None]
-        else:
-            return acc + part * s[None, :]
+        return tl.dot(w, tl.trans(x), acc)
 
 
 @triton.jit
@@ -102,23 +73,19 @@ def _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _swiglu_step(acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, w_desc, wg_row, wu_row, k0, K, row_ok,
-                 col_ok, ks, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr,
-                 TMA: tl.constexpr, MANUAL_BF16: tl.constexpr):
+                 col_ok, ks, EVEN_K: tl.constexpr, TMA: tl.constexpr, MANUAL_BF16: tl.constexpr):
     x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
     wg, sg = _load_w(wg_ptrs, sg_ptrs, w_desc, wg_row, k0, K, col_ok, ks, EVEN_K, TMA)
     wu, su = _load_w(wu_ptrs, su_ptrs, w_desc, wu_row, k0, K, col_ok, ks, EVEN_K, TMA)
-    acc_g = _scaled_partial(acc_g, x, wg, sg, SWAP_AB, PRESCALE, MANUAL_BF16)
-    acc_u = _scaled_partial(acc_u, x, wu, su, SWAP_AB, PRESCALE, MANUAL_BF16)
+    acc_g = _scaled_partial(acc_g, x, wg, sg, MANUAL_BF16)
+    acc_u = _scaled_partial(acc_u, x, wu, su, MANUAL_BF16)
     return acc_g, acc_u
 
 
 @triton.jit
-def _out_ptrs(out_ptr, rows, cols, s_om, row_ok, col_ok, SWAP_AB: tl.constexpr):
-    """Pointers and mask of an accumulator-shaped output tile ([BM, BN], or [BN, BM] with SWAP_AB)."""
-    if SWAP_AB:
-        return (out_ptr + rows.to(tl.int64)[None, :] * s_om + cols[:, None]), col_ok[:, None] & row_ok[None, :]
-    else:
-        return (out_ptr + rows.to(tl.int64)[:, None] * s_om + cols[None, :]), row_ok[:, None] & col_ok[None, :]
+def _out_ptrs(out_ptr, rows, cols, s_om, row_ok, col_ok):
+    """Pointers and mask of an accumulator-shaped output tile [BN, BM] (the transposed product)."""
+    return (out_ptr + rows.to(tl.int64)[None, :] * s_om + cols[:, None]), col_ok[:, None] & row_ok[None, :]
 
 
 @triton.jit
@@ -142,8 +109,7 @@ def _expert_of_program(offs_ptr, active_ptr, num_active_ptr, COMPACT: tl.constex
 def _swiglu_tile(
     x_ptr, h_ptr, slots_ptr, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, w_desc, wg_row, wu_row, row0, end, cols, col_ok, ks,
     K, top_k, s_xm, s_hm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr,
-    TMA: tl.constexpr, EVEN_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr,
     USE_WHILE: tl.constexpr,
 ):
     """h rows [row0, min(row0 + BLOCK_M, end)) of the program's N tile."""
@@ -151,28 +117,25 @@ def _swiglu_tile(
     row_ok = rows < end
     tokens = tl.load(slots_ptr + rows, mask=row_ok, other=0) // top_k
     x_ptrs = x_ptr + tokens.to(tl.int64)[:, None] * s_xm + ks[None, :]
-    if SWAP_AB:
-        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = tl.zeros_like(acc_g)
     if USE_WHILE:  # the interpreter cannot take runtime values as range() bounds
         k0 = 0
         while k0 < K:
             acc_g, acc_u = _swiglu_step(acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, w_desc, wg_row,
-                                        wu_row, k0, K, row_ok, col_ok, ks, EVEN_K, SWAP_AB, PRESCALE, TMA,
+                                        wu_row, k0, K, row_ok, col_ok, ks, EVEN_K, TMA,
                                         MANUAL_BF16)
             k0 += BLOCK_K
     else:  # a for loop, so that the compiler software-pipelines the loads (num_stages)
         for k0 in range(0, K, BLOCK_K):
             acc_g, acc_u = _swiglu_step(acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, w_desc, wg_row,
-                                        wu_row, k0, K, row_ok, col_ok, ks, EVEN_K, SWAP_AB, PRESCALE, TMA,
+                                        wu_row, k0, K, row_ok, col_ok, ks, EVEN_K, TMA,
                                         MANUAL_BF16)
     dtype = h_ptr.dtype.element_ty
     gate = _round(acc_g, dtype, MANUAL_BF16)  # the reference's gate_up GEMM output dtype
     up = _round(acc_u, dtype, MANUAL_BF16)
     h = _silu_mul(gate, up, dtype, LIBDEVICE_EXP, MANUAL_BF16)
-    h_ptrs, mask = _out_ptrs(h_ptr, rows, cols, s_hm, row_ok, col_ok, SWAP_AB)
+    h_ptrs, mask = _out_ptrs(h_ptr, rows, cols, s_hm, row_ok, col_ok)
     tl.store(h_ptrs, h, mask=mask)
 
 
@@ -180,8 +143,7 @@ def _swiglu_tile(
 def _swiglu_kernel(
     x_ptr, w_ptr, s_ptr, h_ptr, offs_ptr, slots_ptr, active_ptr, num_active_ptr, w_desc,
     inter, K, top_k, s_xm, s_we, s_wn, s_se, s_sn, s_hm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr,
-    SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
     LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """h[r, n] = silu(x_r . Wg[e, n]) * (x_r . Wu[e, n]) for expert e's rows r, x_r = x[slots[r] // top_k]."""
@@ -204,42 +166,38 @@ def _swiglu_kernel(
         row0 = start
         while row0 < end:
             _swiglu_tile(x_ptr, h_ptr, slots_ptr, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, w_desc, wg_row, wu_row, row0, end,
-                         cols, col_ok, ks, K, top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, PRESCALE, TMA,
+                         cols, col_ok, ks, K, top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
                          EVEN_K, LIBDEVICE_EXP, MANUAL_BF16, USE_WHILE)
             row0 += BLOCK_M
     else:  # one pass per BLOCK_M rows (decode: one)
         for row0 in range(start, end, BLOCK_M):
             _swiglu_tile(x_ptr, h_ptr, slots_ptr, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, w_desc, wg_row, wu_row, row0, end,
-                         cols, col_ok, ks, K, top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, PRESCALE, TMA,
+                         cols, col_ok, ks, K, top_k, s_xm, s_hm, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
                          EVEN_K, LIBDEVICE_EXP, MANUAL_BF16, USE_WHILE)
 
 
 @triton.jit
 def _down_tile(
     h_ptr, y_ptr, w_ptrs, s_ptrs, w_desc, w_row, row0, end, cols, col_ok, ks, K, s_hm, s_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr,
-    TMA: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     x_ptrs = h_ptr + rows.to(tl.int64)[:, None] * s_hm + ks[None, :]
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if USE_WHILE:
         k0 = 0
         while k0 < K:
             x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
             w8, s = _load_w(w_ptrs, s_ptrs, w_desc, w_row, k0, K, col_ok, ks, EVEN_K, TMA)
-            acc = _scaled_partial(acc, x, w8, s, SWAP_AB, PRESCALE, MANUAL_BF16)
+            acc = _scaled_partial(acc, x, w8, s, MANUAL_BF16)
             k0 += BLOCK_K
     else:
         for k0 in range(0, K, BLOCK_K):
             x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
             w8, s = _load_w(w_ptrs, s_ptrs, w_desc, w_row, k0, K, col_ok, ks, EVEN_K, TMA)
-            acc = _scaled_partial(acc, x, w8, s, SWAP_AB, PRESCALE, MANUAL_BF16)
-    y_ptrs, mask = _out_ptrs(y_ptr, rows, cols, s_ym, row_ok, col_ok, SWAP_AB)
+            acc = _scaled_partial(acc, x, w8, s, MANUAL_BF16)
+    y_ptrs, mask = _out_ptrs(y_ptr, rows, cols, s_ym, row_ok, col_ok)
     tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
@@ -247,8 +205,7 @@ def _down_tile(
 def _down_kernel(
     h_ptr, w_ptr, s_ptr, y_ptr, offs_ptr, active_ptr, num_active_ptr, w_desc,
     N, K, s_hm, s_we, s_wn, s_se, s_sn, s_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr,
-    SWAP_AB: tl.constexpr, PRESCALE: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
     MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """y[r, n] = h_r . W2[e, n] for expert e's rows r."""
@@ -266,12 +223,12 @@ def _down_kernel(
         row0 = start
         while row0 < end:
             _down_tile(h_ptr, y_ptr, w_ptrs, s_ptrs, w_desc, w_row, row0, end, cols, col_ok, ks, K, s_hm, s_ym,
-                       BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, PRESCALE, TMA, EVEN_K, MANUAL_BF16, USE_WHILE)
+                       BLOCK_M, BLOCK_N, BLOCK_K, TMA, EVEN_K, MANUAL_BF16, USE_WHILE)
             row0 += BLOCK_M
     else:
         for row0 in range(start, end, BLOCK_M):
             _down_tile(h_ptr, y_ptr, w_ptrs, s_ptrs, w_desc, w_row, row0, end, cols, col_ok, ks, K, s_hm, s_ym,
-                       BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, PRESCALE, TMA, EVEN_K, MANUAL_BF16, USE_WHILE)
+                       BLOCK_M, BLOCK_N, BLOCK_K, TMA, EVEN_K, MANUAL_BF16, USE_WHILE)
 
 
 def _routing_args(expert_offsets, active_experts, num_active, num_experts, num_slots):
@@ -293,8 +250,9 @@ def tma_supported(w: torch.Tensor) -> bool:
 
 
 def _w_desc(w: torch.Tensor, config):
+    """The weight's TMA descriptor, or None where its layout needs the pointer-load fallback."""
     num_experts, n, k = w.shape
-    if not (config.tma and tma_supported(w)):
+    if not tma_supported(w):
         return None
     return TensorDescriptor(w, [num_experts * n, k], [w.stride(1), 1], [config.block_n, config.block_k])
 
@@ -313,7 +271,7 @@ def launch_swiglu(hidden, w13, w13_scale, h, expert_offsets, sorted_slots, top_k
         hidden, w13, w13_scale, h, offs, sorted_slots, active, count, w_desc, inter, k, top_k, hidden.stride(0),
         w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), h.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=compact,
-        SWAP_AB=config.swap_ab, PRESCALE=config.prescale, TMA=w_desc is not None, EVEN_K=k % config.block_k == 0,
+        TMA=w_desc is not None, EVEN_K=k % config.block_k == 0,
         LIBDEVICE_EXP=not interp, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=config.num_stages,
         num_warps=config.num_warps,
     )
@@ -331,7 +289,7 @@ def launch_down(h, w2, w2_scale, y, expert_offsets, active_experts, num_active, 
         h, w2, w2_scale, y, offs, active, count, w_desc, n, k, h.stride(0), w2.stride(0), w2.stride(1),
         w2_scale.stride(0), w2_scale.stride(1), y.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=compact,
-        SWAP_AB=config.swap_ab, PRESCALE=config.prescale, TMA=w_desc is not None, EVEN_K=k % config.block_k == 0,
+        TMA=w_desc is not None, EVEN_K=k % config.block_k == 0,
         MANUAL_BF16=interp, USE_WHILE=interp, num_stages=config.num_stages, num_warps=config.num_warps,
     )
 
@@ -363,13 +321,13 @@ def aot_compile(config, kind: str, hidden: int = 6144, inter: int = 2048, num_ex
         extra = {}
     else:
         raise ValueError(f"aot_compile: kind must be 'swiglu' or 'down', got {kind!r}")
-    use_tma = config.tma and TensorDescriptor is not None and k % 16 == 0  # tma_supported() on contiguous weights
+    use_tma = TensorDescriptor is not None and k % 16 == 0  # tma_supported() on contiguous weights
     values["w_desc"] = None
     if use_tma:  # a CPU stand-in: specialisation reads the block shape and dtype
         w_rows = torch.empty(64, k, dtype=fp8)
         values["w_desc"] = TensorDescriptor(w_rows, [num_experts * rows, k], [k, 1], [config.block_n, config.block_k])
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=compact,
-                      SWAP_AB=config.swap_ab, PRESCALE=config.prescale, TMA=use_tma, EVEN_K=k % config.block_k == 0,
+                      TMA=use_tma, EVEN_K=k % config.block_k == 0,
                       MANUAL_BF16=False, USE_WHILE=False, **extra)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -10,10 +10,9 @@ Two launches (kernels in _fp8_expert_decode_triton.py): SwiGLU (gate_up GEMM, si
 into h [T*k, I], then down. Each program owns one expert and one N tile and runs all of the expert's rows (up to
 block_m) through one pass over its weight tile, so at decode (~1-5 rows per expert) each active expert's e4m3 bytes
 are read from HBM once; the CUDA kernel (csrc/cuda/expert_ffn_fp8.cu) runs passes of at most 2 rows, re-streaming
-the weights of experts with more. Numerics: every product x * w8 exact, fp32 sums, each 128-block's partial sum
-scaled in fp32 (more exact than the reference's bf16-dequantized weights), or, with a config's prescale, the
-reference's bf16 weights bf16(w8 * scale) bit for bit, fp32 sums; gate and up rounded to the activation dtype
-before silu(gate) * up, as the reference's eager ops.
+the weights of experts with more. Numerics: each weight tile dequantized to the activation dtype as the
+reference's weights, bf16(w8 * scale) bit for bit, exact products, fp32 sums; gate and up rounded to the activation
+dtype before silu(gate) * up, as the reference's eager ops.
 
 CUDA-graph safe: the grids come from shapes only (E or min(E, T*k) experts, N tiles); the row counts are read on
 the device, programs without rows exit at once; no host sync.
@@ -29,24 +28,19 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_BLOCK = 128
 ACT_DTYPES = (torch.bfloat16, torch.float16)
-_FLAGS = ("swap", "pre", "tma")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Tiles of one of the two GEMMs. block_m: rows per pass over the weights (>= 16, the tensor cores' minimum);
-    block_k divides 128 (one scale block per K step); swap_ab: weights as the MMA's M operand; prescale: the
-    weight tile dequantized to the activation dtype before the MMA, which then accumulates in place; tma: weight
-    tiles through TMA descriptors where the layout allows (else pointer loads); see the Triton module."""
+    block_k divides 128 (one scale block per K step). The kernel's form (swap-AB, prescaled weight tiles, TMA
+    where the layout allows) is fixed: see the Triton module."""
 
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
     num_stages: int = 4
     num_warps: int = 4
-    swap_ab: bool = False
-    prescale: bool = False
-    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -59,45 +53,39 @@ class DecodeConfig:
             raise ValueError(f"fp8 decode config: bad num_stages={self.num_stages} / num_warps={self.num_warps}")
 
     def __str__(self) -> str:
-        fields = (self.block_m, self.block_n, self.block_k, self.num_stages, self.num_warps)
-        flags = ("swap",) * self.swap_ab + ("pre",) * self.prescale + ("tma",) * self.tma
-        return ",".join([str(v) for v in fields] + list(flags))
+        return ",".join(str(v) for v in (self.block_m, self.block_n, self.block_k, self.num_stages, self.num_warps))
 
 
 @functools.lru_cache(maxsize=64)
 def parse_config(text: str) -> DecodeConfig:
-    """"bm,bn,bk,stages,warps[,swap][,pre][,tma]" -> DecodeConfig."""
+    """"bm,bn,bk,stages,warps" -> DecodeConfig."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    flags = parts[5:]
-    if len(parts) < 5 or any(f not in _FLAGS for f in flags) or len(set(flags)) != len(flags):
-        raise ValueError(f"fp8 decode config {text!r}: expected 'bm,bn,bk,stages,warps' and optional flags {_FLAGS}")
+    if len(parts) != 5:
+        raise ValueError(f"fp8 decode config {text!r}: expected 'bm,bn,bk,stages,warps'")
     try:
         bm, bn, bk, stages, warps = (int(p) for p in parts[:5])
     except ValueError:
         raise ValueError(f"fp8 decode config {text!r}: the first five fields must be integers") from None
-    return DecodeConfig(bm, bn, bk, stages, warps, swap_ab="swap" in flags, prescale="pre" in flags,
-                        tma="tma" in flags)
+    return DecodeConfig(bm, bn, bk, stages, warps)
 
 
-# Candidates for the H200, timed per launch by `benchmarks/bench_fp8_kernels.py --sections experts`. Per stage a
-# program holds a bn x bk e4m3 tile (SwiGLU: two, gate and up) plus bm x bk bf16 rows: 16 KB + 4 KB at 64/128 SwiGLU,
-# so 4 stages leave room for two or three programs per SM. H200, 2026-12-03, I = 2048, B = 64: "16,128,128,3,4,swap,pre,tma"
-# is the fastest for both launches (gate_up 2130 us, down 1060 us: 0.91 of their byte floors; the former default
-# "16,64,128,4,4,swap,pre,tma" 2464 / 1248, the others 2398-3394 / 1213-1482).
+# Tile sizes around the H200 winner, timed per launch by `benchmarks/bench_fp8_kernels.py --sections experts`. Per
+# stage a program holds a bn x bk e4m3 tile (SwiGLU: two, gate and up) plus bm x bk bf16 rows. H200, 2026-12-03,
+# I = 2048, B = 64 (gate_up / down us), all in the kernel's one form (then flags swap,pre,tma): 16,128,128,3,4 2130 /
+# 1060 (0.91 of the byte floors; the fastest of both), 16,64,128,4,4 2464 / 1248, 16,64,128,6,4 2475 / 1275,
+# 16,128,128,3,8 2536 / 1214, 32,64,128,4,4 2695 / 1365. The other forms measured at 16,64,128,4,4 (unswapped
+# 2577 / 1262, unswapped prescaled 2398 / 1266, swapped without prescale or TMA 2653-3394 / 1292-1370) were slower
+# than the winner and are deleted. 16,128,128,4,4 and 16,256,128,2,4 are not yet measured.
 SWEEP_CONFIGS: tuple[DecodeConfig, ...] = tuple(parse_config(c) for c in (
-    "16,64,128,4,4,swap,pre,tma",
+    "16,128,128,3,4",
     "16,64,128,4,4",
-    "16,64,128,4,4,pre",
-    "16,32,128,6,4",
-    "16,64,128,4,4,swap",
-    "16,64,128,4,4,swap,tma",
-    "16,64,128,4,4,swap,pre",
-    "16,64,128,6,4,swap,pre,tma",
-    "16,128,128,3,4,swap,pre,tma",
-    "16,128,128,3,8,swap,pre,tma",
-    "32,64,128,4,4,swap,pre,tma",
+    "16,64,128,6,4",
+    "16,128,128,3,8",
+    "32,64,128,4,4",
+    "16,128,128,4,4",
+    "16,256,128,2,4",
 ))
-DEFAULT_GATE_UP_CONFIG = parse_config("16,128,128,3,4,swap,pre,tma")
+DEFAULT_GATE_UP_CONFIG = parse_config("16,128,128,3,4")
 DEFAULT_DOWN_CONFIG = DEFAULT_GATE_UP_CONFIG
 
 
