@@ -18,7 +18,7 @@ expert_ffn_fp8_mma.cuh for I <= 512 from 16 tokens), triton = kernels/fp8_expert
 config (SWEEP_CONFIGS) is timed on each launch alone (gate_up = SwiGLU, down) against that launch's byte floor, and
 the whole FFN with the fastest pair: the numbers that set its defaults and
 ops/extension.TRITON_FP8_DECODE_MIN_TOKENS. grouped: grouped FP8 GEMM configs (default
-every one of fp8_gemm.ALL_GROUPED_CONFIGS, the measured ones and the untested variants) at the prefill shapes of
+every one of fp8_gemm.ALL_GROUPED_CONFIGS) at the prefill shapes of
 --tokens prompts (default 4096: ~64 rows per expert) against the bf16 Triton grouped GEMM, each with its fraction
 of the copy floor and the fastest per GEMM at the end; then (unless --no-fusion) the activation quantization of
 that prefill (kernels/moe_fp8_quant.py): gather_quant_fp8 against gather_expert_rows + per_token_group_quant_fp8 and
@@ -414,7 +414,7 @@ def main() -> None:
     parser.add_argument("--configs", default=None,
                         help="grouped: N (the first N of ALL_GROUPED_CONFIGS), all (default), variants or base")
     parser.add_argument("--config-list", default=None,
-                        help="grouped: configs separated by ';', e.g. '128,128,64,4,4,tma;128,128,64,4,4,tma,swap'")
+                        help="grouped: configs separated by ';', e.g. '128,128,64,4,4,tma;128,128,64,4,4,tma,persist2'")
     parser.add_argument("--tokens", default="4096", help="grouped: prompt lengths, e.g. 1024,4096,32768")
     parser.add_argument("--no-fusion", action="store_true", help="grouped: skip the quantization-fusion timings")
     parser.add_argument("--out", default=None)

@@ -1,7 +1,7 @@
-"""The candidate grouped FP8 GEMM variants (kernels/fp8_gemm.VARIANT_CONFIGS: swap-AB, persistent, flattened,
-warp-specialized, wide tiles) on the GPU at the LongCat-Flash prefill shapes, against the fp64 product of the
-quantized operands (tests/test_fp8_gpu.py's tensor-core bound). A file of its own: one Triton compile per variant
-and shape (minutes), apart from the FP8 session's test_fp8_gpu.py step; it shrinks as the losing variants go.
+"""The grouped FP8 GEMM variants beyond GROUPED_CONFIGS (kernels/fp8_gemm.VARIANT_CONFIGS: persistent, flattened,
+wide tiles, incl. both MoE prefill defaults) on the GPU at the LongCat-Flash prefill shapes, against the fp64
+product of the quantized operands (tests/test_fp8_gpu.py's tensor-core bound). A file of its own: one Triton
+compile per variant and shape (minutes), apart from the FP8 session's test_fp8_gpu.py step.
 
     python -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_grouped_variants_gpu.py
 """
@@ -46,9 +46,9 @@ def _variant_case(n, k):
 @pytest.mark.parametrize("n,k", [(4096, 6144), (6144, 2048)])
 @pytest.mark.parametrize("cfg", VARIANT_CONFIGS, ids=str)
 def test_grouped_gemm_fp8_variants(cfg, n, k):
-    """Each candidate of fp8_gemm.VARIANT_CONFIGS (swap-AB, persistent, warp-specialized, wide tiles) at the
-    LongCat-Flash gate_up and down shapes: within the tensor-core bound of the exact product for experts of 0 to
-    512 rows, and rows past the last real one left as they were (launch_grouped into a NaN-filled output)."""
+    """Each of fp8_gemm.VARIANT_CONFIGS (persistent, flattened, wide tiles; both prefill defaults) at the LongCat-Flash
+    gate_up and down shapes: within the tensor-core bound of the exact product for experts of 0 to 512 rows, and
+    rows past the last real one left as they were (launch_grouped into a NaN-filled output)."""
     from longcat_service.kernels._fp8_gemm_triton import launch_grouped
     from longcat_service.kernels.fp8_gemm import grouped_gemm_fp8
 
@@ -59,8 +59,7 @@ def test_grouped_gemm_fp8_variants(cfg, n, k):
             _assert_bf16_within(y[a:b], want, mag, k, f"{cfg} expert {e}", mma=True)
     y = torch.full((x8.shape[0], n), float("nan"), dtype=torch.bfloat16, device=DEV)
     launch_grouped(x8, xs, w8, ws, offsets, y, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps,
-                   cfg.tma, cfg.split_tail, swap_ab=cfg.swap_ab, persistent=cfg.persistent,
-                   warp_specialize=cfg.warp_specialize, flatten=cfg.flatten)
+                   cfg.tma, cfg.split_tail, persistent=cfg.persistent, flatten=cfg.flatten)
     n_real = int(offsets[-1])
     assert y[n_real:].isnan().all() and not y[:n_real].isnan().any(), str(cfg)
     torch.cuda.synchronize()

@@ -241,14 +241,11 @@ SMALL_GROUPED = {
     "tma": fg.parse_config("16,32,32,2,4,tma"),
     "split": fg.parse_config("32,128,32,2,4,split"),
     "tma_split": fg.parse_config("16,64,32,2,4,tma,split"),
-    # the FP8-only variants (fp8_gemm.GroupedFp8Config); ws is the compiled path's (here the plain loop runs)
-    "swap": fg.parse_fp8_config("32,64,32,2,4,swap"),
-    "swap_tma_split": fg.parse_fp8_config("16,32,32,2,4,tma,split,swap"),
+    # the persistent kernel (fp8_gemm.GroupedFp8Config); flat is the compiled path's (here the plain loops run)
     "persist": fg.parse_fp8_config("32,64,16,2,4,persist"),
-    "persist_tma_swap": fg.parse_fp8_config("16,32,32,2,4,tma,swap,persist2"),
-    "persist_ws": fg.parse_fp8_config("16,32,16,2,4,tma,persist1,ws"),
-    "k2": fg.parse_fp8_config("32,64,32,2,4,k2"),
-    "k2_tma_swap_persist": fg.parse_fp8_config("16,32,16,2,4,tma,swap,persist2,k2"),
+    "persist_tma": fg.parse_fp8_config("16,32,32,2,4,tma,persist2"),
+    "persist_tma_flat": fg.parse_fp8_config("16,32,16,2,4,tma,persist1,flat"),
+    "persist_wide": fg.parse_fp8_config("256,32,16,2,4,tma,persist2,flat"),  # block_n > 128: per-column scales
 }
 COUNTS = {"mixed": [5, 0, 33, 1, 0, 16, 17, 40], "one_expert": [0, 0, 77, 0], "all_empty": [0, 0, 0]}
 
@@ -285,24 +282,6 @@ def test_grouped_matches_exact(counts, variant, n, k):
     n_real = int(offsets[-1])
     want = fg.grouped_gemm_fp8_reference(x8, xs, w8, ws, offsets)
     torch.testing.assert_close(y[:n_real].float(), want[:n_real].float(), rtol=2**-7, atol=1e-3)
-
-
-@pytest.mark.parametrize("cfg", ["32,128,32,2,4,tma,k2", "32,128,32,2,4,k2", "32,128,16,2,4,tma,swap,persist2,k2",
-                                 "64,128,32,2,4,tma,split,k2"])
-@pytest.mark.parametrize("k", [320, 384])
-def test_grouped_k2_when_k_is_not_a_multiple_of_two_steps(cfg, k):
-    """K2 with K % 256 in (0, 128]: the last iteration's second step starts at or past K (TMA zero-fills it, its
-    scales are masked: NaN after the scale tensors would show) or covers a partial block; the result is the exact
-    product all the same."""
-    x8, xs, w8, ws, offsets = _grouped_case(COUNTS["mixed"], 72, k, seed=k, extra_rows=0)
-
-    def nan_after(t):
-        buf = torch.full((t.numel() + 64,), float("nan"))
-        buf[: t.numel()] = t.flatten()
-        return buf[: t.numel()].view(t.shape)
-
-    y = fg.grouped_gemm_fp8(x8, nan_after(xs), w8, nan_after(ws), offsets, config=fg.parse_fp8_config(cfg))
-    _check_grouped(y, x8, xs, w8, ws, offsets, f"{cfg} K={k}")
 
 
 def test_grouped_tma_choice_and_row_hint():
@@ -350,8 +329,8 @@ def test_row_tile_list(counts, block_m):
     assert tile_expert[len(want):].eq(-7).all() and tile_row[len(want):].eq(-7).all()
 
 
-@pytest.mark.parametrize("cfg", ["16,32,16,2,4,tma,persist1", "32,64,32,2,4,swap,persist3",
-                                 "16,32,32,2,4,tma,split,swap", "16,32,32,2,4,tma,swap,persist2"])
+@pytest.mark.parametrize("cfg", ["16,32,16,2,4,tma,persist1", "32,64,32,2,4,persist3", "16,32,32,2,4,tma,split",
+                                 "16,32,32,2,4,tma,persist2,flat"])
 def test_grouped_variants_write_only_their_rows(cfg):
     """Row tiles that cross into the next expert's rows (or past the last real row) store only their own expert's
     rows: rows past expert_offsets[-1] keep what they held; different grid sizes (persist 1..3 x 3 programs under
@@ -363,8 +342,7 @@ def test_grouped_variants_write_only_their_rows(cfg):
     x8, xs, w8, ws, offsets = _grouped_case(counts, 72, 256, seed=17, extra_rows=29)
     y = torch.full((x8.shape[0], 72), float("nan"), dtype=torch.bfloat16)
     launch_grouped(x8, xs, w8, ws, offsets, y, config.block_m, config.block_n, config.block_k, config.num_stages,
-                   config.num_warps, config.tma, config.split_tail, swap_ab=config.swap_ab,
-                   persistent=config.persistent, warp_specialize=config.warp_specialize,
+                   config.num_warps, config.tma, config.split_tail, persistent=config.persistent,
                    flatten=config.flatten)
     n_real = int(offsets[-1])
     assert y[n_real:].isnan().all()
@@ -372,21 +350,20 @@ def test_grouped_variants_write_only_their_rows(cfg):
 
 
 def test_fp8_config_grammar():
-    for text in ["128,128,64,4,4,tma,swap", "128,128,64,4,4,tma,persist2,ws", "64,128,128,4,4,tma,split",
-                 "16,32,32,2,4,split,swap", "32,64,16,2,4,persist3", "32,64,16,2,4,swap,persist3,flat",
-                 "128,128,64,2,4,tma,persist2,flat,k2"]:
+    for text in ["128,128,64,4,4,tma", "64,128,128,4,4,tma,split", "16,32,32,2,4,split", "32,64,16,2,4,persist3",
+                 "32,64,16,2,4,persist3,flat", "256,128,64,5,8,tma,persist1,flat"]:
         cfg = fg.parse_fp8_config(text)
         assert fg.parse_fp8_config(str(cfg)) == cfg
-    cfg = fg.parse_fp8_config(" 128, 128, 64, 4, 4, PERSIST, swap, tma ")
+    cfg = fg.parse_fp8_config(" 128, 128, 64, 4, 4, PERSIST, flat, tma ")
     assert (cfg.block_n, cfg.block_k, cfg.block_m, cfg.num_stages, cfg.num_warps) == (128, 128, 64, 4, 4)
-    assert cfg.tma and cfg.swap_ab and cfg.persistent == 1 and not cfg.warp_specialize and not cfg.split_tail
-    assert str(cfg) == "128,128,64,4,4,tma,swap,persist1"
-    for bad, match in [("128,128,64,4,4,persistx", "persist"), ("128,128,64,4,4,persist,persist2", "persist"),
-                       ("128,128,64,4,4,tma,ws", "ws needs"), ("128,128,64,4,8,tma,persist1,ws", "ws needs"),
-                       ("128,128,64,4,4,persist1,ws", "ws needs"), ("256,128,64,4,4,tma,persist1,ws", "ws needs"),
-                       ("128,128,64,4,4,split,persist2", "do not combine"), ("128,128,64,4,4,persist9", "0..8"),
-                       ("128,128,64,4,4,tma,flat", "flat needs"), ("128,128,64,4,4,tma,persist1,ws,flat", "flat needs"),
-                       ("128,256,64,4,4", "divide"), ("128,128,64,4,4,swapp", "expected"), ("128,128,48,4,4", "power")]:
+    assert cfg.tma and cfg.persistent == 1 and cfg.flatten and not cfg.split_tail
+    assert str(cfg) == "128,128,64,4,4,tma,persist1,flat"
+    deleted = [(f"128,128,64,4,4,tma,persist1,{flag}", "expected") for flag in ("swap", "ws", "k2")]
+    for bad, match in deleted + [
+            ("128,128,64,4,4,persistx", "persist"), ("128,128,64,4,4,persist,persist2", "persist"),
+            ("128,128,64,4,4,split,persist2", "do not combine"), ("128,128,64,4,4,persist9", "0..8"),
+            ("128,128,64,4,4,tma,flat", "flat needs"), ("128,256,64,4,4", "divide"),
+            ("128,128,64,4,4,swapp", "expected"), ("128,128,48,4,4", "power")]:
         with pytest.raises(ValueError, match=match):
             fg.parse_fp8_config(bad)
 
@@ -396,10 +373,11 @@ def test_config_tables():
     assert len(set(fg.ALL_GROUPED_CONFIGS)) == len(fg.ALL_GROUPED_CONFIGS)
     for cfg in fg.ALL_GROUPED_CONFIGS:
         assert 128 % cfg.block_k == 0
-        stage = (cfg.block_m + cfg.block_n) * cfg.block_k * cfg.k_steps  # fp8: 1 byte; k2: two K blocks a stage
+        stage = (cfg.block_m + cfg.block_n) * cfg.block_k  # fp8: 1 byte
         assert cfg.num_stages * stage <= 200 * 1024, cfg
     assert fg.DEFAULT_GROUPED_CONFIG in fg.GROUPED_CONFIGS and fg.DEFAULT_DENSE_CONFIG in fg.DENSE_CONFIGS
-    assert fg.DEFAULT_GATE_UP_CONFIG in fg.ALL_GROUPED_CONFIGS and fg.DEFAULT_DOWN_CONFIG in fg.ALL_GROUPED_CONFIGS
+    # in VARIANT_CONFIGS: tests/test_fp8_grouped_variants_gpu.py runs them on the GPU
+    assert fg.DEFAULT_GATE_UP_CONFIG in fg.VARIANT_CONFIGS and fg.DEFAULT_DOWN_CONFIG in fg.VARIANT_CONFIGS
     for cfg in fg.DENSE_CONFIGS:
         assert 128 % cfg.block_k == 0
         assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 200 * 1024, cfg
@@ -604,22 +582,16 @@ for cfg in VARIANT_CONFIGS:
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     assert re.search(r"STACK:0 ", usage), (str(cfg), "spills registers", usage)
     ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
-    shapes = set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.]m64n(\\d+)k32[.]f32[.]e4m3[.]e4m3", ptx))
-    # swap-AB: the token tile (block_m, or half of it for a split tail) is the wgmma's N; else the weight tile
-    want = {cfg.block_m, cfg.block_m // 2} if cfg.swap_ab and cfg.split_tail else {cfg.block_m} if cfg.swap_ab else None
-    assert shapes and (want is None or {int(v) for v in shapes} <= want), (str(cfg), shapes)
+    assert re.search(r"wgmma[.]mma_async[.]sync[.]aligned[.]m64n\\d+k32[.]f32[.]e4m3[.]e4m3", ptx), (str(cfg), "wgmma")
     assert "async_tma_copy_global_to_local" in ttgir, (str(cfg), "tma")
-    ws = "ttg.warp_specialize" in ttgir.replace("tt.warp_specialize", "")
-    assert ws == cfg.warp_specialize, (str(cfg), "warp specialization", ws)
     print(cfg, ck.metadata.shared, ck.metadata.num_warps, flush=True)
 """
 
 
 def test_sm90_build_of_the_grouped_variants():
-    """Every VARIANT_CONFIGS kernel compiles for sm_90 at the LongCat down shape (6144 x 2048): FP8 wgmma with the
-    token tile on the N side where swap-AB, TMA, a warp-specialized kernel exactly where ws, no register spills,
-    shared memory that fits an H200 SM (228 KB, 1 KB reserved per block) for each of a persistent config's
-    programs per SM."""
+    """Every VARIANT_CONFIGS kernel compiles for sm_90 at the LongCat down shape (6144 x 2048): FP8 wgmma, TMA, no
+    register spills, shared memory that fits an H200 SM (228 KB, 1 KB reserved per block) for each of a persistent
+    config's programs per SM."""
     import subprocess
     import sys
 
@@ -651,10 +623,10 @@ def test_bench_grouped_config_selection_and_table(capsys):
     assert grouped_configs("variants", None) == list(fg.VARIANT_CONFIGS)
     assert grouped_configs("base", None) == list(fg.GROUPED_CONFIGS)
     assert grouped_configs("3", None) == list(fg.ALL_GROUPED_CONFIGS[:3])
-    listed = grouped_configs("2", " 128,128,64,4,4,tma ; 128,128,64,4,4,tma,swap,persist2,flat;")
-    assert [str(c) for c in listed] == ["128,128,64,4,4,tma", "128,128,64,4,4,tma,swap,persist2,flat"]
+    listed = grouped_configs("2", " 128,128,64,4,4,tma ; 128,128,64,4,4,tma,persist2,flat;")
+    assert [str(c) for c in listed] == ["128,128,64,4,4,tma", "128,128,64,4,4,tma,persist2,flat"]
     with pytest.raises(ValueError):
-        grouped_configs(None, "128,128,64,4,4,tma,ws")
+        grouped_configs(None, "128,128,64,4,4,tma,swap")
     base = {"N": 4096, "K": 6144, "rows": 32768, "quant_us": 50.0, "bf16_grouped_us": 6500.0, "byte_floor_us": 3000.0,
             "flop_floor_us": 1000.0}
     rows = [dict(base, gemm="gate_up", tokens=4096, config="a", ours_us=4000.0, error=None, copy_frac=0.75),

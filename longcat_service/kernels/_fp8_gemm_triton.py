@@ -151,18 +151,16 @@ def launch_w8a8(x8, x_scale, w8, w_scale, out, block_m, block_n, block_k, group_
 
 
 # ---- grouped (MoE prefill experts): y[r] = x8[r] @ w8[e]^T for expert e's rows -------------------------------
-# The structure of _grouped_gemm_triton.py: one program per (N tile, expert), walking the expert's rows.
-# Variants (fp8_gemm.GroupedFp8Config): SWAP_AB computes the tile as w @ x^T (the weight rows fill the MMA's M side,
-# at least 64 on Hopper; the tokens its N side, which may be 16 or 32); _grouped_fp8_persistent_kernel runs a fixed
-# grid over a device-side list of equal tiles, its tile loop optionally warp-specialized by Triton (WS). Triton
-# 3.6's Hopper warp specialization takes only a loop with no loop around it and no reductions inside (the K loop
-# of _grouped_fp8_kernel, inside the row loop, fails to compile; hence the row-tile list of _row_tiles_kernel).
+# The structure of _grouped_gemm_triton.py: one program per (N tile, expert), walking the expert's rows; or
+# (fp8_gemm.GroupedFp8Config.persistent) _grouped_fp8_persistent_kernel: a fixed grid over a device-side list of
+# equal tiles (_row_tiles_kernel), its tile and K loops optionally flattened into one software pipeline. TMA loads
+# where the operands' layout allows (tma_supported), else pointer loads: the path for the other layouts.
 
 
 @triton.jit
 def _g_step(
     acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok, ks,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     if TMA:
         a = x_desc.load([row0, k0])
@@ -176,26 +174,13 @@ def _g_step(
             a = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     g = k0 // 128
-    if EVEN_K:
-        a_s = tl.load(xs_ptrs + g, mask=row_ok, other=0.0)
-        if BLOCK_N <= 128:  # the tile lies in one 128-row block of the weight: one scale (ws_ptrs is a scalar)
-            b_s = tl.load(ws_ptrs + g)
-        else:
-            b_s = tl.load(ws_ptrs + g, mask=col_ok, other=0.0)
-    else:  # a second step of a K2 iteration may start at or past K: no scale there (its operands are zeros)
-        a_s = tl.load(xs_ptrs + g, mask=row_ok & (k0 < K), other=0.0)
-        if BLOCK_N <= 128:
-            b_s = tl.load(ws_ptrs + g, mask=k0 < K, other=0.0)
-        else:
-            b_s = tl.load(ws_ptrs + g, mask=col_ok & (k0 < K), other=0.0)
-    if BLOCK_N > 128:
-        b_s = b_s[:, None] if SWAP_AB else b_s[None, :]
-    if SWAP_AB:  # acc is [BLOCK_N, BLOCK_M]
-        part = tl.dot(b, tl.trans(a))
-        return acc + part * b_s * a_s[None, :]
+    a_s = tl.load(xs_ptrs + g, mask=row_ok, other=0.0)
+    if BLOCK_N <= 128:  # the tile lies in one 128-row block of the weight: one scale (ws_ptrs is a scalar)
+        b_s = tl.load(ws_ptrs + g)
     else:
-        part = tl.dot(a, tl.trans(b))
-        return acc + part * a_s[:, None] * b_s
+        b_s = tl.load(ws_ptrs + g, mask=col_ok, other=0.0)[None, :]
+    part = tl.dot(a, tl.trans(b))
+    return acc + part * a_s[:, None] * b_s
 
 
 @triton.jit
@@ -203,11 +188,9 @@ def _g_tile(
     x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, row_end, expert, n0, N, K,
     s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr, SWAP_AB: tl.constexpr = False, K_STEPS: tl.constexpr = 1,
+    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N output tile. K_STEPS = 2: two K steps per loop iteration, so that the software pipeline
-    issues the loads of two adjacent K blocks together (each weight row is read 2 x BLOCK_K contiguous bytes at a
-    time); EVEN_K then means K % (2 * BLOCK_K) == 0."""
+    """One BLOCK_M x BLOCK_N output tile."""
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
@@ -221,28 +204,17 @@ def _g_tile(
     else:
         ws_ptrs = ws_ptr + expert.to(tl.int64) * s_wse + (cols // 128).to(tl.int64) * s_wsn
     w_row0 = expert * N + n0
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_WHILE:
         k0 = 0
         while k0 < K:
             acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
-                          ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
-            if K_STEPS == 2:
-                acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0 + BLOCK_K, K,
-                              row_ok, col_ok, ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
-            k0 += BLOCK_K * K_STEPS
+                          ks, EVEN_K, TMA, BLOCK_N)
+            k0 += BLOCK_K
     else:
-        for k0 in range(0, K, BLOCK_K * K_STEPS):
+        for k0 in range(0, K, BLOCK_K):
             acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0, K, row_ok, col_ok,
-                          ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
-            if K_STEPS == 2:
-                acc = _g_step(acc, x_ptrs, w_ptrs, xs_ptrs, ws_ptrs, x_desc, w_desc, row0, w_row0, k0 + BLOCK_K, K,
-                              row_ok, col_ok, ks, EVEN_K, TMA, SWAP_AB, BLOCK_N)
-    if SWAP_AB:
-        acc = tl.trans(acc)
+                          ks, EVEN_K, TMA, BLOCK_N)
     out = _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * s_ym + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -253,7 +225,6 @@ def _grouped_fp8_kernel(
     s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_TAIL: tl.constexpr,
     EVEN_K: tl.constexpr, TMA: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
-    SWAP_AB: tl.constexpr = False, K_STEPS: tl.constexpr = 1,
 ):
     n0 = tl.program_id(0) * BLOCK_N
     expert = tl.program_id(1)
@@ -268,24 +239,22 @@ def _grouped_fp8_kernel(
         row0 = start
         while row0 < full_end:
             _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we,
-                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE,
-                    SWAP_AB, K_STEPS)
+                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
             row0 += BLOCK_M
     else:
         for row0 in range(start, full_end, BLOCK_M):
             _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we,
-                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE,
-                    SWAP_AB, K_STEPS)
+                    s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
     if SPLIT_TAIL:
         if full_end < end:
             if end - full_end <= BLOCK_M // 2:
                 _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_half_desc, w_desc, full_end, end, expert, n0, N, K,
                         s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                        MANUAL_BF16, USE_WHILE, SWAP_AB, K_STEPS)
+                        MANUAL_BF16, USE_WHILE)
             else:
                 _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, full_end, end, expert, n0, N, K,
                         s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                        MANUAL_BF16, USE_WHILE, SWAP_AB, K_STEPS)
+                        MANUAL_BF16, USE_WHILE)
 
 
 @triton.jit
@@ -331,14 +300,13 @@ def _grouped_fp8_persistent_kernel(
     x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, count_ptr, x_desc, w_desc, N, K,
     s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-    SWAP_AB: tl.constexpr, WS: tl.constexpr, FLATTEN: tl.constexpr, MANUAL_BF16: tl.constexpr,
-    USE_WHILE: tl.constexpr, K_STEPS: tl.constexpr = 1,
+    FLATTEN: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """A fixed grid walks the tiles (row tile g of _row_tiles_kernel's list, N tile), N tile fastest: programs in
     flight together read consecutive weight tiles of one expert, and an expert's row tiles of one weight tile
     are num_n tiles apart, in flight together too (the weight tile comes from HBM once). FLATTEN: Triton fuses the
     tile and K loops into one software pipeline, so a tile's first loads are issued during the previous tile's last
-    steps (no ramp per tile; not with WS, which it turns off)."""
+    steps (no ramp per tile)."""
     num_n = tl.cdiv(N, BLOCK_N)
     total = tl.load(count_ptr) * num_n
     if USE_WHILE:
@@ -346,14 +314,13 @@ def _grouped_fp8_persistent_kernel(
         while tile < total:
             _persistent_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, x_desc,
                              w_desc, tile, num_n, N, K, s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N,
-                             BLOCK_K, EVEN_K, TMA, SWAP_AB, MANUAL_BF16, USE_WHILE, K_STEPS)
+                             BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
             tile += tl.num_programs(0)
     else:
-        for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), warp_specialize=WS,
-                             flatten=FLATTEN):
+        for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
             _persistent_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, x_desc,
                              w_desc, tile, num_n, N, K, s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N,
-                             BLOCK_K, EVEN_K, TMA, SWAP_AB, MANUAL_BF16, USE_WHILE, K_STEPS)
+                             BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
 
 
 @triton.jit
@@ -361,7 +328,7 @@ def _persistent_tile(
     x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, x_desc, w_desc, tile, num_n, N, K,
     s_xm, s_we, s_wn, s_ym, s_xsm, s_wse, s_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-    SWAP_AB: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr, K_STEPS: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     g = tile // num_n
     n0 = (tile - g * num_n) * BLOCK_N
@@ -369,7 +336,7 @@ def _persistent_tile(
     row0 = tl.load(tile_row_ptr + g)
     end = tl.load(offs_ptr + expert + 1)
     _g_tile(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, x_desc, w_desc, row0, end, expert, n0, N, K, s_xm, s_we, s_wn, s_ym,
-            s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE, SWAP_AB, K_STEPS)
+            s_xsm, s_wse, s_wsn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MANUAL_BF16, USE_WHILE)
 
 
 def tma_supported(x8: torch.Tensor, w8: torch.Tensor) -> bool:
@@ -398,7 +365,7 @@ def _cuda_sms(index: int) -> int:
 
 
 def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block_k, num_stages, num_warps, tma,
-                   split_tail, swap_ab=False, persistent=0, warp_specialize=False, flatten=False, k_steps=1) -> None:
+                   split_tail, persistent=0, flatten=False) -> None:
     """persistent > 0: a grid of persistent x SMs programs (_grouped_fp8_persistent_kernel; no split tail)."""
     rows, k = x8.shape
     num_experts, n, _ = w8.shape
@@ -423,9 +390,8 @@ def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block
         grid = (max(1, min(persistent * num_sms(x8.device), triton.cdiv(n, block_n) * max_row_tiles)),)
         _grouped_fp8_persistent_kernel[grid](
             x8, w8, y, x_scale, w_scale, offsets, tile_expert, tile_row, count, x_desc, w_desc, n, k, *strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % (block_k * k_steps) == 0, TMA=use_tma,
-            SWAP_AB=swap_ab, WS=warp_specialize and use_tma and not interp, FLATTEN=flatten and not interp,
-            MANUAL_BF16=interp, USE_WHILE=interp, K_STEPS=k_steps,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, TMA=use_tma,
+            FLATTEN=flatten and not interp, MANUAL_BF16=interp, USE_WHILE=interp,
             num_stages=num_stages, num_warps=num_warps,
         )
         return
@@ -433,8 +399,7 @@ def launch_grouped(x8, x_scale, w8, w_scale, offsets, y, block_m, block_n, block
     _grouped_fp8_kernel[grid](
         x8, w8, y, x_scale, w_scale, offsets, x_desc, x_half_desc, w_desc, n, k, *strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_TAIL=split_tail,
-        EVEN_K=k % (block_k * k_steps) == 0, TMA=use_tma, MANUAL_BF16=interp, USE_WHILE=interp, SWAP_AB=swap_ab,
-        K_STEPS=k_steps,
+        EVEN_K=k % block_k == 0, TMA=use_tma, MANUAL_BF16=interp, USE_WHILE=interp,
         num_stages=num_stages, num_warps=num_warps,
     )
 
@@ -481,11 +446,9 @@ def aot_compile_grouped(config, n: int, k: int, rows: int = 49152, num_experts: 
         if config.split_tail:
             values["x_half_desc"] = TensorDescriptor(x8, [rows, k], [k, 1], [bm // 2, bk])
         values["w_desc"] = TensorDescriptor(w_rows, [num_experts * n, k], [k, 1], [bn, bk])
-    k_steps = getattr(config, "k_steps", 1)
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % (bk * k_steps) == 0, TMA=use_tma,
-                      MANUAL_BF16=False, USE_WHILE=False, SWAP_AB=getattr(config, "swap_ab", False), K_STEPS=k_steps)
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, TMA=use_tma, MANUAL_BF16=False,
+                      USE_WHILE=False)
     if persistent:
-        constexprs["WS"] = getattr(config, "warp_specialize", False)
         constexprs["FLATTEN"] = getattr(config, "flatten", False)
         i32 = torch.empty(rows, dtype=torch.int32)
         values.update(tile_expert_ptr=i32, tile_row_ptr=i32, count_ptr=i32)

@@ -47,27 +47,19 @@ DENSE_CONFIGS: tuple[DenseFp8Config, ...] = (
     DenseFp8Config(block_m=64, block_n=256, num_stages=3),
 )
 
-_FP8_FLAGS = ("swap", "ws", "flat", "k2")
+_FP8_FLAGS = ("flat",)
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupedFp8Config(GroupedGemmConfig):
-    """grouped_gemm's tiles and flags plus the FP8 kernel's variants (kernels/_fp8_gemm_triton.py):
-    swap_ab: each tile is computed as w @ x^T, so the weight rows (block_n >= 64) fill the wgmma's M side and the
-    tokens (block_m, may be 16 or 32) its N side. persistent: 0 = one program per (N tile, expert) walking the
-    expert's row tiles; p > 0 = p programs per SM walking a device-side list of (expert, N tile, row tile)
-    tiles of block_m rows (no split tail; p programs must fit one SM's shared memory). warp_specialize: Triton's
-    automatic warp specialization (a producer warp group feeding the MMA warps) of the persistent tile loop.
-    flatten: the persistent tile and K loops as one software pipeline (the next tile's loads overlap this tile's
-    last steps). ws and flat apply to the compiled path only (the interpreter runs the plain loops). k_steps = 2:
-    two K steps per loop iteration (their loads issued together: 2 x block_k contiguous bytes of each weight row;
-    num_stages then counts pairs, each stage twice the shared memory)."""
+    """grouped_gemm's tiles and flags plus the FP8 kernel's persistent form (kernels/_fp8_gemm_triton.py):
+    persistent: 0 = one program per (N tile, expert) walking the expert's row tiles; p > 0 = p programs per SM
+    walking a device-side list of (expert, N tile, row tile) tiles of block_m rows (no split tail; p programs must
+    fit one SM's shared memory). flatten: the persistent tile and K loops as one software pipeline (the next tile's
+    loads overlap this tile's last steps; the compiled path only, the interpreter runs the plain loops)."""
 
-    swap_ab: bool = False
     persistent: int = 0
-    warp_specialize: bool = False
     flatten: bool = False
-    k_steps: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,36 +67,27 @@ class GroupedFp8Config(GroupedGemmConfig):
             raise ValueError(f"grouped fp8 config: persistent={self.persistent} must be 0..8 programs per SM")
         if self.persistent and self.split_tail:
             raise ValueError("grouped fp8 config: persist and split do not combine (the persistent tiles are equal)")
-        # Triton 3.6 on sm_90 (compiled offline, tests/test_fp8_kernels.py): warp specialization takes an outermost
-        # loop with TMA loads only, leaves 8-warp kernels as they are, and fails to build block_n 256
-        if self.warp_specialize and not (self.persistent and self.tma and self.num_warps == 4 and self.block_n <= 128):
-            raise ValueError("grouped fp8 config: ws needs persist, tma, 4 warps and block_n <= 128")
-        if self.flatten and not (self.persistent and not self.warp_specialize):
-            raise ValueError("grouped fp8 config: flat needs persist and no ws (flattening turns off ws)")
+        if self.flatten and not self.persistent:
+            raise ValueError("grouped fp8 config: flat needs persist")
         if GROUP % self.block_k:
             raise ValueError(f"grouped fp8 config: block_k={self.block_k} must divide {GROUP}")
-        if self.k_steps not in (1, 2):
-            raise ValueError(f"grouped fp8 config: k_steps={self.k_steps} must be 1 or 2")
 
     def __str__(self) -> str:
-        flags = ("swap",) * self.swap_ab + (f"persist{self.persistent}",) * bool(self.persistent)
-        flags += ("ws",) * self.warp_specialize + ("flat",) * self.flatten + ("k2",) * (self.k_steps == 2)
+        flags = (f"persist{self.persistent}",) * bool(self.persistent) + ("flat",) * self.flatten
         return ",".join([super().__str__(), *flags])
 
 
 @functools.lru_cache(maxsize=128)
 def parse_fp8_config(text: str) -> GroupedFp8Config:
-    """"bn,bk,bm,stages,warps[,tma][,split][,swap][,persist<p>][,ws][,flat][,k2]" -> GroupedFp8Config ("persist" =
-    persist1)."""
+    """"bn,bk,bm,stages,warps[,tma][,split][,persist<p>][,flat]" -> GroupedFp8Config ("persist" = persist1)."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     base = [p for p in parts if p not in _FP8_FLAGS and not p.startswith("persist")]
     persist = [p for p in parts if p.startswith("persist")]
     if len(persist) > 1 or (persist and not (persist[0][7:] or "1").isdigit()):
         raise ValueError(f"grouped fp8 config {text!r}: expected one flag 'persist' or 'persist<programs per SM>'")
     cfg = parse_config(",".join(base))
-    return GroupedFp8Config(**dataclasses.asdict(cfg), swap_ab="swap" in parts,
-                            persistent=int(persist[0][7:] or 1) if persist else 0, warp_specialize="ws" in parts,
-                            flatten="flat" in parts, k_steps=2 if "k2" in parts else 1)
+    return GroupedFp8Config(**dataclasses.asdict(cfg), persistent=int(persist[0][7:] or 1) if persist else 0,
+                            flatten="flat" in parts)
 
 
 # Grouped: the bf16 kernel's shapes with K steps of one whole scale group (fp8 tiles are half the bytes: a
@@ -119,50 +102,20 @@ GROUPED_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c 
     "64,128,128,4,4,tma,split",
     "128,64,128,4,8,tma,split",
 ))
-# Candidates for ~64 rows per expert (4096 tokens x 12 slots over 768 experts incl. the zero experts), where the
-# GEMMs should stream weights at the copy rate. Not yet measured (benchmarks/bench_fp8_kernels.py --sections grouped
-# times them all); the reasoning: every N tile re-reads its expert's rows from L2 (gate_up at block_n 64: as many
-# bytes as the weights), so wider weight tiles cut that traffic, with deeper pipelines while the weight tile
-# dominates shared memory; swap-AB puts the weight rows on the wgmma's M side (token tiles of 64 or 32 rows without
-# padding); an expert's second row tile re-reads its weight tile, from HBM when the same program walks both, from
-# L2 in the persistent order (row tiles of a weight tile in flight together), which also keeps programs busy
-# across tiles; ws lets Triton give the TMA loads their own warp group. None spills registers in the sm_90 build
-# (tests/test_fp8_kernels.py; GROUPED_CONFIGS[5] does, and so did 256 x 128 tiles, or 128 x 128 swapped with split).
+# The further configs of the H200 sweep at ~64 rows per expert (4096 tokens x 12 slots over 768 experts incl. the
+# zero experts; `benchmarks/bench_fp8_kernels.py --sections grouped`), 2026-12-03, us gate_up / down: wide weight
+# tiles "256,128,64,5,8,tma" 4576 / 2493, "128,128,64,6,4,tma" 4597 / 2593; persistent "128,128,64,4,4,tma,persist2"
+# 4633 / 1978 and flattened 4672 / 1962, "256,128,64,5,8,tma,persist1,flat" 3956 / 2638 (GROUPED_CONFIGS[4] 4609 /
+# 2265, [6] 4133 / 2130). Deleted: swap-AB (token tiles on the wgmma's N side; best 4031 / 2309) and two K blocks
+# per stage (k2; best 4263 / 2083), both slower than the defaults below, and Triton's warp specialization (ws;
+# never timed, its Hopper build was fragile). None of these spills registers in the sm_90 build
+# (tests/test_fp8_kernels.py).
 VARIANT_CONFIGS: tuple[GroupedFp8Config, ...] = tuple(parse_fp8_config(c) for c in (
-    # (c) wide weight tiles, deep pipelines
     "256,128,64,5,8,tma",
-    "256,64,64,6,8,tma",
-    "256,128,64,4,8,tma,split",
     "128,128,64,6,4,tma",
-    # (e) swap-AB ("64,128,128,4,4,tma,swap,split" is DEFAULT_GATE_UP_CONFIG swapped)
-    "128,128,64,4,4,tma,swap",
-    "128,128,64,5,4,tma,swap,split",
-    "64,128,128,4,4,tma,swap,split",
-    "64,128,64,6,4,tma,swap,split",
-    "256,128,64,5,8,tma,swap",
-    "128,128,128,4,8,tma,swap",
-    # (a) persistent, with and without one pipeline across tiles (flat)
     "128,128,64,4,4,tma,persist2",
     "128,128,64,4,4,tma,persist2,flat",
-    "256,128,64,5,8,tma,persist1",
     "256,128,64,5,8,tma,persist1,flat",
-    "128,128,64,4,4,tma,swap,persist2",
-    "128,128,64,4,4,tma,swap,persist2,flat",
-    "256,128,64,5,8,tma,swap,persist1",
-    "128,128,32,5,4,tma,swap,persist2,flat",
-    "128,128,128,4,8,tma,persist1",
-    "128,128,128,4,8,tma,persist1,flat",
-    # K2: two adjacent K blocks per pipeline stage (each weight row read 256 contiguous bytes at a time, DRAM
-    # pages opened half as often; one iteration's two wgmma groups)
-    "128,128,64,2,4,tma,k2",
-    "64,128,128,2,4,tma,split,k2",
-    "128,128,64,3,4,tma,k2",
-    "256,128,64,2,8,tma,k2",
-    "128,128,64,2,4,tma,persist2,flat,k2",
-    # (b) warp specialization (of the persistent tile loop; last: the least proven compiler path)
-    "128,128,64,4,4,tma,persist1,ws",
-    "128,128,64,4,4,tma,swap,persist1,ws",
-    "128,128,64,6,4,tma,persist1,ws",
 ))
 ALL_GROUPED_CONFIGS = GROUPED_CONFIGS + VARIANT_CONFIGS
 # H200 run 1 (benchmarks/RESULTS.md): the first is the fastest of the four measured at the LongCat-Flash prefill
@@ -172,8 +125,8 @@ DEFAULT_GROUPED_CONFIG = GROUPED_CONFIGS[0]
 # LongCat-Flash shapes (32768 expert rows, H = 6144, I = 2048), H200, 2026-12-03, `python
 # benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --no-fusion --config-list ...` (14 configs): gate_up
 # "256,128,64,5,8,tma,persist1,flat" 3956 us = 0.79 of the copy floor (former default "64,128,128,4,4,tma,split"
-# 4133, its swap-AB form 4031), down "128,128,64,4,4,tma,persist2,flat" 1962 us = 0.83 (former "128,128,64,4,4,tma"
-# 2265; without flat 1978).
+# 4133), down "128,128,64,4,4,tma,persist2,flat" 1962 us = 0.83 (former "128,128,64,4,4,tma" 2265; without flat
+# 1978).
 DEFAULT_GATE_UP_CONFIG = parse_fp8_config("256,128,64,5,8,tma,persist1,flat")
 DEFAULT_DOWN_CONFIG = parse_fp8_config("128,128,64,4,4,tma,persist2,flat")
 
@@ -292,9 +245,7 @@ def grouped_gemm_fp8(
 
     launch_grouped(x8, x_scale.contiguous(), w8, w_scale.contiguous(), expert_offsets.contiguous(), y, block_m,
                    cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.tma, split_tail,
-                   swap_ab=getattr(cfg, "swap_ab", False), persistent=getattr(cfg, "persistent", 0),
-                   warp_specialize=getattr(cfg, "warp_specialize", False), flatten=getattr(cfg, "flatten", False),
-                   k_steps=getattr(cfg, "k_steps", 1))
+                   persistent=getattr(cfg, "persistent", 0), flatten=getattr(cfg, "flatten", False))
     return y
 
 
