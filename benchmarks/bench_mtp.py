@@ -3,7 +3,6 @@
     python benchmarks/bench_mtp.py                                   # H200: 2L dummy weights + the demo model
     python benchmarks/bench_mtp.py --model <ckpt with model.mtp.*>   # part 2 on another checkpoint ('none': skip)
     python benchmarks/bench_mtp.py --device cpu --tiny               # CPU smoke test of the same code
-    LONGCAT_MTP_FP8_DRAFT_HEAD=1 python benchmarks/bench_mtp.py      # drafts from the FP8 copy of the lm_head
 
 Part 1 (benchmarks/configs/longcat-flash-2l, dummy weights, MTP weights dummy too): one engine per setting,
 built one after the other; B greedy requests are prefilled through the engine, then one step is timed on the
@@ -40,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark
 from decode_driver import decode_floor_bytes, param_bytes  # noqa: E402
 from harness import ints, median_time  # noqa: E402
 
-from longcat_service import envs  # noqa: E402
 from longcat_service.engine.engine_args import EngineArgs  # noqa: E402
 from longcat_service.engine.llm_engine import LLMEngine  # noqa: E402
 from longcat_service.engine.scheduler import ScheduledSeq  # noqa: E402
@@ -87,23 +85,17 @@ def floor_parts(raw: dict) -> dict[str, int]:
     return parts
 
 
-def spec_floor_ratio(raw: dict, batch: int, k: int, kv_tokens: int, parts: dict | None = None,
-                     fp8_draft_head: bool = False) -> float:
+def spec_floor_ratio(raw: dict, batch: int, k: int, kv_tokens: int, parts: dict | None = None) -> float:
     """Bytes of a spec step over bytes of a plain decode step, batch sequences with kv_tokens cached each. Plain:
     decode_floor_bytes with the experts b tokens hit. Spec: the verify forward of b*(k+1) tokens (the same
     weights, the experts b*(k+1) tokens hit, each sequence's cache read once) plus k draft passes, each the MTP block,
-    the lm_head and the MTP cache (one bf16 MLA entry per cached token). fp8_draft_head: the draft passes read the
-    e4m3 copy of the lm_head (one byte per weight and an fp32 scale per 128 x 128 block; LONGCAT_MTP_FP8_DRAFT_HEAD)."""
+    the lm_head and the MTP cache (one bf16 MLA entry per cached token)."""
     parts = parts or floor_parts(raw)
     layers = raw["num_layers"]
     entry = (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * 2
     plain = decode_floor_bytes(parts, layers * expected_experts_hit(raw, batch), batch * kv_tokens, raw)
     verify = decode_floor_bytes(parts, layers * expected_experts_hit(raw, batch * (k + 1)), batch * kv_tokens, raw)
-    head = parts["lm_head"]
-    if fp8_draft_head:
-        v, h = raw["vocab_size"], raw["hidden_size"]
-        head = v * h + -(-v // 128) * -(-h // 128) * 4
-    draft = parts["mtp"] + head + batch * kv_tokens * entry
+    draft = parts["mtp"] + parts["lm_head"] + batch * kv_tokens * entry
     return (verify + k * draft) / plain
 
 
@@ -153,7 +145,6 @@ def part1(args, device: torch.device) -> dict:
                  "spec_host_ms": {}, "spec_eager_ms": {}, "floor_ratio": {}}
     raw = json.loads((config_dir / "config.json").read_text())
     parts = floor_parts(raw)
-    fp8_head = res["fp8_draft_head"] = bool(envs.LONGCAT_MTP_FP8_DRAFT_HEAD)  # temporary switch, see envs.py
     for k in [None, *ks]:
         engine = make_engine(args, config_dir, k, max(batches))
         runner = engine.runner
@@ -173,8 +164,7 @@ def part1(args, device: torch.device) -> dict:
             else:
                 assert all(len(s.draft_token_ids) == k for s in batch), "drafts missing"
                 dec = runner.spec_decoder
-                res["floor_ratio"].setdefault(k, {})[b] = spec_floor_ratio(raw, b, k, args.prompt_len, parts,
-                                                                          fp8_draft_head=fp8_head)
+                res["floor_ratio"].setdefault(k, {})[b] = spec_floor_ratio(raw, b, k, args.prompt_len, parts)
                 res["spec_ms"].setdefault(k, {})[b] = median_ms(one_step, device, args.reps)
                 if dec.graphs is not None:  # the production step above replayed graphs: the host-verified and eager
                     dec.fuse_greedy = False
@@ -243,8 +233,7 @@ def part2(args, device: torch.device) -> dict:
 
 
 def report(p1: dict, p2: dict | None) -> str:
-    head = ", FP8 draft head" if p1.get("fp8_draft_head") else ""
-    lines = [f"### MTP spec step vs plain decode ({p1['config']}, dummy weights{head})", "",
+    lines = [f"### MTP spec step vs plain decode ({p1['config']}, dummy weights)", "",
              "| batch | plain graph ms | plain eager ms | " + " | ".join(f"spec k={k} ms (x plain)" for k in p1["spec_ms"])
              + " |", "|---" * (3 + len(p1["spec_ms"])) + "|"]
     for b in p1["plain_eager_ms"]:

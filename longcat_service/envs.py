@@ -83,9 +83,6 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("LONGCAT_TP_CUDA_GRAPHS", "bool", False, "choice",
            "decode CUDA graphs under tensor parallelism (NCCL collectives captured); opt-in until it has run on "
            "several GPUs (benchmarks/tp_session.sh), else TP decodes eagerly", _flag),
-    Switch("LONGCAT_MTP_FP8_DRAFT_HEAD", "bool", False, "choice",
-           "TEMPORARY, until measured on the H200: MTP drafts from a block-FP8 copy of the lm_head (half the bytes "
-           "per draft pass; outputs unchanged, only the drafts may differ); one GPU only", _flag),
     # --- tuning knobs, each with its measured reason ---------------------------------------------------------------
     Switch("LONGCAT_DENSE_GEMV_ROWS", "int", 2, "tuning",
            "decode batches of up to this many rows (bf16/fp16, CUDA, at most 8) multiply with our weight-streaming "

@@ -98,8 +98,7 @@ class EagerSpecRows(SpecRowsRunner):
         positions = torch.tensor(rows.positions, dtype=torch.long, device=dev)
         info = torch.tensor(seq_info, dtype=torch.long, device=dev)
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
-                                lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info,
-                                lambda h: r.model.compute_draft_logits(h).float())
+                                lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info)
 
     def _mtp_device_rows(self, ids, hidden, positions, slots, seq_lens, tables) -> torch.Tensor:
         """The greedy step's MTP pass: rows whose slots and lengths were built on the device."""

@@ -130,15 +130,3 @@ def test_spec_floor_ratio_of_the_2l_model_at_k1_batch1():
     from benchmarks.decode_driver import FULL_2L
 
     assert 1.6 < spec_floor_ratio(FULL_2L, 1, 1, 512) < 1.7
-
-
-def test_an_fp8_draft_head_reads_one_byte_per_weight_and_its_block_scales():
-    from benchmarks.bench_mtp import floor_parts, spec_floor_ratio
-
-    parts, kv, b = floor_parts(TINY), 100, 2
-    plain = hand_dense_bytes() + L * 6 * (1 - (2 / 3) ** b) * 3 * H * I_EXP * BF16 + b * kv * (KVR + DR) * BF16 * 2 * L
-    saved = V * H * BF16 - (V * H + (V // 128) * 1 * 4)  # per draft pass; TINY: H = 64, one scale block column
-    assert spec_floor_ratio(TINY, b, 0, kv, parts) == pytest.approx(1.0)  # k = 0: the verify is a plain step
-    for k in (1, 3):
-        bf16, fp8 = spec_floor_ratio(TINY, b, k, kv, parts), spec_floor_ratio(TINY, b, k, kv, parts, True)
-        assert (bf16 - fp8) * plain == pytest.approx(k * saved, rel=1e-9)

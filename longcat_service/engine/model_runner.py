@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from longcat_service import envs
 from longcat_service.distributed.parallel_state import get_tp_size
 from longcat_service.engine.cuda_graph_runner import create_graph_runner, decode_logits_with_graph
 from longcat_service.engine.engine_args import EngineArgs
@@ -79,8 +78,6 @@ class ModelRunner:
                                 hf_overrides=args.hf_overrides, quantization=args.quantization,
                                 mtp=self.spec_config is not None)
         self.model.eval()
-        if self.spec_config is not None and envs.LONGCAT_MTP_FP8_DRAFT_HEAD and get_tp_size() == 1:
-            self.model.enable_fp8_draft_head()  # before the KV cache takes what memory is left
         self.expert_load = None
         if args.collect_expert_load:
             from longcat_service.engine.expert_load import ExpertLoadCounter

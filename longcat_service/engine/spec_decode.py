@@ -390,7 +390,7 @@ class SpecDecoder:
         drafts: dict[int, list[int]] = {i: [] for i in order}
         dists: dict[int, list[torch.Tensor]] = {i: [] for i in order}
         for step in range(1, max(counts.values()) + 1):
-            logits = model.compute_draft_logits(cur_h).float()
+            logits = model.compute_logits(cur_h).float()
             more = any(counts[i] > step for i in order)
             if not self.decides:  # a TP follower: rank 0's drafts, when another MTP pass needs them
                 token_l = r.share_decision(None) if more else []

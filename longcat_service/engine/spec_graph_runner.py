@@ -274,8 +274,7 @@ class SpecGraphRunner(SpecRowsRunner):
                              self.kv_caches)
 
             return (greedy_spec_step(self.k, self.block_size, verify, self._mtp_rows, model.compute_logits,
-                                     rows.packed[0, :n], rows.packed[1, :n], rows.tables[:n], self.seq_info[:, :b],
-                                     model.compute_draft_logits),)
+                                     rows.packed[0, :n], rows.packed[1, :n], rows.tables[:n], self.seq_info[:, :b]),)
         rows = self.draft_in
         return (model.mtp_forward(rows.packed[0, :b], self.draft_hidden[:b], rows.packed[1, :b], rows.mtp_plan(b),
                                   self.mtp_kv_cache),)

@@ -86,8 +86,7 @@ MtpForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 
 def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor], mtp: MtpForward,
                      logits_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, positions: torch.Tensor,
-                     tables: torch.Tensor, seq_info: torch.Tensor,
-                     draft_logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                     tables: torch.Tensor, seq_info: torch.Tensor) -> torch.Tensor:
     """One greedy spec step of b sequences -> the packed [b, 2k+3] int64 result (GreedyLayout).
 
     ids / positions [b*(k+1)], tables [b*(k+1), W] int32: the flat verify rows (spec_graph_runner.verify_rows;
@@ -95,9 +94,7 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
     sequence) and its draft_room. verify() -> the target's final hidden states of the flat rows (a forward over
     those rows' cache slots and lengths, which the caller holds). mtp(ids, hidden, positions, slots, seq_lens,
     tables) -> h': the MTP block over decode rows (slot -1 / seq_len 0: no cache write, no attention; it attends to
-    positions 1..t+1, model/mtp.py). logits_of(hidden) -> fp32 logits (the lm_head); draft_logits_of: the logits
-    drafts are drawn from (default logits_of; the model's compute_draft_logits)."""
-    draft_logits_of = draft_logits_of or logits_of
+    positions 1..t+1, model/mtp.py). logits_of(hidden) -> fp32 logits (the lm_head)."""
     n = ids.shape[0]
     b = n // (k + 1)
     dev = ids.device
@@ -120,7 +117,7 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
     # drafts: from the MTP output at each sequence's last emitted row, then recursively
     n_drafts = torch.where(count > 0, (room - count).clamp(min=0, max=k), 0)
     cur_h = h.index_select(0, torch.arange(b, device=dev) * (k + 1) + (count - 1).clamp(min=0))
-    tok, fin = argmax_and_finite(draft_logits_of(cur_h))
+    tok, fin = argmax_and_finite(logits_of(cur_h))
     drafts = [torch.where(fin, tok, 0)]  # as the eager draft sampler: a non-finite row drafts token 0
     if k > 1:
         start = positions.view(b, k + 1)[:, 0]
@@ -131,7 +128,7 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
         d_slots = torch.where(valid, slot_at(seq_tables, pos + 1, block_size), -1)
         d_lens = torch.where(valid, pos + 2, 0)
         cur_h = mtp(drafts[-1], cur_h, pos, d_slots, d_lens, seq_tables)
-        tok, fin = argmax_and_finite(draft_logits_of(cur_h))
+        tok, fin = argmax_and_finite(logits_of(cur_h))
         drafts.append(torch.where(fin, tok, 0))
     return torch.cat((target2, count[:, None], torch.stack(drafts, dim=1), n_drafts[:, None]), dim=1)
 

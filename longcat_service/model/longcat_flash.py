@@ -80,38 +80,11 @@ class LongcatFlashForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.mtp_weight_names: list[str] = []  # filled by the loader: model.mtp.* keys set aside (MTP not built)
         self.mtp: LongcatMTP | None = None  # the MTP draft block, built by enable_mtp (speculative decoding)
-        # (e4m3 weight, fp32 block scale): an FP8 copy of the lm_head for drafting only (enable_fp8_draft_head)
-        self.draft_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def enable_mtp(self) -> None:
         """Build the MTP block (its weights then come from the checkpoint's model.mtp.* keys)."""
         if self.mtp is None:
             self.mtp = LongcatMTP(self.config, self.dtype)
-
-    @torch.no_grad()
-    def enable_fp8_draft_head(self, rows_per_chunk: int = 16384) -> None:
-        """Keep a block-FP8 (e4m3, one fp32 scale per 128 x 128 block) copy of the lm_head that compute_draft_logits
-        uses: a draft pass reads half the bytes of the bf16 head. Drafts may come from any distribution (the
-        verification keeps the output exact), so only the drafts change. One GPU only: under tensor parallelism
-        the vocab-parallel head would need its gather here too. Quantized a chunk of rows at a time (block_quant's
-        fp32 temporaries)."""
-        from longcat_service.ops.fp8_reference import BLOCK, block_quant
-
-        if self.lm_head.tp_size > 1:
-            raise ValueError("enable_fp8_draft_head: one GPU only (tensor_parallel_size 1)")
-        w = self.lm_head.weight
-        step = max(BLOCK, rows_per_chunk // BLOCK * BLOCK)
-        parts = [block_quant(w[i : i + step]) for i in range(0, w.shape[0], step)]
-        self.draft_head = (torch.cat([q for q, _ in parts]), torch.cat([sc for _, sc in parts]))
-
-    def compute_draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits that speculative drafts are drawn from: the FP8 draft head's where enabled, else
-        compute_logits'."""
-        if self.draft_head is None:
-            return self.compute_logits(hidden)
-        from longcat_service.ops.fp8 import fp8_linear
-
-        return fp8_linear(hidden, *self.draft_head).float()
 
     @property
     def device(self) -> torch.device:
