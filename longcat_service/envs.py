@@ -118,11 +118,12 @@ SWITCHES: tuple[Switch, ...] = (
            "or the CUDA expert_ffn_fp8; auto = ops/extension.py's rule (Triton from 16 tokens for wide experts, from 8 "
            "for narrow ones: the fastest on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "triton", "cuda")),
-    Switch("LONGCAT_MLA_DECODE_KERNEL", "old|new", "new", "testing",
-           "MLA decode attention kernels (read at each call): new = 64-head MQA programs "
-           "(kernels/_mla_decode_mqa_triton.py), old = the previous 16-head ones; a temporary A/B switch for one "
-           "H200 run (benchmarks/bench_mla_decode.py), to be deleted with the old kernels",
-           _one_of("old", "new")),
+    Switch("LONGCAT_MLA_DECODE_KERNEL", "auto|old|new", "auto", "testing",
+           "MLA decode attention kernels (read at each call): new = up to 64 heads per program sharing each cache "
+           "tile (kernels/_mla_decode_mqa_triton.py), old = 16-head programs (kernels/_mla_decode_triton.py); auto = "
+           "kernels/mla_decode.py's rule (new from 16 rows, the faster there on the H200); forcing one is for tests "
+           "and benchmarks",
+           _one_of("auto", "old", "new")),
     Switch("LONGCAT_REQUIRE_EXTENSION", "bool", False, "testing",
            "tests: a missing compiled extension fails the extension tests instead of skipping them (.ci/run sets it)",
            _flag),

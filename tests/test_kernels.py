@@ -89,7 +89,7 @@ def _paged_case(gen, batch, heads, rank, rope, block_size, lens, dtype):
         (20, 32, 16, 8, [70]),  # heads over one head block
     ],
 )
-@pytest.mark.parametrize("kernel", ["new", "old"])  # old: the temporary LONGCAT_MLA_DECODE_KERNEL=old A/B path
+@pytest.mark.parametrize("kernel", ["new", "old"])  # forced through LONGCAT_MLA_DECODE_KERNEL (auto picks by batch)
 def test_mla_decode_matches_reference(monkeypatch, kernel, dtype, heads, rank, rope, block_size, lens):
     monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", kernel)
     gen = torch.Generator().manual_seed(len(lens) * 100 + heads)

@@ -1,5 +1,5 @@
 """MLA decode attention on CUDA at LongCat-Flash shapes (kv_lora_rank 512, rope 64, v_head 128): the MQA kernels
-(default) and the old ones (LONGCAT_MLA_DECODE_KERNEL=old, until that switch is deleted) against the pure-PyTorch
+and the 16-head ones (each forced with LONGCAT_MLA_DECODE_KERNEL) against the pure-PyTorch
 reference, for every caller's case: decode batches 1 / 16 / 64 / 128 (one split: stage 1 writes the output), 64
 heads and the 8 / 16 of a tensor-parallel rank, pages of 16 and 64 tokens, padded rows (seq_len 0), odd lengths,
 the MTP cache's first_pos 1, with and without the fused W_UV merge, and CUDA-graph replay with new lengths."""

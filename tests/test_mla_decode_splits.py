@@ -43,6 +43,12 @@ def _active(seq_len: int, num_splits: int) -> int:
     return _cdiv(seq_len, _split_len(seq_len, num_splits))
 
 
+@pytest.fixture(autouse=True)
+def _mqa_kernels(monkeypatch):
+    """These tests are about the MQA-form kernels, which mla_decode runs from MQA_MIN_ROWS rows: force them."""
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", "new")
+
+
 def _case(seed, lens, dtype, heads=HEADS, rank=RANK, rope=ROPE, dv=DV, lens_dtype=torch.int32):
     gen = torch.Generator().manual_seed(seed)
     batch = len(lens)
@@ -196,3 +202,14 @@ def test_fp32_keeps_16_head_programs():
     assert md.block_heads(64, torch.float32) == 16 and md.block_heads(64, torch.bfloat16) == 64
     cfg = md.launch_config(16, 64, 512, 64, torch.float32)
     assert cfg.grid1 == (4, 2, 16) and cfg.stage1["num_warps"] == 4
+
+
+def test_kernel_choice_by_rows(monkeypatch):
+    from longcat_service.kernels import mla_decode as md
+
+    monkeypatch.delenv("LONGCAT_MLA_DECODE_KERNEL", raising=False)
+    assert [md.use_mqa_kernels(b) for b in (1, md.MQA_MIN_ROWS - 1, md.MQA_MIN_ROWS, 64)] == [False, False, True, True]
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", "new")
+    assert md.use_mqa_kernels(1)
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", "old")
+    assert not md.use_mqa_kernels(64)

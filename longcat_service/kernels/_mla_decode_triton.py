@@ -1,6 +1,5 @@
-"""The previous Triton side of mla_decode: 16-head programs (each cache tile loaded once per 16 heads), a serial
-split merge. Kept only while LONGCAT_MLA_DECODE_KERNEL=old can A/B it against _mla_decode_mqa_triton on the GPU;
-delete this file (and the switch) after that run.
+"""The small-batch Triton side of mla_decode (below mla_decode.MQA_MIN_ROWS rows, where it measured faster than the
+MQA-form kernels on the H200): 16-head programs (each cache tile loaded once per 16 heads), a serial split merge.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ entries [latent | rope key] directly, and the output stays in the latent space (
 
     o_latent[b, h] = softmax_t(scale * (q_latent[b, h] . latent_t + q_rope[b, h] . rope_t)) @ latent
 
-This is multi-query attention: all heads of a row read the same cache entries. Stage 1 (_mla_decode_mqa_triton)
-runs one program per (block of up to 64 heads, split, row): the heads are the M side of its tensor-core dots, so
+This is multi-query attention: all heads of a row read the same cache entries. From MQA_MIN_ROWS rows, stage 1
+(_mla_decode_mqa_triton) runs one program per (block of up to 64 heads, split, row): the heads are the M side of its tensor-core dots, so
 each cache tile is loaded once for all of them. The row is cut into `num_splits` even chunks of whole BLOCK_N
 blocks (so small batches still fill the GPU); stage 1 writes each chunk's normalised partial output and
 log-sum-exp, stage 2 merges them (and may apply W_UV). With one split and no W_UV, stage 1 writes the output
@@ -33,6 +33,17 @@ TARGET_PROGRAMS = 132
 MAX_SPLITS = 32
 STAGE1_STAGES = 2
 UV_BLOCK_D = 32  # W_UV columns per program of the W_UV merge stage (a [32, 512] tile: 32 KB of bf16)
+# Rows from which the MQA-form kernels run; below, the 16-head ones (_mla_decode_triton). H200, 2026-12-03,
+# `python benchmarks/bench_mla_decode.py` (64 heads, W_UV path as in production, us): batch 1 old 13.4 / new 19.3
+# (context 512), 25.1 / 29.9 (4096); batch 16 26.7 / 23.9, 178.7 / 82.7; batch 64 77.7 / 54.6, 453.7 / 261.0.
+MQA_MIN_ROWS = 16
+
+
+def use_mqa_kernels(batch: int) -> bool:
+    forced = envs.LONGCAT_MLA_DECODE_KERNEL
+    if forced != "auto":
+        return forced == "new"
+    return batch >= MQA_MIN_ROWS
 
 
 @dataclass(frozen=True)
@@ -166,7 +177,7 @@ def mla_decode(
             raise ValueError(f"w_uv is {w_uv.dtype} on {w_uv.device}, q_latent {q_latent.dtype} on {q_latent.device}")
     batch, heads, rank = q_latent.shape
     dv = None if w_uv is None else w_uv.shape[1]
-    if envs.LONGCAT_MLA_DECODE_KERNEL == "old":  # temporary A/B switch (see envs.py)
+    if not use_mqa_kernels(batch):
         from longcat_service.kernels import _mla_decode_triton as old
 
         cfg = old.launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype, dv=dv, num_splits=num_splits,
