@@ -639,3 +639,17 @@ def test_bench_grouped_config_selection_and_table(capsys):
     assert "0.800" in out and "CompilationError: x" in out
     assert 'fastest gate_up at 4096 tokens: "b" 3750.0 us, 0.800 of the copy floor' in out
     assert 'fastest down at 1024 tokens: "a" 2000.0 us, 0.500 of the copy floor' in out
+
+
+def test_prefill_expert_configs_by_prompt_length():
+    small, large = fg.SMALL_PREFILL_CONFIG, fg.LARGE_PREFILL_CONFIG
+    mid = (fg.DEFAULT_GATE_UP_CONFIG, fg.DEFAULT_DOWN_CONFIG)
+    assert fg.prefill_expert_configs(1) == (small, small)
+    assert fg.prefill_expert_configs(fg.SMALL_PREFILL_MAX_TOKENS - 1) == (small, small)
+    assert fg.prefill_expert_configs(fg.SMALL_PREFILL_MAX_TOKENS) == mid
+    assert fg.prefill_expert_configs(4096) == mid
+    assert fg.prefill_expert_configs(fg.LARGE_PREFILL_MIN_TOKENS - 1) == mid
+    assert fg.prefill_expert_configs(fg.LARGE_PREFILL_MIN_TOKENS) == (large, large)
+    assert small != large and small not in mid
+    for cfg in (small, large, *mid):  # every one is among the configs the GPU tests run
+        assert cfg in fg.ALL_GROUPED_CONFIGS

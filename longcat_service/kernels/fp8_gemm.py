@@ -129,6 +129,23 @@ DEFAULT_GROUPED_CONFIG = GROUPED_CONFIGS[0]
 # 1978).
 DEFAULT_GATE_UP_CONFIG = parse_fp8_config("256,128,64,5,8,tma,persist1,flat")
 DEFAULT_DOWN_CONFIG = parse_fp8_config("128,128,64,4,4,tma,persist2,flat")
+# The same configs at other prompt lengths (same command, --tokens 1024,16384, H200 2026-12-03), gate_up / down us:
+# 1024 tokens (16 rows per expert, weight-bound): "128,128,64,4,4,tma" 3135 / 1588 (1.00 of the copy floor), the
+# 4096 pair 3344 / 1643; 16384 tokens (256 rows per expert, compute-bound): "128,128,64,4,4,tma,persist2,flat"
+# 11393 / 5983, "256,128,64,5,8,tma,persist1,flat" 15284 (gate_up), "64,128,128,4,4,tma,split" 12644 / 6315.
+SMALL_PREFILL_CONFIG = parse_fp8_config("128,128,64,4,4,tma")
+LARGE_PREFILL_CONFIG = parse_fp8_config("128,128,64,4,4,tma,persist2,flat")
+SMALL_PREFILL_MAX_TOKENS = 2048  # below: SMALL_PREFILL_CONFIG (geometric middles of the measured lengths)
+LARGE_PREFILL_MIN_TOKENS = 8192  # from here: LARGE_PREFILL_CONFIG
+
+
+def prefill_expert_configs(num_tokens: int) -> tuple[GroupedFp8Config, GroupedFp8Config]:
+    """(gate_up, down) grouped configs of the MoE prefill of num_tokens tokens: the fastest measured near it."""
+    if num_tokens < SMALL_PREFILL_MAX_TOKENS:
+        return SMALL_PREFILL_CONFIG, SMALL_PREFILL_CONFIG
+    if num_tokens >= LARGE_PREFILL_MIN_TOKENS:
+        return LARGE_PREFILL_CONFIG, LARGE_PREFILL_CONFIG
+    return DEFAULT_GATE_UP_CONFIG, DEFAULT_DOWN_CONFIG
 
 
 def _check_scale(name: str, w8: torch.Tensor, scale: torch.Tensor) -> None:

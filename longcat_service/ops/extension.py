@@ -199,17 +199,18 @@ def _expert_ffn_grouped_fp8(hidden, w13, w13_scale, w2, w2_scale, expert_offsets
     """Prefill path, w8a8: gather rows into expert order and quantize them per token-group (one fused pass),
     grouped FP8 GEMM (gate_up), SwiGLU and quantize (one fused pass), grouped FP8 GEMM (down); each GEMM with the
     config measured fastest at its shape. Rows at or past expert_offsets[-1] are unspecified (as expert_ffn)."""
-    from longcat_service.kernels.fp8_gemm import DEFAULT_DOWN_CONFIG, DEFAULT_GATE_UP_CONFIG, grouped_gemm_fp8
+    from longcat_service.kernels.fp8_gemm import grouped_gemm_fp8, prefill_expert_configs
     from longcat_service.kernels.moe_fp8_quant import gather_quant_fp8, silu_mul_quant_fp8
 
     num_rows = expert_offsets[-1:]
     offsets, max_rows = expert_offsets.to(torch.int32), hidden.shape[0]
+    gate_up_config, down_config = prefill_expert_configs(hidden.shape[0])
     x8, x_scale = gather_quant_fp8(hidden, sorted_slots, top_k, num_rows)
     gate_up = grouped_gemm_fp8(x8, x_scale, w13, w13_scale, offsets, max_rows, out_dtype=hidden.dtype,
-                               config=DEFAULT_GATE_UP_CONFIG)
+                               config=gate_up_config)
     act8, act_scale = silu_mul_quant_fp8(gate_up, num_rows)
     return grouped_gemm_fp8(act8, act_scale, w2, w2_scale, offsets, max_rows, out_dtype=hidden.dtype,
-                            config=DEFAULT_DOWN_CONFIG)
+                            config=down_config)
 
 
 # Decode batches (tokens a step) from which FP8 experts take the Triton w8a16 kernel (kernels/fp8_expert_decode.py:
