@@ -24,9 +24,8 @@ def choose_num_splits(batch: int, num_heads: int) -> int:
 
 
 def launch_config(batch, heads, rank, rope, dtype, dv=None, num_splits=None, first_pos=0):
-    """The old kernels' LaunchConfig (see mla_decode.LaunchConfig)."""
-    from longcat_service.kernels.mla_decode import LaunchConfig
-
+    """The fields of these kernels' mla_decode.LaunchConfig, in its order (that module builds it: importing it here
+    would make an import cycle)."""
     if num_splits is None:
         num_splits = choose_num_splits(batch, heads)
     interp = interpreter_mode()
@@ -40,10 +39,10 @@ def launch_config(batch, heads, rank, rope, dtype, dv=None, num_splits=None, fir
                   num_warps=4)
     grid1 = (-(-heads // BLOCK_H), num_splits, batch)
     if dv is None:
-        return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
+        return num_splits, grid1, (heads, batch), stage1, stage2
     block_d = min(UV_BLOCK_D, next_pow2(dv))
     stage2.update(BLOCK_D=block_d, DV=dv)
-    return LaunchConfig(num_splits, grid1, (heads, batch, -(-dv // block_d)), stage1, stage2)
+    return num_splits, grid1, (heads, batch, -(-dv // block_d)), stage1, stage2
 
 
 @triton.jit

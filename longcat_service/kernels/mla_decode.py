@@ -180,8 +180,8 @@ def mla_decode(
     if not use_mqa_kernels(batch):
         from longcat_service.kernels import _mla_decode_triton as old
 
-        cfg = old.launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype, dv=dv, num_splits=num_splits,
-                                first_pos=first_pos)
+        cfg = LaunchConfig(*old.launch_config(batch, heads, rank, q_rope.shape[-1], q_latent.dtype, dv=dv,
+                                              num_splits=num_splits, first_pos=first_pos))
         return old.launch(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale, cfg, w_uv=w_uv)
     from longcat_service.kernels._mla_decode_mqa_triton import launch
 
