@@ -25,6 +25,7 @@ class EagerSpecRows(SpecRowsRunner):
         self.calls: Counter = Counter()  # kind -> replays
         self.batch_sizes: list[int] = []  # sequences of each verify
         self.greedy_sizes: list[int] = []  # sequences of each device-side greedy step
+        self.sampled_sizes: list[int] = []  # sequences of each device-side sampled step
         self._verify_hidden: dict[int, torch.Tensor] = {}
 
     def verify(self, batch):
@@ -99,6 +100,29 @@ class EagerSpecRows(SpecRowsRunner):
         info = torch.tensor(seq_info, dtype=torch.long, device=dev)
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
                                 lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info)
+
+    def sampled_step(self, batch, rooms, options, dists):
+        self.sampled_sizes.append(len(batch))
+        return super().sampled_step(batch, rooms, options, dists)
+
+    def _run_sampled(self, b: int, rows: DecodeRows, seq_info, options, dists):
+        self.calls["sampled"] += 1
+        r, n = self.runner, b * (self.k + 1)
+        for _ in range(n - len(rows)):
+            rows.pad()
+        dev = r.device
+        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        for i, t in enumerate(rows.tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        ids = torch.tensor(rows.input_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(rows.positions, dtype=torch.long, device=dev)
+        info = torch.tensor(seq_info, dtype=torch.long, device=dev)
+        q = torch.full((b, self.k, r.vocab_size), float("nan"), device=dev)  # rows without a stored q: never read
+        self.load_dists(q, dists, seq_info[0][: len(dists)])
+        opts = torch.tensor(options, dtype=torch.float32, device=dev)
+        return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
+                                lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info,
+                                sampling=(opts, q))
 
     def _mtp_device_rows(self, ids, hidden, positions, slots, seq_lens, tables) -> torch.Tensor:
         """The greedy step's MTP pass: rows whose slots and lengths were built on the device."""

@@ -47,6 +47,7 @@ import torch
 from longcat_service.engine.sampler import SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.engine.spec_greedy import GreedyLayout, GreedyReadback, draft_room
+from longcat_service.engine.spec_sampled import option_rows
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.mtp import build_mtp_plan
 from longcat_service.outputs import Logprob
@@ -66,7 +67,8 @@ class SpecLaunch:
     starts: list[int] | None  # eager: each sequence's first row
     bucket: int | None = None  # graphs: the bucket replayed
     graph_logits: torch.Tensor | None = None  # graphs: fp32 logits of the flat rows
-    greedy: GreedyReadback | None = None  # a plain-greedy step: its whole result, on its way to the host
+    greedy: GreedyReadback | None = None  # a device-side step: its whole result, on its way to the host
+    draft_dists: torch.Tensor | None = None  # a device-side sampled step: its new drafts' distributions [b, k, V]
 
 
 class SpecDecoder:
@@ -76,6 +78,10 @@ class SpecDecoder:
         self.decides = getattr(runner, "samples_tokens", True)  # False on TP ranks > 0: they follow rank 0
         self.graphs = None  # a SpecGraphRunner (CUDA; set by the ModelRunner): decode spec steps replay graphs
         self.fuse_greedy = True  # plain-greedy batches: the whole step on the device (off: benchmarks compare)
+        self.fuse_sampled = True  # the same for batches of plain-greedy and plain-sampled rows
+        # the sampled step's output distributions of the last step and its sequences (the next step loads them in one
+        # copy when its batch is the same sequences in the same order)
+        self._last_dists: tuple[list[int], torch.Tensor] | None = None
         # no draft past the model's context: on CUDA, rotary cos/sin come from a table of max_position_embeddings
         # rows, and an MTP pass past it is an out-of-range gather (a device-side assert)
         self.context = int(getattr(runner.config, "max_position_embeddings", 0) or 0) or None
@@ -101,6 +107,12 @@ class SpecDecoder:
                 except Exception:  # e.g. a capture-unsafe op: the step-by-step path below instead
                     logger.exception("device-side greedy spec step failed; verifying on the host from now on")
                     self.fuse_greedy = False
+            elif getattr(self.graphs, "sampled_ok", True) and self._plain_sampled(batch):
+                try:
+                    return self._launch_sampled(batch)
+                except Exception:  # e.g. a capture-unsafe op: the step-by-step path below instead
+                    logger.exception("device-side sampled spec step failed; verifying on the host from now on")
+                    self.fuse_sampled = False
             try:
                 bucket, hidden, graph_logits = self.graphs.verify(batch)
                 return SpecLaunch(batch, hidden, None, bucket, graph_logits)
@@ -118,7 +130,7 @@ class SpecDecoder:
         batch, hidden, starts = step.batch, step.hidden, step.starts
         gone = {i for i, s in enumerate(batch) if getattr(s.seq, "is_finished", False)}
         if step.greedy is not None:
-            return self._greedy_results(batch, step.greedy.rows(), gone)
+            return self._greedy_results(batch, step.greedy.rows(), gone, step.draft_dists)
         if step.bucket is None:
             results = r.results_with_prompt_logprobs(batch, hidden, starts)
             row_base = [starts[i] + s.num_new_tokens - 1 - len(s.draft_token_ids) for i, s in enumerate(batch)]
@@ -147,7 +159,35 @@ class SpecDecoder:
         return self.fuse_greedy and self.decides and all(
             sampler.plain_greedy(s.seq.params, s.seq.num_output_tokens) for s in batch)
 
-    def _greedy_results(self, batch, packed_rows: list[list[int]], gone: set[int]):
+    def _plain_sampled(self, batch: list[ScheduledSeq]) -> bool:
+        """The device-side sampled step applies: enabled, rank 0 of one GPU, every row plain greedy or plain sampled
+        (Sampler.plain_sampled: no seed, penalties, logit_bias, logprobs; min_tokens reached), and some row sampled
+        (an all-greedy batch takes the cheaper greedy step, or the host path where that is off)."""
+        sampler = self.runner.sampler
+        return self.fuse_sampled and self.decides and not all(s.seq.params.greedy for s in batch) and all(
+            sampler.plain_greedy(s.seq.params, s.seq.num_output_tokens)
+            or sampler.plain_sampled(s.seq.params, s.seq.num_output_tokens) for s in batch)
+
+    def _launch_sampled(self, batch: list[ScheduledSeq]) -> SpecLaunch:
+        """Enqueue the device-side step of a batch of plain-greedy and plain-sampled rows (spec_sampled.py)."""
+        rooms = [draft_room(s.seq.num_tokens, s.token_limit, self.context) for s in batch]
+        ids = [s.seq.seq_id for s in batch]
+        stored = [self.draft_probs.get(i) for i in ids]
+        dists = stored
+        last = self._last_dists
+        if last is not None and last[0] == ids and all(
+                d is None or (d.data_ptr() == last[1][j].data_ptr()) for j, d in enumerate(stored)):
+            dists = last[1]  # the same sequences in the same order: one copy of the last step's output
+        options = option_rows([s.seq.params for s in batch])
+        bucket, packed, new_dists = self.graphs.sampled_step(batch, rooms, options, dists)
+        # the graph's output is overwritten by the bucket's next replay: keep a copy (stream-ordered, no host sync)
+        new_dists = new_dists[: len(batch)].clone()
+        self._last_dists = (ids, new_dists)
+        return SpecLaunch(batch, None, None, bucket, greedy=GreedyReadback(packed, len(batch)),
+                          draft_dists=new_dists)
+
+    def _greedy_results(self, batch, packed_rows: list[list[int]], gone: set[int],
+                        draft_dists: torch.Tensor | None = None):
         """The host side of a device-side greedy step: its packed rows -> the step's results."""
         layout = GreedyLayout(self.k)
         results = self.runner.empty_results(len(batch))
@@ -164,6 +204,8 @@ class SpecDecoder:
             res.spec_token_ids, res.spec_logprobs = toks, [None] * len(toks)
             res.num_draft_tokens, res.num_accepted_tokens = len(s.draft_token_ids), len(toks) - 1
             res.draft_token_ids = drafts
+            if drafts and draft_dists is not None and not s.seq.params.greedy:
+                self.draft_probs[s.seq.seq_id] = draft_dists[i]  # [k, V]; the first len(drafts) rows are real
         return results
 
     def _target_forward(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:

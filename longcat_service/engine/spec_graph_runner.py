@@ -203,6 +203,24 @@ class SpecRowsRunner:
         info = [[len(s.draft_token_ids) for s in batch] + [-1] * pad, list(rooms) + [0] * pad]
         return b, self._run_greedy(b, self._verify_rows(batch), info)
 
+    def sampled_step(self, batch, rooms: list[int], options: list[list[float]],
+                     dists: list[torch.Tensor | None] | torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """greedy_step for a batch mixing plain-greedy and plain-sampled rows (spec_sampled.py). options: the
+        [4, len(batch)] spec_sampled.OPTIONS columns; dists: per sequence the distributions its drafts were drawn
+        from ([>= drafts, V] on the device; None: none stored, a point mass), or all of them as one
+        [len(batch), k, V] tensor. -> (bucket, packed result, the new drafts' distributions [bucket, k, V]; graph
+        outputs valid until the bucket's next replay)."""
+        b = bucket_for(len(batch), self.buckets)
+        pad = b - len(batch)
+        if isinstance(dists, torch.Tensor):
+            has = [1] * len(batch)
+        else:
+            has = [int(d is not None and d.shape[0] >= len(s.draft_token_ids)) for s, d in zip(batch, dists,
+                                                                                                strict=True)]
+        info = [[len(s.draft_token_ids) for s in batch] + [-1] * pad, list(rooms) + [0] * pad, has + [0] * pad]
+        opts = [list(col) + [0.0] * pad for col in options]
+        return (b, *self._run_sampled(b, self._verify_rows(batch), info, opts, dists))
+
     def _verify_rows(self, batch) -> DecodeRows:
         seqs = [(s.seq.token_ids[s.start_pos], list(s.draft_token_ids), s.start_pos, list(s.block_table),
                  self.scratch_slot if self._redirected(s) else None) for s in batch]
@@ -235,6 +253,21 @@ class SpecRowsRunner:
     def _run_greedy(self, b: int, rows: DecodeRows, seq_info: list[list[int]]) -> torch.Tensor:
         raise NotImplementedError
 
+    def _run_sampled(self, b: int, rows: DecodeRows, seq_info: list[list[int]], options: list[list[float]],
+                     dists) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def load_dists(q: torch.Tensor, dists, num_drafts: list[int]) -> None:
+        """The stored draft distributions into q [>= b, k, V] (device-side copies; rows without any stay as they are:
+        the step reads a point mass for them)."""
+        if isinstance(dists, torch.Tensor):
+            q[: dists.shape[0]].copy_(dists)
+            return
+        for i, (d, nd) in enumerate(zip(dists, num_drafts, strict=True)):
+            if d is not None and nd and d.shape[0] >= nd:
+                q[i, :nd].copy_(d[:nd])
+
 
 class SpecGraphRunner(SpecRowsRunner):
     def __init__(self, model, kv_caches: list[torch.Tensor], mtp_kv_cache: torch.Tensor, block_size: int,
@@ -249,8 +282,15 @@ class SpecGraphRunner(SpecRowsRunner):
         self.mtp_in = _StaticRows(flat, max_blocks_per_seq, dev)
         self.draft_in = _StaticRows(self.max_batch, max_blocks_per_seq, dev)
         self.draft_hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=model.dtype, device=dev)
-        self.seq_info = torch.zeros(2, self.max_batch, dtype=torch.long, device=dev)  # greedy: drafts, draft room
+        # greedy / sampled steps: drafts, draft room, (sampled) whether the row's draft distributions are stored
+        self.seq_info = torch.zeros(3, self.max_batch, dtype=torch.long, device=dev)
         self.greedy_ok = True  # False once a greedy graph failed to capture at start-up (SpecDecoder then skips it)
+        self.sampled_ok = True  # the same for the sampled step
+        # the sampled step's inputs: per sequence its spec_sampled.OPTIONS, and the distributions its pending drafts
+        # were drawn from. [max_batch, k, vocab] fp32: at most MAX_GRAPH_ROWS * vocab * 4 bytes (k=1: 128 rows, 64 MiB
+        # at vocab 131072); the graph's own [rows, vocab] temporaries (sorts, residuals) live in its pool
+        self.sample_options = torch.zeros(4, self.max_batch, dtype=torch.float32, device=dev)
+        self.draft_dists = torch.zeros(self.max_batch, k, model.config.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
         self.pool = None
@@ -274,7 +314,17 @@ class SpecGraphRunner(SpecRowsRunner):
                              self.kv_caches)
 
             return (greedy_spec_step(self.k, self.block_size, verify, self._mtp_rows, model.compute_logits,
-                                     rows.packed[0, :n], rows.packed[1, :n], rows.tables[:n], self.seq_info[:, :b]),)
+                                     rows.packed[0, :n], rows.packed[1, :n], rows.tables[:n], self.seq_info[:2, :b]),)
+        if kind == "sampled":
+            rows = self.verify_in
+
+            def verify() -> torch.Tensor:
+                return model(rows.packed[0, :n], rows.packed[1, :n], rows.metadata(n, self.block_size),
+                             self.kv_caches)
+
+            return greedy_spec_step(self.k, self.block_size, verify, self._mtp_rows, model.compute_logits,
+                                    rows.packed[0, :n], rows.packed[1, :n], rows.tables[:n], self.seq_info[:, :b],
+                                    sampling=(self.sample_options[:, :b], self.draft_dists[:b]))
         rows = self.draft_in
         return (model.mtp_forward(rows.packed[0, :b], self.draft_hidden[:b], rows.packed[1, :b], rows.mtp_plan(b),
                                   self.mtp_kv_cache),)
@@ -285,7 +335,8 @@ class SpecGraphRunner(SpecRowsRunner):
         return self.model.mtp_forward(ids, hidden, positions, plan, self.mtp_kv_cache)
 
     def _inputs(self, kind: str) -> _StaticRows:
-        return {"verify": self.verify_in, "mtp": self.mtp_in, "draft": self.draft_in, "greedy": self.verify_in}[kind]
+        return {"verify": self.verify_in, "mtp": self.mtp_in, "draft": self.draft_in, "greedy": self.verify_in,
+                "sampled": self.verify_in}[kind]
 
     @torch.inference_mode()
     def capture(self, kind: str, b: int) -> None:
@@ -294,7 +345,7 @@ class SpecGraphRunner(SpecRowsRunner):
         if kind == "mtp" and ("verify", b) not in self.graphs:
             self.capture("verify", b)
         self._inputs(kind).load(DecodeRows(), b if kind == "draft" else b * (self.k + 1))
-        if kind == "greedy":
+        if kind in ("greedy", "sampled"):
             self.seq_info[0].fill_(-1)  # padding sequences only: nothing emitted, no MTP cache write
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -311,22 +362,25 @@ class SpecGraphRunner(SpecRowsRunner):
         logger.info("captured spec-step %s CUDA graph for batch bucket %d", kind, b)
 
     def kinds(self) -> tuple[str, ...]:
-        return ("verify", "mtp", "draft", "greedy") if self.k > 1 else ("verify", "mtp", "greedy")
+        return ("verify", "mtp", "draft", "greedy", "sampled") if self.k > 1 else ("verify", "mtp", "greedy",
+                                                                                     "sampled")
 
     def capture_all(self) -> None:
         """Every bucket of every kind now, largest first (the shared pool is sized by it)."""
         for b in sorted(self.buckets, reverse=True):
             for kind in self.kinds():
-                if (kind, b) in self.graphs or (kind == "greedy" and not self.greedy_ok):
+                ok = {"greedy": self.greedy_ok, "sampled": self.sampled_ok}.get(kind, True)
+                if (kind, b) in self.graphs or not ok:
                     continue
                 try:
                     self.capture(kind, b)
                 except Exception:
-                    if kind != "greedy":
+                    if kind not in ("greedy", "sampled"):
                         raise
-                    # the whole-step graph is an optimisation: without it greedy batches take the step-by-step graphs
-                    logger.exception("capturing the device-side greedy spec step failed; not using it")
-                    self.greedy_ok = False
+                    # the whole-step graphs are an optimisation: without them those batches take the step-by-step
+                    # graphs
+                    logger.exception("capturing the device-side %s spec step failed; not using it", kind)
+                    setattr(self, f"{kind}_ok", False)
 
     def _prepare(self, kind: str, b: int, rows: DecodeRows) -> None:
         """Captured (now, if not at start-up) and its inputs loaded."""
@@ -364,8 +418,18 @@ class SpecGraphRunner(SpecRowsRunner):
     @torch.inference_mode()
     def _run_greedy(self, b: int, rows: DecodeRows, seq_info: list[list[int]]) -> torch.Tensor:
         self._prepare("greedy", b, rows)
-        self.seq_info[:, :b].copy_(to_device(seq_info, torch.long, self.seq_info.device))
+        self.seq_info[:2, :b].copy_(to_device(seq_info, torch.long, self.seq_info.device))
         return self._launch("greedy", b)[0]
+
+    @torch.inference_mode()
+    def _run_sampled(self, b: int, rows: DecodeRows, seq_info: list[list[int]], options: list[list[float]],
+                     dists) -> tuple[torch.Tensor, torch.Tensor]:
+        self._prepare("sampled", b, rows)
+        self.seq_info[:, :b].copy_(to_device(seq_info, torch.long, self.seq_info.device))
+        self.sample_options[:, :b].copy_(to_device(options, torch.float32, self.sample_options.device))
+        self.load_dists(self.draft_dists, dists, seq_info[0][: len(dists)])
+        packed, dists_out = self._launch("sampled", b)
+        return packed, dists_out
 
 
 def create_spec_graph_runner(model_runner, k: int) -> SpecGraphRunner | None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longcat_service.engine.spec_sampled import plain_probabilities, sample_drafts, verify_sampled
+
 # a sequence with no token limit (max_tokens None and no context bound): more room than any draft count needs
 NO_LIMIT = 1 << 40
 
@@ -86,8 +88,14 @@ MtpForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 
 def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor], mtp: MtpForward,
                      logits_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, positions: torch.Tensor,
-                     tables: torch.Tensor, seq_info: torch.Tensor) -> torch.Tensor:
+                     tables: torch.Tensor, seq_info: torch.Tensor,
+                     sampling: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One greedy spec step of b sequences -> the packed [b, 2k+3] int64 result (GreedyLayout).
+    With `sampling` = (options [4, b], q [b, k, V]) the batch mixes greedy and plain sampled rows
+    (spec_sampled.py): options per sequence (temperature 0: greedy), q the distributions its pending drafts were
+    drawn from where seq_info[2] is 1 (else a point mass at the draft, as the host path's default); the result is
+    then (packed, the distributions of the new drafts [b, k, V]).
 
     ids / positions [b*(k+1)], tables [b*(k+1), W] int32: the flat verify rows (spec_graph_runner.verify_rows;
     padding rows at position 0). seq_info [2, b] int64: per sequence its number of drafts (-1: a padding
@@ -100,12 +108,24 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
     dev = ids.device
     num_drafts, room = seq_info[0], seq_info[1]
     hidden = verify()
-    target, finite = argmax_and_finite(logits_of(hidden))
+    logits = logits_of(hidden)
+    target, finite = argmax_and_finite(logits)
     target2, finite2 = target.view(b, k + 1), finite.view(b, k + 1)
     # draft j (verify token j+1) against the target's argmax at row j; acceptance stops at the first miss
     j = torch.arange(k, device=dev)
-    match = (j[None, :] < num_drafts[:, None]) & finite2[:, :k] & (ids.view(b, k + 1)[:, 1:] == target2[:, :k])
+    drafted = ids.view(b, k + 1)[:, 1:]
+    match = (j[None, :] < num_drafts[:, None]) & finite2[:, :k] & (drafted == target2[:, :k])
     accepted = ((~match).to(torch.long).cumsum(dim=1) == 0).sum(dim=1)
+    if sampling is not None:  # sampled rows: rejection sampling; greedy rows keep the argmax rule above
+        options, q_in = sampling
+        p, _ = plain_probabilities(logits, options[:, :, None].expand(4, b, k + 1).reshape(4, n))
+        point = torch.zeros_like(q_in).scatter_(2, drafted[:, :, None], 1.0)
+        q = torch.where((seq_info[2] > 0)[:, None, None], q_in, point)
+        s_accepted, s_tokens = verify_sampled(p.view(b, k + 1, -1), q, drafted, num_drafts, finite2)
+        greedy = options[0] == 0
+        accepted = torch.where(greedy, accepted, s_accepted)
+        target2 = torch.where(greedy[:, None], target2, s_tokens)
+        target = target2.reshape(n)
     ok = finite2.gather(1, accepted[:, None])[:, 0] & (num_drafts >= 0)
     count = torch.where(ok, accepted + 1, 0)
     # MTP over the flat rows: row (i, j) is MTP position start_i + j reading tok_{t+1} = emitted token j
@@ -117,8 +137,17 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
     # drafts: from the MTP output at each sequence's last emitted row, then recursively
     n_drafts = torch.where(count > 0, (room - count).clamp(min=0, max=k), 0)
     cur_h = h.index_select(0, torch.arange(b, device=dev) * (k + 1) + (count - 1).clamp(min=0))
-    tok, fin = argmax_and_finite(logits_of(cur_h))
-    drafts = [torch.where(fin, tok, 0)]  # as the eager draft sampler: a non-finite row drafts token 0
+    draft_dists = []
+
+    def next_draft(h_rows: torch.Tensor) -> torch.Tensor:
+        if sampling is None:
+            tok, fin = argmax_and_finite(logits_of(h_rows))
+            return torch.where(fin, tok, 0)  # as the eager draft sampler: a non-finite row drafts token 0
+        tok, dist = sample_drafts(logits_of(h_rows), sampling[0])
+        draft_dists.append(dist)
+        return tok
+
+    drafts = [next_draft(cur_h)]
     if k > 1:
         start = positions.view(b, k + 1)[:, 0]
         seq_tables = tables.view(b, k + 1, -1)[:, 0].contiguous()
@@ -128,9 +157,9 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
         d_slots = torch.where(valid, slot_at(seq_tables, pos + 1, block_size), -1)
         d_lens = torch.where(valid, pos + 2, 0)
         cur_h = mtp(drafts[-1], cur_h, pos, d_slots, d_lens, seq_tables)
-        tok, fin = argmax_and_finite(logits_of(cur_h))
-        drafts.append(torch.where(fin, tok, 0))
-    return torch.cat((target2, count[:, None], torch.stack(drafts, dim=1), n_drafts[:, None]), dim=1)
+        drafts.append(next_draft(cur_h))
+    packed = torch.cat((target2, count[:, None], torch.stack(drafts, dim=1), n_drafts[:, None]), dim=1)
+    return packed if sampling is None else (packed, torch.stack(draft_dists, dim=1))
 
 
 class GreedyReadback:

@@ -1,0 +1,95 @@
+"""The sampled rows of a device-side spec step (engine/spec_greedy.py; issue 17): rejection sampling without a host read.
+
+A "plain sampled" row (Sampler.plain_sampled: temperature, top-k, top-p, min-p, the engine's shared randomness)
+draws from a distribution that needs only four numbers per row, so a CUDA graph can compute it from a static
+[4, rows] buffer that the host fills per step (OPTIONS: temperature, top_k, top_p, min_p; temperature 0 marks a
+greedy row of a mixed batch). plain_probabilities is Sampler.probabilities for such rows, on those tensors.
+
+Verification (Leviathan et al. 2023, as SpecDecoder._verify): draft d_j is accepted with probability
+min(1, p_j(d) / q_j(d)), q_j the distribution it was drawn from at the previous step; at the first rejection the
+token is drawn from normalize(max(p_j - q_j, 0)) (p_j where that is all zero), and a bonus token from p after the
+last draft. Greedy rows keep the exact argmax rule. The randomness comes from torch's default generator of the
+device (torch.rand / exponential_), which CUDA graphs support: each replay advances its philox offset. Requests
+with a seed draw from their own generator and never come here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OPTIONS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def option_rows(params_list) -> list[list[float]]:
+    """Per-row sampling parameters -> the [4, rows] OPTIONS columns (greedy rows: temperature 0)."""
+    return [[0.0 if p.greedy else float(p.temperature) for p in params_list],
+            [float(p.top_k) for p in params_list],
+            [float(p.top_p) for p in params_list],
+            [float(p.min_p) for p in params_list]]
+
+
+def plain_probabilities(logits: torch.Tensor, options: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [R, V] raw logits, options [4, R] -> (probabilities [R, V], finite [R]): Sampler.probabilities of plain
+    rows (a greedy row is the point mass at its argmax; a non-finite row is all NaN), with every option read from
+    the device. Unlike the sampler it cannot skip an unused option on the host, so it sorts every row (twice);
+    a row's unused option changes nothing: top_k <= 0 or >= V keeps all, top_p >= 1 drops nothing (the sampler
+    skips top-p when no row of the batch asks for it), min_p 0 drops nothing."""
+    logits = logits.float()
+    temperature, top_k, top_p, min_p = options[0], options[1], options[2], options[3]
+    greedy = temperature == 0
+    vocab = logits.shape[-1]
+    # Sampler._sampling_probs: shift by the row max, divide by the temperature (1 for greedy rows)
+    x = (logits - logits.amax(dim=-1, keepdim=True)) / torch.where(greedy, 1.0, temperature)[:, None]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab).to(torch.long)
+    kth = x.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop_sorted[:, 0] = False
+    probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
+    probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    point = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    probs = torch.where(greedy[:, None], point, probs)
+    finite = torch.isfinite(logits.amax(dim=-1))
+    return torch.where(finite[:, None], probs, float("nan")), finite
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of (unnormalised) probabilities: the exponential race argmax(p / E), E ~ Exp(1), as the
+    sampler draws, from the device's default generator."""
+    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+
+
+def sample_drafts(logits: torch.Tensor, options: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MTP logits [R, V] -> (draft token [R], the distribution q it was drawn from [R, V]): greedy rows their argmax,
+    sampled rows a draw from plain_probabilities; a non-finite row drafts token 0 (as the eager draft sampler)."""
+    q, finite = plain_probabilities(logits, options)
+    token = torch.where(options[0] == 0, logits.argmax(dim=-1), draw(q))
+    return torch.where(finite, token, 0), q
+
+
+def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
+                   finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling of b sequences' drafts. p [b, k+1, V]: the target distributions at verify tokens 0..k;
+    q [b, k, V]: the distributions drafts [b, k] were drawn from; num_drafts [b] (rows past it are padding);
+    finite [b, k+1]. -> (accepted drafts [b], tokens [b, k+1]: the first accepted + 1 are the emitted ones)."""
+    b, k = drafts.shape
+    dev = p.device
+    j = torch.arange(k, device=dev)
+    valid = j[None, :] < num_drafts[:, None]
+    pd = p[:, :k].gather(2, drafts[:, :, None])[:, :, 0]
+    qd = q.gather(2, drafts[:, :, None])[:, :, 0]
+    accept = valid & finite[:, :k] & (torch.rand(b, k, device=dev) * qd < pd)
+    accepted = ((~accept).to(torch.long).cumsum(dim=1) == 0).sum(dim=1)
+    # past the drafts q is 0 (whatever the buffer holds there), so the residual there (the bonus row) is p itself
+    q_ext = torch.cat((torch.where(valid[:, :, None], q, 0.0), torch.zeros_like(q[:, :1])), dim=1)
+    residual = (p - q_ext).clamp(min=0.0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+    drawn = draw(residual)
+    jj = torch.arange(k + 1, device=dev)
+    drafts_ext = torch.cat((drafts, torch.zeros_like(drafts[:, :1])), dim=1)
+    return accepted, torch.where(jj[None, :] < accepted[:, None], drafts_ext, drawn)
