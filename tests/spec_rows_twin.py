@@ -119,6 +119,12 @@ class EagerSpecRows(SpecRowsRunner):
         info = torch.tensor(seq_info, dtype=torch.long, device=dev)
         q = torch.full((b, self.k, r.vocab_size), float("nan"), device=dev)  # rows without a stored q: never read
         self.load_dists(q, dists, seq_info[0][: len(dists)])
+        for i, (nd, has) in enumerate(zip(seq_info[0], seq_info[2], strict=True)):
+            if has and nd > 0 and options[0][i] > 0:  # a sampled row's loaded q: each draft was drawn from it
+                drafted = torch.tensor(rows.input_ids[i * (self.k + 1) + 1 : i * (self.k + 1) + 1 + nd])
+                assert (q[i, :nd].gather(1, drafted[:, None]) > 0).all()
+                torch.testing.assert_close(q[i, :nd].sum(dim=-1), torch.ones(nd))
+                self.calls["q_checked"] += 1
         opts = torch.tensor(options, dtype=torch.float32, device=dev)
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
                                 lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info,
