@@ -120,7 +120,8 @@ class EagerSpecRows(SpecRowsRunner):
         q = torch.full((b, self.k, r.vocab_size), float("nan"), device=dev)  # rows without a stored q: never read
         self.load_dists(q, dists, seq_info[0][: len(dists)])
         for i, (nd, has) in enumerate(zip(seq_info[0], seq_info[2], strict=True)):
-            if has and nd > 0 and options[0][i] > 0:  # a sampled row's loaded q: each draft was drawn from it
+            if nd > 0 and options[0][i] > 0:  # a sampled row's drafts were drawn from its stored, now loaded, q
+                assert has
                 drafted = torch.tensor(rows.input_ids[i * (self.k + 1) + 1 : i * (self.k + 1) + 1 + nd])
                 assert (q[i, :nd].gather(1, drafted[:, None]) > 0).all()
                 torch.testing.assert_close(q[i, :nd].sum(dim=-1), torch.ones(nd))
