@@ -357,7 +357,8 @@ def test_a_greedy_graph_that_fails_to_capture_disables_only_the_greedy_step(ckpt
     monkeypatch.setattr(graphs, "capture", capture)
     graphs.capture_all()
     assert not graphs.greedy_ok
-    assert sorted(captured) == sorted((kind, b) for kind in ("verify", "mtp", "draft") for b in (1, 2))
+    assert graphs.sampled_ok  # the sampled step's graph is captured (and fails) on its own
+    assert sorted(captured) == sorted((kind, b) for kind in ("verify", "mtp", "draft", "sampled") for b in (1, 2))
     monkeypatch.setattr(graphs, "capture", lambda kind, b: (_ for _ in ()).throw(AssertionError("no capture")))
     monkeypatch.setattr(graphs, "use_graphs", False)
     r.spec_decoder.graphs = graphs

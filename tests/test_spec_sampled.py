@@ -249,3 +249,30 @@ def test_sampled_rows_keep_the_target_distribution(ckpts):
         rates.append(sum(o.metrics.num_accepted_tokens for o in final.values()) / drafts)
     assert 0.1 < rates[0] < 0.95 and abs(rates[0] - rates[1]) < 0.045, rates
     assert twin.calls["q_checked"] > 200  # (most decode steps share their batch with prompt chunks: eager)
+
+
+@pytest.mark.slow
+def test_the_production_graph_runner_uncaptured_runs_sampled_steps(ckpts, monkeypatch):
+    """SpecGraphRunner itself (its static buffers, the Triton decode kernels interpreted, no capture) runs the
+    sampled steps of a batch of a greedy row and top_k = 1 sampled rows: every token equals greedy MTP off."""
+    from longcat_service.engine.spec_graph_runner import SpecGraphRunner
+    from longcat_service.layers import fast_decode as fast_decode_mod
+    from longcat_service.layers import layernorm as layernorm_mod
+
+    p = ckpts["partial"]
+    off, _ = run(p, None, {"a": (PROMPTS[0], greedy(5)), "b": (PROMPTS[1], greedy(3))})
+    engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    r = engine.runner
+    graphs = r.spec_decoder.graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2,
+                                                     (1, 2), scratch_slot=r.num_blocks * r.block_size)
+    sizes = []
+    sampled_step = graphs.sampled_step
+    monkeypatch.setattr(graphs, "sampled_step", lambda *a: (sizes.append(len(a[0])), sampled_step(*a))[1])
+    monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
+    monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
+    on, _ = run_to_completion(engine, {"a": (PROMPTS[0], sampled(5, top_k=1)), "b": (PROMPTS[1], greedy(3))})
+    assert_all_blocks_free(engine)
+    assert r.spec_decoder.draft_probs == {}
+    for rid in ("a", "b"):
+        assert on[rid].outputs[0].token_ids == off[rid].outputs[0].token_ids
+    assert 2 in sizes and not graphs.use_graphs
