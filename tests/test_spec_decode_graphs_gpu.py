@@ -28,6 +28,7 @@ class CountingGraphs(SpecGraphRunner):
         super().__init__(*args, **kwargs)
         self.batch_sizes: list[int] = []
         self.greedy_sizes: list[int] = []
+        self.sampled_sizes: list[int] = []
 
     def verify(self, batch):
         self.batch_sizes.append(len(batch))
@@ -37,16 +38,20 @@ class CountingGraphs(SpecGraphRunner):
         self.greedy_sizes.append(len(batch))
         return super().greedy_step(batch, rooms)
 
+    def sampled_step(self, batch, rooms, options, dists):
+        self.sampled_sizes.append(len(batch))
+        return super().sampled_step(batch, rooms, options, dists)
+
 
 def _requests(logprobs: int | None = 2):
     return {f"r{i}": (p, SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True, logprobs=logprobs))
             for i, p in enumerate(PROMPTS)}
 
 
-def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True):
+def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True, buckets=BUCKETS, max_num_seqs: int = 8):
     """graphs: "off" (eager spec steps), "on" (CountingGraphs with BUCKETS) or "" (MTP off: decode graphs)."""
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
-    engine = make_engine(model=path, device="cuda", speculative_config=spec, max_num_seqs=8)
+    engine = make_engine(model=path, device="cuda", speculative_config=spec, max_num_seqs=max_num_seqs)
     runner = engine.runner
     counting = None
     if k:
@@ -56,7 +61,7 @@ def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True):
         else:
             own = runner.spec_decoder.graphs
             counting = runner.spec_decoder.graphs = CountingGraphs(
-                runner.model, runner.kv_caches, runner.mtp_kv_cache, runner.block_size, own.max_blocks, k, BUCKETS)
+                runner.model, runner.kv_caches, runner.mtp_kv_cache, runner.block_size, own.max_blocks, k, buckets)
         runner.spec_decoder.fuse_greedy = fuse_greedy
     final, _ = run_to_completion(engine, requests or _requests())
     assert_all_blocks_free(engine)
@@ -92,7 +97,8 @@ def test_engine_captures_every_spec_bucket_at_start_up(tmp_path):
                          speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     graphs = engine.runner.spec_decoder.graphs
     assert graphs.buckets == (1, 2, 4, 8)
-    assert set(graphs.graphs) == {(kind, b) for kind in ("verify", "mtp", "draft", "greedy") for b in graphs.buckets}
+    assert set(graphs.graphs) == {(kind, b) for kind in ("verify", "mtp", "draft", "greedy", "sampled")
+                                  for b in graphs.buckets}
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -111,3 +117,46 @@ def test_device_greedy_steps_equal_mtp_off(tmp_path, mode, k):
     assert ("greedy", 4) in counting.graphs and not host_counting.greedy_sizes
     if mode == "exact":  # the drafts of the fused graph are right: every one accepted
         assert all(o.metrics.spec_acceptance_rate == 1.0 for o in fused.values())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_device_sampled_steps_top_k_1_equal_greedy(tmp_path, k):
+    """Sampled rows with top_k = 1 (their draw is the argmax) beside greedy rows: decode spec steps run as the
+    captured sampled-step graph (engine/spec_sampled.py); every token equals greedy MTP off, every block freed."""
+    path = write_mtp_checkpoint(tmp_path / "p", "partial", seed=1)
+    greedy = _requests(logprobs=None)
+    requests = {rid: (p, SamplingParams(temperature=0.9, top_k=1, max_tokens=sp.max_tokens, ignore_eos=True))
+                if i % 2 else (p, sp) for i, (rid, (p, sp)) in enumerate(greedy.items())}
+    off, _ = _run(path, None, "", greedy)
+    on, counting = _run(path, k, "on", requests)
+    for rid in off:
+        assert off[rid].outputs[0].token_ids == on[rid].outputs[0].token_ids, rid
+    assert {1, 3, 4} & set(counting.sampled_sizes) and ("sampled", 4) in counting.graphs
+    assert not counting.batch_sizes  # no host-verified graph step
+
+
+def test_device_sampled_steps_keep_the_target_distribution(tmp_path):
+    """600 unseeded requests at temperature 1, top_k 6 ("noisy" drafts, k = 2): tokens 2 and 3 against MTP off by a
+    chi-square test of homogeneity (p < 1e-3 rejects: false-alarm rate <= 0.2%); the acceptance metrics are filled
+    and the tokens in range."""
+    from collections import Counter
+
+    from tests.test_spec_decode_stats import chi_square_p_value
+
+    path = write_mtp_checkpoint(tmp_path / "n", "noisy", seed=5, lm_head_scale=4.0)
+    requests = {f"r{i}": ([11, 12, 13], SamplingParams(temperature=1.0, top_k=6, max_tokens=3, ignore_eos=True))
+                for i in range(600)}
+    torch.manual_seed(0)
+    off, _ = _run(path, None, "", requests, max_num_seqs=64)
+    torch.manual_seed(1)
+    on, counting = _run(path, 2, "on", requests, buckets=(1, 2, 4, 8, 16, 32, 64), max_num_seqs=64)
+    assert counting.sampled_sizes and max(counting.sampled_sizes) > 8
+    for pos in (1, 2):
+        p = chi_square_p_value(Counter(off[r].outputs[0].token_ids[pos] for r in requests),
+                               Counter(on[r].outputs[0].token_ids[pos] for r in requests))
+        assert p > 1e-3, (pos, p)
+    drafts = sum(o.metrics.num_draft_tokens for o in on.values())
+    accepted = sum(o.metrics.num_accepted_tokens for o in on.values())
+    assert drafts > 0 and 0.05 < accepted / drafts < 0.95
+    vocab = 128
+    assert all(0 <= t < vocab for o in on.values() for t in o.outputs[0].token_ids)
