@@ -28,6 +28,10 @@ fit a bucket run steps 1 and 3 as CUDA-graph replays (engine/spec_graph_runner.p
 Plain-greedy decode batches (every row Sampler.plain_greedy: argmax of the raw logits, nothing else asked) that fit
 a bucket take a faster path: the whole step is one graph replay (engine/spec_greedy.py: argmax acceptance, MTP
 pass, drafts, all on the device) enqueued by `launch`, and `finish` reads one small tensor: one host read per step.
+Batches mixing plain-greedy and plain-sampled rows (Sampler.plain_sampled: temperature / top-k / top-p / min-p only,
+no seed) take the same kind of step with rejection sampling on the device (engine/spec_sampled.py; the randomness
+from torch's default generator, not the engine's); the distributions their drafts were drawn from stay on the
+device (draft_probs holds views of the step's output). A batch with any other row is verified on the host.
 A sequence aborted while such a step is in flight gets nothing from it; the step's cache writes for it (already
 enqueued) land in slots past its computed tokens, before any later step's, as its verify writes always did.
 

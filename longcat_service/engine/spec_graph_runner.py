@@ -18,6 +18,9 @@ Per bucket b:
   (engine/spec_greedy.py): verify forward, argmax acceptance, the MTP pass over the flat rows (its slots and lengths
   derived from the verify rows and masked past each emitted count), the drafts and the recursive MTP passes. The
   host reads one small packed tensor per step.
+- sampled: the same for a batch of plain-greedy and plain-sampled rows (Sampler.plain_sampled), with rejection
+  sampling on the device (engine/spec_sampled.py): per-sequence options and the pending drafts' distributions come
+  from static buffers; the new drafts' distributions are a second output.
 For other batches verification and draft sampling run eagerly between the verify / mtp / draft replays, on
 Sampler.probabilities (every sampling option; host-built per-row tensors that a graph cannot hold), and the host
 reads the emitted tokens once per step, as the eager step does. Buckets hold at most MAX_GRAPH_ROWS flat rows;
