@@ -15,8 +15,9 @@ host ("spec_host_ms", what non-greedy batches run) and eager ("spec_eager_ms"). 
 random routing hits in expectation (dummy weights route about so). Dummy MTP drafts are nearly never accepted; the
 projected per-user speed-up for an acceptance rate a is E[tokens per step] / (spec step / plain step),
 E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
-Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy and
-temperature 1: acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
+Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy,
+temperature 1 seeded (the host-verified path) and unseeded, and temperature 0.7 with top-k 50 / top-p 0.9 (both
+unseeded: the device-side sampled step): acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
 Results: JSON under $OUT (or benchmarks/out) and a markdown table on stdout.
 """
 
@@ -220,7 +221,13 @@ def part2(args, device: torch.device) -> dict:
         base = [tok.encode(t, add_special_tokens=True) if tok else [5 + i, 17, 31, 9] for i, t in enumerate(texts)]
         for label, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)),
                               ("t1", SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=0,
-                                                    ignore_eos=True))):
+                                                    ignore_eos=True)),
+                              # unseeded: the device-side sampled spec step (engine/spec_sampled.py); seeded rows
+                              # ("t1") keep the host-verified path
+                              ("t1_unseeded", SamplingParams(temperature=1.0, max_tokens=args.new_tokens,
+                                                             ignore_eos=True)),
+                              ("t0.7_topk50_topp0.9", SamplingParams(temperature=0.7, top_k=50, top_p=0.9,
+                                                                     max_tokens=args.new_tokens, ignore_eos=True))):
             for b in (1, args.batch):
                 prompts = [base[i % len(base)] for i in range(b)]
                 run_requests(engine, prompts[:1], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
