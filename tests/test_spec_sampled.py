@@ -6,8 +6,9 @@ distribution (chi-square against MTP off), ineligible rows send their batch to t
 inside an accepted run, blocks freed, acceptance metrics filled.
 
 False-alarm rate of the statistical tests: each chi-square rejects at p < ALPHA = 1e-3 (5 in all: 0.5%); the
-acceptance-rate comparison of the engine test allows ~3 standard errors (0.3%); the rejection test's acceptance-rate bound 0.02 is ~6 standard errors. Seeds are fixed (torch.manual_seed: the
-device step draws from torch's default generator), so the outcome is deterministic."""
+acceptance-rate comparison of the engine test allows ~3 standard errors (0.3%); the rejection test's acceptance-rate
+bound 0.02 is ~6 standard errors. Seeds are fixed (torch.manual_seed: the device step draws from torch's default
+generator), so the outcome is deterministic."""
 
 from __future__ import annotations
 
