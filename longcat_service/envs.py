@@ -83,6 +83,10 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("LONGCAT_TP_CUDA_GRAPHS", "bool", False, "choice",
            "decode CUDA graphs under tensor parallelism (NCCL collectives captured); opt-in until it has run on "
            "several GPUs (benchmarks/tp_session.sh), else TP decodes eagerly", _flag),
+    Switch("LONGCAT_SPEC_DEVICE_SAMPLING", "bool", False, "choice",
+           "MTP spec steps of batches with plain sampled rows (temperature, top-k/p, min-p; no seed, penalties, "
+           "logit_bias or logprobs) verify and draft on the GPU in one graph (engine/spec_sampled.py); opt-in until "
+           "it has run on a GPU, else those batches verify on the host between graph replays", _flag),
     # --- tuning knobs, each with its measured reason ---------------------------------------------------------------
     Switch("LONGCAT_DENSE_GEMV_ROWS", "int", 2, "tuning",
            "decode batches of up to this many rows (bf16/fp16, CUDA, at most 8) multiply with our weight-streaming "

@@ -344,6 +344,7 @@ def test_the_production_graph_runner_uncaptured_equals_mtp_off(ckpts, monkeypatc
 def test_a_greedy_graph_that_fails_to_capture_disables_only_the_greedy_step(ckpts, monkeypatch):
     from longcat_service.engine.spec_graph_runner import SpecGraphRunner
 
+    monkeypatch.setenv("LONGCAT_SPEC_DEVICE_SAMPLING", "1")
     engine = make_engine(model=ckpts["exact"], speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     r = engine.runner
     graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2, (1, 2))
@@ -375,3 +376,19 @@ def test_a_greedy_graph_that_fails_to_capture_disables_only_the_greedy_step(ckpt
     on, _ = run_to_completion(engine, requests)  # the host-verified graph steps (uncaptured here)
     assert_same_tokens(off, on)
     assert greedy_calls and all(c == "verify" for c in greedy_calls)
+
+
+def test_the_device_sampled_step_is_opt_in(ckpts, monkeypatch):
+    """Until it has run on a GPU: without LONGCAT_SPEC_DEVICE_SAMPLING no sampled graph, no q buffer, no fusing."""
+    from longcat_service.engine.spec_graph_runner import SpecGraphRunner
+
+    monkeypatch.delenv("LONGCAT_SPEC_DEVICE_SAMPLING", raising=False)
+    engine = make_engine(model=ckpts["exact"], speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    r = engine.runner
+    graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2, (1, 2))
+    captured = []
+    monkeypatch.setattr(graphs, "capture", lambda kind, b: captured.append((kind, b)))
+    graphs.capture_all()
+    assert not graphs.sampled_ok and graphs.draft_dists.numel() == 0
+    assert sorted(captured) == sorted((kind, b) for kind in ("verify", "mtp", "draft", "greedy") for b in (1, 2))
+    assert not r.spec_decoder.fuse_sampled

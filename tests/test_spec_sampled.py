@@ -260,6 +260,7 @@ def test_the_production_graph_runner_uncaptured_runs_sampled_steps(ckpts, monkey
     from longcat_service.layers import fast_decode as fast_decode_mod
     from longcat_service.layers import layernorm as layernorm_mod
 
+    monkeypatch.setenv("LONGCAT_SPEC_DEVICE_SAMPLING", "1")  # opt-in until it has run on a GPU
     p = ckpts["partial"]
     off, _ = run(p, None, {"a": (PROMPTS[0], greedy(5)), "b": (PROMPTS[1], greedy(3))})
     engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 2})

@@ -288,12 +288,16 @@ class SpecGraphRunner(SpecRowsRunner):
         # greedy / sampled steps: drafts, draft room, (sampled) whether the row's draft distributions are stored
         self.seq_info = torch.zeros(3, self.max_batch, dtype=torch.long, device=dev)
         self.greedy_ok = True  # False once a greedy graph failed to capture at start-up (SpecDecoder then skips it)
-        self.sampled_ok = True  # the same for the sampled step
+        from longcat_service import envs
+
+        # the same for the sampled step; opt-in (envs.LONGCAT_SPEC_DEVICE_SAMPLING) until it has run on a GPU
+        self.sampled_ok = envs.LONGCAT_SPEC_DEVICE_SAMPLING
         # the sampled step's inputs: per sequence its spec_sampled.OPTIONS, and the distributions its pending drafts
         # were drawn from. [max_batch, k, vocab] fp32: at most MAX_GRAPH_ROWS * vocab * 4 bytes (k=1: 128 rows, 64 MiB
         # at vocab 131072); the graph's own [rows, vocab] temporaries (sorts, residuals) live in its pool
         self.sample_options = torch.zeros(4, self.max_batch, dtype=torch.float32, device=dev)
-        self.draft_dists = torch.zeros(self.max_batch, k, model.config.vocab_size, dtype=torch.float32, device=dev)
+        self.draft_dists = torch.zeros(self.max_batch if self.sampled_ok else 0, k, model.config.vocab_size,
+                                       dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
         self.pool = None
