@@ -173,7 +173,7 @@ class EagerStaticGraphRunner:
 
 PROMPTS = [[5, 17, 20, 31, 9, 77, 31, 45, 12, 40, 23], [11, 12], list(range(7, 26)), [50, 51, 52, 53]]
 LLM_KWARGS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=48, max_model_len=48,
-                  enable_prefix_caching=False, async_scheduling=False)
+                  enable_prefix_caching=False, async_scheduling=False, collect_expert_load=True)
 
 
 def _params():
@@ -195,6 +195,8 @@ def ep_engine_rank(model: str, capacity_factor: float | None) -> dict:
     runner = llm.engine.runner
     runner.graph_runner = stand_in = EagerStaticGraphRunner(runner)
     out = llm.generate(PROMPTS, _params())
+    load = torch.tensor(runner.expert_load.totals())  # this rank's share of the tokens: the sum is the whole
+    torch.distributed.all_reduce(load)
 
     class Admission:
         queued_requests = queued_tokens = 0
@@ -202,6 +204,7 @@ def ep_engine_rank(model: str, capacity_factor: float | None) -> dict:
     return {"tokens": [o.outputs[0].token_ids for o in out],
             "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in out],
             "replays": stand_in.replays, "flagged": stand_in.flagged, "overflows": runner.ep_capacity_overflows,
+            "expert_load": tuple(load.tolist()),
             "metrics": generate_latest(ServerMetrics(llm.engine, Admission()).registry).decode()}
 
 
@@ -223,8 +226,10 @@ def references(models):
 
     refs = {}
     for kind, path in models.items():
-        out = LLM(model=path, **LLM_KWARGS).generate(PROMPTS, _params())
-        refs[kind] = [o.outputs[0].token_ids for o in out], [[lp.logprob for lp in o.outputs[0].logprobs] for o in out]
+        llm = LLM(model=path, **LLM_KWARGS)
+        out = llm.generate(PROMPTS, _params())
+        refs[kind] = ([o.outputs[0].token_ids for o in out], [[lp.logprob for lp in o.outputs[0].logprobs] for o in out],
+                      llm.engine.runner.expert_load.totals())
     return refs
 
 
@@ -238,7 +243,7 @@ def _overflow_metric(text: str) -> float:
 @pytest.mark.parametrize(("kind", "capacity_factor"), [("bf16", None), ("bf16", 0.01), ("fp8", 0.01)])
 def test_engine_decode_through_fixed_capacity_equals_tp1(models, references, kind, capacity_factor):
     got = run_on_ranks(2, ep_engine_rank, models[kind], capacity_factor, timeout_s=300)
-    want_tokens, want_logprobs = references[kind]
+    want_tokens, want_logprobs, want_load = references[kind]
     assert got["tokens"] == want_tokens
     for want, have in zip(want_logprobs, got["logprobs"], strict=True):
         assert have == pytest.approx(want, abs=1e-4)
@@ -250,6 +255,8 @@ def test_engine_decode_through_fixed_capacity_equals_tp1(models, references, kin
     else:  # one row per peer: most decode steps overflow
         assert 0 < got["overflows"] <= got["replays"]
     assert _overflow_metric(got["metrics"]) == got["overflows"]
+    # collect_expert_load counts every step once: a replay that overflowed and ran again is not counted twice
+    assert got["expert_load"] == want_load and sum(want_load) > 0
 
 
 def test_ep_capacity_factor_flag_and_its_errors():

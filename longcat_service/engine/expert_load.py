@@ -21,13 +21,26 @@ class ExpertLoadCounter:
         self._snapshot: tuple[int, ...] | None = None
         self._taken_at = float("-inf")
 
+    def save(self) -> list[torch.Tensor]:
+        """The per-layer counts now (device copies, stream-ordered): restore() takes a step's counting back."""
+        return [layer.expert_load.clone() for layer in self.layers]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for layer, counts in zip(self.layers, saved, strict=True):
+            layer.expert_load.copy_(counts)
+
+    def totals(self) -> tuple[int, ...] | None:
+        """Routed slots per real expert now (waits for the device; snapshot() is the rate-limited form)."""
+        if not self.layers:
+            return None
+        return tuple(torch.stack([layer.expert_load for layer in self.layers]).sum(0)[:-1].tolist())
+
     def snapshot(self) -> tuple[int, ...] | None:
         """Routed slots per real expert since start (identity slots left out); None before any MoE layer exists."""
         if not self.layers:
             return None
         now = time.monotonic()
         if now - self._taken_at >= REFRESH_S:
-            total = torch.stack([layer.expert_load for layer in self.layers]).sum(0)
-            self._snapshot = tuple(total[:-1].tolist())
+            self._snapshot = self.totals()
             self._taken_at = now
         return self._snapshot

@@ -249,6 +249,9 @@ class ModelRunner:
         if input_ids is not None and any(s.num_new_tokens != 1 for s in batch):
             raise ValueError("launch: device input_ids are for decode batches (one new token per sequence)")
         if self.graph_runner is not None:  # pure decode batches replay a captured CUDA graph
+            # an EP replay that overflows runs again eagerly: its expert-load counting is taken back first
+            counted = (self.expert_load.save() if self.expert_load is not None and self._ep_overflowed is not None
+                       else None)
             try:
                 logits = decode_logits_with_graph(self.graph_runner, batch, input_ids)
             except Exception:  # e.g. a capture-unsafe op (host sync) in the decode path: serve eagerly instead
@@ -259,8 +262,9 @@ class ModelRunner:
                 # some expert's rank got more rows than the buffers hold: the replay dropped slots and its logits
                 # are wrong; the same step runs again eagerly (variable splits; it rewrites the same cache slots).
                 # Every rank reads the same flag (all-reduced in the graph), so all ranks re-run it together.
-                # (With collect_expert_load the re-run step's routing is counted twice.)
                 self.ep_capacity_overflows += 1
+                if counted is not None:
+                    self.expert_load.restore(counted)
                 logits = None
             if logits is not None:
                 rows = [self._sampling_row(s.seq, pending=input_ids is not None) for s in batch]
