@@ -82,22 +82,26 @@ class EagerSpecRows(SpecRowsRunner):
         self.calls["mtp"] += 1
         return self._mtp(rows, self._verify_hidden[b], b * (self.k + 1))
 
+    def _device_rows(self, b: int, rows: DecodeRows, seq_info) -> tuple[torch.Tensor, ...]:
+        """The flat rows of bucket b (padded) as the graphs' device inputs: ids, positions, tables, seq_info."""
+        n, dev = b * (self.k + 1), self.runner.device
+        for _ in range(n - len(rows)):
+            rows.pad()
+        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        for i, t in enumerate(rows.tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return (torch.tensor(rows.input_ids, dtype=torch.long, device=dev),
+                torch.tensor(rows.positions, dtype=torch.long, device=dev), tables,
+                torch.tensor(seq_info, dtype=torch.long, device=dev))
+
     def greedy_step(self, batch, rooms):
         self.greedy_sizes.append(len(batch))
         return super().greedy_step(batch, rooms)
 
     def _run_greedy(self, b: int, rows: DecodeRows, seq_info: list[list[int]]) -> torch.Tensor:
         self.calls["greedy"] += 1
-        r, n = self.runner, b * (self.k + 1)
-        for _ in range(n - len(rows)):
-            rows.pad()
-        dev = r.device
-        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        for i, t in enumerate(rows.tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        ids = torch.tensor(rows.input_ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(rows.positions, dtype=torch.long, device=dev)
-        info = torch.tensor(seq_info, dtype=torch.long, device=dev)
+        r = self.runner
+        ids, positions, tables, info = self._device_rows(b, rows, seq_info)
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
                                 lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info)
 
@@ -107,16 +111,8 @@ class EagerSpecRows(SpecRowsRunner):
 
     def _run_sampled(self, b: int, rows: DecodeRows, seq_info, options, dists):
         self.calls["sampled"] += 1
-        r, n = self.runner, b * (self.k + 1)
-        for _ in range(n - len(rows)):
-            rows.pad()
-        dev = r.device
-        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        for i, t in enumerate(rows.tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        ids = torch.tensor(rows.input_ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(rows.positions, dtype=torch.long, device=dev)
-        info = torch.tensor(seq_info, dtype=torch.long, device=dev)
+        r, dev = self.runner, self.runner.device
+        ids, positions, tables, info = self._device_rows(b, rows, seq_info)
         q = torch.full((b, self.k, r.vocab_size), float("nan"), device=dev)  # rows without a stored q: never read
         self.load_dists(q, dists, seq_info[0][: len(dists)])
         for i, (nd, has) in enumerate(zip(seq_info[0], seq_info[2], strict=True)):
