@@ -83,10 +83,6 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("LONGCAT_TP_CUDA_GRAPHS", "bool", False, "choice",
            "decode CUDA graphs under tensor parallelism (NCCL collectives captured); opt-in until it has run on "
            "several GPUs (benchmarks/tp_session.sh), else TP decodes eagerly", _flag),
-    Switch("LONGCAT_SPEC_DEVICE_SAMPLING", "bool", False, "choice",
-           "MTP spec steps of batches with plain sampled rows (temperature, top-k/p, min-p; no seed, penalties, "
-           "logit_bias or logprobs) verify and draft on the GPU in one graph (engine/spec_sampled.py); opt-in until "
-           "it has run on a GPU, else those batches verify on the host between graph replays", _flag),
     # --- tuning knobs, each with its measured reason ---------------------------------------------------------------
     Switch("LONGCAT_DENSE_GEMV_ROWS", "int", 2, "tuning",
            "decode batches of up to this many rows (bf16/fp16, CUDA, at most 8) multiply with our weight-streaming "
@@ -128,6 +124,10 @@ SWITCHES: tuple[Switch, ...] = (
            "kernels/mla_decode.py's rule (new from 16 rows, the faster there on the H200); forcing one is for tests "
            "and benchmarks",
            _one_of("auto", "old", "new")),
+    Switch("LONGCAT_GRAPH_PRIORITY", "bool", True, "testing",
+           "capture CUDA graphs on a high-priority stream, so the dense path's kernels are scheduled before the "
+           "side-stream MoE's (engine/graph_capture.py); 0 is for the A/B benchmark",
+           _flag),
     Switch("LONGCAT_REQUIRE_EXTENSION", "bool", False, "testing",
            "tests: a missing compiled extension fails the extension tests instead of skipping them (.ci/run sets it)",
            _flag),

@@ -92,7 +92,6 @@ def test_graph_spec_steps_equal_eager_spec_steps_and_mtp_off(tmp_path, mode, k):
 
 
 def test_engine_captures_every_spec_bucket_at_start_up(tmp_path, monkeypatch):
-    monkeypatch.setenv("LONGCAT_SPEC_DEVICE_SAMPLING", "1")  # the sampled step's graphs too
     path = write_mtp_checkpoint(tmp_path / "e", "exact", seed=1)
     engine = make_engine(model=path, device="cuda", max_num_seqs=8,
                          speculative_config={"method": "mtp", "num_speculative_tokens": 2})
@@ -124,7 +123,6 @@ def test_device_greedy_steps_equal_mtp_off(tmp_path, mode, k):
 def test_device_sampled_steps_top_k_1_equal_greedy(tmp_path, k, monkeypatch):
     """Sampled rows with top_k = 1 (their draw is the argmax) beside greedy rows: decode spec steps run as the
     captured sampled-step graph (engine/spec_sampled.py); every token equals greedy MTP off, every block freed."""
-    monkeypatch.setenv("LONGCAT_SPEC_DEVICE_SAMPLING", "1")
     path = write_mtp_checkpoint(tmp_path / "p", "partial", seed=1)
     greedy = _requests(logprobs=None)
     requests = {rid: (p, SamplingParams(temperature=0.9, top_k=1, max_tokens=sp.max_tokens, ignore_eos=True))
@@ -145,7 +143,6 @@ def test_device_sampled_steps_keep_the_target_distribution(tmp_path, monkeypatch
 
     from tests.test_spec_decode_stats import chi_square_p_value
 
-    monkeypatch.setenv("LONGCAT_SPEC_DEVICE_SAMPLING", "1")
     path = write_mtp_checkpoint(tmp_path / "n", "noisy", seed=5, lm_head_scale=4.0)
     requests = {f"r{i}": ([11, 12, 13], SamplingParams(temperature=1.0, top_k=6, max_tokens=3, ignore_eos=True))
                 for i in range(600)}

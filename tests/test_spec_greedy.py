@@ -14,7 +14,7 @@ from longcat_service.engine.spec_greedy import NO_LIMIT, GreedyLayout, draft_roo
 from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
-from tests.spec_rows_twin import EagerSpecRows
+from tests.spec_rows_twin import EagerSpecRows, interpreted_triton_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
@@ -315,6 +315,7 @@ def test_non_finite_logits_in_a_greedy_step_fail_the_request(ckpts):
 
 
 @pytest.mark.slow
+@interpreted_triton_only
 def test_the_production_graph_runner_uncaptured_equals_mtp_off(ckpts, monkeypatch):
     """SpecGraphRunner itself (as on CUDA, minus the capture: its forwards on its static buffers, the Triton decode
     kernels interpreted on CPU) runs the device-side greedy steps of an engine: tokens equal MTP off."""
@@ -344,7 +345,6 @@ def test_the_production_graph_runner_uncaptured_equals_mtp_off(ckpts, monkeypatc
 def test_a_greedy_graph_that_fails_to_capture_disables_only_the_greedy_step(ckpts, monkeypatch):
     from longcat_service.engine.spec_graph_runner import SpecGraphRunner
 
-    monkeypatch.setenv("LONGCAT_SPEC_DEVICE_SAMPLING", "1")
     engine = make_engine(model=ckpts["exact"], speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     r = engine.runner
     graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2, (1, 2))
@@ -378,17 +378,17 @@ def test_a_greedy_graph_that_fails_to_capture_disables_only_the_greedy_step(ckpt
     assert greedy_calls and all(c == "verify" for c in greedy_calls)
 
 
-def test_the_device_sampled_step_is_opt_in(ckpts, monkeypatch):
-    """Until it has run on a GPU: without LONGCAT_SPEC_DEVICE_SAMPLING no sampled graph, no q buffer, no fusing."""
+def test_capture_all_captures_every_kind_of_every_bucket(ckpts, monkeypatch):
+    """Start-up capture covers the sampled step too (its q buffer is allocated), and the decoder fuses both kinds."""
     from longcat_service.engine.spec_graph_runner import SpecGraphRunner
 
-    monkeypatch.delenv("LONGCAT_SPEC_DEVICE_SAMPLING", raising=False)
     engine = make_engine(model=ckpts["exact"], speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     r = engine.runner
     graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2, (1, 2))
     captured = []
     monkeypatch.setattr(graphs, "capture", lambda kind, b: captured.append((kind, b)))
     graphs.capture_all()
-    assert not graphs.sampled_ok and graphs.draft_dists.numel() == 0
-    assert sorted(captured) == sorted((kind, b) for kind in ("verify", "mtp", "draft", "greedy") for b in (1, 2))
-    assert not r.spec_decoder.fuse_sampled
+    assert graphs.sampled_ok and graphs.draft_dists.shape == (graphs.max_batch, 2, r.config.vocab_size)
+    assert sorted(captured) == sorted((kind, b) for kind in ("verify", "mtp", "draft", "greedy", "sampled")
+                                      for b in (1, 2))
+    assert r.spec_decoder.fuse_greedy and r.spec_decoder.fuse_sampled

@@ -22,7 +22,7 @@ from longcat_service.engine.spec_sampled import option_rows, plain_probabilities
 from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
-from tests.spec_rows_twin import EagerSpecRows
+from tests.spec_rows_twin import EagerSpecRows, interpreted_triton_only
 from tests.test_spec_decode_stats import chi_square_p_value
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -253,6 +253,7 @@ def test_sampled_rows_keep_the_target_distribution(ckpts):
 
 
 @pytest.mark.slow
+@interpreted_triton_only
 def test_the_production_graph_runner_uncaptured_runs_sampled_steps(ckpts, monkeypatch):
     """SpecGraphRunner itself (its static buffers, the Triton decode kernels interpreted, no capture) runs the
     sampled steps of a batch of a greedy row and top_k = 1 sampled rows: every token equals greedy MTP off."""
@@ -260,7 +261,6 @@ def test_the_production_graph_runner_uncaptured_runs_sampled_steps(ckpts, monkey
     from longcat_service.layers import fast_decode as fast_decode_mod
     from longcat_service.layers import layernorm as layernorm_mod
 
-    monkeypatch.setenv("LONGCAT_SPEC_DEVICE_SAMPLING", "1")  # opt-in until it has run on a GPU
     p = ckpts["partial"]
     off, _ = run(p, None, {"a": (PROMPTS[0], greedy(5)), "b": (PROMPTS[1], greedy(3))})
     engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 2})

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from longcat_service.distributed.ep_static_dispatch import static_dispatch
+from longcat_service.engine.graph_capture import capture_stream
 from longcat_service.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class CUDAGraphRunner:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(self.packed.device)):
             logits = self._forward(b)
         if self.pool is None:
             self.pool = graph.pool()

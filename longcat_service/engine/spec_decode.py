@@ -48,7 +48,6 @@ from dataclasses import dataclass
 
 import torch
 
-from longcat_service import envs
 from longcat_service.engine.sampler import SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.engine.spec_greedy import GreedyLayout, GreedyReadback, draft_room
@@ -83,8 +82,7 @@ class SpecDecoder:
         self.decides = getattr(runner, "samples_tokens", True)  # False on TP ranks > 0: they follow rank 0
         self.graphs = None  # a SpecGraphRunner (CUDA; set by the ModelRunner): decode spec steps replay graphs
         self.fuse_greedy = True  # plain-greedy batches: the whole step on the device (off: benchmarks compare)
-        # the same for batches of plain-greedy and plain-sampled rows: opt-in until it has run on a GPU
-        self.fuse_sampled = envs.LONGCAT_SPEC_DEVICE_SAMPLING
+        self.fuse_sampled = True  # the same for batches of plain-greedy and plain-sampled rows
         # the sampled step's output distributions of the last step and its sequences (the next step loads them in one
         # copy when its batch is the same sequences in the same order)
         self._last_dists: tuple[list[int], torch.Tensor] | None = None

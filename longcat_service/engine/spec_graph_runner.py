@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from longcat_service.engine.cuda_graph_runner import BUCKETS, bucket_for, write_host_inputs
+from longcat_service.engine.graph_capture import capture_stream
 from longcat_service.engine.spec_greedy import greedy_spec_step
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.fast_decode import DecodePlan
@@ -288,10 +289,7 @@ class SpecGraphRunner(SpecRowsRunner):
         # greedy / sampled steps: drafts, draft room, (sampled) whether the row's draft distributions are stored
         self.seq_info = torch.zeros(3, self.max_batch, dtype=torch.long, device=dev)
         self.greedy_ok = True  # False once a greedy graph failed to capture at start-up (SpecDecoder then skips it)
-        from longcat_service import envs
-
-        # the same for the sampled step; opt-in (envs.LONGCAT_SPEC_DEVICE_SAMPLING) until it has run on a GPU
-        self.sampled_ok = envs.LONGCAT_SPEC_DEVICE_SAMPLING
+        self.sampled_ok = True  # the same for the sampled step
         # the sampled step's inputs: per sequence its spec_sampled.OPTIONS, and the distributions its pending drafts
         # were drawn from. [max_batch, k, vocab] fp32: at most MAX_GRAPH_ROWS * vocab * 4 bytes (k=1: 128 rows, 64 MiB
         # at vocab 131072); the graph's own [rows, vocab] temporaries (sorts, residuals) live in its pool
@@ -361,7 +359,7 @@ class SpecGraphRunner(SpecRowsRunner):
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(self.draft_hidden.device)):
             out = self._forward(kind, b)
         if self.pool is None:
             self.pool = graph.pool()
