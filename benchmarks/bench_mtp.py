@@ -133,7 +133,7 @@ def step_batch(engine: LLMEngine, seqs: list) -> list[ScheduledSeq]:
         drafts = list(seq.draft_token_ids)
         s = ScheduledSeq(seq, 1 + len(drafts), seq.num_tokens - 1, draft_token_ids=drafts)
         if sched.num_speculative_tokens:
-            s.token_limit = sched._token_limit(seq)
+            s.token_limit = sched.token_limit(seq)
             engine.block_manager.allocate(seq, sched._tokens_to_allocate(seq, s.end_pos))
         out.append(s)
     return out

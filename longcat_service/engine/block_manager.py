@@ -153,6 +153,18 @@ class BlockManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
 
+    def trim(self, seq: Sequence, num_blocks: int) -> None:
+        """Give back the blocks past the first num_blocks of the table: blocks reserved ahead and not needed after all
+        (spec_chain.py), never computed into, so neither cached nor shared. They go to the front of the free queue,
+        as if never taken: the next allocation takes them again before any cached block."""
+        while len(seq.block_table) > num_blocks:
+            bid = seq.block_table.pop()
+            block = self.blocks[bid]
+            assert block.ref_count == 1 and block.hash is None, f"block {bid} is in use elsewhere or cached"
+            block.ref_count = 0
+            self.free_queue[bid] = None
+            self.free_queue.move_to_end(bid, last=False)
+
     def _acquire(self, bid: int) -> None:
         block = self.blocks[bid]
         if block.ref_count == 0:

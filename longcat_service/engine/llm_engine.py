@@ -14,6 +14,7 @@ from longcat_service.engine.output_processor import OutputProcessor, RequestStat
 from longcat_service.engine.request_checks import RequestLimits, check_request
 from longcat_service.engine.scheduler import ScheduledSeq, Scheduler
 from longcat_service.engine.sequence import Sequence, SequenceGroup
+from longcat_service.engine.spec_chain import ChainedSpecPlan, SpecChain
 from longcat_service.engine.step_trace import StepTrace
 from longcat_service.engine.tp_worker import create_model_runner
 from longcat_service.outputs import Logprob, RequestOutput
@@ -63,6 +64,9 @@ class LLMEngine:
         self.num_speculative_tokens = spec.num_speculative_tokens if spec is not None else 0
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.num_speculative_tokens, self.max_model_len)
+        # async scheduling of device-side greedy spec steps (spec_chain.py)
+        self.spec_chain = (SpecChain(self.scheduler, self.runner.sampler, self.num_speculative_tokens)
+                           if self.num_speculative_tokens else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_id, self.max_model_len)
         self.states: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # final outputs of requests finished between steps (abort)
@@ -168,7 +172,10 @@ class LLMEngine:
             applied = self._collect(inflight, finalize)
             trace.mark("collect")
             if chained is not None:  # the step after the in-flight one is already computing: no scheduling
-                self._adopt_scratch_blocks(chained)
+                if chained.spec_plan is not None:
+                    self.spec_chain.commit(chained.spec_plan)
+                else:
+                    self._adopt_scratch_blocks(chained)
                 self._inflight = chained
                 outputs.extend(self._process(applied, finalize))
                 if trace.enabled:
@@ -204,8 +211,12 @@ class LLMEngine:
         collect. One that ends by length is left out, as the scheduler would. A token that starts a new KV
         block is written to a scratch block and copied to the sequence's real block once the in-flight step
         confirms it goes on (_adopt_scratch_blocks), so blocks are allocated in the plain engine's order.
-        None: not chainable; the caller collects and schedules as usual."""
-        if not self._can_chain or inflight.handle is None or inflight.handle.sampled is None:
+        None: not chainable; the caller collects and schedules as usual. Speculative steps: _launch_chained_spec."""
+        if not self._can_chain or inflight.handle is None:
+            return None
+        if self.num_speculative_tokens:
+            return self._launch_chained_spec(inflight, finalize)
+        if inflight.handle.sampled is None:
             return None
         sched = self.scheduler
         if any(not (s.num_new_tokens == 1 and s.needs_sample) for s in inflight.batch):
@@ -252,6 +263,26 @@ class LLMEngine:
             return None
         return _InFlight(batch, handle)
 
+    def _launch_chained_spec(self, inflight: _InFlight, finalize: dict[str, None]) -> _InFlight | None:
+        """The spec step after an in-flight device-side greedy step, launched before that one is read back: its blocks
+        reserved for every draft accepted, its inputs from the device (spec_chain.py). step() commits it after
+        applying the in-flight step."""
+        if not self.runner.can_chain_spec(inflight.handle):
+            return None
+        plan = self.spec_chain.plan(inflight.batch, time.monotonic())
+        if plan is None:
+            return None
+        try:
+            handle = self.runner.launch_chained_spec(plan.batch, inflight.handle)
+        except Exception:  # nothing lost: the in-flight step is collected and the next one scheduled as usual
+            logger.exception("chained spec step failed to launch; scheduling it after the read-back instead")
+            handle = None
+        if handle is None:
+            self.spec_chain.cancel(plan)
+            return None
+        self.spec_chain.num_chained += 1
+        return _InFlight(plan.batch, handle, spec_plan=plan)
+
     def _adopt_scratch_blocks(self, chained: _InFlight) -> None:
         """After the in-flight step was applied: real blocks for the chained sequences that go on, in running
         order (as the scheduler would allocate them), and their scratch entries copied there."""
@@ -272,14 +303,13 @@ class LLMEngine:
 
     @property
     def _can_chain(self) -> bool:
-        """Not with MTP: a chained step must be launched before the in-flight one is read back, but a spec step's
-        inputs (the bonus token and the new drafts, their positions) and its sampling rows (penalties counting
-        the accepted drafts) depend on how many drafts the in-flight step accepts, which only its read-back
-        tells; the scheduler then schedules each spec step after the previous one is collected."""
+        """With MTP only after device-side greedy steps (their whole result stays on the device: spec_chain.py); a
+        host-verified spec step's next inputs and sampling rows depend on its read-back."""
         runner = self.runner
-        return (self.args.async_scheduling and self._overlap and not self.num_speculative_tokens
-                and self._runner_can_launch()
-                and getattr(runner, "supports_chained_decode", False) and getattr(runner, "num_scratch_blocks", 0) > 0)
+        if not (self.args.async_scheduling and self._overlap and self._runner_can_launch()
+                and getattr(runner, "supports_chained_decode", False)):
+            return False
+        return bool(self.num_speculative_tokens) or getattr(runner, "num_scratch_blocks", 0) > 0
 
     def _launch(self, batch: list[ScheduledSeq], finalize: dict[str, None]) -> _InFlight | None:
         try:
@@ -410,6 +440,7 @@ class _InFlight:
     batch: list[ScheduledSeq]
     handle: StepHandle | None  # None: the runner ran the step to completion (execute-only runners)
     results: list[SeqStepResult] | None = None
+    spec_plan: ChainedSpecPlan | None = None  # a chained spec step: committed once the step before it is applied
 
 
 @dataclass

@@ -319,6 +319,16 @@ class ModelRunner:
             return tokens
         return tokens.index_select(0, to_device(idx, torch.long, tokens.device))
 
+    def can_chain_spec(self, handle: StepHandle) -> bool:
+        """A speculative step can be launched after this launched one before it is read back (one GPU, a device-side
+        greedy step: spec_decode.SpecDecoder.can_chain)."""
+        return (self.spec_decoder is not None and handle.spec is not None and get_tp_size() == 1
+                and self.spec_decoder.can_chain(handle.spec))
+
+    def launch_chained_spec(self, batch: list[ScheduledSeq], handle: StepHandle) -> StepHandle:
+        """Enqueue the spec step after `handle` (can_chain_spec) for the same sequences, its inputs from the device."""
+        return StepHandle(len(batch), [], spec=self.spec_decoder.launch_chained(batch, handle.spec))
+
     @torch.inference_mode()
     def copy_kv_slots(self, dst_slots: list[int], src_slots: list[int]) -> None:
         """Enqueue cache-entry copies (slot = block * block_size + offset) in every attention sublayer."""

@@ -182,16 +182,37 @@ class Scheduler:
         k = self.num_speculative_tokens
         if not k:
             return end
-        return max(end, min(end + k, self._token_limit(seq)))
+        return max(end, min(end + k, self.token_limit(seq)))
 
-    def _token_limit(self, seq: Sequence) -> int:
+    def token_limit(self, seq: Sequence) -> int:
         limit = seq.num_prompt_tokens + seq.params.max_tokens if seq.params.max_tokens is not None else 1 << 62
         return min(limit, self.max_model_len) if self.max_model_len is not None else limit
+
+    def reserve_for_chain(self, ends: list[tuple[Sequence, int]]) -> list[int] | None:
+        """Async scheduling of spec steps (spec_chain.py): blocks for each sequence to compute up to its end (with the
+        drafts' look-ahead), all or none. -> each table's length before, for release_reserved; None: too few free
+        blocks (nothing taken)."""
+        bm = self.block_manager
+        needs = [bm.blocks_for(self._tokens_to_allocate(seq, end)) for seq, end in ends]
+        if sum(max(0, n - len(seq.block_table)) for (seq, _), n in zip(ends, needs, strict=True)) > bm.num_free_blocks:
+            return None
+        before = [len(seq.block_table) for seq, _ in ends]
+        for seq, end in ends:
+            bm.allocate(seq, self._tokens_to_allocate(seq, end))
+        return before
+
+    def release_reserved(self, seq: Sequence, end: int, keep_blocks: int) -> None:
+        """Give back the reserved blocks past what computing up to `end` needs (as _schedule_running would allocate),
+        never the first keep_blocks (held before the reservation). A finished sequence's blocks are free already."""
+        if seq.is_finished:
+            return
+        bm = self.block_manager
+        bm.trim(seq, max(keep_blocks, bm.blocks_for(self._tokens_to_allocate(seq, end)) if end else 0))
 
     def _scheduled(self, seq: Sequence, num_new: int, start: int, drafts: list[int]) -> ScheduledSeq:
         s = ScheduledSeq(seq, num_new, start, draft_token_ids=drafts)
         if self.num_speculative_tokens:
-            s.token_limit = self._token_limit(seq)
+            s.token_limit = self.token_limit(seq)
         return s
 
     def _preempt(self, seq: Sequence) -> None:

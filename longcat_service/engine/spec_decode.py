@@ -126,6 +126,24 @@ class SpecDecoder:
         hidden, starts = self._target_forward(batch)
         return SpecLaunch(batch, hidden, starts)
 
+    def can_chain(self, step: SpecLaunch) -> bool:
+        """A step can be chained to this launched one (async scheduling, spec_chain.py): it is a device-side greedy
+        step (not sampled) and the greedy step is still in use."""
+        return (step.greedy is not None and step.draft_dists is None and self.graphs is not None and self.fuse_greedy
+                and self.decides and getattr(self.graphs, "greedy_ok", True))
+
+    @torch.inference_mode()
+    def launch_chained(self, batch: list[ScheduledSeq], prev: SpecLaunch) -> SpecLaunch:
+        """Enqueue the greedy step after `prev` (can_chain) for the same sequences in the same order, before `prev` is
+        read back: its inputs come from prev's result on the device (spec_chain_rows.py). The batch's host fields
+        (start_pos, drafts) are provisional until the engine commits prev's result (spec_chain.py); its block
+        tables cover every draft of prev accepted. A failure raises (no host-verified fallback: the inputs are not
+        on the host yet)."""
+        starts = [s.start_pos for s in prev.batch]
+        rooms = [draft_room(s.seq.num_tokens, s.token_limit, self.context) for s in prev.batch]
+        bucket, packed = self.graphs.chained_greedy_step(batch, prev.greedy.device_packed, starts, rooms)
+        return SpecLaunch(batch, None, None, bucket, greedy=GreedyReadback(packed, len(batch)))
+
     @torch.inference_mode()
     def finish(self, step: SpecLaunch):
         """Verification, then the MTP pass and the next drafts -> the step's results. A sequence finished since the

@@ -38,6 +38,7 @@ import torch
 
 from longcat_service.engine.cuda_graph_runner import BUCKETS, bucket_for, write_host_inputs
 from longcat_service.engine.graph_capture import capture_stream
+from longcat_service.engine.spec_chain_rows import chained_verify_inputs
 from longcat_service.engine.spec_greedy import greedy_spec_step
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.fast_decode import DecodePlan
@@ -207,6 +208,20 @@ class SpecRowsRunner:
         info = [[len(s.draft_token_ids) for s in batch] + [-1] * pad, list(rooms) + [0] * pad]
         return b, self._run_greedy(b, self._verify_rows(batch), info)
 
+    def chained_greedy_step(self, batch, prev_packed: torch.Tensor, prev_starts: list[int], prev_rooms: list[int]
+                            ) -> tuple[int, torch.Tensor]:
+        """greedy_step for the step after an in-flight greedy step of the same sequences in the same order, launched
+        before that one is read back (async scheduling): its tokens, drafts, positions, slots and draft rooms come
+        from the in-flight step's packed result on the device (spec_chain_rows.py); prev_starts / prev_rooms: that
+        step's first verify positions and draft rooms; the batch's block tables are reserved for every draft
+        accepted. -> (bucket, packed result), as greedy_step."""
+        b = bucket_for(len(batch), self.buckets)
+        rows = DecodeRows()
+        for s in batch:  # the tables only: the rest of each row comes from the device
+            for _ in range(self.k + 1):
+                rows.add(0, 0, -1, 0, list(s.block_table))
+        return b, self._run_chained_greedy(b, rows, prev_packed[: len(batch)], prev_starts, prev_rooms)
+
     def sampled_step(self, batch, rooms: list[int], options: list[list[float]],
                      dists: list[torch.Tensor | None] | torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         """greedy_step for a batch mixing plain-greedy and plain-sampled rows (spec_sampled.py). options: the
@@ -259,6 +274,10 @@ class SpecRowsRunner:
 
     def _run_sampled(self, b: int, rows: DecodeRows, seq_info: list[list[int]], options: list[list[float]],
                      dists) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _run_chained_greedy(self, b: int, rows: DecodeRows, prev_packed: torch.Tensor, prev_starts: list[int],
+                            prev_rooms: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
     @staticmethod
@@ -424,6 +443,18 @@ class SpecGraphRunner(SpecRowsRunner):
     def _run_greedy(self, b: int, rows: DecodeRows, seq_info: list[list[int]]) -> torch.Tensor:
         self._prepare("greedy", b, rows)
         self.seq_info[:2, :b].copy_(to_device(seq_info, torch.long, self.seq_info.device))
+        return self._launch("greedy", b)[0]
+
+    @torch.inference_mode()
+    def _run_chained_greedy(self, b: int, rows: DecodeRows, prev_packed: torch.Tensor, prev_starts: list[int],
+                            prev_rooms: list[int]) -> torch.Tensor:
+        self._prepare("greedy", b, rows)  # the block tables; the rows' other columns are overwritten below
+        n, dev = b * (self.k + 1), self.seq_info.device
+        packed, info = chained_verify_inputs(self.k, self.block_size, prev_packed, to_device(prev_starts, torch.long, dev),
+                                             to_device(prev_rooms, torch.long, dev), self.verify_in.tables[:n], b)
+        # stream-ordered after the host copies they override and before the replay, which overwrites prev_packed
+        self.verify_in.packed[:, :n].copy_(packed)
+        self.seq_info[:2, :b].copy_(info)
         return self._launch("greedy", b)[0]
 
     @torch.inference_mode()

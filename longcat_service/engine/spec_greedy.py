@@ -168,6 +168,7 @@ class GreedyReadback:
 
     def __init__(self, packed: torch.Tensor, num_seqs: int):
         self.num_seqs = num_seqs
+        self.device_packed = packed  # a chained step's input (async scheduling); valid until the bucket's next replay
         if packed.is_cuda:
             self.host = packed[:num_seqs].to("cpu", non_blocking=True)
             self.ready = torch.cuda.Event()
