@@ -15,7 +15,9 @@ host ("spec_host_ms", what non-greedy batches run) and eager ("spec_eager_ms"). 
 random routing hits in expectation (dummy weights route about so). Dummy MTP drafts are nearly never accepted; the
 projected per-user speed-up for an acceptance rate a is E[tokens per step] / (spec step / plain step),
 E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
-Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy,
+Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy
+(async scheduling at its default, on: the device-side greedy spec steps chain, engine/spec_chain.py; "chained steps"
+counts them; "greedy_unchained": the same with async scheduling off),
 temperature 1 seeded (the host-verified path) and unseeded, and temperature 0.7 with top-k 50 / top-p 0.9 (both
 unseeded: the device-side sampled step): acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
 Results: JSON under $OUT (or benchmarks/out) and a markdown table on stdout.
@@ -192,6 +194,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     final = {}
+    chain = engine.spec_chain
+    chained0 = chain.num_chained if chain is not None else 0
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -203,6 +207,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     accepted = sum(o.metrics.num_accepted_tokens for o in final.values())
     steps = sum(o.metrics.num_spec_steps for o in final.values())
     return {"tokens_per_s_per_user": tokens / wall / len(prompts), "wall_s": wall,
+            # spec steps launched before the previous one was read back (async scheduling: engine/spec_chain.py)
+            "chained_steps": (chain.num_chained - chained0) if chain is not None else 0,
             "acceptance_rate": accepted / drafts if drafts else None,
             "mean_accepted_length": (accepted + steps) / steps if steps else None}
 
@@ -219,7 +225,10 @@ def part2(args, device: torch.device) -> dict:
                                       speculative_config=spec))
         tok = load_tokenizer(args.model) if has_tokenizer(args.model) else None
         base = [tok.encode(t, add_special_tokens=True) if tok else [5 + i, 17, 31, 9] for i, t in enumerate(texts)]
-        for label, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)),
+        greedy = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+        # "greedy": async scheduling at its default (on): device-side greedy spec steps chain (engine/spec_chain.py);
+        # "greedy_unchained": the same with async scheduling off, each spec step scheduled after the last read-back
+        for label, params in (("greedy", greedy), ("greedy_unchained", greedy),
                               ("t1", SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=0,
                                                     ignore_eos=True)),
                               # unseeded: the device-side sampled spec step (engine/spec_sampled.py); seeded rows
@@ -228,6 +237,7 @@ def part2(args, device: torch.device) -> dict:
                                                              ignore_eos=True)),
                               ("t0.7_topk50_topp0.9", SamplingParams(temperature=0.7, top_k=50, top_p=0.9,
                                                                      max_tokens=args.new_tokens, ignore_eos=True))):
+            engine.args.async_scheduling = label != "greedy_unchained"
             for b in (1, args.batch):
                 prompts = [base[i % len(base)] for i in range(b)]
                 run_requests(engine, prompts[:1], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
@@ -266,7 +276,7 @@ def report(p1: dict, p2: dict | None) -> str:
                          f"{f'{eager:.2f}' if eager is not None else '-'} | {p1['floor_ratio'][k][b]:.2f}x |")
     if p2:
         lines += ["", "### Demo model: MTP off vs on", "", "| sampling | batch | k | tok/s per user | acceptance | "
-                  "mean accepted length | projected 2L speed-up |", "|---|---|---|---|---|---|---|"]
+                  "mean accepted length | chained steps | projected 2L speed-up |", "|---|---|---|---|---|---|---|---|"]
         for label, by_batch in p2.items():
             for b, by_k in by_batch.items():
                 for k, r in by_k.items():
@@ -277,7 +287,8 @@ def report(p1: dict, p2: dict | None) -> str:
                         proj = f"{sum(a**i for i in range(k + 1)) / (p1['spec_ms'][k][b] / plain):.2f}x"
                     acc = f"{a:.3f}" if a is not None else "-"
                     mal = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
-                    lines.append(f"| {label} | {b} | {k} | {r['tokens_per_s_per_user']:.1f} | {acc} | {mal} | {proj} |")
+                    lines.append(f"| {label} | {b} | {k} | {r['tokens_per_s_per_user']:.1f} | {acc} | {mal} | "
+                                 f"{r.get('chained_steps', 0)} | {proj} |")
     return "\n".join(lines)
 
 

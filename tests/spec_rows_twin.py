@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
+from longcat_service.engine.spec_chain_rows import chained_verify_inputs
 from longcat_service.engine.spec_graph_runner import DecodeRows, SpecRowsRunner
 from longcat_service.engine.spec_greedy import greedy_spec_step
 from longcat_service.layers.attention_metadata import AttentionMetadata
@@ -34,6 +35,7 @@ class EagerSpecRows(SpecRowsRunner):
         self.batch_sizes: list[int] = []  # sequences of each verify
         self.greedy_sizes: list[int] = []  # sequences of each device-side greedy step
         self.sampled_sizes: list[int] = []  # sequences of each device-side sampled step
+        self.chained_sizes: list[int] = []  # sequences of each chained greedy step (async scheduling)
         self._verify_hidden: dict[int, torch.Tensor] = {}
 
     def verify(self, batch):
@@ -112,6 +114,26 @@ class EagerSpecRows(SpecRowsRunner):
         ids, positions, tables, info = self._device_rows(b, rows, seq_info)
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
                                 lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info)
+
+    def chained_greedy_step(self, batch, prev_packed, prev_starts, prev_rooms):
+        self.chained_sizes.append(len(batch))
+        return super().chained_greedy_step(batch, prev_packed, prev_starts, prev_rooms)
+
+    def _run_chained_greedy(self, b: int, rows: DecodeRows, prev_packed, prev_starts, prev_rooms) -> torch.Tensor:
+        """The production device-side row building (spec_chain_rows.py) on CPU tensors, then the greedy step on the
+        rows it built (as the graph's static inputs would hold them)."""
+        self.calls["chained_greedy"] += 1
+        r = self.runner
+        n = b * (self.k + 1)
+        assert len(rows) <= n and all(s == -1 for s in rows.slots)  # the host gives the tables only
+        _, _, tables, _ = self._device_rows(b, rows, [[0] * b, [0] * b])
+        packed, info = chained_verify_inputs(self.k, self.block_size, prev_packed,
+                                             torch.tensor(prev_starts, dtype=torch.long),
+                                             torch.tensor(prev_rooms, dtype=torch.long), tables, b)
+        ids, positions, slots, seq_lens = packed.tolist()
+        built = DecodeRows(ids, positions, slots, seq_lens, [rows.tables[i] if seq_lens[i] else [] for i in range(n)])
+        return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, built)[0], self._mtp_device_rows,
+                                lambda h: r.model.compute_logits(h).float(), packed[0], packed[1], tables, info)
 
     def sampled_step(self, batch, rooms, options, dists):
         self.sampled_sizes.append(len(batch))
