@@ -36,6 +36,7 @@ class EagerSpecRows(SpecRowsRunner):
         self.greedy_sizes: list[int] = []  # sequences of each device-side greedy step
         self.sampled_sizes: list[int] = []  # sequences of each device-side sampled step
         self.chained_sizes: list[int] = []  # sequences of each chained greedy step (async scheduling)
+        self.chained_rows: list[list[list[int]]] = []  # each chained step's device-built ids, positions, slots, lens
         self._verify_hidden: dict[int, torch.Tensor] = {}
 
     def verify(self, batch):
@@ -131,6 +132,7 @@ class EagerSpecRows(SpecRowsRunner):
                                              torch.tensor(prev_starts, dtype=torch.long),
                                              torch.tensor(prev_rooms, dtype=torch.long), tables, b)
         ids, positions, slots, seq_lens = packed.tolist()
+        self.chained_rows.append([ids, positions, slots, seq_lens])
         built = DecodeRows(ids, positions, slots, seq_lens, [rows.tables[i] if seq_lens[i] else [] for i in range(n)])
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, built)[0], self._mtp_device_rows,
                                 lambda h: r.model.compute_logits(h).float(), packed[0], packed[1], tables, info)
