@@ -156,6 +156,8 @@ def test_a_plain_greedy_batch_chains_with_blocks_for_every_draft_accepted():
         assert len(s.seq.block_table) == -(-(s.start_pos + 2 * 3 + 2 + 3) // 4) > before
     chain.cancel(plan)
     assert [len(s.seq.block_table) for s in batch] == plan.reserved_from
+    # a batch the scheduler would not make again (a running sequence left out, or another order): no chain
+    assert chain.plan(batch[:1], 1.0) is None and chain.plan(batch[::-1], 1.0) is None
 
 
 @pytest.mark.parametrize("case", [
