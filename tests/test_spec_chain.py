@@ -22,7 +22,7 @@ from longcat_service.engine.spec_chain import SpecChain
 from longcat_service.engine.spec_chain_rows import chained_verify_inputs
 from longcat_service.engine.spec_graph_runner import verify_rows
 from longcat_service.sampling_params import SamplingParams
-from tests.engine_utils import assert_all_blocks_free, make_engine
+from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
 from tests.spec_rows_twin import EagerSpecRows
 
@@ -387,3 +387,44 @@ def test_waiting_requests_and_a_seat_freed_by_a_stop(ckpts):
     on, twin, check = run(p, 3, requests, max_num_seqs=2)
     assert_same_tokens(off, on)
     assert twin.calls["chained_greedy"] > 0
+
+
+def test_a_chained_launch_that_fails_loses_nothing_and_stops_chaining(ckpts, monkeypatch):
+    """The chained step cannot fall back to the host path (its inputs are not on the host yet): a failed launch gives
+    its reservations back, the in-flight step is collected and the next one scheduled as usual, and chaining stays
+    off. Outputs equal MTP off, every block comes back."""
+    p = ckpts["partial"]
+    requests = {f"r{i}": (prompt, plain(16)) for i, prompt in enumerate(PROMPTS[:4])}
+    off, _, _ = run(p, None, requests)
+    failures = []
+
+    def failing(self, *args):
+        failures.append(len(self.runner.kv_caches))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(EagerSpecRows, "_run_chained_greedy", failing)
+    engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    engine.runner.spec_decoder.graphs = EagerSpecRows(engine.runner, 2, TWIN_BUCKETS)
+    bm = engine.block_manager
+    planned, around_launch = [], []
+    plan, launch = engine.spec_chain.plan, engine._launch_chained_spec
+
+    def watched_plan(batch, now):
+        out = plan(batch, now)
+        planned.append(out is not None)
+        return out
+
+    def watched_launch(inflight, finalize):
+        free = bm.num_free_blocks
+        out = launch(inflight, finalize)
+        around_launch.append((free, bm.num_free_blocks, out))
+        return out
+
+    engine.spec_chain.plan, engine._launch_chained_spec = watched_plan, watched_launch
+    on, _ = run_to_completion(engine, requests)
+    assert_same_tokens(off, on)
+    assert len(failures) == 1 and not engine.spec_chain.enabled
+    assert planned[0] and not any(planned[1:])  # planned (blocks reserved) once, then never again
+    assert all(before == after and out is None for before, after, out in around_launch)  # reservations given back
+    assert engine.spec_chain.num_chained == 0
+    assert_all_blocks_free(engine)

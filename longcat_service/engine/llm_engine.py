@@ -275,7 +275,8 @@ class LLMEngine:
         try:
             handle = self.runner.launch_chained_spec(plan.batch, inflight.handle)
         except Exception:  # nothing lost: the in-flight step is collected and the next one scheduled as usual
-            logger.exception("chained spec step failed to launch; scheduling it after the read-back instead")
+            logger.exception("chained spec step failed to launch; spec steps are scheduled after the read-back from now on")
+            self.spec_chain.enabled = False
             handle = None
         if handle is None:
             self.spec_chain.cancel(plan)

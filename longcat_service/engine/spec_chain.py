@@ -38,13 +38,14 @@ class SpecChain:
         self.scheduler = scheduler
         self.sampler = sampler
         self.k = num_speculative_tokens
-        self.num_chained = 0  # chained spec steps launched (tests and the step trace read it)
+        self.num_chained = 0  # chained spec steps launched (tests and benchmarks read it)
+        self.enabled = True  # False after a chained launch failed: every step is scheduled after the read-back
 
     def plan(self, inflight: list[ScheduledSeq], now: float) -> ChainedSpecPlan | None:
         """The chained step after the in-flight batch, its blocks reserved; None (nothing changed): not chainable."""
         sched, k = self.scheduler, self.k
         seqs = [s.seq for s in inflight]
-        if seqs != sched.running or len(seqs) * (k + 1) > sched.max_num_batched_tokens:
+        if not self.enabled or seqs != sched.running or len(seqs) * (k + 1) > sched.max_num_batched_tokens:
             return None
         if sched.waiting and len(sched.running) < sched.max_num_seqs:
             return None  # a free seat: the scheduler admits a waiting request into the next batch

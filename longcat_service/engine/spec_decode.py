@@ -32,6 +32,8 @@ Batches mixing plain-greedy and plain-sampled rows (Sampler.plain_sampled: tempe
 no seed) take the same kind of step with rejection sampling on the device (engine/spec_sampled.py; the randomness
 from torch's default generator, not the engine's); the distributions their drafts were drawn from stay on the
 device (draft_probs holds views of the step's output). A batch with any other row is verified on the host.
+With async scheduling the device-side greedy step of the same sequences can be launched before the previous one is
+read back, its inputs taken from that step's result on the device (launch_chained; engine/spec_chain.py).
 A sequence aborted while such a step is in flight gets nothing from it; the step's cache writes for it (already
 enqueued) land in slots past its computed tokens, before any later step's, as its verify writes always did.
 

@@ -17,7 +17,9 @@ Per bucket b:
 - greedy: the whole step of a batch whose every row is plain greedy (Sampler.plain_greedy), on the device
   (engine/spec_greedy.py): verify forward, argmax acceptance, the MTP pass over the flat rows (its slots and lengths
   derived from the verify rows and masked past each emitted count), the drafts and the recursive MTP passes. The
-  host reads one small packed tensor per step.
+  host reads one small packed tensor per step. A chained step (async scheduling, engine/spec_chain.py) replays the
+  same graph with its flat rows and seq_info built on the device from the previous step's packed output
+  (spec_chain_rows.py); only the block tables come from the host.
 - sampled: the same for a batch of plain-greedy and plain-sampled rows (Sampler.plain_sampled), with rejection
   sampling on the device (engine/spec_sampled.py): per-sequence options and the pending drafts' distributions come
   from static buffers; the new drafts' distributions are a second output.
