@@ -38,6 +38,10 @@ class CountingGraphs(SpecGraphRunner):
         self.greedy_sizes.append(len(batch))
         return super().greedy_step(batch, rooms)
 
+    def chained_greedy_step(self, batch, prev_packed, prev_starts, prev_rooms):
+        self.greedy_sizes.append(len(batch))  # the same greedy graph, inputs from the device (async scheduling)
+        return super().chained_greedy_step(batch, prev_packed, prev_starts, prev_rooms)
+
     def sampled_step(self, batch, rooms, options, dists):
         self.sampled_sizes.append(len(batch))
         return super().sampled_step(batch, rooms, options, dists)
