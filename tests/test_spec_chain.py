@@ -24,7 +24,7 @@ from longcat_service.engine.spec_graph_runner import verify_rows
 from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
-from tests.spec_rows_twin import EagerSpecRows
+from tests.spec_rows_twin import EagerSpecRows, interpreted_triton_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
@@ -431,6 +431,7 @@ def test_a_chained_launch_that_fails_loses_nothing_and_stops_chaining(ckpts, mon
 
 
 @pytest.mark.slow
+@interpreted_triton_only
 def test_the_production_graph_runner_uncaptured_chains_and_equals_mtp_off(ckpts, monkeypatch):
     """SpecGraphRunner itself (as on CUDA, minus the capture: its forwards on its static buffers, the Triton decode
     kernels interpreted on CPU) runs chained greedy steps (_run_chained_greedy: the device-built rows written over the
