@@ -453,3 +453,23 @@ def test_the_production_graph_runner_uncaptured_chains_and_equals_mtp_off(ckpts,
     assert_all_blocks_free(engine)
     assert_same_tokens(off, on)
     assert engine.spec_chain.num_chained > 0 and not graphs.use_graphs
+
+
+def test_worst_case_tables_past_the_graph_buffers_are_not_chained(ckpts):
+    """Table buffers of 8 blocks (32 tokens): near there the worst-case reservation does not fit while the step the
+    scheduler makes still does. That step is then scheduled after the read-back (its reservation given back),
+    chaining stays on, outputs equal MTP off."""
+    p = ckpts["exact"]
+    requests = {"a": (PROMPTS[0], plain(30)), "b": (PROMPTS[3], plain(30))}
+    off, _, _ = run(p, None, requests)
+    engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    twin = engine.runner.spec_decoder.graphs = EagerSpecRows(engine.runner, 2, TWIN_BUCKETS, max_blocks=8)
+    cancelled = []
+    cancel = engine.spec_chain.cancel
+    engine.spec_chain.cancel = lambda plan: (cancelled.append(max(len(s.seq.block_table) for s in plan.batch)),
+                                             cancel(plan))
+    on, _ = run_to_completion(engine, requests)
+    assert_same_tokens(off, on)
+    assert_all_blocks_free(engine)
+    assert cancelled and min(cancelled) > 8 and engine.spec_chain.enabled
+    assert twin.calls["chained_greedy"] > 0 and twin.calls["greedy"] > 0

@@ -325,9 +325,11 @@ class ModelRunner:
         return (self.spec_decoder is not None and handle.spec is not None and get_tp_size() == 1
                 and self.spec_decoder.can_chain(handle.spec))
 
-    def launch_chained_spec(self, batch: list[ScheduledSeq], handle: StepHandle) -> StepHandle:
-        """Enqueue the spec step after `handle` (can_chain_spec) for the same sequences, its inputs from the device."""
-        return StepHandle(len(batch), [], spec=self.spec_decoder.launch_chained(batch, handle.spec))
+    def launch_chained_spec(self, batch: list[ScheduledSeq], handle: StepHandle) -> StepHandle | None:
+        """Enqueue the spec step after `handle` (can_chain_spec) for the same sequences, its inputs from the device.
+        None: it cannot be (nothing enqueued)."""
+        spec = self.spec_decoder.launch_chained(batch, handle.spec)
+        return StepHandle(len(batch), [], spec=spec) if spec is not None else None
 
     @torch.inference_mode()
     def copy_kv_slots(self, dst_slots: list[int], src_slots: list[int]) -> None:

@@ -135,12 +135,14 @@ class SpecDecoder:
                 and self.decides and getattr(self.graphs, "greedy_ok", True))
 
     @torch.inference_mode()
-    def launch_chained(self, batch: list[ScheduledSeq], prev: SpecLaunch) -> SpecLaunch:
+    def launch_chained(self, batch: list[ScheduledSeq], prev: SpecLaunch) -> SpecLaunch | None:
         """Enqueue the greedy step after `prev` (can_chain) for the same sequences in the same order, before `prev` is
         read back: its inputs come from prev's result on the device (spec_chain_rows.py). The batch's host fields
         (start_pos, drafts) are provisional until the engine commits prev's result (spec_chain.py); its block
         tables cover every draft of prev accepted. A failure raises (no host-verified fallback: the inputs are not
-        on the host yet)."""
+        on the host yet). None: the reserved tables do not fit the graphs' table buffers (nothing enqueued)."""
+        if not self.graphs.fits([s.block_table for s in batch]):
+            return None
         starts = [s.start_pos for s in prev.batch]
         rooms = [draft_room(s.seq.num_tokens, s.token_limit, self.context) for s in prev.batch]
         bucket, packed = self.graphs.chained_greedy_step(batch, prev.greedy.device_packed, starts, rooms)
