@@ -1,4 +1,4 @@
-"""RMSNorm exactly as transformers' LongcatFlashRMSNorm computes it."""
+"""RMSNorm exactly as transformers' LongcatFlashRMSNorm computes it, and its fused residual-add form."""
 
 from __future__ import annotations
 
@@ -24,6 +24,26 @@ class RMSNorm(nn.Module):
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         # The weight multiplies after the cast back (a model-dtype product), as in transformers.
         return self.weight * normed.to(x.dtype)
+
+    def add_norm(self, residual: torch.Tensor, *addends: torch.Tensor) -> torch.Tensor:
+        """residual += addends (in place, in order, each cast to residual's dtype and each sum rounded: eager
+        `residual + a + b`), then the norm of it. The caller must own `residual` (nothing else may read the old
+        value). On CUDA one Triton kernel (kernels/rmsnorm.fused_add_rms_norm) instead of the adds + the norm."""
+        return self._add_norm(residual, addends, False)[0]
+
+    def add_norm_fp32(self, residual: torch.Tensor, *addends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """add_norm, and the normed output's exact fp32 copy (the fp32 router's input), from the same kernel."""
+        out, out32 = self._add_norm(residual, addends, True)
+        return out, out32 if out32 is not None else out.float()
+
+    def _add_norm(self, residual: torch.Tensor, addends: tuple[torch.Tensor, ...], fp32_copy: bool):
+        if addends and fast_path_enabled(residual) and residual.dim() == 2:
+            from longcat_service.kernels.rmsnorm import fused_add_rms_norm
+
+            return fused_add_rms_norm(residual, addends, self.weight, self.eps, fp32_copy)
+        for a in addends:
+            residual.add_(a.to(residual.dtype))
+        return self.forward(residual), None
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"

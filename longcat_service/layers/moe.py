@@ -112,12 +112,13 @@ class LongcatMoE(nn.Module):
         flat = ids.reshape(-1).long().clamp(max=self.experts.num_experts)
         self.expert_load.index_add_(0, flat, torch.ones_like(flat))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] model dtype (post_attention_layernorm[0] output) -> [T, H] model dtype."""
+    def forward(self, x: torch.Tensor, x_f32: torch.Tensor | None = None, fp32_out: bool = False) -> torch.Tensor:
+        """x: [T, H] model dtype (post_attention_layernorm[0] output) -> [T, H] model dtype (fp32_out: the fp32 sum
+        before that cast, for a caller whose fused add casts it). x_f32: x.float() if the caller has it (router)."""
         if self.dispatcher is not None:
-            return self._forward_expert_parallel(x)
+            return self._forward_expert_parallel(x, x_f32, fp32_out)
         add_identity = self.experts.tp_rank == 0
-        logits, bias = self.router(x), self.router.e_score_correction_bias
+        logits, bias = self.router(x, x_f32), self.router.e_score_correction_bias
         if self.expert_load is not None:  # opt-in: the routing once more, only to count it
             self._count(ops.router_topk(logits, bias, self.top_k, self.routed_scaling_factor,
                                         self.experts.num_experts)[0])
@@ -127,9 +128,11 @@ class LongcatMoE(nn.Module):
             out = ops.moe_forward(x, logits, bias, self.experts.w13, self.experts.w2, self.top_k,
                                   self.routed_scaling_factor, add_identity=add_identity)
         # One all-reduce of the fp32 partial sums, then a single cast (HF accumulates in fp32 too).
-        return all_reduce(out).to(x.dtype)
+        out = all_reduce(out)
+        return out if fp32_out else out.to(x.dtype)
 
-    def _forward_expert_parallel(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_expert_parallel(self, x: torch.Tensor, x_f32: torch.Tensor | None = None,
+                                 fp32_out: bool = False) -> torch.Tensor:
         """Route this rank's share of the tokens, send real-expert slots to their experts' ranks, run the local
         experts on what arrives, send the outputs back, combine in slot order, all-gather the shares. Inside
         `static_dispatch()` (CUDA-graph decode) with fixed capacity per peer, else with variable splits."""
@@ -137,7 +140,8 @@ class LongcatMoE(nn.Module):
         rank, world = experts.tp_rank, experts.tp_size
         start, end = owned_token_range(x.shape[0], rank, world)
         share = x[start:end]
-        ids, weights, zero_weight = ops.router_topk(self.router(share), self.router.e_score_correction_bias,
+        share_f32 = None if x_f32 is None else x_f32[start:end]
+        ids, weights, zero_weight = ops.router_topk(self.router(share, share_f32), self.router.e_score_correction_bias,
                                                     self.top_k, self.routed_scaling_factor, experts.num_experts)
         if self.expert_load is not None:
             self._count(ids)
@@ -152,7 +156,7 @@ class LongcatMoE(nn.Module):
                                                       self.top_k, world, self.dispatcher, self._local_experts)
         out_share = ops.combine(expert_out, slot_rows, weights, share, zero_weight, True)
         out = all_gather_token_shares(out_share, x.shape[0], rank, world, parallel_state.get_tp_group())
-        return out.to(x.dtype)
+        return out if fp32_out else out.to(x.dtype)
 
     def _local_experts(self, rows: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
         """This rank's experts on received rows (one slot each; local_expert >= E_local: no expert, output

@@ -71,7 +71,9 @@ class TopkRouter(nn.Module):
         self.e_score_correction_bias = make_param(num_router_experts, dtype=torch.float32)
         self._split_cache: tuple[tuple, torch.Tensor] | None = None  # (weight key, split_bf16x3(weight))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_f32: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] -> fp32 logits [T, E]. x_f32: x.float() when the caller already has it (the decoder's norm
+        writes it beside its output, so the fp32 GEMM needs no cast kernel of its own)."""
         if self._use_bf16x3(x):
             try:
                 return linear_bf16x3(x, self.split_weight())
@@ -80,7 +82,11 @@ class TopkRouter(nn.Module):
             except (RuntimeError, NotImplementedError) as exc:  # e.g. a torch without mm.dtype's CUDA kernel
                 logger.warning("router: bf16x3 GEMM unavailable (%s); using the fp32 GEMM", exc)
                 TopkRouter._bf16x3_failed = True
-        return F.linear(x.float(), self.classifier.weight)
+        return F.linear(x.float() if x_f32 is None else x_f32, self.classifier.weight)
+
+    def reads_fp32(self, x: torch.Tensor) -> bool:
+        """Will forward(x) multiply x in fp32 (so an x_f32 from the caller saves a cast)? Host metadata only."""
+        return not self._use_bf16x3(x)
 
     def _use_bf16x3(self, x: torch.Tensor) -> bool:
         if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and _HAS_MM_OUT_DTYPE):

@@ -27,10 +27,12 @@ def moe_on_side_stream(x: torch.Tensor) -> bool:
 
 
 class ShortcutMoEStream:
-    """with ShortcutMoEStream(x) as branch: out = branch.output(moe(x)); ...dense path...; branch.join()"""
+    """with ShortcutMoEStream(x) as branch: out = branch.output(moe(x)); ...dense path...; branch.join()
+    extra: further inputs the branch reads (None entries ignored), kept alive for it like x."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, *extra: torch.Tensor | None):
         self.x = x
+        self.inputs = [x, *(t for t in extra if t is not None)]
         self.on_side = moe_on_side_stream(x)
         self.main = self.side = self._ctx = self._out = None
         if self.on_side:
@@ -42,7 +44,8 @@ class ShortcutMoEStream:
     def __enter__(self):
         if self.on_side:
             self.side.wait_stream(self.main)
-            self.x.record_stream(self.side)  # the main stream must not reuse the input's memory while the MoE reads it
+            for t in self.inputs:  # the main stream must not reuse the inputs' memory while the MoE reads them
+                t.record_stream(self.side)
             self._ctx = torch.cuda.stream(self.side)
             self._ctx.__enter__()
         return self

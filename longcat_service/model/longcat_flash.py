@@ -39,16 +39,25 @@ class LongcatDecoderLayer(nn.Module):
                                             f"{prefix}.mlps.{j}") for j in range(2)])
         self.mlp = LongcatMoE(config, dtype, f"{prefix}.mlp")
 
-    def forward(self, h, cos, sin, plan: AttentionPlan, kv_caches: tuple[torch.Tensor, torch.Tensor]):
-        h = h + self.self_attn[0](self.input_layernorm[0](h), cos, sin, plan, kv_caches[0])
-        n0 = self.post_attention_layernorm[0](h)
-        with ShortcutMoEStream(n0) as branch:  # maybe on a side stream while the dense path runs
-            moe_out = branch.output(self.mlp(n0))
-        h = h + self.mlps[0](n0)
-        h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, plan, kv_caches[1])
-        out = h + self.mlps[1](self.post_attention_layernorm[1](h))
+    def forward(self, residual: torch.Tensor, pending: tuple[torch.Tensor, ...], cos, sin, plan: AttentionPlan,
+                kv_caches: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """residual [N, H]: the residual stream, updated in place (the caller hands it over). pending: what is
+        still to be added to it before this layer's first norm (the previous layer's last dense-MLP and MoE
+        outputs; () for the first layer). Every residual add runs inside the next norm's fused kernel
+        (RMSNorm.add_norm), in the eager order: h + mlps[1](..) + moe_out. Returns (residual, this layer's pending
+        addends), for the next layer or the final norm."""
+        x = self.self_attn[0](self.input_layernorm[0].add_norm(residual, *pending), cos, sin, plan, kv_caches[0])
+        if self.mlp.router.reads_fp32(residual):  # the norm writes the fp32 router's input beside n0: no cast kernel
+            n0, n0_f32 = self.post_attention_layernorm[0].add_norm_fp32(residual, x)
+        else:
+            n0, n0_f32 = self.post_attention_layernorm[0].add_norm(residual, x), None
+        with ShortcutMoEStream(n0, n0_f32) as branch:  # maybe on a side stream while the dense path runs
+            moe_out = branch.output(self.mlp(n0, n0_f32, fp32_out=True))  # the fused add casts it
+        x = self.mlps[0](n0)
+        x = self.self_attn[1](self.input_layernorm[1].add_norm(residual, x), cos, sin, plan, kv_caches[1])
+        x = self.mlps[1](self.post_attention_layernorm[1].add_norm(residual, x))
         branch.join()
-        return out + moe_out
+        return residual, (x, moe_out)
 
 
 class LongcatFlashModel(nn.Module):
@@ -108,11 +117,12 @@ class LongcatFlashForCausalLM(nn.Module):
             plan = build_attention_plan(attn_metadata)
         if plan.num_tokens != input_ids.shape[0]:
             raise ValueError(f"attention metadata covers {plan.num_tokens} tokens, input_ids has {input_ids.shape[0]}")
-        h = self.model.embed_tokens(input_ids)
+        residual = self.model.embed_tokens(input_ids)  # a new tensor: the layers add into it in place
         cos, sin = self.rotary.cos_sin(positions, self.dtype)  # shared by all attention sublayers
+        pending: tuple[torch.Tensor, ...] = ()
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, plan, (kv_caches[2 * i], kv_caches[2 * i + 1]))
-        return self.model.norm(h)
+            residual, pending = layer(residual, pending, cos, sin, plan, (kv_caches[2 * i], kv_caches[2 * i + 1]))
+        return self.model.norm.add_norm(residual, *pending)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, H] -> fp32 [M, vocab] (the projection runs in the model dtype, as transformers does)."""

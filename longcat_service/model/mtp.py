@@ -41,9 +41,11 @@ class LongcatMTPLayer(nn.Module):
         self.mlp = DenseMLP(hidden, config.ffn_hidden_size, dtype, config.quantization,
                             f"{prefix}.transformer_layer.mlp")
 
-    def forward(self, h, cos, sin, plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, plan, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, residual, cos, sin, plan: AttentionPlan, kv_cache: torch.Tensor):
+        """residual [N, H] (updated in place: the caller hands it over) -> (residual, the MLP output still to be
+        added to it: the final norm's fused add does that)."""
+        x = self.self_attn(self.input_layernorm(residual), cos, sin, plan, kv_cache)
+        return residual, self.mlp(self.post_attention_layernorm.add_norm(residual, x))
 
 
 class LongcatMTP(nn.Module):
@@ -66,7 +68,8 @@ class LongcatMTP(nn.Module):
         table = self.embed_tokens if self.embed_tokens is not None else embed
         e = self.enorm(table(next_ids))
         x = self.eh_proj(torch.cat((e, self.hnorm(hidden.to(e.dtype))), dim=-1))
-        return self.norm(self.layer(x, cos, sin, plan, kv_cache))
+        residual, mlp_out = self.layer(x, cos, sin, plan, kv_cache)  # x: eh_proj's new tensor
+        return self.norm.add_norm(residual, mlp_out)
 
     def checkpoint_targets(self) -> dict[str, nn.Parameter]:
         """model.mtp.* checkpoint key -> parameter (with its loader args), the embedding excluded."""
