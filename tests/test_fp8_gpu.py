@@ -338,6 +338,24 @@ def test_scaled_mm_blockwise_when_torch_has_it():
     _assert_bf16_within(scaled_mm_blockwise(x8, xs, w8, scale), exact, mag, k, "scaled_mm blockwise", mma=True)
 
 
+@pytest.mark.parametrize("m", [4, 5, 64, 333])
+def test_scaled_mm_blockwise_quantizer_layout_equals_built_layout(m):
+    """w8a8_linear's quantizer writes scaled-mm's padded column-major operands itself (no ones / copy / pad kernels):
+    cuBLASLt gets the same bytes as when scaled_mm_blockwise builds them from the plain layout, so the same output."""
+    from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8, scaled_mm_blockwise, scaled_mm_ready
+
+    if not hasattr(torch.nn.functional, "scaled_mm") or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs torch.nn.functional.scaled_mm on a Hopper GPU")
+    w8, scale = _quantized((2176, 6144), seed=m, std=6144**-0.5)
+    x = torch.randn(m, 6144, device=DEV).to(torch.bfloat16)
+    x8, xs = per_token_group_quant_fp8(x)
+    x8p, xsp = per_token_group_quant_fp8(x, pad_rows_to=4, scale_column_major=True)
+    assert scaled_mm_ready(x8p, xsp) and not scaled_mm_ready(x8, xs)
+    built = scaled_mm_blockwise(x8, xs, w8, scale)
+    direct = scaled_mm_blockwise(x8p, xsp, w8, scale)[:m]
+    assert torch.equal(direct, built)
+
+
 @pytest.mark.parametrize("m,n,k", [(4, 2176, 6144), (5, 12288, 1536), (37, 6144, 8192), (4096, 6144, 1536),
                                    (333, 24576, 6144)])
 def test_w8a8_linear_scaled_mm_path(m, n, k):

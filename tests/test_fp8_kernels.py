@@ -80,6 +80,26 @@ def test_quant_of_strided_rows_and_bad_inputs():
         fg.per_token_group_quant_fp8(torch.zeros(4, 8).t())
 
 
+@pytest.mark.parametrize("m", [1, 4, 5, 37])
+def test_quant_writes_scaled_mm_layout(m):
+    """pad_rows_to=4, scale_column_major: the same values on the real rows; padding rows x8 = +0 bytes and scale 1
+    (what scaled_mm_blockwise used to build with F.pad, torch.ones and a strided copy); the scale is the transposed
+    view of a contiguous [K/128, M_pad] tensor, i.e. scaled-mm's operand as is."""
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 520, generator=g) * 7).to(torch.bfloat16)
+    q, s = fg.per_token_group_quant_fp8(x)
+    qp, sp = fg.per_token_group_quant_fp8(x, pad_rows_to=4, scale_column_major=True)
+    m_pad = -(-m // 4) * 4
+    assert qp.shape == (m_pad, 520) and sp.shape == (m_pad, 5) and sp.stride() == (1, m_pad)
+    assert torch.equal(qp[:m].view(torch.uint8), q.view(torch.uint8)) and torch.equal(sp[:m], s)
+    assert (qp[m:].view(torch.uint8) == 0).all() and (sp[m:] == 1).all()
+    assert fg.scaled_mm_ready(qp, sp) and not fg.scaled_mm_ready(q, s)
+    q8, s8 = fg.per_token_group_quant_fp8(x, pad_rows_to=8)  # row-major, padded
+    assert q8.shape[0] == s8.shape[0] == -(-m // 8) * 8 and s8.is_contiguous() and torch.equal(s8[:m], s)
+    with pytest.raises(ValueError, match="pad_rows_to"):
+        fg.per_token_group_quant_fp8(x, pad_rows_to=0)
+
+
 # ---- fused MoE quantization (kernels/moe_fp8_quant.py) ---------------------------------------------------------
 # Spec: the unfused pairs, bit for bit on the rows below num_rows (later rows are unspecified in both).
 

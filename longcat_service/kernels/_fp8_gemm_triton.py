@@ -58,27 +58,31 @@ def _quant_groups(x, MANUAL_FP8: tl.constexpr):
 
 @triton.jit
 def _quant_kernel(
-    x_ptr, q_ptr, s_ptr, M, K, s_xm, s_qm, s_sm,
+    x_ptr, q_ptr, s_ptr, M, M_OUT, K, s_xm, s_qm, s_sm, s_sg,
     BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr, MANUAL_FP8: tl.constexpr, MANUAL_BF16: tl.constexpr,
 ):
-    """Rows [pid0 * BLOCK_M, +BLOCK_M), group pid1: s = max(|x|, 1e-10) / 448, q = clamp(x / s) in e4m3."""
+    """Rows [pid0 * BLOCK_M, +BLOCK_M), group pid1: s = max(|x|, 1e-10) / 448, q = clamp(x / s) in e4m3. Rows
+    M..M_OUT-1 (padding) get q = 0 and s = 1. The scale is stored at s_ptr + row * s_sm + group * s_sg."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = tl.program_id(1)
     cols = g * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + r64 * s_xm + cols[None, :], mask=mask, other=0.0)
-    q, s = _quant_groups(_to_f32(x, MANUAL_BF16), MANUAL_FP8)
-    tl.store(q_ptr + r64 * s_qm + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + rows.to(tl.int64) * s_sm + g, s, mask=rows < M)
+    q, s = _quant_groups(_to_f32(x, MANUAL_BF16), MANUAL_FP8)  # padding rows: x = 0, so q = +0
+    tl.store(q_ptr + r64 * s_qm + cols[None, :], q, mask=(rows < M_OUT)[:, None] & (cols < K)[None, :])
+    s = tl.where(rows < M, s, 1.0)
+    tl.store(s_ptr + rows.to(tl.int64) * s_sm + g * s_sg, s, mask=rows < M_OUT)
 
 
 def launch_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_m: int = 16, num_warps: int = 4) -> None:
+    """q [M_out, K], s [M_out, G] (any strides) for x [M, K], M <= M_out: rows past M are padding."""
     m, k = x.shape
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, GROUP))
+    m_out = q.shape[0]
+    grid = (triton.cdiv(m_out, block_m), triton.cdiv(k, GROUP))
     interp = interpreter_mode()
-    _quant_kernel[grid](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, GROUP_SIZE=GROUP,
-                        MANUAL_FP8=interp, MANUAL_BF16=interp, num_warps=num_warps)
+    _quant_kernel[grid](x, q, s, m, m_out, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCK_M=block_m,
+                        GROUP_SIZE=GROUP, MANUAL_FP8=interp, MANUAL_BF16=interp, num_warps=num_warps)
 
 
 # ---- dense: out[M, N] = x8 @ w8^T, block-scaled ---------------------------------------------------------------
@@ -473,7 +477,7 @@ def aot_compile_dense(config, m: int, n: int, k: int, capability: int = 90):
 def aot_compile_quant(k: int = 6144, capability: int = 90):
     """Compile _quant_kernel as launch_quant() would for bf16 x [4096, k] (offline check)."""
     x = torch.empty(4096, k, dtype=torch.bfloat16)
-    values = dict(x_ptr=x, q_ptr=torch.empty(1, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(1), M=4096, K=k,
-                  s_xm=k, s_qm=k, s_sm=-(-k // GROUP))
+    values = dict(x_ptr=x, q_ptr=torch.empty(1, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(1), M=4096,
+                  M_OUT=4096, K=k, s_xm=k, s_qm=k, s_sm=-(-k // GROUP), s_sg=1)
     constexprs = dict(BLOCK_M=16, GROUP_SIZE=GROUP, MANUAL_FP8=False, MANUAL_BF16=False)
     return _aot(_quant_kernel, values, constexprs, 4, 1, capability)

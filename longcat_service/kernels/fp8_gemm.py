@@ -159,18 +159,29 @@ def _check_scale(name: str, w8: torch.Tensor, scale: torch.Tensor) -> None:
         raise ValueError(f"{name}: scale is on {scale.device}, weight on {w8.device}")
 
 
-def per_token_group_quant_fp8(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (bf16, fp16 or fp32, unit last stride) -> (x8 e4m3 [M, K], x_scale fp32 [M, ceil(K/group)])."""
+def per_token_group_quant_fp8(x: torch.Tensor, group: int = GROUP, pad_rows_to: int = 1,
+                              scale_column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (bf16, fp16 or fp32, unit last stride) -> (x8 e4m3 [M, K], x_scale fp32 [M, ceil(K/group)]).
+
+    pad_rows_to: both get M rounded up to a multiple of it, the extra rows x8 = 0 and x_scale = 1.
+    scale_column_major: x_scale is the transposed view of a contiguous [ceil(K/group), M_pad] tensor. Together
+    (4, True): the activation operand of cuBLASLt's blockwise scaled-mm as is (scaled_mm_blockwise)."""
     if group != GROUP:
         raise ValueError(f"per_token_group_quant_fp8: only group={GROUP} is implemented, got {group}")
     if x.dim() != 2 or x.dtype not in ACT_DTYPES:
         raise ValueError(f"per_token_group_quant_fp8: x must be 2-D {ACT_DTYPES}, got {x.dtype} {tuple(x.shape)}")
     if x.shape[1] > 1 and x.stride(1) != 1:
         raise ValueError("per_token_group_quant_fp8: x needs a unit last stride")
+    if pad_rows_to < 1:
+        raise ValueError(f"per_token_group_quant_fp8: pad_rows_to must be >= 1, got {pad_rows_to}")
     m, k = x.shape
-    x8 = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    x_scale = torch.empty(m, -(-k // GROUP), dtype=torch.float32, device=x.device)
-    if m and k:
+    m_pad, groups = -(-m // pad_rows_to) * pad_rows_to, -(-k // GROUP)
+    x8 = torch.empty(m_pad, k, dtype=FP8_DTYPE, device=x.device)
+    if scale_column_major:
+        x_scale = torch.empty(groups, m_pad, dtype=torch.float32, device=x.device).t()
+    else:
+        x_scale = torch.empty(m_pad, groups, dtype=torch.float32, device=x.device)
+    if m_pad and k:
         from longcat_service.kernels._fp8_gemm_triton import launch_quant
 
         launch_quant(x, x8, x_scale)
@@ -282,6 +293,7 @@ def grouped_gemm_fp8_reference(x8, x_scale, w8, w_scale, expert_offsets, out_dty
 
 
 SCALED_MM_MIN_ROWS = 4  # H200, torch 2.11 (run 1): blockwise scaled-mm rejected M = 1 (scale stride) and 2 (cuBLASLt)
+SCALED_MM_ROW_MULTIPLE = 4  # the activation scale's column-major leading dimension (M) must be a multiple of 4
 
 
 def scaled_mm_supported(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> bool:
@@ -301,27 +313,38 @@ def scaled_mm_supported(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor
 def w8a8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The dense prefill product (x quantized per token-group, block-FP8 weight): torch's blockwise scaled-mm where
     it takes the shape (1.4-1.8x faster than w8a8_block_gemm at 4096 rows on the H200, run 1), else the Triton GEMM."""
-    if scaled_mm_supported(x, w8, scale):
-        x8, x_scale = per_token_group_quant_fp8(x)
-        return scaled_mm_blockwise(x8, x_scale, w8, scale, x.dtype)
+    if scaled_mm_supported(x, w8, scale):  # the quantizer writes scaled-mm's padded, column-major operands
+        x8, x_scale = per_token_group_quant_fp8(x, pad_rows_to=SCALED_MM_ROW_MULTIPLE, scale_column_major=True)
+        return scaled_mm_blockwise(x8, x_scale, w8, scale, x.dtype)[: x.shape[0]]
     return w8a8_block_gemm(x, w8, scale)
+
+
+def scaled_mm_ready(x8: torch.Tensor, x_scale: torch.Tensor) -> bool:
+    """Are (x8, x_scale) already in scaled-mm's activation layout (rows a multiple of 4, column-major scale)?"""
+    m = x8.shape[0]
+    return m % SCALED_MM_ROW_MULTIPLE == 0 and x_scale.shape[0] == m and x_scale.stride() == (1, m)
 
 
 def scaled_mm_blockwise(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
                         out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The same product through torch's scaled-mm (cuBLASLt blockwise 1x128 x 128x128 scaling, Hopper, CUDA >=
     12.9). Needs K and N multiples of 128 and K/128 a multiple of 4 (the scale layouts below); M is padded to a
-    multiple of 4 (zero rows; the activation scale's column-major leading dimension); raises where torch lacks it."""
+    multiple of 4 (zero rows; the activation scale's column-major leading dimension), here unless
+    per_token_group_quant_fp8 already wrote that layout (scaled_mm_ready: no pad / fill / copy kernels); raises
+    where torch lacks it."""
     m, k = x8.shape
     n = w8.shape[0]
     if k % GROUP or n % GROUP or (k // GROUP) % 4:
         raise ValueError(f"scaled_mm_blockwise: needs K, N multiples of 128 and K/128 of 4, got K={k} N={n}")
-    m_pad = -(-m // 4) * 4
-    if m_pad != m:  # F.pad on the bytes: zero bytes are e4m3 zeros
-        x8 = torch.nn.functional.pad(x8.view(torch.uint8), (0, 0, 0, m_pad - m)).view(FP8_DTYPE)
-    a_scale = torch.ones(k // GROUP, m_pad, dtype=torch.float32, device=x8.device)
-    a_scale[:, :m] = x_scale.t()
-    a_scale = a_scale.t()  # [M_pad, K/128], column-major
+    if scaled_mm_ready(x8, x_scale):
+        a_scale = x_scale
+    else:
+        m_pad = -(-m // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE
+        if m_pad != m:  # F.pad on the bytes: zero bytes are e4m3 zeros
+            x8 = torch.nn.functional.pad(x8.view(torch.uint8), (0, 0, 0, m_pad - m)).view(FP8_DTYPE)
+        a_scale = torch.ones(k // GROUP, m_pad, dtype=torch.float32, device=x8.device)
+        a_scale[:, :m] = x_scale.t()
+        a_scale = a_scale.t()  # [M_pad, K/128], column-major
     b_scale = w_scale.t()  # [K/128, N/128] view of the contiguous [N/128, K/128]: column-major
     import torch.nn.functional as F
 

@@ -52,7 +52,7 @@ class LongcatDecoderLayer(nn.Module):
         else:
             n0, n0_f32 = self.post_attention_layernorm[0].add_norm(residual, x), None
         with ShortcutMoEStream(n0, n0_f32) as branch:  # maybe on a side stream while the dense path runs
-            moe_out = branch.output(self.mlp(n0, n0_f32, fp32_out=True))  # the fused add casts it
+            moe_out = branch.output(self.mlp(n0, x_f32=n0_f32, fp32_out=True))  # the fused add casts it
         x = self.mlps[0](n0)
         x = self.self_attn[1](self.input_layernorm[1].add_norm(residual, x), cos, sin, plan, kv_caches[1])
         x = self.mlps[1](self.post_attention_layernorm[1].add_norm(residual, x))
