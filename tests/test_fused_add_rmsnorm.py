@@ -197,3 +197,47 @@ def test_fused_add_rms_norm_equals_unfused_cuda_sequence(rows):
     assert torch.equal(residual, want_res)
     assert torch.equal(out, want)
     assert torch.equal(out32, want.float())
+
+
+def _unfused_forward(model, ids, positions, meta, caches):
+    """The decoder as spec §2 writes it (and as longcat_flash.py did before the fused adds): eager adds, then norms."""
+    from longcat_service.layers.paged_attention import build_attention_plan
+
+    plan = build_attention_plan(meta)
+    h = model.model.embed_tokens(ids)
+    cos, sin = model.rotary.cos_sin(positions, model.dtype)
+    for i, layer in enumerate(model.model.layers):
+        kv = (caches[2 * i], caches[2 * i + 1])
+        h = h + layer.self_attn[0](layer.input_layernorm[0](h), cos, sin, plan, kv[0])
+        n0 = layer.post_attention_layernorm[0](h)
+        moe_out = layer.mlp(n0)
+        h = h + layer.mlps[0](n0)
+        h = h + layer.self_attn[1](layer.input_layernorm[1](h), cos, sin, plan, kv[1])
+        h = h + layer.mlps[1](layer.post_attention_layernorm[1](h)) + moe_out
+    return model.model.norm(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_wiring_is_bit_identical_to_the_unfused_layer(monkeypatch, dtype):
+    """The model's forward with every residual add moved into RMSNorm.add_norm (reference path: no Triton) gives
+    exactly the hidden states and cache entries of the unfused layer code: the rewiring changes no rounding."""
+    from longcat_service.config import ModelConfig
+    from longcat_service.layers.attention_metadata import AttentionMetadata
+    from longcat_service.model.kv_cache import allocate_kv_caches
+    from longcat_service.model.loader import load_model
+    from tests.tiny_config import TINY_CONFIG
+
+    monkeypatch.setenv("LONGCAT_DISABLE_TRITON", "1")
+    config = ModelConfig.from_dict(TINY_CONFIG)
+    model = load_model(config, dtype=dtype, device="cpu", load_format="dummy", seed=2)
+    ids = torch.tensor([5, 9, 11, 3, 8, 1, 4, 60, 7])
+    meta = AttentionMetadata.build([6, 3], [6, 3], [[0, 1], [3]], 4, "cpu")
+    positions = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2])
+    with torch.inference_mode():
+        got_caches = allocate_kv_caches(config, 6, 4, dtype, "cpu")
+        want_caches = allocate_kv_caches(config, 6, 4, dtype, "cpu")
+        got = model(ids, positions, meta, got_caches)
+        want = _unfused_forward(model, ids, positions, meta, want_caches)
+    assert torch.equal(got, want)
+    for a, b in zip(got_caches, want_caches, strict=True):
+        assert torch.equal(a, b)
