@@ -68,5 +68,6 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     else:  # many rows: cuBLAS's batched GEMM reads each head's W_UV once for all of them
         o_latent = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale,
                               first_pos=plan.first_pos)
-        out = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, h, dv]
+        out = o_latent.new_empty(n, heads, dv)  # written in place in token-major order: o_proj's input needs no
+        torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # reshape copy
     return attn.o_proj(out.reshape(n, heads * dv))
