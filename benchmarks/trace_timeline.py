@@ -16,12 +16,53 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+API_CATS = ("cuda_runtime", "cuda_driver")
+
+
+def load_events(path: Path) -> list[dict]:
+    events = json.loads(path.read_text())
+    return events.get("traceEvents", events) if isinstance(events, dict) else events
+
 
 def load_kernels(path: Path) -> list[dict]:
-    events = json.loads(path.read_text())
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    return sorted(kernels, key=lambda e: e["ts"])
+    return events_of(load_events(path), GPU_CATS)
+
+
+def events_of(events: list[dict], cats: tuple[str, ...]) -> list[dict]:
+    return sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in cats), key=lambda e: e["ts"])
+
+
+def host_launch_view(events: list[dict], top: int = 8) -> dict:
+    """How the host's CUDA API calls (cuda_runtime / cuda_driver events, on the same clock as the GPU's) line up
+    with the GPU work of a trace: ms from the first API call to the first GPU activity and from the end of the
+    last GPU activity to the end of the last API call (the read-back's wait returning); and how much of the idle
+    time between GPU activities was host-bound, i.e. the next activity's launch call (matched by correlation id)
+    had not returned when the GPU ran dry, with the largest such gaps (us, previous -> next activity).
+    Empty when the trace has no API events or no GPU activity."""
+    gpu, api = events_of(events, GPU_CATS), events_of(events, API_CATS)
+    if not gpu or not api:
+        return {}
+    launch_end = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in api if "correlation" in e.get("args", {})}
+    idle = host_bound = 0.0
+    late: list[tuple[float, str, str]] = []
+    end, prev = gpu[0]["ts"] + gpu[0]["dur"], gpu[0]
+    for k in gpu[1:]:
+        gap = k["ts"] - end
+        if gap > 0:
+            idle += gap
+            issued = launch_end.get(k.get("args", {}).get("correlation"))
+            waited = min(gap, issued - end) if issued is not None and issued > end else 0.0
+            host_bound += waited
+            if waited > 0:
+                late.append((waited, prev["name"], k["name"]))
+        if k["ts"] + k["dur"] >= end:
+            end, prev = k["ts"] + k["dur"], k
+    late.sort(reverse=True)
+    return {"first_api_to_first_gpu_ms": (gpu[0]["ts"] - api[0]["ts"]) / 1e3,
+            "last_gpu_to_last_api_end_ms": (max(e["ts"] + e["dur"] for e in api) - end) / 1e3,
+            "idle_ms": idle / 1e3, "idle_host_bound_ms": host_bound / 1e3,
+            "largest_host_bound_gaps": [f"{g:.1f} us {a[:50]} -> {b[:50]}" for g, a, b in late[:top]]}
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

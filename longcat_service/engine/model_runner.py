@@ -15,6 +15,7 @@ from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
 from longcat_service.engine.sampler import NONFINITE_TOKEN, SampledBatch, Sampler, SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
+from longcat_service.engine.step_trace import StepTrace
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.layers.host_to_device import host_tensor, to_device
 from longcat_service.outputs import Logprob
@@ -67,6 +68,7 @@ class ModelRunner:
     supports_chained_decode = True  # launch(batch, input_ids=<device tensor>) works (not under TP: ranks get host ids)
     uses_cuda_graphs = True  # TP runners: only with LONGCAT_TP_CUDA_GRAPHS=1 (tp_worker.py)
     samples_tokens = True  # False on TP ranks > 0: they compute logits but rank 0 samples (tp_worker.py)
+    trace: StepTrace | None = None  # the engine's step trace when enabled: launch / collect mark their phases
 
     def __init__(self, args: EngineArgs, model_path):
         from longcat_service.model.loader import load_model  # the model package is heavy; import on use
@@ -267,8 +269,14 @@ class ModelRunner:
                     self.expert_load.restore(counted)
                 logits = None
             if logits is not None:
+                trace = self.trace
+                if trace is not None:
+                    trace.mark("graph_replay")
                 rows = [self._sampling_row(s.seq, pending=input_ids is not None) for s in batch]
-                return StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows, input_ids))
+                handle = StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows, input_ids))
+                if trace is not None:
+                    trace.mark("sample")
+                return handle
         host_ids: list[int] = []
         for s in batch:
             if input_ids is None:
@@ -298,7 +306,12 @@ class ModelRunner:
         ids_t = input_ids.to(torch.long) if input_ids is not None else packed[:n]
         off = 0 if input_ids is not None else n
         pos_t, sample_rows_t = packed[off : off + n], packed[off + n :]
+        trace = self.trace
+        if trace is not None:
+            trace.mark("prepare")
         hidden = self.model(ids_t, pos_t, metadata, self.kv_caches)
+        if trace is not None:
+            trace.mark("forward")
 
         handle = StepHandle(len(batch), sample_idx)
         self._launch_prompt_logprobs(batch, hidden, starts, handle)
@@ -307,6 +320,8 @@ class ModelRunner:
             rows = [self._sampling_row(batch[i].seq, pending=input_ids is not None) for i in sample_idx]
             pending = input_ids[sample_rows_t] if input_ids is not None else None
             handle.sampled = self.sampler.launch(logits, rows, pending)
+        if trace is not None:
+            trace.mark("sample")
         return handle
 
     def sampled_tokens(self, handle: StepHandle, rows: list[int]) -> torch.Tensor:
@@ -348,6 +363,11 @@ class ModelRunner:
             return handle.results
         if handle.spec is not None:
             return self.spec_decoder.finish(handle.spec)
+        trace = self.trace
+        if trace is not None:  # the device's remaining work apart from the host's read-back
+            if handle.sampled is not None:
+                handle.sampled.wait()
+            trace.mark("wait")
         results = [SeqStepResult() for _ in range(handle.batch_size)]
         if handle.sampled is not None:
             tokens, logprobs = self.sampler.collect(handle.sampled)
@@ -369,6 +389,8 @@ class ModelRunner:
                     top_map[tok] = chosen[k]
                     out.append(Logprob(tok, chosen[k], top_map))
             results[i].prompt_logprobs = out
+        if trace is not None:
+            trace.mark("readback")
         return results
 
     def _sampling_row(self, seq, pending: bool = False) -> SamplingRow:
