@@ -17,7 +17,7 @@ from longcat_service.engine.sampler import NONFINITE_TOKEN, SampledBatch, Sample
 from longcat_service.engine.scheduler import ScheduledSeq
 from longcat_service.engine.step_trace import StepTrace
 from longcat_service.layers.attention_metadata import AttentionMetadata
-from longcat_service.layers.host_to_device import host_tensor, to_device
+from longcat_service.layers.host_to_device import to_device
 from longcat_service.outputs import Logprob
 
 logger = logging.getLogger(__name__)
@@ -277,14 +277,6 @@ class ModelRunner:
                 if trace is not None:
                     trace.mark("sample")
                 return handle
-        host_ids: list[int] = []
-        for s in batch:
-            if input_ids is None:
-                host_ids.extend(s.seq.token_ids[s.start_pos : s.end_pos])
-        if any(s.num_new_tokens >= 64 for s in batch):  # long prompts: one arange each, not a list per token
-            positions = torch.from_numpy(np.concatenate([np.arange(s.start_pos, s.end_pos) for s in batch]))
-        else:
-            positions = [p for s in batch for p in range(s.start_pos, s.end_pos)]
         starts = [0]
         for s in batch:
             starts.append(starts[-1] + s.num_new_tokens)
@@ -297,15 +289,25 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
         )
-        # token ids (unless on the device already), positions and sample rows: one pinned copy, then views
-        parts = [host_tensor(positions, torch.long), host_tensor([starts[i + 1] - 1 for i in sample_idx], torch.long)]
-        if input_ids is None:
-            parts.insert(0, host_tensor(host_ids, torch.long))
-        packed = to_device(torch.cat(parts), torch.long, self.device)
+        # token ids (unless on the device already), positions and sample rows: one int64 host buffer, one pinned
+        # copy, then views
         n = starts[-1]
-        ids_t = input_ids.to(torch.long) if input_ids is not None else packed[:n]
         off = 0 if input_ids is not None else n
-        pos_t, sample_rows_t = packed[off : off + n], packed[off + n :]
+        packed = np.empty(off + n + len(sample_idx), dtype=np.int64)
+        if input_ids is None:
+            host_ids: list[int] = []
+            for s in batch:
+                host_ids += s.seq.token_ids[s.start_pos : s.end_pos]
+            packed[:n] = host_ids
+        if any(s.num_new_tokens >= 64 for s in batch):  # long prompts: one arange each, not a list per token
+            for s, first in zip(batch, starts, strict=False):
+                packed[off + first : off + first + s.num_new_tokens] = np.arange(s.start_pos, s.end_pos)
+        else:
+            packed[off : off + n] = [p for s in batch for p in range(s.start_pos, s.end_pos)]
+        packed[off + n :] = [starts[i + 1] - 1 for i in sample_idx]
+        packed_t = to_device(torch.from_numpy(packed), torch.long, self.device)
+        ids_t = input_ids.to(torch.long) if input_ids is not None else packed_t[:n]
+        pos_t, sample_rows_t = packed_t[off : off + n], packed_t[off + n :]
         trace = self.trace
         if trace is not None:
             trace.mark("prepare")
