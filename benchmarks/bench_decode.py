@@ -140,13 +140,19 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
     # host phases of a prefill (engine/step_trace.py marks; median of 3 unprofiled runs): where the time outside
     # the GPU's kernel window goes (prepare before the first copy, readback after the last)
     prompt = torch.randint(3, raw["vocab_size"], (args.prefill_len,), generator=gen).tolist()
-    phase_runs = [traced_prefill(drv, prompt, lambda: sync(device)) for _ in range(3)]
+    phase_runs = []
+    for _ in range(3):
+        seq = drv.new_seq(prompt, 1)
+        phase_runs.append(traced_prefill(drv, seq, lambda: sync(device)))
+        drv.release([seq])
     prefill_phases = {k: statistics.median(r.get(k, 0.0) for r in phase_runs) for k in phase_runs[0]}
     print(f"prefill host phases ms (median of 3): {json.dumps(prefill_phases)}", flush=True)
     if device.type == "cuda":
         phases_profiled: dict = {}
-        prefill_gpu = gpu_timeline(lambda: phases_profiled.update(traced_prefill(drv, prompt, lambda: None)), device,
+        seq = drv.new_seq(prompt, 1)
+        prefill_gpu = gpu_timeline(lambda: phases_profiled.update(traced_prefill(drv, seq, lambda: None)), device,
                                    save_trace=out_dir / "prefill_gpu_timeline_trace.json")
+        drv.release([seq])
         prefill_gpu["host_phases_ms"] = phases_profiled
         print(f"prefill GPU timeline: {json.dumps(prefill_gpu)}", flush=True)
         # and where the host spends the call (cProfile: slows Python, so only for the ranking)

@@ -82,24 +82,22 @@ class Driver:
                 s.seq.append_token(r.token_id)
 
 
-def traced_prefill(drv: Driver, prompt: list[int], sync) -> dict:
-    """One prefill of `prompt` through Driver.prefill with the runner's step trace on: its wall ms and the host ms
-    of each phase (engine/step_trace.py: schedule, prepare = host inputs and their copies, forward = the model's
-    kernels enqueued, sample = logits and sampling enqueued, wait = for the device, readback = results to host
-    lists; they add up to wall_ms). `sync()` runs first, so the device is idle when it starts."""
+def traced_prefill(drv: Driver, seq, sync) -> dict:
+    """The prefill of `seq` (a Driver.new_seq) through Driver.prefill with the runner's step trace on: its wall ms
+    and the host ms of each phase (engine/step_trace.py: schedule, prepare = host inputs and their copies, forward
+    = the model's kernels enqueued, sample = logits and sampling enqueued, wait = for the device, readback =
+    results to host lists; they add up to wall_ms). `sync()` runs first, so the device is idle when it starts."""
     from longcat_service.engine.step_trace import StepTrace
 
     trace = StepTrace(keep=True)
     saved, drv.runner.trace = drv.runner.trace, trace
-    seq = drv.new_seq(prompt, 1)
     try:
         sync()
         trace.start()
-        drv.prefill([seq], max_tokens=len(prompt))
+        drv.prefill([seq], max_tokens=seq.num_tokens)
         trace.end()
     finally:
         drv.runner.trace = saved
-        drv.release([seq])
     return {k: round(v, 3) for k, v in trace.records[0].items() if k.endswith("_ms")}
 
 
