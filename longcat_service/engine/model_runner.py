@@ -318,7 +318,14 @@ class ModelRunner:
         handle = StepHandle(len(batch), sample_idx)
         self._launch_prompt_logprobs(batch, hidden, starts, handle)
         if sample_idx:
-            logits = self.model.compute_logits(hidden[sample_rows_t])
+            sample_rows = packed[off + n :]
+            if len(sample_rows) == 1:  # one sampled row (a prompt's last token): a view, no gather kernel
+                sampled_hidden = hidden[int(sample_rows[0]) : int(sample_rows[0]) + 1]
+            elif len(sample_rows) == n:  # every row samples (decode)
+                sampled_hidden = hidden
+            else:
+                sampled_hidden = hidden[sample_rows_t]
+            logits = self.model.compute_logits(sampled_hidden)
             rows = [self._sampling_row(batch[i].seq, pending=input_ids is not None) for i in sample_idx]
             pending = input_ids[sample_rows_t] if input_ids is not None else None
             handle.sampled = self.sampler.launch(logits, rows, pending)
