@@ -7,6 +7,7 @@ kernels around them; --timeline lists every kernel of one window in start order.
 
     python benchmarks/trace_timeline.py gpu_out/logs/decode_default/traces/3_cuda_graph_replays_batch_1.json \
         --windows 3 --timeline
+    python benchmarks/trace_timeline.py $OUT/prefill_gpu_timeline_trace.json --host   # bench_decode's prefill
 """
 
 from __future__ import annotations
@@ -120,10 +121,19 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=1, help="steps (graph replays) in the trace")
     p.add_argument("--top-gaps", type=int, default=12)
     p.add_argument("--timeline", action="store_true", help="every kernel of the first step, in start order")
+    p.add_argument("--host", action="store_true",
+                   help="also how the host's CUDA API calls line up with the GPU (host_launch_view; needs a trace with "
+                        "cuda_runtime events, e.g. bench_decode's prefill_gpu_timeline_trace.json)")
     args = p.parse_args(argv)
     for path in args.traces:
-        kernels = load_kernels(path)
+        events = load_events(path)
+        kernels = events_of(events, GPU_CATS)
         print(f"== {path.name} ==\n{summarize(kernels, args.windows, args.top_gaps)}")
+        if args.host:
+            view = host_launch_view(events, args.top_gaps)
+            gaps = view.pop("largest_host_bound_gaps", [])
+            print("host: " + json.dumps({k: round(v, 3) for k, v in view.items()}))
+            print("\n".join(f"  late launch: {g}" for g in gaps))
         if args.timeline:
             print(timeline(kernels, args.windows))
 
