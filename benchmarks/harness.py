@@ -180,13 +180,18 @@ def gpu_timeline(fn, device, save_trace: Path | None = None) -> dict:
     """Where the wall time of fn goes on the device: a CUDA-only profile (no CPU-op recording, so the host runs
     at nearly its normal speed) -> wall ms, ms from the call to the first kernel, the kernel window, the time
     with a kernel running (busy) and without (idle gaps inside the window), and host_launch: how the host's CUDA
-    API calls line up with it (trace_timeline.host_launch_view). save_trace: also keep the Chrome trace there."""
+    API calls line up with it (trace_timeline.host_launch_view; its last API call is the final synchronize, so
+    last_gpu_to_last_api_end_ms is the host time after the last GPU activity). save_trace: also keep the Chrome
+    trace there."""
     from torch.profiler import ProfilerActivity, profile
     from trace_timeline import GPU_CATS, events_of, host_launch_view, load_events, union_length
 
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
+        # a cheap CUDA API call (cudaStreamQuery) at the start: the trace's first API event marks when fn began, so
+        # host_launch_view's first_api_to_first_gpu_ms is all host time before the first GPU activity
+        torch.cuda.current_stream(device).query()
         fn()
         sync(device)
         wall = time.perf_counter() - t0
