@@ -39,7 +39,8 @@ def host_launch_view(events: list[dict], top: int = 8) -> dict:
     with the GPU work of a trace: ms from the first API call to the first GPU activity and from the end of the
     last GPU activity to the end of the last API call (the read-back's wait returning); and how much of the idle
     time between GPU activities was host-bound, i.e. the next activity's launch call (matched by correlation id)
-    had not returned when the GPU ran dry, with the largest such gaps (us, previous -> next activity).
+    had not returned when the GPU ran dry, with the largest such gaps (us, previous -> next activity); the API
+    calls' count and summed host time, and the slowest calls (a blocking copy, sync or allocation shows there).
     Empty when the trace has no API events or no GPU activity."""
     gpu, api = events_of(events, GPU_CATS), events_of(events, API_CATS)
     if not gpu or not api:
@@ -60,10 +61,14 @@ def host_launch_view(events: list[dict], top: int = 8) -> dict:
         if k["ts"] + k["dur"] >= end:
             end, prev = k["ts"] + k["dur"], k
     late.sort(reverse=True)
+    slowest = sorted(api, key=lambda e: -e["dur"])[:top]  # blocking calls (syncs, allocations) stand out here
     return {"first_api_to_first_gpu_ms": (gpu[0]["ts"] - api[0]["ts"]) / 1e3,
             "last_gpu_to_last_api_end_ms": (max(e["ts"] + e["dur"] for e in api) - end) / 1e3,
             "idle_ms": idle / 1e3, "idle_host_bound_ms": host_bound / 1e3,
-            "largest_host_bound_gaps": [f"{g:.1f} us {a[:50]} -> {b[:50]}" for g, a, b in late[:top]]}
+            "api_calls": len(api), "api_ms": sum(e["dur"] for e in api) / 1e3,
+            "largest_host_bound_gaps": [f"{g:.1f} us {a[:50]} -> {b[:50]}" for g, a, b in late[:top]],
+            "slowest_api_calls": [f"{e['dur']:.1f} us {e['name']} at +{(e['ts'] - api[0]['ts']) / 1e3:.3f} ms"
+                                  for e in slowest]}
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -131,9 +136,9 @@ def main(argv=None) -> None:
         print(f"== {path.name} ==\n{summarize(kernels, args.windows, args.top_gaps)}")
         if args.host:
             view = host_launch_view(events, args.top_gaps)
-            gaps = view.pop("largest_host_bound_gaps", [])
+            gaps, slow = view.pop("largest_host_bound_gaps", []), view.pop("slowest_api_calls", [])
             print("host: " + json.dumps({k: round(v, 3) for k, v in view.items()}))
-            print("\n".join(f"  late launch: {g}" for g in gaps))
+            print("\n".join([f"  late launch: {g}" for g in gaps] + [f"  slow API call: {c}" for c in slow]))
         if args.timeline:
             print(timeline(kernels, args.windows))
 

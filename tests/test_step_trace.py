@@ -95,4 +95,6 @@ def test_host_launch_view_splits_idle_time_by_who_was_late():
     assert view["idle_ms"] == pytest.approx(0.025)
     assert view["idle_host_bound_ms"] == pytest.approx(0.015)
     assert view["largest_host_bound_gaps"] == ["15.0 us a -> b"]
+    assert view["api_calls"] == 4 and view["api_ms"] == pytest.approx(0.038)
+    assert view["slowest_api_calls"][0] == "24.0 us cudaEventSynchronize at +0.046 ms"
     assert host_launch_view([e for e in events if e["cat"] != "cuda_runtime"]) == {}
