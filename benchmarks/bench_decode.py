@@ -41,6 +41,7 @@ from decode_driver import (  # noqa: E402  (re-exported: tests import the floors
     param_bytes,
     prefill_flops,
     profile_decode,
+    traced_prefill,
 )
 from harness import (  # noqa: E402
     ROOT,
@@ -136,11 +137,23 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
             drv.prefill([seq], max_tokens=args.prefill_len)
             times.append(time.perf_counter() - t0)
         drv.release([seq])
-    if device.type == "cuda":
-        prompt = torch.randint(3, raw["vocab_size"], (args.prefill_len,), generator=gen).tolist()
+    # host phases of a prefill (engine/step_trace.py marks; median of 3 unprofiled runs): where the time outside
+    # the GPU's kernel window goes (prepare before the first copy, readback after the last)
+    prompt = torch.randint(3, raw["vocab_size"], (args.prefill_len,), generator=gen).tolist()
+    phase_runs = []
+    for _ in range(3):
         seq = drv.new_seq(prompt, 1)
-        prefill_gpu = gpu_timeline(lambda: drv.prefill([seq], max_tokens=args.prefill_len), device)
+        phase_runs.append(traced_prefill(drv, seq, lambda: sync(device)))
         drv.release([seq])
+    prefill_phases = {k: statistics.median(r.get(k, 0.0) for r in phase_runs) for k in phase_runs[0]}
+    print(f"prefill host phases ms (median of 3): {json.dumps(prefill_phases)}", flush=True)
+    if device.type == "cuda":
+        phases_profiled: dict = {}
+        seq = drv.new_seq(prompt, 1)
+        prefill_gpu = gpu_timeline(lambda: phases_profiled.update(traced_prefill(drv, seq, lambda: None)), device,
+                                   save_trace=out_dir / "prefill_gpu_timeline_trace.json")
+        drv.release([seq])
+        prefill_gpu["host_phases_ms"] = phases_profiled
         print(f"prefill GPU timeline: {json.dumps(prefill_gpu)}", flush=True)
         # and where the host spends the call (cProfile: slows Python, so only for the ranking)
         import cProfile
@@ -171,6 +184,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
     t = statistics.median(times)
     res["prefill"] = {"tokens": s, "seconds": t, "tokens_per_s": s / t, "tflops": flops / t / 1e12,
                       "share_of_matmul": flops / t / ceil_flops, "gpu_timeline": prefill_gpu,
+                      "host_phases_ms": prefill_phases,
                       "all_seconds": times}
     print(f"prefill: {json.dumps(res['prefill'])}", flush=True)
 

@@ -61,6 +61,9 @@ class Driver:
                 batch.append(ScheduledSeq(seqs[i], seqs[i].num_tokens, 0))
                 total += seqs[i].num_tokens
                 i += 1
+            trace = getattr(self.runner, "trace", None)
+            if trace is not None:
+                trace.mark("schedule")
             self._apply(batch, self.runner.execute(batch))
 
     def decode(self, seqs) -> float:
@@ -77,6 +80,25 @@ class Driver:
         for s, r in zip(batch, results, strict=True):
             if r.token_id is not None:
                 s.seq.append_token(r.token_id)
+
+
+def traced_prefill(drv: Driver, seq, sync) -> dict:
+    """The prefill of `seq` (a Driver.new_seq) through Driver.prefill with the runner's step trace on: its wall ms
+    and the host ms of each phase (engine/step_trace.py: schedule, prepare = host inputs and their copies, forward
+    = the model's kernels enqueued, sample = logits and sampling enqueued, wait = for the device, readback =
+    results to host lists; they add up to wall_ms). `sync()` runs first, so the device is idle when it starts."""
+    from longcat_service.engine.step_trace import StepTrace
+
+    trace = StepTrace(keep=True)
+    saved, drv.runner.trace = drv.runner.trace, trace
+    try:
+        sync()
+        trace.start()
+        drv.prefill([seq], max_tokens=seq.num_tokens)
+        trace.end()
+    finally:
+        drv.runner.trace = saved
+    return {k: round(v, 3) for k, v in trace.records[0].items() if k.endswith("_ms")}
 
 
 class RouterProbe:

@@ -176,26 +176,33 @@ def profile_step(fn, path: Path, title: str, rows: int = 25) -> str:
     return table
 
 
-def gpu_timeline(fn, device) -> dict:
+def gpu_timeline(fn, device, save_trace: Path | None = None) -> dict:
     """Where the wall time of fn goes on the device: a CUDA-only profile (no CPU-op recording, so the host runs
     at nearly its normal speed) -> wall ms, ms from the call to the first kernel, the kernel window, the time
-    with a kernel running (busy) and without (idle gaps inside the window)."""
+    with a kernel running (busy) and without (idle gaps inside the window), and host_launch: how the host's CUDA
+    API calls line up with it (trace_timeline.host_launch_view; its last API call is the final synchronize, so
+    last_gpu_to_last_api_end_ms is the host time after the last GPU activity). save_trace: also keep the Chrome
+    trace there."""
     from torch.profiler import ProfilerActivity, profile
-    from trace_timeline import load_kernels, union_length
+    from trace_timeline import GPU_CATS, events_of, host_launch_view, load_events, union_length
 
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
+        # a cheap CUDA API call (cudaStreamQuery) at the start: the trace's first API event marks when fn began, so
+        # host_launch_view's first_api_to_first_gpu_ms is all host time before the first GPU activity
+        torch.cuda.current_stream(device).query()
         fn()
         sync(device)
         wall = time.perf_counter() - t0
-    path = Path(tempfile.mkdtemp(prefix="gpu_tl_")) / "trace.json"
+    path = save_trace if save_trace is not None else Path(tempfile.mkdtemp(prefix="gpu_tl_")) / "trace.json"
     prof.export_chrome_trace(str(path))
-    kernels = load_kernels(path)
+    events = load_events(path)
+    kernels = events_of(events, GPU_CATS)
     if not kernels:
         return {"wall_ms": wall * 1e3}
     start, end = kernels[0]["ts"], max(k["ts"] + k["dur"] for k in kernels)
     busy = union_length([(k["ts"], k["ts"] + k["dur"]) for k in kernels])
     return {"wall_ms": wall * 1e3, "kernel_window_ms": (end - start) / 1e3, "busy_ms": busy / 1e3,
             "idle_in_window_ms": (end - start - busy) / 1e3, "outside_window_ms": wall * 1e3 - (end - start) / 1e3,
-            "kernels": len(kernels)}
+            "kernels": len(kernels), "host_launch": host_launch_view(events)}

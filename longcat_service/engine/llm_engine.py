@@ -74,6 +74,16 @@ class LLMEngine:
         self.trace = StepTrace()  # LONGCAT_STEP_TRACE=<path>: one JSON line per step
 
     @property
+    def trace(self) -> StepTrace:
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace: StepTrace) -> None:
+        """The runner marks its own phases (prepare, forward, sample, wait, readback) into an enabled trace."""
+        self._trace = trace
+        self.runner.trace = trace if trace.enabled else None
+
+    @property
     def description(self) -> str:
         """One line for the start-up log: what a newcomer needs to know is running."""
         from longcat_service import ops

@@ -15,8 +15,9 @@ from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.errors import EngineArgsError
 from longcat_service.engine.sampler import NONFINITE_TOKEN, SampledBatch, Sampler, SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
+from longcat_service.engine.step_trace import StepTrace
 from longcat_service.layers.attention_metadata import AttentionMetadata
-from longcat_service.layers.host_to_device import host_tensor, to_device
+from longcat_service.layers.host_to_device import to_device
 from longcat_service.outputs import Logprob
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ModelRunner:
     supports_chained_decode = True  # launch(batch, input_ids=<device tensor>) works (not under TP: ranks get host ids)
     uses_cuda_graphs = True  # TP runners: only with LONGCAT_TP_CUDA_GRAPHS=1 (tp_worker.py)
     samples_tokens = True  # False on TP ranks > 0: they compute logits but rank 0 samples (tp_worker.py)
+    trace: StepTrace | None = None  # the engine's step trace when enabled: launch / collect mark their phases
 
     def __init__(self, args: EngineArgs, model_path):
         from longcat_service.model.loader import load_model  # the model package is heavy; import on use
@@ -267,16 +269,14 @@ class ModelRunner:
                     self.expert_load.restore(counted)
                 logits = None
             if logits is not None:
+                trace = self.trace
+                if trace is not None:
+                    trace.mark("graph_replay")
                 rows = [self._sampling_row(s.seq, pending=input_ids is not None) for s in batch]
-                return StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows, input_ids))
-        host_ids: list[int] = []
-        for s in batch:
-            if input_ids is None:
-                host_ids.extend(s.seq.token_ids[s.start_pos : s.end_pos])
-        if any(s.num_new_tokens >= 64 for s in batch):  # long prompts: one arange each, not a list per token
-            positions = torch.from_numpy(np.concatenate([np.arange(s.start_pos, s.end_pos) for s in batch]))
-        else:
-            positions = [p for s in batch for p in range(s.start_pos, s.end_pos)]
+                handle = StepHandle(len(batch), list(range(len(batch))), self.sampler.launch(logits, rows, input_ids))
+                if trace is not None:
+                    trace.mark("sample")
+                return handle
         starts = [0]
         for s in batch:
             starts.append(starts[-1] + s.num_new_tokens)
@@ -289,24 +289,48 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
         )
-        # token ids (unless on the device already), positions and sample rows: one pinned copy, then views
-        parts = [host_tensor(positions, torch.long), host_tensor([starts[i + 1] - 1 for i in sample_idx], torch.long)]
-        if input_ids is None:
-            parts.insert(0, host_tensor(host_ids, torch.long))
-        packed = to_device(torch.cat(parts), torch.long, self.device)
+        # token ids (unless on the device already), positions and sample rows: one int64 host buffer, one pinned
+        # copy, then views
         n = starts[-1]
-        ids_t = input_ids.to(torch.long) if input_ids is not None else packed[:n]
         off = 0 if input_ids is not None else n
-        pos_t, sample_rows_t = packed[off : off + n], packed[off + n :]
+        packed = np.empty(off + n + len(sample_idx), dtype=np.int64)
+        if input_ids is None:
+            host_ids: list[int] = []
+            for s in batch:
+                host_ids += s.seq.token_ids[s.start_pos : s.end_pos]
+            packed[:n] = np.fromiter(host_ids, dtype=np.int64, count=n)  # ~1.6x faster than from the list
+        if any(s.num_new_tokens >= 64 for s in batch):  # long prompts: one arange each, not a list per token
+            for s, first in zip(batch, starts, strict=False):
+                packed[off + first : off + first + s.num_new_tokens] = np.arange(s.start_pos, s.end_pos)
+        else:
+            packed[off : off + n] = [p for s in batch for p in range(s.start_pos, s.end_pos)]
+        packed[off + n :] = [starts[i + 1] - 1 for i in sample_idx]
+        packed_t = to_device(torch.from_numpy(packed), torch.long, self.device)
+        ids_t = input_ids.to(torch.long) if input_ids is not None else packed_t[:n]
+        pos_t, sample_rows_t = packed_t[off : off + n], packed_t[off + n :]
+        trace = self.trace
+        if trace is not None:
+            trace.mark("prepare")
         hidden = self.model(ids_t, pos_t, metadata, self.kv_caches)
+        if trace is not None:
+            trace.mark("forward")
 
         handle = StepHandle(len(batch), sample_idx)
         self._launch_prompt_logprobs(batch, hidden, starts, handle)
         if sample_idx:
-            logits = self.model.compute_logits(hidden[sample_rows_t])
+            sample_rows = packed[off + n :]
+            if len(sample_rows) == 1:  # one sampled row (a prompt's last token): a view, no gather kernel
+                sampled_hidden = hidden[int(sample_rows[0]) : int(sample_rows[0]) + 1]
+            elif len(sample_rows) == n:  # every row samples (decode)
+                sampled_hidden = hidden
+            else:
+                sampled_hidden = hidden[sample_rows_t]
+            logits = self.model.compute_logits(sampled_hidden)
             rows = [self._sampling_row(batch[i].seq, pending=input_ids is not None) for i in sample_idx]
             pending = input_ids[sample_rows_t] if input_ids is not None else None
             handle.sampled = self.sampler.launch(logits, rows, pending)
+        if trace is not None:
+            trace.mark("sample")
         return handle
 
     def sampled_tokens(self, handle: StepHandle, rows: list[int]) -> torch.Tensor:
@@ -348,6 +372,11 @@ class ModelRunner:
             return handle.results
         if handle.spec is not None:
             return self.spec_decoder.finish(handle.spec)
+        trace = self.trace
+        if trace is not None:  # the device's remaining work apart from the host's read-back
+            if handle.sampled is not None:
+                handle.sampled.wait()
+            trace.mark("wait")
         results = [SeqStepResult() for _ in range(handle.batch_size)]
         if handle.sampled is not None:
             tokens, logprobs = self.sampler.collect(handle.sampled)
@@ -369,6 +398,8 @@ class ModelRunner:
                     top_map[tok] = chosen[k]
                     out.append(Logprob(tok, chosen[k], top_map))
             results[i].prompt_logprobs = out
+        if trace is not None:
+            trace.mark("readback")
         return results
 
     def _sampling_row(self, seq, pending: bool = False) -> SamplingRow:

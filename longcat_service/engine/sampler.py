@@ -64,6 +64,11 @@ class SampledBatch:
         self.ready = torch.cuda.Event()
         self.ready.record()
 
+    def wait(self) -> None:
+        """Block until this step's read-back copies are done (no-op on CPU)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
     def fetched(self, name: str) -> torch.Tensor | None:
         """The host copy of tensor `name` (waits for this step's copies only), or the tensor itself on CPU."""
         if self.ready is None:

@@ -3,6 +3,11 @@
 Enabled by LONGCAT_STEP_TRACE=<path> (inherited by the engine-core process, which then writes the file);
 benchmarks read it to show where a step's wall time goes (waiting for the device, scheduling, launching,
 output work) and how many steps were pure decode vs carried prefill tokens. Off by default: no cost.
+The engine hands its trace to the model runner (LLMEngine.trace), which marks the phases inside "launch"
+(prepare: host inputs and their copies; forward: the model's kernels enqueued; sample: logits and sampling
+enqueued) and inside "collect" (wait: for the device; readback: host lists of the results); a phase's time is
+from the previous mark, so those sub-phases and the engine's own phases add up to the step's wall time.
+`StepTrace(keep=True)` keeps the records in memory (`records`) instead of writing a file (benchmarks).
 """
 
 from __future__ import annotations
@@ -14,39 +19,41 @@ from longcat_service import envs
 
 
 class StepTrace:
-    def __init__(self, path: str | None = None):
-        path = path if path is not None else envs.LONGCAT_STEP_TRACE
+    def __init__(self, path: str | None = None, keep: bool = False):
+        path = None if keep else path if path is not None else envs.LONGCAT_STEP_TRACE
         self._file = open(path, "a", buffering=1 << 16) if path else None  # noqa: SIM115 (lives with the engine)
+        self.records: list[dict] | None = [] if keep else None
+        self.enabled = self._file is not None or keep
         self._marks: list[tuple[str, float]] = []
 
-    @property
-    def enabled(self) -> bool:
-        return self._file is not None
-
     def start(self) -> None:
-        if self._file is not None:
+        if self.enabled:
             self._marks = [("start", time.perf_counter())]
 
     def mark(self, phase: str) -> None:
-        """End of `phase` (its time is from the previous mark)."""
-        if self._file is not None:
+        """End of `phase` (its time is from the previous mark); ignored outside start() .. end()."""
+        if self.enabled and self._marks:
             self._marks.append((phase, time.perf_counter()))
 
     def end(self, **fields) -> None:
-        if self._file is None or not self._marks:
+        if not self.enabled or not self._marks:
             return
         t0 = self._marks[0][1]
         record = {"t": t0, "wall_ms": (time.perf_counter() - t0) * 1e3}
         for (_, prev), (phase, t) in zip(self._marks, self._marks[1:], strict=False):
             record[f"{phase}_ms"] = record.get(f"{phase}_ms", 0.0) + (t - prev) * 1e3
         record.update(fields)
-        self._file.write(json.dumps(record) + "\n")
+        if self.records is not None:
+            self.records.append(record)
+        else:
+            self._file.write(json.dumps(record) + "\n")
         self._marks = []
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+            self.enabled = self.records is not None
 
 
 def summarize(path: str) -> dict:

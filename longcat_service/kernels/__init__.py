@@ -39,6 +39,15 @@ def interpreter_mode() -> bool:
 
 def fast_path_enabled(t: torch.Tensor) -> bool:
     """Use the Triton kernels for this tensor? (CUDA tensor, triton importable, not disabled by env)."""
-    if envs.LONGCAT_DISABLE_TRITON:
-        return False
-    return t.is_cuda and triton_available()
+    return t.is_cuda and not envs.LONGCAT_DISABLE_TRITON and triton_available()
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability of a CUDA device, looked up once per device: the dispatch checks of every
+    prefill op ask it (a few us of host time per call otherwise)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))

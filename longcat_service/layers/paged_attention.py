@@ -25,6 +25,7 @@ import torch
 
 from longcat_service.kernels import fast_path_enabled
 from longcat_service.layers.attention_metadata import AttentionMetadata
+from longcat_service.layers.host_to_device import to_device
 
 
 @dataclass
@@ -83,12 +84,14 @@ def build_attention_plan(meta: AttentionMetadata) -> AttentionPlan:
     if decode_seqs:
         max_len = max(seq_lens[i] for i in decode_seqs)
         all_decode = len(decode_seqs) == len(query_lens)
-        table = meta.block_tables if all_decode else meta.block_tables[torch.tensor(decode_seqs, device=device)]
-        lens = torch.tensor([seq_lens[i] for i in decode_seqs], device=device)
+        # host lists through pinned memory (host_to_device): a blocking copy here would wait for the GPU's queue
+        idx = None if all_decode else to_device(decode_seqs + [starts[i] for i in decode_seqs], torch.long, device)
+        table = meta.block_tables if all_decode else meta.block_tables[idx[: len(decode_seqs)]]
+        lens = to_device([seq_lens[i] for i in decode_seqs], torch.long, device)
         decode_slots = _context_slots(table, max_len, meta.block_size)
         decode_valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
         if not all_decode:
-            decode_tokens = torch.tensor([starts[i] for i in decode_seqs], device=device, dtype=torch.long)
+            decode_tokens = idx[len(decode_seqs) :]
 
     prefills = []
     for i, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True)):

@@ -111,6 +111,7 @@ def build_mtp_plan(block_tables: list[list[int]], starts: list[int], ends: list[
                    device: torch.device) -> AttentionPlan:
     """The attention plan of an MTP forward over MTP positions [starts[i], ends[i]) of each sequence: each query
     writes the slot of its position + 1 and attends over the slots of positions 1..its position + 1."""
+    from longcat_service.layers.host_to_device import to_device
     from longcat_service.layers.paged_attention import PrefillSegment
 
     slot_mapping: list[int] = []
@@ -125,14 +126,14 @@ def build_mtp_plan(block_tables: list[list[int]], starts: list[int], ends: list[
         else:
             prefills.append((row, row + e - s, ctx))
         row += e - s
-    mapping = torch.tensor(slot_mapping, dtype=torch.long, device=device)
+    mapping = to_device(slot_mapping, torch.long, device)  # pinned, non-blocking (host_to_device.py)
     decode_tokens = decode_slots = decode_valid = None
     if decode_rows:
         width = max(len(c) for c in decode_ctx)
-        decode_slots = torch.tensor([c + [0] * (width - len(c)) for c in decode_ctx], dtype=torch.long, device=device)
-        lens = torch.tensor([len(c) for c in decode_ctx], device=device)
+        decode_slots = to_device([c + [0] * (width - len(c)) for c in decode_ctx], torch.long, device)
+        lens = to_device([len(c) for c in decode_ctx], torch.long, device)
         decode_valid = torch.arange(width, device=device)[None, :] < lens[:, None]
         if len(decode_rows) != len(block_tables):
-            decode_tokens = torch.tensor(decode_rows, dtype=torch.long, device=device)
-    segments = [PrefillSegment(a, b, torch.tensor(ctx, dtype=torch.long, device=device)) for a, b, ctx in prefills]
+            decode_tokens = to_device(decode_rows, torch.long, device)
+    segments = [PrefillSegment(a, b, to_device(ctx, torch.long, device)) for a, b, ctx in prefills]
     return AttentionPlan(row, decode_tokens, decode_slots, decode_valid, segments, mapping)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_service import envs
-from longcat_service.kernels import fast_path_enabled
+from longcat_service.kernels import device_capability, fast_path_enabled
 from longcat_service.ops import fp8_reference
 
 _ops = torch.ops.longcat
@@ -42,7 +42,7 @@ def moe_align(topk_ids, num_experts):
 def _use_grouped_mm(hidden: torch.Tensor, w13: torch.Tensor, num_slots: int) -> bool:
     if not hidden.is_cuda or hidden.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
-    if torch.cuda.get_device_capability(hidden.device) < (9, 0):
+    if device_capability(hidden.device) < (9, 0):
         return False
     if hidden.shape[-1] % 8 or w13.shape[1] % 16:  # 16-byte row alignment for the grouped GEMM
         return False
@@ -188,7 +188,7 @@ def _use_grouped_fp8(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     """Prefill experts through the Triton grouped FP8 GEMM: many rows per expert, FP8 tensor cores (sm_89+)."""
     if not hidden.is_cuda or hidden.dtype != torch.bfloat16 or not fast_path_enabled(hidden):
         return False
-    if torch.cuda.get_device_capability(hidden.device) < (8, 9):
+    if device_capability(hidden.device) < (8, 9):
         return False
     if hidden.shape[-1] % 16 or w2.shape[-1] % 16:  # 16-byte fp8 rows for TMA / vector loads
         return False
@@ -241,7 +241,7 @@ def _use_triton_fp8_decode(hidden, w13, w13_scale, w2, w2_scale) -> bool:
 
     if not fast_path_enabled(hidden) or fp8_decode_expert_kernel(hidden.shape[0], w2.shape[-1]) != "triton":
         return False
-    if torch.cuda.get_device_capability(hidden.device) < (8, 9):  # e4m3 in Triton
+    if device_capability(hidden.device) < (8, 9):  # e4m3 in Triton
         return False
     return fp8_expert_decode.supported(hidden, w13, w2, w13_scale, w2_scale)
 

@@ -91,7 +91,7 @@ def _w8a8_gemm():
 def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
     """What the Triton w8a8 GEMM takes: CUDA with FP8 tensor cores (sm_89+), Triton on, x [M, K] bf16 / fp16 and
     w8 [N, K] e4m3 with unit last strides and its standard block scale. Host metadata only."""
-    from longcat_service.kernels import fast_path_enabled
+    from longcat_service.kernels import device_capability, fast_path_enabled
 
     if _w8a8_gemm() is None or not fast_path_enabled(x2) or x2.dtype not in (torch.bfloat16, torch.float16):
         return False
@@ -100,7 +100,7 @@ def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> b
         return False
     if k > 1 and (x2.stride(1) != 1 or w8.stride(1) != 1):
         return False
-    return torch.cuda.get_device_capability(x2.device) >= (8, 9)
+    return device_capability(x2.device) >= (8, 9)
 
 
 def quant_dequant(x: torch.Tensor) -> torch.Tensor:
