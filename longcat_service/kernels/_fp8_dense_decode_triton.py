@@ -55,12 +55,13 @@ def _row_tile(
 
 @triton.jit
 def _reduce_tile(y_ptr, part_ptr, row0, M, cols, col_ok, s_ym, s_pm, s_ps,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """y rows [row0, row0 + BLOCK_M) of the N tile: the SPLIT_K partials summed in split order, rounded."""
-    rows = row0 + tl.arange(0, BLOCK_M)
+                 RED_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """y rows [row0, row0 + RED_M) of the N tile: the SPLIT_K partials summed in split order, rounded. RED_M rows
+    a step (a few registers per thread a partial), so that all SPLIT_K loads are in flight at once unspilled."""
+    rows = row0 + tl.arange(0, RED_M)
     row_ok = rows < M
     p_ptrs, mask = _out_ptrs(part_ptr, rows, cols, s_pm, row_ok, col_ok)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, RED_M), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):  # .cg: from L2, where the other programs' stores are
         acc += tl.load(p_ptrs + s * s_ps, mask=mask, other=0.0, cache_modifier=".cg")
     y_ptrs, mask = _out_ptrs(y_ptr, rows, cols, s_ym, row_ok, col_ok)
@@ -71,8 +72,8 @@ def _reduce_tile(y_ptr, part_ptr, row0, M, cols, col_ok, s_ym, s_pm, s_ps,
 def _dense_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, w_desc,
     M, N, K, k_chunk, s_xm, s_wn, s_sn, s_ym, s_pm, s_ps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TMA: tl.constexpr,
-    EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, RED_M: tl.constexpr,
+    TMA: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """y[m, n] = x_m . W[n] for the program's N tile (module docstring)."""
     pid_n = tl.program_id(0)
@@ -110,14 +111,19 @@ def _dense_kernel(
             if USE_WHILE:
                 row0 = 0
                 while row0 < M:
-                    _reduce_tile(y_ptr, part_ptr, row0, M, cols, col_ok, s_ym, s_pm, s_ps, BLOCK_M, BLOCK_N,
+                    _reduce_tile(y_ptr, part_ptr, row0, M, cols, col_ok, s_ym, s_pm, s_ps, RED_M, BLOCK_N,
                                  SPLIT_K, MANUAL_BF16)
-                    row0 += BLOCK_M
+                    row0 += RED_M
             else:
-                for row0 in range(0, M, BLOCK_M):
-                    _reduce_tile(y_ptr, part_ptr, row0, M, cols, col_ok, s_ym, s_pm, s_ps, BLOCK_M, BLOCK_N,
+                for row0 in range(0, M, RED_M):
+                    _reduce_tile(y_ptr, part_ptr, row0, M, cols, col_ok, s_ym, s_pm, s_ps, RED_M, BLOCK_N,
                                  SPLIT_K, MANUAL_BF16)
             tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+def reduce_rows(block_m: int, block_n: int) -> int:
+    """Rows per step of the split-K fixup: tiles of ~1024 fp32 values (8 registers a thread at 4 warps)."""
+    return max(1, min(block_m, 1024 // block_n))
 
 
 def launch_dense(x, w8, scale, y, counters, block_m, config, split_k, k_chunk) -> None:
@@ -132,7 +138,8 @@ def launch_dense(x, w8, scale, y, counters, block_m, config, split_k, k_chunk) -
     _dense_kernel[grid](
         x, w8, scale, y, part, counters, w_desc, m, n, k, k_chunk, x.stride(0), w8.stride(0), scale.stride(0),
         y.stride(0), n, m * n,
-        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k, TMA=w_desc is not None,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
+        RED_M=reduce_rows(block_m, config.block_n), TMA=w_desc is not None,
         EVEN_K=k % config.block_k == 0, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=config.num_stages,
         num_warps=config.num_warps,
     )
@@ -142,8 +149,10 @@ def aot_compile(config, rows: int, n: int, k: int, split_k: int, dtype: torch.dt
                 capability: int = 90):
     """triton.compile of the dense kernel as launch_dense would specialise it for these shapes (block_m =
     config.block_m), for a CUDA GPU of this capability, without a GPU. Needs TRITON_INTERPRET unset at import."""
+    from longcat_service.kernels.fp8_dense_decode import MAX_SPLIT_K, DenseDecodeConfig, resolve_split
+
     fp8 = torch.float8_e4m3fn
-    k_chunk = -(-(-(-k // 128)) // split_k) * 128
+    split_k, k_chunk = resolve_split(n, k, DenseDecodeConfig(block_n=config.block_n, split_k=split_k), MAX_SPLIT_K)
     values = dict(x_ptr=torch.empty(1, dtype=dtype), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
                   y_ptr=torch.empty(1, dtype=dtype), part_ptr=torch.empty(1),
                   count_ptr=torch.empty(1, dtype=torch.int32), M=rows, N=n, K=k, k_chunk=k_chunk, s_xm=k, s_wn=k,
@@ -154,5 +163,5 @@ def aot_compile(config, rows: int, n: int, k: int, split_k: int, dtype: torch.dt
         values["w_desc"] = TensorDescriptor(torch.empty(64, k, dtype=fp8), [n, k], [k, 1],
                                             [config.block_n, config.block_k])
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-                      TMA=use_tma, EVEN_K=k % config.block_k == 0, MANUAL_BF16=False, USE_WHILE=False)
+                      RED_M=reduce_rows(config.block_m, config.block_n), TMA=use_tma, EVEN_K=k % config.block_k == 0, MANUAL_BF16=False, USE_WHILE=False)
     return aot_compile_kernel(_dense_kernel, values, constexprs, config.num_warps, config.num_stages, capability)

@@ -28,7 +28,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 SCALE_BLOCK = 128
 ACT_DTYPES = (torch.bfloat16, torch.float16)
 MIN_SPLIT_K_COLUMNS = 512  # an auto split leaves each program at least this much K (4 K steps of 128: a pipeline)
-MAX_SPLIT_K = 16
+MAX_SPLIT_K = 8  # the fixup holds one small tile per split in registers (unspilled up to 8)
 DEFAULT_SMS = 132  # the SM count assumed off-GPU (the interpreter): an H200's
 
 
