@@ -216,6 +216,38 @@ def test_sm90_build_of_every_config():
         assert spills == 0 or line.startswith("odd"), line  # the LongCat shapes spill nothing
 
 
+def test_bench_dense_decode_table(capsys):
+    """benchmarks/bench_fp8_kernels.py --sections dense_decode: the per-shape table (fractions of the byte floor,
+    the fastest variant), the step totals (4 of each shape), the fastest config summed over the shapes, and the
+    largest row count up to which w8a16 beats w8a8 at every row count."""
+    from benchmarks.bench_fp8_kernels import dense_decode_configs, print_dense_decode
+
+    assert dense_decode_configs("default") == []
+    assert dense_decode_configs("sweep") == list(dd.SWEEP_DENSE_CONFIGS)
+    assert [str(c) for c in dense_decode_configs("16,64,128,4,4 ; 32,64,128,4,4,split2;")] == [
+        "16,64,128,4,4", "32,64,128,4,4,split2"]
+
+    def row(shape, m, default, w8a8, variants):
+        return {"shape": shape, "N": 2176, "K": 6144, "M": m, "default_config": "16,128,128,3,4", "default_split": 8,
+                "w8a16_us": default, "w8a16_error": None, "w8a8_us": w8a8, "w8a8_error": None,
+                "variants_us": variants, "byte_floor_us": 3.0}
+
+    rows = [row("a", 16, 4.0, 8.0, {"x": 3.75, "y": 5.0}), row("b", 16, 5.0, 8.0, {"x": 6.0, "y": 4.5}),
+            row("a", 64, 6.0, 8.0, {"x": 7.0, "y": "CompilationError: z"}), row("b", 64, 6.0, 8.0, {"x": 7.0}),
+            row("a", 128, 12.0, 10.0, {"x": 11.0}), row("b", 128, 12.0, 10.0, {"x": 11.0}),
+            row("a", 256, 12.0, 20.0, {"x": 11.0}), row("b", 256, 12.0, 20.0, {"x": 11.0})]
+    print_dense_decode(rows, 4.2)
+    out = capsys.readouterr().out
+    assert "copy rate 4.20 TB/s" in out
+    assert " 0.80 " in out  # 3.0 / 3.75
+    lines = [line.split() for line in out.splitlines()]
+    step16 = next(t for t in lines if t[:1] == ["16"] and len(t) > 5)
+    # floor 4 * 6.0, default 4 * 9.0, best 4 * (3.75 + 4.5), w8a8 4 * 16.0; summed: default 9.0 < y 9.5 < x 9.75
+    assert step16[1:5] == ["24.0us", "36.0us", "33.0us", "64.0us"] and step16[-1] == "16,128,128,3,4"
+    # 128 rows lose to w8a8: 64 is the bound, although 256 rows win again
+    assert "at every measured row count up to 64 " in out
+
+
 # ---- GPU: LongCat-Flash shapes, graphs, dispatch ----------------------------------------------------------------
 
 LONGCAT_SHAPES = [(2176, 6144), (12288, 1536), (6144, 8192), (24576, 6144), (6144, 12288)]
