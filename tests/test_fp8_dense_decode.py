@@ -14,6 +14,7 @@ the reference (F.linear in x's dtype, its own summation order and rounding): two
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -82,8 +83,8 @@ def test_dense_decode_within_exact_bounds(case):
     assert y.shape == (rows, n) and y.dtype == dtype
     _assert_within(y, x, w8, scale)
     split, _ = dd.resolve_split(n, k, cfg, dd._sm_count(x.device))
-    if split > 1:  # the tile counters are left zeroed for the next launch
-        counters = dd._counters(x.device, 1)
+    if split > 1 and not cfg.two_pass:  # the tile counters are left zeroed for the next launch
+        counters = dd._COUNTERS[str(x.device)]
         assert int(counters.abs().sum()) == 0
 
 
@@ -106,6 +107,17 @@ def test_split_k_changes_only_the_summation_order():
             for s in (1, 2, 3)] == [1, 2, 3]
     for y in ys[1:]:
         assert float((y.float() - ys[0].float()).abs().max()) <= 2 * ULP[y.dtype] * float(ys[0].float().abs().max())
+
+
+@pytest.mark.parametrize("config", ["16,32,64,1,4,split3", "32,64,64,2,4,split2"])
+def test_two_pass_gives_the_fixups_bits(config):
+    """The split-K sums by a second launch equal the in-kernel fixup's bit for bit (same sums, same order)."""
+    w8, scale = _weight(100, 700, seed=12)
+    x = _x(35, 700, seed=13)
+    one = dd.dense_fp8_decode(x, w8, scale, dd.parse_dense_config(config))
+    two = dd.dense_fp8_decode(x, w8, scale, dd.parse_dense_config(config + ",twopass"))
+    assert torch.equal(one, two)
+    _assert_within(two, x, w8, scale)
 
 
 def test_empty_shapes():
@@ -140,8 +152,12 @@ def test_config_parsing_and_tables():
     assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps, cfg.split_k) == (32, 64, 128, 4, 4, 0)
     assert str(cfg) == "32,64,128,4,4" and str(dd.parse_dense_config("16,64,128,4,4,split3")) == "16,64,128,4,4,split3"
     assert dd.parse_dense_config(str(dd.parse_dense_config("16,64,128,4,4,split3"))).split_k == 3
+    two = dd.parse_dense_config("16,64,128,4,4,twopass,split2")
+    assert two.two_pass and two.split_k == 2 and str(two) == "16,64,128,4,4,split2,twopass"
+    assert dd.parse_dense_config(str(two)) == two and not cfg.two_pass
     for bad, match in [("16,64,256,4,4", "must divide 128"), ("8,64,128,4,4", "power of two"),
-                       ("16,64,128,4", "expected"), ("16,64,128,4,4,tma", "split<S>"),
+                       ("16,64,128,4", "expected"), ("16,64,128,4,4,tma", "expected"),
+                       ("16,64,128,4,4,split2,split3", "expected"), ("16,64,128,4,4,twopass,twopass", "expected"),
                        ("16,64,128,4,4,split9", "split_k=9"), ("a,64,128,4,4", "integers")]:
         with pytest.raises(ValueError, match=match):
             dd.parse_dense_config(bad)
@@ -269,8 +285,6 @@ def test_longcat_shapes_default_configs(n, k, rows):
 @pytest.mark.parametrize("split", [0, 1, 4])
 def test_every_sweep_config(config, split):
     """q_a_kv_a's shape (split-K by default) at 64 rows, and 200 rows (row tiles loop below 256-row tiles)."""
-    import dataclasses
-
     cfg = dataclasses.replace(config, split_k=split)
     w8, scale = _weight(2176, 6144, seed=2)
     for rows in (64, 200):
@@ -280,14 +294,18 @@ def test_every_sweep_config(config, split):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("split", [1, 8])
-def test_graph_replay_follows_new_inputs(split):
+@pytest.mark.parametrize("variant", ["split1", "split8", "split8,twopass", "split8 counters made in capture"])
+def test_graph_replay_follows_new_inputs(variant, monkeypatch):
     """Captured once (split-K counters and partials included), replayed on new activations: equal to eager calls,
-    bit for bit (the split-K sums are in a fixed order)."""
-    cfg = dd.parse_dense_config(f"64,128,128,3,4,split{split}")
+    bit for bit (the split-K sums are in a fixed order). Without counters when the capture starts, the captured
+    call sums its splits in a second launch (a counter buffer zeroed in the capture would be zeroed only at replay)."""
+    cfg = dd.parse_dense_config("64,128,128,3,4," + variant.split()[0])
     w8, scale = _weight(2176, 6144, seed=7)
     x = _x(64, 6144, seed=8)
     dd.dense_fp8_decode(x, w8, scale, cfg)  # compile outside the capture
+    if "capture" in variant:
+        dd.dense_fp8_decode(x, w8, scale, dataclasses.replace(cfg, two_pass=True))  # compile the second launch
+        monkeypatch.setattr(dd, "_COUNTERS", {})
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = dd.dense_fp8_decode(x, w8, scale, cfg)
@@ -297,6 +315,8 @@ def test_graph_replay_follows_new_inputs(split):
         torch.cuda.synchronize()
         assert torch.equal(out, dd.dense_fp8_decode(x, w8, scale, cfg))
         assert torch.equal(out, dd.dense_fp8_decode(x, w8, scale, cfg))  # deterministic run to run
+    if "capture" in variant:
+        assert str(x.device) in dd._COUNTERS  # the eager calls made them
 
 
 @pytest.mark.gpu

@@ -12,7 +12,10 @@ SPLIT_K == 1: the program rounds its fp32 tile to y's dtype and stores it. SPLIT
 partial tiles into part [SPLIT_K, M, N], then counts itself in on its N tile's counter (an acq_rel atomic after a
 CTA barrier: its stores are visible before the count); the last of the tile's programs to arrive sums the partials
 in split order (deterministic: the same sums whichever arrives last), rounds, stores y and resets the counter to 0
-for the next launch (counters start zeroed and are left zeroed: CUDA-graph replayable without a memset).
+for the next launch (counters start zeroed and are left zeroed: CUDA-graph replayable without a memset). The fixup's
+reads (SPLIT_K * M * BLOCK_N * 4 bytes) fall on one SM per N tile at the end; the alternative, two_pass, leaves the
+sums to a second launch (_sum_splits_kernel: every SM, the same sums in the same order, so the same bits) at the
+cost of a launch.
 """
 
 from __future__ import annotations
@@ -73,9 +76,9 @@ def _dense_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, w_desc,
     M, N, K, k_chunk, s_xm, s_wn, s_sn, s_ym, s_pm, s_ps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, RED_M: tl.constexpr,
-    TMA: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    FIXUP: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
-    """y[m, n] = x_m . W[n] for the program's N tile (module docstring)."""
+    """y[m, n] = x_m . W[n] for the program's N tile (module docstring); SPLIT_K > 1 without FIXUP: partials only."""
     pid_n = tl.program_id(0)
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -104,7 +107,7 @@ def _dense_kernel(
             _row_tile(x_ptr, y_ptr, part_ptr, w_ptrs, s_ptrs, w_desc, n0, row0, M, K, k_lo, k_hi, cols, col_ok, ks,
                       s_xm, s_ym, part_offset, s_pm, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, TMA, EVEN_K, MANUAL_BF16,
                       USE_WHILE)
-    if SPLIT_K > 1:
+    if SPLIT_K > 1 and FIXUP:
         tl.debug_barrier()  # every thread's partial stores issued before the count (CUTLASS's semaphore pattern)
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:  # the last of the tile's programs: every partial is stored
@@ -121,6 +124,21 @@ def _dense_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def _sum_splits_kernel(part_ptr, y_ptr, total, s_ps, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       MANUAL_BF16: tl.constexpr):
+    """y (contiguous [M, N], total = M * N values) = the sum of the SPLIT_K partials in split order, rounded."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * s_ps + offs, mask=ok, other=0.0)
+    tl.store(y_ptr + offs, _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16), mask=ok)
+
+
+SUM_BLOCK = 1024
+
+
 def reduce_rows(block_m: int, block_n: int) -> int:
     """Rows per step of the split-K fixup: tiles of ~1024 fp32 values (8 registers a thread at 4 warps)."""
     return max(1, min(block_m, 1024 // block_n))
@@ -134,15 +152,19 @@ def launch_dense(x, w8, scale, y, counters, block_m, config, split_k, k_chunk) -
     interp = interpreter_mode()
     w_desc = weight_desc(w8.unsqueeze(0), config.block_n, config.block_k)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    fixup = not config.two_pass
     grid = (triton.cdiv(n, config.block_n), split_k)
     _dense_kernel[grid](
         x, w8, scale, y, part, counters, w_desc, m, n, k, k_chunk, x.stride(0), w8.stride(0), scale.stride(0),
         y.stride(0), n, m * n,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-        RED_M=reduce_rows(block_m, config.block_n), TMA=w_desc is not None,
+        RED_M=reduce_rows(block_m, config.block_n), FIXUP=fixup, TMA=w_desc is not None,
         EVEN_K=k % config.block_k == 0, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=config.num_stages,
         num_warps=config.num_warps,
     )
+    if split_k > 1 and not fixup:  # y is contiguous [M, N] (allocated by the caller)
+        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](part, y, m * n, m * n, SPLIT_K=split_k, BLOCK=SUM_BLOCK,
+                                                             MANUAL_BF16=interp, num_warps=4)
 
 
 def aot_compile(config, rows: int, n: int, k: int, split_k: int, dtype: torch.dtype = torch.bfloat16,
@@ -152,7 +174,8 @@ def aot_compile(config, rows: int, n: int, k: int, split_k: int, dtype: torch.dt
     from longcat_service.kernels.fp8_dense_decode import MAX_SPLIT_K, DenseDecodeConfig, resolve_split
 
     fp8 = torch.float8_e4m3fn
-    split_k, k_chunk = resolve_split(n, k, DenseDecodeConfig(block_n=config.block_n, split_k=split_k), MAX_SPLIT_K)
+    split_k, k_chunk = resolve_split(n, k, DenseDecodeConfig(block_n=config.block_n, split_k=split_k),
+                                     MAX_SPLIT_K)
     values = dict(x_ptr=torch.empty(1, dtype=dtype), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
                   y_ptr=torch.empty(1, dtype=dtype), part_ptr=torch.empty(1),
                   count_ptr=torch.empty(1, dtype=torch.int32), M=rows, N=n, K=k, k_chunk=k_chunk, s_xm=k, s_wn=k,
@@ -163,5 +186,6 @@ def aot_compile(config, rows: int, n: int, k: int, split_k: int, dtype: torch.dt
         values["w_desc"] = TensorDescriptor(torch.empty(64, k, dtype=fp8), [n, k], [k, 1],
                                             [config.block_n, config.block_k])
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-                      RED_M=reduce_rows(config.block_m, config.block_n), TMA=use_tma, EVEN_K=k % config.block_k == 0, MANUAL_BF16=False, USE_WHILE=False)
+                      RED_M=reduce_rows(config.block_m, config.block_n), FIXUP=not config.two_pass, TMA=use_tma,
+                      EVEN_K=k % config.block_k == 0, MANUAL_BF16=False, USE_WHILE=False)
     return aot_compile_kernel(_dense_kernel, values, constexprs, config.num_warps, config.num_stages, capability)

@@ -7,11 +7,12 @@ bit for bit), exact products, fp32 sums (split-K: per-chunk fp32 sums added in c
 
 The kernel (_fp8_dense_decode_triton.py) is the decode experts' machinery (fp8_expert_decode.py) with one expert:
 one program per N tile and K chunk, all rows in row tiles of block_m (config by row count: DENSE_CONFIGS), K split
-so that the grid covers the SMs (split_k 0 = auto: ceil(SMs / N tiles), at most one chunk per 128-column scale block
-and at least MIN_SPLIT_K_COLUMNS columns a chunk). ops/fp8.fp8_linear takes it for decode rows above its GEMV's.
+so that the grid covers the SMs (split_k 0 = auto: ceil(SMs / N tiles), at most MAX_SPLIT_K and one chunk per
+128-column scale block, at least MIN_SPLIT_K_COLUMNS columns a chunk). ops/fp8.fp8_linear takes it for decode rows
+above its GEMV's.
 
-CUDA-graph safe: grid and split come from shapes only; the split-K tile counters are kept per (device, stream),
-zeroed once and left zeroed by every launch; no host sync.
+CUDA-graph safe: grid and split come from shapes only; the split-K tile counters are kept per device, zeroed once
+(outside captures) and left zeroed by every launch; no host sync.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ DEFAULT_SMS = 132  # the SM count assumed off-GPU (the interpreter): an H200's
 @dataclasses.dataclass(frozen=True)
 class DenseDecodeConfig(DecodeConfig):
     """DecodeConfig's tiles (block_m: the row tile; rows above it loop, re-reading the weight chunk) plus split_k:
-    K chunks per N tile, 0 = auto (module docstring)."""
+    K chunks per N tile, 0 = auto (module docstring), and two_pass: split-K sums by a second launch over all SMs
+    instead of the last-arriving program of each N tile (the same sums: the same bits)."""
 
     split_k: int = 0
+    two_pass: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,25 +48,25 @@ class DenseDecodeConfig(DecodeConfig):
             raise ValueError(f"fp8 dense decode config: split_k={self.split_k} must be 0 (auto) .. {MAX_SPLIT_K}")
 
     def __str__(self) -> str:
-        return super().__str__() + (f",split{self.split_k}" if self.split_k else "")
+        flags = (f"split{self.split_k}",) * bool(self.split_k) + ("twopass",) * self.two_pass
+        return ",".join([super().__str__(), *flags])
 
 
 @functools.lru_cache(maxsize=128)
 def parse_dense_config(text: str) -> DenseDecodeConfig:
-    """"bm,bn,bk,stages,warps[,split<S>]" -> DenseDecodeConfig (no split field: auto)."""
+    """"bm,bn,bk,stages,warps[,split<S>][,twopass]" -> DenseDecodeConfig (no split field: auto; twopass: the split-K
+    sums in a second launch instead of the last program of each N tile)."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    split = 0
-    if len(parts) == 6:
-        if not parts[5].startswith("split") or not parts[5][5:].isdigit():
-            raise ValueError(f"fp8 dense decode config {text!r}: the sixth field must be 'split<S>'")
-        split = int(parts.pop()[5:])
-    if len(parts) != 5:
-        raise ValueError(f"fp8 dense decode config {text!r}: expected 'bm,bn,bk,stages,warps[,split<S>]'")
+    flags = parts[5:]
+    splits = [f for f in flags if f.startswith("split") and f[5:].isdigit()]
+    if len(parts) < 5 or len(splits) > 1 or len(set(flags)) < len(flags) or any(
+            f not in ("twopass", *splits) for f in flags):
+        raise ValueError(f"fp8 dense decode config {text!r}: expected 'bm,bn,bk,stages,warps[,split<S>][,twopass]'")
     try:
-        bm, bn, bk, stages, warps = (int(p) for p in parts)
+        bm, bn, bk, stages, warps = (int(p) for p in parts[:5])
     except ValueError:
         raise ValueError(f"fp8 dense decode config {text!r}: the first five fields must be integers") from None
-    return DenseDecodeConfig(bm, bn, bk, stages, warps, split)
+    return DenseDecodeConfig(bm, bn, bk, stages, warps, int(splits[0][5:]) if splits else 0, "twopass" in flags)
 
 
 # The config of a call by its row count: the first entry whose rows bound takes it (the last one beyond). NOT YET
@@ -79,10 +82,13 @@ DENSE_CONFIGS: tuple[tuple[int, DenseDecodeConfig], ...] = tuple((rows, parse_de
 ))
 SWEEP_DENSE_CONFIGS: tuple[DenseDecodeConfig, ...] = tuple(parse_dense_config(c) for c in (
     "16,64,128,4,4",
+    "16,128,128,3,4,twopass",
     "32,64,128,4,4",
     "64,64,128,4,4",
     "64,128,64,4,4",
     "64,128,128,3,8",
+    "64,128,128,3,4,twopass",
+    "64,256,128,3,8",
     "128,64,128,3,4",
     "128,128,64,3,8",
     "256,64,64,3,8",
@@ -111,27 +117,33 @@ def resolve_split(n: int, k: int, config: DenseDecodeConfig, sms: int) -> tuple[
         want = config.split_k
     else:
         n_tiles = -(-n // config.block_n)
-        want = min(-(-sms // n_tiles), max(1, k // MIN_SPLIT_K_COLUMNS))
+        want = min(-(-sms // n_tiles), max(1, k // MIN_SPLIT_K_COLUMNS), MAX_SPLIT_K)
     chunk_blocks = -(-k_blocks // max(1, min(want, k_blocks)))
     return -(-k_blocks // chunk_blocks), chunk_blocks * SCALE_BLOCK
 
 
-# Split-K tile counters per (device, stream): concurrent launches on two streams must not share them. Outgrown
-# buffers stay referenced: a CUDA graph captured with one keeps using it.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
+# Split-K tile counters, one buffer per device (created outside CUDA-graph captures, e.g. by the engine's eager
+# warm-up; every fixup launch leaves it zeroed). Per device, not per stream: two fixup launches running at once on
+# two streams would share them; the decode step runs every dense linear on one stream (the side stream of
+# layers/side_stream.py carries the routed experts only). Outgrown buffers stay referenced: a CUDA graph captured
+# with one keeps using it.
+_COUNTERS: dict[str, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []
-MIN_COUNTERS = 1024
+MIN_COUNTERS = 4096
 
 
-def _counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+def _counters(device: torch.device, n_tiles: int) -> torch.Tensor | None:
+    """The device's zeroed counters (at least n_tiles), or None where they cannot be made now: during a CUDA-graph
+    capture a new buffer's zeroing would only run at replay (that call sums its splits in a second launch instead)."""
+    key = str(device)
     buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n_tiles:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = torch.zeros(max(n_tiles, MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
+    if buf is not None and buf.numel() >= n_tiles:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _RETIRED.append(buf)
+    buf = _COUNTERS[key] = torch.zeros(max(n_tiles, MIN_COUNTERS), dtype=torch.int32, device=device)
     return buf
 
 
@@ -168,8 +180,11 @@ def dense_fp8_decode(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     split, chunk = resolve_split(n, k, cfg, _sm_count(x.device))
     if split * m * n >= 2**31:
         raise ValueError(f"dense_fp8_decode: {split} K splits of [{m}, {n}] exceed the partials' int32 indexing")
-    n_tiles = -(-n // cfg.block_n)
-    counters = _counters(x.device, n_tiles) if split > 1 else y
+    counters = y  # a placeholder where no fixup runs
+    if split > 1 and not cfg.two_pass:
+        counters = _counters(x.device, -(-n // cfg.block_n))
+        if counters is None:
+            cfg, counters = dataclasses.replace(cfg, two_pass=True), y
     from longcat_service.kernels._fp8_dense_decode_triton import launch_dense
 
     launch_dense(x, w8, scale.contiguous(), y, counters, block_m, cfg, split, chunk)
