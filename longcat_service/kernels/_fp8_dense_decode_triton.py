@@ -71,7 +71,9 @@ def _reduce_tile(y_ptr, part_ptr, row0, M, cols, col_ok, s_ym, s_pm, s_ps,
     tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
-@triton.jit
+# M (and M * N) not specialised: one binary per config and shape serves every row count of a config's rows (CUDA-graph
+# buckets and eager prefills alike; compile_watch.py), and the row masks gain nothing from divisibility.
+@triton.jit(do_not_specialize=["M", "s_ps"])
 def _dense_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, w_desc,
     M, N, K, k_chunk, s_xm, s_wn, s_sn, s_ym, s_pm, s_ps,
@@ -124,7 +126,7 @@ def _dense_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "s_ps"])
 def _sum_splits_kernel(part_ptr, y_ptr, total, s_ps, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
                        MANUAL_BF16: tl.constexpr):
     """y (contiguous [M, N], total = M * N values) = the sum of the SPLIT_K partials in split order, rounded."""

@@ -122,7 +122,7 @@ def aot_compile_kernel(fn, values: dict, constexprs: dict, num_warps: int, num_s
             constexprs.setdefault(name, None)
             signature[name] = "constexpr"
             continue
-        ty, key = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        ty, key = native_specialize_impl(BaseBackend, values[name], False, name not in fn.do_not_specialize, True)
         signature[name] = ty
         if ty == "constexpr":  # an int equal to 1 is specialised to a constant
             constexprs[name] = values[name]
