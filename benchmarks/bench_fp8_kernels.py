@@ -9,7 +9,7 @@ dense_decode: the Triton w8a16 dense kernel (kernels/fp8_dense_decode.py) agains
 activation quantization + cuBLAS blockwise scaled-mm, what fp8_linear ran above DECODE_ROWS before) and the byte
 floor (weight + scale + x + y bytes / the measured copy rate), on the LongCat-Flash-2L dense shapes (DENSE_SHAPES,
 each 4 times a decode step: 2 layers x 2 sublayers) at --dense-rows rows: the default config of each row count
-(fp8_dense_decode.config_for_rows, auto split) and every --dense-configs config (sweep = SWEEP_DENSE_CONFIGS) at
+(fp8_dense_decode.config_for, auto split) and every --dense-configs config (sweep = SWEEP_DENSE_CONFIGS) at
 each --dense-splits split (0 = auto). Then a step table (the 20 linears of a step: default, best config per row
 count, w8a8, floor), the fastest config per row count summed over the shapes (for fp8_dense_decode.DENSE_CONFIGS)
 and the largest row count up to which w8a16 beats w8a8 at every row count below (for ops/fp8.W8A16_MAX_ROWS).
@@ -176,7 +176,7 @@ def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, configs=(),
         scale = scales_for(w8s[0], 1.0 / (64 * k**0.5))
         for m in rows_list:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            default = dd.config_for_rows(m)
+            default = dd.config_for(m, n, k)
             t_default, err = timed([functools.partial(dd.dense_fp8_decode, x, w, scale) for w in w8s], reps)
             w8a8, w8a8_err = timed([functools.partial(w8a8_linear, x, w, scale) for w in w8s], reps)
             variants = {}
@@ -251,6 +251,30 @@ def print_dense_decode(rows, copy_tbps):
         beaten = beaten or not wins
     print(f"w8a16 (best config) beats w8a8 on the step at every measured row count up to {max_rows or 'none'} "
           f"(ops/fp8.W8A16_MAX_ROWS now {fp8_ops.W8A16_MAX_ROWS})")
+    print_shape_exceptions(rows)
+
+
+SHAPE_EXCEPTION_GAIN = 0.03  # a shape's fastest config is printed as an exception when this much faster
+
+
+def print_shape_exceptions(rows):
+    """fp8_dense_decode.SHAPE_CONFIGS entries: (rows bound, N, K) whose fastest config beats the default by more
+    than SHAPE_EXCEPTION_GAIN (the fastest of the bound's measured row counts)."""
+    from longcat_service.kernels import fp8_dense_decode as dd
+
+    best = {}
+    for r in rows:
+        cfg, t = _best_variant(r)
+        if cfg is None or cfg.startswith("default ") or not isinstance(r["w8a16_us"], float):
+            continue
+        if t < (1 - SHAPE_EXCEPTION_GAIN) * r["w8a16_us"]:
+            key = (dd.rows_bound(r["M"]), r["N"], r["K"])
+            if key not in best or r["M"] > best[key][0]:  # the bound's largest row count decides
+                best[key] = (r["M"], cfg, t / r["w8a16_us"])
+    print("SHAPE_CONFIGS = {  # (rows bound, N, K): fastest config (time / default's at that many rows)")
+    for (bound, n, k), (m, cfg, ratio) in sorted(best.items()):
+        print(f'    ({bound}, {n}, {k}): parse_dense_config("{cfg}"),  # {ratio:.2f} at {m} rows')
+    print("}")
 
 
 def _routings(batch, num, seed):

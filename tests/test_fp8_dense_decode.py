@@ -165,7 +165,16 @@ def test_config_parsing_and_tables():
     assert bounds == sorted(bounds)
     assert dd.config_for_rows(1) == dd.DENSE_CONFIGS[0][1] and dd.config_for_rows(10**6) == dd.DENSE_CONFIGS[-1][1]
     for rows, cfg in dd.DENSE_CONFIGS:  # the row tile covers the bucket's rows: the weight is read once
-        assert cfg.block_m >= rows and dd.config_for_rows(rows) == cfg
+        assert cfg.block_m >= rows and dd.config_for_rows(rows) == cfg and dd.rows_bound(rows) == rows
+
+
+def test_shape_exceptions_override_the_rows_default(monkeypatch):
+    other = dd.parse_dense_config("16,64,128,4,4,split2")
+    bound = dd.DENSE_CONFIGS[0][0]
+    monkeypatch.setattr(dd, "SHAPE_CONFIGS", {(bound, 2176, 6144): other})
+    assert dd.config_for(bound, 2176, 6144) == other and dd.config_for(1, 2176, 6144) == other
+    assert dd.config_for(bound, 2176, 1536) == dd.config_for_rows(bound)
+    assert dd.config_for(bound + 1, 2176, 6144) == dd.config_for_rows(bound + 1)
     assert len(set(dd.SWEEP_DENSE_CONFIGS)) == len(dd.SWEEP_DENSE_CONFIGS)
 
 
@@ -262,6 +271,10 @@ def test_bench_dense_decode_table(capsys):
     assert step16[1:5] == ["24.0us", "36.0us", "33.0us", "64.0us"] and step16[-1] == "16,128,128,3,4"
     # 128 rows lose to w8a8: 64 is the bound, although 256 rows win again
     assert "at every measured row count up to 64 " in out
+    # shape exceptions: only where a variant beats the default by more than 3%, keyed by the rows bound
+    assert '(16, 2176, 6144): parse_dense_config("x"),  # 0.94 at 16 rows' in out  # a: x 3.75 vs 4.0
+    assert '(256, 2176, 6144): parse_dense_config("x"),  # 0.92 at 256 rows' in out
+    assert "(64, 2176, 6144)" not in out  # a default that no variant beats
 
 
 # ---- GPU: LongCat-Flash shapes, graphs, dispatch ----------------------------------------------------------------

@@ -6,10 +6,10 @@ in x's dtype. Numerics: each weight tile dequantized to x's dtype as the referen
 bit for bit), exact products, fp32 sums (split-K: per-chunk fp32 sums added in chunk order), one rounding.
 
 The kernel (_fp8_dense_decode_triton.py) is the decode experts' machinery (fp8_expert_decode.py) with one expert:
-one program per N tile and K chunk, all rows in row tiles of block_m (config by row count: DENSE_CONFIGS), K split
-so that the grid covers the SMs (split_k 0 = auto: ceil(SMs / N tiles), at most MAX_SPLIT_K and one chunk per
-128-column scale block, at least MIN_SPLIT_K_COLUMNS columns a chunk). ops/fp8.fp8_linear takes it for decode rows
-above its GEMV's.
+one program per N tile and K chunk, all rows in row tiles of block_m (config by row count: DENSE_CONFIGS, and
+SHAPE_CONFIGS for shapes whose fastest config differs), K split
+so that the grid covers the SMs (split_k 0 = auto: resolve_split's modelled trade of a full grid against the
+split-K fixup's reads). ops/fp8.fp8_linear takes it for decode rows above its GEMV's.
 
 CUDA-graph safe: grid and split come from shapes only; the split-K tile counters are kept per device, zeroed once
 (outside captures) and left zeroed by every launch; no host sync.
@@ -95,11 +95,23 @@ SWEEP_DENSE_CONFIGS: tuple[DenseDecodeConfig, ...] = tuple(parse_dense_config(c)
 ))
 
 
+# Per-shape exceptions to DENSE_CONFIGS: (rows bound of a DENSE_CONFIGS entry, N, K) -> config. Empty until measured:
+# the dense_decode benchmark prints the entries where a shape's fastest config beats its rows' default.
+SHAPE_CONFIGS: dict[tuple[int, int, int], DenseDecodeConfig] = {}
+
+
+def rows_bound(rows: int) -> int:
+    """The DENSE_CONFIGS rows bound that takes a call of `rows` rows (the last one beyond)."""
+    return next((bound for bound, _ in DENSE_CONFIGS if rows <= bound), DENSE_CONFIGS[-1][0])
+
+
 def config_for_rows(rows: int) -> DenseDecodeConfig:
-    for bound, cfg in DENSE_CONFIGS:
-        if rows <= bound:
-            return cfg
-    return DENSE_CONFIGS[-1][1]
+    return dict(DENSE_CONFIGS)[rows_bound(rows)]
+
+
+def config_for(rows: int, n: int, k: int) -> DenseDecodeConfig:
+    """The config of a call: its shape's exception, else its rows' default."""
+    return SHAPE_CONFIGS.get((rows_bound(rows), n, k)) or config_for_rows(rows)
 
 
 @functools.cache
@@ -109,14 +121,30 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# The auto split's model (assumed, not measured: the dense_decode benchmark's split sweep checks it): the weight
+# streams at the copy rate when the grid covers the SMs, proportionally slower on fewer; each N tile's fixup then
+# reads split * block_m * block_n fp32 partials from L2 on one SM.
+COPY_BYTES_PER_US = 4.2e6
+SM_L2_BYTES_PER_US = 1.2e5
+
+
+def _modelled_us(n: int, k: int, config: DenseDecodeConfig, split: int, sms: int) -> float:
+    n_tiles = -(-n // config.block_n)
+    stream = n * k / COPY_BYTES_PER_US / min(1.0, n_tiles * split / sms)
+    fixup = split * config.block_m * config.block_n * 4 / SM_L2_BYTES_PER_US if split > 1 else 0.0
+    return stream + fixup
+
+
 def resolve_split(n: int, k: int, config: DenseDecodeConfig, sms: int) -> tuple[int, int]:
-    """(split, chunk): K chunks of `chunk` columns (whole 128-column scale blocks), none empty."""
+    """(split, chunk): K chunks of `chunk` columns (whole 128-column scale blocks), none empty. Auto (split_k 0): the
+    split of the least modelled time (_modelled_us, rows = the config's row tile, so that one binary serves all of
+    its row counts), chunks of at least MIN_SPLIT_K_COLUMNS, at most MAX_SPLIT_K."""
     k_blocks = max(1, -(-k // SCALE_BLOCK))
     if config.split_k:
         want = config.split_k
     else:
-        n_tiles = -(-n // config.block_n)
-        want = min(-(-sms // n_tiles), max(1, k // MIN_SPLIT_K_COLUMNS), MAX_SPLIT_K)
+        most = min(MAX_SPLIT_K, max(1, k // MIN_SPLIT_K_COLUMNS), k_blocks)
+        want = min(range(1, most + 1), key=lambda s: _modelled_us(n, k, config, s, sms))
     chunk_blocks = -(-k_blocks // max(1, min(want, k_blocks)))
     return -(-k_blocks // chunk_blocks), chunk_blocks * SCALE_BLOCK
 
@@ -174,7 +202,7 @@ def dense_fp8_decode(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
         return y
     if k == 0:
         return y.zero_()
-    cfg = config or config_for_rows(m)
+    cfg = config or config_for(m, n, k)
     block_m = min(cfg.block_m, next_pow2(m, minimum=16))
     split, chunk = resolve_split(n, k, cfg, _sm_count(x.device))
     if split * m * n >= 2**31:
