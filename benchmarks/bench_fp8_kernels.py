@@ -230,7 +230,7 @@ def print_dense_decode(rows, copy_tbps):
         by_rows.setdefault(r["M"], []).append(r)
     print(f"\n{'step (20 linears)':>18} {'M':>4} {'floor':>9} {'w8a16':>9} {'best':>9} {'w8a8':>9} {'frac w8a16':>10} "
           f"{'frac best':>9} {'frac w8a8':>9}  fastest config summed over the shapes")
-    max_rows, beaten = 0, False
+    bounds = {"default": [0, False], "best": [0, False]}  # (largest row count so far, lost once)
     for m, group in sorted(by_rows.items()):
         floor, default, w8a8 = (_step_total(group, lambda r, k=k: r[k]) for k in ("byte_floor_us", "w8a16_us",
                                                                                    "w8a8_us"))
@@ -245,12 +245,14 @@ def print_dense_decode(rows, copy_tbps):
         fastest = min(summed, key=summed.get) if summed else "-"
         print(f"{'':>18} {m:>4} {_fmt(floor)} {_fmt(default)} {_fmt(best)} {_fmt(w8a8)} {frac(floor, default):>10} "
               f"{frac(floor, best):>9} {frac(floor, w8a8):>9}  {fastest}")
-        wins = best is not None and w8a8 is not None and best < w8a8
-        if wins and not beaten:
-            max_rows = m
-        beaten = beaten or not wins
-    print(f"w8a16 (best config) beats w8a8 on the step at every measured row count up to {max_rows or 'none'} "
-          f"(ops/fp8.W8A16_MAX_ROWS now {fp8_ops.W8A16_MAX_ROWS})")
+        for name, t in (("default", default), ("best", best)):
+            wins = t is not None and w8a8 is not None and t < w8a8
+            if wins and not bounds[name][1]:
+                bounds[name][0] = m
+            bounds[name][1] = bounds[name][1] or not wins
+    for name, (max_rows, _) in bounds.items():
+        print(f"w8a16 ({name} config) beats w8a8 on the step at every measured row count up to {max_rows or 'none'} "
+              f"(ops/fp8.W8A16_MAX_ROWS now {fp8_ops.W8A16_MAX_ROWS})")
     print_shape_exceptions(rows)
 
 

@@ -270,7 +270,8 @@ def test_bench_dense_decode_table(capsys):
     # floor 4 * 6.0, default 4 * 9.0, best 4 * (3.75 + 4.5), w8a8 4 * 16.0; summed: default 9.0 < y 9.5 < x 9.75
     assert step16[1:5] == ["24.0us", "36.0us", "33.0us", "64.0us"] and step16[-1] == "16,128,128,3,4"
     # 128 rows lose to w8a8: 64 is the bound, although 256 rows win again
-    assert "at every measured row count up to 64 " in out
+    assert "(best config) beats w8a8 on the step at every measured row count up to 64 " in out
+    assert "(default config) beats w8a8 on the step at every measured row count up to 64 " in out
     # shape exceptions: only where a variant beats the default by more than 3%, keyed by the rows bound
     assert '(16, 2176, 6144): parse_dense_config("x"),  # 0.94 at 16 rows' in out  # a: x 3.75 vs 4.0
     assert '(256, 2176, 6144): parse_dense_config("x"),  # 0.92 at 256 rows' in out

@@ -35,7 +35,7 @@ DECODE_ROWS = 4
 # Rows up to which the dense linears (above DECODE_ROWS) take the Triton w8a16 kernel instead of the w8a8 GEMM.
 # NOT YET MEASURED: the H200 profile of batch 64 had cuBLAS w8a8 at ~0.53 of the copy rate on the dense shapes, and
 # bf16 tensor cores make w8a16 compute-bound from ~100 rows; set this from `python benchmarks/bench_fp8_kernels.py
-# --sections dense_decode` (its last column says where the w8a16 kernel stops beating w8a8).
+# --sections dense_decode` (its "beats w8a8 on the step at every measured row count up to" lines).
 W8A16_MAX_ROWS = 64
 
 
