@@ -280,13 +280,13 @@ def test_bench_dense_decode_table(capsys):
 
 # ---- GPU: LongCat-Flash shapes, graphs, dispatch ----------------------------------------------------------------
 
-LONGCAT_SHAPES = [(2176, 6144), (12288, 1536), (6144, 8192), (24576, 6144), (6144, 12288)]
+FLASH_DENSE_SHAPES = [(2176, 6144), (12288, 1536), (6144, 8192), (24576, 6144), (6144, 12288)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [5, 16, 37, 64, 128, 256])
-@pytest.mark.parametrize(("n", "k"), LONGCAT_SHAPES)
+@pytest.mark.parametrize(("n", "k"), FLASH_DENSE_SHAPES)
 def test_longcat_shapes_default_configs(n, k, rows):
     w8, scale = _weight(n, k, seed=n)
     x = _x(rows, k, seed=rows)
