@@ -62,7 +62,8 @@ def _assert_within(y, x, w8, scale):
 
 
 # (rows, N, K, dtype, config): small tiles so that the interpreter walks several N tiles, K steps (masked where K is
-# not a multiple of the K tile; several per scale block at block_k 32 / 64), row tiles and K chunks.
+# not a multiple of the K tile; several per scale block at block_k 32 / 64), row tiles and K chunks. Weights with
+# rows of 16-byte multiples and at least a tile go through TMA, the others through pointer loads.
 CASES = [
     (9, 200, 272, torch.bfloat16, "16,64,64,2,4"),  # one row tile, partial N tile and scale blocks, no split (auto)
     (5, 96, 128, torch.bfloat16, "16,64,128,2,4"),  # whole blocks, N < the tile
@@ -70,6 +71,7 @@ CASES = [
     (20, 160, 300, torch.float16, "32,32,32,1,4,split4"),  # 3 K blocks: split 4 becomes 3 chunks of one block
     (17, 64, 1100, torch.bfloat16, "16,64,64,2,4,split2"),  # 9 K blocks: chunks of 640 and 460
     (64, 250, 200, torch.bfloat16, "64,32,64,2,4"),  # a 64-row tile, rows exactly filling it
+    (40, 192, 640, torch.bfloat16, "32,64,64,2,4,split3"),  # TMA weight tiles (rows of 640 bytes), split-K
 ]
 
 
