@@ -9,8 +9,8 @@ dense_decode: the Triton w8a16 dense kernel (kernels/fp8_dense_decode.py) agains
 activation quantization + cuBLAS blockwise scaled-mm, what fp8_linear ran above DECODE_ROWS before) and the byte
 floor (weight + scale + x + y bytes / the measured copy rate), on the LongCat-Flash-2L dense shapes (DENSE_SHAPES,
 each 4 times a decode step: 2 layers x 2 sublayers) at --dense-rows rows: the default config of each row count
-(fp8_dense_decode.config_for, auto split) and every --dense-configs config (sweep = SWEEP_DENSE_CONFIGS) at
-each --dense-splits split (0 = auto). Then a step table (the 20 linears of a step: default, best config per row
+(fp8_dense_decode.config_for, auto split) and the --dense-configs configs (sweep = SWEEP_DENSE_CONFIGS, each at the
+row counts whose row tile is its block_m; a list: each at every row count) at each --dense-splits split (0 = auto). Then a step table (the 20 linears of a step: default, best config per row
 count, w8a8, floor), the fastest config per row count summed over the shapes (for fp8_dense_decode.DENSE_CONFIGS)
 and the largest row count up to which w8a16 beats w8a8 at every row count below (for ops/fp8.W8A16_MAX_ROWS).
 
@@ -152,21 +152,24 @@ DENSE_PER_STEP = 4  # each dense shape runs 2 layers x 2 sublayers times in a Lo
 
 
 def dense_decode_configs(spec: str):
-    """--dense-configs: 'default' (none beyond the per-rows default), 'sweep' (SWEEP_DENSE_CONFIGS) or 'c1;c2'."""
+    """--dense-configs: 'default' (none beyond the per-rows default), 'sweep' (SWEEP_DENSE_CONFIGS, each at the row
+    counts whose row tile is its block_m: (configs, True)) or 'c1;c2' (each at every row count: (configs, False))."""
     from longcat_service.kernels import fp8_dense_decode as dd
 
     if spec == "default":
-        return []
+        return [], False
     if spec == "sweep":
-        return list(dd.SWEEP_DENSE_CONFIGS)
-    return [dd.parse_dense_config(c) for c in spec.split(";") if c.strip()]
+        return list(dd.SWEEP_DENSE_CONFIGS), True
+    return [dd.parse_dense_config(c) for c in spec.split(";") if c.strip()], False
 
 
-def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, configs=(), splits=(0,)):
-    """Per (shape, rows): the w8a16 kernel's default config, each config x split, w8a8_linear, the byte floor."""
+def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, configs=(), splits=(0,), match_rows=False):
+    """Per (shape, rows): the w8a16 kernel's default config, each config x split (match_rows: only configs whose
+    block_m is the rows' tile, next_pow2(rows)), w8a8_linear, the byte floor."""
     import dataclasses
 
     from longcat_service.kernels import fp8_dense_decode as dd
+    from longcat_service.kernels import next_pow2
     from longcat_service.kernels.fp8_gemm import w8a8_linear
 
     rows_out = []
@@ -180,7 +183,9 @@ def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, configs=(),
             t_default, err = timed([functools.partial(dd.dense_fp8_decode, x, w, scale) for w in w8s], reps)
             w8a8, w8a8_err = timed([functools.partial(w8a8_linear, x, w, scale) for w in w8s], reps)
             variants = {}
-            for cfg in dict.fromkeys(dataclasses.replace(c, split_k=sp) for c in configs for sp in splits):
+            tile = next_pow2(m, minimum=16)
+            chosen = [c for c in configs if not match_rows or c.block_m == min(tile, 256)]
+            for cfg in dict.fromkeys(dataclasses.replace(c, split_k=sp) for c in chosen for sp in splits):
                 t, v_err = timed([functools.partial(dd.dense_fp8_decode, x, w, scale, cfg) for w in w8s], reps)
                 variants[str(cfg)] = t if v_err is None else v_err
             bytes_moved = n * k + scale.numel() * 4 + m * k * 2 + m * n * 2
@@ -582,9 +587,10 @@ def main() -> None:
     if "dense" in sections:
         res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps)
     if "dense_decode" in sections:
+        configs, match_rows = dense_decode_configs(args.dense_configs)
         res["dense_decode"] = bench_dense_decode(
-            copy_tbps, args.reps, tuple(int(r) for r in args.dense_rows.split(",") if r.strip()),
-            dense_decode_configs(args.dense_configs), tuple(int(v) for v in args.dense_splits.split(",") if v.strip()))
+            copy_tbps, args.reps, tuple(int(r) for r in args.dense_rows.split(",") if r.strip()), configs,
+            tuple(int(v) for v in args.dense_splits.split(",") if v.strip()), match_rows)
     if "experts" in sections:
         sweep = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
         res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps, sweep_batches=sweep)

@@ -250,10 +250,12 @@ def test_bench_dense_decode_table(capsys):
     largest row count up to which w8a16 beats w8a8 at every row count."""
     from benchmarks.bench_fp8_kernels import dense_decode_configs, print_dense_decode
 
-    assert dense_decode_configs("default") == []
-    assert dense_decode_configs("sweep") == list(dd.SWEEP_DENSE_CONFIGS)
-    assert [str(c) for c in dense_decode_configs("16,64,128,4,4 ; 32,64,128,4,4,split2;")] == [
-        "16,64,128,4,4", "32,64,128,4,4,split2"]
+    assert dense_decode_configs("default") == ([], False)
+    assert dense_decode_configs("sweep") == (list(dd.SWEEP_DENSE_CONFIGS), True)
+    listed, match_rows = dense_decode_configs("16,64,128,4,4 ; 32,64,128,4,4,split2;")
+    assert [str(c) for c in listed] == ["16,64,128,4,4", "32,64,128,4,4,split2"] and not match_rows
+    # the sweep covers every row tile of the benchmark's row counts
+    assert {c.block_m for c in dd.SWEEP_DENSE_CONFIGS} == {16, 32, 64, 128, 256}
 
     def row(shape, m, default, w8a8, variants):
         return {"shape": shape, "N": 2176, "K": 6144, "M": m, "default_config": "16,128,128,3,4", "default_split": 8,

@@ -72,7 +72,8 @@ def parse_dense_config(text: str) -> DenseDecodeConfig:
 # The config of a call by its row count: the first entry whose rows bound takes it (the last one beyond). NOT YET
 # MEASURED (starting points from the decode experts' H200 winner "16,128,128,3,4": the row tile grows with the rows,
 # K tiles shrink where the activation tile would crowd the shared memory); `benchmarks/bench_fp8_kernels.py
-# --sections dense_decode` times these and SWEEP_DENSE_CONFIGS at the LongCat shapes and prints the fastest per rows.
+# --sections dense_decode` times these and SWEEP_DENSE_CONFIGS (each at the row counts whose tile is its block_m) at the
+# LongCat shapes and prints the fastest per rows.
 DENSE_CONFIGS: tuple[tuple[int, DenseDecodeConfig], ...] = tuple((rows, parse_dense_config(c)) for rows, c in (
     (16, "16,128,128,3,4"),
     (32, "32,128,128,3,4"),
@@ -82,8 +83,12 @@ DENSE_CONFIGS: tuple[tuple[int, DenseDecodeConfig], ...] = tuple((rows, parse_de
 ))
 SWEEP_DENSE_CONFIGS: tuple[DenseDecodeConfig, ...] = tuple(parse_dense_config(c) for c in (
     "16,64,128,4,4",
+    "16,128,128,4,4",
     "16,128,128,3,4,twopass",
+    "16,256,128,2,4",
     "32,64,128,4,4",
+    "32,128,128,4,4",
+    "32,128,64,4,4",
     "64,64,128,4,4",
     "64,128,64,4,8",
     "64,128,128,3,8",
@@ -91,7 +96,9 @@ SWEEP_DENSE_CONFIGS: tuple[DenseDecodeConfig, ...] = tuple(parse_dense_config(c)
     "64,256,128,3,8",
     "128,64,128,3,4",
     "128,128,64,3,8",
-    "256,64,64,3,8",
+    "128,128,128,2,8",
+    "256,64,128,2,8",
+    "256,64,64,3,8,twopass",
 ))
 
 
