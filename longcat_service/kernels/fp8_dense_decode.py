@@ -6,10 +6,10 @@ in x's dtype. Numerics: each weight tile dequantized to x's dtype as the referen
 bit for bit), exact products, fp32 sums (split-K: per-chunk fp32 sums added in chunk order), one rounding.
 
 The kernel (_fp8_dense_decode_triton.py) is the decode experts' machinery (fp8_expert_decode.py) with one expert:
-one program per N tile and K chunk, all rows in row tiles of block_m (config by row count: DENSE_CONFIGS, and
-SHAPE_CONFIGS for shapes whose fastest config differs), K split
-so that the grid covers the SMs (split_k 0 = auto: resolve_split's modelled trade of a full grid against the
-split-K fixup's reads). ops/fp8.fp8_linear takes it for decode rows above its GEMV's.
+one program per N tile and K chunk, all rows in row tiles of block_m (config by row count: DENSE_CONFIGS, whose row
+tile covers its rows, so that the weight is read once; SHAPE_CONFIGS for shapes whose fastest config differs), K
+split so that the grid covers the SMs (split_k 0 = auto: resolve_split's modelled trade of a full grid against the
+split-K fixup's reads). ops/fp8.fp8_linear takes it for decode rows above its GEMV's (ops/fp8.dense_regime).
 
 CUDA-graph safe: grid and split come from shapes only; the split-K tile counters are kept per device, zeroed once
 (outside captures) and left zeroed by every launch; no host sync.
