@@ -208,8 +208,8 @@ defaults = [c for _, c in DENSE_CONFIGS]
 configs = list(dict.fromkeys(defaults + list(SWEEP_DENSE_CONFIGS)))
 for cfg in configs:  # q_a_kv_a (split-K: the fixup) for each, dense gate_up (unsplit) for the defaults
     for n, k in ((2176, 6144), (24576, 6144))[: 2 if cfg in defaults else 1]:
-        split = resolve_split(n, k, cfg, 132)[0]
-        ck = aot_compile(cfg, cfg.block_m, n, k, split)
+        split, chunk = resolve_split(n, k, cfg, 132)
+        ck = aot_compile(cfg, cfg.block_m, n, k, split, chunk)
         ttgir = ck.asm["ttgir"]
         assert "warp_group_dot" in ttgir, (str(cfg), n, "no wgmma")
         assert "async_tma_copy_global_to_local" in ttgir, (str(cfg), n, "no tma")
@@ -217,7 +217,7 @@ for cfg in configs:  # q_a_kv_a (split-K: the fixup) for each, dense gate_up (un
         assert ck.metadata.num_warps == cfg.num_warps
         print(cfg, n, split, ck.metadata.shared, stack(ck), flush=True)
 # odd shapes: K rows of 200 bytes (the pointer-load fallback), one row (M specialised to a constant)
-ck = aot_compile(configs[0], 1, 200, 200, 1)
+ck = aot_compile(configs[0], 1, 200, 200, 1, 256)
 assert "async_tma_copy_global_to_local" not in ck.asm["ttgir"]
 print("odd", ck.metadata.shared, stack(ck), flush=True)
 """

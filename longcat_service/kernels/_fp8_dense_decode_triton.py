@@ -171,20 +171,17 @@ def launch_dense(x, w8, scale, y, counters, block_m, config, split_k, k_chunk) -
                                                              MANUAL_BF16=interp, num_warps=4)
 
 
-def aot_compile(config, rows: int, n: int, k: int, split_k: int, dtype: torch.dtype = torch.bfloat16,
+def aot_compile(config, rows: int, n: int, k: int, split_k: int, k_chunk: int, dtype: torch.dtype = torch.bfloat16,
                 capability: int = 90):
-    """triton.compile of the dense kernel as launch_dense would specialise it for these shapes (block_m =
+    """triton.compile of the dense kernel as launch_dense would specialise it for these shapes and split (block_m =
     config.block_m), for a CUDA GPU of this capability, without a GPU. Needs TRITON_INTERPRET unset at import."""
-    from longcat_service.kernels.fp8_dense_decode import MAX_SPLIT_K, DenseDecodeConfig, resolve_split
-
     fp8 = torch.float8_e4m3fn
-    split_k, k_chunk = resolve_split(n, k, DenseDecodeConfig(block_n=config.block_n, split_k=split_k),
-                                     MAX_SPLIT_K)
     values = dict(x_ptr=torch.empty(1, dtype=dtype), w_ptr=torch.empty(1, dtype=fp8), s_ptr=torch.empty(1),
                   y_ptr=torch.empty(1, dtype=dtype), part_ptr=torch.empty(1),
                   count_ptr=torch.empty(1, dtype=torch.int32), M=rows, N=n, K=k, k_chunk=k_chunk, s_xm=k, s_wn=k,
                   s_sn=-(-k // 128), s_ym=n, s_pm=n, s_ps=rows * n)
-    use_tma = TensorDescriptor is not None and k % 16 == 0  # tma_supported() on a contiguous weight
+    use_tma = (TensorDescriptor is not None and k % 16 == 0  # launch_dense's rule on a contiguous weight
+               and n >= config.block_n and k >= config.block_k)
     values["w_desc"] = None
     if use_tma:  # a CPU stand-in: specialisation reads the block shape and dtype
         values["w_desc"] = TensorDescriptor(torch.empty(64, k, dtype=fp8), [n, k], [k, 1],
