@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from longcat_service.kernels import next_pow2
+from longcat_service.kernels import device_capability, next_pow2
 from longcat_service.kernels.fp8_expert_decode import DecodeConfig
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -237,4 +237,4 @@ def supported(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
         return False
     if k > 1 and (w8.stride(1) != 1 or x.stride(1) != 1):
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return device_capability(x.device) >= (8, 9)
