@@ -137,11 +137,12 @@ class EagerSpecRows(SpecRowsRunner):
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, built)[0], self._mtp_device_rows,
                                 lambda h: r.model.compute_logits(h).float(), packed[0], packed[1], tables, info)
 
-    def sampled_step(self, batch, rooms, options, dists):
+    def sampled_step(self, batch, rooms, options, dists, seeds=None):
         self.sampled_sizes.append(len(batch))
-        return super().sampled_step(batch, rooms, options, dists)
+        self.calls["seeded_rows"] += sum(seeds[0]) if seeds else 0
+        return super().sampled_step(batch, rooms, options, dists, seeds)
 
-    def _run_sampled(self, b: int, rows: DecodeRows, seq_info, options, dists):
+    def _run_sampled(self, b: int, rows: DecodeRows, seq_info, options, dists, seeds):
         self.calls["sampled"] += 1
         r, dev = self.runner, self.runner.device
         ids, positions, tables, info = self._device_rows(b, rows, seq_info)
@@ -155,9 +156,10 @@ class EagerSpecRows(SpecRowsRunner):
                 torch.testing.assert_close(q[i, :nd].sum(dim=-1), torch.ones(nd))
                 self.calls["q_checked"] += 1
         opts = torch.tensor(options, dtype=torch.float32, device=dev)
+        seed_cols = torch.tensor(seeds, dtype=torch.int64, device=dev)
         return greedy_spec_step(self.k, self.block_size, lambda: self._verify(b, rows)[0], self._mtp_device_rows,
                                 lambda h: r.model.compute_logits(h).float(), ids, positions, tables, info,
-                                sampling=(opts, q))
+                                sampling=(opts, q, seed_cols))
 
     def _mtp_device_rows(self, ids, hidden, positions, slots, seq_lens, tables) -> torch.Tensor:
         """The greedy step's MTP pass: rows whose slots and lengths were built on the device."""

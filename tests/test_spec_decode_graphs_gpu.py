@@ -29,6 +29,7 @@ class CountingGraphs(SpecGraphRunner):
         self.batch_sizes: list[int] = []
         self.greedy_sizes: list[int] = []
         self.sampled_sizes: list[int] = []
+        self.seeded_rows = 0  # seeded rows of the sampled steps
 
     def verify(self, batch):
         self.batch_sizes.append(len(batch))
@@ -42,9 +43,10 @@ class CountingGraphs(SpecGraphRunner):
         self.greedy_sizes.append(len(batch))  # the same greedy graph, inputs from the device (async scheduling)
         return super().chained_greedy_step(batch, prev_packed, prev_starts, prev_rooms)
 
-    def sampled_step(self, batch, rooms, options, dists):
+    def sampled_step(self, batch, rooms, options, dists, seeds=None):
         self.sampled_sizes.append(len(batch))
-        return super().sampled_step(batch, rooms, options, dists)
+        self.seeded_rows += sum(seeds[0]) if seeds else 0
+        return super().sampled_step(batch, rooms, options, dists, seeds)
 
 
 def _requests(logprobs: int | None = 2):

@@ -155,12 +155,13 @@ class Sampler:
                 and not self._min_tokens_bans(p, num_output_tokens))
 
     def plain_sampled(self, params: SamplingParams, num_output_tokens: int) -> bool:
-        """True when a request's token is drawn from its raw logits through temperature, top-k, top-p and min-p only,
-        from the engine's shared generator: sampled (not greedy), no per-request seed (its own torch.Generator, which a
-        CUDA graph cannot hold), and nothing else asked (as plain_greedy: no logprobs, logit_bias, penalties, and
-        min_tokens masking nothing). Speculative decoding's device-side step handles such rows (spec_sampled.py)."""
+        """True when a request's token is drawn from its raw logits through temperature, top-k, top-p and min-p only:
+        sampled (not greedy), with or without a seed, and nothing else asked (as plain_greedy: no logprobs,
+        logit_bias, penalties, and min_tokens masking nothing). Speculative decoding's device-side step handles such
+        rows (spec_sampled.py; a seeded row's randomness there is a hash of its seed and token position,
+        engine/seeded_draws.py)."""
         p = params
-        return (not p.greedy and p.seed is None and p.logprobs is None and not p.logit_bias
+        return (not p.greedy and p.logprobs is None and not p.logit_bias
                 and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
                 and not self._min_tokens_bans(p, num_output_tokens))
 

@@ -17,8 +17,11 @@ A step for each scheduled sequence:
 A prefix-cache hit or an n > 1 fork recomputes the last shared token (the MTP block needs its hidden state); its
 target cache entry is written to a scratch slot, so a block other sequences share is never rewritten.
 
-Randomness: a request with a seed draws every uniform and every noise vector from its own generator, in an
-order fixed by its own state, so its output does not depend on the batch. Rejected drafts need no cache
+Randomness: a request with a seed takes every uniform from a hash of (its seed + sequence index, the token position
+it decides, the kind of draw) (engine/seeded_draws.py), on the host path and in the device-side step alike, so its
+output depends on its seed and logits only: not on the batch, nor on which path ran a step. It differs from MTP off
+with the same seed (that draws from a torch.Generator). Unseeded rows draw from the engine's generator (host path)
+or torch's default one (device step). Rejected drafts need no cache
 rollback: their target and MTP cache slots lie past the sequence's computed tokens and are overwritten before
 they are read; the scheduler keeps the blocks (they hold the next step's tokens) and frees them with the
 sequence. Two device syncs per step (verified tokens, drafts). `launch` enqueues step 1 and `finish` does the rest,
@@ -29,8 +32,8 @@ Plain-greedy decode batches (every row Sampler.plain_greedy: argmax of the raw l
 a bucket take a faster path: the whole step is one graph replay (engine/spec_greedy.py: argmax acceptance, MTP
 pass, drafts, all on the device) enqueued by `launch`, and `finish` reads one small tensor: one host read per step.
 Batches mixing plain-greedy and plain-sampled rows (Sampler.plain_sampled: temperature / top-k / top-p / min-p only,
-no seed) take the same kind of step with rejection sampling on the device (engine/spec_sampled.py; the randomness
-from torch's default generator, not the engine's); the distributions their drafts were drawn from stay on the
+seeded or not) take the same kind of step with rejection sampling on the device (engine/spec_sampled.py; unseeded
+randomness from torch's default generator, not the engine's); the distributions their drafts were drawn from stay on the
 device (draft_probs holds views of the step's output). A batch with any other row is verified on the host.
 With async scheduling the device-side greedy step of the same sequences can be launched before the previous one is
 read back, its inputs taken from that step's result on the device (launch_chained; engine/spec_chain.py).
@@ -52,6 +55,7 @@ import torch
 
 from longcat_service.engine.sampler import SamplingRow
 from longcat_service.engine.scheduler import ScheduledSeq
+from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds, row_seed, seed_columns
 from longcat_service.engine.spec_greedy import GreedyLayout, GreedyReadback, draft_room
 from longcat_service.engine.spec_sampled import option_rows
 from longcat_service.layers.attention_metadata import AttentionMetadata
@@ -187,7 +191,7 @@ class SpecDecoder:
 
     def _plain_sampled(self, batch: list[ScheduledSeq]) -> bool:
         """The device-side sampled step applies: enabled, rank 0 of one GPU, every row plain greedy or plain sampled
-        (Sampler.plain_sampled: no seed, penalties, logit_bias, logprobs; min_tokens reached), and some row sampled
+        (Sampler.plain_sampled: no penalties, logit_bias, logprobs; min_tokens reached), and some row sampled
         (an all-greedy batch takes the cheaper greedy step, or the host path where that is off)."""
         sampler = self.runner.sampler
         return self.fuse_sampled and self.decides and not all(s.seq.params.greedy for s in batch) and all(
@@ -205,7 +209,9 @@ class SpecDecoder:
                 d is None or (d.data_ptr() == last[1][j].data_ptr()) for j, d in enumerate(stored)):
             dists = last[1]  # the same sequences in the same order: one copy of the last step's output
         options = option_rows([s.seq.params for s in batch])
-        bucket, packed, new_dists = self.graphs.sampled_step(batch, rooms, options, dists)
+        seeds = [row_seed(s.seq.params.seed, s.seq.index) for s in batch]
+        seed_cols = seed_columns(seeds) if any(x is not None for x in seeds) else None
+        bucket, packed, new_dists = self.graphs.sampled_step(batch, rooms, options, dists, seed_cols)
         # the graph's output is overwritten by the bucket's next replay: keep a copy (stream-ordered, no host sync)
         new_dists = new_dists[: len(batch)].clone()
         self._last_dists = (ids, new_dists)
@@ -267,6 +273,8 @@ class SpecDecoder:
         rows_idx: list[int] = []
         srows: list[SamplingRow] = []
         drafts: list[int] = []  # per row: the draft it verifies, 0 for the bonus row
+        positions: list[int] = []  # per row: the token position it decides
+        seeds: list[int | None] = []
         first_row: dict[int, int] = {}
         for i in sampling:
             s = batch[i]
@@ -275,6 +283,8 @@ class SpecDecoder:
             first_row[i] = len(rows_idx)
             for j in range(len(d) + 1):
                 rows_idx.append(row_base[i] + j)
+                positions.append(s.end_pos - len(d) + j)
+                seeds.append(row_seed(s.seq.params.seed, s.seq.index))
                 if base is not None:
                     srows.append(SamplingRow(base.params, base.prompt_token_ids, base.output_token_ids + d[:j],
                                              base.generator))
@@ -306,12 +316,18 @@ class SpecDecoder:
             accept = has_draft & (pd >= 1.0)
             token = torch.where(accept, draft_t, p.argmax(dim=-1))
         else:
-            uniform, noise = self._randomness(srows, p.shape[1], dev)
+            uniform, noise = self._randomness(len(srows), p.shape[1], dev)
+            row_seeds = RowSeeds.build(seeds, dev)
+            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+            if row_seeds is not None:
+                uniform = row_seeds.where(pos_t, ACCEPT, uniform)
             accept = has_draft & (uniform * qd < pd)
             residual = (p - q).clamp(min=0.0)
             mass = residual.sum(dim=-1, keepdim=True)
             residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
             drawn = (residual / noise).argmax(dim=-1)
+            if row_seeds is not None:
+                drawn = row_seeds.draw(residual, pos_t, TARGET, drawn)
             greedy_t = torch.tensor(greedy, dtype=torch.bool, device=dev)
             drawn = torch.where(greedy_t, p.argmax(dim=-1), drawn)
             token = torch.where(accept, draft_t, drawn)
@@ -356,16 +372,12 @@ class SpecDecoder:
             emitted[i] = toks
         return emitted
 
-    def _randomness(self, srows: list[SamplingRow], vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row a uniform in [0, 1) and an Exp(1) noise vector: from the row's own generator (seeded
-        requests, in row order) or the engine's."""
+    def _randomness(self, rows: int, vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row a uniform in [0, 1) and an Exp(1) noise vector from the engine's generator (seeded rows replace
+        theirs with hashed draws, seeded_draws.py)."""
         gen = self.runner.sampler.generator
-        uniform = torch.rand(len(srows), device=dev, generator=gen)
-        noise = torch.empty(len(srows), vocab, device=dev).exponential_(generator=gen)
-        for i, row in enumerate(srows):
-            if row.generator is not None:
-                uniform[i : i + 1].uniform_(generator=row.generator)
-                noise[i].exponential_(generator=row.generator)
+        uniform = torch.rand(rows, device=dev, generator=gen)
+        noise = torch.empty(rows, vocab, device=dev).exponential_(generator=gen)
         return uniform, noise
 
     # ---- MTP: cache entries for the known positions, then the next drafts --------------------------
@@ -502,10 +514,12 @@ class SpecDecoder:
         token = q.argmax(dim=-1)
         if not all(row.params.greedy for row in srows):
             noise = torch.empty_like(q).exponential_(generator=r.sampler.generator)
-            for j, row in enumerate(srows):
-                if row.generator is not None:
-                    noise[j].exponential_(generator=row.generator)
             sampled = (q / noise).argmax(dim=-1)
+            seeds = RowSeeds.build([row_seed(batch[i].seq.params.seed, batch[i].seq.index) for i in order], q.device)
+            if seeds is not None:  # the token position of each row's next draft
+                pos = [batch[i].end_pos - len(batch[i].draft_token_ids) + len(emitted[i]) + len(drafts[i])
+                       for i in order]
+                sampled = seeds.draw(q, torch.tensor(pos, dtype=torch.long, device=q.device), DRAFT, sampled)
             greedy_t = torch.tensor([row.params.greedy for row in srows], dtype=torch.bool, device=q.device)
             token = torch.where(greedy_t, token, sampled)
         return token, q

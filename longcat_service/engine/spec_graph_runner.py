@@ -21,8 +21,8 @@ Per bucket b:
   same graph with its flat rows and seq_info built on the device from the previous step's packed output
   (spec_chain_rows.py); only the block tables come from the host.
 - sampled: the same for a batch of plain-greedy and plain-sampled rows (Sampler.plain_sampled), with rejection
-  sampling on the device (engine/spec_sampled.py): per-sequence options and the pending drafts' distributions come
-  from static buffers; the new drafts' distributions are a second output.
+  sampling on the device (engine/spec_sampled.py): per-sequence options, seeds (engine/seeded_draws.py) and the
+  pending drafts' distributions come from static buffers; the new drafts' distributions are a second output.
 For other batches verification and draft sampling run eagerly between the verify / mtp / draft replays, on
 Sampler.probabilities (every sampling option; host-built per-row tensors that a graph cannot hold), and the host
 reads the emitted tokens once per step, as the eager step does. Buckets hold at most MAX_GRAPH_ROWS flat rows;
@@ -225,12 +225,14 @@ class SpecRowsRunner:
         return b, self._run_chained_greedy(b, rows, prev_packed[: len(batch)], prev_starts, prev_rooms)
 
     def sampled_step(self, batch, rooms: list[int], options: list[list[float]],
-                     dists: list[torch.Tensor | None] | torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+                     dists: list[torch.Tensor | None] | torch.Tensor, seeds: list[list[int]] | None = None
+                     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """greedy_step for a batch mixing plain-greedy and plain-sampled rows (spec_sampled.py). options: the
         [4, len(batch)] spec_sampled.OPTIONS columns; dists: per sequence the distributions its drafts were drawn
         from ([>= drafts, V] on the device; None: none stored, a point mass), or all of them as one
-        [len(batch), k, V] tensor. -> (bucket, packed result, the new drafts' distributions [bucket, k, V]; graph
-        outputs valid until the bucket's next replay)."""
+        [len(batch), k, V] tensor; seeds: the [3, len(batch)] seeded_draws.seed_columns (None: no seeded row).
+        -> (bucket, packed result, the new drafts' distributions [bucket, k, V]; graph outputs valid until the
+        bucket's next replay)."""
         b = bucket_for(len(batch), self.buckets)
         pad = b - len(batch)
         if isinstance(dists, torch.Tensor):
@@ -240,7 +242,8 @@ class SpecRowsRunner:
                                                                                                 strict=True)]
         info = [[len(s.draft_token_ids) for s in batch] + [-1] * pad, list(rooms) + [0] * pad, has + [0] * pad]
         opts = [list(col) + [0.0] * pad for col in options]
-        return (b, *self._run_sampled(b, self._verify_rows(batch), info, opts, dists))
+        seed_cols = [list(col) + [0] * pad for col in (seeds or [[0] * len(batch)] * 3)]
+        return (b, *self._run_sampled(b, self._verify_rows(batch), info, opts, dists, seed_cols))
 
     def _verify_rows(self, batch) -> DecodeRows:
         seqs = [(s.seq.token_ids[s.start_pos], list(s.draft_token_ids), s.start_pos, list(s.block_table),
@@ -275,7 +278,7 @@ class SpecRowsRunner:
         raise NotImplementedError
 
     def _run_sampled(self, b: int, rows: DecodeRows, seq_info: list[list[int]], options: list[list[float]],
-                     dists) -> tuple[torch.Tensor, torch.Tensor]:
+                     dists, seeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def _run_chained_greedy(self, b: int, rows: DecodeRows, prev_packed: torch.Tensor, prev_starts: list[int],
@@ -315,6 +318,7 @@ class SpecGraphRunner(SpecRowsRunner):
         # were drawn from. [max_batch, k, vocab] fp32: at most MAX_GRAPH_ROWS * vocab * 4 bytes (k=1: 128 rows, 64 MiB
         # at vocab 131072); the graph's own [rows, vocab] temporaries (sorts, residuals) live in its pool
         self.sample_options = torch.zeros(4, self.max_batch, dtype=torch.float32, device=dev)
+        self.sample_seeds = torch.zeros(3, self.max_batch, dtype=torch.int64, device=dev)  # seeded_draws.seed_columns
         self.draft_dists = torch.zeros(self.max_batch if self.sampled_ok else 0, k, model.config.vocab_size,
                                        dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
@@ -350,7 +354,8 @@ class SpecGraphRunner(SpecRowsRunner):
 
             return greedy_spec_step(self.k, self.block_size, verify, self._mtp_rows, model.compute_logits,
                                     rows.packed[0, :n], rows.packed[1, :n], rows.tables[:n], self.seq_info[:, :b],
-                                    sampling=(self.sample_options[:, :b], self.draft_dists[:b]))
+                                    sampling=(self.sample_options[:, :b], self.draft_dists[:b],
+                                              self.sample_seeds[:, :b]))
         rows = self.draft_in
         return (model.mtp_forward(rows.packed[0, :b], self.draft_hidden[:b], rows.packed[1, :b], rows.mtp_plan(b),
                                   self.mtp_kv_cache),)
@@ -461,10 +466,11 @@ class SpecGraphRunner(SpecRowsRunner):
 
     @torch.inference_mode()
     def _run_sampled(self, b: int, rows: DecodeRows, seq_info: list[list[int]], options: list[list[float]],
-                     dists) -> tuple[torch.Tensor, torch.Tensor]:
+                     dists, seeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         self._prepare("sampled", b, rows)
         self.seq_info[:, :b].copy_(to_device(seq_info, torch.long, self.seq_info.device))
         self.sample_options[:, :b].copy_(to_device(options, torch.float32, self.sample_options.device))
+        self.sample_seeds[:, :b].copy_(to_device(seeds, torch.int64, self.sample_seeds.device))
         self.load_dists(self.draft_dists, dists, seq_info[0][: len(dists)])
         packed, dists_out = self._launch("sampled", b)
         return packed, dists_out

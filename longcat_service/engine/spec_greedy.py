@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longcat_service.engine.seeded_draws import RowSeeds
 from longcat_service.engine.spec_sampled import plain_probabilities, sample_drafts, verify_sampled
 
 # a sequence with no token limit (max_tokens None and no context bound): more room than any draft count needs
@@ -89,12 +90,13 @@ MtpForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor], mtp: MtpForward,
                      logits_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, positions: torch.Tensor,
                      tables: torch.Tensor, seq_info: torch.Tensor,
-                     sampling: tuple[torch.Tensor, torch.Tensor] | None = None
+                     sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One greedy spec step of b sequences -> the packed [b, 2k+3] int64 result (GreedyLayout).
-    With `sampling` = (options [4, b], q [b, k, V]) the batch mixes greedy and plain sampled rows
-    (spec_sampled.py): options per sequence (temperature 0: greedy), q the distributions its pending drafts were
-    drawn from where seq_info[2] is 1 (else a point mass at the draft, as the host path's default); the result is
+    With `sampling` = (options [4, b], q [b, k, V], seeds [3, b] or None) the batch mixes greedy and plain sampled
+    rows (spec_sampled.py): options per sequence (temperature 0: greedy), q the distributions its pending drafts were
+    drawn from where seq_info[2] is 1 (else a point mass at the draft, as the host path's default), seeds its
+    seeded_draws.seed_columns (seeded rows hash their uniforms from seed and token position); the result is
     then (packed, the distributions of the new drafts [b, k, V]).
 
     ids / positions [b*(k+1)], tables [b*(k+1), W] int32: the flat verify rows (spec_graph_runner.verify_rows;
@@ -116,12 +118,15 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
     drafted = ids.view(b, k + 1)[:, 1:]
     match = (j[None, :] < num_drafts[:, None]) & finite2[:, :k] & (drafted == target2[:, :k])
     accepted = ((~match).to(torch.long).cumsum(dim=1) == 0).sum(dim=1)
+    start = positions.view(b, k + 1)[:, 0]  # the position of each sequence's last known token
+    seeds = None
     if sampling is not None:  # sampled rows: rejection sampling; greedy rows keep the argmax rule above
-        options, q_in = sampling
+        options, q_in, seed_cols = sampling
+        seeds = RowSeeds.from_columns(seed_cols) if seed_cols is not None else None
         p, _ = plain_probabilities(logits, options[:, :, None].expand(4, b, k + 1).reshape(4, n))
         point = torch.zeros_like(q_in).scatter_(2, drafted[:, :, None], 1.0)
         q = torch.where((seq_info[2] > 0)[:, None, None], q_in, point)
-        s_accepted, s_tokens = verify_sampled(p.view(b, k + 1, -1), q, drafted, num_drafts, finite2)
+        s_accepted, s_tokens = verify_sampled(p.view(b, k + 1, -1), q, drafted, num_drafts, finite2, seeds, start)
         greedy = options[0] == 0
         accepted = torch.where(greedy, accepted, s_accepted)
         target2 = torch.where(greedy[:, None], target2, s_tokens)
@@ -139,17 +144,17 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
     cur_h = h.index_select(0, torch.arange(b, device=dev) * (k + 1) + (count - 1).clamp(min=0))
     draft_dists = []
 
-    def next_draft(h_rows: torch.Tensor) -> torch.Tensor:
+    def next_draft(h_rows: torch.Tensor, step: int) -> torch.Tensor:
         if sampling is None:
             tok, fin = argmax_and_finite(logits_of(h_rows))
             return torch.where(fin, tok, 0)  # as the eager draft sampler: a non-finite row drafts token 0
-        tok, dist = sample_drafts(logits_of(h_rows), sampling[0])
+        # draft `step` (1-based) sits at token position start + count + step
+        tok, dist = sample_drafts(logits_of(h_rows), sampling[0], seeds, start + count + step)
         draft_dists.append(dist)
         return tok
 
-    drafts = [next_draft(cur_h)]
+    drafts = [next_draft(cur_h, 1)]
     if k > 1:
-        start = positions.view(b, k + 1)[:, 0]
         seq_tables = tables.view(b, k + 1, -1)[:, 0].contiguous()
     for step in range(2, k + 1):
         valid = n_drafts >= step
@@ -157,7 +162,7 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
         d_slots = torch.where(valid, slot_at(seq_tables, pos + 1, block_size), -1)
         d_lens = torch.where(valid, pos + 2, 0)
         cur_h = mtp(drafts[-1], cur_h, pos, d_slots, d_lens, seq_tables)
-        drafts.append(next_draft(cur_h))
+        drafts.append(next_draft(cur_h, step))
     packed = torch.cat((target2, count[:, None], torch.stack(drafts, dim=1), n_drafts[:, None]), dim=1)
     return packed if sampling is None else (packed, torch.stack(draft_dists, dim=1))
 

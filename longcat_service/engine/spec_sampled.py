@@ -8,14 +8,18 @@ greedy row of a mixed batch). plain_probabilities is Sampler.probabilities for s
 Verification (Leviathan et al. 2023, as SpecDecoder._verify): draft d_j is accepted with probability
 min(1, p_j(d) / q_j(d)), q_j the distribution it was drawn from at the previous step; at the first rejection the
 token is drawn from normalize(max(p_j - q_j, 0)) (p_j where that is all zero), and a bonus token from p after the
-last draft. Greedy rows keep the exact argmax rule. The randomness comes from torch's default generator of the
-device (torch.rand / exponential_), which CUDA graphs support: each replay advances its philox offset. Requests
-with a seed draw from their own generator and never come here.
+last draft. Greedy rows keep the exact argmax rule. The randomness of unseeded rows comes from torch's default
+generator of the device (torch.rand / exponential_), which CUDA graphs support: each replay advances its philox
+offset. Rows with a seed take every uniform from a hash of (seed, token position, kind of draw) instead
+(engine/seeded_draws.py; seed and positions from the graph's static buffers), so their tokens depend on the seed
+only, not on the batch.
 """
 
 from __future__ import annotations
 
 import torch
+
+from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds
 
 OPTIONS = ("temperature", "top_k", "top_p", "min_p")
 
@@ -63,33 +67,49 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
-def sample_drafts(logits: torch.Tensor, options: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_drafts(logits: torch.Tensor, options: torch.Tensor, seeds: RowSeeds | None = None,
+                  position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MTP logits [R, V] -> (draft token [R], the distribution q it was drawn from [R, V]): greedy rows their argmax,
-    sampled rows a draw from plain_probabilities; a non-finite row drafts token 0 (as the eager draft sampler)."""
+    sampled rows a draw from plain_probabilities (seeded rows: at token `position` [R], seeded_draws.DRAFT); a
+    non-finite row drafts token 0 (as the eager draft sampler)."""
     q, finite = plain_probabilities(logits, options)
-    token = torch.where(options[0] == 0, logits.argmax(dim=-1), draw(q))
+    drawn = draw(q)
+    if seeds is not None:
+        drawn = seeds.draw(q, position, DRAFT, drawn)
+    token = torch.where(options[0] == 0, logits.argmax(dim=-1), drawn)
     return torch.where(finite, token, 0), q
 
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
-                   finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   finite: torch.Tensor, seeds: RowSeeds | None = None, start: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling of b sequences' drafts. p [b, k+1, V]: the target distributions at verify tokens 0..k;
     q [b, k, V]: the distributions drafts [b, k] were drawn from; num_drafts [b] (rows past it are padding);
-    finite [b, k+1]. -> (accepted drafts [b], tokens [b, k+1]: the first accepted + 1 are the emitted ones)."""
+    finite [b, k+1]; seeds (per sequence) with start [b], the position of verify token 0 (verify token j predicts
+    position start + j + 1, where draft j sits). -> (accepted drafts [b], tokens [b, k+1]: the first accepted + 1
+    are the emitted ones)."""
     b, k = drafts.shape
     dev = p.device
     j = torch.arange(k, device=dev)
     valid = j[None, :] < num_drafts[:, None]
     pd = p[:, :k].gather(2, drafts[:, :, None])[:, :, 0]
     qd = q.gather(2, drafts[:, :, None])[:, :, 0]
-    accept = valid & finite[:, :k] & (torch.rand(b, k, device=dev) * qd < pd)
+    uniform = torch.rand(b, k, device=dev)
+    if seeds is not None:
+        uniform = seeds.where(start[:, None] + 1 + j[None, :], ACCEPT, uniform)
+    accept = valid & finite[:, :k] & (uniform * qd < pd)
     accepted = ((~accept).to(torch.long).cumsum(dim=1) == 0).sum(dim=1)
     # past the drafts q is 0 (whatever the buffer holds there), so the residual there (the bonus row) is p itself
     q_ext = torch.cat((torch.where(valid[:, :, None], q, 0.0), torch.zeros_like(q[:, :1])), dim=1)
     residual = (p - q_ext).clamp(min=0.0)
     mass = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-    drawn = draw(residual)
     jj = torch.arange(k + 1, device=dev)
+    drawn = draw(residual.reshape(b * (k + 1), -1))
+    if seeds is not None:
+        rows = RowSeeds(*(x[:, None].expand(b, k + 1).reshape(-1) for x in (seeds.seeded, seeds.lo, seeds.hi)))
+        drawn = rows.draw(residual.reshape(b * (k + 1), -1), (start[:, None] + 1 + jj[None, :]).reshape(-1), TARGET,
+                          drawn)
+    drawn = drawn.view(b, k + 1)
     drafts_ext = torch.cat((drafts, torch.zeros_like(drafts[:, :1])), dim=1)
     return accepted, torch.where(jj[None, :] < accepted[:, None], drafts_ext, drawn)
