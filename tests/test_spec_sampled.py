@@ -36,10 +36,11 @@ SAMPLED = [
     (dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05), 0),
     (dict(temperature=1.0, min_tokens=3), 3),  # min_tokens reached
     (dict(temperature=1.0, min_tokens=3, ignore_eos=True), 0),  # nothing to mask
+    (dict(temperature=1.0, seed=3), 0),  # hashed uniforms (engine/seeded_draws.py)
+    (dict(temperature=0.8, top_k=5, seed=2**64 - 1), 0),
 ]
 NOT_SAMPLED = [
     (dict(temperature=0.0), 0),  # greedy: plain_greedy's
-    (dict(temperature=1.0, seed=3), 0),  # its own generator
     (dict(temperature=1.0, logprobs=0), 0),
     (dict(temperature=1.0, logit_bias={1: 1.0}), 0),
     (dict(temperature=1.0, repetition_penalty=1.1), 0),
@@ -196,15 +197,18 @@ def test_mixed_batches_take_the_device_step_and_greedy_rows_equal_mtp_off(ckpts,
     assert drafts > 0 and 0 < accepted < drafts
 
 
-def test_a_batch_with_a_seeded_or_penalised_row_takes_the_host_path(ckpts):
+def test_a_batch_with_a_penalised_row_takes_the_host_path(ckpts):
     requests = {"s": (PROMPTS[0], sampled(12)), "g": (PROMPTS[1], greedy(12)),
-                "seeded": (PROMPTS[2], sampled(4, seed=9)), "pen": (PROMPTS[3], sampled(6, repetition_penalty=1.2))}
+                "seeded": (PROMPTS[2], sampled(14, seed=9)), "pen": (PROMPTS[3], sampled(6, repetition_penalty=1.2))}
     on, twin = run(ckpts["partial"], 2, requests)
     off, _ = run(ckpts["partial"], None, requests)
-    assert twin.calls["verify"] > 0 and twin.calls["sampled"] > 0  # the host path, then (those done) the device step
+    assert twin.calls["verify"] > 0 and twin.calls["sampled"] > 0  # the host path, then (pen done) the device step
+    assert twin.calls["seeded_rows"] > 0
     assert on["g"].outputs[0].token_ids == off["g"].outputs[0].token_ids
-    assert on["seeded"].outputs[0].token_ids == run(ckpts["partial"], 2, requests, seed=1)[0]["seeded"].outputs[0] \
-        .token_ids  # a seeded row's tokens do not depend on the engine's randomness
+    # a seeded row's tokens depend neither on the engine's randomness nor on which path verified which step
+    alone, alone_twin = run(ckpts["partial"], 2, {"seeded": requests["seeded"]}, seed=1)
+    assert alone_twin.calls["verify"] == 0
+    assert on["seeded"].outputs[0].token_ids == alone["seeded"].outputs[0].token_ids
 
 
 def test_stop_ids_and_max_tokens_inside_an_accepted_run(ckpts):
