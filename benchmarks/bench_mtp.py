@@ -18,8 +18,8 @@ E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
 Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy
 (async scheduling at its default, on: the device-side greedy spec steps chain, engine/spec_chain.py; "chained steps"
 counts them; "greedy_unchained": the same with async scheduling off),
-temperature 1 seeded (the host-verified path) and unseeded, and temperature 0.7 with top-k 50 / top-p 0.9 (both
-unseeded: the device-side sampled step): acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
+temperature 1 seeded and unseeded, and temperature 0.7 with top-k 50 / top-p 0.9 (all three: the device-side
+sampled step; seeded rows with hashed uniforms, engine/seeded_draws.py): acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
 Results: JSON under $OUT (or benchmarks/out) and a markdown table on stdout.
 """
 
@@ -231,8 +231,8 @@ def part2(args, device: torch.device) -> dict:
         for label, params in (("greedy", greedy), ("greedy_unchained", greedy),
                               ("t1", SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=0,
                                                     ignore_eos=True)),
-                              # unseeded: the device-side sampled spec step (engine/spec_sampled.py); seeded rows
-                              # ("t1") keep the host-verified path
+                              # the device-side sampled spec step (engine/spec_sampled.py), seeded ("t1": hashed
+                              # uniforms, engine/seeded_draws.py) or not
                               ("t1_unseeded", SamplingParams(temperature=1.0, max_tokens=args.new_tokens,
                                                              ignore_eos=True)),
                               ("t0.7_topk50_topp0.9", SamplingParams(temperature=0.7, top_k=50, top_p=0.9,
