@@ -54,7 +54,8 @@ def _requests(logprobs: int | None = 2):
             for i, p in enumerate(PROMPTS)}
 
 
-def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True, buckets=BUCKETS, max_num_seqs: int = 8):
+def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True, buckets=BUCKETS, max_num_seqs: int = 8,
+         fuse_sampled: bool = True):
     """graphs: "off" (eager spec steps), "on" (CountingGraphs with BUCKETS) or "" (MTP off: decode graphs)."""
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
     engine = make_engine(model=path, device="cuda", speculative_config=spec, max_num_seqs=max_num_seqs)
@@ -69,6 +70,7 @@ def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True, buckets=
             counting = runner.spec_decoder.graphs = CountingGraphs(
                 runner.model, runner.kv_caches, runner.mtp_kv_cache, runner.block_size, own.max_blocks, k, buckets)
         runner.spec_decoder.fuse_greedy = fuse_greedy
+        runner.spec_decoder.fuse_sampled = fuse_sampled
     final, _ = run_to_completion(engine, requests or _requests())
     assert_all_blocks_free(engine)
     return final, counting
@@ -166,3 +168,65 @@ def test_device_sampled_steps_keep_the_target_distribution(tmp_path, monkeypatch
     assert drafts > 0 and 0.05 < accepted / drafts < 0.95
     vocab = 128
     assert all(0 <= t < vocab for o in on.values() for t in o.outputs[0].token_ids)
+
+
+def test_hashed_uniforms_and_inverse_cdf_on_cuda_equal_cpu():
+    """The seeded draws' int64 hash (engine/seeded_draws.py) is bit-identical on CUDA and CPU, its largest inputs
+    included; the inverse-CDF draw picks the same tokens."""
+    from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, hashed_uniform, inverse_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    seeds = torch.cat((torch.tensor([0, 2**32 - 1, 2**63 - 1]), torch.randint(0, 2**62, (500,), generator=gen)))
+    positions = torch.cat((torch.tensor([0, 2**32 - 1, 2**40]), torch.randint(0, 2**20, (200,), generator=gen)))
+    lo, hi = (seeds & 0xFFFFFFFF)[:, None], (seeds >> 32)[:, None]
+    for kind in (ACCEPT, TARGET, DRAFT):
+        cpu = hashed_uniform(lo, hi, positions[None, :], kind)
+        cuda = hashed_uniform(lo.cuda(), hi.cuda(), positions[None, :].cuda(), kind)
+        assert torch.equal(cuda.cpu(), cpu), kind
+    probs = torch.softmax(torch.randn(256, 32000, generator=gen) * 3, dim=-1)
+    probs[:, ::3] = 0.0
+    u = torch.rand(256, dtype=torch.float64, generator=gen)
+    tok = inverse_cdf(probs.cuda(), u.cuda()).cpu()
+    assert torch.equal(tok, inverse_cdf(probs, u))
+    assert (probs.gather(1, tok[:, None]) > 0).all()
+
+
+def test_device_sampled_steps_seeded(tmp_path):
+    """Seeded requests take the captured sampled-step graph (engine/seeded_draws.py: uniforms hashed from seed and
+    token position): 800 seeds at temperature 1, top_k 6 keep the target's distribution (tokens 2..4 against MTP off,
+    chi-square, p < 1e-3 rejects: false-alarm rate <= 0.3%); a seeded request (n = 2) gives the same tokens alone,
+    beside seeded and unseeded requests, in another bucket set, on the host-verified graph path and in a fresh
+    engine."""
+    from collections import Counter
+
+    from tests.test_spec_decode_stats import chi_square_p_value
+
+    path = write_mtp_checkpoint(tmp_path / "n", "noisy", seed=5, lm_head_scale=4.0)
+    requests = {f"r{i}": ([11, 12, 13], SamplingParams(temperature=1.0, top_k=6, max_tokens=4, ignore_eos=True,
+                                                       seed=10_000 + i)) for i in range(800)}
+    off, _ = _run(path, None, "", requests, max_num_seqs=64)
+    on, counting = _run(path, 2, "on", requests, buckets=(1, 2, 4, 8, 16, 32, 64), max_num_seqs=64)
+    assert counting.seeded_rows > 800 and not counting.batch_sizes  # all on the device, none host-verified
+    for pos in (1, 2, 3):
+        p = chi_square_p_value(Counter(off[r].outputs[0].token_ids[pos] for r in requests),
+                               Counter(on[r].outputs[0].token_ids[pos] for r in requests))
+        assert p > 1e-3, (pos, p)
+    assert sum(off[r].outputs[0].token_ids != on[r].outputs[0].token_ids for r in requests) > 200
+
+    x = {"x": (PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=1234,
+                                          n=2))}
+    seeded = {f"s{i}": (p, SamplingParams(temperature=0.8, top_k=20, max_tokens=10 + i, ignore_eos=True, seed=50 + i))
+              for i, p in enumerate(PROMPTS[1:5])}
+    unseeded = {f"u{i}": (p, SamplingParams(temperature=0.8, max_tokens=12 + i, ignore_eos=True))
+                for i, p in enumerate(PROMPTS[1:5])}
+    torch.manual_seed(0)
+    alone, counting = _run(path, 2, "on", x)
+    want = [c.token_ids for c in alone["x"].outputs]
+    assert counting.seeded_rows > 0 and want[0] != want[1]
+    for name, kw in {"restart": dict(requests=x), "seeded": dict(requests=x | seeded),
+                     "unseeded": dict(requests=x | unseeded), "bucket 8": dict(requests=x | seeded, buckets=(8,)),
+                     "host path": dict(requests=x | unseeded, fuse_sampled=False)}.items():
+        torch.manual_seed(1)
+        final, counting = _run(path, 2, "on", **kw)
+        assert [c.token_ids for c in final["x"].outputs] == want, name
+        assert (counting.seeded_rows > 0) == (name != "host path"), name

@@ -260,7 +260,8 @@ def test_sampled_rows_keep_the_target_distribution(ckpts):
 @interpreted_triton_only
 def test_the_production_graph_runner_uncaptured_runs_sampled_steps(ckpts, monkeypatch):
     """SpecGraphRunner itself (its static buffers, the Triton decode kernels interpreted, no capture) runs the
-    sampled steps of a batch of a greedy row and top_k = 1 sampled rows: every token equals greedy MTP off."""
+    sampled steps of a batch of a greedy row and a seeded top_k = 1 sampled row (its seed through the static seed
+    buffer): every token equals greedy MTP off."""
     from longcat_service.engine.spec_graph_runner import SpecGraphRunner
     from longcat_service.layers import fast_decode as fast_decode_mod
     from longcat_service.layers import layernorm as layernorm_mod
@@ -276,9 +277,10 @@ def test_the_production_graph_runner_uncaptured_runs_sampled_steps(ckpts, monkey
     monkeypatch.setattr(graphs, "sampled_step", lambda *a: (sizes.append(len(a[0])), sampled_step(*a))[1])
     monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
     monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
-    on, _ = run_to_completion(engine, {"a": (PROMPTS[0], sampled(5, top_k=1)), "b": (PROMPTS[1], greedy(3))})
+    on, _ = run_to_completion(engine, {"a": (PROMPTS[0], sampled(5, top_k=1, seed=3)), "b": (PROMPTS[1], greedy(3))})
     assert_all_blocks_free(engine)
     assert r.spec_decoder.draft_probs == {}
     for rid in ("a", "b"):
         assert on[rid].outputs[0].token_ids == off[rid].outputs[0].token_ids
     assert 2 in sizes and not graphs.use_graphs
+    assert graphs.sample_seeds[0, 0].item() == 1 and graphs.sample_seeds[1, 0].item() == 3  # row a: seed + index 0
