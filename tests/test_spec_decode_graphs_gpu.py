@@ -173,15 +173,15 @@ def test_device_sampled_steps_keep_the_target_distribution(tmp_path, monkeypatch
 def test_hashed_uniforms_and_inverse_cdf_on_cuda_equal_cpu():
     """The seeded draws' int64 hash (engine/seeded_draws.py) is bit-identical on CUDA and CPU, its largest inputs
     included; the inverse-CDF draw picks the same tokens."""
-    from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, hashed_uniform, inverse_cdf
+    from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds, inverse_cdf
 
     gen = torch.Generator().manual_seed(0)
-    seeds = torch.cat((torch.tensor([0, 2**32 - 1, 2**63 - 1]), torch.randint(0, 2**62, (500,), generator=gen)))
-    positions = torch.cat((torch.tensor([0, 2**32 - 1, 2**40]), torch.randint(0, 2**20, (200,), generator=gen)))
-    lo, hi = (seeds & 0xFFFFFFFF)[:, None], (seeds >> 32)[:, None]
+    seeds = [0, 2**32 - 1, 2**64 - 1] + torch.randint(0, 2**62, (500,), generator=gen).tolist()
+    positions = torch.cat((torch.tensor([0, 2**30 - 1]), torch.randint(0, 2**20, (200,), generator=gen)))
+    positions = positions[None, :].expand(len(seeds), -1)
     for kind in (ACCEPT, TARGET, DRAFT):
-        cpu = hashed_uniform(lo, hi, positions[None, :], kind)
-        cuda = hashed_uniform(lo.cuda(), hi.cuda(), positions[None, :].cuda(), kind)
+        cpu = RowSeeds.build(seeds, "cpu").uniform(positions, kind)
+        cuda = RowSeeds.build(seeds, "cuda").uniform(positions.cuda(), kind)
         assert torch.equal(cuda.cpu(), cpu), kind
     probs = torch.softmax(torch.randn(256, 32000, generator=gen) * 3, dim=-1)
     probs[:, ::3] = 0.0

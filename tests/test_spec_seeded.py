@@ -15,8 +15,8 @@ from collections import Counter
 import pytest
 import torch
 
-from longcat_service.engine.seeded_draws import RowSeeds
-from longcat_service.engine.spec_sampled import option_rows, sample_drafts, verify_sampled
+from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds
+from longcat_service.engine.spec_sampled import StepUniforms, option_rows, sample_drafts, verify_sampled
 from longcat_service.sampling_params import SamplingParams
 from tests.mtp_checkpoint import write_mtp_checkpoint
 from tests.test_spec_decode_stats import chi_square_p_value
@@ -45,14 +45,15 @@ def test_seeded_drafts_follow_q():
     q = torch.tensor([0.5, 0.3, 0.2, 0.0])
     n = 6000
     seeds = RowSeeds.build(list(range(n)), "cpu")
+    u = seeds.uniform(torch.full((n,), 17), DRAFT)
     tok, _ = sample_drafts(q.log().expand(n, 4), torch.tensor(option_rows([SamplingParams(temperature=1.0)] * n)),
-                           seeds, torch.full((n,), 17))
+                           seeds.seeded, u)
     want = torch.multinomial(q, n, replacement=True, generator=torch.Generator().manual_seed(3))
     assert chi_square_p_value(Counter(tok.tolist()), Counter(want.tolist())) > ALPHA
     assert 3 not in tok.tolist()
     torch.manual_seed(0)
     again, _ = sample_drafts(q.log().expand(n, 4), torch.tensor(option_rows([SamplingParams(temperature=1.0)] * n)),
-                             seeds, torch.full((n,), 17))
+                             seeds.seeded, u)
     assert torch.equal(tok, again)  # the default generator plays no part
 
 
@@ -64,9 +65,9 @@ def test_seeded_rejection_sampling_emits_the_target_distribution():
     gen = torch.Generator().manual_seed(4)
     drafts = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=gen) for j in range(2)], dim=1)
     seeds = RowSeeds.build([1000 + i for i in range(n)], "cpu")
-    start = torch.randint(3, 500, (n,), generator=gen)
+    uniforms = StepUniforms.of(seeds, torch.randint(3, 500, (n,), generator=gen), 2)
     accepted, tokens = verify_sampled(p.expand(n, 3, v), q.expand(n, 2, v), drafts, torch.full((n,), 2),
-                                      torch.ones(n, 3, dtype=torch.bool), seeds, start)
+                                      torch.ones(n, 3, dtype=torch.bool), uniforms)
     first = accepted >= 1
     for j, got in ((0, tokens[:, 0]), (1, tokens[first, 1])):
         want = torch.multinomial(p[j], got.shape[0], replacement=True, generator=gen)
@@ -75,7 +76,25 @@ def test_seeded_rejection_sampling_emits_the_target_distribution():
     assert abs(first.double().mean().item() - torch.minimum(p[0], q[0]).sum().item()) < 0.02
     torch.manual_seed(9)  # the default generator plays no part in seeded rows
     assert torch.equal(verify_sampled(p.expand(n, 3, v), q.expand(n, 2, v), drafts, torch.full((n,), 2),
-                                      torch.ones(n, 3, dtype=torch.bool), seeds, start)[1], tokens)
+                                      torch.ones(n, 3, dtype=torch.bool), uniforms)[1], tokens)
+
+
+def test_step_uniforms_are_the_hash_at_each_draws_position():
+    """StepUniforms (one hash call per device step) holds, per sequence, the acceptance uniform of each draft and the
+    residual / bonus uniform of each verify token at the position they decide, and the draft uniforms of the
+    positions the next drafts can take."""
+    k, seeds = 2, RowSeeds.build([5, None, 2**64 - 1], "cpu")
+    start = torch.tensor([10, 0, 300])
+    u = StepUniforms.of(seeds, start, k)
+    for r in (0, 2):
+        for j in range(k):
+            assert u.accept[r, j] == seeds.uniform(start + 1 + j, ACCEPT)[r]
+        for j in range(k + 1):
+            assert u.target[r, j] == seeds.uniform(start + 1 + j, TARGET)[r]
+    count, step = torch.tensor([3, 0, 1]), 2  # the second draft after 3 (0, 1) emitted tokens
+    want = seeds.uniform(start + count + step, DRAFT)
+    assert torch.equal(u.draft(count + step)[[0, 2]], want[[0, 2]])
+    assert u.seeded.tolist() == [True, False, True]
 
 
 # ---- whole engines -----------------------------------------------------------------------------------------------

@@ -10,12 +10,18 @@ that reaches the output: the draft at P is verified once (accepted, or rejected 
 a draft drawn again at P (after a rejection before it) replaces one that decided nothing. So the draws are fresh
 and Leviathan's rejection sampling keeps the target's distribution exactly.
 
-The hash: two independent 32-bit chains (different stream constants), h <- fmix32(h ^ word) over the words
-(P low, P high, seed low, seed high), fmix32 being MurmurHash3's finaliser (a bijection with full avalanche); their
-top 27 and 26 bits make a 53-bit uniform in [0, 1). All values are held in int64 tensors but stay below 2^49:
-products are split into 16-bit halves of the constant (_mul32), so no multiply ever overflows int64. torch wraps
-an overflowing int64 multiply in practice (two's complement, CPU and CUDA), but that is signed overflow in C++,
-which torch does not promise, so the hash never relies on it; the low 32 bits it keeps are the same either way.
+The hash. The host turns a row's 64-bit seed into four 32-bit keys (seed_keys: chains h <- fmix32(h ^ word) over
+the seed's halves from four stream constants; fmix32 is MurmurHash3's finaliser, a bijection with full avalanche).
+The device hashes the counter c = 4 P + kind per half: h = fmix32(fmix32(k1 ^ c) ^ k2), two rounds (one would
+make two seeds whose k1 differ by d collide at counters c and c ^ d), with the keys (k1, k2) of half a and of half
+b; a's top 27 bits and b's top 26 make a 53-bit uniform in [0, 1). Counters repeat only past P = 2^30 tokens.
+About 30 small elementwise kernels per call (one call covers all draws of a step's verification and drafts).
+
+No int64 overflow: every value is a 32-bit value held in int64, and a multiply by a 32-bit constant c is done as
+x * c' with c' = c or c - 2^32 (the one with |c'| <= 2^31), so |x * c'| < 2^63, then & (2^32 - 1): the same low
+32 bits as x * c. torch wraps an overflowing int64 multiply in practice (two's complement, CPU and CUDA), but that is
+signed overflow in C++, which torch does not promise, so the hash never relies on it. The same code runs on Python
+ints (the host's seed_keys), where nothing overflows either.
 
 A seeded draw from a distribution is by inverse CDF (one uniform per draw; the exponential race would need one per
 vocab entry): the first token whose float64 cumulative probability exceeds u * total.
@@ -28,17 +34,19 @@ from dataclasses import dataclass
 import torch
 
 ACCEPT, TARGET, DRAFT = 0, 1, 2  # kinds of draw at one token position
+NUM_KINDS = 4  # counter = 4 * position + kind
 
 _M32 = 0xFFFFFFFF
 _FMIX = (0x85EBCA6B, 0xC2B2AE35)  # MurmurHash3 fmix32 multipliers
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for 0 <= x < 2^32: x * (c mod 2^16) + ((x * (c >> 16)) mod 2^16) << 16, every term < 2^49."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for 0 <= x < 2^32 (an int64 tensor or a Python int): x times c or c - 2^32, whichever has
+    magnitude <= 2^31, so the product stays below 2^63 in magnitude; & keeps its low 32 bits (two's complement)."""
+    return (x * (c if c < 2**31 else c - 2**32)) & _M32
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
+def _fmix32(h):
     h = h ^ (h >> 16)
     h = _mul32(h, _FMIX[0])
     h = h ^ (h >> 13)
@@ -46,27 +54,26 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _stream(kind: int, half: int) -> int:
-    """A distinct 32-bit starting value per (kind, half): the golden-ratio sequence (never 0)."""
-    return (0x9E3779B9 * (2 * kind + half + 1)) & _M32
+def seed_keys(seed: int) -> list[int]:
+    """A 64-bit seed -> its four 32-bit keys (k1 of halves a and b, then k2 of a and b), on the host."""
+    keys = []
+    for stream in range(4):
+        h = (0x9E3779B9 * (stream + 1)) & _M32  # the golden-ratio sequence: distinct, never 0
+        for word in (seed & _M32, seed >> 32):
+            h = _fmix32(h ^ word)
+        keys.append(h)
+    return keys
 
 
-def _chain(start: int, words: list[torch.Tensor]) -> torch.Tensor:
-    h = torch.full_like(words[0], start)
-    for w in words:
-        h = _fmix32(h ^ w)
-    return h
+def hashed_uniform(keys: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """keys [4, *S] int64 (seed_keys, broadcastable against counter), counter (int64, 0 <= c < 2^32) -> float64
+    uniforms in [0, 1) with 53 random bits, one per element of the broadcast shape."""
+    h = _fmix32(_fmix32(keys[:2] ^ counter) ^ keys[2:])
+    return ((h[0] >> 5) * (1 << 26) + (h[1] >> 6)).to(torch.float64) * 2.0**-53
 
 
-def hashed_uniform(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, kind: int) -> torch.Tensor:
-    """float64 uniforms in [0, 1) with 53 random bits, one per element of the broadcast shape of the int64 inputs:
-    seed_lo / seed_hi the two 32-bit halves of a row's seed (0 <= each < 2^32), position >= 0 the token position."""
-    position = position.to(torch.int64)
-    words = torch.broadcast_tensors(position & _M32, (position >> 32) & _M32, seed_lo.to(torch.int64),
-                                    seed_hi.to(torch.int64))
-    a = _chain(_stream(kind, 0), list(words))
-    b = _chain(_stream(kind, 1), list(words))
-    return ((a >> 5) * (1 << 26) + (b >> 6)).to(torch.float64) * 2.0**-53
+def counter(position: torch.Tensor, kind) -> torch.Tensor:
+    return (position.to(torch.int64) * NUM_KINDS + kind) & _M32
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -88,22 +95,22 @@ def row_seed(seed: int | None, index: int) -> int | None:
 
 
 def seed_columns(seeds: list[int | None]) -> list[list[int]]:
-    """row_seed per row -> the [3, rows] columns of a RowSeeds buffer: seeded (0/1), seed low, seed high 32 bits."""
-    return [[int(s is not None) for s in seeds], [(s or 0) & _M32 for s in seeds], [(s or 0) >> 32 for s in seeds]]
+    """row_seed per row -> the [5, rows] columns of a RowSeeds buffer: seeded (0/1), then the four seed_keys."""
+    keys = [seed_keys(s) if s is not None else [0, 0, 0, 0] for s in seeds]
+    return [[int(s is not None) for s in seeds]] + [[k[i] for k in keys] for i in range(4)]
 
 
 @dataclass(frozen=True)
 class RowSeeds:
-    """Per row: whether it has a seed, and the seed's 32-bit halves (device tensors [R])."""
+    """Per row: whether it has a seed, and its seed_keys (device tensors [R] and [4, R])."""
 
     seeded: torch.Tensor  # bool
-    lo: torch.Tensor  # int64
-    hi: torch.Tensor  # int64
+    keys: torch.Tensor  # int64
 
     @classmethod
     def from_columns(cls, cols: torch.Tensor) -> RowSeeds:
-        """A [3, R] int64 tensor of seed_columns (a static buffer of the sampled graph)."""
-        return cls(cols[0] > 0, cols[1], cols[2])
+        """A [5, R] int64 tensor of seed_columns (a static buffer of the sampled graph)."""
+        return cls(cols[0] > 0, cols[1:])
 
     @classmethod
     def build(cls, seeds: list[int | None], device) -> RowSeeds | None:
@@ -112,17 +119,13 @@ class RowSeeds:
             return None
         return cls.from_columns(torch.tensor(seed_columns(seeds), dtype=torch.int64, device=device))
 
-    def uniform(self, position: torch.Tensor, kind: int) -> torch.Tensor:
-        """Hashed uniforms for positions [R] or [R, m] (row r's seed for row r)."""
-        shape = (-1,) + (1,) * (position.dim() - 1)
-        return hashed_uniform(self.lo.view(shape), self.hi.view(shape), position, kind)
+    def uniform(self, position: torch.Tensor, kind) -> torch.Tensor:
+        """Hashed uniforms [R, ...] for row r's token positions position[r, ...] (int64 [R] or [R, m]) and kind (an
+        int, or an int64 tensor broadcastable against position)."""
+        keys = self.keys.view(4, -1, *(1,) * (position.dim() - 1))
+        return hashed_uniform(keys, counter(position, kind))
 
-    def where(self, position: torch.Tensor, kind: int, other: torch.Tensor) -> torch.Tensor:
-        """float64: the hashed uniform where the row is seeded, `other` elsewhere."""
-        shape = (-1,) + (1,) * (position.dim() - 1)
-        return torch.where(self.seeded.view(shape), self.uniform(position, kind), other.to(torch.float64))
-
-    def draw(self, probs: torch.Tensor, position: torch.Tensor, kind: int, unseeded: torch.Tensor) -> torch.Tensor:
-        """Tokens [R] of probs [R, V]: seeded rows by inverse CDF on their hashed uniform at `position` [R],
-        the others `unseeded` (their draw from torch's generator)."""
-        return torch.where(self.seeded, inverse_cdf(probs, self.uniform(position, kind)), unseeded)
+    def draw(self, probs: torch.Tensor, u: torch.Tensor, unseeded: torch.Tensor) -> torch.Tensor:
+        """Tokens [R] of probs [R, V]: seeded rows by inverse CDF on their uniform u [R], the others `unseeded`
+        (their draw from torch's generator)."""
+        return torch.where(self.seeded, inverse_cdf(probs, u), unseeded)

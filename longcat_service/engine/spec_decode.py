@@ -318,16 +318,17 @@ class SpecDecoder:
         else:
             uniform, noise = self._randomness(len(srows), p.shape[1], dev)
             row_seeds = RowSeeds.build(seeds, dev)
-            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-            if row_seeds is not None:
-                uniform = row_seeds.where(pos_t, ACCEPT, uniform)
+            if row_seeds is not None:  # hashed: the acceptance and residual / bonus uniforms of each row's position
+                pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+                hashed = row_seeds.uniform(pos_t[:, None].expand(-1, 2), torch.tensor([[ACCEPT, TARGET]], device=dev))
+                uniform = torch.where(row_seeds.seeded, hashed[:, 0], uniform.to(torch.float64))
             accept = has_draft & (uniform * qd < pd)
             residual = (p - q).clamp(min=0.0)
             mass = residual.sum(dim=-1, keepdim=True)
             residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
             drawn = (residual / noise).argmax(dim=-1)
             if row_seeds is not None:
-                drawn = row_seeds.draw(residual, pos_t, TARGET, drawn)
+                drawn = row_seeds.draw(residual, hashed[:, 1], drawn)
             greedy_t = torch.tensor(greedy, dtype=torch.bool, device=dev)
             drawn = torch.where(greedy_t, p.argmax(dim=-1), drawn)
             token = torch.where(accept, draft_t, drawn)
@@ -516,10 +517,11 @@ class SpecDecoder:
             noise = torch.empty_like(q).exponential_(generator=r.sampler.generator)
             sampled = (q / noise).argmax(dim=-1)
             seeds = RowSeeds.build([row_seed(batch[i].seq.params.seed, batch[i].seq.index) for i in order], q.device)
-            if seeds is not None:  # the token position of each row's next draft
+            if seeds is not None:  # hashed at the token position of each row's next draft
                 pos = [batch[i].end_pos - len(batch[i].draft_token_ids) + len(emitted[i]) + len(drafts[i])
                        for i in order]
-                sampled = seeds.draw(q, torch.tensor(pos, dtype=torch.long, device=q.device), DRAFT, sampled)
+                sampled = seeds.draw(q, seeds.uniform(torch.tensor(pos, dtype=torch.long, device=q.device), DRAFT),
+                                     sampled)
             greedy_t = torch.tensor([row.params.greedy for row in srows], dtype=torch.bool, device=q.device)
             token = torch.where(greedy_t, token, sampled)
         return token, q

@@ -230,7 +230,7 @@ class SpecRowsRunner:
         """greedy_step for a batch mixing plain-greedy and plain-sampled rows (spec_sampled.py). options: the
         [4, len(batch)] spec_sampled.OPTIONS columns; dists: per sequence the distributions its drafts were drawn
         from ([>= drafts, V] on the device; None: none stored, a point mass), or all of them as one
-        [len(batch), k, V] tensor; seeds: the [3, len(batch)] seeded_draws.seed_columns (None: no seeded row).
+        [len(batch), k, V] tensor; seeds: the [5, len(batch)] seeded_draws.seed_columns (None: no seeded row).
         -> (bucket, packed result, the new drafts' distributions [bucket, k, V]; graph outputs valid until the
         bucket's next replay)."""
         b = bucket_for(len(batch), self.buckets)
@@ -242,7 +242,7 @@ class SpecRowsRunner:
                                                                                                 strict=True)]
         info = [[len(s.draft_token_ids) for s in batch] + [-1] * pad, list(rooms) + [0] * pad, has + [0] * pad]
         opts = [list(col) + [0.0] * pad for col in options]
-        seed_cols = [list(col) + [0] * pad for col in (seeds or [[0] * len(batch)] * 3)]
+        seed_cols = [list(col) + [0] * pad for col in (seeds or [[0] * len(batch)] * 5)]
         return (b, *self._run_sampled(b, self._verify_rows(batch), info, opts, dists, seed_cols))
 
     def _verify_rows(self, batch) -> DecodeRows:
@@ -318,7 +318,7 @@ class SpecGraphRunner(SpecRowsRunner):
         # were drawn from. [max_batch, k, vocab] fp32: at most MAX_GRAPH_ROWS * vocab * 4 bytes (k=1: 128 rows, 64 MiB
         # at vocab 131072); the graph's own [rows, vocab] temporaries (sorts, residuals) live in its pool
         self.sample_options = torch.zeros(4, self.max_batch, dtype=torch.float32, device=dev)
-        self.sample_seeds = torch.zeros(3, self.max_batch, dtype=torch.int64, device=dev)  # seeded_draws.seed_columns
+        self.sample_seeds = torch.zeros(5, self.max_batch, dtype=torch.int64, device=dev)  # seeded_draws.seed_columns
         self.draft_dists = torch.zeros(self.max_batch if self.sampled_ok else 0, k, model.config.vocab_size,
                                        dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}

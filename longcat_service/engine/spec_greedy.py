@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from longcat_service.engine.seeded_draws import RowSeeds
-from longcat_service.engine.spec_sampled import plain_probabilities, sample_drafts, verify_sampled
+from longcat_service.engine.spec_sampled import StepUniforms, plain_probabilities, sample_drafts, verify_sampled
 
 # a sequence with no token limit (max_tokens None and no context bound): more room than any draft count needs
 NO_LIMIT = 1 << 40
@@ -93,7 +93,7 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
                      sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One greedy spec step of b sequences -> the packed [b, 2k+3] int64 result (GreedyLayout).
-    With `sampling` = (options [4, b], q [b, k, V], seeds [3, b] or None) the batch mixes greedy and plain sampled
+    With `sampling` = (options [4, b], q [b, k, V], seeds [5, b] or None) the batch mixes greedy and plain sampled
     rows (spec_sampled.py): options per sequence (temperature 0: greedy), q the distributions its pending drafts were
     drawn from where seq_info[2] is 1 (else a point mass at the draft, as the host path's default), seeds its
     seeded_draws.seed_columns (seeded rows hash their uniforms from seed and token position); the result is
@@ -119,14 +119,15 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
     match = (j[None, :] < num_drafts[:, None]) & finite2[:, :k] & (drafted == target2[:, :k])
     accepted = ((~match).to(torch.long).cumsum(dim=1) == 0).sum(dim=1)
     start = positions.view(b, k + 1)[:, 0]  # the position of each sequence's last known token
-    seeds = None
+    seeded = None
     if sampling is not None:  # sampled rows: rejection sampling; greedy rows keep the argmax rule above
         options, q_in, seed_cols = sampling
-        seeds = RowSeeds.from_columns(seed_cols) if seed_cols is not None else None
+        if seed_cols is not None:
+            seeded = StepUniforms.of(RowSeeds.from_columns(seed_cols), start, k)
         p, _ = plain_probabilities(logits, options[:, :, None].expand(4, b, k + 1).reshape(4, n))
         point = torch.zeros_like(q_in).scatter_(2, drafted[:, :, None], 1.0)
         q = torch.where((seq_info[2] > 0)[:, None, None], q_in, point)
-        s_accepted, s_tokens = verify_sampled(p.view(b, k + 1, -1), q, drafted, num_drafts, finite2, seeds, start)
+        s_accepted, s_tokens = verify_sampled(p.view(b, k + 1, -1), q, drafted, num_drafts, finite2, seeded)
         greedy = options[0] == 0
         accepted = torch.where(greedy, accepted, s_accepted)
         target2 = torch.where(greedy[:, None], target2, s_tokens)
@@ -149,7 +150,10 @@ def greedy_spec_step(k: int, block_size: int, verify: Callable[[], torch.Tensor]
             tok, fin = argmax_and_finite(logits_of(h_rows))
             return torch.where(fin, tok, 0)  # as the eager draft sampler: a non-finite row drafts token 0
         # draft `step` (1-based) sits at token position start + count + step
-        tok, dist = sample_drafts(logits_of(h_rows), sampling[0], seeds, start + count + step)
+        if seeded is None:
+            tok, dist = sample_drafts(logits_of(h_rows), sampling[0])
+        else:
+            tok, dist = sample_drafts(logits_of(h_rows), sampling[0], seeded.seeded, seeded.draft(count + step))
         draft_dists.append(dist)
         return tok
 

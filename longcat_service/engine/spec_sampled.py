@@ -1,6 +1,6 @@
 """The sampled rows of a device-side spec step (engine/spec_greedy.py; issue 17): rejection sampling without a host read.
 
-A "plain sampled" row (Sampler.plain_sampled: temperature, top-k, top-p, min-p, the engine's shared randomness)
+A "plain sampled" row (Sampler.plain_sampled: temperature, top-k, top-p, min-p, seeded or not)
 draws from a distribution that needs only four numbers per row, so a CUDA graph can compute it from a static
 [4, rows] buffer that the host fills per step (OPTIONS: temperature, top_k, top_p, min_p; temperature 0 marks a
 greedy row of a mixed batch). plain_probabilities is Sampler.probabilities for such rows, on those tensors.
@@ -11,15 +11,17 @@ token is drawn from normalize(max(p_j - q_j, 0)) (p_j where that is all zero), a
 last draft. Greedy rows keep the exact argmax rule. The randomness of unseeded rows comes from torch's default
 generator of the device (torch.rand / exponential_), which CUDA graphs support: each replay advances its philox
 offset. Rows with a seed take every uniform from a hash of (seed, token position, kind of draw) instead
-(engine/seeded_draws.py; seed and positions from the graph's static buffers), so their tokens depend on the seed
-only, not on the batch.
+(engine/seeded_draws.py; seed keys and positions from the graph's static buffers, one hash call per step:
+StepUniforms) and draw by inverse CDF, so their tokens depend on the seed and the logits only, not on the batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds
+from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds, inverse_cdf
 
 OPTIONS = ("temperature", "top_k", "top_p", "min_p")
 
@@ -67,27 +69,54 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
-def sample_drafts(logits: torch.Tensor, options: torch.Tensor, seeds: RowSeeds | None = None,
-                  position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class StepUniforms:
+    """The hashed uniforms of a step's seeded sequences (seeded_draws.py), all from one hash call: per sequence the
+    acceptance uniforms of its drafts [b, k], the residual / bonus uniforms of verify tokens 0..k [b, k+1], and the
+    draft uniforms of positions start + 1 .. start + 2k + 1 [b, 2k+1] (a draft after `count` emitted tokens, number
+    `step`, sits at start + count + step)."""
+
+    seeded: torch.Tensor  # [b] bool
+    accept: torch.Tensor
+    target: torch.Tensor
+    drafts: torch.Tensor
+
+    @classmethod
+    def of(cls, seeds: RowSeeds, start: torch.Tensor, k: int) -> StepUniforms:
+        """start [b]: the position of each sequence's verify token 0 (verify token j decides position start + j + 1)."""
+        dev = start.device
+        offsets = torch.cat((torch.arange(k, device=dev), torch.arange(k + 1, device=dev),
+                             torch.arange(2 * k + 1, device=dev))) + 1
+        # device-side fills (no host-to-device copy inside a CUDA-graph capture)
+        kinds = torch.cat([torch.full((m,), kind, dtype=torch.int64, device=dev)
+                           for m, kind in ((k, ACCEPT), (k + 1, TARGET), (2 * k + 1, DRAFT))])
+        u = seeds.uniform(start[:, None] + offsets[None, :], kinds[None, :])
+        return cls(seeds.seeded, u[:, :k], u[:, k : 2 * k + 1], u[:, 2 * k + 1 :])
+
+    def draft(self, offset: torch.Tensor) -> torch.Tensor:
+        """[b] the uniforms of the drafts at positions start + offset (1 <= offset <= 2k+1)."""
+        return self.drafts.gather(1, (offset - 1)[:, None])[:, 0]
+
+
+def sample_drafts(logits: torch.Tensor, options: torch.Tensor, seeded: torch.Tensor | None = None,
+                  u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MTP logits [R, V] -> (draft token [R], the distribution q it was drawn from [R, V]): greedy rows their argmax,
-    sampled rows a draw from plain_probabilities (seeded rows: at token `position` [R], seeded_draws.DRAFT); a
-    non-finite row drafts token 0 (as the eager draft sampler)."""
+    sampled rows a draw from plain_probabilities (rows where `seeded` [R]: by inverse CDF on u [R]); a non-finite row
+    drafts token 0 (as the eager draft sampler)."""
     q, finite = plain_probabilities(logits, options)
     drawn = draw(q)
-    if seeds is not None:
-        drawn = seeds.draw(q, position, DRAFT, drawn)
+    if seeded is not None:
+        drawn = torch.where(seeded, inverse_cdf(q, u), drawn)
     token = torch.where(options[0] == 0, logits.argmax(dim=-1), drawn)
     return torch.where(finite, token, 0), q
 
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
-                   finite: torch.Tensor, seeds: RowSeeds | None = None, start: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   finite: torch.Tensor, seeded: StepUniforms | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling of b sequences' drafts. p [b, k+1, V]: the target distributions at verify tokens 0..k;
     q [b, k, V]: the distributions drafts [b, k] were drawn from; num_drafts [b] (rows past it are padding);
-    finite [b, k+1]; seeds (per sequence) with start [b], the position of verify token 0 (verify token j predicts
-    position start + j + 1, where draft j sits). -> (accepted drafts [b], tokens [b, k+1]: the first accepted + 1
-    are the emitted ones)."""
+    finite [b, k+1]; seeded: the hashed uniforms of the seeded sequences. -> (accepted drafts [b], tokens [b, k+1]:
+    the first accepted + 1 are the emitted ones)."""
     b, k = drafts.shape
     dev = p.device
     j = torch.arange(k, device=dev)
@@ -95,21 +124,19 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_d
     pd = p[:, :k].gather(2, drafts[:, :, None])[:, :, 0]
     qd = q.gather(2, drafts[:, :, None])[:, :, 0]
     uniform = torch.rand(b, k, device=dev)
-    if seeds is not None:
-        uniform = seeds.where(start[:, None] + 1 + j[None, :], ACCEPT, uniform)
+    if seeded is not None:
+        uniform = torch.where(seeded.seeded[:, None], seeded.accept, uniform.to(torch.float64))
     accept = valid & finite[:, :k] & (uniform * qd < pd)
     accepted = ((~accept).to(torch.long).cumsum(dim=1) == 0).sum(dim=1)
     # past the drafts q is 0 (whatever the buffer holds there), so the residual there (the bonus row) is p itself
     q_ext = torch.cat((torch.where(valid[:, :, None], q, 0.0), torch.zeros_like(q[:, :1])), dim=1)
     residual = (p - q_ext).clamp(min=0.0)
     mass = residual.sum(dim=-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p).reshape(b * (k + 1), -1)
+    drawn = draw(residual)
+    if seeded is not None:
+        drawn = torch.where(seeded.seeded[:, None].expand(b, k + 1).reshape(-1),
+                            inverse_cdf(residual, seeded.target.reshape(-1)), drawn)
     jj = torch.arange(k + 1, device=dev)
-    drawn = draw(residual.reshape(b * (k + 1), -1))
-    if seeds is not None:
-        rows = RowSeeds(*(x[:, None].expand(b, k + 1).reshape(-1) for x in (seeds.seeded, seeds.lo, seeds.hi)))
-        drawn = rows.draw(residual.reshape(b * (k + 1), -1), (start[:, None] + 1 + jj[None, :]).reshape(-1), TARGET,
-                          drawn)
-    drawn = drawn.view(b, k + 1)
     drafts_ext = torch.cat((drafts, torch.zeros_like(drafts[:, :1])), dim=1)
-    return accepted, torch.where(jj[None, :] < accepted[:, None], drafts_ext, drawn)
+    return accepted, torch.where(jj[None, :] < accepted[:, None], drafts_ext, drawn.view(b, k + 1))
