@@ -81,8 +81,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     whose float64 cumulative sum exceeds u * total. A zero-probability token is never returned: where rounding
     (u * total rounding up to the total, or a parallel scan's order) lands on one, the row's argmax instead (a
     change of the distribution at the 1e-16 level). A non-finite row returns an index in range."""
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
-    x = (u.to(torch.float64) * cdf[:, -1])[:, None]
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    x = (u * cdf[:, -1])[:, None]
     idx = torch.searchsorted(cdf, x, right=True).clamp(max=probs.shape[-1] - 1)
     positive = probs.gather(1, idx)[:, 0] > 0
     return torch.where(positive, idx[:, 0], probs.argmax(dim=-1))

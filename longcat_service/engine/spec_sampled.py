@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds, inverse_cdf
+from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, NUM_KINDS, TARGET, RowSeeds, hashed_uniform, inverse_cdf
 
 OPTIONS = ("temperature", "top_k", "top_p", "min_p")
 
@@ -69,6 +69,20 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
+_STEP_COUNTERS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _step_counters(k: int, device: torch.device) -> torch.Tensor:
+    """seeded_draws.counter(start + offset, kind) - 4 * start for a step's 4k + 2 draws (StepUniforms), cached: built
+    once (on the device, by fills: no host copy, also inside a CUDA-graph capture)."""
+    key = (k, str(device))
+    if key not in _STEP_COUNTERS:
+        parts = [torch.arange(1, m + 1, device=device) * NUM_KINDS + kind
+                 for m, kind in ((k, ACCEPT), (k + 1, TARGET), (2 * k + 1, DRAFT))]
+        _STEP_COUNTERS[key] = torch.cat(parts)
+    return _STEP_COUNTERS[key]
+
+
 @dataclass(frozen=True)
 class StepUniforms:
     """The hashed uniforms of a step's seeded sequences (seeded_draws.py), all from one hash call: per sequence the
@@ -84,13 +98,8 @@ class StepUniforms:
     @classmethod
     def of(cls, seeds: RowSeeds, start: torch.Tensor, k: int) -> StepUniforms:
         """start [b]: the position of each sequence's verify token 0 (verify token j decides position start + j + 1)."""
-        dev = start.device
-        offsets = torch.cat((torch.arange(k, device=dev), torch.arange(k + 1, device=dev),
-                             torch.arange(2 * k + 1, device=dev))) + 1
-        # device-side fills (no host-to-device copy inside a CUDA-graph capture)
-        kinds = torch.cat([torch.full((m,), kind, dtype=torch.int64, device=dev)
-                           for m, kind in ((k, ACCEPT), (k + 1, TARGET), (2 * k + 1, DRAFT))])
-        u = seeds.uniform(start[:, None] + offsets[None, :], kinds[None, :])
+        c = (start[:, None] * NUM_KINDS + _step_counters(k, start.device)[None, :]) & 0xFFFFFFFF
+        u = hashed_uniform(seeds.keys[:, :, None], c)
         return cls(seeds.seeded, u[:, :k], u[:, k : 2 * k + 1], u[:, 2 * k + 1 :])
 
     def draft(self, offset: torch.Tensor) -> torch.Tensor:
