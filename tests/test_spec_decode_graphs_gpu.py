@@ -55,8 +55,9 @@ def _requests(logprobs: int | None = 2):
 
 
 def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True, buckets=BUCKETS, max_num_seqs: int = 8,
-         fuse_sampled: bool = True):
-    """graphs: "off" (eager spec steps), "on" (CountingGraphs with BUCKETS) or "" (MTP off: decode graphs)."""
+         fuse_sampled: bool = True, wave: int | None = None):
+    """graphs: "off" (eager spec steps), "on" (CountingGraphs with BUCKETS) or "" (MTP off: decode graphs).
+    wave: run the requests that many at a time, each group to completion (its decode steps then hold no prompt)."""
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
     engine = make_engine(model=path, device="cuda", speculative_config=spec, max_num_seqs=max_num_seqs)
     runner = engine.runner
@@ -71,7 +72,11 @@ def _run(path, k, graphs: str, requests=None, fuse_greedy: bool = True, buckets=
                 runner.model, runner.kv_caches, runner.mtp_kv_cache, runner.block_size, own.max_blocks, k, buckets)
         runner.spec_decoder.fuse_greedy = fuse_greedy
         runner.spec_decoder.fuse_sampled = fuse_sampled
-    final, _ = run_to_completion(engine, requests or _requests())
+    requests = requests or _requests()
+    ids = list(requests)
+    final = {}
+    for i in range(0, len(ids), wave or len(ids)):
+        final |= run_to_completion(engine, {r: requests[r] for r in ids[i : i + (wave or len(ids))]})[0]
     assert_all_blocks_free(engine)
     return final, counting
 
@@ -205,8 +210,9 @@ def test_device_sampled_steps_seeded(tmp_path):
     requests = {f"r{i}": ([11, 12, 13], SamplingParams(temperature=1.0, top_k=6, max_tokens=4, ignore_eos=True,
                                                        seed=10_000 + i)) for i in range(800)}
     off, _ = _run(path, None, "", requests, max_num_seqs=64)
-    on, counting = _run(path, 2, "on", requests, buckets=(1, 2, 4, 8, 16, 32, 64), max_num_seqs=64)
-    assert counting.seeded_rows > 800 and not counting.batch_sizes  # all on the device, none host-verified
+    # in waves of 64: after each wave's prompt step, its decode steps are pure (the device step takes every one)
+    on, counting = _run(path, 2, "on", requests, buckets=(1, 2, 4, 8, 16, 32, 64), max_num_seqs=64, wave=64)
+    assert counting.seeded_rows > 800 and not counting.batch_sizes  # on the device, none host-verified
     for pos in (1, 2, 3):
         p = chi_square_p_value(Counter(off[r].outputs[0].token_ids[pos] for r in requests),
                                Counter(on[r].outputs[0].token_ids[pos] for r in requests))
