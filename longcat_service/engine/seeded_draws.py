@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longcat_service.layers.host_to_device import to_device
+
 ACCEPT, TARGET, DRAFT = 0, 1, 2  # kinds of draw at one token position
 NUM_KINDS = 4  # counter = 4 * position + kind
 
@@ -117,7 +119,7 @@ class RowSeeds:
         """row_seed per row -> RowSeeds on device, or None when no row has a seed."""
         if all(s is None for s in seeds):
             return None
-        return cls.from_columns(torch.tensor(seed_columns(seeds), dtype=torch.int64, device=device))
+        return cls.from_columns(to_device(seed_columns(seeds), torch.int64, torch.device(device)))
 
     def uniform(self, position: torch.Tensor, kind) -> torch.Tensor:
         """Hashed uniforms [R, ...] for row r's token positions position[r, ...] (int64 [R] or [R, m]) and kind (an

@@ -59,6 +59,7 @@ from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, TARGET, RowSeeds,
 from longcat_service.engine.spec_greedy import GreedyLayout, GreedyReadback, draft_room
 from longcat_service.engine.spec_sampled import option_rows
 from longcat_service.layers.attention_metadata import AttentionMetadata
+from longcat_service.layers.host_to_device import to_device
 from longcat_service.model.mtp import build_mtp_plan
 from longcat_service.outputs import Logprob
 
@@ -319,8 +320,8 @@ class SpecDecoder:
             uniform, noise = self._randomness(len(srows), p.shape[1], dev)
             row_seeds = RowSeeds.build(seeds, dev)
             if row_seeds is not None:  # hashed: the acceptance and residual / bonus uniforms of each row's position
-                pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-                hashed = row_seeds.uniform(pos_t[:, None].expand(-1, 2), torch.tensor([[ACCEPT, TARGET]], device=dev))
+                pos_t = to_device(positions, torch.long, dev)
+                hashed = row_seeds.uniform(pos_t[:, None].expand(-1, 2), to_device([[ACCEPT, TARGET]], torch.long, dev))
                 uniform = torch.where(row_seeds.seeded, hashed[:, 0], uniform.to(torch.float64))
             accept = has_draft & (uniform * qd < pd)
             residual = (p - q).clamp(min=0.0)
@@ -520,8 +521,7 @@ class SpecDecoder:
             if seeds is not None:  # hashed at the token position of each row's next draft
                 pos = [batch[i].end_pos - len(batch[i].draft_token_ids) + len(emitted[i]) + len(drafts[i])
                        for i in order]
-                sampled = seeds.draw(q, seeds.uniform(torch.tensor(pos, dtype=torch.long, device=q.device), DRAFT),
-                                     sampled)
+                sampled = seeds.draw(q, seeds.uniform(to_device(pos, torch.long, q.device), DRAFT), sampled)
             greedy_t = torch.tensor([row.params.greedy for row in srows], dtype=torch.bool, device=q.device)
             token = torch.where(greedy_t, token, sampled)
         return token, q
