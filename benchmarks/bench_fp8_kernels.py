@@ -1,18 +1,8 @@
 """Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
 
-    python benchmarks/bench_fp8_kernels.py [--sections rates,dense,dense_decode,experts,grouped] [--reps 20]
-        [--out fp8.json] [--sweep-batches 8,16,64,128]
+    python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
+        [--sweep-batches 8,16,64,128]
         [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
-        [--dense-rows 8,16,32,64,128,256] [--dense-splits 0] [--dense-configs default|sweep|'c1;c2']
-
-dense_decode: the Triton w8a16 dense kernel (kernels/fp8_dense_decode.py) against kernels/fp8_gemm.w8a8_linear (the
-activation quantization + cuBLAS blockwise scaled-mm, what fp8_linear ran above DECODE_ROWS before) and the byte
-floor (weight + scale + x + y bytes / the measured copy rate), on the LongCat-Flash-2L dense shapes (DENSE_SHAPES,
-each 4 times a decode step: 2 layers x 2 sublayers) at --dense-rows rows: the default config of each row count
-(fp8_dense_decode.config_for, auto split) and the --dense-configs configs (sweep = SWEEP_DENSE_CONFIGS, each at the
-row counts whose row tile is its block_m; a list: each at every row count) at each --dense-splits split (0 = auto). Then a step table (the 20 linears of a step: default, best config per row
-count, w8a8, floor), the fastest config per row count summed over the shapes (for fp8_dense_decode.DENSE_CONFIGS)
-and the largest row count up to which w8a16 beats w8a8 at every row count below (for ops/fp8.W8A16_MAX_ROWS).
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
@@ -145,143 +135,6 @@ def bench_dense(copy_tbps, fp8_tflops, reps):
         w8s = w16s = None
         torch.cuda.empty_cache()
     return rows
-
-
-DENSE_DECODE_ROWS = (8, 16, 32, 64, 128, 256)
-DENSE_PER_STEP = 4  # each dense shape runs 2 layers x 2 sublayers times in a LongCat-Flash-2L decode step
-
-
-def dense_decode_configs(spec: str):
-    """--dense-configs: 'default' (none beyond the per-rows default), 'sweep' (SWEEP_DENSE_CONFIGS, each at the row
-    counts whose row tile is its block_m: (configs, True)) or 'c1;c2' (each at every row count: (configs, False))."""
-    from longcat_service.kernels import fp8_dense_decode as dd
-
-    if spec == "default":
-        return [], False
-    if spec == "sweep":
-        return list(dd.SWEEP_DENSE_CONFIGS), True
-    return [dd.parse_dense_config(c) for c in spec.split(";") if c.strip()], False
-
-
-def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, configs=(), splits=(0,), match_rows=False):
-    """Per (shape, rows): the w8a16 kernel's default config, each config x split (match_rows: only configs whose
-    block_m is the rows' tile, next_pow2(rows)), w8a8_linear, the byte floor."""
-    import dataclasses
-
-    from longcat_service.kernels import fp8_dense_decode as dd
-    from longcat_service.kernels import next_pow2
-    from longcat_service.kernels.fp8_gemm import w8a8_linear
-
-    rows_out = []
-    for name, (n, k) in DENSE_SHAPES.items():
-        copies = max(2, math.ceil(ROTATION_BYTES / (n * k)))
-        w8s = [random_fp8((n, k), seed=i) for i in range(copies)]
-        scale = scales_for(w8s[0], 1.0 / (64 * k**0.5))
-        for m in rows_list:
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            default = dd.config_for(m, n, k)
-            t_default, err = timed([functools.partial(dd.dense_fp8_decode, x, w, scale) for w in w8s], reps)
-            w8a8, w8a8_err = timed([functools.partial(w8a8_linear, x, w, scale) for w in w8s], reps)
-            variants = {}
-            tile = next_pow2(m, minimum=16)
-            chosen = [c for c in configs if not match_rows or c.block_m == min(tile, 256)]
-            for cfg in dict.fromkeys(dataclasses.replace(c, split_k=sp) for c in chosen for sp in splits):
-                t, v_err = timed([functools.partial(dd.dense_fp8_decode, x, w, scale, cfg) for w in w8s], reps)
-                variants[str(cfg)] = t if v_err is None else v_err
-            bytes_moved = n * k + scale.numel() * 4 + m * k * 2 + m * n * 2
-            row = {"shape": name, "N": n, "K": k, "M": m, "default_config": str(default),
-                   "default_split": dd.resolve_split(n, k, default, dd._sm_count(x.device))[0],
-                   "w8a16_us": t_default, "w8a16_error": err, "w8a8_us": w8a8, "w8a8_error": w8a8_err,
-                   "variants_us": variants, "byte_floor_us": bytes_moved / (copy_tbps * 1e6)}
-            rows_out.append(row)
-            print(json.dumps(row), flush=True)
-        w8s = None
-        torch.cuda.empty_cache()
-    return rows_out
-
-
-def _best_variant(r):
-    """(config, us) of the fastest of a dense_decode row's default and variants."""
-    timings = {f"default {r['default_config']}": r["w8a16_us"]} if isinstance(r["w8a16_us"], float) else {}
-    timings.update({c: t for c, t in r["variants_us"].items() if isinstance(t, float)})
-    if not timings:
-        return None, None
-    best = min(timings, key=timings.get)
-    return best, timings[best]
-
-
-def _step_total(group, key_fn):
-    """The decode step's time of the dense linears (each shape DENSE_PER_STEP times), None if one is missing."""
-    vals = [key_fn(r) for r in group]
-    return DENSE_PER_STEP * sum(vals) if all(isinstance(v, float) for v in vals) else None
-
-
-def print_dense_decode(rows, copy_tbps):
-    def frac(floor, t):
-        return f"{floor / t:.2f}" if isinstance(t, float) and t > 0 else "-"
-
-    print(f"\ndense decode (w8a16 Triton vs w8a8 cuBLAS), copy rate {copy_tbps:.2f} TB/s; frac = byte floor / time")
-    print(f"{'shape':>14} {'N x K':>12} {'M':>4} {'floor':>9} {'w8a16':>9} {'frac':>5} {'split':>5} {'best':>9} "
-          f"{'frac':>5} {'w8a8':>9} {'frac':>5} {'w8a8/best':>9}  best config")
-    for r in rows:
-        cfg, best = _best_variant(r)
-        ratio = f"{r['w8a8_us'] / best:.2f}" if isinstance(r["w8a8_us"], float) and best else "-"
-        print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>4} {_fmt(r['byte_floor_us'])} {_fmt(r['w8a16_us'])} "
-              f"{frac(r['byte_floor_us'], r['w8a16_us']):>5} {r['default_split']:>5} {_fmt(best)} "
-              f"{frac(r['byte_floor_us'], best):>5} {_fmt(r['w8a8_us'])} {frac(r['byte_floor_us'], r['w8a8_us']):>5} "
-              f"{ratio:>9}  {cfg or '-'}{'  ' + r['w8a16_error'] if r.get('w8a16_error') else ''}")
-    by_rows = {}
-    for r in rows:
-        by_rows.setdefault(r["M"], []).append(r)
-    print(f"\n{'step (20 linears)':>18} {'M':>4} {'floor':>9} {'w8a16':>9} {'best':>9} {'w8a8':>9} {'frac w8a16':>10} "
-          f"{'frac best':>9} {'frac w8a8':>9}  fastest config summed over the shapes")
-    bounds = {"default": [0, False], "best": [0, False]}  # (largest row count so far, lost once)
-    for m, group in sorted(by_rows.items()):
-        floor, default, w8a8 = (_step_total(group, lambda r, k=k: r[k]) for k in ("byte_floor_us", "w8a16_us",
-                                                                                   "w8a8_us"))
-        best = _step_total(group, lambda r: _best_variant(r)[1])
-        per_cfg = {}
-        for r in group:
-            for c, t in [(f"default {r['default_config']}", r["w8a16_us"]), *r["variants_us"].items()]:
-                c = c.removeprefix("default ")
-                per_cfg.setdefault(c, []).append(t)
-        summed = {c: sum(ts) for c, ts in per_cfg.items() if len(ts) == len(group) and
-                  all(isinstance(t, float) for t in ts)}
-        fastest = min(summed, key=summed.get) if summed else "-"
-        print(f"{'':>18} {m:>4} {_fmt(floor)} {_fmt(default)} {_fmt(best)} {_fmt(w8a8)} {frac(floor, default):>10} "
-              f"{frac(floor, best):>9} {frac(floor, w8a8):>9}  {fastest}")
-        for name, t in (("default", default), ("best", best)):
-            wins = t is not None and w8a8 is not None and t < w8a8
-            if wins and not bounds[name][1]:
-                bounds[name][0] = m
-            bounds[name][1] = bounds[name][1] or not wins
-    for name, (max_rows, _) in bounds.items():
-        print(f"w8a16 ({name} config) beats w8a8 on the step at every measured row count up to {max_rows or 'none'} "
-              f"(ops/fp8.W8A16_MAX_ROWS now {fp8_ops.W8A16_MAX_ROWS})")
-    print_shape_exceptions(rows)
-
-
-SHAPE_EXCEPTION_GAIN = 0.03  # a shape's fastest config is printed as an exception when this much faster
-
-
-def print_shape_exceptions(rows):
-    """fp8_dense_decode.SHAPE_CONFIGS entries: (rows bound, N, K) whose fastest config beats the default by more
-    than SHAPE_EXCEPTION_GAIN (the fastest of the bound's measured row counts)."""
-    from longcat_service.kernels import fp8_dense_decode as dd
-
-    best = {}
-    for r in rows:
-        cfg, t = _best_variant(r)
-        if cfg is None or cfg.startswith("default ") or not isinstance(r["w8a16_us"], float):
-            continue
-        if t < (1 - SHAPE_EXCEPTION_GAIN) * r["w8a16_us"]:
-            key = (dd.rows_bound(r["M"]), r["N"], r["K"])
-            if key not in best or r["M"] > best[key][0]:  # the bound's largest row count decides
-                best[key] = (r["M"], cfg, t / r["w8a16_us"])
-    print("SHAPE_CONFIGS = {  # (rows bound, N, K): fastest config (time / default's at that many rows)")
-    for (bound, n, k), (m, cfg, ratio) in sorted(best.items()):
-        print(f'    ({bound}, {n}, {k}): parse_dense_config("{cfg}"),  # {ratio:.2f} at {m} rows')
-    print("}")
 
 
 def _routings(batch, num, seed):
@@ -500,8 +353,6 @@ def print_tables(res):
             print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>5} {_fmt(r['ours_us'])} {_fmt(r['w8a8_us'])} "
                   f"{_fmt(r['bf16_us'])} {_fmt(r['scaled_mm_us'])} {_fmt(r['byte_floor_us'])} "
                   f"{_fmt(r['flop_floor_us'])} {eff:>10}")
-    if res.get("dense_decode"):
-        print_dense_decode(res["dense_decode"], res["copy_TBps"])
     if res.get("experts"):
         print(f"\n{'experts I':>9} {'B':>5} {'active':>6} {'ours':>10} {'cuda':>10} {'triton':>10} {'bf16':>10} "
               f"{'bytes':>9} {'flops':>9} {'floor/ours':>10} {'floor/cuda':>10} {'floor/triton':>12} {'bf16/ours':>9}")
@@ -566,11 +417,6 @@ def main() -> None:
                         help="grouped: configs separated by ';', e.g. '128,128,64,4,4,tma;128,128,64,4,4,tma,persist2'")
     parser.add_argument("--tokens", default="4096", help="grouped: prompt lengths, e.g. 1024,4096,32768")
     parser.add_argument("--no-fusion", action="store_true", help="grouped: skip the quantization-fusion timings")
-    parser.add_argument("--dense-rows", default=",".join(map(str, DENSE_DECODE_ROWS)),
-                        help="dense_decode: row counts")
-    parser.add_argument("--dense-splits", default="0", help="dense_decode: splits of each config (0 = auto)")
-    parser.add_argument("--dense-configs", default="sweep",
-                        help="dense_decode: default (per-rows defaults only), sweep (SWEEP_DENSE_CONFIGS) or 'c1;c2'")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -586,11 +432,6 @@ def main() -> None:
     sections = args.sections.split(",")
     if "dense" in sections:
         res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps)
-    if "dense_decode" in sections:
-        configs, match_rows = dense_decode_configs(args.dense_configs)
-        res["dense_decode"] = bench_dense_decode(
-            copy_tbps, args.reps, tuple(int(r) for r in args.dense_rows.split(",") if r.strip()), configs,
-            tuple(int(v) for v in args.dense_splits.split(",") if v.strip()), match_rows)
     if "experts" in sections:
         sweep = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
         res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps, sweep_batches=sweep)

@@ -29,11 +29,8 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   cp longcat_service/_C*.so "$OUT/" 2>/dev/null
 fi
 step pytest_fp8 240 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_reference.py \
-  tests/test_fp8_expert_decode.py tests/test_fp8_dense_decode.py
+  tests/test_fp8_expert_decode.py
 step bench_dense 90 $PY benchmarks/bench_fp8_kernels.py --sections dense --reps 20 --out "$L/bench_dense.json"
-# dense_decode: the Triton w8a16 dense kernel vs w8a8 (cuBLAS) vs the byte floor, rows 8..256, every sweep config
-step bench_dense_decode 300 $PY benchmarks/bench_fp8_kernels.py --sections dense_decode --reps 10 \
-  --out "$L/bench_dense_decode.json"
 # experts: CUDA vs Triton decode kernels per (I, B) and the Triton config sweep (11 configs x 2 launches x 4 batches)
 step bench_experts 300 $PY benchmarks/bench_fp8_kernels.py --sections experts --reps 20 --out "$L/bench_experts.json"
 step bench_grouped 80 $PY benchmarks/bench_fp8_kernels.py --sections grouped --reps 10 --configs 4 \
@@ -56,7 +53,7 @@ step pytest_model 150 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_fp8_
   echo "== Triton compiles after the warm-up (model_fp8) =="
   grep -o "warm_up_prefill): [A-Za-z0-9_]*" "$L/model_fp8.log" 2>/dev/null | sort | uniq -c
   grep "Triton built" "$L/model_fp8.log" 2>/dev/null | sed 's/.*warm_up_prefill): //' | cut -c1-1500 | head -6
-  for s in bench_dense bench_dense_decode bench_experts bench_grouped model_fp8; do
+  for s in bench_dense bench_experts bench_grouped model_fp8; do
     echo "== $s =="; grep -v -e '^{' -e '^  sweep' "$L/$s.log" 2>/dev/null | tail -80
   done
 } >"$OUT/summary.txt" 2>&1

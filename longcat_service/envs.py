@@ -118,12 +118,6 @@ SWITCHES: tuple[Switch, ...] = (
            "or the CUDA expert_ffn_fp8; auto = ops/extension.py's rule (Triton from 16 tokens for wide experts, from 8 "
            "for narrow ones: the fastest on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "triton", "cuda")),
-    Switch("LONGCAT_FP8_DENSE_KERNEL", "auto|triton|w8a8", "auto", "testing",
-           "dense linears with block-FP8 weights at more rows than the CUDA GEMV takes (ops/fp8.DECODE_ROWS): the "
-           "Triton w8a16 weight-streaming kernel (kernels/fp8_dense_decode.py) or the w8a8 GEMM (activation "
-           "quantization + cuBLAS blockwise scaled-mm); auto = ops/fp8.dense_regime's rule (Triton up to "
-           "W8A16_MAX_ROWS rows); forcing one is for tests and benchmarks (the CPU w8a8-reference mode follows it)",
-           _one_of("auto", "triton", "w8a8")),
     Switch("LONGCAT_MLA_DECODE_KERNEL", "auto|old|new", "auto", "testing",
            "MLA decode attention kernels (read at each call): new = up to 64 heads per program sharing each cache "
            "tile (kernels/_mla_decode_mqa_triton.py), old = 16-head programs (kernels/_mla_decode_triton.py); auto = "

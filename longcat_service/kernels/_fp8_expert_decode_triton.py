@@ -6,11 +6,15 @@ read on the device, exits at once) or, without one, every expert (those without 
 walks its expert's rows in BLOCK_M tiles (decode: one tile, so the weight tile is read from HBM exactly once for
 all of the expert's rows; an expert with more than BLOCK_M rows re-reads it per extra tile).
 
-One K step (the shared w8a16 blocks of _fp8_w8a16_triton.py, which also describes the form): the e4m3 weight
-tile dequantized in registers, the tensor cores accumulate the transposed product (swap-AB). Weight tiles come
-through a TMA descriptor of the weight viewed as [E * N, K] where its layout allows, else through pointer loads.
-The H200 sweep (fp8_expert_decode.py) was won by this form; the unswapped, exact-products-scaled-in-fp32 and
-pointer-load (on TMA-able weights) forms measured slower than the winner and are gone.
+One K step: the e4m3 weight tile [BLOCK_N, BLOCK_K] is dequantized in registers to the activation dtype with its
+rows' block scales (bf16(w8 * scale), the reference's weights bit for bit; BLOCK_K divides 128: a step lies in one
+scale block) and the tensor cores accumulate the transposed product in place (fp32): the weight rows are the MMA's
+M side, so a 16-row token tile still gives Hopper's wgmma a 64+ wide M. Weight tiles come through a TMA descriptor
+of the weight viewed as [E * N, K] where its layout allows (rows of 16-byte multiples, aligned base), else through
+pointer loads: that fallback is not a tuning variant but the path for layouts TMA cannot take. The activation rows
+are always gathered with pointer loads (rows past the expert's end masked: no memory traffic). The H200 sweep
+(fp8_expert_decode.py) was won by this form; the unswapped, exact-products-scaled-in-fp32 and pointer-load (on
+TMA-able weights) forms measured slower than the winner and are gone.
 
 SwiGLU kernel: one program owns gate rows n and up rows I + n of its N tile (two accumulators); the epilogue
 rounds gate and up to the activation dtype, then silu(gate) * up as eager torch does (_silu_mul_triton), and
@@ -24,17 +28,47 @@ import triton
 import triton.language as tl
 
 from longcat_service.kernels import interpreter_mode
-from longcat_service.kernels._fp8_w8a16_triton import (
-    TensorDescriptor,
-    _load_w,
-    _load_x,
-    _out_ptrs,
-    _product,
-    _scaled_partial,
-    aot_compile_kernel,
-    weight_desc,
-)
-from longcat_service.kernels._silu_mul_triton import _round, _silu_mul
+from longcat_service.kernels._silu_mul_triton import _round, _silu_mul, _to_f32
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - triton < 3.4
+    TensorDescriptor = None
+
+
+@triton.jit
+def _scaled_partial(acc, x, w8, s, MANUAL_BF16: tl.constexpr):
+    """acc [BN, BM] + (w8 * s) @ x^T, x [BM, BK], w8 e4m3 [BN, BK], s fp32 [BN] (its rows' block scales): the tile
+    is dequantized to x's dtype (bf16(w8 * s): the reference's weights, bit for bit) and the tensor cores accumulate
+    in place; the weight rows are the MMA's M side (Hopper's wgmma needs 64), the token rows its N side (16 do)."""
+    w = _round(w8.to(tl.float32) * s[:, None], x.dtype, MANUAL_BF16)
+    if MANUAL_BF16:  # the interpreter's dot multiplies bf16 as raw uint16 bits: exact fp32 operands instead
+        return tl.dot(_to_f32(w, MANUAL_BF16), tl.trans(_to_f32(x, MANUAL_BF16)), acc, input_precision="ieee")
+    else:
+        return tl.dot(w, tl.trans(x), acc)
+
+
+@triton.jit
+def _load_w(w_ptrs, s_ptrs, w_desc, w_row, k0, K, col_ok, ks, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    """The e4m3 weight tile at K offset k0 and its rows' scales of that K block. TMA: rows [w_row, +BLOCK_N) of
+    the weight viewed as [E * N, K] (rows past the tile's N belong to the next part or expert, or are zeros past
+    the end: they only meet columns that are not stored)."""
+    if TMA:
+        w8 = w_desc.load([w_row, k0])
+    elif EVEN_K:
+        w8 = tl.load(w_ptrs + k0, mask=col_ok[:, None], other=0.0)
+    else:
+        w8 = tl.load(w_ptrs + k0, mask=col_ok[:, None] & ((k0 + ks) < K)[None, :], other=0.0)
+    s = tl.load(s_ptrs + k0 // 128, mask=col_ok, other=0.0)
+    return w8, s
+
+
+@triton.jit
+def _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(x_ptrs + k0, mask=row_ok[:, None] & ((k0 + ks) < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -46,6 +80,12 @@ def _swiglu_step(acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, w_des
     acc_g = _scaled_partial(acc_g, x, wg, sg, MANUAL_BF16)
     acc_u = _scaled_partial(acc_u, x, wu, su, MANUAL_BF16)
     return acc_g, acc_u
+
+
+@triton.jit
+def _out_ptrs(out_ptr, rows, cols, s_om, row_ok, col_ok):
+    """Pointers and mask of an accumulator-shaped output tile [BN, BM] (the transposed product)."""
+    return (out_ptr + rows.to(tl.int64)[None, :] * s_om + cols[:, None]), col_ok[:, None] & row_ok[None, :]
 
 
 @triton.jit
@@ -144,8 +184,19 @@ def _down_tile(
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     x_ptrs = h_ptr + rows.to(tl.int64)[:, None] * s_hm + ks[None, :]
-    acc = _product(x_ptrs, w_ptrs, s_ptrs, w_desc, w_row, 0, K, K, row_ok, col_ok, ks, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
-                   EVEN_K, MANUAL_BF16, USE_WHILE)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if USE_WHILE:
+        k0 = 0
+        while k0 < K:
+            x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
+            w8, s = _load_w(w_ptrs, s_ptrs, w_desc, w_row, k0, K, col_ok, ks, EVEN_K, TMA)
+            acc = _scaled_partial(acc, x, w8, s, MANUAL_BF16)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_x(x_ptrs, k0, K, row_ok, ks, EVEN_K)
+            w8, s = _load_w(w_ptrs, s_ptrs, w_desc, w_row, k0, K, col_ok, ks, EVEN_K, TMA)
+            acc = _scaled_partial(acc, x, w8, s, MANUAL_BF16)
     y_ptrs, mask = _out_ptrs(y_ptr, rows, cols, s_ym, row_ok, col_ok)
     tl.store(y_ptrs, _round(acc, y_ptr.dtype.element_ty, MANUAL_BF16), mask=mask)
 
@@ -187,8 +238,23 @@ def _routing_args(expert_offsets, active_experts, num_active, num_experts, num_s
     return expert_offsets, active_experts, num_active, min(num_experts, num_slots), True
 
 
+def tma_supported(w: torch.Tensor) -> bool:
+    """A TMA descriptor of the e4m3 weight w [E, N, K] viewed as [E * N, K]: rows of 16-byte multiples, an aligned
+    base, expert and row dimensions mergeable (coordinates fit int32)."""
+    if TensorDescriptor is None:
+        return False
+    num_experts, n, k = w.shape
+    mergeable = n == 1 or num_experts == 1 or w.stride(0) == n * w.stride(1)
+    return (mergeable and k > 0 and num_experts * n > 0 and w.stride(2) == 1 and w.stride(1) % 16 == 0
+            and w.data_ptr() % 16 == 0 and num_experts * n < 2**31)
+
+
 def _w_desc(w: torch.Tensor, config):
-    return weight_desc(w, config.block_n, config.block_k)
+    """The weight's TMA descriptor, or None where its layout needs the pointer-load fallback."""
+    num_experts, n, k = w.shape
+    if not tma_supported(w):
+        return None
+    return TensorDescriptor(w, [num_experts * n, k], [w.stride(1), 1], [config.block_n, config.block_k])
 
 
 def launch_swiglu(hidden, w13, w13_scale, h, expert_offsets, sorted_slots, top_k, active_experts, num_active,
@@ -234,6 +300,10 @@ def aot_compile(config, kind: str, hidden: int = 6144, inter: int = 2048, num_ex
     these shapes (default LongCat-Flash's), for a CUDA GPU of this capability, without a GPU (an offline check of the
     GPU path, which the interpreter does not compile). Needs TRITON_INTERPRET unset at import. Returns triton's
     CompiledKernel."""
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
     act, fp8, i32 = dtype, torch.float8_e4m3fn, torch.int32
     ints = torch.empty(num_experts + 1, dtype=i32)
     if kind == "swiglu":
@@ -259,4 +329,18 @@ def aot_compile(config, kind: str, hidden: int = 6144, inter: int = 2048, num_ex
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, COMPACT=compact,
                       TMA=use_tma, EVEN_K=k % config.block_k == 0,
                       MANUAL_BF16=False, USE_WHILE=False, **extra)
-    return aot_compile_kernel(fn, values, constexprs, config.num_warps, config.num_stages, capability)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs or values[name] is None:
+            constexprs.setdefault(name, None)
+            signature[name] = "constexpr"
+            continue
+        ty, key = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":  # an int equal to 1 is specialised to a constant
+            constexprs[name] = values[name]
+        if key == "D":  # divisible by 16
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})

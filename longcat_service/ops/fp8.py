@@ -6,11 +6,9 @@ Weights: e4m3 [.., N, K] with an fp32 block scale [.., ceil(N/128), ceil(K/128)]
 it always takes the reference path. None: the standard block layout.
 
 On CUDA, with the extension / Triton kernels present (h15k's wrappers, looked up once, guarded so either side
-works alone), by row count (dense_regime): up to DECODE_ROWS rows stream the FP8 weight through `dense_gemv_fp8`
-(dequantized in registers), up to W8A16_MAX_ROWS through the Triton w8a16 kernel (kernels/fp8_dense_decode.py: the
-weight streamed once, dequantized in registers, bf16 tensor cores), more rows take the w8a8 block GEMM (dynamic
-per-token-group activation quantization; torch's cuBLASLt blockwise scaled-mm on Hopper where it takes the shape,
-else the Triton kernel); the first two are weight-only, as the CPU reference; the routed
+works alone): decode rows (<= DECODE_ROWS) stream the FP8 weight through `dense_gemv_fp8` (dequantized in
+registers), more rows take the w8a8 block GEMM (dynamic per-token-group activation quantization; torch's
+cuBLASLt blockwise scaled-mm on Hopper where it takes the shape, else the Triton kernel); the routed
 experts take `extension.expert_ffn_fp8`, which picks its own decode / grouped-GEMM regime. Everywhere else
 (CPU, unsupported shapes): the reference, i.e. dequantize to the activation dtype, then the bf16/fp32 op
 (weight-only: equal to the unquantized model run on the dequantized weights). Choices use shapes, dtypes and the
@@ -25,18 +23,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from longcat_service import envs, ops
+from longcat_service import ops
 from longcat_service.ops.fp8_reference import BLOCK, FP8_DTYPE, block_dequant, per_token_group_quant
 
 # Rows up to which the dense linears stream the weight through dense_gemv_fp8 (which takes up to 8). H200 run 1
 # (benchmarks/RESULTS.md): the GEMV wins at 1-4 rows on every LongCat shape but gate_up at 4 (66 vs 52 us w8a8),
 # and loses at 8 on all but q_a_kv_a (q_b 20 vs 13, o_proj 51 vs 27 scaled-mm, gate_up 122 vs 53, down 76 vs 35).
 DECODE_ROWS = 4
-# Rows up to which the dense linears (above DECODE_ROWS) take the Triton w8a16 kernel instead of the w8a8 GEMM.
-# NOT YET MEASURED: the H200 profile of batch 64 had cuBLAS w8a8 at ~0.53 of the copy rate on the dense shapes, and
-# bf16 tensor cores make w8a16 compute-bound from ~100 rows; set this from `python benchmarks/bench_fp8_kernels.py
-# --sections dense_decode` (its "beats w8a8 on the step at every measured row count up to" lines).
-W8A16_MAX_ROWS = 64
 
 
 def cdiv(a: int, b: int = BLOCK) -> int:
@@ -110,39 +103,6 @@ def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> b
     return device_capability(x2.device) >= (8, 9)
 
 
-def dense_regime(rows: int) -> str:
-    """Which product a dense FP8 linear of `rows` rows runs on CUDA: "gemv" (<= DECODE_ROWS) or "w8a16" (<=
-    W8A16_MAX_ROWS; any number with LONGCAT_FP8_DENSE_KERNEL=triton), both weight-only, else "w8a8" (activation
-    quantization; below W8A16_MAX_ROWS too with LONGCAT_FP8_DENSE_KERNEL=w8a8). The CPU w8a8-reference mode
-    follows it. (A kernel that does not take the shape falls through to the next: gemv -> w8a16 -> w8a8.)"""
-    if rows <= DECODE_ROWS:
-        return "gemv"
-    forced = envs.LONGCAT_FP8_DENSE_KERNEL
-    if forced != "auto":
-        return "w8a16" if forced == "triton" else "w8a8"
-    return "w8a16" if rows <= W8A16_MAX_ROWS else "w8a8"
-
-
-@functools.cache
-def _dense_decode():
-    """kernels/fp8_dense_decode (the Triton w8a16 dense kernel), or None when Triton is absent."""
-    from longcat_service.kernels import triton_available
-
-    if not triton_available():
-        return None
-    from longcat_service.kernels import fp8_dense_decode
-
-    return fp8_dense_decode
-
-
-def w8a16_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
-    """What the Triton w8a16 dense kernel takes (fp8_dense_decode.supported), Triton on. Host metadata only."""
-    from longcat_service.kernels import fast_path_enabled
-
-    module = _dense_decode()
-    return module is not None and fast_path_enabled(x2) and module.supported(x2, w8, scale)
-
-
 def quant_dequant(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] rounded through the dynamic per-token-group e4m3 activation quantization, in fp32."""
     x8, x_scale = per_token_group_quant(x)
@@ -153,21 +113,17 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Se
                w8a8_reference: bool = False):
     """x [..., K] @ W^T -> [..., N] in x's dtype, W the block-FP8 weight (w8, scale).
 
-    w8a8_reference: where the reference runs, round the rows of batches the GPU runs through the w8a8 GEMM
-    (dense_regime "w8a8") through the activation quantization first, as that kernel does (w8a8_linear_ref: fp32
-    matmul), instead of the weight-only reference: a CPU model then follows the GPU's numerics (tests)."""
+    w8a8_reference: where the reference runs, round prefill rows (batches of more than DECODE_ROWS) through the
+    activation quantization first, as the GPU prefill kernels do (w8a8_linear_ref: fp32 matmul), instead of the
+    weight-only reference: a CPU model then follows the GPU's numerics (tests)."""
     x2 = x.reshape(-1, x.shape[-1])
-    rows = x2.shape[0]
-    regime = dense_regime(rows)
     if x.is_cuda and parts is None:
         ext = _extension()
-        if regime == "gemv" and ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
+        if x2.shape[0] <= DECODE_ROWS and ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
             return ext.dense_gemv_fp8(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
-        if regime != "w8a8" and w8a16_supported(x2, w8, scale):
-            return _dense_decode().dense_fp8_decode(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
-        if w8a8_supported(x2, w8, scale):  # prefill rows, or decode rows the kernels above do not take
+        if w8a8_supported(x2, w8, scale):  # prefill rows, or decode rows the GEMV does not take
             return _w8a8_gemm()(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
-    if w8a8_reference and regime == "w8a8":
+    if w8a8_reference and x2.shape[0] > DECODE_ROWS:
         out = quant_dequant(x2) @ dequant(w8, scale, torch.float32, parts).t()
         return out.to(x.dtype).view(*x.shape[:-1], w8.shape[0])
     return F.linear(x, dequant(w8, scale, x.dtype, parts))
@@ -224,6 +180,5 @@ def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, rout
     return ops.combine(expert_out, slot_rows, weights, hidden, zero_weight, add_identity)
 
 
-__all__ = ["BLOCK", "DECODE_ROWS", "FP8_DTYPE", "W8A16_MAX_ROWS", "cdiv", "dense_regime", "dequant", "fp8_expert_ffn",
-           "fp8_linear", "moe_forward_fp8", "quant_dequant", "standard_layout", "w8a16_supported",
-           "w8a8_supported"]
+__all__ = ["BLOCK", "DECODE_ROWS", "FP8_DTYPE", "cdiv", "dequant", "fp8_expert_ffn", "fp8_linear",
+           "moe_forward_fp8", "quant_dequant", "standard_layout", "w8a8_supported"]
