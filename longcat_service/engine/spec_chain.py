@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longcat_service import envs
 from longcat_service.engine.scheduler import ScheduledSeq, Scheduler
 
 
@@ -39,7 +40,9 @@ class SpecChain:
         self.sampler = sampler
         self.k = num_speculative_tokens
         self.num_chained = 0  # chained spec steps launched (tests and benchmarks read it)
-        self.enabled = True  # False after a chained launch failed: every step is scheduled after the read-back
+        # opt-in (envs.LONGCAT_SPEC_CHAIN) until measured faster on a GPU-bound model; False after a chained launch
+        # failed: every step is then scheduled after the read-back
+        self.enabled = envs.LONGCAT_SPEC_CHAIN
 
     def plan(self, inflight: list[ScheduledSeq], now: float) -> ChainedSpecPlan | None:
         """The chained step after the in-flight batch, its blocks reserved; None (nothing changed): not chainable."""
