@@ -43,7 +43,10 @@ enqueued) land in slots past its computed tokens, before any later step's, as it
 Tensor parallelism: every rank runs the same forwards and logits (the collectives line up); only rank 0
 samples. Its decisions that later forwards depend on (the emitted tokens, failed rows and draft counts after
 verification; each draft token that feeds another MTP pass) reach the other ranks through runner.share_decision
-(a broadcast on the TP control group, engine/tp_worker.py; the identity at TP=1).
+(a broadcast on the TP control group, engine/tp_worker.py; the identity at TP=1). With LONGCAT_TP_CUDA_GRAPHS=1
+every rank replays the host-verified spec graphs (verify, mtp, draft; engine/spec_graph_runner.py) in lockstep: each
+graph/eager choice here (can_verify, the bucket, fits for the recursive drafts) reads only the step's wire rows and
+the shared decision, which every rank has alike; the device-side greedy / sampled steps stay off (rank 0 decides).
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ class SpecDecoder:
                 bucket, hidden, graph_logits = self.graphs.verify(batch)
                 return SpecLaunch(batch, hidden, None, bucket, graph_logits)
             except Exception:  # e.g. a capture-unsafe op in the decode path: serve eagerly instead
+                if getattr(self.graphs, "lockstep", False):  # TP: the other ranks replay; this one cannot leave
+                    raise
                 logger.exception("CUDA-graph spec step failed; running eagerly from now on")
                 self.graphs = None
         hidden, starts = self._target_forward(batch)

@@ -28,6 +28,16 @@ Sampler.probabilities (every sampling option; host-built per-row tensors that a 
 reads the emitted tokens once per step, as the eager step does. Buckets hold at most MAX_GRAPH_ROWS flat rows;
 larger batches run the eager spec step.
 
+Tensor parallelism (LONGCAT_TP_CUDA_GRAPHS=1): every rank holds a SpecGraphRunner with the same buckets and captures
+the same graphs in the same order at start-up (NCCL collectives inside), and replays them in lockstep. Only the
+host-verified kinds (verify, mtp, draft): rank 0 verifies and workers follow its shared decision
+(SpecDecoder.decides), so the device-side greedy / sampled steps, which decide on the device of each rank, are off
+(fused=False: not captured, no q buffer). Every graph/eager branch of a step (can_verify, the bucket, fits) reads only
+what every rank has: the step's wire rows (engine/tp_messages.py), the shared decision, and equal buffer sizes (the
+block count is all-reduced, the rest comes from the same EngineArgs). lockstep: a replay failure raises (the TP
+failure policy ends the job) instead of falling back to eager steps on one rank, which would leave the others in a
+collective.
+
 The host-side row building (verify_rows, mtp_rows, draft_rows, spec_buckets) is plain Python, tested on CPU.
 """
 
@@ -299,9 +309,11 @@ class SpecRowsRunner:
 
 class SpecGraphRunner(SpecRowsRunner):
     def __init__(self, model, kv_caches: list[torch.Tensor], mtp_kv_cache: torch.Tensor, block_size: int,
-                 max_blocks_per_seq: int, k: int, buckets: tuple[int, ...], scratch_slot: int | None = None):
+                 max_blocks_per_seq: int, k: int, buckets: tuple[int, ...], scratch_slot: int | None = None,
+                 fused: bool = True, lockstep: bool = False):
         super().__init__(block_size, max_blocks_per_seq, k, buckets, scratch_slot)
         self.model, self.kv_caches, self.mtp_kv_cache = model, kv_caches, mtp_kv_cache
+        self.lockstep = lockstep  # TP: every rank replays the same graphs; a failure cannot fall back on one rank
         dev = model.device
         # CPU (tests, with the Triton kernels interpreted): the same forwards on the same buffers, run eagerly
         self.use_graphs = dev.type == "cuda"
@@ -312,8 +324,10 @@ class SpecGraphRunner(SpecRowsRunner):
         self.draft_hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=model.dtype, device=dev)
         # greedy / sampled steps: drafts, draft room, (sampled) whether the row's draft distributions are stored
         self.seq_info = torch.zeros(3, self.max_batch, dtype=torch.long, device=dev)
-        self.greedy_ok = True  # False once a greedy graph failed to capture at start-up (SpecDecoder then skips it)
-        self.sampled_ok = True  # the same for the sampled step
+        # False once a greedy graph failed to capture at start-up (SpecDecoder then skips it); False from the start
+        # without the device-side steps (fused=False: TP, where rank 0 decides on the host)
+        self.greedy_ok = fused
+        self.sampled_ok = fused  # the same for the sampled step
         # the sampled step's inputs: per sequence its spec_sampled.OPTIONS, and the distributions its pending drafts
         # were drawn from. [max_batch, k, vocab] fp32: at most MAX_GRAPH_ROWS * vocab * 4 bytes (k=1: 128 rows, 64 MiB
         # at vocab 131072); the graph's own [rows, vocab] temporaries (sorts, residuals) live in its pool
@@ -393,8 +407,8 @@ class SpecGraphRunner(SpecRowsRunner):
         logger.info("captured spec-step %s CUDA graph for batch bucket %d", kind, b)
 
     def kinds(self) -> tuple[str, ...]:
-        return ("verify", "mtp", "draft", "greedy", "sampled") if self.k > 1 else ("verify", "mtp", "greedy",
-                                                                                     "sampled")
+        kinds = ("verify", "mtp", "draft") if self.k > 1 else ("verify", "mtp")
+        return kinds + tuple(kind for kind, ok in (("greedy", self.greedy_ok), ("sampled", self.sampled_ok)) if ok)
 
     def capture_all(self) -> None:
         """Every bucket of every kind now, largest first (the shared pool is sized by it)."""
@@ -478,12 +492,17 @@ class SpecGraphRunner(SpecRowsRunner):
 
 def create_spec_graph_runner(model_runner, k: int) -> SpecGraphRunner | None:
     """The spec graphs for this ModelRunner, or None where graphs cannot be used (CPU, no triton,
-    LONGCAT_ENFORCE_EAGER=1, tensor parallelism)."""
+    LONGCAT_ENFORCE_EAGER=1, tensor parallelism without LONGCAT_TP_CUDA_GRAPHS=1, expert parallelism: its captured
+    all-to-all would need the capacity-overflow re-run the plain decode graphs have). Under TP: the host-verified
+    kinds only, on every rank (see the module doc)."""
     from longcat_service import envs
     from longcat_service.distributed.parallel_state import get_tp_size
     from longcat_service.kernels import fast_path_enabled
 
-    if envs.LONGCAT_ENFORCE_EAGER or get_tp_size() > 1 or not fast_path_enabled(model_runner.kv_caches[0]):
+    tp = get_tp_size() > 1
+    if envs.LONGCAT_ENFORCE_EAGER or not fast_path_enabled(model_runner.kv_caches[0]):
+        return None
+    if tp and (not envs.LONGCAT_TP_CUDA_GRAPHS or model_runner.args.enable_expert_parallel):
         return None
     cfg = model_runner.config
     max_len = model_runner.args.max_model_len or int(getattr(cfg, "max_position_embeddings", 0) or 0)
@@ -494,4 +513,5 @@ def create_spec_graph_runner(model_runner, k: int) -> SpecGraphRunner | None:
         return None
     return SpecGraphRunner(model_runner.model, model_runner.kv_caches, model_runner.mtp_kv_cache,
                            model_runner.block_size, max_blocks, k, buckets,
-                           scratch_slot=model_runner.num_blocks * model_runner.block_size)
+                           scratch_slot=model_runner.num_blocks * model_runner.block_size, fused=not tp,
+                           lockstep=tp)
