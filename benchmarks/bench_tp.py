@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tp.py check --model tiny --tp-sizes 1,2,4,8 --out tp_tiny.json   # logits + greedy
     python benchmarks/bench_tp.py check --model 2l --tp-sizes 1,2,4,8 --batches 1,64 --out tp_2l.json
+    LONGCAT_TP_CUDA_GRAPHS=1 python benchmarks/bench_tp.py check --model tiny --speculative-k 2 --out tp_mtp.json
     python benchmarks/bench_tp.py speed --tp-sizes 1,2,4,8 --batches 1,64 --out tp_speed.json
     python benchmarks/bench_tp.py serve --tp 8 --out tp_serve.json      # torchrun server, stream, bench_serve
     python benchmarks/bench_tp.py table tp_2l.json tp_speed.json        # the scaling table (markdown)
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
                    help="ranks > 1 hold whole experts (--enable-expert-parallel); compared with TP=1 as usual")
     c.add_argument("--ep-capacity-factor", type=float, default=None,
                    help="with --expert-parallel: EngineArgs.ep_capacity_factor of the LLM runs (CUDA-graph decode)")
+    c.add_argument("--speculative-k", type=int, default=0,
+                   help="tiny: greedy generation with MTP speculative decoding (k drafts; the checkpoint gets MTP weights)")
     s = sub.choices["speed"]
     s.add_argument("--prompt-len", type=int, default=512)
     s.add_argument("--new-tokens", type=int, default=64)
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
         h.add_argument("--new-tokens", type=int, default=64)
         h.add_argument("--expert-parallel", action="store_true")
         h.add_argument("--ep-capacity-factor", type=float, default=None)
+        h.add_argument("--speculative-k", type=int, default=0)
     a = p.parse_args(argv)
     if a.cmd == "table":
         print(cmd_table(a.files))

@@ -163,6 +163,8 @@ def llm_child(a) -> dict:
     t0 = time.perf_counter()
     if a.expert_parallel and a.tp > 1 and a.ep_capacity_factor is not None:
         kw["ep_capacity_factor"] = a.ep_capacity_factor
+    if a.speculative_k:
+        kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": a.speculative_k}
     llm = LLM(model=a.model_dir, tensor_parallel_size=a.tp, enable_expert_parallel=a.expert_parallel, **kw)
     load_s = time.perf_counter() - t0
     runner = llm.engine.runner
@@ -177,6 +179,8 @@ def llm_child(a) -> dict:
         # decode CUDA graphs captured on rank 0 (0: eager), and EP graph steps re-run eagerly for overflow
         "graphs": len(runner.graph_runner.graphs) if runner.graph_runner is not None else 0,
         "ep_capacity_overflows": getattr(runner, "ep_capacity_overflows", None),
+        # MTP: the spec-step CUDA graphs captured on rank 0 (0: eager spec steps)
+        "spec_graphs": len(spec_graphs.graphs) if (spec_graphs := getattr(runner.spec_decoder, "graphs", None)) else 0,
         "tokens": [o.outputs[0].token_ids for o in outs],
         "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs],
     }
@@ -191,7 +195,10 @@ def cmd_check(a) -> dict:
         sizes = [1] + sizes
     tmp = Path(tempfile.mkdtemp(prefix="bench_tp_"))
     if a.model == "tiny":  # a real checkpoint on disk, loaded with the stock loader at every size
-        model_dir, load_format, overrides = str(write_checkpoint("tiny", tmp / "tiny", dtype=dtype)), "auto", {}
+        model_dir = str(write_checkpoint("tiny", tmp / "tiny", dtype=dtype, mtp=a.speculative_k > 0))
+        load_format, overrides = "auto", {}
+    elif a.speculative_k:
+        raise SystemExit("--speculative-k: the tiny model only (its checkpoint is written with MTP weights)")
     else:
         model_dir, load_format, overrides = str(MODELS[a.model]), "dummy", OVERRIDES[a.model]
     c = ModelConfig.from_dict({**json.loads((Path(model_dir) / "config.json").read_text()), **overrides})
@@ -207,6 +214,7 @@ def cmd_check(a) -> dict:
         "by_tp": {},
         "tolerance_rel": LOGIT_REL_TOL[dtype],
         "expert_parallel": a.expert_parallel,
+        "speculative_k": a.speculative_k,
     }
     ref = None
     for tp in sizes:
@@ -261,6 +269,7 @@ def cmd_check(a) -> dict:
                         json.dumps(overrides),
                         *(["--expert-parallel"] if a.expert_parallel else []),
                         *(["--ep-capacity-factor", str(a.ep_capacity_factor)] if a.ep_capacity_factor else []),
+                        *(["--speculative-k", str(a.speculative_k)] if a.speculative_k else []),
                     ],
                     a.rank_timeout,
                 )

@@ -36,8 +36,9 @@ def virtual_tensor(key: str, c: ModelConfig, seed: int, device) -> torch.Tensor:
 loader._init_dummy = functools.partial(init_dummy, bias_std=0.0)
 
 
-def write_checkpoint(model: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path:
-    """config.json (with the overrides) + model.safetensors holding the virtual tensors (small configs only)."""
+def write_checkpoint(model: str, out: Path, seed: int = 0, dtype: str = "float32", mtp: bool = False) -> Path:
+    """config.json (with the overrides) + model.safetensors holding the virtual tensors (small configs only); mtp:
+    the MTP block's keys too (random weights: drafts mostly rejected, which speculative checks compare all the same)."""
     from safetensors.torch import save_file
 
     raw = {**json.loads((MODELS[model] / "config.json").read_text()), **OVERRIDES[model]}
@@ -45,7 +46,10 @@ def write_checkpoint(model: str, out: Path, seed: int = 0, dtype: str = "float32
     (out / "config.json").write_text(json.dumps(raw, indent=1))
     c = ModelConfig.from_pretrained(out / "config.json")
     with torch.device("meta"):
-        keys = list(loader.LongcatFlashForCausalLM(c, torch.float32).checkpoint_targets())
+        model_meta = loader.LongcatFlashForCausalLM(c, torch.float32)
+        if mtp:
+            model_meta.enable_mtp()
+        keys = list(model_meta.checkpoint_targets())
     save_file(
         {k: virtual_tensor(k, c, seed, "cpu").to(loader.DTYPES[dtype]).contiguous() for k in keys},
         str(out / "model.safetensors"),
