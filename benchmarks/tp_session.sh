@@ -6,10 +6,12 @@
 # Wheels it installs from .whl/ (grpc health/reflection): benchmarks/fetch_device_wheels.sh on the CPU machine.
 # Every step runs under `timeout`, capped by what is left of BUDGET (default 560 s, so one 600 s call fits), in
 # priority order; the summary is always written. STEPS (default: check_tiny check_tiny_ep speed check_2l serve
-# check_tiny_graphs check_tiny_ep_graphs check_tiny_ep_graphs_overflow speed_graphs) picks steps (a second call can finish what the first left: SKIP_BUILD=1 with
+# check_tiny_graphs check_tiny_mtp_graphs check_tiny_ep_graphs check_tiny_ep_graphs_overflow speed_graphs) picks steps (a second call can finish what the first left: SKIP_BUILD=1 with
 # the _C*.so the first call left in $OUT carried back).
 # NCCL_NVLS_ENABLE=0 is forced; the machine's multicast settings are left alone.
 #   check_tiny_ep  the same with --expert-parallel (whole experts per rank)
+#   check_tiny_mtp_graphs  greedy MTP generation (k=2) with LONGCAT_TP_CUDA_GRAPHS=1 at every TP size vs TP=1
+#               (the spec-step graphs replayed in lockstep on every rank; by_tp.N.llm.spec_graphs captured)
 #   check_tiny_ep_graphs(_overflow)  check_tiny_ep with LONGCAT_TP_CUDA_GRAPHS=1 (EP decode captured with the
 #               fixed-capacity all-to-all), default capacity and a tiny one (--ep-capacity-factor 0.05: overflowing
 #               steps re-run eagerly, by_tp.N.llm.ep_capacity_overflows > 0, tokens still equal TP=1)
@@ -27,7 +29,7 @@ L=$OUT/logs
 mkdir -p "$L"
 BUDGET=${BUDGET:-560}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-"check_tiny check_tiny_ep speed check_2l serve check_tiny_graphs check_tiny_ep_graphs check_tiny_ep_graphs_overflow speed_graphs"}
+STEPS=${STEPS:-"check_tiny check_tiny_ep speed check_2l serve check_tiny_graphs check_tiny_mtp_graphs check_tiny_ep_graphs check_tiny_ep_graphs_overflow speed_graphs"}
 export NCCL_NVLS_ENABLE=0
 : > "$L/steps.tsv"
 
@@ -80,6 +82,11 @@ fi
 if [[ $DEVICE != cpu ]]; then
   step check_tiny_graphs 150 LONGCAT_TP_CUDA_GRAPHS=1 $B check --model tiny --device $DEVICE --tp-sizes $SIZES \
     --out "$L/check_tiny_graphs.json"
+  # MTP spec steps in CUDA graphs under TP (verify / mtp / draft replayed in lockstep on every rank): greedy tokens
+  # and logprobs vs TP=1 (which takes the one-GPU device-side greedy step), k=2, tiny checkpoint with MTP weights;
+  # by_tp.N.llm.spec_graphs > 0 says rank 0 captured them
+  step check_tiny_mtp_graphs 150 LONGCAT_TP_CUDA_GRAPHS=1 $B check --model tiny --device $DEVICE --tp-sizes $SIZES \
+    --speculative-k 2 --out "$L/check_tiny_mtp_graphs.json"
   # EP decode in CUDA graphs (fixed-capacity all-to-all captured): default capacity (never overflows: by_tp.N.llm
   # ep_capacity_overflows 0, graphs > 0), then a tiny one (overflowing steps re-run eagerly; tokens still equal)
   step check_tiny_ep_graphs 150 LONGCAT_TP_CUDA_GRAPHS=1 $B check --model tiny --device $DEVICE --tp-sizes $SIZES \
@@ -113,7 +120,8 @@ def tail(name, n=15):
     return "\n".join(p.read_text().splitlines()[-n:]) if p.exists() else "(no log)"
 
 
-for name in ("check_tiny", "check_tiny_ep", "check_2l", "check_tiny_ep_graphs", "check_tiny_ep_graphs_overflow"):
+for name in ("check_tiny", "check_tiny_ep", "check_2l", "check_tiny_mtp_graphs", "check_tiny_ep_graphs",
+             "check_tiny_ep_graphs_overflow"):
     r = load(name)
     print(f"\n== {name}: logits vs TP=1 (rel = ||d|| / ||ref||), greedy through LLM ==")
     if r is None:
@@ -135,7 +143,8 @@ for name in ("check_tiny", "check_tiny_ep", "check_2l", "check_tiny_ep_graphs", 
         if "llm_error" in x:
             print(f"    LLM ERROR {x['llm_error'][-600:]}")
         if "graphs" in (x.get("llm") or {}):  # decode graphs captured, EP graph steps re-run for overflow
-            print(f"    graphs {x['llm']['graphs']}, ep_capacity_overflows {x['llm'].get('ep_capacity_overflows')}")
+            print(f"    graphs {x['llm']['graphs']}, spec_graphs {x['llm'].get('spec_graphs')}, "
+                  f"ep_capacity_overflows {x['llm'].get('ep_capacity_overflows')}")
     for tp, x in r["by_tp"].items():
         for b, c in (x.get("comm") or {}).items():
             if c.get("ms") is not None:
