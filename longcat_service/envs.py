@@ -81,8 +81,9 @@ SWITCHES: tuple[Switch, ...] = (
            "the built-in model served without --model: the packaged trained checkpoint, or the random-weight tiny "
            "one (the engine tests, whose conftest sets it)", _one_of("trained", "random")),
     Switch("LONGCAT_TP_CUDA_GRAPHS", "bool", False, "choice",
-           "decode CUDA graphs under tensor parallelism (NCCL collectives captured); opt-in until it has run on "
-           "several GPUs (benchmarks/tp_session.sh), else TP decodes eagerly", _flag),
+           "decode CUDA graphs under tensor parallelism (NCCL collectives captured); with MTP the spec-step graphs "
+           "(verify, mtp, draft; host-verified, not under expert parallelism) on every rank; opt-in until it has run "
+           "on several GPUs (benchmarks/tp_session.sh), else TP decodes eagerly", _flag),
     Switch("LONGCAT_SPEC_CHAIN", "bool", False, "choice",
            "with async scheduling, launch an MTP greedy spec step before the previous one is read back (its inputs "
            "built on the device: engine/spec_chain.py); GPU-tested, opt-in until measured faster: on the H200 it was "

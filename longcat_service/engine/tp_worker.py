@@ -104,8 +104,8 @@ class _TPRunnerMixin:
 
 
 def _tp_cuda_graphs() -> bool:
-    """LONGCAT_TP_CUDA_GRAPHS=1: every rank captures the decode graphs (NCCL collectives inside) at start-up and
-    replays them in lockstep. Opt-in until it has run on a multi-GPU machine (benchmarks/tp_session.sh)."""
+    """LONGCAT_TP_CUDA_GRAPHS=1: every rank captures the decode graphs (with MTP: the host-verified spec-step graphs,
+    engine/spec_graph_runner.py) (NCCL collectives inside) at start-up and replays them in lockstep. Opt-in until it has run on a multi-GPU machine (benchmarks/tp_session.sh)."""
     return envs.LONGCAT_TP_CUDA_GRAPHS
 
 
