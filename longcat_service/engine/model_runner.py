@@ -112,8 +112,8 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, self._eos_token_id(), self.device, args.seed)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> per-request generator
         # None on CPU / without triton / LONGCAT_ENFORCE_EAGER=1 / under TP without LONGCAT_TP_CUDA_GRAPHS=1; with MTP
-        # every step is a spec step
-        # (engine/spec_decode.py), whose decode steps replay the spec graphs (engine/spec_graph_runner.py) instead
+        # every step is a spec step (engine/spec_decode.py), whose decode steps replay the spec graphs
+        # (engine/spec_graph_runner.py) instead
         self.graph_runner = create_graph_runner(self) if self.uses_cuda_graphs and self.spec_config is None else None
         self.spec_decoder = None
         graphs = self.graph_runner
