@@ -50,7 +50,9 @@ def generate(path, k: int | None, tp: int = 1, device: str = "cpu", **engine_kw)
     finally:
         if tp > 1:
             engine.runner.close()
-    return final, {"cached_b": final["b"].num_cached_tokens, "preempted": len(preempted)}
+    graphs = getattr(engine.runner.spec_decoder, "graphs", None)
+    return final, {"cached_b": final["b"].num_cached_tokens, "preempted": len(preempted),
+                   "spec_graphs": sorted(graphs.graphs) if graphs is not None else []}
 
 
 def assert_same(ref: dict, got: dict) -> None:
@@ -138,4 +140,22 @@ def test_tp2_with_mtp_on_two_gpus_equals_mtp_off(ckpts):
             a, b = ref[rid].outputs[0], tp2[rid].outputs[0]
             assert a.token_ids == b.token_ids, rid
             assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
+    assert accepted(tp2) > 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("k", [1, 2])
+def test_tp2_spec_graphs_on_two_gpus_equal_mtp_off(ckpts, monkeypatch, k):
+    """LONGCAT_TP_CUDA_GRAPHS=1: every rank captures the host-verified spec-step graphs (NCCL collectives inside) and
+    replays them in lockstep; greedy tokens equal MTP off, drafts all accepted."""
+    monkeypatch.setenv("LONGCAT_TP_CUDA_GRAPHS", "1")  # inherited by the spawned rank
+    off, _ = generate(ckpts["exact"], None, device="cuda")
+    tp2, facts = generate(ckpts["exact"], k, tp=2, device="cuda")
+    assert facts["spec_graphs"] and {kind for kind, _ in facts["spec_graphs"]} == (
+        {"verify", "mtp", "draft"} if k > 1 else {"verify", "mtp"})
+    for rid in (r for r in off if r != "s"):
+        a, b = off[rid].outputs[0], tp2[rid].outputs[0]
+        assert a.token_ids == b.token_ids, rid
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
     assert accepted(tp2) > 0.9
