@@ -126,11 +126,12 @@ def _worker_main(*args) -> None:
 
 
 def _tp2_with_spec_graphs(path, k: int, log: Path, max_tokens: int) -> tuple[dict, list[list[str]], object]:
+    """A TP=2 engine (rank 0 here, rank 1 spawned through _worker_main) -> its outputs, each rank's launch log (rank
+    0's first), rank 0's SpecGraphRunner. Every patch is undone."""
     from longcat_service.engine import tp_worker
-
-    saved = (sgr.create_spec_graph_runner, sgr.SpecGraphRunner._launch)
     from longcat_service.layers import fast_decode, layernorm
 
+    saved = (sgr.create_spec_graph_runner, sgr.SpecGraphRunner._launch)
     saved_fast = (fast_decode.fast_path_enabled, layernorm.fast_path_enabled)
     main, tp_worker._spawned_worker_main = tp_worker._spawned_worker_main, _worker_main
     os.environ[LOG_ENV] = str(log)
