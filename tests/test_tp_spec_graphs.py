@@ -174,3 +174,35 @@ def test_tp2_on_the_production_spec_graph_runner_equals_tp1_mtp_off(ckpts, monke
     kinds = {line.split()[0] for line in logs[0] if line}
     assert kinds == ({"verify", "mtp", "draft"} if k > 1 else {"verify", "mtp"})
     assert {line.split()[1] for line in logs[0] if line} >= {"4"}  # three sequences: the bucket of 4, padded
+
+
+class _FailingDecodeGraphs:
+    """A decode graph runner whose replay fails (as a capture-unsafe op would)."""
+
+    block_size = 16
+
+    def can_run(self, batch_size: int, max_seq_len: int) -> bool:
+        return True
+
+    def run(self, *args):
+        raise RuntimeError("replay failed")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_failed_decode_graph_replay_goes_eager_only_on_one_gpu(ckpts, monkeypatch, tp):
+    """Plain decode graphs: at TP=1 a failed replay serves the step eagerly from then on; under TP the other ranks
+    replay (collectives inside), so the step fails instead of leaving this rank eager alone."""
+    from longcat_service.engine import model_runner as model_runner_mod
+
+    engine = make_engine(model=ckpts["exact"])
+    r = engine.runner
+    engine.add_request("a", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.step()  # the prompt step (eager)
+    failing = r.graph_runner = _FailingDecodeGraphs()
+    monkeypatch.setattr(model_runner_mod, "get_tp_size", lambda: tp)
+    final, _ = run_to_completion(engine, {})
+    if tp == 1:
+        assert final["a"].outputs[0].finish_reason == "length" and r.graph_runner is None
+    else:
+        assert final["a"].outputs[0].finish_reason == "error" and r.graph_runner is failing
+    assert_all_blocks_free(engine)

@@ -258,6 +258,8 @@ class ModelRunner:
             try:
                 logits = decode_logits_with_graph(self.graph_runner, batch, input_ids)
             except Exception:  # e.g. a capture-unsafe op (host sync) in the decode path: serve eagerly instead
+                if get_tp_size() > 1:  # the other ranks replay (collectives inside): this one cannot go eager alone
+                    raise
                 logger.exception("CUDA-graph decode failed; running eagerly from now on")
                 self.graph_runner = None
                 logits = None
