@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from longcat_service.engine.spec_chain_rows import chained_verify_inputs
-from longcat_service.engine.spec_graph_runner import DecodeRows, SpecRowsRunner
+from longcat_service.engine.spec_graph_runner import DecodeRows, SpecGraphRunner, SpecRowsRunner
 from longcat_service.engine.spec_greedy import greedy_spec_step
 from longcat_service.layers.attention_metadata import AttentionMetadata
 from longcat_service.model.mtp import build_mtp_plan
@@ -25,6 +25,19 @@ from longcat_service.model.mtp import build_mtp_plan
 interpreted_triton_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                              reason="CPU tensors through the Triton interpreter (no GPU machines)")
 
+
+
+def install_uncaptured_spec_graphs(engine, monkeypatch, k: int, buckets=(1, 2)) -> SpecGraphRunner:
+    """The production SpecGraphRunner on this CPU engine (its forwards on its static buffers, run eagerly, the Triton
+    decode kernels interpreted: mark the test interpreted_triton_only)."""
+    from longcat_service.layers import fast_decode, layernorm
+
+    r = engine.runner
+    graphs = r.spec_decoder.graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, k,
+                                                     tuple(buckets), scratch_slot=r.num_blocks * r.block_size)
+    monkeypatch.setattr(fast_decode, "fast_path_enabled", lambda t: True)
+    monkeypatch.setattr(layernorm, "fast_path_enabled", lambda t: True)
+    return graphs
 
 class EagerSpecRows(SpecRowsRunner):
     def __init__(self, runner, k: int, buckets: tuple[int, ...], max_blocks: int = 64):

@@ -24,7 +24,7 @@ from longcat_service.engine.spec_graph_runner import verify_rows
 from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
-from tests.spec_rows_twin import EagerSpecRows, interpreted_triton_only
+from tests.spec_rows_twin import EagerSpecRows, install_uncaptured_spec_graphs, interpreted_triton_only
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -456,19 +456,12 @@ def test_the_production_graph_runner_uncaptured_chains_and_equals_mtp_off(ckpts,
     """SpecGraphRunner itself (as on CUDA, minus the capture: its forwards on its static buffers, the Triton decode
     kernels interpreted on CPU) runs chained greedy steps (_run_chained_greedy: the device-built rows written over the
     loaded tables): tokens equal MTP off, every block comes back."""
-    from longcat_service.engine.spec_graph_runner import SpecGraphRunner
-    from longcat_service.layers import fast_decode as fast_decode_mod
-    from longcat_service.layers import layernorm as layernorm_mod
 
     p = ckpts["exact"]
     requests = {"a": (PROMPTS[0], plain(14)), "b": (PROMPTS[1], plain(12))}
     off, _, _ = run(p, None, requests)
     engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
-    r = engine.runner
-    graphs = r.spec_decoder.graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 1,
-                                                     (1, 2), scratch_slot=r.num_blocks * r.block_size)
-    monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
-    monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
+    graphs = install_uncaptured_spec_graphs(engine, monkeypatch, 1)
     on, _ = run_to_completion(engine, requests)
     assert_all_blocks_free(engine)
     assert_same_tokens(off, on)

@@ -14,7 +14,7 @@ from longcat_service.engine.spec_greedy import NO_LIMIT, GreedyLayout, draft_roo
 from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
-from tests.spec_rows_twin import EagerSpecRows, interpreted_triton_only
+from tests.spec_rows_twin import EagerSpecRows, install_uncaptured_spec_graphs, interpreted_triton_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
@@ -323,23 +323,16 @@ def test_non_finite_logits_in_a_greedy_step_fail_the_request(ckpts):
 def test_the_production_graph_runner_uncaptured_equals_mtp_off(ckpts, monkeypatch):
     """SpecGraphRunner itself (as on CUDA, minus the capture: its forwards on its static buffers, the Triton decode
     kernels interpreted on CPU) runs the device-side greedy steps of an engine: tokens equal MTP off."""
-    from longcat_service.engine.spec_graph_runner import SpecGraphRunner
-    from longcat_service.layers import fast_decode as fast_decode_mod
-    from longcat_service.layers import layernorm as layernorm_mod
 
     p = ckpts["partial"]
     requests = {"a": (PROMPTS[0], plain(5)), "b": (PROMPTS[1], plain(2))}
     off, _ = run(p, None, requests)
     engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
-    r = engine.runner
-    graphs = r.spec_decoder.graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2,
-                                                     (1, 2), scratch_slot=r.num_blocks * r.block_size)
+    graphs = install_uncaptured_spec_graphs(engine, monkeypatch, 2)
     sizes = []
     greedy_step = graphs.greedy_step
     monkeypatch.setattr(graphs, "greedy_step", lambda batch, rooms: (sizes.append(len(batch)), greedy_step(batch,
                                                                                                            rooms))[1])
-    monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
-    monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
     on, _ = run_to_completion(engine, requests)
     assert_all_blocks_free(engine)
     assert_same_tokens(off, on)

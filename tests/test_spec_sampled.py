@@ -22,7 +22,7 @@ from longcat_service.engine.spec_sampled import option_rows, plain_probabilities
 from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
-from tests.spec_rows_twin import EagerSpecRows, interpreted_triton_only
+from tests.spec_rows_twin import EagerSpecRows, install_uncaptured_spec_graphs, interpreted_triton_only
 from tests.test_spec_decode_stats import chi_square_p_value
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -263,21 +263,15 @@ def test_the_production_graph_runner_uncaptured_runs_sampled_steps(ckpts, monkey
     sampled steps of a batch of a greedy row and a seeded top_k = 1 sampled row (its seed through the static seed
     buffer): every token equals greedy MTP off."""
     from longcat_service.engine.seeded_draws import seed_keys
-    from longcat_service.engine.spec_graph_runner import SpecGraphRunner
-    from longcat_service.layers import fast_decode as fast_decode_mod
-    from longcat_service.layers import layernorm as layernorm_mod
 
     p = ckpts["partial"]
     off, _ = run(p, None, {"a": (PROMPTS[0], greedy(5)), "b": (PROMPTS[1], greedy(3))})
     engine = make_engine(model=p, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     r = engine.runner
-    graphs = r.spec_decoder.graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, 2,
-                                                     (1, 2), scratch_slot=r.num_blocks * r.block_size)
+    graphs = install_uncaptured_spec_graphs(engine, monkeypatch, 2)
     sizes = []
     sampled_step = graphs.sampled_step
     monkeypatch.setattr(graphs, "sampled_step", lambda *a: (sizes.append(len(a[0])), sampled_step(*a))[1])
-    monkeypatch.setattr(fast_decode_mod, "fast_path_enabled", lambda t: True)
-    monkeypatch.setattr(layernorm_mod, "fast_path_enabled", lambda t: True)
     on, _ = run_to_completion(engine, {"a": (PROMPTS[0], sampled(5, top_k=1, seed=3)), "b": (PROMPTS[1], greedy(3))})
     assert_all_blocks_free(engine)
     assert r.spec_decoder.draft_probs == {}
