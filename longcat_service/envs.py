@@ -130,10 +130,6 @@ SWITCHES: tuple[Switch, ...] = (
            "kernels/mla_decode.py's rule (new from 16 rows, the faster there on the H200); forcing one is for tests "
            "and benchmarks",
            _one_of("auto", "old", "new")),
-    Switch("LONGCAT_GRAPH_PRIORITY", "bool", True, "testing",
-           "capture CUDA graphs on a high-priority stream, so the dense path's kernels are scheduled before the "
-           "side-stream MoE's (engine/graph_capture.py); 0 is for the A/B benchmark",
-           _flag),
     Switch("LONGCAT_REQUIRE_EXTENSION", "bool", False, "testing",
            "tests: a missing compiled extension fails the extension tests instead of skipping them (.ci/run sets it)",
            _flag),

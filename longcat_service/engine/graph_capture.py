@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from longcat_service import envs
-
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 HIGH_PRIORITY = -1  # torch.cuda.Stream priorities: lower is higher, 0 (the default) the lowest
 
 
-def capture_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream to pass to torch.cuda.graph(..., stream=...); None: torch's own (default priority)."""
-    if not envs.LONGCAT_GRAPH_PRIORITY:
-        return None
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream to pass to torch.cuda.graph(..., stream=...)."""
     device = torch.device(device)
     stream = _CAPTURE_STREAMS.get(device)
     if stream is None:
