@@ -61,6 +61,9 @@ def parse_args(argv=None):
                    "packaged trained demo model, 'none' skips part 2")
     p.add_argument("--batch", type=int, default=16, help="part 2: the larger batch")
     p.add_argument("--new-tokens", type=int, default=128, help="part 2: output tokens per request")
+    p.add_argument("--loop", action="store_true", help="part 3: the engine loop on the part-1 config (dummy weights), "
+                   "MTP off vs k=1 at the defaults, chained and synchronous, batches --batches")
+    p.add_argument("--skip-part1", action="store_true")
     p.add_argument("--out-dir", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "out")))
     return p.parse_args(argv)
 
@@ -259,6 +262,48 @@ def part2(args, device: torch.device) -> dict:
     return res
 
 
+def part3(args, device: torch.device) -> dict:
+    """The engine loop (LLMEngine.step wall time) on the part-1 config with dummy weights: what decides chaining on
+    a GPU-bound model. Dummy MTP drafts are almost never accepted, so MTP on runs one spec step per token: the rows
+    compare the loop's host/GPU overlap (async, chained, synchronous), not MTP's speed-up."""
+    config_dir = ROOT / "benchmarks" / "configs" / ("longcat-flash-tiny" if args.tiny else "longcat-flash-2l")
+    new_tokens = min(args.new_tokens, 60)  # make_engine's max_model_len is prompt_len + 64
+    res: dict = {}
+    for k in (None, 1):
+        engine = make_engine(args, config_dir, k, max(ints(args.batches)))
+        greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        gen = torch.Generator().manual_seed(0)
+        for label in ("async", "async_chained", "sync"):
+            if label == "async_chained" and engine.spec_chain is None:
+                continue
+            engine.args.async_scheduling = label != "sync"
+            if engine.spec_chain is not None:
+                engine.spec_chain.enabled = label == "async_chained"
+            for b in ints(args.batches):
+                prompts = [torch.randint(3, engine.vocab_size, (args.prompt_len,), generator=gen).tolist()
+                           for _ in range(b)]
+                run_requests(engine, prompts, greedy)
+                runs = sorted((run_requests(engine, prompts, greedy) for _ in range(3)),
+                              key=lambda r: r["tokens_per_s_per_user"])
+                res.setdefault(label, {}).setdefault(b, {})[k or 0] = runs[1]
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def report_loop(p3: dict, config: str) -> str:
+    lines = ["", f"### Engine loop ({config}, dummy weights): output tok/s per user, median of 3", "",
+             "| loop | batch | MTP off | MTP k=1 | chained steps |", "|---|---|---|---|---|"]
+    for label, by_batch in p3.items():
+        for b, by_k in by_batch.items():
+            off, on = by_k.get(0), by_k.get(1)
+            lines.append(f"| {label} | {b} | {off['tokens_per_s_per_user']:.1f} | " if off else f"| {label} | {b} | - | ")
+            lines[-1] += (f"{on['tokens_per_s_per_user']:.1f} | {on.get('chained_steps', 0)} |" if on else "- | - |")
+    return "\n".join(lines)
+
+
 def report(p1: dict, p2: dict | None) -> str:
     lines = [f"### MTP spec step vs plain decode ({p1['config']}, dummy weights)", "",
              "| batch | plain graph ms | plain eager ms | " + " | ".join(f"spec k={k} ms (x plain)" for k in p1["spec_ms"])
@@ -305,16 +350,20 @@ def report(p1: dict, p2: dict | None) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    p1 = part1(args, device)
+    p1 = {"config": "-", "plain_graph_ms": {}, "plain_eager_ms": {}, "spec_ms": {}} if args.skip_part1 \
+        else part1(args, device)
     if args.model == "demo":
         from longcat_service.demo import DEMO_CHECKPOINT_DIR
 
         args.model = str(DEMO_CHECKPOINT_DIR)
     p2 = part2(args, device) if args.model and args.model != "none" else None
+    p3 = part3(args, device) if args.loop else None
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_mtp.json").write_text(json.dumps({"part1": p1, "part2": p2}, indent=1, default=str))
+    (out / "bench_mtp.json").write_text(json.dumps({"part1": p1, "part2": p2, "part3": p3}, indent=1, default=str))
     print(report(p1, p2))
+    if p3:
+        print(report_loop(p3, "longcat-flash-tiny" if args.tiny else "longcat-flash-2l"))
 
 
 if __name__ == "__main__":
