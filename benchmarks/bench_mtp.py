@@ -16,8 +16,8 @@ random routing hits in expectation (dummy weights route about so). Dummy MTP dra
 projected per-user speed-up for an acceptance rate a is E[tokens per step] / (spec step / plain step),
 E[tokens per step] = sum_{i=0..k} a^i (independent acceptances).
 Part 2 (--model, default the packaged trained demo model): the same prompts with MTP off and on (k = 1..3), batch 1 and batch --batch, greedy
-at the defaults (async scheduling on; spec steps not chained), "greedy_chained" (device-side greedy spec steps
-launched before the last one is read back, LONGCAT_SPEC_CHAIN's engine/spec_chain.py; "chained steps" counts them)
+at the defaults (async scheduling on: device-side greedy spec steps chained, each launched before the last one is
+read back, engine/spec_chain.py; "chained steps" counts them), "greedy_unchained" (async, not chained)
 and "greedy_sync" (async scheduling off),
 temperature 1 seeded and unseeded, and temperature 0.7 with top-k 50 / top-p 0.9 (all three: the device-side
 sampled step; seeded rows with hashed uniforms, engine/seeded_draws.py): acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
@@ -233,9 +233,9 @@ def part2(args, device: torch.device) -> dict:
         tok = load_tokenizer(args.model) if has_tokenizer(args.model) else None
         base = [tok.encode(t, add_special_tokens=True) if tok else [5 + i, 17, 31, 9] for i, t in enumerate(texts)]
         greedy = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-        # "greedy": the defaults; "greedy_chained": greedy spec steps chained (engine/spec_chain.py, opt-in);
+        # "greedy": the defaults (greedy spec steps chained: engine/spec_chain.py); "greedy_unchained": not;
         # "greedy_sync": async scheduling off, each step scheduled after the last read-back
-        for label, params in (("greedy", greedy), ("greedy_chained", greedy), ("greedy_sync", greedy),
+        for label, params in (("greedy", greedy), ("greedy_unchained", greedy), ("greedy_sync", greedy),
                               ("t1", SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=0,
                                                     ignore_eos=True)),
                               # the device-side sampled spec step (engine/spec_sampled.py), seeded ("t1": hashed
@@ -246,7 +246,7 @@ def part2(args, device: torch.device) -> dict:
                                                                      max_tokens=args.new_tokens, ignore_eos=True))):
             engine.args.async_scheduling = label != "greedy_sync"
             if engine.spec_chain is not None:
-                engine.spec_chain.enabled = label == "greedy_chained"
+                engine.spec_chain.enabled = label != "greedy_unchained"
             for b in (1, args.batch):
                 prompts = [base[i % len(base)] for i in range(b)]
                 # warm-up: the same requests once (a path's first steps load its CUDA kernels: tens of ms), then
@@ -273,12 +273,12 @@ def part3(args, device: torch.device) -> dict:
         engine = make_engine(args, config_dir, k, max(ints(args.batches)))
         greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         gen = torch.Generator().manual_seed(0)
-        for label in ("async", "async_chained", "sync"):
-            if label == "async_chained" and engine.spec_chain is None:
+        for label in ("async", "async_unchained", "sync"):  # "async": the defaults (spec steps chained)
+            if label == "async_unchained" and engine.spec_chain is None:
                 continue
             engine.args.async_scheduling = label != "sync"
             if engine.spec_chain is not None:
-                engine.spec_chain.enabled = label == "async_chained"
+                engine.spec_chain.enabled = label != "async_unchained"
             for b in ints(args.batches):
                 prompts = [torch.randint(3, engine.vocab_size, (args.prompt_len,), generator=gen).tolist()
                            for _ in range(b)]

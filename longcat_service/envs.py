@@ -84,11 +84,6 @@ SWITCHES: tuple[Switch, ...] = (
            "decode CUDA graphs under tensor parallelism (NCCL collectives captured); with MTP the spec-step graphs "
            "(verify, mtp, draft; host-verified, not under expert parallelism) on every rank; opt-in until it has run "
            "on several GPUs (benchmarks/tp_session.sh), else TP decodes eagerly", _flag),
-    Switch("LONGCAT_SPEC_CHAIN", "bool", False, "choice",
-           "with async scheduling, launch an MTP greedy spec step before the previous one is read back (its inputs "
-           "built on the device: engine/spec_chain.py); GPU-tested, opt-in until measured faster: on the H200 it was "
-           "slower on the host-bound demo model (batch 1: 1784 vs 2787 tokens/s per user), not yet timed on a "
-           "GPU-bound one", _flag),
     # --- tuning knobs, each with its measured reason ---------------------------------------------------------------
     Switch("LONGCAT_DENSE_GEMV_ROWS", "int", 2, "tuning",
            "decode batches of up to this many rows (bf16/fp16, CUDA, at most 8) multiply with our weight-streaming "

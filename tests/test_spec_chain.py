@@ -26,14 +26,6 @@ from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_compl
 from tests.mtp_checkpoint import write_mtp_checkpoint
 from tests.spec_rows_twin import EagerSpecRows, install_uncaptured_spec_graphs, interpreted_triton_only
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _spec_chain_on():
-    """Chained spec steps are opt-in (envs.LONGCAT_SPEC_CHAIN): this module's engines turn them on."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LONGCAT_SPEC_CHAIN", "1")
-        yield
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
 EOS = 2
@@ -323,16 +315,14 @@ def test_chained_steps_equal_mtp_off_and_the_unchained_steps(ckpts, off_plain, m
     assert rate == 1.0 if mode == "exact" else rate < 0.2
 
 
-def test_spec_steps_are_not_chained_by_default(ckpts, monkeypatch):
-    """Opt-in until measured faster on a GPU-bound model: without LONGCAT_SPEC_CHAIN the same async engine launches
-    every device-side greedy step after the previous read-back, with the same tokens."""
-    monkeypatch.delenv("LONGCAT_SPEC_CHAIN", raising=False)
-    default, twin, _ = run(ckpts["exact"], 2, plain_requests())
-    assert twin.calls["chained_greedy"] == 0 and twin.calls["greedy"] > 0
-    monkeypatch.setenv("LONGCAT_SPEC_CHAIN", "1")
+def test_spec_steps_are_chained_by_default_only_with_async_scheduling(ckpts):
+    """Chaining is part of async scheduling: the default engine chains device-side greedy steps; with async
+    scheduling off every step is launched after the previous read-back; the tokens are the same."""
     chained, c_twin, _ = run(ckpts["exact"], 2, plain_requests())
     assert c_twin.calls["chained_greedy"] > 0
-    assert_same_tokens(default, chained)
+    sync, s_twin, _ = run(ckpts["exact"], 2, plain_requests(), chained=False)
+    assert s_twin.calls["chained_greedy"] == 0 and s_twin.calls["greedy"] > 0
+    assert_same_tokens(sync, chained)
 
 
 def test_stop_ids_and_max_tokens_inside_accepted_runs(ckpts):

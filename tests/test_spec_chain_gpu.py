@@ -12,14 +12,6 @@ from longcat_service.sampling_params import SamplingParams
 from tests.engine_utils import assert_all_blocks_free, make_engine, run_to_completion
 from tests.mtp_checkpoint import write_mtp_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _spec_chain_on():
-    """Chained spec steps are opt-in (envs.LONGCAT_SPEC_CHAIN): this module's engines turn them on."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LONGCAT_SPEC_CHAIN", "1")
-        yield
-
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
