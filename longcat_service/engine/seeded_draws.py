@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longcat_service.kernels import fast_path_enabled
 from longcat_service.layers.host_to_device import to_device
 
 ACCEPT, TARGET, DRAFT = 0, 1, 2  # kinds of draw at one token position
@@ -72,6 +73,22 @@ def hashed_uniform(keys: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     uniforms in [0, 1) with 53 random bits, one per element of the broadcast shape."""
     h = _fmix32(_fmix32(keys[:2] ^ counter) ^ keys[2:])
     return ((h[0] >> 5) * (1 << 26) + (h[1] >> 6)).to(torch.float64) * 2.0**-53
+
+
+def hashed_uniforms_at_reference(keys: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """keys [4, R] int64 (seed_keys per row), base [R] int64 (a token position per row), offsets [C] int64 ->
+    float64 [R, C]: the uniforms of the counters (NUM_KINDS * base[r] + offsets[j]) mod 2^32 (offsets 4 d + kind:
+    the draw of that kind at position base[r] + d). The spec of the one-launch kernel (kernels/counter_hash.py)."""
+    return hashed_uniform(keys[:, :, None], (base[:, None] * NUM_KINDS + offsets[None, :]) & _M32)
+
+
+def hashed_uniforms_at(keys: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """hashed_uniforms_at_reference, in one Triton launch on CUDA (the same bits)."""
+    if fast_path_enabled(keys):
+        from longcat_service.kernels.counter_hash import hashed_uniforms_at as kernel
+
+        return kernel(keys, base, offsets)
+    return hashed_uniforms_at_reference(keys, base, offsets)
 
 
 def counter(position: torch.Tensor, kind) -> torch.Tensor:

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from longcat_service.engine.seeded_draws import ACCEPT, DRAFT, NUM_KINDS, TARGET, RowSeeds, hashed_uniform, inverse_cdf
+from longcat_service.engine.seeded_draws import (
+    ACCEPT,
+    DRAFT,
+    NUM_KINDS,
+    TARGET,
+    RowSeeds,
+    hashed_uniforms_at,
+    inverse_cdf,
+)
 
 OPTIONS = ("temperature", "top_k", "top_p", "min_p")
 
@@ -98,8 +106,7 @@ class StepUniforms:
     @classmethod
     def of(cls, seeds: RowSeeds, start: torch.Tensor, k: int) -> StepUniforms:
         """start [b]: the position of each sequence's verify token 0 (verify token j decides position start + j + 1)."""
-        c = (start[:, None] * NUM_KINDS + _step_counters(k, start.device)[None, :]) & 0xFFFFFFFF
-        u = hashed_uniform(seeds.keys[:, :, None], c)
+        u = hashed_uniforms_at(seeds.keys, start, _step_counters(k, start.device))  # one launch on CUDA
         return cls(seeds.seeded, u[:, :k], u[:, k : 2 * k + 1], u[:, 2 * k + 1 :])
 
     def draft(self, offset: torch.Tensor) -> torch.Tensor:
