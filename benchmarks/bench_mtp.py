@@ -21,6 +21,10 @@ read back, engine/spec_chain.py; "chained steps" counts them), "greedy_unchained
 and "greedy_sync" (async scheduling off),
 temperature 1 seeded and unseeded, and temperature 0.7 with top-k 50 / top-p 0.9 (all three: the device-side
 sampled step; seeded rows with hashed uniforms, engine/seeded_draws.py): acceptance rate, mean accepted length and output tokens/s per user (wall time of engine steps).
+Part 0 (a micro-timing): the seeded uniforms of one sampled step (StepUniforms, 4k + 2 per sequence), the torch int64
+hash (engine/seeded_draws.py, ~30 elementwise kernels: the CPU path) against the one-launch Triton kernel
+(kernels/counter_hash.py) on CUDA, both replayed from CUDA graphs as inside the sampled-step graph (us per call,
+median; CPU: the torch hash eagerly); seconds: --skip-part1 --model none runs little else.
 Results: JSON under $OUT (or benchmarks/out) and a markdown table on stdout.
 """
 
@@ -143,6 +147,41 @@ def step_batch(engine: LLMEngine, seqs: list) -> list[ScheduledSeq]:
             engine.block_manager.allocate(seq, sched._tokens_to_allocate(seq, s.end_pos))
         out.append(s)
     return out
+
+
+HASH_REPEAT = 20  # part 0: calls per captured graph (a replay's own cost spread over them)
+
+
+def part0(args, device: torch.device) -> dict:
+    """us per call of a step's seeded uniforms, per variant, k and batch (see the module doc)."""
+    from longcat_service.engine.seeded_draws import hashed_uniforms_at, hashed_uniforms_at_reference, seed_columns
+    from longcat_service.engine.spec_sampled import _step_counters
+
+    variants = {"torch": hashed_uniforms_at_reference}
+    if device.type == "cuda":
+        variants["kernel"] = hashed_uniforms_at
+    res: dict = {name: {} for name in variants}
+    for k in ints(args.ks):
+        offsets = _step_counters(k, device)
+        for b in ints(args.batches):
+            keys = torch.tensor(seed_columns([1000 + i for i in range(b)]), device=device)[1:]
+            start = torch.randint(0, 1 << 20, (b,), device=device)
+            for name, fn in variants.items():
+                def calls(f=fn, kk=keys, st=start, off=offsets):
+                    for _ in range(HASH_REPEAT):
+                        f(kk, st, off)
+
+                calls()  # compiles the kernel outside the capture
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        calls()
+                    timed = graph.replay
+                else:
+                    timed = calls
+                res[name].setdefault(k, {})[b] = median_ms(timed, device, args.reps) * 1e3 / HASH_REPEAT
+    return res
 
 
 def part1(args, device: torch.device) -> dict:
@@ -304,10 +343,22 @@ def report_loop(p3: dict, config: str) -> str:
     return "\n".join(lines)
 
 
-def report(p1: dict, p2: dict | None) -> str:
-    lines = [f"### MTP spec step vs plain decode ({p1['config']}, dummy weights)", "",
-             "| batch | plain graph ms | plain eager ms | " + " | ".join(f"spec k={k} ms (x plain)" for k in p1["spec_ms"])
-             + " |", "|---" * (3 + len(p1["spec_ms"])) + "|"]
+def report_part0(p0: dict) -> list[str]:
+    names = list(p0)
+    lines = ["### Seeded uniforms of one sampled step (us per call; CUDA: graph replay)", "",
+             "| k | batch | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    for k, by_b in p0[names[0]].items():
+        for b in by_b:
+            lines.append(f"| {k} | {b} | " + " | ".join(f"{p0[n][k][b]:.1f}" for n in names) + " |")
+    return lines + [""]
+
+
+def report(p1: dict, p2: dict | None, p0: dict | None = None) -> str:
+    lines = report_part0(p0) if p0 else []
+    lines += [f"### MTP spec step vs plain decode ({p1['config']}, dummy weights)", "",
+              "| batch | plain graph ms | plain eager ms | "
+              + " | ".join(f"spec k={k} ms (x plain)" for k in p1["spec_ms"]) + " |",
+              "|---" * (3 + len(p1["spec_ms"])) + "|"]
     for b in p1["plain_eager_ms"]:
         plain = p1["plain_graph_ms"].get(b, p1["plain_eager_ms"][b])
         cells = [f"{p1['spec_ms'][k][b]:.2f} ({p1['spec_ms'][k][b] / plain:.2f}x)" for k in p1["spec_ms"]]
@@ -350,6 +401,7 @@ def report(p1: dict, p2: dict | None) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    p0 = part0(args, device)
     p1 = {"config": "-", "plain_graph_ms": {}, "plain_eager_ms": {}, "spec_ms": {}} if args.skip_part1 \
         else part1(args, device)
     if args.model == "demo":
@@ -360,8 +412,9 @@ def main(argv=None) -> None:
     p3 = part3(args, device) if args.loop else None
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_mtp.json").write_text(json.dumps({"part1": p1, "part2": p2, "part3": p3}, indent=1, default=str))
-    print(report(p1, p2))
+    results = {"part0": p0, "part1": p1, "part2": p2, "part3": p3}
+    (out / "bench_mtp.json").write_text(json.dumps(results, indent=1, default=str))
+    print(report(p1, p2, p0))
     if p3:
         print(report_loop(p3, "longcat-flash-tiny" if args.tiny else "longcat-flash-2l"))
 
