@@ -1,6 +1,6 @@
 """Counter-based randomness for seeded requests in speculative decoding (issue 17): every uniform a seeded row uses
-is a hash of (its seed, the token position it decides, the kind of draw), computed with torch integer ops, so it
-runs inside a CUDA graph from static buffers, and a request's tokens depend only on its seed and its logits: not on
+is a hash of (its seed, the token position it decides, the kind of draw), computed with integer ops on the device
+(torch's, or one Triton kernel on CUDA), so it runs inside a CUDA graph from static buffers, and a request's tokens depend only on its seed and its logits: not on
 the batch, the bucket, the other rows, which path (device step or host verification) ran the step, or how many
 uniforms earlier steps drew (a torch.Generator's state would). Unseeded rows keep torch's generators.
 
@@ -15,7 +15,10 @@ the seed's halves from four stream constants; fmix32 is MurmurHash3's finaliser,
 The device hashes the counter c = 4 P + kind per half: h = fmix32(fmix32(k1 ^ c) ^ k2), two rounds (one would
 make two seeds whose k1 differ by d collide at counters c and c ^ d), with the keys (k1, k2) of half a and of half
 b; a's top 27 bits and b's top 26 make a 53-bit uniform in [0, 1). Counters repeat only past P = 2^30 tokens.
-About 30 small elementwise kernels per call (one call covers all draws of a step's verification and drafts).
+The torch code below (31 small elementwise int64 kernels on a GPU) is the spec and the CPU path; on CUDA
+hashed_uniforms_at computes the same bits in one Triton launch (kernels/counter_hash.py), for all rows and all
+counters of a call: the device-side sampled step makes one call per step (spec_sampled.StepUniforms: all draws of
+its verification and drafts), whether or not a row of its batch has a seed.
 
 No int64 overflow: every value is a 32-bit value held in int64, and a multiply by a 32-bit constant c is done as
 x * c' with c' = c or c - 2^32 (the one with |c'| <= 2^31), so |x * c'| < 2^63, then & (2^32 - 1): the same low
