@@ -141,9 +141,15 @@ class RowSeeds:
             return None
         return cls.from_columns(to_device(seed_columns(seeds), torch.int64, torch.device(device)))
 
+    def uniforms_at(self, base: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Hashed uniforms [R, C] of the counters NUM_KINDS * base[r] + offsets[j] (hashed_uniforms_at: one launch on
+        CUDA); base int64 [R], offsets int64 [C] (a kind: the draw of that kind at position base[r])."""
+        return hashed_uniforms_at(self.keys, base, offsets)
+
     def uniform(self, position: torch.Tensor, kind) -> torch.Tensor:
         """Hashed uniforms [R, ...] for row r's token positions position[r, ...] (int64 [R] or [R, m]) and kind (an
-        int, or an int64 tensor broadcastable against position)."""
+        int, or an int64 tensor broadcastable against position), by the torch code: the general form (the tests of
+        the hash's statistics use it; the engine calls uniforms_at)."""
         keys = self.keys.view(4, -1, *(1,) * (position.dim() - 1))
         return hashed_uniform(keys, counter(position, kind))
 

@@ -326,7 +326,7 @@ class SpecDecoder:
             row_seeds = RowSeeds.build(seeds, dev)
             if row_seeds is not None:  # hashed: the acceptance and residual / bonus uniforms of each row's position
                 pos_t = to_device(positions, torch.long, dev)
-                hashed = row_seeds.uniform(pos_t[:, None].expand(-1, 2), to_device([[ACCEPT, TARGET]], torch.long, dev))
+                hashed = row_seeds.uniforms_at(pos_t, to_device([ACCEPT, TARGET], torch.long, dev))
                 uniform = torch.where(row_seeds.seeded, hashed[:, 0], uniform.to(torch.float64))
             accept = has_draft & (uniform * qd < pd)
             residual = (p - q).clamp(min=0.0)
@@ -526,7 +526,8 @@ class SpecDecoder:
             if seeds is not None:  # hashed at the token position of each row's next draft
                 pos = [batch[i].end_pos - len(batch[i].draft_token_ids) + len(emitted[i]) + len(drafts[i])
                        for i in order]
-                sampled = seeds.draw(q, seeds.uniform(to_device(pos, torch.long, q.device), DRAFT), sampled)
+                u = seeds.uniforms_at(to_device(pos, torch.long, q.device), to_device([DRAFT], torch.long, q.device))
+                sampled = seeds.draw(q, u[:, 0], sampled)
             greedy_t = torch.tensor([row.params.greedy for row in srows], dtype=torch.bool, device=q.device)
             token = torch.where(greedy_t, token, sampled)
         return token, q

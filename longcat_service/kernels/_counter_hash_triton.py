@@ -19,7 +19,10 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-@triton.jit(do_not_specialize=["n", "cols", "s_key", "s_row", "s_base", "s_off"])
+# one binary for every call: sizes, strides and the inputs' alignment (scalar loads; the graph's buffers are views
+# at offsets, the host path's fresh tensors) are not specialised on, so the start-up capture compiles the only one
+@triton.jit(do_not_specialize=["n", "cols", "s_key", "s_row", "s_base", "s_off"],
+            do_not_specialize_on_alignment=["keys_ptr", "base_ptr", "offs_ptr"])
 def _counter_uniforms_kernel(keys_ptr, base_ptr, offs_ptr, out_ptr, n, cols, s_key, s_row, s_base, s_off,
                              BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
