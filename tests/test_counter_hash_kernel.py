@@ -25,12 +25,13 @@ from longcat_service.engine.spec_sampled import StepUniforms, _step_counters  # 
 from longcat_service.kernels.counter_hash import hashed_uniforms_at  # noqa: E402
 from tests.test_seeded_draws import ref_uniform  # noqa: E402
 
+DEVICE = "cuda" if ON_GPU else "cpu"  # the kernel: compiled on a GPU, interpreted without one
 EXTREME_SEEDS = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1, 2**63, 2**64 - 1,
                  sd.row_seed(-1, 0), sd.row_seed(-(2**63), 0)]
 EDGE_POSITIONS = [0, 1, 2**30 - 2, 2**30 - 1, 2**30, 2**31 - 1, 2**32 - 1, 2**32, 2**40 + 3]
 
 
-def _keys(seeds, device="cpu", pad: int = 0) -> torch.Tensor:
+def _keys(seeds, device=DEVICE, pad: int = 0) -> torch.Tensor:
     """[4, R] seed keys as the sampled graph holds them: rows 1..4 of a [5, R + pad] buffer (strides R + pad, 1)."""
     cols = torch.tensor(sd.seed_columns(list(seeds) + [None] * pad), dtype=torch.int64, device=device)
     return cols[1:, : len(seeds)]
@@ -43,6 +44,7 @@ def _random_seeds(n: int, gen: torch.Generator) -> list[int]:
 
 
 def _check(keys, base, offsets):
+    """The kernel on DEVICE == the torch hash on the CPU."""
     got = hashed_uniforms_at(keys, base, offsets)
     want = sd.hashed_uniforms_at_reference(keys.cpu(), base.cpu(), offsets.cpu())
     assert got.dtype == torch.float64 and got.shape == (base.shape[0], offsets.shape[0])
@@ -57,7 +59,7 @@ def test_kernel_equals_the_torch_hash(rows):
     base = torch.cat((torch.tensor(EDGE_POSITIONS), torch.randint(0, 2**31, (rows,), generator=gen)))[:rows]
     # every kind at several offsets, kind 3 (unused, in the counter space) and the offsets of a step at k = 3
     offsets = torch.cat((torch.arange(4 * 5), _step_counters(3, torch.device("cpu"))))
-    got = _check(_keys(seeds, pad=3), base, offsets)  # 37 x 34 elements: 5 blocks of 256
+    got = _check(_keys(seeds, pad=3), base.to(DEVICE), offsets.to(DEVICE)).cpu()  # 37 x 34 elements: 5 blocks of 256
     if rows:
         assert ((got >= 0) & (got < 1)).all()
         for r in range(rows):  # the plain-integer spec at a few counters
@@ -75,18 +77,20 @@ def test_kernel_on_strided_step_inputs_and_wrapping_counters():
         seeds = _random_seeds(b, gen)
         positions = torch.randint(0, 2**31, (b * (k + 1),), generator=gen)
         positions[0], positions[k + 1] = 2**30 - 1, 2**32 - 2
-        _check(_keys(seeds, pad=2), positions.view(b, k + 1)[:, 0], _step_counters(k, torch.device("cpu")))
-    base = torch.tensor([-1, -(2**40) - 5, 2**60 - 1, 2**40 + 7])
-    _check(_keys(_random_seeds(4, gen)), base, torch.tensor([ACCEPT, TARGET, DRAFT, 4 + DRAFT]))
-    _check(_keys(EXTREME_SEEDS[:2]), torch.tensor([3, 4]), torch.zeros(0, dtype=torch.int64))  # no columns
+        _check(_keys(seeds, pad=2), positions.to(DEVICE).view(b, k + 1)[:, 0], _step_counters(k, torch.device(DEVICE)))
+    base = torch.tensor([-1, -(2**40) - 5, 2**60 - 1, 2**40 + 7], device=DEVICE)
+    _check(_keys(_random_seeds(4, gen)), base, torch.tensor([ACCEPT, TARGET, DRAFT, 4 + DRAFT], device=DEVICE))
+    no_cols = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    _check(_keys(EXTREME_SEEDS[:2]), torch.tensor([3, 4], device=DEVICE), no_cols)
 
 
 def test_step_uniforms_split_the_kernel_output():
-    """StepUniforms (the sampled step's call) takes its accept / target / draft uniforms from the right counters."""
+    """StepUniforms (the sampled step's call: the kernel on CUDA, the torch hash on the CPU) takes its accept /
+    target / draft uniforms from the right counters."""
     seeds = [5, 2**64 - 1, 123456789]
-    start = torch.tensor([10, 2**30 - 1, 0])
+    start = torch.tensor([10, 2**30 - 1, 0], device=DEVICE)
     k = 2
-    u = StepUniforms.of(RowSeeds.from_columns(torch.tensor(sd.seed_columns(seeds))), start, k)
+    u = StepUniforms.of(RowSeeds.from_columns(torch.tensor(sd.seed_columns(seeds), device=DEVICE)), start, k)
     for r, s in enumerate(seeds):
         p = int(start[r])
         assert u.accept[r].tolist() == [ref_uniform(s, p + 1 + j, ACCEPT) for j in range(k)]
@@ -95,7 +99,7 @@ def test_step_uniforms_split_the_kernel_output():
 
 
 def test_bad_inputs_raise():
-    keys, base, offs = _keys([1, 2]), torch.tensor([0, 1]), torch.tensor([0, 1])
+    keys, base, offs = _keys([1, 2]), torch.tensor([0, 1], device=DEVICE), torch.tensor([0, 1], device=DEVICE)
     with pytest.raises(ValueError, match="keys"):
         hashed_uniforms_at(keys[:3], base, offs)
     with pytest.raises(ValueError, match="rows"):
@@ -116,9 +120,9 @@ def test_cuda_kernel_equals_the_cpu_torch_hash_eager_and_in_a_graph():
     base = torch.cat((torch.tensor(EDGE_POSITIONS), torch.randint(0, 2**31, (rows - len(EDGE_POSITIONS),),
                                                                   generator=gen)))
     offsets = torch.cat((torch.arange(4 * 5), _step_counters(3, torch.device("cpu"))))
-    want = sd.hashed_uniforms_at_reference(_keys(seeds), base, offsets)
+    want = sd.hashed_uniforms_at_reference(_keys(seeds, "cpu"), base, offsets)
     keys_d, base_d, offs_d = _keys(seeds, "cuda", pad=5), base.cuda(), offsets.cuda()
-    assert torch.equal(sd.hashed_uniforms_at(keys_d, base_d, offs_d).cpu(), want)  # the dispatch takes the kernel
+    assert torch.equal(sd.hashed_uniforms_at(keys_d, base_d, offs_d).cpu(), want)  # the engine's entry point
     # captured with other inputs, replayed after the static buffers were refilled (as the sampled graph does)
     static_keys, static_base = torch.zeros_like(keys_d), torch.zeros_like(base_d)
     sd.hashed_uniforms_at(static_keys, static_base, offs_d)
