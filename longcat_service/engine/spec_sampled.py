@@ -12,7 +12,8 @@ last draft. Greedy rows keep the exact argmax rule. The randomness of unseeded r
 generator of the device (torch.rand / exponential_), which CUDA graphs support: each replay advances its philox
 offset. Rows with a seed take every uniform from a hash of (seed, token position, kind of draw) instead
 (engine/seeded_draws.py; seed keys and positions from the graph's static buffers, one hash call per step:
-StepUniforms) and draw by inverse CDF, so their tokens depend on the seed and the logits only, not on the batch.
+StepUniforms, one Triton launch on CUDA) and draw by inverse CDF, so their tokens depend on the seed and the logits
+only, not on the batch.
 """
 
 from __future__ import annotations
