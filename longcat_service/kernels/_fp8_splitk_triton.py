@@ -1,0 +1,159 @@
+"""The Triton side of fp8_splitk.py: a split-K block-FP8 w8a8 GEMM for decode row counts.
+
+Grid (cdiv(N, BLOCK_N), SPLIT, cdiv(M, BLOCK_M)), axis 0 fastest. A program owns one BLOCK_M x BLOCK_N output tile
+and a contiguous range of 128-wide K scale groups (its split). Each K step is one whole group g: an e4m3 x e4m3
+tl.dot (FP8 tensor cores, fp32 out) scaled in fp32 by x_scale[m, g] * w_scale[n // 128, g] and added to the fp32
+accumulator (the promotion scheme of the prefill kernels in _fp8_gemm_triton.py).
+
+SWAP_AB: the product is computed transposed, acc [BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so that the weight tile
+(64 / 128 rows) is the wgmma's M side (a multiple of 64) and the few token rows its N side (16..128): on Hopper the
+small row tiles then still run on wgmma (unswapped, a 16- or 32-row tile is below wgmma's 64 and Triton falls back
+to mma.sync). Both operands are K-contiguous in memory, the layout FP8 wgmma needs for A and B.
+
+SPLIT == 1: the program rounds its tile to the output dtype and stores it. SPLIT > 1: it stores its fp32 partial
+tile into part [SPLIT, M, N]; _sum_splits_kernel then adds the SPLIT partials in split order and rounds: a
+deterministic sum (the same bits every run and at every graph replay), no atomics, no zeroed workspace, no counters
+to keep between launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longcat_service.kernels import interpreter_mode
+from longcat_service.kernels._silu_mul_triton import _round
+
+GROUP = 128
+
+
+@triton.jit
+def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks,
+                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc += (x8[:, group g] . w8[:, group g]) * x_scale[:, g] * w_scale[:, g] (transposed when SWAP_AB)."""
+    k0 = g * 128
+    if EVEN_K:
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+    a_s = tl.load(as_ptrs + g, mask=row_ok, other=0.0)
+    if BLOCK_N <= 128:  # the tile lies in one 128-row weight block: one scale (bs_ptrs is a scalar pointer)
+        b_s = tl.load(bs_ptrs + g)
+        if SWAP_AB:
+            acc += tl.dot(b, tl.trans(a)) * (a_s * b_s)[None, :]
+        else:
+            acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+    else:
+        b_s = tl.load(bs_ptrs + g, mask=col_ok, other=0.0)
+        if SWAP_AB:
+            acc += tl.dot(b, tl.trans(a)) * b_s[:, None] * a_s[None, :]
+        else:
+            acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
+    return acc
+
+
+# M not specialised: one binary per row tile serves every row count that rounds up to it (CUDA-graph buckets).
+@triton.jit(do_not_specialize=["M", "s_ps"])
+def _splitk_kernel(
+    a_ptr, b_ptr, c_ptr, part_ptr, as_ptr, bs_ptr, M, N, K, groups_per_split,
+    s_am, s_bn, s_cm, s_asm, s_bsn, s_ps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    ks = tl.arange(0, 128)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * s_am + ks[None, :]
+    b_ptrs = b_ptr + cols.to(tl.int64)[:, None] * s_bn + ks[None, :]
+    as_ptrs = as_ptr + rows.to(tl.int64) * s_asm
+    if BLOCK_N <= 128:
+        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // 128).to(tl.int64) * s_bsn
+    else:
+        bs_ptrs = bs_ptr + (cols // 128).to(tl.int64) * s_bsn
+    g_lo = pid_s * groups_per_split
+    g_hi = tl.minimum(g_lo + groups_per_split, tl.cdiv(K, 128))
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_WHILE:  # the interpreter cannot take runtime values as range() bounds
+        g = g_lo
+        while g < g_hi:
+            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks, BLOCK_N, SWAP_AB,
+                              EVEN_K)
+            g += 1
+    else:
+        for g in range(g_lo, g_hi):
+            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks, BLOCK_N, SWAP_AB,
+                              EVEN_K)
+    if SWAP_AB:  # acc[n, m]
+        offs = rows.to(tl.int64)[None, :] * s_cm + cols[:, None]
+        mask = row_ok[None, :] & col_ok[:, None]
+    else:
+        offs = rows.to(tl.int64)[:, None] * s_cm + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+    if SPLIT == 1:
+        tl.store(c_ptr + offs, _round(acc, c_ptr.dtype.element_ty, MANUAL_BF16), mask=mask)
+    else:  # part is contiguous [SPLIT, M, N]: its row stride is N = s_cm's of the contiguous output
+        tl.store(part_ptr + pid_s.to(tl.int64) * s_ps + offs, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["total"])
+def _sum_splits_kernel(part_ptr, c_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """c (contiguous, total = M * N values) = the SPLIT partials summed in split order, rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+    tl.store(c_ptr + offs, _round(acc, c_ptr.dtype.element_ty, MANUAL_BF16), mask=ok)
+
+
+SUM_BLOCK = 1024
+
+
+def launch_splitk(x8, x_scale, w8, w_scale, out, block_m, block_n, split, groups_per_split, swap_ab, num_stages,
+                  num_warps) -> None:
+    """out [M, N] (contiguous) <- x8 [M, K] @ w8 [N, K]^T, block-scaled; split > 1: the K groups in `split` ranges
+    of groups_per_split (none empty; the caller resolves them) summed by a second launch."""
+    m, k = x8.shape
+    n = w8.shape[0]
+    interp = interpreter_mode()
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x8.device) if split > 1 else out
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+    _splitk_kernel[grid](
+        x8, w8, out, part, x_scale, w_scale, m, n, k, groups_per_split, x8.stride(0), w8.stride(0), out.stride(0),
+        x_scale.stride(0), w_scale.stride(0), m * n,
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SWAP_AB=swap_ab, EVEN_K=k % GROUP == 0, MANUAL_BF16=interp,
+        USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
+    )
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](part, out, m * n, SPLIT=split, BLOCK=SUM_BLOCK,
+                                                             MANUAL_BF16=interp, num_warps=4)
+
+
+def aot_compile_splitk(config, rows: int, n: int, k: int, split: int, capability: int = 90):
+    """triton.compile of _splitk_kernel as launch_splitk() would specialise it for x [rows, k] @ w [n, k] (the row
+    tile as fp8_splitk.block_m_for picks it), for a CUDA GPU of this capability, without a GPU (offline check of the
+    GPU build; needs TRITON_INTERPRET unset at import). Returns triton's CompiledKernel."""
+    from longcat_service.kernels._fp8_gemm_triton import _aot
+    from longcat_service.kernels.fp8_splitk import block_m_for, resolve_split
+
+    split, groups_per_split = resolve_split(k, split)
+    x8 = torch.empty(rows, k, dtype=torch.float8_e4m3fn)
+    f32 = torch.empty(rows, 1)
+    values = dict(a_ptr=x8, b_ptr=x8, c_ptr=torch.empty(1, dtype=torch.bfloat16), part_ptr=f32, as_ptr=f32,
+                  bs_ptr=f32, M=rows, N=n, K=k, groups_per_split=groups_per_split, s_am=k, s_bn=k, s_cm=n,
+                  s_asm=-(-k // GROUP), s_bsn=-(-k // GROUP), s_ps=rows * n)
+    constexprs = dict(BLOCK_M=block_m_for(rows), BLOCK_N=config.block_n, SPLIT=split, SWAP_AB=config.swap_ab,
+                      EVEN_K=k % GROUP == 0, MANUAL_BF16=False, USE_WHILE=False)
+    return _aot(_splitk_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
