@@ -96,6 +96,12 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("LONGCAT_MOE_OVERLAP_MAX_TOKENS", "int", 8, "tuning",
            "CUDA-graph decode steps of up to this many tokens run the shortcut MoE on a side stream; 0: never "
            "(H200: batch 1 1.48 vs 1.58 ms inline; at every batch size it cost ~1 ms at batch 64)", _nonneg_int),
+    Switch("LONGCAT_FP8_SPLITK_MAX_ROWS", "int", 0, "tuning",
+           "dense linears with block-FP8 weights of more rows than the CUDA GEMV takes (ops/fp8.DECODE_ROWS) up to "
+           "this many (larger values act as 128) run the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py) instead of cuBLAS's "
+           "blockwise scaled-mm; 0: never. NOT YET MEASURED: off until the H200 A/B (bench_fp8_kernels.py --sections "
+           "dense_decode; cuBLAS reached ~0.5 of the copy rate on the 2L decode shapes at 16-128 rows)",
+           _nonneg_int),
     Switch("LONGCAT_GROUPED_GEMM_CONFIG", "str", "128,64,128,3,8,tma,split", "tuning",
            "tiles of the Triton grouped GEMM of the prefill experts, 'bn,bk,bm,stages,warps[,tma][,split]' "
            "(H200: the default streamed the weights at 88-92% of the copy rate, torch._grouped_mm 75-79%; "

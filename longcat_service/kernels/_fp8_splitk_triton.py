@@ -30,10 +30,11 @@ GROUP = 128
 
 @triton.jit
 def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks,
-                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr):
-    """acc += (x8[:, group g] . w8[:, group g]) * x_scale[:, g] * w_scale[:, g] (transposed when SWAP_AB)."""
+                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, MASK_K: tl.constexpr):
+    """acc += (x8[:, group g] . w8[:, group g]) * x_scale[:, g] * w_scale[:, g] (transposed when SWAP_AB). MASK_K:
+    the partial last group (the whole-group steps carry no K mask: in the loop it costs the sm_90 build spills)."""
     k0 = g * 128
-    if EVEN_K:
+    if not MASK_K:
         a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
         b = tl.load(b_ptrs + k0, mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
     else:
@@ -81,20 +82,25 @@ def _splitk_kernel(
         bs_ptrs = bs_ptr + (cols // 128).to(tl.int64) * s_bsn
     g_lo = pid_s * groups_per_split
     g_hi = tl.minimum(g_lo + groups_per_split, tl.cdiv(K, 128))
+    g_full = tl.minimum(g_hi, K // 128)  # whole groups; a partial last group is the one step after them
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_WHILE:  # the interpreter cannot take runtime values as range() bounds
         g = g_lo
-        while g < g_hi:
+        while g < g_full:
             acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks, BLOCK_N, SWAP_AB,
-                              EVEN_K)
+                              False)
             g += 1
     else:
-        for g in range(g_lo, g_hi):
+        for g in range(g_lo, g_full):
             acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks, BLOCK_N, SWAP_AB,
-                              EVEN_K)
+                              False)
+    if not EVEN_K:
+        if g_full < g_hi:
+            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g_full, K, row_ok, col_ok, ks, BLOCK_N,
+                              SWAP_AB, True)
     if SWAP_AB:  # acc[n, m]
         offs = rows.to(tl.int64)[None, :] * s_cm + cols[:, None]
         mask = row_ok[None, :] & col_ok[:, None]

@@ -8,7 +8,9 @@ it always takes the reference path. None: the standard block layout.
 On CUDA, with the extension / Triton kernels present (h15k's wrappers, looked up once, guarded so either side
 works alone): decode rows (<= DECODE_ROWS) stream the FP8 weight through `dense_gemv_fp8` (dequantized in
 registers), more rows take the w8a8 block GEMM (dynamic per-token-group activation quantization; torch's
-cuBLASLt blockwise scaled-mm on Hopper where it takes the shape, else the Triton kernel); the routed
+cuBLASLt blockwise scaled-mm on Hopper where it takes the shape, else the Triton kernel; with
+LONGCAT_FP8_SPLITK_MAX_ROWS set, rows above DECODE_ROWS up to it take the Triton split-K w8a8 GEMM,
+kernels/fp8_splitk.py, the same numerics up to fp32 summation order); the routed
 experts take `extension.expert_ffn_fp8`, which picks its own decode / grouped-GEMM regime. Everywhere else
 (CPU, unsupported shapes): the reference, i.e. dequantize to the activation dtype, then the bf16/fp32 op
 (weight-only: equal to the unquantized model run on the dequantized weights). Choices use shapes, dtypes and the
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from longcat_service import ops
+from longcat_service import envs, ops
 from longcat_service.ops.fp8_reference import BLOCK, FP8_DTYPE, block_dequant, per_token_group_quant
 
 # Rows up to which the dense linears stream the weight through dense_gemv_fp8 (which takes up to 8). H200 run 1
@@ -88,6 +90,32 @@ def _w8a8_gemm():
     return w8a8_linear
 
 
+@functools.cache
+def _splitk():
+    """kernels/fp8_splitk (the split-K w8a8 GEMM for decode rows), or None when Triton is absent."""
+    from longcat_service.kernels import triton_available
+
+    if not triton_available():
+        return None
+    from longcat_service.kernels import fp8_splitk
+
+    return fp8_splitk
+
+
+def splitk_max_rows() -> int:
+    """Rows up to which (above DECODE_ROWS) fp8_linear takes the split-K GEMM on CUDA: LONGCAT_FP8_SPLITK_MAX_ROWS,
+    at most the kernel's row tile (fp8_splitk.MAX_ROWS); 0 = off."""
+    return min(envs.LONGCAT_FP8_SPLITK_MAX_ROWS, 128)
+
+
+def splitk_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
+    """What the split-K GEMM takes (fp8_splitk.supported), Triton on. Host metadata only."""
+    from longcat_service.kernels import fast_path_enabled
+
+    module = _splitk()
+    return module is not None and fast_path_enabled(x2) and module.supported(x2, w8, scale)
+
+
 def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
     """What the Triton w8a8 GEMM takes: CUDA with FP8 tensor cores (sm_89+), Triton on, x [M, K] bf16 / fp16 and
     w8 [N, K] e4m3 with unit last strides and its standard block scale. Host metadata only."""
@@ -121,6 +149,8 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Se
         ext = _extension()
         if x2.shape[0] <= DECODE_ROWS and ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
             return ext.dense_gemv_fp8(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
+        if DECODE_ROWS < x2.shape[0] <= splitk_max_rows() and splitk_supported(x2, w8, scale):
+            return _splitk().w8a8_splitk_linear(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
         if w8a8_supported(x2, w8, scale):  # prefill rows, or decode rows the GEMV does not take
             return _w8a8_gemm()(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
     if w8a8_reference and x2.shape[0] > DECODE_ROWS:
@@ -181,4 +211,5 @@ def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, rout
 
 
 __all__ = ["BLOCK", "DECODE_ROWS", "FP8_DTYPE", "cdiv", "dequant", "fp8_expert_ffn", "fp8_linear",
-           "moe_forward_fp8", "quant_dequant", "standard_layout", "w8a8_supported"]
+           "moe_forward_fp8", "quant_dequant", "splitk_max_rows", "splitk_supported", "standard_layout",
+           "w8a8_supported"]
