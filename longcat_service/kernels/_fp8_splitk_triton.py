@@ -1,6 +1,6 @@
 """The Triton side of fp8_splitk.py: a split-K block-FP8 w8a8 GEMM for decode row counts.
 
-Grid (cdiv(N, BLOCK_N), SPLIT, cdiv(M, BLOCK_M)), axis 0 fastest. A program owns one BLOCK_M x BLOCK_N output tile
+Grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)), axis 0 fastest. A program owns one BLOCK_M x BLOCK_N output tile
 and a contiguous range of 128-wide K scale groups (its split). Each K step is one whole group g: an e4m3 x e4m3
 tl.dot (FP8 tensor cores, fp32 out) scaled in fp32 by x_scale[m, g] * w_scale[n // 128, g] and added to the fp32
 accumulator (the promotion scheme of the prefill kernels in _fp8_gemm_triton.py).
@@ -10,8 +10,8 @@ SWAP_AB: the product is computed transposed, acc [BLOCK_N, BLOCK_M] = W_tile @ x
 small row tiles then still run on wgmma (unswapped, a 16- or 32-row tile is below wgmma's 64 and Triton falls back
 to mma.sync). Both operands are K-contiguous in memory, the layout FP8 wgmma needs for A and B.
 
-SPLIT == 1: the program rounds its tile to the output dtype and stores it. SPLIT > 1: it stores its fp32 partial
-tile into part [SPLIT, M, N]; _sum_splits_kernel then adds the SPLIT partials in split order and rounds: a
+split == 1: the program rounds its tile to the output dtype and stores it. split > 1: it stores its fp32 partial
+tile into part [split, M, N]; _sum_splits_kernel then adds the split partials in split order and rounds: a
 deterministic sum (the same bits every run and at every graph replay), no atomics, no zeroed workspace, no counters
 to keep between launches.
 """
@@ -57,14 +57,17 @@ def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks,
     return acc
 
 
-# M not specialised: one binary per row tile serves every row count that rounds up to it (CUDA-graph buckets).
-@triton.jit(do_not_specialize=["M", "s_ps"])
+# M and the split not specialised: one binary per row tile and config serves every row count that rounds up to the
+# tile (CUDA-graph buckets) and every split.
+@triton.jit(do_not_specialize=["M", "groups_per_split", "s_ps"])
 def _splitk_kernel(
     a_ptr, b_ptr, c_ptr, part_ptr, as_ptr, bs_ptr, M, N, K, groups_per_split,
     s_am, s_bn, s_cm, s_asm, s_bsn, s_ps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SWAP_AB: tl.constexpr,
     EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
+    """PARTIAL (split > 1): store the fp32 partial tile of split program_id(1) instead of the rounded output (the
+    split count itself is a runtime value: one binary per tile config serves every split)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -107,20 +110,27 @@ def _splitk_kernel(
     else:
         offs = rows.to(tl.int64)[:, None] * s_cm + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT == 1:
-        tl.store(c_ptr + offs, _round(acc, c_ptr.dtype.element_ty, MANUAL_BF16), mask=mask)
-    else:  # part is contiguous [SPLIT, M, N]: its row stride is N = s_cm's of the contiguous output
+    if PARTIAL:  # part is contiguous [split, M, N]: its row stride is N = s_cm's of the contiguous output
         tl.store(part_ptr + pid_s.to(tl.int64) * s_ps + offs, acc, mask=mask)
+    else:
+        tl.store(c_ptr + offs, _round(acc, c_ptr.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
-@triton.jit(do_not_specialize=["total"])
-def _sum_splits_kernel(part_ptr, c_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """c (contiguous, total = M * N values) = the SPLIT partials summed in split order, rounded once."""
+@triton.jit(do_not_specialize=["total", "split"])
+def _sum_splits_kernel(part_ptr, c_ptr, total, split, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr,
+                       USE_WHILE: tl.constexpr):
+    """c (contiguous, total = M * N values) = the split partials summed in split order, rounded once."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+    if USE_WHILE:
+        s = 0
+        while s < split:
+            acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+            s += 1
+    else:
+        for s in range(split):
+            acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0, eviction_policy="evict_first")
     tl.store(c_ptr + offs, _round(acc, c_ptr.dtype.element_ty, MANUAL_BF16), mask=ok)
 
 
@@ -139,12 +149,12 @@ def launch_splitk(x8, x_scale, w8, w_scale, out, block_m, block_n, split, groups
     _splitk_kernel[grid](
         x8, w8, out, part, x_scale, w_scale, m, n, k, groups_per_split, x8.stride(0), w8.stride(0), out.stride(0),
         x_scale.stride(0), w_scale.stride(0), m * n,
-        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SWAP_AB=swap_ab, EVEN_K=k % GROUP == 0, MANUAL_BF16=interp,
+        BLOCK_M=block_m, BLOCK_N=block_n, PARTIAL=split > 1, SWAP_AB=swap_ab, EVEN_K=k % GROUP == 0, MANUAL_BF16=interp,
         USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
     )
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](part, out, m * n, SPLIT=split, BLOCK=SUM_BLOCK,
-                                                             MANUAL_BF16=interp, num_warps=4)
+        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](part, out, m * n, split, BLOCK=SUM_BLOCK,
+                                                             MANUAL_BF16=interp, USE_WHILE=interp, num_warps=4)
 
 
 def aot_compile_splitk(config, rows: int, n: int, k: int, split: int, capability: int = 90):
@@ -160,6 +170,6 @@ def aot_compile_splitk(config, rows: int, n: int, k: int, split: int, capability
     values = dict(a_ptr=x8, b_ptr=x8, c_ptr=torch.empty(1, dtype=torch.bfloat16), part_ptr=f32, as_ptr=f32,
                   bs_ptr=f32, M=rows, N=n, K=k, groups_per_split=groups_per_split, s_am=k, s_bn=k, s_cm=n,
                   s_asm=-(-k // GROUP), s_bsn=-(-k // GROUP), s_ps=rows * n)
-    constexprs = dict(BLOCK_M=block_m_for(rows), BLOCK_N=config.block_n, SPLIT=split, SWAP_AB=config.swap_ab,
+    constexprs = dict(BLOCK_M=block_m_for(rows), BLOCK_N=config.block_n, PARTIAL=split > 1, SWAP_AB=config.swap_ab,
                       EVEN_K=k % GROUP == 0, MANUAL_BF16=False, USE_WHILE=False)
     return _aot(_splitk_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
