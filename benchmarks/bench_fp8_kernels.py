@@ -1,8 +1,20 @@
 """Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
 
-    python benchmarks/bench_fp8_kernels.py [--sections rates,dense,experts,grouped] [--reps 20] [--out fp8.json]
-        [--sweep-batches 8,16,64,128]
+    python benchmarks/bench_fp8_kernels.py [--sections rates,dense,dense_decode,experts,grouped] [--reps 20]
+        [--out fp8.json] [--sweep-batches 8,16,64,128]
         [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
+        [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap];...']
+
+dense_decode: the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py, incl. the activation quantization) against
+kernels/fp8_gemm.w8a8_linear (quantization + cuBLAS blockwise scaled-mm, what fp8_linear runs above DECODE_ROWS
+unless LONGCAT_FP8_SPLITK_MAX_ROWS is set) and the byte floor (weight + scale + x + y bytes / the measured copy
+rate), on the LongCat-Flash-2L dense shapes (DENSE_SHAPES, each 4 times a decode step: 2 layers x 2 sublayers) at
+--dense-rows rows: split-K at its default config (fp8_splitk.config_for) and, with --dense-configs sweep (the
+default), fp8_splitk.SWEEP_CONFIGS at their auto split plus the default config at half and double its split (or a
+';'-list of configs, each at every shape and row count). Then the step table (the 20 linears: floor, cuBLAS,
+split-K default, split-K best per shape), the largest row count up to which split-K beats cuBLAS on the step (for
+LONGCAT_FP8_SPLITK_MAX_ROWS) and the SHAPE_CONFIGS entries to paste where a shape's fastest config beats the
+default by more than 3%.
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
@@ -135,6 +147,139 @@ def bench_dense(copy_tbps, fp8_tflops, reps):
         w8s = w16s = None
         torch.cuda.empty_cache()
     return rows
+
+
+DENSE_DECODE_ROWS = (16, 32, 64, 128)
+DENSE_PER_STEP = 4  # each dense shape runs 2 layers x 2 sublayers times in a LongCat-Flash-2L decode step
+
+
+def dense_decode_candidates(rows: int, n: int, k: int, spec: str = "sweep", sms: int = 132):
+    """The split-K configs timed beside the default at (rows, n, k), splits resolved (fp8_splitk.resolve_split), the
+    default's left out: 'default' none; 'sweep' SWEEP_CONFIGS at their auto split and the default at half and
+    double its split; else a ';'-list of config strings (split 0: auto)."""
+    import dataclasses
+
+    from longcat_service.kernels import fp8_splitk as fs
+
+    default = fs.config_for(rows, n, k, sms)
+    if spec == "default":
+        listed = []
+    elif spec == "sweep":
+        listed = list(fs.SWEEP_CONFIGS) + [dataclasses.replace(default, split=max(1, default.split // 2)),
+                                           dataclasses.replace(default, split=min(fs.MAX_SPLIT, default.split * 2))]
+    else:
+        listed = [fs.parse_splitk_config(c) for c in spec.split(";") if c.strip()]
+    out = []
+    for cfg in listed:
+        split = cfg.split or fs.auto_split(n, k, cfg.block_n, sms)
+        cfg = dataclasses.replace(cfg, split=fs.resolve_split(k, split)[0])
+        if cfg != dataclasses.replace(default, split=fs.resolve_split(k, default.split)[0]) and cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, spec="sweep"):
+    """Per (shape, rows): cuBLAS w8a8_linear, split-K at its default config and the candidates, the byte floor."""
+    from longcat_service.kernels import fp8_splitk as fs
+    from longcat_service.kernels.fp8_gemm import w8a8_linear
+
+    sms = fs.sm_count(torch.device("cuda"))
+    rows_out = []
+    for name, (n, k) in DENSE_SHAPES.items():
+        copies = max(2, math.ceil(ROTATION_BYTES / (n * k)))
+        w8s = [random_fp8((n, k), seed=i) for i in range(copies)]
+        scale = scales_for(w8s[0], 1.0 / (64 * k**0.5))
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            default = fs.config_for(m, n, k, sms)
+            cublas, cublas_err = timed([functools.partial(w8a8_linear, x, w, scale) for w in w8s], reps)
+            splitk, splitk_err = timed([functools.partial(fs.w8a8_splitk_linear, x, w, scale) for w in w8s], reps)
+            variants = {}
+            for cfg in dense_decode_candidates(m, n, k, spec, sms):
+                t, err = timed([functools.partial(fs.w8a8_splitk_linear, x, w, scale, cfg) for w in w8s], reps)
+                variants[str(cfg)] = t if err is None else err
+            bytes_moved = n * k + scale.numel() * 4 + m * k * 2 + m * n * 2
+            row = {"shape": name, "N": n, "K": k, "M": m, "block_m": fs.block_m_for(m),
+                   "default_config": f"{default.block_n},{fs.resolve_split(k, default.split)[0]},"
+                                     f"{default.num_stages},{default.num_warps}" + (",swap" if default.swap_ab else ""),
+                   "cublas_us": cublas, "cublas_error": cublas_err, "splitk_us": splitk, "splitk_error": splitk_err,
+                   "variants_us": variants, "byte_floor_us": bytes_moved / (copy_tbps * 1e6)}
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+        w8s = None
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+def _best_splitk(r):
+    """(config, us) of the fastest split-K timing of a dense_decode row (default or candidate), (None, None) if none."""
+    timings = {r["default_config"]: r["splitk_us"]} if isinstance(r["splitk_us"], float) else {}
+    timings.update({c: t for c, t in r["variants_us"].items() if isinstance(t, float)})
+    if not timings:
+        return None, None
+    best = min(timings, key=timings.get)
+    return best, timings[best]
+
+
+def _step_total(group, key_fn):
+    """The decode step's time of the dense linears (each shape DENSE_PER_STEP times), None if one is missing."""
+    vals = [key_fn(r) for r in group]
+    return DENSE_PER_STEP * sum(vals) if vals and all(isinstance(v, float) for v in vals) else None
+
+
+SHAPE_EXCEPTION_GAIN = 0.03  # a shape's fastest config is printed as a SHAPE_CONFIGS entry when this much faster
+
+
+def print_dense_decode(rows, copy_tbps):
+    def frac(floor, t):
+        return f"{floor / t:.2f}" if isinstance(t, float) and t > 0 else "-"
+
+    print(f"\ndense decode (split-K w8a8 Triton vs w8a8 cuBLAS), copy rate {copy_tbps:.2f} TB/s; frac = byte floor / "
+          "time; configs 'block_n,split,stages,warps[,swap]'")
+    print(f"{'shape':>14} {'N x K':>12} {'M':>4} {'floor':>9} {'cuBLAS':>9} {'frac':>5} {'split-K':>9} {'frac':>5} "
+          f"{'default':>16} {'best':>9} {'frac':>5} {'best config':>16}  other candidates")
+    for r in rows:
+        cfg, best = _best_splitk(r)
+        others = " ".join(f"{c}:{_fmt(t).strip()}" if isinstance(t, float) else f"{c}:error"
+                          for c, t in r["variants_us"].items())
+        err = r.get("splitk_error") or r.get("cublas_error")
+        print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>4} {_fmt(r['byte_floor_us'])} "
+              f"{_fmt(r['cublas_us'])} {frac(r['byte_floor_us'], r['cublas_us']):>5} {_fmt(r['splitk_us'])} "
+              f"{frac(r['byte_floor_us'], r['splitk_us']):>5} {r['default_config']:>16} {_fmt(best)} "
+              f"{frac(r['byte_floor_us'], best):>5} {cfg or '-':>16}  {others}{'  ' + err if err else ''}")
+    by_rows = {}
+    for r in rows:
+        by_rows.setdefault(r["M"], []).append(r)
+    print(f"\n{'step (20 linears)':>18} {'rows':>4} {'floor':>9} {'cuBLAS w8a8':>11} {'split-K':>9} {'best':>9} "
+          f"{'frac cuBLAS':>11} {'frac split-K':>12} {'frac best':>9}")
+    bounds = {"default": [0, False], "best": [0, False]}  # (largest row count so far, lost once)
+    for m, group in sorted(by_rows.items()):
+        floor, cublas, splitk = (_step_total(group, lambda r, key=key: r[key]) for key in
+                                 ("byte_floor_us", "cublas_us", "splitk_us"))
+        best = _step_total(group, lambda r: _best_splitk(r)[1])
+        print(f"{'':>18} {m:>4} {_fmt(floor)} {_fmt(cublas, 11)} {_fmt(splitk)} {_fmt(best)} "
+              f"{frac(floor, cublas):>11} {frac(floor, splitk):>12} {frac(floor, best):>9}")
+        for name, t in (("default", splitk), ("best", best)):
+            wins = t is not None and cublas is not None and t < cublas
+            if wins and not bounds[name][1]:
+                bounds[name][0] = m
+            bounds[name][1] = bounds[name][1] or not wins
+    for name, (max_rows, _) in bounds.items():
+        print(f"split-K ({name} configs) beats cuBLAS on the step at every measured row count up to "
+              f"{max_rows or 'none'} (-> LONGCAT_FP8_SPLITK_MAX_ROWS={max_rows})")
+    best_by_key = {}
+    for r in rows:
+        cfg, t = _best_splitk(r)
+        if cfg is None or cfg == r["default_config"] or not isinstance(r["splitk_us"], float):
+            continue
+        if t < (1 - SHAPE_EXCEPTION_GAIN) * r["splitk_us"]:
+            key = (r.get("block_m", r["M"]), r["N"], r["K"])
+            if key not in best_by_key or r["M"] > best_by_key[key][0]:  # the row tile's largest row count decides
+                best_by_key[key] = (r["M"], cfg, t / r["splitk_us"])
+    print("SHAPE_CONFIGS = {  # (row tile, N, K): fastest config (time / the default's at that many rows)")
+    for (tile, n, k), (m, cfg, ratio) in sorted(best_by_key.items()):
+        print(f'    ({tile}, {n}, {k}): parse_splitk_config("{cfg}"),  # {ratio:.2f} at {m} rows')
+    print("}")
 
 
 def _routings(batch, num, seed):
@@ -353,6 +498,8 @@ def print_tables(res):
             print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>5} {_fmt(r['ours_us'])} {_fmt(r['w8a8_us'])} "
                   f"{_fmt(r['bf16_us'])} {_fmt(r['scaled_mm_us'])} {_fmt(r['byte_floor_us'])} "
                   f"{_fmt(r['flop_floor_us'])} {eff:>10}")
+    if res.get("dense_decode"):
+        print_dense_decode(res["dense_decode"], res["copy_TBps"])
     if res.get("experts"):
         print(f"\n{'experts I':>9} {'B':>5} {'active':>6} {'ours':>10} {'cuda':>10} {'triton':>10} {'bf16':>10} "
               f"{'bytes':>9} {'flops':>9} {'floor/ours':>10} {'floor/cuda':>10} {'floor/triton':>12} {'bf16/ours':>9}")
@@ -417,6 +564,10 @@ def main() -> None:
                         help="grouped: configs separated by ';', e.g. '128,128,64,4,4,tma;128,128,64,4,4,tma,persist2'")
     parser.add_argument("--tokens", default="4096", help="grouped: prompt lengths, e.g. 1024,4096,32768")
     parser.add_argument("--no-fusion", action="store_true", help="grouped: skip the quantization-fusion timings")
+    parser.add_argument("--dense-rows", default=",".join(map(str, DENSE_DECODE_ROWS)), help="dense_decode: row counts")
+    parser.add_argument("--dense-configs", default="sweep",
+                        help="dense_decode: sweep (default), default (the per-shape default only) or 'c1;c2' "
+                             "(split-K configs 'bn,split,stages,warps[,swap]', split 0 = auto)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -432,6 +583,10 @@ def main() -> None:
     sections = args.sections.split(",")
     if "dense" in sections:
         res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps)
+    if "dense_decode" in sections:
+        res["dense_decode"] = bench_dense_decode(
+            copy_tbps, args.reps, tuple(int(r) for r in args.dense_rows.split(",") if r.strip()), args.dense_configs)
+        torch.cuda.empty_cache()
     if "experts" in sections:
         sweep = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
         res["experts"] = bench_experts(copy_tbps, fp8_tflops, args.reps, sweep_batches=sweep)

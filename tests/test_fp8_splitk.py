@@ -216,3 +216,41 @@ def test_sm90_build_of_the_default_configs():
     assert len(lines) == 4, lines
     for line in lines:
         assert int(line.split()[-1]) <= 227 * 1024, line
+
+
+# ---- the benchmark's dense_decode section (its GPU timings need a device; its selection and tables do not) -----
+
+
+def test_bench_dense_decode_candidates_and_table(capsys):
+    import dataclasses
+
+    from benchmarks.bench_fp8_kernels import dense_decode_candidates, print_dense_decode
+
+    n, k = 6144, 8192
+    default = fs.config_for(64, n, k)
+    assert dense_decode_candidates(64, n, k, "default") == []
+    sweep = dense_decode_candidates(64, n, k, "sweep")
+    assert default not in sweep and len(sweep) == len(set(sweep)) >= 4
+    assert dataclasses.replace(default, split=default.split * 2) in sweep
+    assert all(c.split == fs.resolve_split(k, c.split)[0] >= 1 for c in sweep)
+    listed = dense_decode_candidates(64, 12288, 1536, "64,3,4,4,swap; 64,32,4,4;64,3,4,4,swap")
+    assert [str(c) for c in listed] == ["64,3,4,4,swap", "64,12,4,4"]  # K = 1536: 12 groups at most, no duplicates
+    for cfg in sweep[:2]:  # the candidates run (interpreter) and equal the reference within the stated bound
+        x, w8, ws = _case(5, 72, 384, seed=8)
+        _assert_exact_within(fs.w8a8_splitk_linear(x, w8, ws, cfg), x, w8, ws)
+
+    def row(shape, m, cublas, splitk, variants):
+        return {"shape": shape, "N": n, "K": k, "M": m, "block_m": fs.block_m_for(m), "default_config": "128,6,4,4,swap",
+                "cublas_us": cublas, "cublas_error": None, "splitk_us": splitk, "splitk_error": None,
+                "variants_us": variants, "byte_floor_us": 10.0}
+
+    rows = [row("o_proj", 16, 20.0, 15.0, {"64,6,4,4,swap": 12.0}),
+            row("down", 16, 30.0, 20.0, {"64,6,4,4,swap": "CompilationError: x"}),
+            row("o_proj", 64, 20.0, 25.0, {"64,6,4,4,swap": 19.0})]
+    print_dense_decode(rows, 4.2)
+    out = capsys.readouterr().out
+    assert "CompilationError" not in out and "64,6,4,4,swap:error" in out
+    # step totals: 4 x the shapes' sums; split-K wins at 16 rows (140 < 200), loses at 64 by default (100 > 80)
+    assert "up to 16 (-> LONGCAT_FP8_SPLITK_MAX_ROWS=16)" in out
+    assert "(64, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 0.76 at 64 rows" in out
+    assert "(16, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 0.80 at 16 rows" in out
