@@ -3,7 +3,7 @@
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,dense_decode,experts,grouped] [--reps 20]
         [--out fp8.json] [--sweep-batches 8,16,64,128]
         [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
-        [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap];...']
+        [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap][,tma];...']
 
 dense_decode: the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py, incl. the activation quantization) against
 kernels/fp8_gemm.w8a8_linear (quantization + cuBLAS blockwise scaled-mm, what fp8_linear runs above DECODE_ROWS
@@ -180,6 +180,8 @@ def dense_decode_candidates(rows: int, n: int, k: int, spec: str = "sweep", sms:
 
 def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, spec="sweep"):
     """Per (shape, rows): cuBLAS w8a8_linear, split-K at its default config and the candidates, the byte floor."""
+    import dataclasses
+
     from longcat_service.kernels import fp8_splitk as fs
     from longcat_service.kernels.fp8_gemm import w8a8_linear
 
@@ -200,8 +202,7 @@ def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, spec="sweep
                 variants[str(cfg)] = t if err is None else err
             bytes_moved = n * k + scale.numel() * 4 + m * k * 2 + m * n * 2
             row = {"shape": name, "N": n, "K": k, "M": m, "block_m": fs.block_m_for(m),
-                   "default_config": f"{default.block_n},{fs.resolve_split(k, default.split)[0]},"
-                                     f"{default.num_stages},{default.num_warps}" + (",swap" if default.swap_ab else ""),
+                   "default_config": str(dataclasses.replace(default, split=fs.resolve_split(k, default.split)[0])),
                    "cublas_us": cublas, "cublas_error": cublas_err, "splitk_us": splitk, "splitk_error": splitk_err,
                    "variants_us": variants, "byte_floor_us": bytes_moved / (copy_tbps * 1e6)}
             rows_out.append(row)
@@ -235,7 +236,7 @@ def print_dense_decode(rows, copy_tbps):
         return f"{floor / t:.2f}" if isinstance(t, float) and t > 0 else "-"
 
     print(f"\ndense decode (split-K w8a8 Triton vs w8a8 cuBLAS), copy rate {copy_tbps:.2f} TB/s; frac = byte floor / "
-          "time; configs 'block_n,split,stages,warps[,swap]'")
+          "time; configs 'block_n,split,stages,warps[,swap][,tma]'")
     print(f"{'shape':>14} {'N x K':>12} {'M':>4} {'floor':>9} {'cuBLAS':>9} {'frac':>5} {'split-K':>9} {'frac':>5} "
           f"{'default':>16} {'best':>9} {'frac':>5} {'best config':>16}  other candidates")
     for r in rows:
@@ -567,7 +568,7 @@ def main() -> None:
     parser.add_argument("--dense-rows", default=",".join(map(str, DENSE_DECODE_ROWS)), help="dense_decode: row counts")
     parser.add_argument("--dense-configs", default="sweep",
                         help="dense_decode: sweep (default), default (the per-shape default only) or 'c1;c2' "
-                             "(split-K configs 'bn,split,stages,warps[,swap]', split 0 = auto)")
+                             "(split-K configs 'bn,split,stages,warps[,swap][,tma]', split 0 = auto)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():

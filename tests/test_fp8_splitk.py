@@ -58,14 +58,16 @@ CONFIGS = {
     "split2_unswapped": "128,2,2,4",
     "split4_bn256_swap": "256,4,2,4,swap",  # block_n > 128: a scale per weight row block within the tile
     "auto": None,  # config_for: the default rule (auto split)
+    "split2_tma": "64,2,2,4,swap,tma",  # tensor-descriptor loads (K % 16 == 0), else the pointer loads (K = 300)
 }
 
 
 CASES = [  # (m, n, k, config): every config at two or more shapes
-    (1, 128, 512, "auto"), (1, 128, 512, "unsplit_swap"),
+    (1, 128, 512, "auto"),
     (5, 200, 300, "split3_bn64_swap"), (5, 200, 300, "split2_unswapped"), (5, 200, 300, "split4_bn256_swap"),
     (17, 256, 640, "auto"), (17, 256, 640, "split4_bn256_swap"), (17, 256, 640, "split2_unswapped"),
-    (64, 72, 384, "split3_bn64_swap"), (64, 72, 384, "auto"), (64, 72, 384, "unsplit_swap"),
+    (64, 72, 384, "split3_bn64_swap"), (64, 72, 384, "unsplit_swap"),
+    (5, 200, 400, "split2_tma"), (17, 256, 640, "split2_tma"), (5, 200, 300, "split2_tma"),  # K 400: partial group
 ]
 
 
@@ -75,6 +77,10 @@ def test_splitk_matches_exact_and_reference(m, n, k, cfg):
     (effective split after resolve_split: K = 300 has 3 groups), row tiles 16 and 64."""
     x, w8, ws = _case(m, n, k, seed=m * 1000 + n + k)
     config = fs.parse_splitk_config(CONFIGS[cfg]) if CONFIGS[cfg] else None
+    if cfg == "split2_tma":  # which loads run: descriptors where K allows
+        from longcat_service.kernels._fp8_splitk_triton import tma_supported
+
+        assert tma_supported(torch.empty(m, k, dtype=torch.float8_e4m3fn), w8) == (k % 16 == 0)
     out = fs.w8a8_splitk_linear(x, w8, ws, config)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     _assert_exact_within(out, x, w8, ws)
@@ -125,8 +131,10 @@ def test_splitk_empty_and_bad_inputs():
 def test_config_grammar_and_rules():
     cfg = fs.parse_splitk_config(" 64, 3, 4, 8, swap")
     assert cfg == fs.SplitKConfig(64, 3, 4, 8, True) and str(cfg) == "64,3,4,8,swap"
-    assert fs.parse_splitk_config(str(fs.SWEEP_CONFIGS[3])) == fs.SWEEP_CONFIGS[3]
-    for bad in ("64,3,4", "64,3,4,8,tma", "a,3,4,8", "48,1,4,4", "64,99,4,4", "64,1,0,4", "64,1,4,3"):
+    assert fs.parse_splitk_config("128,0,3,4,TMA") == fs.SplitKConfig(128, 0, 3, 4, swap_ab=False, tma=True)
+    for cfg in fs.SWEEP_CONFIGS:
+        assert fs.parse_splitk_config(str(cfg)) == cfg
+    for bad in ("64,3,4", "64,3,4,8,split", "64,3,4,8,tma,tma", "a,3,4,8", "48,1,4,4", "64,99,4,4", "64,1,0,4", "64,1,4,3"):
         with pytest.raises(ValueError):
             fs.parse_splitk_config(bad)
     assert [fs.block_m_for(r) for r in (1, 5, 16, 17, 33, 64, 65, 128, 300)] == [16, 16, 16, 32, 64, 64, 128, 128,
@@ -179,7 +187,7 @@ import triton
 from longcat_service.kernels._fp8_splitk_triton import aot_compile_splitk
 from longcat_service.kernels import fp8_splitk as fs
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for rows, n, k in [(16, 2176, 6144), (64, 6144, 8192), (128, 24576, 6144), (32, 200, 300)]:
+for rows, n, k in [(16, 2176, 6144), (64, 6144, 8192), (128, 24576, 6144), (32, 200, 400)]:
     cfg = fs.config_for(rows, n, k)
     ck = aot_compile_splitk(cfg, rows, n, k, cfg.split)
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,6 +197,7 @@ for rows, n, k in [(16, 2176, 6144), (64, 6144, 8192), (128, 24576, 6144), (32, 
         usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
     # a partial last K group's masked step spills (once per program, off the loop); whole-group shapes must not
     assert re.search(r"STACK:0 ", usage) or k % 128, (rows, str(cfg), "spills registers", usage)
+    assert "async_tma_copy_global_to_local" in ck.asm["ttgir"], (rows, str(cfg), "no TMA loads")
     tile = fs.block_m_for(rows)
     assert re.search(rf"wgmma[.]mma_async[.]sync[.]aligned[.]m64n{tile}k32[.]f32[.]e4m3[.]e4m3", ck.asm["ptx"]), (
         rows, str(cfg), "no fp8 wgmma with the row tile on its N side")
@@ -198,8 +207,8 @@ for rows, n, k in [(16, 2176, 6144), (64, 6144, 8192), (128, 24576, 6144), (32, 
 
 def test_sm90_build_of_the_default_configs():
     """The default configs at 2L decode shapes (and a ragged one) compile for sm_90 to FP8 wgmma with the row tile
-    on the wgmma's N side (swap-AB), in an H200 SM's shared memory, without register spills where K is whole
-    groups (every LongCat shape)."""
+    on the wgmma's N side (swap-AB) and TMA loads, in an H200 SM's shared memory, without register spills where K
+    is whole groups (every LongCat shape)."""
     import subprocess
     import sys
 

@@ -25,16 +25,25 @@ import triton.language as tl
 from longcat_service.kernels import interpreter_mode
 from longcat_service.kernels._silu_mul_triton import _round
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - triton < 3.4
+    TensorDescriptor = None
+
 GROUP = 128
 
 
 @triton.jit
-def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks,
-                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, MASK_K: tl.constexpr):
+def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g, K, row_ok, col_ok, ks,
+                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, MASK_K: tl.constexpr, TMA: tl.constexpr):
     """acc += (x8[:, group g] . w8[:, group g]) * x_scale[:, g] * w_scale[:, g] (transposed when SWAP_AB). MASK_K:
-    the partial last group (the whole-group steps carry no K mask: in the loop it costs the sm_90 build spills)."""
+    the partial last group (the whole-group steps carry no K mask: in the loop it costs the sm_90 build spills).
+    TMA: both tiles by tensor descriptors (out-of-bounds rows and columns arrive as zeros: no masks)."""
     k0 = g * 128
-    if not MASK_K:
+    if TMA:
+        a = a_desc.load([row0, k0])
+        b = b_desc.load([n0, k0])
+    elif not MASK_K:
         a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
         b = tl.load(b_ptrs + k0, mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
     else:
@@ -61,18 +70,20 @@ def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks,
 # tile (CUDA-graph buckets) and every split.
 @triton.jit(do_not_specialize=["M", "groups_per_split", "s_ps"])
 def _splitk_kernel(
-    a_ptr, b_ptr, c_ptr, part_ptr, as_ptr, bs_ptr, M, N, K, groups_per_split,
+    a_ptr, b_ptr, c_ptr, part_ptr, as_ptr, bs_ptr, a_desc, b_desc, M, N, K, groups_per_split,
     s_am, s_bn, s_cm, s_asm, s_bsn, s_ps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SWAP_AB: tl.constexpr,
-    EVEN_K: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """PARTIAL (split > 1): store the fp32 partial tile of split program_id(1) instead of the rounded output (the
     split count itself is a runtime value: one binary per tile config serves every split)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     ks = tl.arange(0, 128)
@@ -93,17 +104,17 @@ def _splitk_kernel(
     if USE_WHILE:  # the interpreter cannot take runtime values as range() bounds
         g = g_lo
         while g < g_full:
-            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks, BLOCK_N, SWAP_AB,
-                              False)
+            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g, K, row_ok,
+                              col_ok, ks, BLOCK_N, SWAP_AB, False, TMA)
             g += 1
     else:
         for g in range(g_lo, g_full):
-            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g, K, row_ok, col_ok, ks, BLOCK_N, SWAP_AB,
-                              False)
+            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g, K, row_ok,
+                              col_ok, ks, BLOCK_N, SWAP_AB, False, TMA)
     if not EVEN_K:
         if g_full < g_hi:
-            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, g_full, K, row_ok, col_ok, ks, BLOCK_N,
-                              SWAP_AB, True)
+            acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g_full, K, row_ok,
+                              col_ok, ks, BLOCK_N, SWAP_AB, True, TMA)
     if SWAP_AB:  # acc[n, m]
         offs = rows.to(tl.int64)[None, :] * s_cm + cols[:, None]
         mask = row_ok[None, :] & col_ok[:, None]
@@ -137,20 +148,34 @@ def _sum_splits_kernel(part_ptr, c_ptr, total, split, BLOCK: tl.constexpr, MANUA
 SUM_BLOCK = 1024
 
 
+def tma_supported(x8: torch.Tensor, w8: torch.Tensor) -> bool:
+    """Tensor descriptors for x8 [M, K] and w8 [N, K]: unit last strides, 16-byte row strides and bases."""
+    if TensorDescriptor is None or x8.shape[1] % 16 or x8.shape[0] == 0 or w8.shape[0] == 0:
+        return False
+    return (x8.stride(1) == 1 and w8.stride(1) == 1 and x8.stride(0) % 16 == 0 and w8.stride(0) % 16 == 0
+            and x8.data_ptr() % 16 == 0 and w8.data_ptr() % 16 == 0)
+
+
 def launch_splitk(x8, x_scale, w8, w_scale, out, block_m, block_n, split, groups_per_split, swap_ab, num_stages,
-                  num_warps) -> None:
+                  num_warps, tma=False) -> None:
     """out [M, N] (contiguous) <- x8 [M, K] @ w8 [N, K]^T, block-scaled; split > 1: the K groups in `split` ranges
-    of groups_per_split (none empty; the caller resolves them) summed by a second launch."""
+    of groups_per_split (none empty; the caller resolves them) summed by a second launch. tma: tensor-descriptor
+    loads where tma_supported (else pointer loads)."""
     m, k = x8.shape
     n = w8.shape[0]
     interp = interpreter_mode()
     part = torch.empty(split, m, n, dtype=torch.float32, device=x8.device) if split > 1 else out
+    use_tma = tma and tma_supported(x8, w8)
+    a_desc = b_desc = None
+    if use_tma:
+        a_desc = TensorDescriptor(x8, [m, k], [x8.stride(0), 1], [block_m, GROUP])
+        b_desc = TensorDescriptor(w8, [n, k], [w8.stride(0), 1], [block_n, GROUP])
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
     _splitk_kernel[grid](
-        x8, w8, out, part, x_scale, w_scale, m, n, k, groups_per_split, x8.stride(0), w8.stride(0), out.stride(0),
-        x_scale.stride(0), w_scale.stride(0), m * n,
-        BLOCK_M=block_m, BLOCK_N=block_n, PARTIAL=split > 1, SWAP_AB=swap_ab, EVEN_K=k % GROUP == 0, MANUAL_BF16=interp,
-        USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
+        x8, w8, out, part, x_scale, w_scale, a_desc, b_desc, m, n, k, groups_per_split, x8.stride(0), w8.stride(0),
+        out.stride(0), x_scale.stride(0), w_scale.stride(0), m * n,
+        BLOCK_M=block_m, BLOCK_N=block_n, PARTIAL=split > 1, SWAP_AB=swap_ab, EVEN_K=k % GROUP == 0, TMA=use_tma,
+        MANUAL_BF16=interp, USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
     )
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](part, out, m * n, split, BLOCK=SUM_BLOCK,
@@ -167,9 +192,14 @@ def aot_compile_splitk(config, rows: int, n: int, k: int, split: int, capability
     split, groups_per_split = resolve_split(k, split)
     x8 = torch.empty(rows, k, dtype=torch.float8_e4m3fn)
     f32 = torch.empty(rows, 1)
+    w_rows = torch.empty(64, k, dtype=torch.float8_e4m3fn)  # a stand-in: specialisation reads dtype and block
+    use_tma = config.tma and tma_supported(x8, w_rows)
+    block_m = block_m_for(rows)
     values = dict(a_ptr=x8, b_ptr=x8, c_ptr=torch.empty(1, dtype=torch.bfloat16), part_ptr=f32, as_ptr=f32,
                   bs_ptr=f32, M=rows, N=n, K=k, groups_per_split=groups_per_split, s_am=k, s_bn=k, s_cm=n,
-                  s_asm=-(-k // GROUP), s_bsn=-(-k // GROUP), s_ps=rows * n)
-    constexprs = dict(BLOCK_M=block_m_for(rows), BLOCK_N=config.block_n, PARTIAL=split > 1, SWAP_AB=config.swap_ab,
-                      EVEN_K=k % GROUP == 0, MANUAL_BF16=False, USE_WHILE=False)
+                  s_asm=-(-k // GROUP), s_bsn=-(-k // GROUP), s_ps=rows * n,
+                  a_desc=TensorDescriptor(x8, [rows, k], [k, 1], [block_m, GROUP]) if use_tma else None,
+                  b_desc=TensorDescriptor(w_rows, [n, k], [k, 1], [config.block_n, GROUP]) if use_tma else None)
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=config.block_n, PARTIAL=split > 1, SWAP_AB=config.swap_ab,
+                      EVEN_K=k % GROUP == 0, TMA=use_tma, MANUAL_BF16=False, USE_WHILE=False)
     return _aot(_splitk_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
