@@ -186,6 +186,8 @@ def splitk_gemm_fp8(x8, x_scale, w8, w_scale, out, config: SplitKConfig | None =
     out [M, N] (contiguous); returns out."""
     m, k = x8.shape
     n = w8.shape[0]
+    if not out.is_contiguous() or tuple(out.shape) != (m, n):
+        raise ValueError(f"splitk_gemm_fp8: out must be a contiguous [{m}, {n}], got {tuple(out.shape)}")
     sms = sm_count(x8.device)
     cfg = config or config_for(m, n, k, sms)
     split, per = resolve_split(k, cfg.split or auto_split(n, k, cfg.block_n, sms))
