@@ -184,8 +184,8 @@ def test_dispatch_switch_is_off_by_default_and_capped(monkeypatch):
 _AOT = """
 import os, re, subprocess, tempfile
 import triton
-from longcat_service.kernels._fp8_splitk_triton import aot_compile_splitk
 from longcat_service.kernels import fp8_splitk as fs
+from longcat_service.kernels.fp8_splitk import aot_compile_splitk
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for rows, n, k in [(16, 2176, 6144), (64, 6144, 8192), (128, 24576, 6144), (32, 200, 400)]:
     cfg = fs.config_for(rows, n, k)

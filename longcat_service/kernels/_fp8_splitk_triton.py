@@ -180,26 +180,3 @@ def launch_splitk(x8, x_scale, w8, w_scale, out, block_m, block_n, split, groups
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](part, out, m * n, split, BLOCK=SUM_BLOCK,
                                                              MANUAL_BF16=interp, USE_WHILE=interp, num_warps=4)
-
-
-def aot_compile_splitk(config, rows: int, n: int, k: int, split: int, capability: int = 90):
-    """triton.compile of _splitk_kernel as launch_splitk() would specialise it for x [rows, k] @ w [n, k] (the row
-    tile as fp8_splitk.block_m_for picks it), for a CUDA GPU of this capability, without a GPU (offline check of the
-    GPU build; needs TRITON_INTERPRET unset at import). Returns triton's CompiledKernel."""
-    from longcat_service.kernels._fp8_gemm_triton import _aot
-    from longcat_service.kernels.fp8_splitk import block_m_for, resolve_split
-
-    split, groups_per_split = resolve_split(k, split)
-    x8 = torch.empty(rows, k, dtype=torch.float8_e4m3fn)
-    f32 = torch.empty(rows, 1)
-    w_rows = torch.empty(64, k, dtype=torch.float8_e4m3fn)  # a stand-in: specialisation reads dtype and block
-    use_tma = config.tma and tma_supported(x8, w_rows)
-    block_m = block_m_for(rows)
-    values = dict(a_ptr=x8, b_ptr=x8, c_ptr=torch.empty(1, dtype=torch.bfloat16), part_ptr=f32, as_ptr=f32,
-                  bs_ptr=f32, M=rows, N=n, K=k, groups_per_split=groups_per_split, s_am=k, s_bn=k, s_cm=n,
-                  s_asm=-(-k // GROUP), s_bsn=-(-k // GROUP), s_ps=rows * n,
-                  a_desc=TensorDescriptor(x8, [rows, k], [k, 1], [block_m, GROUP]) if use_tma else None,
-                  b_desc=TensorDescriptor(w_rows, [n, k], [k, 1], [config.block_n, GROUP]) if use_tma else None)
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=config.block_n, PARTIAL=split > 1, SWAP_AB=config.swap_ab,
-                      EVEN_K=k % GROUP == 0, TMA=use_tma, MANUAL_BF16=False, USE_WHILE=False)
-    return _aot(_splitk_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
