@@ -3,7 +3,7 @@
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,dense_decode,experts,grouped] [--reps 20]
         [--out fp8.json] [--sweep-batches 8,16,64,128]
         [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
-        [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap][,tma];...']
+        [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap][,tma][,fuse];...']
 
 dense_decode: the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py, incl. the activation quantization) against
 kernels/fp8_gemm.w8a8_linear (quantization + cuBLAS blockwise scaled-mm, what fp8_linear runs above DECODE_ROWS
@@ -236,7 +236,7 @@ def print_dense_decode(rows, copy_tbps):
         return f"{floor / t:.2f}" if isinstance(t, float) and t > 0 else "-"
 
     print(f"\ndense decode (split-K w8a8 Triton vs w8a8 cuBLAS), copy rate {copy_tbps:.2f} TB/s; frac = byte floor / "
-          "time; configs 'block_n,split,stages,warps[,swap][,tma]'")
+          "time; configs 'block_n,split,stages,warps[,swap][,tma][,fuse]'")
     print(f"{'shape':>14} {'N x K':>12} {'M':>4} {'floor':>9} {'cuBLAS':>9} {'frac':>5} {'split-K':>9} {'frac':>5} "
           f"{'default':>16} {'best':>9} {'frac':>5} {'best config':>16}  other candidates")
     for r in rows:
@@ -568,7 +568,7 @@ def main() -> None:
     parser.add_argument("--dense-rows", default=",".join(map(str, DENSE_DECODE_ROWS)), help="dense_decode: row counts")
     parser.add_argument("--dense-configs", default="sweep",
                         help="dense_decode: sweep (default), default (the per-shape default only) or 'c1;c2' "
-                             "(split-K configs 'bn,split,stages,warps[,swap][,tma]', split 0 = auto)")
+                             "(split-K configs 'bn,split,stages,warps[,swap][,tma][,fuse]', split 0 = auto)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():

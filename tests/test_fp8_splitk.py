@@ -88,6 +88,18 @@ def test_splitk_matches_exact_and_reference(m, n, k, cfg):
     assert float((out.float() - want.float()).abs().max()) <= 2 * 2.0**-8 * float(want.float().abs().max())
 
 
+@pytest.mark.parametrize("m,n,k,cfg", [(5, 200, 300, "64,2,2,4,swap"), (17, 256, 400, "64,2,2,4,swap,tma"),
+                                       (64, 72, 384, "128,1,2,4")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_quantization_is_bit_for_bit_the_unfused(m, n, k, cfg, dtype):
+    """fuse: each program quantizes its x groups (incl. a partial last group, rows past M) exactly as
+    per_token_group_quant_fp8, so the output has the unfused call's bits."""
+    x, w8, ws = _case(m, n, k, seed=m + n + k, dtype=dtype)
+    fused = fs.w8a8_splitk_linear(x, w8, ws, fs.parse_splitk_config(cfg + ",fuse"))
+    assert torch.equal(fused, fs.w8a8_splitk_linear(x, w8, ws, fs.parse_splitk_config(cfg)))
+    _assert_exact_within(fused, x, w8, ws)
+
+
 def test_splitk_more_rows_than_a_row_tile_and_fp16_fp32():
     """M > 128 loops over row tiles (grid axis 2); fp16 and fp32 activations give outputs of their dtype."""
     x, w8, ws = _case(130, 64, 256, seed=3)
@@ -132,6 +144,7 @@ def test_config_grammar_and_rules():
     cfg = fs.parse_splitk_config(" 64, 3, 4, 8, swap")
     assert cfg == fs.SplitKConfig(64, 3, 4, 8, True) and str(cfg) == "64,3,4,8,swap"
     assert fs.parse_splitk_config("128,0,3,4,TMA") == fs.SplitKConfig(128, 0, 3, 4, swap_ab=False, tma=True)
+    assert str(fs.parse_splitk_config("64,2,4,4,fuse,tma,swap")) == "64,2,4,4,swap,tma,fuse"
     for cfg in fs.SWEEP_CONFIGS:
         assert fs.parse_splitk_config(str(cfg)) == cfg
     for bad in ("64,3,4", "64,3,4,8,split", "64,3,4,8,tma,tma", "a,3,4,8", "48,1,4,4", "64,99,4,4", "64,1,0,4", "64,1,4,3"):
@@ -202,6 +215,12 @@ for rows, n, k in [(16, 2176, 6144), (64, 6144, 8192), (128, 24576, 6144), (32, 
     assert re.search(rf"wgmma[.]mma_async[.]sync[.]aligned[.]m64n{tile}k32[.]f32[.]e4m3[.]e4m3", ck.asm["ptx"]), (
         rows, str(cfg), "no fp8 wgmma with the row tile on its N side")
     print(rows, n, k, cfg, ck.metadata.shared, flush=True)
+fused = fs.parse_splitk_config("64,3,4,4,swap,tma,fuse")
+ck = aot_compile_splitk(fused, 64, 6144, 8192, fused.split)
+ptx = ck.asm["ptx"]
+assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx, "fused quantization: RNE cast, IEEE division"
+assert re.search(r"wgmma[.]mma_async[.]sync[.]aligned[.]m64n64k32[.]f32[.]e4m3[.]e4m3", ptx), "fused: no fp8 wgmma"
+print("fused", ck.metadata.shared, flush=True)
 """
 
 
@@ -222,7 +241,7 @@ def test_sm90_build_of_the_default_configs():
     out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 4, lines
+    assert len(lines) == 5, lines
     for line in lines:
         assert int(line.split()[-1]) <= 227 * 1024, line
 

@@ -67,6 +67,15 @@ def test_every_candidate_config(cfg, m):
     _assert_w8a8(fs.w8a8_splitk_linear(x, w8, ws, config), x, w8, ws, f"{cfg} M={m - 3} ragged")
 
 
+@pytest.mark.parametrize("m", [8, 64, 128])
+def test_fused_quantization_equals_the_unfused(m):
+    """fuse quantizes x inside the GEMM bit for bit as per_token_group_quant_fp8: the same output bits."""
+    x, w8, ws = _case(m, 2176, 6144, seed=m)
+    for cfg in ("64,8,4,4,swap,tma", "128,4,4,4,swap"):
+        fused = fs.w8a8_splitk_linear(x, w8, ws, fs.parse_splitk_config(cfg + ",fuse"))
+        assert torch.equal(fused, fs.w8a8_splitk_linear(x, w8, ws, fs.parse_splitk_config(cfg))), cfg
+
+
 def test_dispatch_switch(monkeypatch):
     x, w8, ws = _case(24, 6144, 8192, seed=5)
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "0")

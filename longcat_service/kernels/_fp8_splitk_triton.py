@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from longcat_service.kernels import interpreter_mode
-from longcat_service.kernels._silu_mul_triton import _round
+from longcat_service.kernels._fp8_gemm_triton import _quant_groups
+from longcat_service.kernels._silu_mul_triton import _round, _to_f32
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -35,10 +36,13 @@ GROUP = 128
 
 @triton.jit
 def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g, K, row_ok, col_ok, ks,
-                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, MASK_K: tl.constexpr, TMA: tl.constexpr):
+                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, MASK_K: tl.constexpr, TMA: tl.constexpr,
+                FUSE_QUANT: tl.constexpr, MANUAL_FP8: tl.constexpr, MANUAL_BF16: tl.constexpr):
     """acc += (x8[:, group g] . w8[:, group g]) * x_scale[:, g] * w_scale[:, g] (transposed when SWAP_AB). MASK_K:
     the partial last group (the whole-group steps carry no K mask: in the loop it costs the sm_90 build spills).
-    TMA: both tiles by tensor descriptors (out-of-bounds rows and columns arrive as zeros: no masks)."""
+    TMA: both tiles by tensor descriptors (out-of-bounds rows and columns arrive as zeros: no masks). FUSE_QUANT:
+    a_* address the unquantized x; its group is quantized here, bit for bit as per_token_group_quant_fp8
+    (_quant_groups; rows past M and columns past K load as zeros, which quantize to zeros)."""
     k0 = g * 128
     if TMA:
         a = a_desc.load([row0, k0])
@@ -50,7 +54,10 @@ def _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0,
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-    a_s = tl.load(as_ptrs + g, mask=row_ok, other=0.0)
+    if FUSE_QUANT:
+        a, a_s = _quant_groups(_to_f32(a, MANUAL_BF16), MANUAL_FP8)
+    else:
+        a_s = tl.load(as_ptrs + g, mask=row_ok, other=0.0)
     if BLOCK_N <= 128:  # the tile lies in one 128-row weight block: one scale (bs_ptrs is a scalar pointer)
         b_s = tl.load(bs_ptrs + g)
         if SWAP_AB:
@@ -73,7 +80,8 @@ def _splitk_kernel(
     a_ptr, b_ptr, c_ptr, part_ptr, as_ptr, bs_ptr, a_desc, b_desc, M, N, K, groups_per_split,
     s_am, s_bn, s_cm, s_asm, s_bsn, s_ps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SWAP_AB: tl.constexpr,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, FUSE_QUANT: tl.constexpr, MANUAL_FP8: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, USE_WHILE: tl.constexpr,
 ):
     """PARTIAL (split > 1): store the fp32 partial tile of split program_id(1) instead of the rounded output (the
     split count itself is a runtime value: one binary per tile config serves every split)."""
@@ -105,16 +113,17 @@ def _splitk_kernel(
         g = g_lo
         while g < g_full:
             acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g, K, row_ok,
-                              col_ok, ks, BLOCK_N, SWAP_AB, False, TMA)
+                              col_ok, ks, BLOCK_N, SWAP_AB, False, TMA, FUSE_QUANT, MANUAL_FP8, MANUAL_BF16)
             g += 1
     else:
         for g in range(g_lo, g_full):
             acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g, K, row_ok,
-                              col_ok, ks, BLOCK_N, SWAP_AB, False, TMA)
+                              col_ok, ks, BLOCK_N, SWAP_AB, False, TMA, FUSE_QUANT, MANUAL_FP8, MANUAL_BF16)
     if not EVEN_K:
         if g_full < g_hi:
             acc = _group_step(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, a_desc, b_desc, row0, n0, g_full, K, row_ok,
-                              col_ok, ks, BLOCK_N, SWAP_AB, True, TMA)
+                              col_ok, ks, BLOCK_N, SWAP_AB, True, TMA, FUSE_QUANT, MANUAL_FP8,
+                              MANUAL_BF16)
     if SWAP_AB:  # acc[n, m]
         offs = rows.to(tl.int64)[None, :] * s_cm + cols[:, None]
         mask = row_ok[None, :] & col_ok[:, None]
@@ -149,10 +158,12 @@ SUM_BLOCK = 1024
 
 
 def tma_supported(x8: torch.Tensor, w8: torch.Tensor) -> bool:
-    """Tensor descriptors for x8 [M, K] and w8 [N, K]: unit last strides, 16-byte row strides and bases."""
+    """Tensor descriptors for x8 [M, K] (e4m3, or x itself when the quantization is fused) and w8 [N, K]: unit
+    last strides, 16-byte row strides and bases."""
     if TensorDescriptor is None or x8.shape[1] % 16 or x8.shape[0] == 0 or w8.shape[0] == 0:
         return False
-    return (x8.stride(1) == 1 and w8.stride(1) == 1 and x8.stride(0) % 16 == 0 and w8.stride(0) % 16 == 0
+    size = x8.element_size()
+    return (x8.stride(1) == 1 and w8.stride(1) == 1 and (x8.stride(0) * size) % 16 == 0 and w8.stride(0) % 16 == 0
             and x8.data_ptr() % 16 == 0 and w8.data_ptr() % 16 == 0)
 
 
@@ -160,11 +171,15 @@ def launch_splitk(x8, x_scale, w8, w_scale, out, block_m, block_n, split, groups
                   num_warps, tma=False) -> None:
     """out [M, N] (contiguous) <- x8 [M, K] @ w8 [N, K]^T, block-scaled; split > 1: the K groups in `split` ranges
     of groups_per_split (none empty; the caller resolves them) summed by a second launch. tma: tensor-descriptor
-    loads where tma_supported (else pointer loads)."""
+    loads where tma_supported (else pointer loads). x_scale None: x8 is the unquantized x (bf16 / fp16 / fp32),
+    quantized per group inside the GEMM (no quantization launch)."""
     m, k = x8.shape
     n = w8.shape[0]
     interp = interpreter_mode()
+    fuse = x_scale is None
     part = torch.empty(split, m, n, dtype=torch.float32, device=x8.device) if split > 1 else out
+    if fuse:
+        x_scale = out  # unused: a placeholder pointer
     use_tma = tma and tma_supported(x8, w8)
     a_desc = b_desc = None
     if use_tma:
@@ -173,9 +188,10 @@ def launch_splitk(x8, x_scale, w8, w_scale, out, block_m, block_n, split, groups
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
     _splitk_kernel[grid](
         x8, w8, out, part, x_scale, w_scale, a_desc, b_desc, m, n, k, groups_per_split, x8.stride(0), w8.stride(0),
-        out.stride(0), x_scale.stride(0), w_scale.stride(0), m * n,
+        out.stride(0), 0 if fuse else x_scale.stride(0), w_scale.stride(0), m * n,
         BLOCK_M=block_m, BLOCK_N=block_n, PARTIAL=split > 1, SWAP_AB=swap_ab, EVEN_K=k % GROUP == 0, TMA=use_tma,
-        MANUAL_BF16=interp, USE_WHILE=interp, num_stages=num_stages, num_warps=num_warps,
+        FUSE_QUANT=fuse, MANUAL_FP8=interp, MANUAL_BF16=interp, USE_WHILE=interp, num_stages=num_stages,
+        num_warps=num_warps,
     )
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](part, out, m * n, split, BLOCK=SUM_BLOCK,

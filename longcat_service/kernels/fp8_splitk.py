@@ -11,7 +11,8 @@ groups are split over `split` programs per output tile so that a shape launches 
 (_fp8_splitk_triton.py: one tile x K range per program; split > 1 sums the fp32 partials in a second launch, in
 split order: deterministic).
 
-Configs (SplitKConfig: block_n, split, stages, warps, swap): the row tile is next_pow2(M) (16..128, one row tile
+Configs (SplitKConfig: block_n, split, stages, warps, swap, tma, fuse = quantize x inside the GEMM instead of a
+separate per_token_group_quant_fp8 launch, the same bits): the row tile is next_pow2(M) (16..128, one row tile
 for decode batches, so the weight is read once), not part of the config. config_for(m, n, k) takes SHAPE_CONFIGS
 (measured exceptions, empty until the lead's H200 run) else the rule of default_config. Choices use shapes only:
 CUDA-graph safe (no host sync; the partial workspace is a plain allocation of each call, the graph's pool at capture).
@@ -42,7 +43,9 @@ class SplitKConfig:
     """block_n: weight rows per program (64, 128 or 256; <= 128 keeps one weight scale per K group); split: K
     ranges per output tile (0 = the default rule's for the shape); swap_ab: the transposed product (module
     docstring of _fp8_splitk_triton.py); tma: tensor-descriptor (TMA) loads of both tiles where the layout allows
-    (K a multiple of 16, aligned rows), else pointer loads (cp.async)."""
+    (K a multiple of 16, aligned rows), else pointer loads (cp.async); fuse: each program quantizes its x groups
+    itself (bit for bit per_token_group_quant_fp8's), saving the quantization launch at the price of reading x in
+    its dtype and quantizing it once per N tile."""
 
     block_n: int = 128
     split: int = 0
@@ -50,6 +53,7 @@ class SplitKConfig:
     num_warps: int = 4
     swap_ab: bool = True
     tma: bool = False
+    fuse: bool = False
 
     def __post_init__(self):
         if self.block_n not in (32, 64, 128, 256):
@@ -60,22 +64,22 @@ class SplitKConfig:
             raise ValueError(f"fp8 split-K config: stages={self.num_stages} >= 1, warps={self.num_warps} in 1/2/4/8")
 
     def __str__(self) -> str:
-        flags = ("swap",) * self.swap_ab + ("tma",) * self.tma
+        flags = ("swap",) * self.swap_ab + ("tma",) * self.tma + ("fuse",) * self.fuse
         return ",".join([*map(str, (self.block_n, self.split, self.num_stages, self.num_warps)), *flags])
 
 
 @functools.lru_cache(maxsize=128)
 def parse_splitk_config(text: str) -> SplitKConfig:
-    """"bn,split,stages,warps[,swap][,tma]" -> SplitKConfig (split 0: the default rule's split for the shape)."""
+    """"bn,split,stages,warps[,swap][,tma][,fuse]" -> SplitKConfig (split 0: the default rule's split)."""
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     flags = parts[4:]
-    if len(parts) < 4 or any(f not in ("swap", "tma") for f in flags) or len(set(flags)) < len(flags):
-        raise ValueError(f"fp8 split-K config {text!r}: expected 'bn,split,stages,warps[,swap][,tma]'")
+    if len(parts) < 4 or any(f not in ("swap", "tma", "fuse") for f in flags) or len(set(flags)) < len(flags):
+        raise ValueError(f"fp8 split-K config {text!r}: expected 'bn,split,stages,warps[,swap][,tma][,fuse]'")
     try:
         bn, split, stages, warps = (int(p) for p in parts[:4])
     except ValueError:
         raise ValueError(f"fp8 split-K config {text!r}: the first four fields must be integers") from None
-    return SplitKConfig(bn, split, stages, warps, swap_ab="swap" in flags, tma="tma" in flags)
+    return SplitKConfig(bn, split, stages, warps, swap_ab="swap" in flags, tma="tma" in flags, fuse="fuse" in flags)
 
 
 # Measured exceptions to default_config: (row tile, N, K) -> config. NOT YET MEASURED: empty until
@@ -91,6 +95,8 @@ SWEEP_CONFIGS: tuple[SplitKConfig, ...] = tuple(parse_splitk_config(c) for c in 
     "128,0,4,8,swap,tma",
     "128,0,4,4,tma",
     "256,0,3,8,swap,tma",
+    "64,0,4,4,swap,tma,fuse",
+    "128,0,4,4,swap,tma,fuse",
 ))
 
 
@@ -175,15 +181,19 @@ def w8a8_splitk_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
         return out
     if k == 0:
         return out.zero_()
+    cfg = config or config_for(m, n, k, sm_count(x.device))
+    if cfg.fuse:
+        return splitk_gemm_fp8(x, None, w8, scale, out, cfg)
     from longcat_service.kernels.fp8_gemm import per_token_group_quant_fp8
 
     x8, x_scale = per_token_group_quant_fp8(x)
-    return splitk_gemm_fp8(x8, x_scale, w8, scale, out, config)
+    return splitk_gemm_fp8(x8, x_scale, w8, scale, out, cfg)
 
 
 def splitk_gemm_fp8(x8, x_scale, w8, w_scale, out, config: SplitKConfig | None = None) -> torch.Tensor:
     """The GEMM of w8a8_splitk_linear on quantized activations (x_scale [M, ceil(K/128)], unit last stride) into
-    out [M, N] (contiguous); returns out."""
+    out [M, N] (contiguous); returns out. x_scale None: x8 is the unquantized x, quantized inside the GEMM (the
+    config's fuse)."""
     m, k = x8.shape
     n = w8.shape[0]
     if not out.is_contiguous() or tuple(out.shape) != (m, n):
@@ -226,13 +236,16 @@ def aot_compile_splitk(config, rows: int, n: int, k: int, split: int, capability
     x8 = torch.empty(rows, k, dtype=torch.float8_e4m3fn)
     f32 = torch.empty(rows, 1)
     w_rows = torch.empty(64, k, dtype=torch.float8_e4m3fn)  # a stand-in: specialisation reads dtype and block
+    if config.fuse:
+        x8 = torch.empty(rows, k, dtype=torch.bfloat16)
     use_tma = config.tma and tma_supported(x8, w_rows)
     block_m = block_m_for(rows)
-    values = dict(a_ptr=x8, b_ptr=x8, c_ptr=torch.empty(1, dtype=torch.bfloat16), part_ptr=f32, as_ptr=f32,
+    values = dict(a_ptr=x8, b_ptr=w_rows, c_ptr=torch.empty(1, dtype=torch.bfloat16), part_ptr=f32, as_ptr=f32,
                   bs_ptr=f32, M=rows, N=n, K=k, groups_per_split=groups_per_split, s_am=k, s_bn=k, s_cm=n,
                   s_asm=-(-k // GROUP), s_bsn=-(-k // GROUP), s_ps=rows * n,
                   a_desc=TensorDescriptor(x8, [rows, k], [k, 1], [block_m, GROUP]) if use_tma else None,
                   b_desc=TensorDescriptor(w_rows, [n, k], [k, 1], [config.block_n, GROUP]) if use_tma else None)
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config.block_n, PARTIAL=split > 1, SWAP_AB=config.swap_ab,
-                      EVEN_K=k % GROUP == 0, TMA=use_tma, MANUAL_BF16=False, USE_WHILE=False)
+                      EVEN_K=k % GROUP == 0, TMA=use_tma, FUSE_QUANT=config.fuse, MANUAL_FP8=False, MANUAL_BF16=False,
+                      USE_WHILE=False)
     return _aot(_splitk_kernel, values, constexprs, config.num_warps, config.num_stages, capability)
