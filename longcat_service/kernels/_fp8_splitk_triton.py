@@ -7,8 +7,10 @@ accumulator (the promotion scheme of the prefill kernels in _fp8_gemm_triton.py)
 
 SWAP_AB: the product is computed transposed, acc [BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so that the weight tile
 (64 / 128 rows) is the wgmma's M side (a multiple of 64) and the few token rows its N side (16..128): on Hopper the
-small row tiles then still run on wgmma (unswapped, a 16- or 32-row tile is below wgmma's 64 and Triton falls back
-to mma.sync). Both operands are K-contiguous in memory, the layout FP8 wgmma needs for A and B.
+small row tiles then still run on FP8 wgmma (unswapped, a 16-row tile is below wgmma's 64: Triton 3.6's sm_90 build
+of it emitted neither FP8 wgmma nor FP8 mma.sync, checked offline). Both operands are K-contiguous in memory, the
+layout FP8 wgmma needs for A and B. TMA: both tiles by tensor descriptors. FUSE_QUANT: x arrives unquantized and each
+program quantizes its groups itself (_quant_groups, bit for bit per_token_group_quant_fp8), saving that launch.
 
 split == 1: the program rounds its tile to the output dtype and stores it. split > 1: it stores its fp32 partial
 tile into part [split, M, N]; _sum_splits_kernel then adds the split partials in split order and rounds: a
