@@ -88,16 +88,16 @@ def measure_fp8_tflops() -> float:
     return 2 * 8192**3 / statistics.median(_time(fn, reps=20)) / 1e6
 
 
-def random_fp8(shape, seed):
-    """Random finite e4m3 bytes (no NaN encodings), generated on the GPU in place."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    raw = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=g)
+def random_fp8(shape, seed, device="cuda"):
+    """Random finite e4m3 bytes (no NaN encodings), generated on the device in place."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
     return raw.bitwise_and_(0xF7).view(FP8)  # clearing bit 3 keeps the exponent below the NaN pattern S.1111.111
 
 
 def scales_for(w8, value=1.0 / 64):
     n, k = w8.shape[-2:]
-    return torch.full((*w8.shape[:-2], -(-n // 128), -(-k // 128)), value, device="cuda")
+    return torch.full((*w8.shape[:-2], -(-n // 128), -(-k // 128)), value, device=w8.device)
 
 
 def timed(fn_calls, reps):
@@ -178,21 +178,22 @@ def dense_decode_candidates(rows: int, n: int, k: int, spec: str = "sweep", sms:
     return out
 
 
-def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, spec="sweep"):
-    """Per (shape, rows): cuBLAS w8a8_linear, split-K at its default config and the candidates, the byte floor."""
+def bench_dense_decode(copy_tbps, reps, rows_list=DENSE_DECODE_ROWS, spec="sweep", shapes=None, device="cuda"):
+    """Per (shape, rows): cuBLAS w8a8_linear, split-K at its default config and the candidates, the byte floor.
+    shapes / device: DENSE_SHAPES on CUDA; the CPU test passes tiny shapes and the CPU (kernels in the interpreter)."""
     import dataclasses
 
     from longcat_service.kernels import fp8_splitk as fs
     from longcat_service.kernels.fp8_gemm import w8a8_linear
 
-    sms = fs.sm_count(torch.device("cuda"))
+    sms = fs.sm_count(torch.device(device))
     rows_out = []
-    for name, (n, k) in DENSE_SHAPES.items():
+    for name, (n, k) in (shapes or DENSE_SHAPES).items():
         copies = max(2, math.ceil(ROTATION_BYTES / (n * k)))
-        w8s = [random_fp8((n, k), seed=i) for i in range(copies)]
+        w8s = [random_fp8((n, k), seed=i, device=device) for i in range(copies)]
         scale = scales_for(w8s[0], 1.0 / (64 * k**0.5))
         for m in rows_list:
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            x = torch.randn(m, k, device=device).to(torch.bfloat16)
             default = fs.config_for(m, n, k, sms)
             cublas, cublas_err = timed([functools.partial(w8a8_linear, x, w, scale) for w in w8s], reps)
             splitk, splitk_err = timed([functools.partial(fs.w8a8_splitk_linear, x, w, scale) for w in w8s], reps)

@@ -282,3 +282,30 @@ def test_bench_dense_decode_candidates_and_table(capsys):
     assert "up to 16 (-> LONGCAT_FP8_SPLITK_MAX_ROWS=16)" in out
     assert "(64, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 0.76 at 64 rows" in out
     assert "(16, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 0.80 at 16 rows" in out
+
+
+def test_bench_dense_decode_runs_on_the_cpu(monkeypatch, capsys):
+    """The section's loop on a tiny shape, kernels in the interpreter, each call run once instead of timed."""
+    import dataclasses
+
+    import benchmarks.bench_fp8_kernels as bench
+
+    calls = []
+
+    def run_once(fn_calls, reps):
+        out = [f() for f in fn_calls]
+        calls.append(len(out))
+        return 1.0 + len(calls), None
+
+    monkeypatch.setattr(bench, "timed", run_once)
+    monkeypatch.setattr(bench, "ROTATION_BYTES", 1)  # two weight copies
+    rows = bench.bench_dense_decode(4.2, 1, (5,), "64,1,2,4,swap;64,2,2,4,swap,tma,fuse", {"tiny": (72, 384)}, "cpu")
+    assert len(rows) == 1 and calls == [2, 2, 2, 2]  # cuBLAS path (here the Triton w8a8), default, 2 candidates
+    r = rows[0]
+    default = fs.config_for(5, 72, 384)
+    assert r["default_config"] == str(dataclasses.replace(default, split=fs.resolve_split(384, default.split)[0]))
+    assert r["variants_us"] == {"64,1,2,4,swap": 4.0, "64,2,2,4,swap,tma,fuse": 5.0}
+    assert (r["cublas_us"], r["splitk_us"], r["M"], r["block_m"]) == (2.0, 3.0, 5, 16)
+    bench.print_dense_decode(rows, 4.2)
+    assert "tiny" in capsys.readouterr().out
+
