@@ -5,6 +5,12 @@
 // reduction. Each 16-weight partial sum is scaled once by its block's scale (read through L1: the scale tensor is
 // small and shared by the 128 rows of a block). A row's accumulation order depends only on K and the lane, never on
 // M or NR, so row i of an M-row call equals the 1-row call bit for bit. No host sync, CUDA-graph capturable.
+// Split-K variant (LONGCAT_FP8_GEMV_SPLITK, default off until measured): the S warps of a column group each take a
+// contiguous K slice of the same NR columns and their partial sums are added through shared memory in slice order:
+// for projections whose N alone gives too few warps to keep the HBM busy (q_a + kv_a: N = 2176). Deterministic, and
+// the order depends on K and S only (S from N, K and the SM count, never M), so the row property holds within it.
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "../ops.h"
@@ -96,6 +102,100 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
   }
 }
 
+// Split-K: a block = one group of kSplitNR columns x S warps, warp p summing K slice p (`slice_steps` whole steps;
+// the last slice may be shorter or empty). No early return: every warp reaches the barrier.
+constexpr int kSplitNR = 4;
+
+template <typename T, int NR, int kRows, int S>
+__global__ void __launch_bounds__(S * kWarp)
+    dense_gemv_fp8_splitk_kernel(const T* __restrict__ x, int64_t x_row_stride, const uint8_t* __restrict__ w,
+                                 int64_t w_row_stride, const float* __restrict__ scale, int64_t s_row_stride,
+                                 T* __restrict__ out, int M, int N, int K, int slice_steps) {
+  __shared__ float partial[S][kRows][NR];
+  const int part = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int n0 = blockIdx.x * NR;
+  const uint8_t* wrow[NR];
+  const float* srow[NR];
+#pragma unroll
+  for (int c = 0; c < NR; ++c) {
+    const int n = min(n0 + c, N - 1);  // clamp: duplicated columns are computed but not stored
+    wrow[c] = w + static_cast<int64_t>(n) * w_row_stride;
+    srow[c] = scale + static_cast<int64_t>(n >> fp8::kBlockShift) * s_row_stride;
+  }
+  const T* xrow[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) xrow[i] = x + static_cast<int64_t>(min(i, M - 1)) * x_row_stride;
+  float acc[kRows][NR];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i)
+#pragma unroll
+    for (int c = 0; c < NR; ++c) acc[i][c] = 0.f;
+
+  constexpr int kStep = kWarp * fp8::kVec;
+  constexpr int U = (kRows <= 2 ? 16 : 8) / NR;
+  const int64_t slice = static_cast<int64_t>(slice_steps) * kStep;
+  const int k_end = static_cast<int>(min(static_cast<int64_t>(K), (part + 1) * slice));
+  int k0 = static_cast<int>(min(static_cast<int64_t>(K), part * slice)) + lane * fp8::kVec;
+  for (; k0 + (U - 1) * kStep < k_end; k0 += U * kStep)
+    accumulate_pass<T, NR, kRows, U, false>(acc, wrow, srow, xrow, k0, U);
+  if (k0 < k_end)
+    accumulate_pass<T, NR, kRows, U, true>(acc, wrow, srow, xrow, k0, (k_end - k0 + kStep - 1) / kStep);
+
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    if (i < M) {
+#pragma unroll
+      for (int c = 0; c < NR; ++c) {
+        const float v = warp_sum(acc[i][c]);
+        if (lane == 0) partial[part][i][c] = v;
+      }
+    }
+  }
+  __syncthreads();
+  // One thread per (row, column) adds the S slices in slice order.
+  static_assert(kRows * NR <= S * kWarp, "one thread per output");
+  const int i = threadIdx.x / NR, c = threadIdx.x % NR, n = n0 + c;
+  if (i < kRows) {
+    if (i < M && n < N) {
+      float v = partial[0][i][c];
+#pragma unroll
+      for (int p = 1; p < S; ++p) v += partial[p][i][c];
+      out[static_cast<int64_t>(i) * N + n] = from_float<T>(v);
+    }
+  }
+}
+
+template <typename T, int kRows, int S>
+void launch_splitk_rows(const T* xp, int64_t xs, const uint8_t* wp, int64_t ws, const float* sp, int64_t ss, T* op,
+                        int M, int N, int K, cudaStream_t stream) {
+  const int steps = (K + kWarp * fp8::kVec - 1) / (kWarp * fp8::kVec);
+  const int slice_steps = (steps + S - 1) / S;
+  const dim3 grid((N + kSplitNR - 1) / kSplitNR), block(S * kWarp);
+  dense_gemv_fp8_splitk_kernel<T, kSplitNR, kRows, S>
+      <<<grid, block, 0, stream>>>(xp, xs, wp, ws, sp, ss, op, M, N, K, slice_steps);
+}
+
+template <typename T, int S>
+void launch_splitk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out,
+                   cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0)), N = static_cast<int>(w.size(0)), K = static_cast<int>(x.size(1));
+  const T* xp = static_cast<const T*>(x.data_ptr());
+  const auto* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const float* sp = scale.data_ptr<float>();
+  T* op = static_cast<T*>(out.data_ptr());
+  const int64_t xs = x.stride(0), ws = w.stride(0), ss = scale.stride(0);
+  if (M <= 1) {
+    launch_splitk_rows<T, 1, S>(xp, xs, wp, ws, sp, ss, op, M, N, K, stream);
+  } else if (M <= 2) {
+    launch_splitk_rows<T, 2, S>(xp, xs, wp, ws, sp, ss, op, M, N, K, stream);
+  } else if (M <= 4) {
+    launch_splitk_rows<T, 4, S>(xp, xs, wp, ws, sp, ss, op, M, N, K, stream);
+  } else {
+    launch_splitk_rows<T, 8, S>(xp, xs, wp, ws, sp, ss, op, M, N, K, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int NR>
 void launch_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out,
                  cudaStream_t stream) {
@@ -119,12 +219,52 @@ void launch_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// LONGCAT_FP8_GEMV_SPLITK, read at every call (a CUDA graph keeps what it captured): unset / 0 = the one-warp-per-
+// column-group kernel everywhere; 1 = split K where auto_split says so; 2, 3, 4, 6, 8 = split K that many ways on
+// every shape (tests, benchmarks). Returns S (1 = no split) or -1 for auto.
+int splitk_setting() {
+  const char* v = std::getenv("LONGCAT_FP8_GEMV_SPLITK");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return 1;
+  if (std::strcmp(v, "1") == 0) return -1;
+  for (const char* forced : {"2", "3", "4", "6", "8"}) {
+    if (std::strcmp(v, forced) == 0) return forced[0] - '0';
+  }
+  TORCH_CHECK(false, "LONGCAT_FP8_GEMV_SPLITK must be 0, 1, 2, 3, 4, 6 or 8, got '", v, "'");
+}
+
+// Split only where the plain kernel at NR = 4 would leave fewer than kSplitBelowWarpsPerSm warps per SM (q_a + kv_a:
+// 544 column groups on 132 SMs; q_b, o_proj, gate_up and down have >= 1536): the most slices (of 2, 3, 4, 6, 8) that
+// keep every warp in one wave at kSplitMaxWarpsPerSm warps per SM (the kRows = 1 kernel's ~98 registers allow ~19)
+// and >= kSplitMinSteps steps (512 k each) per slice. Unmeasured guess (q_a + kv_a: S = 3, 4 steps per warp);
+// LONGCAT_FP8_GEMV_SPLITK=2..8 forces each for the benchmark. A function of N, K and the SM count, never of M.
+constexpr int64_t kSplitBelowWarpsPerSm = 8, kSplitMaxWarpsPerSm = 16, kSplitMinSteps = 2;
+int auto_split(int64_t N, int64_t K, int sms) {
+  const int64_t groups = (N + kSplitNR - 1) / kSplitNR;
+  const int64_t steps = (K + kWarp * fp8::kVec - 1) / (kWarp * fp8::kVec);
+  if (groups >= kSplitBelowWarpsPerSm * sms) return 1;
+  int best = 1;
+  for (const int s : {2, 3, 4, 6, 8}) {
+    if (groups * s <= kSplitMaxWarpsPerSm * sms && steps >= kSplitMinSteps * s) best = s;
+  }
+  return best;
+}
+
 template <typename T>
 void dispatch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out,
               cudaStream_t stream) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int64_t N = w.size(0);
+  int split = splitk_setting();
+  if (split < 0) split = auto_split(N, x.size(1), sms);
+  switch (split) {
+    case 2: return launch_splitk<T, 2>(x, w, scale, out, stream);
+    case 3: return launch_splitk<T, 3>(x, w, scale, out, stream);
+    case 4: return launch_splitk<T, 4>(x, w, scale, out, stream);
+    case 6: return launch_splitk<T, 6>(x, w, scale, out, stream);
+    case 8: return launch_splitk<T, 8>(x, w, scale, out, stream);
+    default: break;
+  }
   const int64_t blocks_at_nr4 = (N + kWarpsPerBlock * 4 - 1) / (kWarpsPerBlock * 4);
   if (blocks_at_nr4 >= int64_t{kMinBlocksPerSm} * sms) {
     launch_rows<T, 4>(x, w, scale, out, stream);
