@@ -125,6 +125,12 @@ SWITCHES: tuple[Switch, ...] = (
            "or the CUDA expert_ffn_fp8; auto = ops/extension.py's rule (Triton from 16 tokens for wide experts, from 8 "
            "for narrow ones: the fastest on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "triton", "cuda")),
+    Switch("LONGCAT_FP8_GEMV_SPLITK", "0|1|2|3|4|6|8", "0", "testing",
+           "CUDA dense_gemv_fp8 (block-FP8 decode GEMV, read by csrc/cuda/dense_gemv_fp8.cu at each call): 0 = one "
+           "warp per column group over the whole K; 1 = split K over the warps of a block where the kernel's rule "
+           "picks it (N too small to fill the SMs: q_a + kv_a); 2..8 = split K that many ways on every shape (tests, "
+           "benchmarks). Default 0 until the H200 A/B (bench_fp8_kernels.py --sections dense)",
+           _one_of("0", "1", "2", "3", "4", "6", "8")),
     Switch("LONGCAT_MLA_DECODE_KERNEL", "auto|old|new", "auto", "testing",
            "MLA decode attention kernels (read at each call): new = up to 64 heads per program sharing each cache "
            "tile (kernels/_mla_decode_mqa_triton.py), old = 16-head programs (kernels/_mla_decode_triton.py); auto = "
