@@ -1,7 +1,7 @@
 """Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
 
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,dense_decode,experts,grouped] [--reps 20]
-        [--out fp8.json] [--sweep-batches 8,16,64,128]
+        [--out fp8.json] [--splitk 0,1,2,3,4,8] [--sweep-batches 8,16,64,128]
         [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
         [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap][,tma][,fuse];...']
 
@@ -19,6 +19,8 @@ default by more than 3%.
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
 torch's blockwise scaled-mm where it takes the shape, else the Triton w8a8 GEMM, incl. the activation quantization);
+At M <= 4 the CUDA dense_gemv_fp8 alone is also timed under each --splitk setting of LONGCAT_FP8_GEMV_SPLITK (0 =
+the plain kernel, 1 = its split-K rule, 2..8 = K split that many ways; a second table).
 w8a8 = the Triton w8a8 GEMM at every M (to place the thresholds); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
 this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
@@ -45,9 +47,11 @@ rate (torch._scaled_mm, tensor-wise e4m3, 8192^3), both measured in this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -119,7 +123,24 @@ def _quant_scaled_mm(x, w8, scale):
     return scaled_mm_blockwise(x8, xs, w8, scale)
 
 
-def bench_dense(copy_tbps, fp8_tflops, reps):
+SPLITK_MAX_ROWS = 4  # fp8_linear's GEMV rows (ops/fp8.DECODE_ROWS)
+SPLITK_SETTINGS = "0,1,2,3,4,8"
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    """The variable set to value for the block (the C++ op reads it at each call, i.e. at graph capture)."""
+    saved = os.environ.pop(name, None)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
+
+
+def bench_dense(copy_tbps, fp8_tflops, reps, splitk_settings=()):
     from longcat_service.kernels.fp8_gemm import w8a8_block_gemm
     from longcat_service.ops import extension
 
@@ -133,13 +154,19 @@ def bench_dense(copy_tbps, fp8_tflops, reps):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             cyc = copies if m <= 64 else 1
             ours, _ = timed([functools.partial(fp8_ops.fp8_linear, x, w, scale) for w in w8s[:cyc]], reps)
+            splitk = {}
+            if m <= SPLITK_MAX_ROWS:  # the CUDA dense_gemv_fp8 under each LONGCAT_FP8_GEMV_SPLITK setting
+                for setting in splitk_settings:
+                    with _env("LONGCAT_FP8_GEMV_SPLITK", setting):
+                        splitk[setting], _ = timed([functools.partial(torch.ops.longcat.dense_gemv_fp8, x, w, scale)
+                                                    for w in w8s[:cyc]], reps)
             w8a8, _ = timed([functools.partial(w8a8_block_gemm, x, w, scale) for w in w8s[:cyc]], reps)
             bf16_fn = extension.dense_gemv if m <= 8 else F.linear
             bf16, _ = timed([functools.partial(bf16_fn, x, w) for w in w16s[: min(cyc, len(w16s))]], reps)
             smm, smm_err = timed([functools.partial(_quant_scaled_mm, x, w, scale) for w in w8s[:cyc]], reps)
             bytes_moved = n * k + scale.numel() * 4 + m * k * 2 + m * n * 2
             row = {"shape": name, "N": n, "K": k, "M": m, "ours_us": ours, "w8a8_us": w8a8, "bf16_us": bf16,
-                   "scaled_mm_us": smm, "scaled_mm_error": smm_err,
+                   "scaled_mm_us": smm, "scaled_mm_error": smm_err, "splitk_us": splitk,
                    "byte_floor_us": bytes_moved / (copy_tbps * 1e6),
                    "flop_floor_us": 2 * m * n * k / (fp8_tflops * 1e6)}
             rows.append(row)
@@ -500,6 +527,17 @@ def print_tables(res):
             print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>5} {_fmt(r['ours_us'])} {_fmt(r['w8a8_us'])} "
                   f"{_fmt(r['bf16_us'])} {_fmt(r['scaled_mm_us'])} {_fmt(r['byte_floor_us'])} "
                   f"{_fmt(r['flop_floor_us'])} {eff:>10}")
+        split_rows = [r for r in res["dense"] if r.get("splitk_us")]
+        if split_rows:
+            settings = list(split_rows[0]["splitk_us"])
+            print(f"\n{'dense_gemv_fp8':>14} {'N x K':>12} {'M':>5} "
+                  + " ".join(f"{'S=' + s:>9}" for s in settings) + f" {'bytes':>9}  floor/time per setting")
+            for r in split_rows:
+                times = [r["splitk_us"].get(s) for s in settings]
+                effs = " ".join(f"{r['byte_floor_us'] / t:.2f}" if t else "-" for t in times)
+                print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>5} " + " ".join(_fmt(t) for t in times)
+                      + f" {_fmt(r['byte_floor_us'])}  {effs}")
+            print("LONGCAT_FP8_GEMV_SPLITK: S=0 the plain kernel, S=1 its auto rule, S=2..8 K split that many ways")
     if res.get("dense_decode"):
         print_dense_decode(res["dense_decode"], res["copy_TBps"])
     if res.get("experts"):
@@ -570,6 +608,8 @@ def main() -> None:
     parser.add_argument("--dense-configs", default="sweep",
                         help="dense_decode: sweep (default), default (the per-shape default only) or 'c1;c2' "
                              "(split-K configs 'bn,split,stages,warps[,swap][,tma][,fuse]', split 0 = auto)")
+    parser.add_argument("--splitk", default=SPLITK_SETTINGS,
+                        help="dense: LONGCAT_FP8_GEMV_SPLITK settings to time the GEMV under at M <= 4 ('' for none)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -584,7 +624,8 @@ def main() -> None:
     res = {"copy_TBps": copy_tbps, "bf16_TFLOPs": bf16_tflops, "fp8_TFLOPs": fp8_tflops}
     sections = args.sections.split(",")
     if "dense" in sections:
-        res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps)
+        splitk = tuple(v.strip() for v in args.splitk.split(",") if v.strip())
+        res["dense"] = bench_dense(copy_tbps, fp8_tflops, args.reps, splitk)
     if "dense_decode" in sections:
         res["dense_decode"] = bench_dense_decode(
             copy_tbps, args.reps, tuple(int(r) for r in args.dense_rows.split(",") if r.strip()), args.dense_configs)
