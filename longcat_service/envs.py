@@ -131,6 +131,11 @@ SWITCHES: tuple[Switch, ...] = (
            "picks it (N too small to fill the SMs: q_a + kv_a); 2..8 = split K that many ways on every shape (tests, "
            "benchmarks). Default 0 until the H200 A/B (bench_fp8_kernels.py --sections dense)",
            _one_of("0", "1", "2", "3", "4", "6", "8")),
+    Switch("LONGCAT_FP8_GEMV_MMA", "0|1", "0", "testing",
+           "CUDA dense_gemv_fp8 on tensor cores (mma.sync bf16 on the weights dequantized in registers, 16 columns x "
+           "all rows per warp, K split over a block's warps; takes precedence over LONGCAT_FP8_GEMV_SPLITK): the "
+           "FMA kernels' cost grows with the rows (M = 4 about 1.5x M = 1), this one's does not. Default off until "
+           "the H200 A/B (bench_fp8_kernels.py --sections dense)", _one_of("0", "1")),
     Switch("LONGCAT_MLA_DECODE_KERNEL", "auto|old|new", "auto", "testing",
            "MLA decode attention kernels (read at each call): new = up to 64 heads per program sharing each cache "
            "tile (kernels/_mla_decode_mqa_triton.py), old = 16-head programs (kernels/_mla_decode_triton.py); auto = "

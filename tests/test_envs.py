@@ -102,7 +102,7 @@ def test_csrc_reads_only_switches_of_the_table():
     for path in _sources("csrc/**/*"):
         if path.is_file():
             reads |= set(re.findall(r'getenv\("(LONGCAT_\w+)"\)', path.read_text()))
-    assert reads == {"LONGCAT_FFN_DECODE_KERNEL", "LONGCAT_FP8_GEMV_SPLITK"}
+    assert reads == {"LONGCAT_FFN_DECODE_KERNEL", "LONGCAT_FP8_GEMV_SPLITK", "LONGCAT_FP8_GEMV_MMA"}
     assert all(name in {s.name for s in envs.SWITCHES} for name in reads)
 
 

@@ -69,18 +69,23 @@ GEMV_SHAPES = [(1, 16), (7, 64), (33, 1536), (130, 272), (4227, 1552), (2112, 61
                (24576, 6144), (6144, 12288)]
 
 
-# LONGCAT_FP8_GEMV_SPLITK: the plain kernel, the auto rule and forced split-K variants (every S template the tests
-# reach on some shape: 2, 3, 8 here; 4 and 6 in test_dense_gemv_fp8_splitk_variants_agree).
-GEMV_SPLITS = ("0", "1", "2", "3", "8")
+# The GEMV variants as (LONGCAT_FP8_GEMV_SPLITK, LONGCAT_FP8_GEMV_MMA): the plain kernel, the split-K rule, forced
+# split-K (S = 2, 3, 8 here; 4 and 6 in test_dense_gemv_fp8_splitk_variants_agree) and the tensor-core kernel.
+GEMV_SPLITS = (("0", "0"), ("1", "0"), ("2", "0"), ("3", "0"), ("8", "0"), ("0", "1"))
+
+
+def _gemv_variant(monkeypatch, variant):
+    monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", variant[0])
+    monkeypatch.setenv("LONGCAT_FP8_GEMV_MMA", variant[1])
 
 
 @needs_ops
-@pytest.mark.parametrize("split", GEMV_SPLITS)
+@pytest.mark.parametrize("split", GEMV_SPLITS, ids="-".join)
 @pytest.mark.parametrize("n,k", GEMV_SHAPES, ids=lambda v: str(v))
 def test_dense_gemv_fp8_matches_exact(n, k, split, monkeypatch):
     from longcat_service.ops import extension
 
-    monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", split)
+    _gemv_variant(monkeypatch, split)
     w8, scale = _quantized((n, k), seed=n + k, std=k**-0.5)
     g = torch.Generator(device=DEV).manual_seed(k)
     rows = torch.randn(8, k, device=DEV, generator=g).to(torch.bfloat16)
@@ -111,12 +116,12 @@ def _every_e4m3_code(rows: int) -> torch.Tensor:
 
 
 @needs_ops
-@pytest.mark.parametrize("split", GEMV_SPLITS)
+@pytest.mark.parametrize("split", GEMV_SPLITS, ids="-".join)
 def test_dense_gemv_fp8_dequantizes_every_code_exactly(split, monkeypatch):
     """One-hot activations pick single weights: the output is exactly the dequantized weight (e4m3 values times a
     power-of-two scale are bf16 numbers), for all 256 codes (subnormals included) in every position of a 16-byte
     vector, so a wrong bit or order in the in-register conversion fails."""
-    monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", split)
+    _gemv_variant(monkeypatch, split)
     w8 = _every_e4m3_code(136)  # 2 row blocks, the second partial
     scale = torch.tensor([[2.0**-7, 2.0**-7], [2.0**3, 2.0**3]], device=DEV)  # [2, 2]: a power of two per block
     eye = torch.eye(256, device=DEV, dtype=torch.bfloat16)
@@ -127,9 +132,9 @@ def test_dense_gemv_fp8_dequantizes_every_code_exactly(split, monkeypatch):
 
 
 @needs_ops
-@pytest.mark.parametrize("split", GEMV_SPLITS)
+@pytest.mark.parametrize("split", GEMV_SPLITS, ids="-".join)
 def test_dense_gemv_fp8_strided_x_graph_and_rejects(split, monkeypatch):
-    monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", split)
+    _gemv_variant(monkeypatch, split)
     w8, scale = _quantized((300, 512), seed=1, std=512**-0.5)
     wide = torch.randn(4, 512 + 32, device=DEV).to(torch.bfloat16)
     x = wide[:, 16:528]  # row stride 544 elements: 16-byte aligned rows
@@ -151,18 +156,24 @@ def test_dense_gemv_fp8_strided_x_graph_and_rejects(split, monkeypatch):
 @needs_ops
 @pytest.mark.parametrize("n,k", [(2176, 6144), (131, 4112), (24576, 6144), (12288, 1536)], ids=lambda v: str(v))
 def test_dense_gemv_fp8_splitk_variants_agree(n, k, monkeypatch):
-    """Every split (K = 4112: 9 steps, so S = 4, 6, 8 leave short and empty last slices) within the bound of the
-    exact value, row 0 the 1-row call bit for bit within each; the auto rule picks one of them and keeps the plain
-    kernel where N alone fills the GPU (24576 and 12288 columns: >= 8 warps per SM)."""
+    """Every split (K = 4112: 9 steps, so S = 4, 6, 8 leave short and empty last slices) and the tensor-core kernel
+    within the bound of the exact value, row 0 the 1-row call bit for bit within each; the split-K rule picks one of
+    them and keeps the plain kernel where N alone fills the GPU (24576 and 12288 columns: >= 8 warps per SM)."""
     w8, scale = _quantized((n, k), seed=n * 7 + k, std=k**-0.5)
     x = torch.randn(4, k, device=DEV, generator=torch.Generator(device=DEV).manual_seed(n)).to(torch.bfloat16)
     exact, mag = _weight_only_exact(x, w8, scale)
     outs = {}
+    monkeypatch.setenv("LONGCAT_FP8_GEMV_MMA", "0")
     for split in ("0", "2", "3", "4", "6", "8"):
         monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", split)
         outs[split] = L.dense_gemv_fp8(x, w8, scale)
         _assert_bf16_within(outs[split], exact, mag, k, f"N{n} K{k} S{split}")
         assert torch.equal(outs[split][:1], L.dense_gemv_fp8(x[:1], w8, scale)), f"S{split}: row 0 depends on M"
+    monkeypatch.setenv("LONGCAT_FP8_GEMV_MMA", "1")
+    mma = L.dense_gemv_fp8(x, w8, scale)
+    _assert_bf16_within(mma, exact, mag, k, f"N{n} K{k} mma")
+    assert torch.equal(mma[:1], L.dense_gemv_fp8(x[:1], w8, scale)), "mma: row 0 depends on M"
+    monkeypatch.setenv("LONGCAT_FP8_GEMV_MMA", "0")
     monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", "1")
     auto = L.dense_gemv_fp8(x, w8, scale)
     assert any(torch.equal(auto, o) for o in outs.values())
@@ -170,6 +181,10 @@ def test_dense_gemv_fp8_splitk_variants_agree(n, k, monkeypatch):
         assert torch.equal(auto, outs["0"])
     monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", "5")
     with pytest.raises(RuntimeError, match="LONGCAT_FP8_GEMV_SPLITK"):
+        L.dense_gemv_fp8(x, w8, scale)
+    monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", "0")
+    monkeypatch.setenv("LONGCAT_FP8_GEMV_MMA", "yes")
+    with pytest.raises(RuntimeError, match="LONGCAT_FP8_GEMV_MMA"):
         L.dense_gemv_fp8(x, w8, scale)
 
 

@@ -15,6 +15,7 @@
 
 #include "../ops.h"
 #include "fp8_common.cuh"
+#include "fp8_mma_chunk.cuh"
 
 namespace longcat {
 namespace {
@@ -196,6 +197,123 @@ void launch_splitk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Tensor-core variant (LONGCAT_FP8_GEMV_MMA=1, opt-in until measured): fp8_mma_chunk.cuh's 64-wide chunk (lane
+// (g, t): 16 e4m3 of weight rows n0 + g and n0 + g + 8 at k = 64 c + 16 t, 16 bf16 of x row g; exact e4m3 -> bf16;
+// 4 x mma.sync m16n8k16 with fp32 accumulation), so a warp owns 16 columns x all M <= 8 rows at once: the FMA
+// kernels' M x 16 FMAs per 16 weights (the M = 4 slowdown: issue-bound) become 4 MMAs per 1 KB whatever M is. Each
+// 128-block's MMA partial is scaled into an fp32 accumulator. Block = S warps over one 16-column tile, warp p summing
+// K slice p (whole 128-blocks), slices added through shared memory in slice order. An output D[n][m] of an MMA
+// depends on x row m only, so row i of an M-row call equals the 1-row call bit for bit (S never depends on M).
+constexpr int kMmaTile = 16;  // columns per warp (the MMA's M)
+constexpr int kMmaU = 4;      // chunks (1 KB of weights per warp each) loaded before the first MMA
+
+template <int S>
+__global__ void __launch_bounds__(S * kWarp)
+    dense_gemv_fp8_mma_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_row_stride,
+                              const uint8_t* __restrict__ w, int64_t w_row_stride, const float* __restrict__ scale,
+                              int64_t s_row_stride, __nv_bfloat16* __restrict__ out, int M, int N, int K,
+                              int slice_blocks) {
+  __shared__ float red[S][4][kWarp];
+  const int part = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kMmaTile;
+  const int64_t r_lo = min(n0 + g, N - 1), r_hi = min(n0 + g + 8, N - 1);  // clamp: computed, not stored
+  const uint8_t* w_lo = w + r_lo * w_row_stride;
+  const uint8_t* w_hi = w + r_hi * w_row_stride;
+  const float* s_lo = scale + (r_lo >> fp8::kBlockShift) * s_row_stride;
+  const float* s_hi = scale + (r_hi >> fp8::kBlockShift) * s_row_stride;
+  const __nv_bfloat16* xrow = g < M ? x + static_cast<int64_t>(g) * x_row_stride : nullptr;  // rows >= M: zeros
+  const int C = (K + 63) / 64;  // 64-wide chunks
+  const int c_begin = min(C, part * 2 * slice_blocks), c_end = min(C, (part + 1) * 2 * slice_blocks);
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f}, partial[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int c0 = c_begin; c0 < c_end; c0 += kMmaU) {
+    fp8mma::Frag f[kMmaU];
+#pragma unroll
+    for (int u = 0; u < kMmaU; ++u) {
+      const int k = 64 * (c0 + u) + 16 * t;
+      const bool on = c0 + u < c_end && k < K;  // K % 16 == 0: a lane's 16 k are all in or all out
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      f[u].lo = on ? fp8::load_w16_stream(w_lo + k) : zero;
+      f[u].hi = on ? fp8::load_w16_stream(w_hi + k) : zero;
+      f[u].x0 = on && xrow != nullptr ? v3::ld_keep(xrow + k) : zero;
+      f[u].x1 = on && xrow != nullptr ? v3::ld_keep(xrow + k + 8) : zero;
+      const int kb = min(c0 + u, C - 1) >> 1;  // the chunk's 128-block
+      f[u].slo = __ldg(s_lo + kb);
+      f[u].shi = __ldg(s_hi + kb);
+    }
+#pragma unroll
+    for (int u = 0; u < kMmaU; ++u) {
+      const int c = c0 + u;
+      if (c < c_end) {
+        fp8mma::mma_chunk(partial, f[u]);
+        if ((c & 1) || c == C - 1) {  // the 128-block ends: scale its partial into the accumulator
+          acc[0] = fmaf(partial[0], f[u].slo, acc[0]);
+          acc[1] = fmaf(partial[1], f[u].slo, acc[1]);
+          acc[2] = fmaf(partial[2], f[u].shi, acc[2]);
+          acc[3] = fmaf(partial[3], f[u].shi, acc[3]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) partial[r] = 0.f;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) red[part][r][lane] = acc[r];
+  __syncthreads();
+  // D fragment: acc[r] of lane (g, t) = column n0 + g + 8 (r >> 1), row 2 t + (r & 1).
+  for (int idx = threadIdx.x; idx < 4 * kWarp; idx += S * kWarp) {
+    const int r = idx / kWarp, l = idx % kWarp;
+    const int n = n0 + (l >> 2) + 8 * (r >> 1), m = 2 * (l & 3) + (r & 1);
+    if (m < M && n < N) {
+      float v = red[0][r][l];
+#pragma unroll
+      for (int p = 1; p < S; ++p) v += red[p][r][l];
+      out[static_cast<int64_t>(m) * N + n] = __float2bfloat16(v);
+    }
+  }
+}
+
+// The fewest K slices (of 1, 2, 4, 8; each >= one 128-block) that give >= kMmaTargetWarpsPerSm warps per SM.
+// A function of N, K and the SM count, never of M.
+constexpr int64_t kMmaTargetWarpsPerSm = 16;
+int mma_split(int64_t N, int64_t K, int sms) {
+  const int64_t tiles = (N + kMmaTile - 1) / kMmaTile, blocks = (K + fp8::kBlock - 1) / fp8::kBlock;
+  int s = 1;
+  while (s < 8 && tiles * s < kMmaTargetWarpsPerSm * sms && 2 * s <= blocks) s *= 2;
+  return s;
+}
+
+template <int S>
+void launch_mma_split(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out,
+                      cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0)), N = static_cast<int>(w.size(0)), K = static_cast<int>(x.size(1));
+  const int blocks = (K + fp8::kBlock - 1) / fp8::kBlock;
+  const dim3 grid((N + kMmaTile - 1) / kMmaTile), block(S * kWarp);
+  dense_gemv_fp8_mma_kernel<S><<<grid, block, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0), static_cast<const uint8_t*>(w.data_ptr()),
+      w.stride(0), scale.data_ptr<float>(), scale.stride(0), static_cast<__nv_bfloat16*>(out.data_ptr()), M, N, K,
+      (blocks + S - 1) / S);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out, int sms,
+                cudaStream_t stream) {
+  switch (mma_split(w.size(0), x.size(1), sms)) {
+    case 1: return launch_mma_split<1>(x, w, scale, out, stream);
+    case 2: return launch_mma_split<2>(x, w, scale, out, stream);
+    case 4: return launch_mma_split<4>(x, w, scale, out, stream);
+    default: return launch_mma_split<8>(x, w, scale, out, stream);
+  }
+}
+
+bool mma_setting() {
+  const char* v = std::getenv("LONGCAT_FP8_GEMV_MMA");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "1") == 0, "LONGCAT_FP8_GEMV_MMA must be 0 or 1, got '", v, "'");
+  return true;
+}
+
 template <typename T, int NR>
 void launch_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out,
                  cudaStream_t stream) {
@@ -255,6 +373,7 @@ void dispatch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int64_t N = w.size(0);
+  if (mma_setting()) return launch_mma(x, w, scale, out, sms, stream);
   int split = splitk_setting();
   if (split < 0) split = auto_split(N, x.size(1), sms);
   switch (split) {
