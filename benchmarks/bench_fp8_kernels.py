@@ -1,7 +1,7 @@
 """Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
 
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,dense_decode,experts,grouped] [--reps 20]
-        [--out fp8.json] [--splitk 0,1,2,3,4,8] [--sweep-batches 8,16,64,128]
+        [--out fp8.json] [--splitk 0,1,2,3,4,8,mma] [--sweep-batches 8,16,64,128]
         [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
         [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap][,tma][,fuse];...']
 
@@ -19,8 +19,9 @@ default by more than 3%.
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
 torch's blockwise scaled-mm where it takes the shape, else the Triton w8a8 GEMM, incl. the activation quantization);
-At M <= 4 the CUDA dense_gemv_fp8 alone is also timed under each --splitk setting of LONGCAT_FP8_GEMV_SPLITK (0 =
-the plain kernel, 1 = its split-K rule, 2..8 = K split that many ways; a second table).
+At M <= 4 the CUDA dense_gemv_fp8 alone is also timed under each --splitk setting (LONGCAT_FP8_GEMV_SPLITK: 0 = the
+plain kernel, 1 = its split-K rule, 2..8 = K split that many ways; mma = LONGCAT_FP8_GEMV_MMA=1, the tensor-core
+kernel; a second table).
 w8a8 = the Triton w8a8 GEMM at every M (to place the thresholds); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
 this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
@@ -124,20 +125,27 @@ def _quant_scaled_mm(x, w8, scale):
 
 
 SPLITK_MAX_ROWS = 4  # fp8_linear's GEMV rows (ops/fp8.DECODE_ROWS)
-SPLITK_SETTINGS = "0,1,2,3,4,8"
+SPLITK_SETTINGS = "0,1,2,3,4,8,mma"
+
+
+def gemv_variant_env(setting):
+    """--splitk setting -> the switches: mma = LONGCAT_FP8_GEMV_MMA=1, else LONGCAT_FP8_GEMV_SPLITK=setting."""
+    mma = setting == "mma"
+    return {"LONGCAT_FP8_GEMV_MMA": "1" if mma else "0", "LONGCAT_FP8_GEMV_SPLITK": "0" if mma else setting}
 
 
 @contextlib.contextmanager
-def _env(name, value):
-    """The variable set to value for the block (the C++ op reads it at each call, i.e. at graph capture)."""
-    saved = os.environ.pop(name, None)
-    os.environ[name] = value
+def _env(values):
+    """The variables set for the block (the C++ op reads them at each call, i.e. at graph capture)."""
+    saved = {name: os.environ.pop(name, None) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        os.environ.pop(name, None)
-        if saved is not None:
-            os.environ[name] = saved
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def bench_dense(copy_tbps, fp8_tflops, reps, splitk_settings=()):
@@ -157,7 +165,7 @@ def bench_dense(copy_tbps, fp8_tflops, reps, splitk_settings=()):
             splitk = {}
             if m <= SPLITK_MAX_ROWS:  # the CUDA dense_gemv_fp8 under each LONGCAT_FP8_GEMV_SPLITK setting
                 for setting in splitk_settings:
-                    with _env("LONGCAT_FP8_GEMV_SPLITK", setting):
+                    with _env(gemv_variant_env(setting)):
                         splitk[setting], _ = timed([functools.partial(torch.ops.longcat.dense_gemv_fp8, x, w, scale)
                                                     for w in w8s[:cyc]], reps)
             w8a8, _ = timed([functools.partial(w8a8_block_gemm, x, w, scale) for w in w8s[:cyc]], reps)
@@ -537,7 +545,8 @@ def print_tables(res):
                 effs = " ".join(f"{r['byte_floor_us'] / t:.2f}" if t else "-" for t in times)
                 print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>5} " + " ".join(_fmt(t) for t in times)
                       + f" {_fmt(r['byte_floor_us'])}  {effs}")
-            print("LONGCAT_FP8_GEMV_SPLITK: S=0 the plain kernel, S=1 its auto rule, S=2..8 K split that many ways")
+            print("S=0 the plain kernel, S=1 the split-K rule, S=2..8 K split that many ways (LONGCAT_FP8_GEMV_SPLITK), "
+                  "S=mma the tensor-core kernel (LONGCAT_FP8_GEMV_MMA=1)")
     if res.get("dense_decode"):
         print_dense_decode(res["dense_decode"], res["copy_TBps"])
     if res.get("experts"):
@@ -609,7 +618,8 @@ def main() -> None:
                         help="dense_decode: sweep (default), default (the per-shape default only) or 'c1;c2' "
                              "(split-K configs 'bn,split,stages,warps[,swap][,tma][,fuse]', split 0 = auto)")
     parser.add_argument("--splitk", default=SPLITK_SETTINGS,
-                        help="dense: LONGCAT_FP8_GEMV_SPLITK settings to time the GEMV under at M <= 4 ('' for none)")
+                        help="dense: LONGCAT_FP8_GEMV_SPLITK settings (and mma: LONGCAT_FP8_GEMV_MMA=1) to time the "
+                             "GEMV under at M <= 4 ('' for none)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
