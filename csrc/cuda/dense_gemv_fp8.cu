@@ -274,13 +274,14 @@ __global__ void __launch_bounds__(S * kWarp)
   }
 }
 
-// The fewest K slices (of 1, 2, 4, 8; each >= one 128-block) that give >= kMmaTargetWarpsPerSm warps per SM.
-// A function of N, K and the SM count, never of M.
-constexpr int64_t kMmaTargetWarpsPerSm = 16;
+// The most K slices (of 1, 2, 4, 8; each >= one 128-block) that keep all warps in one wave at kMmaWarpsPerSm
+// resident warps per SM (~120 registers a thread: 16). Unmeasured guess (S: q_a + kv_a 8, q_b 2, o_proj 4, gate_up
+// 1, down 4). A function of N, K and the SM count, never of M.
+constexpr int64_t kMmaWarpsPerSm = 16;
 int mma_split(int64_t N, int64_t K, int sms) {
   const int64_t tiles = (N + kMmaTile - 1) / kMmaTile, blocks = (K + fp8::kBlock - 1) / fp8::kBlock;
   int s = 1;
-  while (s < 8 && tiles * s < kMmaTargetWarpsPerSm * sms && 2 * s <= blocks) s *= 2;
+  while (s < 8 && tiles * 2 * s <= kMmaWarpsPerSm * sms && 2 * s <= blocks) s *= 2;
   return s;
 }
 
