@@ -57,6 +57,17 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _mla_tile(raw: str) -> str:
+    """'block_n,stages' of the MQA-form MLA decode stage 1 (kernels/mla_decode.py), normalised."""
+    parts = raw.replace(" ", "").split(",")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError("expected 'block_n,stages', e.g. 32,5")
+    block_n, stages = int(parts[0]), int(parts[1])
+    if block_n not in (16, 32, 64) or not 1 <= stages <= 6:
+        raise ValueError("block_n must be 16, 32 or 64 and stages 1..6")
+    return f"{block_n},{stages}"
+
+
 @dataclass(frozen=True)
 class Switch:
     name: str
@@ -102,6 +113,16 @@ SWITCHES: tuple[Switch, ...] = (
            "blockwise scaled-mm; 0: never. NOT YET MEASURED: off until the H200 A/B (bench_fp8_kernels.py --sections "
            "dense_decode; cuBLAS reached ~0.5 of the copy rate on the 2L decode shapes at 16-128 rows)",
            _nonneg_int),
+    Switch("LONGCAT_MLA_DECODE_TILE", "bn,stages", "32,2", "tuning",
+           "MQA-form MLA decode stage 1 (bf16/fp16; kernels/mla_decode.py): cache tokens per step and software-"
+           "pipeline stages. 32,2 keeps one cache tile in flight while the next page index is read synchronously "
+           "(~2 memory latencies per step); 32,5 keeps two tiles in flight (185 KB shared memory), 64,3 halves the "
+           "steps (222 KB); candidates timed side by side by benchmarks/bench_mla_decode.py, not yet on a GPU",
+           _mla_tile),
+    Switch("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", "int", 0, "tuning",
+           "decode batches of up to this many rows (CUDA, Triton) fold the W_UK absorb (q_nope @ W_UK) into the MLA "
+           "prep kernel (one launch instead of prep + cuBLAS bmm; each program reads its W_UK slice once for all "
+           "rows); 0: never. Not yet timed on a GPU (benchmarks/bench_mla_decode.py)", _nonneg_int),
     Switch("LONGCAT_GROUPED_GEMM_CONFIG", "str", "128,64,128,3,8,tma,split", "tuning",
            "tiles of the Triton grouped GEMM of the prefill experts, 'bn,bk,bm,stages,warps[,tma][,split]' "
            "(H200: the default streamed the weights at 88-92% of the copy rate, torch._grouped_mm 75-79%; "

@@ -213,3 +213,38 @@ def test_kernel_choice_by_rows(monkeypatch):
     assert md.use_mqa_kernels(1)
     monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", "old")
     assert not md.use_mqa_kernels(64)
+
+
+@pytest.mark.parametrize("tile", ["64,3"])  # 32,5 steps as the default here: its stages exist only on a GPU
+@pytest.mark.parametrize("lens,num_splits", [
+    ([1], None),  # batch 1, one token: the default split count (32) far past the row's blocks
+    ([0, 1, 63, 64, 65, 200, 7], None),  # odd batch: empty, one token, one tile -1/0/+1 at 64, not a multiple
+    ([129, 5, 300], 7),  # splits > a short row's tiles; uneven split lengths
+    ([130, 64], 1),  # one split: stage 1 writes the output (no W_UV) or the merge applies W_UV
+])
+def test_stage1_tiles_match_reference(monkeypatch, tile, lens, num_splits):
+    """LONGCAT_MLA_DECODE_TILE's other cache-token steps (the stage count only matters on a GPU) give the
+    reference's output, with and without W_UV, for the lengths that cut the rows differently at each step."""
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_TILE", tile)
+    block_n = int(tile.split(",")[0])
+    cfg = md.launch_config(len(lens), HEADS, RANK, ROPE, torch.bfloat16, num_splits=num_splits)
+    assert cfg.stage1["BLOCK_N"] == block_n and cfg.stage1["num_stages"] == int(tile.split(",")[1])
+    args, w_uv = _case(len(lens) * 3 + block_n, lens, torch.bfloat16)
+    ref = md.mla_decode_reference(*args, scale=0.37)
+    out = md.mla_decode(*args, scale=0.37, num_splits=num_splits)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 2 * BF16_TOL, (tile, lens)
+    assert all((out[b] == 0).all() for b, n in enumerate(lens) if n == 0)
+    out_uv = md.mla_decode(*args, scale=0.37, num_splits=num_splits, w_uv=w_uv)
+    assert _rel(out_uv, md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)) < 2 * BF16_TOL, (tile, lens)
+
+
+def test_stage1_tile_switch_is_validated_and_fp32_keeps_the_default(monkeypatch):
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_TILE", "64,3")
+    assert md.stage1_tile(torch.bfloat16) == (64, 3)
+    assert md.stage1_tile(torch.float32) == (md.BLOCK_N, md.STAGE1_STAGES)
+    for bad in ("48,2", "32", "32,0", "a,b"):
+        monkeypatch.setenv("LONGCAT_MLA_DECODE_TILE", bad)
+        with pytest.raises(ValueError, match="LONGCAT_MLA_DECODE_TILE"):
+            md.stage1_tile()
+    monkeypatch.delenv("LONGCAT_MLA_DECODE_TILE")
+    assert md.stage1_tile() == (md.BLOCK_N, md.STAGE1_STAGES)

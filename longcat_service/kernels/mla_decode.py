@@ -25,13 +25,26 @@ import torch
 from longcat_service import envs
 from longcat_service.kernels import interpreter_mode, next_pow2
 
-BLOCK_N = 32  # cache tokens per inner step (64: 255 registers and 221 KB of shared memory at 64 heads, sm_90a)
+BLOCK_N = 32  # cache tokens per inner step: the default of LONGCAT_MLA_DECODE_TILE (and fp32's, always)
 MAX_BLOCK_H = 64  # heads per stage-1 program; fewer heads per rank (TP) pad up to tl.dot's 16 rows
-# A 64-head program fills an SM on its own (147 KB shared memory, 235 registers x 8 warps on sm_90a), so one wave
+# A 64-head program fills an SM on its own (147 KB shared memory, 237 registers x 8 warps on sm_90a), so one wave
 # of programs is one per H200 SM.
 TARGET_PROGRAMS = 132
 MAX_SPLITS = 32
 STAGE1_STAGES = 2
+# Why stage 1 took 53 us at batch 64 / ~500 tokens against a ~9 us KV byte floor (H200 profile, 2026-12-03; the
+# TTGIR/PTX compiled offline for sm_90a): 64 rows x 2 splits = 128 programs, one wave of one program per SM, each
+# walking ~8 tiles of 32 tokens one after another, so the time is 8 x the latency of one step plus the prologue
+# (q: 72 KB) and the epilogue (a 128 KB fp32 partial). At 2 stages one step is two dependent memory round trips:
+# the tile's page indices are a synchronous load issued after the previous tile's dots, then its cache rows are a
+# cp.async waited for at the top of the next step (nothing computes meanwhile); then the dots, where the scores'
+# dot is 72 m64n16k16 wgmmas issued by both warpgroups (Triton puts a chained dot's 8 warps all on M = 64 heads,
+# so the second warpgroup repeats the first's scores), and the P @ latent dot 2 m64n256k16 per warpgroup. Batch 64
+# at 4096 tokens showed the same ~4 us per step (255 us for 64 steps). More splits only shorten each program, not
+# the per-SM chain (same steps per SM, more prologues and partials). What helps is more tiles in flight per SM:
+# 5 stages make the page indices and the cache rows asynchronous, with two cache tiles in flight while one is
+# computed (3 x 36 KB buffers, 185 KB shared memory, 246 registers); BLOCK_N 64 at 3 stages halves the steps
+# (222 KB, 255 registers, no spills). LONGCAT_MLA_DECODE_TILE selects them; the default stays until timed.
 UV_BLOCK_D = 32  # W_UV columns per program of the W_UV merge stage (a [32, 512] tile: 32 KB of bf16)
 # Rows from which the MQA-form kernels run; below, the 16-head ones (_mla_decode_triton). H200, 2026-12-03,
 # `python benchmarks/bench_mla_decode.py` (64 heads, W_UV path as in production, us): batch 1 old 13.4 / new 19.3
@@ -73,6 +86,15 @@ def choose_num_splits(batch: int, heads: int, dtype: torch.dtype = torch.bfloat1
     return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // programs))
 
 
+def stage1_tile(dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) of stage 1: LONGCAT_MLA_DECODE_TILE for 16-bit inputs; fp32 always the default (its
+    64-token or 5-stage tiles would not fit in shared memory)."""
+    if dtype.itemsize > 2:
+        return BLOCK_N, STAGE1_STAGES
+    block_n, stages = envs.LONGCAT_MLA_DECODE_TILE.split(",")
+    return int(block_n), int(stages)
+
+
 def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dtype, dv: int | None = None,
                   num_splits: int | None = None, first_pos: int = 0) -> LaunchConfig:
     if num_splits is None:
@@ -82,20 +104,21 @@ def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dty
     interp = interpreter_mode()
     rank_pad = next_pow2(rank)
     block_h = block_heads(heads, dtype)
+    block_n, stages = stage1_tile(dtype)
     direct = num_splits == 1 and dv is None
     stage1 = dict(
         RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=block_h,
-        BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_N=block_n, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interp,  # the CPU interpreter has no bf16 matmul: compute in fp32 there
         USE_WHILE=interp, FIRST_POS=first_pos, DIRECT_OUT=direct,
         num_warps=8 if block_h >= 32 else 4,  # 32 heads on 4 warps spill registers, on 8 they do not (sm_90a)
-        num_stages=STAGE1_STAGES,
+        num_stages=stages,
     )
     grid1 = (-(-heads // block_h), num_splits, batch)
     if direct:
         return LaunchConfig(num_splits, grid1, (), stage1, {})
     splits_pad = next_pow2(num_splits, minimum=2)
-    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, BLOCK_N=BLOCK_N,
+    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, BLOCK_N=block_n,
                   num_warps=8 if splits_pad >= 16 else 4)
     if dv is None:
         return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
