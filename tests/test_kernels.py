@@ -266,6 +266,37 @@ def test_mla_prep_matches_reference_and_skips_padding_slots(dtype, heads):
     assert not (flat[[5, 2, 7]] == 123.0).any()
 
 
+@pytest.mark.parametrize("n,heads,rank", [(1, 4, 80), (3, 5, 12)])  # 80: two W_UK column blocks, the last masked
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_prep_absorb_is_prep_then_the_w_uk_product(dtype, n, heads, rank):
+    """mla_prep_absorb = mla_prep's q (scaled, rounded) through W_UK in fp32, plus its rotated rope part; the same
+    cache entries (slot -1 writes nothing). W_UK strided as fast_decode's view of kv_b_proj's weight."""
+    from longcat_service.kernels.mla_prep import mla_prep_absorb
+
+    gen = torch.Generator().manual_seed(5 + n)
+    dn, dr, dv = 8, 6, 4
+    q = torch.randn(n, heads, dn + dr, generator=gen).to(dtype).to(DEVICE)
+    kv_a = torch.randn(n, rank + dr, generator=gen).to(dtype).to(DEVICE)
+    ang = torch.randn(n, dr // 2, generator=gen)
+    cos, sin = ang.cos().to(dtype).to(DEVICE), ang.sin().to(dtype).to(DEVICE)
+    w = (1 + 0.2 * torch.randn(rank, generator=gen)).to(dtype).to(DEVICE)
+    w_kv_b = (0.3 * torch.randn(heads, dn + dv, rank, generator=gen)).to(dtype).to(DEVICE)
+    w_uk = w_kv_b[:, :dn, :]
+    slots = torch.tensor([5, -1, 2][:n], device=DEVICE)
+    sentinel = torch.full((3, 4, rank + dr), 123.0, dtype=dtype, device=DEVICE)
+    ours, ref_cache = sentinel.clone(), sentinel.clone()
+    q_lat, q_pe = mla_prep_absorb(q, kv_a, cos, sin, w, 1e-6, 2.0, 3.4641016, slots, ours, dr, w_uk)
+    q_ref = mla_prep_reference(q, kv_a, cos, sin, w, 1e-6, 2.0, 3.4641016, slots, ref_cache, dr)
+    lat_ref = torch.bmm(q_ref[..., :dn].transpose(0, 1).float(), w_uk.float()).transpose(0, 1).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else BF16_TOL
+    assert q_lat.shape == (n, heads, rank) and q_pe.shape == (n, heads, dr)
+    assert _rel(q_lat, lat_ref) < tol and _rel(q_pe, q_ref[..., dn:]) < tol
+    assert _rel(ours, ref_cache) < tol
+    assert torch.equal(ours == 123.0, ref_cache == 123.0)  # the same slots written, slot -1 none
+    with pytest.raises(ValueError, match="w_uk"):
+        mla_prep_absorb(q, kv_a, cos, sin, w, 1e-6, 2.0, 3.4641016, slots, ours, dr, w_uk[:, 1:])
+
+
 def test_mla_prep_reference_is_the_eager_layer_math():
     """The kernel's reference against the model's own pieces: layers/rotary.py's RoPE and the LoRA RMSNorm."""
     from longcat_service.layers.layernorm import RMSNorm
@@ -307,13 +338,17 @@ def _decode_logits(model, caches, prompts, block_size, tables):
     return model.compute_logits(hidden), caches
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fused_uv_max_batch", [0, 8])
-def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_uv_max_batch):
+@pytest.mark.parametrize("dtype,fused_uv_max_batch,absorb_rows", [
+    (torch.float32, 0, 0), (torch.float32, 8, 0), (torch.bfloat16, 0, 0), (torch.bfloat16, 8, 0),
+    (torch.float32, 8, 8),  # W_UK in the prep kernel (fp32: its tight tolerance)
+])
+def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_uv_max_batch, absorb_rows):
     """The whole model: the Triton decode path (norms, prep, split-K attention; one GEMM for q_a and kv_a, row-strided
-    views into the kernels; W_UV in the merge stage or as a separate bmm) vs the eager layers."""
+    views into the kernels; W_UV in the merge stage or as a separate bmm; W_UK in the prep kernel or a bmm) vs the
+    eager layers."""
     config = ModelConfig.from_dict(TINY)
     monkeypatch.setattr(fast_decode_mod, "FUSED_UV_MAX_BATCH", fused_uv_max_batch)
+    monkeypatch.setenv("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", str(absorb_rows))
     model = load_model(config, dtype=dtype, device=DEVICE, load_format="dummy", seed=1)
     assert model.model.layers[0].self_attn[0].fused_a_weight is not None
     block_size, prompts = 4, [[5, 9, 11, 3, 8, 1, 4], [2, 60, 7], [99] * 13]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longcat_service import envs
 from longcat_service.kernels import fast_path_enabled
 from longcat_service.layers.attention_metadata import AttentionMetadata
 
@@ -49,7 +50,7 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """What layers/mla_attention.MLAAttention.forward computes for a decode-only batch, with Triton kernels:
     fused q_a norm, one prep kernel (scales, RoPE, norm, cache write), absorbed split-K attention."""
     from longcat_service.kernels.mla_decode import mla_decode
-    from longcat_service.kernels.mla_prep import mla_prep
+    from longcat_service.kernels.mla_prep import mla_prep, mla_prep_absorb
     from longcat_service.kernels.rmsnorm import rms_norm
 
     n = x.shape[0]
@@ -57,16 +58,20 @@ def mla_decode_forward(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     q_a, kv_a = attn.a_projections(x)
     q_a = rms_norm(q_a, attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
     q = attn.q_b_proj(q_a).view(n, heads, dn + dr)
-    q = mla_prep(q, kv_a, cos, sin, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, attn.q_scale,
-                 attn.kv_scale, plan.slot_mapping, kv_cache, dr)
     w = attn.kv_b_proj.weight.view(heads, dn + dv, attn.kv_lora_rank)
     w_uk, w_uv = w[:, :dn, :], w[:, dn:, :]
-    q_latent = torch.bmm(q[..., :dn].transpose(0, 1), w_uk).transpose(0, 1)  # [n, h, r]
+    prep_args = (q, kv_a, cos, sin, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, attn.q_scale, attn.kv_scale,
+                 plan.slot_mapping, kv_cache, dr)
+    if n <= envs.LONGCAT_MLA_ABSORB_PREP_MAX_ROWS:  # the prep kernel applies W_UK too: no bmm launch
+        q_latent, q_pe = mla_prep_absorb(*prep_args, w_uk)
+    else:
+        q = mla_prep(*prep_args)
+        q_latent, q_pe = torch.bmm(q[..., :dn].transpose(0, 1), w_uk).transpose(0, 1), q[..., dn:]  # [n, h, r]
     if n <= FUSED_UV_MAX_BATCH:  # the merge stage applies W_UV itself: one launch less, no o_latent round trip
-        out = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale, w_uv=w_uv,
+        out = mla_decode(q_latent, q_pe, kv_cache, plan.block_tables, plan.seq_lens, attn.scale, w_uv=w_uv,
                          first_pos=plan.first_pos)
     else:  # many rows: cuBLAS's batched GEMM reads each head's W_UV once for all of them
-        o_latent = mla_decode(q_latent, q[..., dn:], kv_cache, plan.block_tables, plan.seq_lens, attn.scale,
+        o_latent = mla_decode(q_latent, q_pe, kv_cache, plan.block_tables, plan.seq_lens, attn.scale,
                               first_pos=plan.first_pos)
         out = o_latent.new_empty(n, heads, dv)  # written in place in token-major order: o_proj's input needs no
         torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # reshape copy
