@@ -1,17 +1,24 @@
-"""MLA decode attention (kernels/mla_decode.py) on one GPU at LongCat-Flash shapes: the old 16-head kernels against
-the new MQA-form ones (LONGCAT_MLA_DECODE_KERNEL=old|new), with the latent-cache byte floor, in one run.
+"""MLA decode attention on one GPU at LongCat-Flash shapes: every selectable variant side by side, with the
+latent-cache byte floor, in one run.
 
-    python benchmarks/bench_mla_decode.py [--batches 1,16,64] [--contexts 512,4096] [--heads 64] [--block-size 16]
-                                          [--sweep] [--out f.json]
+    python benchmarks/bench_mla_decode.py [--batches 1,16,64] [--contexts 256,1024,4096] [--heads 64]
+                                          [--tiles 32,2;32,3;32,5;64,2;64,3] [--block-size 16] [--sweep] [--out f.json]
 
 Per (batch, context), every row at that context, pages scattered over the cache:
-- prod: what layers/fast_decode.py runs: W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows, else o_latent
-  then cuBLAS's batched W_UV GEMM.
-- latent: mla_decode alone (o_latent out).
-- floor: the latent cache bytes (B x context x 576 x 2) at the measured copy rate (2 GB device copy, read + write).
-- err: relative error of each kernel's output against mla_decode_reference (must stay < 1e-2, as the GPU tests).
---sweep adds the new kernel's latent time at forced split counts and tilings (SWEEP_TILES).
+- latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels (`old`,
+  LONGCAT_MLA_DECODE_KERNEL=old) and the MQA-form ones at each stage-1 tile (`new bn,stages`, LONGCAT_MLA_DECODE_KERNEL=new
+  LONGCAT_MLA_DECODE_TILE=bn,stages; `new 32,2` is today's default from 16 rows).
+- chain columns: one attention's MLA chain between q_b_proj and o_proj as layers/fast_decode.py runs it at the
+  default switches (mla_prep, the W_UK bmm, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows,
+  else o_latent then the W_UV bmm): `chain` today; `chain absorb` with LONGCAT_MLA_ABSORB_PREP_MAX_ROWS covering the
+  batch (the W_UK product inside the prep kernel: one launch less; up to 8 rows only); `chain best` with the
+  fastest latent variant of this row forced.
+- floor: the latent cache bytes (B x context x 576 x 2) at the copy rate measured in this run.
+- err: the largest relative error of any variant's output against mla_decode_reference (GPU tests allow 1e-2);
+  `chain absorb` against `chain`.
+--sweep adds each MQA tile's latent time at forced split counts (1..32).
 Times: one CUDA graph of REPEAT calls replayed (no launch overhead, as in the served decode step), median per call.
+Writes the JSON to --out, else to $OUT/bench_mla_decode.json when OUT is set; the table also to $OUT/bench_mla_decode.md.
 """
 
 from __future__ import annotations
@@ -24,29 +31,50 @@ import harness
 import torch
 
 from longcat_service.kernels import mla_decode as md
+from longcat_service.kernels.mla_prep import mla_prep, mla_prep_absorb
 from longcat_service.layers.fast_decode import FUSED_UV_MAX_BATCH
 
-RANK, ROPE, DV, SCALE = 512, 64, 128, 0.0722
+RANK, ROPE, NOPE, DV, SCALE = 512, 64, 128, 128, 0.0722
 REPEAT = 20
+ABSORB_MAX_BATCH = 8
+DEVICE = "cuda"  # (a CPU smoke run of the table logic sets "cpu")
+SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
 
 
-def _case(batch: int, ctx: int, heads: int, block_size: int, gen: torch.Generator):
+def _case(batch: int, ctx: int, heads: int, block_size: int, gen: torch.Generator) -> dict:
     per_row = -(-ctx // block_size)
-    cache = torch.randn(batch * per_row + 1, block_size, RANK + ROPE, device="cuda", generator=gen).bfloat16()
-    tables = torch.randperm(cache.shape[0], device="cuda", generator=gen)[: batch * per_row].view(batch, per_row)
-    q_lat = torch.randn(batch, heads, RANK, device="cuda", generator=gen).bfloat16()
-    q_rope = torch.randn(batch, heads, ROPE, device="cuda", generator=gen).bfloat16()
-    w_uv = (torch.randn(heads, DV, RANK, device="cuda", generator=gen) * 0.05).bfloat16()
-    seq = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    return (q_lat, q_rope, cache, tables.int(), seq, SCALE), w_uv
+    cache = torch.randn(batch * per_row + 1, block_size, RANK + ROPE, device=DEVICE, generator=gen).bfloat16()
+    tables = torch.randperm(cache.shape[0], device=DEVICE, generator=gen)[: batch * per_row].view(batch, per_row)
+    seq = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+    w_kv_b = (torch.randn(heads, NOPE + DV, RANK, device=DEVICE, generator=gen) * 0.05).bfloat16()
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, device=DEVICE, generator=gen) * s).bfloat16()
+
+    ang = torch.randn(batch, ROPE // 2, device=DEVICE, generator=gen)
+    slots = tables[:, -1].long() * block_size + (ctx - 1) % block_size  # each row's newest token
+    return dict(
+        attn=(rnd(batch, heads, RANK), rnd(batch, heads, ROPE), cache, tables.int(), seq, SCALE),
+        w_uk=w_kv_b[:, :NOPE, :], w_uv=w_kv_b[:, NOPE:, :],  # strided views, as fast_decode takes kv_b_proj's weight
+        prep=(rnd(batch, heads, NOPE + ROPE), rnd(batch, RANK + ROPE), ang.cos().bfloat16(), ang.sin().bfloat16(),
+              1 + rnd(RANK, s=0.1), 1e-6, 0.5, 3.0, slots, cache, ROPE),
+    )
 
 
-def _prod(args, w_uv):
-    batch = args[0].shape[0]
-    if batch <= FUSED_UV_MAX_BATCH:
-        return md.mla_decode(*args, w_uv=w_uv)
+def _chain(c: dict, absorb: bool):
+    """fast_decode.mla_decode_forward between q_b_proj and o_proj, on c's tensors."""
+    q, attn = c["prep"][0], c["attn"]
+    n = q.shape[0]
+    if absorb:
+        q_latent, q_pe = mla_prep_absorb(*c["prep"], c["w_uk"])
+    else:
+        q = mla_prep(*c["prep"])
+        q_latent, q_pe = torch.bmm(q[..., :NOPE].transpose(0, 1), c["w_uk"]).transpose(0, 1), q[..., NOPE:]
+    args = (q_latent, q_pe) + attn[2:]
+    if n <= FUSED_UV_MAX_BATCH:
+        return md.mla_decode(*args, w_uv=c["w_uv"])
     o_latent = md.mla_decode(*args)
-    return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+    return torch.bmm(o_latent.transpose(0, 1), c["w_uv"].transpose(1, 2)).transpose(0, 1)
 
 
 def _graph_us(fn, reps: int) -> float:
@@ -64,94 +92,106 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def _with_kernel(kernel: str, fn):
-    """fn() on the old or the new kernels (mla_decode reads the switch at each call, capture included); the
-    switch is left at the default, new, afterwards."""
-    os.environ["LONGCAT_MLA_DECODE_KERNEL"] = kernel
+def _with(settings: dict, fn):
+    """fn() with these switches set (mla_decode and fast_decode read them at each call, capture included); the
+    environment is restored afterwards. A variant that fails (e.g. out of shared memory on this GPU) gives None."""
+    saved = {k: os.environ.get(k) for k in SWITCHES}
+    os.environ.update(settings)
     try:
         return fn()
+    except Exception as exc:
+        print(f"{settings}: {type(exc).__name__}: {str(exc)[:200]}")
+        return None
     finally:
-        os.environ["LONGCAT_MLA_DECODE_KERNEL"] = "new"
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-# (BLOCK_N, stage-1 pipeline stages, largest head block) of the sweep; the first is the default
-SWEEP_TILES = ((32, 2, 64), (32, 3, 64), (64, 2, 64), (32, 2, 32))
+def _latent_variants(tiles: list[str]) -> dict[str, dict]:
+    variants = {"old": {"LONGCAT_MLA_DECODE_KERNEL": "old"}}
+    for tile in tiles:
+        variants[f"new {tile}"] = {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile}
+    return variants
 
 
-def _sweep(args, reps: int) -> dict:
-    """The new kernel's latent time at forced split counts and tilings (module constants patched for the sweep
-    only; a tiling that does not compile on this GPU is recorded as None)."""
-    out = {}
-    saved = md.BLOCK_N, md.STAGE1_STAGES, md.MAX_BLOCK_H
-    try:
-        for block_n, stages, block_h in SWEEP_TILES:
-            md.BLOCK_N, md.STAGE1_STAGES, md.MAX_BLOCK_H = block_n, stages, block_h
-            for splits in (1, 2, 4, 8, 16, 32):
-                name = f"n{block_n}_st{stages}_h{block_h}_splits{splits}"
-                try:
-                    out[name] = _graph_us(lambda s=splits: md.mla_decode(*args, num_splits=s), reps)
-                except Exception as exc:  # e.g. out of shared memory
-                    print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
-                    out[name] = None
-    finally:
-        md.BLOCK_N, md.STAGE1_STAGES, md.MAX_BLOCK_H = saved
-    return out
-
-
-def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, sweep) -> dict:
-    args, w_uv = _case(batch, ctx, heads, block_size, gen)
-    ref = md.mla_decode_reference(*args)
+def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, sweep) -> dict:
+    c = _case(batch, ctx, heads, block_size, gen)
+    attn = c["attn"]
+    ref = md.mla_decode_reference(*attn)
     row = dict(batch=batch, context=ctx, heads=heads, block_size=block_size,
                splits_new=md.choose_num_splits(batch, heads),
-               floor_us=batch * ctx * (RANK + ROPE) * 2 / copy_bw * 1e6)
-    for kernel in ("old", "new"):
-        row[f"err_{kernel}"] = _with_kernel(kernel, lambda: _rel(md.mla_decode(*args), ref))
-        row[f"latent_{kernel}_us"] = _with_kernel(kernel, lambda: _graph_us(lambda: md.mla_decode(*args), reps))
-        row[f"prod_{kernel}_us"] = _with_kernel(kernel, lambda: _graph_us(lambda: _prod(args, w_uv), reps))
+               floor_us=batch * ctx * (RANK + ROPE) * 2 / copy_bw * 1e6, latent_us={}, err={})
+    variants = _latent_variants(tiles)
+    for name, settings in variants.items():
+        row["err"][name] = _with(settings, lambda: _rel(md.mla_decode(*attn), ref))
+        row["latent_us"][name] = _with(settings, lambda: _graph_us(lambda: md.mla_decode(*attn), reps))
+    done = {k: v for k, v in row["latent_us"].items() if v is not None}
+    row["best_latent"] = min(done, key=done.get) if done else None
+    row["chain_us"] = _graph_us(lambda: _chain(c, absorb=False), reps)
+    if batch <= ABSORB_MAX_BATCH:
+        base = _chain(c, absorb=False)
+        row["err"]["chain absorb"] = _rel(_chain(c, absorb=True), base)
+        row["chain_absorb_us"] = _graph_us(lambda: _chain(c, absorb=True), reps)
+    if row["best_latent"]:
+        row["chain_best_us"] = _with(variants[row["best_latent"]],
+                                     lambda: _graph_us(lambda: _chain(c, absorb=False), reps))
     if sweep:
-        row["sweep_new_latent_us"] = _sweep(args, reps)
+        row["sweep_latent_us"] = {}
+        for tile in tiles:
+            for splits in (1, 2, 4, 8, 16, 32):
+                row["sweep_latent_us"][f"{tile} splits {splits}"] = _with(
+                    variants[f"new {tile}"], lambda s=splits: _graph_us(lambda: md.mla_decode(*attn, num_splits=s), reps))
     return row
 
 
-def _best(sweep: dict | None) -> str:
-    if not sweep:
-        return "-"
-    done = {k: v for k, v in sweep.items() if v is not None}
-    if not done:
-        return "-"
-    name = min(done, key=done.get)
-    return f"{name} {sweep[name]:.2f}"
+def _table(results: list[dict], tiles: list[str]) -> list[str]:
+    names = list(_latent_variants(tiles))
+    header = (["batch", "context", "splits new", "floor us"] + [f"latent {n}" for n in names]
+              + ["chain", "chain absorb", "chain best", "max err"])
+    rows = []
+    for r in results:
+        errs = [v for v in r["err"].values() if v is not None]
+        rows.append([r["batch"], r["context"], r["splits_new"], harness.fmt(r["floor_us"])]
+                    + [harness.fmt(r["latent_us"][n]) if r["latent_us"][n] is not None else "fail" for n in names]
+                    + [harness.fmt(r["chain_us"]), harness.fmt(r.get("chain_absorb_us")) if "chain_absorb_us" in r
+                       else "-", f"{harness.fmt(r.get('chain_best_us'))} ({r['best_latent']})"
+                       if r.get("chain_best_us") else "-", f"{max(errs):.1e}" if errs else "-"])
+    return harness.markdown_table(header, rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--contexts", default="512,4096")
+    ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--heads", type=int, default=64)
+    ap.add_argument("--tiles", default="32,2;32,3;32,5;64,2;64,3", help="MQA stage-1 tiles 'bn,stages', ';'-separated")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    tiles = [t.strip() for t in a.tiles.split(";") if t.strip()]
+    out = a.out or (os.path.join(os.environ["OUT"], "bench_mla_decode.json") if os.environ.get("OUT") else "")
     dev = torch.device("cuda")
     copy_bw, _ = harness.measure_ceilings(dev)
     print(f"copy rate {copy_bw / 1e12:.2f} TB/s; heads {a.heads}, block size {a.block_size}, commit {harness.commit()}")
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     results = []
     for ctx in harness.ints(a.contexts):
         for batch in harness.ints(a.batches):
-            results.append(_measure(batch, ctx, a.heads, a.block_size, gen, copy_bw, a.reps, a.sweep))
-            print(json.dumps(results[-1]))
+            results.append(_measure(batch, ctx, a.heads, a.block_size, gen, copy_bw, a.reps, tiles, a.sweep))
+            print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
-    header = ["batch", "context", "splits new", "floor us", "latent old", "latent new", "prod old", "prod new",
-              "err old", "err new", "best of sweep (latent)"]
-    rows = [[r["batch"], r["context"], r["splits_new"], harness.fmt(r["floor_us"]), harness.fmt(r["latent_old_us"]),
-             harness.fmt(r["latent_new_us"]), harness.fmt(r["prod_old_us"]), harness.fmt(r["prod_new_us"]),
-             f"{r['err_old']:.1e}", f"{r['err_new']:.1e}", _best(r.get("sweep_new_latent_us"))] for r in results]
-    print("\n".join(harness.markdown_table(header, rows)))
-    if a.out:
-        with open(a.out, "w") as f:
+    table = "\n".join(_table(results, tiles))
+    print(table)
+    if out:
+        with open(out, "w") as f:
             json.dump(dict(commit=harness.commit(), copy_bytes_per_s=copy_bw, results=results), f, indent=1)
+        with open(os.path.splitext(out)[0] + ".md", "w") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":

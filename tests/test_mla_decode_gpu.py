@@ -95,3 +95,59 @@ def test_mla_decode_graph_replays_with_new_lengths(batch):
                 ref = (mla_decode_reference(*args, first_pos=first_pos) if uv is None
                        else mla_decode_uv_reference(*args, w_uv=uv, first_pos=first_pos))
                 assert _rel(captured, ref) < TOL, (first_pos, uv is not None, seed)
+
+
+@pytest.mark.parametrize("tile", ["32,3", "32,5", "64,2", "64,3"])
+@pytest.mark.parametrize("batch,heads,block_size,first_pos", [
+    (1, 64, 16, 0), (16, 64, 64, 0), (64, 64, 16, 0), (63, 64, 16, 1), (128, 64, 16, 0), (16, 8, 16, 0),
+])
+def test_mla_decode_tiles_match_reference_at_longcat_shapes(monkeypatch, tile, batch, heads, block_size, first_pos):
+    """LONGCAT_MLA_DECODE_TILE's candidates (MQA kernels) at the real widths: they compile within the H200's
+    shared memory and registers and equal the reference, with and without W_UV, eager and replayed in a CUDA graph
+    with new lengths."""
+    from longcat_service.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_uv_reference
+
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", "new")
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_TILE", tile)
+    max_len = 1500
+    q_lat, q_rope, cache, tables, w_uv = _case(batch, heads, block_size, max_len, batch + heads)
+    seq = _lens(batch, max_len, first_pos, batch)
+    args = (q_lat, q_rope, cache, tables, seq, SCALE)
+    for uv in (None, w_uv):
+        out = mla_decode(*args, w_uv=uv, first_pos=first_pos)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = mla_decode(*args, w_uv=uv, first_pos=first_pos)
+        for seed in (None, 7):
+            if seed is not None:
+                seq.copy_(_lens(batch, max_len, first_pos, seed))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = (mla_decode_reference(*args, first_pos=first_pos) if uv is None
+                   else mla_decode_uv_reference(*args, w_uv=uv, first_pos=first_pos))
+            assert torch.isfinite(captured).all() and _rel(captured, ref) < TOL, (uv is not None, seed)
+        seq.copy_(_lens(batch, max_len, first_pos, batch))
+        assert _rel(out, mla_decode(*args, w_uv=uv, first_pos=first_pos)) == 0  # deterministic
+
+
+@pytest.mark.parametrize("n,heads", [(1, 64), (4, 64), (8, 8)])
+def test_mla_prep_absorb_at_longcat_shapes(n, heads):
+    """mla_prep_absorb = mla_prep then the W_UK bmm (fast_decode's path without it) at the real widths (nope 128,
+    rope 64, rank 512), W_UK a strided view of kv_b_proj's weight; the same cache entries."""
+    from longcat_service.kernels.mla_prep import mla_prep, mla_prep_absorb
+
+    gen = torch.Generator(device="cuda").manual_seed(n + heads)
+    q = torch.randn(n, heads, 128 + ROPE, device="cuda", generator=gen).bfloat16()
+    kv_a = torch.randn(n, RANK + ROPE, device="cuda", generator=gen).bfloat16()
+    ang = torch.randn(n, ROPE // 2, device="cuda", generator=gen)
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    w = (1 + 0.1 * torch.randn(RANK, device="cuda", generator=gen)).bfloat16()
+    w_uk = (torch.randn(heads, 128 + DV, RANK, device="cuda", generator=gen) * 0.05).bfloat16()[:, :128, :]
+    slots = torch.arange(n, device="cuda") * 3 - (n > 1)  # the first row a padding slot (-1) when n > 1
+    caches = [torch.zeros(8, 16, RANK + ROPE, device="cuda").bfloat16() for _ in range(2)]
+    q_lat, q_pe = mla_prep_absorb(q, kv_a, cos, sin, w, 1e-6, 0.5, 3.0, slots, caches[0], ROPE, w_uk)
+    q_ref = mla_prep(q, kv_a, cos, sin, w, 1e-6, 0.5, 3.0, slots, caches[1], ROPE)
+    lat_ref = torch.bmm(q_ref[..., :128].transpose(0, 1), w_uk).transpose(0, 1)
+    assert _rel(q_lat, lat_ref) < 5e-3 and torch.equal(q_pe, q_ref[..., 128:])
+    assert torch.equal(caches[0], caches[1])
