@@ -2,12 +2,14 @@
 latent-cache byte floor, in one run.
 
     python benchmarks/bench_mla_decode.py [--batches 1,16,64] [--contexts 256,1024,4096] [--heads 64]
-                                          [--tiles 32,2;32,3;32,5;64,2;64,3] [--block-size 16] [--sweep] [--out f.json]
+                                          [--tiles '32,2;32,3;32,5;64,2;64,3'] [--old-stages 2,3,5] [--block-size 16]
+                                          [--sweep] [--out f.json]
 
 Per (batch, context), every row at that context, pages scattered over the cache:
-- latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels (`old`,
-  LONGCAT_MLA_DECODE_KERNEL=old) and the MQA-form ones at each stage-1 tile (`new bn,stages`, LONGCAT_MLA_DECODE_KERNEL=new
-  LONGCAT_MLA_DECODE_TILE=bn,stages; `new 32,2` is today's default from 16 rows).
+- latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels at each
+  stage-1 pipeline depth (`old stS`: LONGCAT_MLA_DECODE_KERNEL=old LONGCAT_MLA_DECODE_OLD_STAGES=S; `old st2` is
+  today's default below 16 rows) and the MQA-form ones at each stage-1 tile (`new bn,stages`:
+  LONGCAT_MLA_DECODE_KERNEL=new LONGCAT_MLA_DECODE_TILE=bn,stages; `new 32,2` is today's default from 16 rows).
 - chain columns: one attention's MLA chain between q_b_proj and o_proj as layers/fast_decode.py runs it at the
   default switches (mla_prep, the W_UK bmm, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows,
   else o_latent then the W_UV bmm): `chain` today; `chain absorb` with LONGCAT_MLA_ABSORB_PREP_MAX_ROWS covering the
@@ -38,7 +40,8 @@ RANK, ROPE, NOPE, DV, SCALE = 512, 64, 128, 128, 0.0722
 REPEAT = 20
 ABSORB_MAX_BATCH = 8
 DEVICE = "cuda"  # (a CPU smoke run of the table logic sets "cpu")
-SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
+SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_DECODE_OLD_STAGES",
+            "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
 
 
 def _case(batch: int, ctx: int, heads: int, block_size: int, gen: torch.Generator) -> dict:
@@ -110,21 +113,22 @@ def _with(settings: dict, fn):
                 os.environ[k] = v
 
 
-def _latent_variants(tiles: list[str]) -> dict[str, dict]:
-    variants = {"old": {"LONGCAT_MLA_DECODE_KERNEL": "old"}}
+def _latent_variants(tiles: list[str], old_stages: list[str]) -> dict[str, dict]:
+    variants = {f"old st{st}": {"LONGCAT_MLA_DECODE_KERNEL": "old", "LONGCAT_MLA_DECODE_OLD_STAGES": st}
+                for st in old_stages}
     for tile in tiles:
         variants[f"new {tile}"] = {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile}
     return variants
 
 
-def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, sweep) -> dict:
+def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stages, sweep) -> dict:
     c = _case(batch, ctx, heads, block_size, gen)
     attn = c["attn"]
     ref = md.mla_decode_reference(*attn)
     row = dict(batch=batch, context=ctx, heads=heads, block_size=block_size,
                splits_new=md.choose_num_splits(batch, heads),
                floor_us=batch * ctx * (RANK + ROPE) * 2 / copy_bw * 1e6, latent_us={}, err={})
-    variants = _latent_variants(tiles)
+    variants = _latent_variants(tiles, old_stages)
     for name, settings in variants.items():
         row["err"][name] = _with(settings, lambda: _rel(md.mla_decode(*attn), ref))
         row["latent_us"][name] = _with(settings, lambda: _graph_us(lambda: md.mla_decode(*attn), reps))
@@ -147,8 +151,8 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, sweep) ->
     return row
 
 
-def _table(results: list[dict], tiles: list[str]) -> list[str]:
-    names = list(_latent_variants(tiles))
+def _table(results: list[dict], tiles: list[str], old_stages: list[str]) -> list[str]:
+    names = list(_latent_variants(tiles, old_stages))
     header = (["batch", "context", "splits new", "floor us"] + [f"latent {n}" for n in names]
               + ["chain", "chain absorb", "chain best", "max err"])
     rows = []
@@ -168,12 +172,14 @@ def main() -> None:
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--heads", type=int, default=64)
     ap.add_argument("--tiles", default="32,2;32,3;32,5;64,2;64,3", help="MQA stage-1 tiles 'bn,stages', ';'-separated")
+    ap.add_argument("--old-stages", default="2,3,5", help="stage-1 pipeline stages of the 16-head kernels")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     tiles = [t.strip() for t in a.tiles.split(";") if t.strip()]
+    old_stages = [s.strip() for s in a.old_stages.split(",") if s.strip()]
     out = a.out or (os.path.join(os.environ["OUT"], "bench_mla_decode.json") if os.environ.get("OUT") else "")
     dev = torch.device("cuda")
     copy_bw, _ = harness.measure_ceilings(dev)
@@ -182,10 +188,11 @@ def main() -> None:
     results = []
     for ctx in harness.ints(a.contexts):
         for batch in harness.ints(a.batches):
-            results.append(_measure(batch, ctx, a.heads, a.block_size, gen, copy_bw, a.reps, tiles, a.sweep))
+            results.append(_measure(batch, ctx, a.heads, a.block_size, gen, copy_bw, a.reps, tiles, old_stages,
+                                    a.sweep))
             print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
-    table = "\n".join(_table(results, tiles))
+    table = "\n".join(_table(results, tiles, old_stages))
     print(table)
     if out:
         with open(out, "w") as f:

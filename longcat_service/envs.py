@@ -57,6 +57,13 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _stages(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 6:
+        raise ValueError("expected 1..6")
+    return value
+
+
 def _mla_tile(raw: str) -> str:
     """'block_n,stages' of the MQA-form MLA decode stage 1 (kernels/mla_decode.py), normalised."""
     parts = raw.replace(" ", "").split(",")
@@ -119,6 +126,12 @@ SWITCHES: tuple[Switch, ...] = (
            "(~2 memory latencies per step); 32,5 keeps two tiles in flight (185 KB shared memory), 64,3 halves the "
            "steps (222 KB); candidates timed side by side by benchmarks/bench_mla_decode.py, not yet on a GPU",
            _mla_tile),
+    Switch("LONGCAT_MLA_DECODE_OLD_STAGES", "int", 2, "tuning",
+           "software-pipeline stages of the 16-head MLA decode stage 1 (kernels/_mla_decode_triton.py, below 16 "
+           "rows): at 2 each 32-token step waits for a synchronous page-index load, then its cache rows; 3 loads the "
+           "page indices asynchronously, 5 also keeps two cache tiles in flight (94 KB shared memory, 255 registers, "
+           "still 2 programs per SM on sm_90a); not yet timed on a GPU (benchmarks/bench_mla_decode.py)",
+           _stages),
     Switch("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", "int", 0, "tuning",
            "decode batches of up to this many rows (CUDA, Triton) fold the W_UK absorb (q_nope @ W_UK) into the MLA "
            "prep kernel (one launch instead of prep + cuBLAS bmm; each program reads its W_UK slice once for all "

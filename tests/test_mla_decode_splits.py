@@ -248,3 +248,15 @@ def test_stage1_tile_switch_is_validated_and_fp32_keeps_the_default(monkeypatch)
             md.stage1_tile()
     monkeypatch.delenv("LONGCAT_MLA_DECODE_TILE")
     assert md.stage1_tile() == (md.BLOCK_N, md.STAGE1_STAGES)
+
+
+def test_old_kernel_stages_switch(monkeypatch):
+    """LONGCAT_MLA_DECODE_OLD_STAGES sets the 16-head stage 1's pipeline depth (16-bit inputs only), validated."""
+    from longcat_service.kernels import _mla_decode_triton as old
+
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_OLD_STAGES", "5")
+    assert old.launch_config(1, 64, 512, 64, torch.bfloat16)[3]["num_stages"] == 5
+    assert old.launch_config(1, 64, 512, 64, torch.float32)[3]["num_stages"] == old.STAGE1_STAGES
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_OLD_STAGES", "0")
+    with pytest.raises(ValueError, match="LONGCAT_MLA_DECODE_OLD_STAGES"):
+        old.launch_config(1, 64, 512, 64, torch.bfloat16)

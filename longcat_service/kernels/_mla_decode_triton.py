@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longcat_service import envs
 from longcat_service.kernels import interpreter_mode, next_pow2
 
 BLOCK_N = 32  # cache tokens per inner step
@@ -30,10 +31,12 @@ def launch_config(batch, heads, rank, rope, dtype, dv=None, num_splits=None, fir
         num_splits = choose_num_splits(batch, heads)
     interp = interpreter_mode()
     rank_pad = next_pow2(rank)
+    # LONGCAT_MLA_DECODE_OLD_STAGES for 16-bit inputs (fp32's 16-head tiles are twice the bytes: the default)
+    stages = envs.LONGCAT_MLA_DECODE_OLD_STAGES if dtype.itemsize <= 2 else STAGE1_STAGES
     stage1 = dict(
         RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H,
         BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp,
-        USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=STAGE1_STAGES,
+        USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=stages,
     )
     stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
                   num_warps=4)
