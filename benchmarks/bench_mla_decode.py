@@ -7,8 +7,8 @@ latent-cache byte floor, in one run.
 
 Per (batch, context), every row at that context, pages scattered over the cache:
 - latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels at each
-  stage-1 pipeline depth (`old stS`: LONGCAT_MLA_DECODE_KERNEL=old LONGCAT_MLA_DECODE_OLD_STAGES=S; `old st2` is
-  today's default below 16 rows) and the MQA-form ones at each stage-1 tile (`new bn,stages`:
+  stage-1 pipeline depth and merge (`old stS`: LONGCAT_MLA_DECODE_KERNEL=old LONGCAT_MLA_DECODE_OLD_STAGES=S,
+  `old stS pm` also LONGCAT_MLA_DECODE_OLD_MERGE=parallel; `old st2` is today's default below 16 rows) and the MQA-form ones at each stage-1 tile (`new bn,stages`:
   LONGCAT_MLA_DECODE_KERNEL=new LONGCAT_MLA_DECODE_TILE=bn,stages; `new 32,2` is today's default from 16 rows).
 - chain columns: one attention's MLA chain between q_b_proj and o_proj as layers/fast_decode.py runs it at the
   default switches (mla_prep, the W_UK bmm, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows,
@@ -41,7 +41,7 @@ REPEAT = 20
 ABSORB_MAX_BATCH = 8
 DEVICE = "cuda"  # (a CPU smoke run of the table logic sets "cpu")
 SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_DECODE_OLD_STAGES",
-            "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
+            "LONGCAT_MLA_DECODE_OLD_MERGE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
 
 
 def _case(batch: int, ctx: int, heads: int, block_size: int, gen: torch.Generator) -> dict:
@@ -114,8 +114,12 @@ def _with(settings: dict, fn):
 
 
 def _latent_variants(tiles: list[str], old_stages: list[str]) -> dict[str, dict]:
-    variants = {f"old st{st}": {"LONGCAT_MLA_DECODE_KERNEL": "old", "LONGCAT_MLA_DECODE_OLD_STAGES": st}
-                for st in old_stages}
+    variants = {}
+    for st in old_stages:
+        for merge in ("serial", "parallel"):
+            variants[f"old st{st}{' pm' if merge == 'parallel' else ''}"] = {
+                "LONGCAT_MLA_DECODE_KERNEL": "old", "LONGCAT_MLA_DECODE_OLD_STAGES": st,
+                "LONGCAT_MLA_DECODE_OLD_MERGE": merge}
     for tile in tiles:
         variants[f"new {tile}"] = {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile}
     return variants

@@ -260,3 +260,20 @@ def test_old_kernel_stages_switch(monkeypatch):
     monkeypatch.setenv("LONGCAT_MLA_DECODE_OLD_STAGES", "0")
     with pytest.raises(ValueError, match="LONGCAT_MLA_DECODE_OLD_STAGES"):
         old.launch_config(1, 64, 512, 64, torch.bfloat16)
+
+
+def test_old_kernels_parallel_merge_matches_reference(monkeypatch):
+    """LONGCAT_MLA_DECODE_OLD_MERGE=parallel (the 16-head kernels' merge in one masked load): the reference's
+    output with and without W_UV, rows filling 0, 1, some and all splits, the MTP cache's first_pos 1."""
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", "old")
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_OLD_MERGE", "parallel")
+    tol = 1e-5  # fp32 partials either way: fp32 inputs check the merge's math tightly
+    for num_splits, first_pos in ((8, 0), (3, 1)):  # 8: more splits than most rows' blocks
+        lens = [0, 1 + first_pos, BN - 1, BN + 1, 200, 7]  # first_pos 1: seq_len >= 2 or 0 (mla_decode)
+        args, w_uv = _case(11, lens, torch.float32)
+        ref = md.mla_decode_reference(*args, scale=0.37, first_pos=first_pos)
+        out = md.mla_decode(*args, scale=0.37, num_splits=num_splits, first_pos=first_pos)
+        assert torch.isfinite(out).all() and _rel(out, ref) < tol and (out[0] == 0).all()
+        ref_uv = md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv, first_pos=first_pos)
+        out_uv = md.mla_decode(*args, scale=0.37, num_splits=num_splits, w_uv=w_uv, first_pos=first_pos)
+        assert _rel(out_uv, ref_uv) < tol and (out_uv[0] == 0).all()

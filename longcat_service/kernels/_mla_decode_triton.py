@@ -38,8 +38,11 @@ def launch_config(batch, heads, rank, rope, dtype, dv=None, num_splits=None, fir
         BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp,
         USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=stages,
     )
+    # the parallel merge holds every split's partial in registers at once: 8 warps from 16 splits (as the MQA merge)
+    parallel = envs.LONGCAT_MLA_DECODE_OLD_MERGE == "parallel"
+    splits_pad = next_pow2(num_splits, minimum=2)
     stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
-                  num_warps=4)
+                  PARALLEL=parallel, SPLITS_PAD=splits_pad, num_warps=8 if parallel and splits_pad >= 16 else 4)
     grid1 = (-(-heads // BLOCK_H), num_splits, batch)
     if dv is None:
         return num_splits, grid1, (heads, batch), stage1, stage2
@@ -158,14 +161,35 @@ def _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh,
 
 
 @triton.jit
+def _merge_parallel(part_out_ptr, part_lse_ptr, b, h, n_active, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                    SPLITS_PAD: tl.constexpr):
+    """_merge_splits's result from one masked load of all active splits' partials and one of their log-sum-exps,
+    issued together (the serial loop waits one memory round trip per split: ~16 at batch 1, 512 tokens). Every
+    active split's partial is written by stage 1 (zeros where FIRST_POS masks all its tokens, whose weight is 0)."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    smask = offs_s < n_active
+    lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + offs_s, mask=smask, other=float("-inf"))
+    part = tl.load(part_out_ptr + b * s_pob + h * s_poh + offs_s[:, None] * s_pos + offs_r[None, :],
+                   mask=smask[:, None] & rmask[None, :], other=0.0)
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+    total = tl.sum(w, 0)
+    return tl.sum(part * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+
+
+@triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
                   NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  RANK_PAD: tl.constexpr, USE_WHILE: tl.constexpr):
+                  RANK_PAD: tl.constexpr, USE_WHILE: tl.constexpr, PARALLEL: tl.constexpr = False,
+                  SPLITS_PAD: tl.constexpr = 2):
     """One (row, head)'s split partials merged by their log-sum-exps -> the normalised fp32 output [RANK_PAD].
     Only the splits that hold tokens (stage 1's split length of this row's seq_len): a short row merges a few
     partials, not NUM_SPLITS; a row with seq_len 0 merges none and gives zeros."""
     seq_len = tl.load(lens_ptr + b)
     n_active = tl.minimum(tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N)), NUM_SPLITS)
+    if PARALLEL:
+        return _merge_parallel(part_out_ptr, part_lse_ptr, b, h, n_active, s_pob, s_poh, s_pos, s_plb, s_plh,
+                               offs_r, rmask, SPLITS_PAD)
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([RANK_PAD], tl.float32)
@@ -187,14 +211,14 @@ def _stage2(
     part_out_ptr, part_lse_ptr, lens_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WHILE: tl.constexpr,
+    USE_WHILE: tl.constexpr, PARALLEL: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
     out = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                        NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE)
+                        NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE, PARALLEL, SPLITS_PAD)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -203,7 +227,7 @@ def _stage2_uv(
     part_out_ptr, part_lse_ptr, lens_ptr, w_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_wh, s_wd, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WHILE: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+    USE_WHILE: tl.constexpr, PARALLEL: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
 ):
     """_stage2, then this head's W_UV: out[b, h, d] = o_latent[b, h] . w_uv[h, d] for BLOCK_D columns d. Each of the
     DV / BLOCK_D programs of a head merges the (L2-resident) partials itself, so no o_latent round trip and no
@@ -213,15 +237,19 @@ def _stage2_uv(
     d0 = tl.program_id(2) * BLOCK_D
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
-    o = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                      NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE)
-    # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
-    o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
     offs_d = d0 + tl.arange(0, BLOCK_D)
     dmask = offs_d < DV
-    wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :], mask=dmask[:, None] & rmask[None, :],
-                 other=0.0).to(tl.float32)
-    y = tl.sum(wt * o[None, :], axis=1)
+    if PARALLEL:  # the W_UV tile's load issued before the merge's, so that both are in flight together
+        wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :],
+                     mask=dmask[:, None] & rmask[None, :], other=0.0)
+    o = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                      NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE, PARALLEL, SPLITS_PAD)
+    # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
+    o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
+    if not PARALLEL:
+        wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :],
+                     mask=dmask[:, None] & rmask[None, :], other=0.0)
+    y = tl.sum(wt.to(tl.float32) * o[None, :], axis=1)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_d, y.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
