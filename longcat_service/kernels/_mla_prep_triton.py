@@ -114,24 +114,24 @@ def _mla_prep_absorb_kernel(
     offs_i = tl.arange(0, HALF_PAD)
     imask = offs_i < HALF
     if p >= heads:
-        row = (p - heads).to(tl.int64)
+        tok = (p - heads).to(tl.int64)
         if c == 0:
-            slot = tl.load(slot_ptr + row).to(tl.int64)
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
             write = slot >= 0
             cache_row = cache_ptr + slot * (RANK + ROPE)
-            cs = tl.load(cos_ptr + row * s_cos + offs_i, mask=imask, other=0.0).to(tl.float32)
-            sn = tl.load(sin_ptr + row * s_sin + offs_i, mask=imask, other=0.0).to(tl.float32)
+            kc = tl.load(cos_ptr + tok * s_cos + offs_i, mask=imask, other=0.0).to(tl.float32)
+            ks = tl.load(sin_ptr + tok * s_sin + offs_i, mask=imask, other=0.0).to(tl.float32)
             offs_r = tl.arange(0, RANK_PAD)
             rmask = offs_r < RANK
-            lat = tl.load(kva_ptr + row * s_kn + offs_r, mask=rmask, other=0.0).to(tl.float32)
+            lat = tl.load(kva_ptr + tok * s_kn + offs_r, mask=rmask, other=0.0).to(tl.float32)
             rstd = tl.rsqrt(tl.sum(lat * lat, 0) / RANK + eps)
             w = tl.load(w_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
             lat = ((lat * rstd).to(dt).to(tl.float32) * w).to(dt)
             lat = (lat.to(tl.float32) * kv_scale).to(dt)
             tl.store(cache_row + offs_r, lat.to(cache_ptr.dtype.element_ty), mask=rmask & write)
-            ke = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
-            ko = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
-            k1, k2 = _rot(ke, ko, cs, sn, dt)
+            ke = tl.load(kva_ptr + tok * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
+            ko = tl.load(kva_ptr + tok * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
+            k1, k2 = _rot(ke, ko, kc, ks, dt)
             tl.store(cache_row + RANK + offs_i, k1.to(cache_ptr.dtype.element_ty), mask=imask & write)
             tl.store(cache_row + RANK + HALF + offs_i, k2.to(cache_ptr.dtype.element_ty), mask=imask & write)
     else:
@@ -143,7 +143,7 @@ def _mla_prep_absorb_kernel(
         wuk = tl.load(wuk_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_c[None, :],
                       mask=dmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         for t in tl.static_range(N_TOKENS):  # unrolled (few rows): every row's loads in flight together
-            row = t
+            row = tl.full([], t, tl.int64)
             q_base = q_ptr + row * s_qn + h * s_qh
             # q_nope * q_scale rounded to the model dtype (mla_prep's output), then the absorb in fp32
             qn = (tl.load(q_base + offs_d, mask=dmask, other=0.0).to(tl.float32) * q_scale).to(dt).to(tl.float32)
