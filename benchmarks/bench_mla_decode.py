@@ -196,11 +196,12 @@ def main() -> None:
                                     a.sweep))
             print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
+            if out:  # after every row: a run cut short still leaves what it measured
+                with open(out, "w") as f:
+                    json.dump(dict(commit=harness.commit(), copy_bytes_per_s=copy_bw, results=results), f, indent=1)
     table = "\n".join(_table(results, tiles, old_stages))
     print(table)
     if out:
-        with open(out, "w") as f:
-            json.dump(dict(commit=harness.commit(), copy_bytes_per_s=copy_bw, results=results), f, indent=1)
         with open(os.path.splitext(out)[0] + ".md", "w") as f:
             f.write(table + "\n")
 
