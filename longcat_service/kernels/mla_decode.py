@@ -14,6 +14,9 @@ itself. Splits past a row's end (a short row fills only the first few) do no wor
 Sequence lengths are read from device memory and every grid size depends only on B, the head count and the
 dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with
 seq_len 0 (batch padding) produce zeros.
+Untimed variants, for benchmarks/bench_mla_decode.py to A/B (the defaults are the measured kernels):
+LONGCAT_MLA_DECODE_TILE (the MQA stage 1's cache step and pipeline depth), LONGCAT_MLA_DECODE_OLD_STAGES and
+LONGCAT_MLA_DECODE_OLD_MERGE (the 16-head kernels' pipeline depth and split merge).
 """
 
 from __future__ import annotations
