@@ -2,14 +2,15 @@
 latent-cache byte floor, in one run.
 
     python benchmarks/bench_mla_decode.py [--batches 1,16,64] [--contexts 256,1024,4096] [--heads 64]
-                                          [--tiles '32,2;32,3;32,5;64,2;64,3'] [--old-stages 2,3,5] [--block-size 16]
-                                          [--sweep] [--out f.json]
+                                          [--tiles '32,2;32,3;32,5;64,3'] [--min-splits 0,256] [--old-stages 2,3,5]
+                                          [--block-size 16] [--sweep] [--out f.json]
 
 Per (batch, context), every row at that context, pages scattered over the cache:
 - latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels at each
   stage-1 pipeline depth and merge (`old stS`: LONGCAT_MLA_DECODE_KERNEL=old LONGCAT_MLA_DECODE_OLD_STAGES=S,
   `old stS pm` also LONGCAT_MLA_DECODE_OLD_MERGE=parallel; `old st2` is today's default below 16 rows) and the MQA-form ones at each stage-1 tile (`new bn,stages`:
-  LONGCAT_MLA_DECODE_KERNEL=new LONGCAT_MLA_DECODE_TILE=bn,stages; `new 32,2` is today's default from 16 rows).
+  LONGCAT_MLA_DECODE_KERNEL=new LONGCAT_MLA_DECODE_TILE=bn,stages, `... msN` also LONGCAT_MLA_DECODE_MIN_SPLIT=N;
+  `new 32,2` is today's default from 16 rows).
 - chain columns: one attention's MLA chain between q_b_proj and o_proj as layers/fast_decode.py runs it at the
   default switches (mla_prep, the W_UK bmm, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows,
   else o_latent then the W_UV bmm): `chain` today; `chain absorb` with LONGCAT_MLA_ABSORB_PREP_MAX_ROWS covering the
@@ -40,8 +41,8 @@ RANK, ROPE, NOPE, DV, SCALE = 512, 64, 128, 128, 0.0722
 REPEAT = 20
 ABSORB_MAX_BATCH = 8
 DEVICE = "cuda"  # (a CPU smoke run of the table logic sets "cpu")
-SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_DECODE_OLD_STAGES",
-            "LONGCAT_MLA_DECODE_OLD_MERGE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
+SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_DECODE_MIN_SPLIT",
+            "LONGCAT_MLA_DECODE_OLD_STAGES", "LONGCAT_MLA_DECODE_OLD_MERGE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
 
 
 def _case(batch: int, ctx: int, heads: int, block_size: int, gen: torch.Generator) -> dict:
@@ -113,7 +114,7 @@ def _with(settings: dict, fn):
                 os.environ[k] = v
 
 
-def _latent_variants(tiles: list[str], old_stages: list[str]) -> dict[str, dict]:
+def _latent_variants(tiles: list[str], old_stages: list[str], min_splits: list[str]) -> dict[str, dict]:
     variants = {}
     for st in old_stages:
         for merge in ("serial", "parallel"):
@@ -121,18 +122,20 @@ def _latent_variants(tiles: list[str], old_stages: list[str]) -> dict[str, dict]
                 "LONGCAT_MLA_DECODE_KERNEL": "old", "LONGCAT_MLA_DECODE_OLD_STAGES": st,
                 "LONGCAT_MLA_DECODE_OLD_MERGE": merge}
     for tile in tiles:
-        variants[f"new {tile}"] = {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile}
+        for ms in min_splits:
+            variants[f"new {tile}{f' ms{ms}' if ms != '0' else ''}"] = {
+                "LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile, "LONGCAT_MLA_DECODE_MIN_SPLIT": ms}
     return variants
 
 
-def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stages, sweep) -> dict:
+def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stages, min_splits, sweep) -> dict:
     c = _case(batch, ctx, heads, block_size, gen)
     attn = c["attn"]
     ref = md.mla_decode_reference(*attn)
     row = dict(batch=batch, context=ctx, heads=heads, block_size=block_size,
                splits_new=md.choose_num_splits(batch, heads),
                floor_us=batch * ctx * (RANK + ROPE) * 2 / copy_bw * 1e6, latent_us={}, err={})
-    variants = _latent_variants(tiles, old_stages)
+    variants = _latent_variants(tiles, old_stages, min_splits)
     for name, settings in variants.items():
         row["err"][name] = _with(settings, lambda: _rel(md.mla_decode(*attn), ref))
         row["latent_us"][name] = _with(settings, lambda: _graph_us(lambda: md.mla_decode(*attn), reps))
@@ -151,19 +154,21 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stage
         for tile in tiles:
             for splits in (1, 2, 4, 8, 16, 32):
                 row["sweep_latent_us"][f"{tile} splits {splits}"] = _with(
-                    variants[f"new {tile}"], lambda s=splits: _graph_us(lambda: md.mla_decode(*attn, num_splits=s), reps))
+                    {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile},
+                    lambda s=splits: _graph_us(lambda: md.mla_decode(*attn, num_splits=s), reps))
     return row
 
 
-def _table(results: list[dict], tiles: list[str], old_stages: list[str]) -> list[str]:
-    names = list(_latent_variants(tiles, old_stages))
+def _table(results: list[dict], tiles: list[str], old_stages: list[str], min_splits: list[str]) -> list[str]:
+    names = list(_latent_variants(tiles, old_stages, min_splits))
     header = (["batch", "context", "splits new", "floor us"] + [f"latent {n}" for n in names]
               + ["chain", "chain absorb", "chain best", "max err"])
     rows = []
     for r in results:
         errs = [v for v in r["err"].values() if v is not None]
         rows.append([r["batch"], r["context"], r["splits_new"], harness.fmt(r["floor_us"])]
-                    + [harness.fmt(r["latent_us"][n]) if r["latent_us"][n] is not None else "fail" for n in names]
+                    + [harness.fmt(r["latent_us"][n]) if r["latent_us"].get(n) is not None
+                       else ("fail" if n in r["latent_us"] else "-") for n in names]
                     + [harness.fmt(r["chain_us"]), harness.fmt(r.get("chain_absorb_us")) if "chain_absorb_us" in r
                        else "-", f"{harness.fmt(r.get('chain_best_us'))} ({r['best_latent']})"
                        if r.get("chain_best_us") else "-", f"{max(errs):.1e}" if errs else "-"])
@@ -175,7 +180,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--heads", type=int, default=64)
-    ap.add_argument("--tiles", default="32,2;32,3;32,5;64,2;64,3", help="MQA stage-1 tiles 'bn,stages', ';'-separated")
+    ap.add_argument("--tiles", default="32,2;32,3;32,5;64,3", help="MQA stage-1 tiles 'bn,stages', ';'-separated")
+    ap.add_argument("--min-splits", default="0,256", help="MQA shortest split lengths (tokens; 0 = one step)")
     ap.add_argument("--old-stages", default="2,3,5", help="stage-1 pipeline stages of the 16-head kernels")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
@@ -184,6 +190,7 @@ def main() -> None:
     a = ap.parse_args()
     tiles = [t.strip() for t in a.tiles.split(";") if t.strip()]
     old_stages = [s.strip() for s in a.old_stages.split(",") if s.strip()]
+    min_splits = [s.strip() for s in a.min_splits.split(",") if s.strip()]
     out = a.out or (os.path.join(os.environ["OUT"], "bench_mla_decode.json") if os.environ.get("OUT") else "")
     dev = torch.device("cuda")
     copy_bw, _ = harness.measure_ceilings(dev)
@@ -193,13 +200,13 @@ def main() -> None:
     for ctx in harness.ints(a.contexts):
         for batch in harness.ints(a.batches):
             results.append(_measure(batch, ctx, a.heads, a.block_size, gen, copy_bw, a.reps, tiles, old_stages,
-                                    a.sweep))
+                                    min_splits, a.sweep))
             print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
             if out:  # after every row: a run cut short still leaves what it measured
                 with open(out, "w") as f:
                     json.dump(dict(commit=harness.commit(), copy_bytes_per_s=copy_bw, results=results), f, indent=1)
-    table = "\n".join(_table(results, tiles, old_stages))
+    table = "\n".join(_table(results, tiles, old_stages, min_splits))
     print(table)
     if out:
         with open(os.path.splitext(out)[0] + ".md", "w") as f:

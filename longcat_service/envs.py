@@ -126,6 +126,11 @@ SWITCHES: tuple[Switch, ...] = (
            "(~2 memory latencies per step); 32,5 keeps two tiles in flight (185 KB shared memory), 64,3 halves the "
            "steps (222 KB); candidates timed side by side by benchmarks/bench_mla_decode.py, not yet on a GPU",
            _mla_tile),
+    Switch("LONGCAT_MLA_DECODE_MIN_SPLIT", "int", 0, "tuning",
+           "shortest split (tokens, rounded up to whole steps) of the MQA-form MLA decode: a row shorter than "
+           "splits x this fills fewer splits, so fewer programs load q (72 KB at 64 heads) and write a 128 KB fp32 "
+           "partial for a few tokens; 0: one step (the split count alone decides). Not yet timed on a GPU "
+           "(benchmarks/bench_mla_decode.py --min-splits)", _nonneg_int),
     Switch("LONGCAT_MLA_DECODE_OLD_STAGES", "int", 2, "tuning",
            "software-pipeline stages of the 16-head MLA decode stage 1 (kernels/_mla_decode_triton.py, below 16 "
            "rows): at 2 each 32-token step waits for a synchronous page-index load, then its cache rows; 3 loads the "

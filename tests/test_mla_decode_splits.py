@@ -277,3 +277,25 @@ def test_old_kernels_parallel_merge_matches_reference(monkeypatch):
         ref_uv = md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv, first_pos=first_pos)
         out_uv = md.mla_decode(*args, scale=0.37, num_splits=num_splits, w_uv=w_uv, first_pos=first_pos)
         assert _rel(out_uv, ref_uv) < tol and (out_uv[0] == 0).all()
+
+
+def test_min_split_length_fills_fewer_splits(monkeypatch):
+    """LONGCAT_MLA_DECODE_MIN_SPLIT (rounded up to whole steps): a short row fills only cdiv(len, max(even split,
+    min split)) splits, stage 1 writes those alone, the merge reads them alone, and the output equals the reference
+    (with and without W_UV); the launch configuration still does not depend on the lengths."""
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT", "100")  # -> 4 steps of 32 tokens
+    lens, num_splits = [0, 1, 127, 128, 129, 700], 4
+    args, w_uv = _case(13, lens, torch.float32)
+    batch = len(lens)
+    for dv in (None, DV):
+        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.bfloat16, dv=dv, num_splits=num_splits)
+        assert cfg.stage1["MIN_SPLIT"] == 4 * BN and cfg.stage2["MIN_SPLIT"] == 4 * BN
+        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.float32, dv=dv, num_splits=num_splits)
+        part_out = torch.full((batch, HEADS, num_splits, RANK), float("nan"), device=DEVICE)
+        part_lse = torch.full((batch, HEADS, num_splits), float("nan"), device=DEVICE)
+        out = tri.launch(*args, 0.37, cfg, w_uv=None if dv is None else w_uv, parts=(part_out, part_lse))
+        ref = (md.mla_decode_reference(*args, scale=0.37) if dv is None
+               else md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv))
+        assert torch.isfinite(out).all() and _rel(out, ref) < 1e-5
+        written = torch.isfinite(part_lse).sum(-1)[:, 0].tolist()
+        assert written == [_cdiv(n, max(_split_len(n, num_splits), 4 * BN)) for n in lens] == [0, 1, 1, 1, 2, 4]

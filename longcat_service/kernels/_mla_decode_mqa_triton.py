@@ -16,12 +16,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
     """Tokens per split of a row (stage 1 and the merge must agree): the row cut into NUM_SPLITS even chunks
-    rounded up to BLOCK_N (at least BLOCK_N, also for an empty row). Splits 0 .. cdiv(seq_len, split_len) - 1
-    hold tokens, the rest none (all of them when seq_len is 0)."""
+    rounded up to BLOCK_N, at least MIN_SPLIT (a multiple of BLOCK_N; also for an empty row). Splits
+    0 .. cdiv(seq_len, split_len) - 1 hold tokens, the rest none (all of them when seq_len is 0)."""
     even = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    return tl.maximum(even, BLOCK_N)
+    return tl.maximum(even, MIN_SPLIT)
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def stage1(
     RANK: tl.constexpr, ROPE: tl.constexpr, RANK_PAD: tl.constexpr, ROPE_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_WHILE: tl.constexpr, FIRST_POS: tl.constexpr,
-    DIRECT_OUT: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, MIN_SPLIT: tl.constexpr,
 ):
     """Program (head block, split, row): the split's normalised partial output [BLOCK_H, RANK] and base-2
     log-sum-exp [BLOCK_H]. DIRECT_OUT (one split, no W_UV): the final output in the model dtype instead, zeros for
@@ -111,7 +111,7 @@ def stage1(
     split = tl.program_id(1)
     b = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    length = split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    length = split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
     start = split * length
     end = tl.minimum(start + length, seq_len)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -135,12 +135,12 @@ def stage1(
 
 @triton.jit
 def _merge(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
     """One (row, head)'s active split partials merged by their log-sum-exps -> normalised fp32 [RANK_PAD]. All
     splits in one masked load (no serial chain of loads); inactive splits are masked, so they are never read and a
     row with seq_len 0 gives zeros."""
     seq_len = tl.load(lens_ptr + b)
-    n_active = tl.minimum(tl.cdiv(seq_len, split_len(seq_len, NUM_SPLITS, BLOCK_N)), NUM_SPLITS)
+    n_active = tl.minimum(tl.cdiv(seq_len, split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)), NUM_SPLITS)
     offs_s = tl.arange(0, SPLITS_PAD)
     smask = offs_s < n_active
     lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + offs_s, mask=smask, other=float("-inf"))
@@ -157,14 +157,14 @@ def stage2(
     part_out_ptr, part_lse_ptr, lens_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
     out = _merge(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                 NUM_SPLITS, SPLITS_PAD, BLOCK_N)
+                 NUM_SPLITS, SPLITS_PAD, BLOCK_N, MIN_SPLIT)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -173,7 +173,7 @@ def stage2_uv(
     part_out_ptr, part_lse_ptr, lens_ptr, w_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_wh, s_wd, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
 ):
     """stage2, then this head's W_UV: out[b, h, d] = o_latent[b, h] . w_uv[h, d] for BLOCK_D columns d. Each of the
     DV / BLOCK_D programs of a head merges the (L2-resident) partials itself: no o_latent round trip, no bmm."""
@@ -183,7 +183,7 @@ def stage2_uv(
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
     o = _merge(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-               NUM_SPLITS, SPLITS_PAD, BLOCK_N)
+               NUM_SPLITS, SPLITS_PAD, BLOCK_N, MIN_SPLIT)
     # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
     o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
     offs_d = d0 + tl.arange(0, BLOCK_D)

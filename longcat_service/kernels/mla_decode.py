@@ -15,7 +15,8 @@ Sequence lengths are read from device memory and every grid size depends only on
 dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with
 seq_len 0 (batch padding) produce zeros.
 Untimed variants, for benchmarks/bench_mla_decode.py to A/B (the defaults are the measured kernels):
-LONGCAT_MLA_DECODE_TILE (the MQA stage 1's cache step and pipeline depth), LONGCAT_MLA_DECODE_OLD_STAGES and
+LONGCAT_MLA_DECODE_TILE (the MQA stage 1's cache step and pipeline depth), LONGCAT_MLA_DECODE_MIN_SPLIT (its
+shortest split), LONGCAT_MLA_DECODE_OLD_STAGES and
 LONGCAT_MLA_DECODE_OLD_MERGE (the 16-head kernels' pipeline depth and split merge).
 """
 
@@ -108,12 +109,15 @@ def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dty
     rank_pad = next_pow2(rank)
     block_h = block_heads(heads, dtype)
     block_n, stages = stage1_tile(dtype)
+    # LONGCAT_MLA_DECODE_MIN_SPLIT rounded up to whole steps: short rows fill fewer splits (fewer q loads and fp32
+    # partials; the grid is unchanged, so graphs still replay any length)
+    min_split = max(block_n, -(-envs.LONGCAT_MLA_DECODE_MIN_SPLIT // block_n) * block_n)
     direct = num_splits == 1 and dv is None
     stage1 = dict(
         RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=block_h,
         BLOCK_N=block_n, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interp,  # the CPU interpreter has no bf16 matmul: compute in fp32 there
-        USE_WHILE=interp, FIRST_POS=first_pos, DIRECT_OUT=direct,
+        USE_WHILE=interp, FIRST_POS=first_pos, DIRECT_OUT=direct, MIN_SPLIT=min_split,
         num_warps=8 if block_h >= 32 else 4,  # 32 heads on 4 warps spill registers, on 8 they do not (sm_90a)
         num_stages=stages,
     )
@@ -122,6 +126,7 @@ def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dty
         return LaunchConfig(num_splits, grid1, (), stage1, {})
     splits_pad = next_pow2(num_splits, minimum=2)
     stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, BLOCK_N=block_n,
+                  MIN_SPLIT=min_split,
                   num_warps=8 if splits_pad >= 16 else 4)
     if dv is None:
         return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
