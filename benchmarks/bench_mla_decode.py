@@ -7,10 +7,10 @@ latent-cache byte floor, in one run.
 
 Per (batch, context), every row at that context, pages scattered over the cache:
 - latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels at each
-  stage-1 pipeline depth and merge (`old stS`: LONGCAT_MLA_DECODE_KERNEL=old LONGCAT_MLA_DECODE_OLD_STAGES=S,
-  `old stS pm` also LONGCAT_MLA_DECODE_OLD_MERGE=parallel; `old st2` is today's default below 16 rows) and the MQA-form ones at each stage-1 tile (`new bn,stages`:
-  LONGCAT_MLA_DECODE_KERNEL=new LONGCAT_MLA_DECODE_TILE=bn,stages, `... msN` also LONGCAT_MLA_DECODE_MIN_SPLIT=N;
-  `new 32,2` is today's default from 16 rows).
+  stage-1 pipeline depth (`old stS`: LONGCAT_MLA_DECODE_KERNEL=old LONGCAT_MLA_DECODE_OLD_STAGES=S; `... early` also
+  LONGCAT_MLA_DECODE_MERGE=early; `old st2` is today's default below 16 rows) and the MQA-form ones at each stage-1 tile (`new bn,stages`:
+  LONGCAT_MLA_DECODE_KERNEL=new LONGCAT_MLA_DECODE_TILE=bn,stages, `... msN` also LONGCAT_MLA_DECODE_MIN_SPLIT=N,
+  `... early` also LONGCAT_MLA_DECODE_MERGE=early; `new 32,2` is today's default from 16 rows).
 - chain columns: one attention's MLA chain between q_b_proj and o_proj as layers/fast_decode.py runs it at the
   default switches (mla_prep, the W_UK bmm, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows,
   else o_latent then the W_UV bmm): `chain` today; `chain absorb` with LONGCAT_MLA_ABSORB_PREP_MAX_ROWS covering the
@@ -42,7 +42,7 @@ REPEAT = 20
 ABSORB_MAX_BATCH = 8
 DEVICE = "cuda"  # (a CPU smoke run of the table logic sets "cpu")
 SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_DECODE_MIN_SPLIT",
-            "LONGCAT_MLA_DECODE_OLD_STAGES", "LONGCAT_MLA_DECODE_OLD_MERGE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
+            "LONGCAT_MLA_DECODE_OLD_STAGES", "LONGCAT_MLA_DECODE_MERGE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
 
 
 def _case(batch: int, ctx: int, heads: int, block_size: int, gen: torch.Generator) -> dict:
@@ -117,14 +117,16 @@ def _with(settings: dict, fn):
 def _latent_variants(tiles: list[str], old_stages: list[str], min_splits: list[str]) -> dict[str, dict]:
     variants = {}
     for st in old_stages:
-        for merge in ("serial", "parallel"):
-            variants[f"old st{st}{' pm' if merge == 'parallel' else ''}"] = {
+        for merge in ("default", "early"):
+            variants[f"old st{st}{' early' if merge == 'early' else ''}"] = {
                 "LONGCAT_MLA_DECODE_KERNEL": "old", "LONGCAT_MLA_DECODE_OLD_STAGES": st,
-                "LONGCAT_MLA_DECODE_OLD_MERGE": merge}
+                "LONGCAT_MLA_DECODE_MERGE": merge}
     for tile in tiles:
         for ms in min_splits:
             variants[f"new {tile}{f' ms{ms}' if ms != '0' else ''}"] = {
                 "LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile, "LONGCAT_MLA_DECODE_MIN_SPLIT": ms}
+        variants[f"new {tile} early"] = {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile,
+                                         "LONGCAT_MLA_DECODE_MERGE": "early"}
     return variants
 
 

@@ -137,11 +137,12 @@ SWITCHES: tuple[Switch, ...] = (
            "page indices asynchronously, 5 also keeps two cache tiles in flight (94 KB shared memory, 255 registers, "
            "still 2 programs per SM on sm_90a); not yet timed on a GPU (benchmarks/bench_mla_decode.py)",
            _stages),
-    Switch("LONGCAT_MLA_DECODE_OLD_MERGE", "serial|parallel", "serial", "tuning",
-           "split merge of the 16-head MLA decode kernels (their stage 2, with or without W_UV): serial = a loop "
-           "over the active splits, one memory round trip each (not pipelined: ~16 at batch 1 and 512 tokens); "
-           "parallel = all splits' partials and log-sum-exps in one masked load each; not yet timed on a GPU "
-           "(benchmarks/bench_mla_decode.py)", _one_of("serial", "parallel")),
+    Switch("LONGCAT_MLA_DECODE_MERGE", "default|early", "default", "tuning",
+           "loads of the MLA decode split merge (stage 2, with or without W_UV): default = as measured (16-head "
+           "kernels: a loop over the active splits, one memory round trip each, not pipelined: ~16 at batch 1 and "
+           "512 tokens; MQA kernels: the partials read once their log-sum-exps are); early = every load issued up "
+           "front (all splits' partials in one masked load, the W_UV tile before the merge). Not yet timed on a GPU "
+           "(benchmarks/bench_mla_decode.py)", _one_of("default", "early")),
     Switch("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", "int", 0, "tuning",
            "decode batches of up to this many rows (CUDA, Triton) fold the W_UK absorb (q_nope @ W_UK) into the MLA "
            "prep kernel (one launch instead of prep + cuBLAS bmm; each program reads its W_UK slice once for all "

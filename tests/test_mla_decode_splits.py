@@ -262,11 +262,13 @@ def test_old_kernel_stages_switch(monkeypatch):
         old.launch_config(1, 64, 512, 64, torch.bfloat16)
 
 
-def test_old_kernels_parallel_merge_matches_reference(monkeypatch):
-    """LONGCAT_MLA_DECODE_OLD_MERGE=parallel (the 16-head kernels' merge in one masked load): the reference's
-    output with and without W_UV, rows filling 0, 1, some and all splits, the MTP cache's first_pos 1."""
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", "old")
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_OLD_MERGE", "parallel")
+@pytest.mark.parametrize("kernel", ["old", "new"])
+def test_early_merge_matches_reference(monkeypatch, kernel):
+    """LONGCAT_MLA_DECODE_MERGE=early (16-head kernels: all splits in one masked load; MQA ones: the partials not
+    waiting for the log-sum-exps; both: W_UV loaded first): the reference's output with and without W_UV, rows
+    filling 0, 1, some and all splits, the MTP cache's first_pos 1."""
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", kernel)
+    monkeypatch.setenv("LONGCAT_MLA_DECODE_MERGE", "early")
     tol = 1e-5  # fp32 partials either way: fp32 inputs check the merge's math tightly
     for num_splits, first_pos in ((8, 0), (3, 1)):  # 8: more splits than most rows' blocks
         lens = [0, 1 + first_pos, BN - 1, BN + 1, 200, 7]  # first_pos 1: seq_len >= 2 or 0 (mla_decode)

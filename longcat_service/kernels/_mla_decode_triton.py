@@ -39,7 +39,7 @@ def launch_config(batch, heads, rank, rope, dtype, dv=None, num_splits=None, fir
         USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=stages,
     )
     # the parallel merge holds every split's partial in registers at once: 8 warps from 16 splits (as the MQA merge)
-    parallel = envs.LONGCAT_MLA_DECODE_OLD_MERGE == "parallel"
+    parallel = envs.LONGCAT_MLA_DECODE_MERGE == "early"
     splits_pad = next_pow2(num_splits, minimum=2)
     stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
                   PARALLEL=parallel, SPLITS_PAD=splits_pad, num_warps=8 if parallel and splits_pad >= 16 else 4)

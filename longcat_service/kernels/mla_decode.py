@@ -16,8 +16,8 @@ dtype (see launch_config), so a launch can be captured in a CUDA graph and repla
 seq_len 0 (batch padding) produce zeros.
 Untimed variants, for benchmarks/bench_mla_decode.py to A/B (the defaults are the measured kernels):
 LONGCAT_MLA_DECODE_TILE (the MQA stage 1's cache step and pipeline depth), LONGCAT_MLA_DECODE_MIN_SPLIT (its
-shortest split), LONGCAT_MLA_DECODE_OLD_STAGES and
-LONGCAT_MLA_DECODE_OLD_MERGE (the 16-head kernels' pipeline depth and split merge).
+shortest split), LONGCAT_MLA_DECODE_MERGE (both kernels' split merge: loads issued up front) and
+LONGCAT_MLA_DECODE_OLD_STAGES (the 16-head stage 1's pipeline depth).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dty
         return LaunchConfig(num_splits, grid1, (), stage1, {})
     splits_pad = next_pow2(num_splits, minimum=2)
     stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, BLOCK_N=block_n,
-                  MIN_SPLIT=min_split,
+                  MIN_SPLIT=min_split, EARLY=envs.LONGCAT_MLA_DECODE_MERGE == "early",
                   num_warps=8 if splits_pad >= 16 else 4)
     if dv is None:
         return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
