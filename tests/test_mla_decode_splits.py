@@ -301,3 +301,73 @@ def test_min_split_length_fills_fewer_splits(monkeypatch):
         assert torch.isfinite(out).all() and _rel(out, ref) < 1e-5
         written = torch.isfinite(part_lse).sum(-1)[:, 0].tolist()
         assert written == [_cdiv(n, max(_split_len(n, num_splits), 4 * BN)) for n in lens] == [0, 1, 1, 1, 2, 4]
+
+
+# ---- the GPU build, compiled offline (catches what the interpreter accepts and Triton's GPU compiler refuses) ------
+
+_AOT = """
+import os, re, subprocess, tempfile
+import torch, triton
+from longcat_service.kernels import mla_decode as md
+from longcat_service.kernels import _mla_decode_mqa_triton as mqa, _mla_prep_triton as prep
+from longcat_service.kernels._fp8_gemm_triton import _aot
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def usage(ck):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(ck.asm["cubin"])
+        return subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+
+B, H, R, D, bf = 64, 64, 512, 64, torch.bfloat16
+for tile in ("32,5", "64,3"):
+    os.environ["LONGCAT_MLA_DECODE_TILE"] = tile
+    cfg = md.launch_config(B, H, R, D, bf)
+    kw = dict(cfg.stage1)
+    warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
+    f32 = torch.empty(B, H, cfg.num_splits, R)
+    values = dict(q_lat_ptr=torch.empty(B, H, R, dtype=bf), q_rope_ptr=torch.empty(B, H, D, dtype=bf),
+                  cache_ptr=torch.empty(8, 16, R + D, dtype=bf), tables_ptr=torch.empty(B, 8, dtype=torch.int32),
+                  lens_ptr=torch.empty(B, dtype=torch.int32), part_out_ptr=f32, part_lse_ptr=f32,
+                  out_ptr=torch.empty(B, H, R, dtype=bf), qk_scale=0.1, num_heads=H, block_size=16,
+                  s_qlb=H * R, s_qlh=R, s_qrb=H * D, s_qrh=D, s_cb=16 * (R + D), s_ct=R + D, s_tb=8,
+                  s_pob=H * 2 * R, s_poh=2 * R, s_pos=R, s_plb=H * 2, s_plh=2, s_ob=H * R, s_oh=R)
+    ck = _aot(mqa.stage1, values, kw, warps, stages, 90)
+    use = usage(ck)
+    assert "STACK:0 " in use and "LOCAL:0" in use, (tile, "spills registers", use)
+    assert "wgmma.mma_async" in ck.asm["ptx"], (tile, "no wgmma")
+    print("stage1", tile, ck.metadata.shared, flush=True)
+values = dict(q_ptr=torch.empty(1, H, 192, dtype=bf), kva_ptr=torch.empty(1, R + D, dtype=bf),
+              cos_ptr=torch.empty(1, 32, dtype=bf), sin_ptr=torch.empty(1, 32, dtype=bf), w_ptr=torch.empty(R, dtype=bf),
+              slot_ptr=torch.empty(1, dtype=torch.int64), cache_ptr=torch.empty(8, 16, R + D, dtype=bf),
+              wuk_ptr=torch.empty(H, 256, R, dtype=bf), qlat_ptr=torch.empty(1, H, R, dtype=bf),
+              qpe_ptr=torch.empty(1, H, D, dtype=bf), eps=1e-6, q_scale=0.5, kv_scale=3.0, heads=H,
+              s_qn=H * 192, s_qh=192, s_kn=R + D, s_cn=R + D, s_cos=64, s_sin=64, s_wh=256 * R, s_wd=R, s_ln=H * R,
+              s_lh=R, s_pn=H * D, s_ph=D)
+consts = dict(N_TOKENS=1, RANK=R, ROPE=D, NOPE=128, RANK_PAD=R, HALF_PAD=32, NOPE_PAD=128, BLOCK_R=prep.ABSORB_BLOCK_R)
+ck = _aot(prep._mla_prep_absorb_kernel, values, consts, 4, 3, 90)
+assert "STACK:0 " in usage(ck), "prep_absorb spills registers"
+print("prep_absorb", ck.metadata.shared, flush=True)
+"""
+
+
+def test_sm90_build_of_the_new_variants():
+    """The MQA stage 1 at the candidate tiles (64 heads, rank 512, bf16) compiles for sm_90 to wgmma within an H200
+    SM's shared memory without register spills; mla_prep_absorb at LongCat shapes compiles without spills."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:
+        pytest.skip("triton's CUDA backend is not installed")
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["stage1", "stage1", "prep_absorb"], lines
+    for line in lines:
+        assert int(line.split()[-1]) <= 227 * 1024, line
