@@ -15,7 +15,7 @@ Per (batch, context), every row at that context, pages scattered over the cache:
   default switches (mla_prep, the W_UK bmm, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows,
   else o_latent then the W_UV bmm): `chain` today; `chain absorb` with LONGCAT_MLA_ABSORB_PREP_MAX_ROWS covering the
   batch (the W_UK product inside the prep kernel: one launch less; up to 8 rows only); `chain best` with the
-  fastest latent variant of this row forced.
+  fastest latent variant of this row forced; `chain absorb best` both.
 - floor: the latent cache bytes (B x context x 576 x 2) at the copy rate measured in this run.
 - err: the largest relative error of any variant's output against mla_decode_reference (GPU tests allow 1e-2);
   `chain absorb` against `chain`.
@@ -151,6 +151,9 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stage
     if row["best_latent"]:
         row["chain_best_us"] = _with(variants[row["best_latent"]],
                                      lambda: _graph_us(lambda: _chain(c, absorb=False), reps))
+        if batch <= ABSORB_MAX_BATCH:
+            row["chain_absorb_best_us"] = _with(variants[row["best_latent"]],
+                                                lambda: _graph_us(lambda: _chain(c, absorb=True), reps))
     if sweep:
         row["sweep_latent_us"] = {}
         for tile in tiles:
@@ -164,7 +167,7 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stage
 def _table(results: list[dict], tiles: list[str], old_stages: list[str], min_splits: list[str]) -> list[str]:
     names = list(_latent_variants(tiles, old_stages, min_splits))
     header = (["batch", "context", "splits new", "floor us"] + [f"latent {n}" for n in names]
-              + ["chain", "chain absorb", "chain best", "max err"])
+              + ["chain", "chain absorb", "chain best", "chain absorb best", "max err"])
     rows = []
     for r in results:
         errs = [v for v in r["err"].values() if v is not None]
@@ -173,7 +176,9 @@ def _table(results: list[dict], tiles: list[str], old_stages: list[str], min_spl
                        else ("fail" if n in r["latent_us"] else "-") for n in names]
                     + [harness.fmt(r["chain_us"]), harness.fmt(r.get("chain_absorb_us")) if "chain_absorb_us" in r
                        else "-", f"{harness.fmt(r.get('chain_best_us'))} ({r['best_latent']})"
-                       if r.get("chain_best_us") else "-", f"{max(errs):.1e}" if errs else "-"])
+                       if r.get("chain_best_us") else "-",
+                       harness.fmt(r["chain_absorb_best_us"]) if r.get("chain_absorb_best_us") else "-",
+                       f"{max(errs):.1e}" if errs else "-"])
     return harness.markdown_table(header, rows)
 
 
