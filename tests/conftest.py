@@ -41,3 +41,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def few_mla_decode_splits(monkeypatch):
+    """Whole models through the interpreted MLA decode kernels with 4 splits, not 32 (tests/decode_splits.py: the
+    same outputs for rows up to 128 tokens, 8x fewer interpreted programs)."""
+    from tests.decode_splits import cap_mla_decode_splits
+
+    cap_mla_decode_splits(monkeypatch.setattr)
