@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # pytest-xdist (the README's test command): each worker is a process with torch's intra-op pool sized for the whole
-# machine, so N workers oversubscribe the cores and spinning OpenMP threads stall them (tests of 0.5 s took 30 s at
-# -n 2 on two cores): share the cores out, in this process and (through OMP_NUM_THREADS) in the servers it starts.
+# machine, so N workers oversubscribe the cores (a 0.5 s test took 30 s at -n 2 on two busy cores, 0.4 s with this):
+# share the cores out, in this process and (through OMP_NUM_THREADS) in the servers and ranks it starts.
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))

@@ -161,7 +161,7 @@ def _tp2_with_spec_graphs(path, k: int, log: Path, max_tokens: int) -> tuple[dic
 @interpreted_triton_only
 @pytest.mark.usefixtures("few_mla_decode_splits")  # conftest: 4 decode splits, not 32 (the same outputs here)
 # random weights: drafts rejected (padded verify and MTP rows); exact: all accepted (recursive drafts at k = 2). The
-# random run is shorter (a step emits one token)
+# random run is shorter (a step emits one token): each costs ~20 s on two CPU cores
 @pytest.mark.parametrize(("mode", "k", "max_tokens"), [("random", 1, 3), ("exact", 2, 6)])
 def test_tp2_on_the_production_spec_graph_runner_equals_tp1_mtp_off(ckpts, monkeypatch, tmp_path, mode, k,
                                                                     max_tokens):
