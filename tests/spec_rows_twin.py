@@ -29,14 +29,16 @@ interpreted_triton_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") 
 
 def install_uncaptured_spec_graphs(engine, monkeypatch, k: int, buckets=(1, 2)) -> SpecGraphRunner:
     """The production SpecGraphRunner on this CPU engine (its forwards on its static buffers, run eagerly, the Triton
-    decode kernels interpreted: mark the test interpreted_triton_only)."""
+    decode kernels interpreted with 4 splits, tests/decode_splits.py: mark the test interpreted_triton_only)."""
     from longcat_service.layers import fast_decode, layernorm
+    from tests.decode_splits import cap_mla_decode_splits
 
     r = engine.runner
     graphs = r.spec_decoder.graphs = SpecGraphRunner(r.model, r.kv_caches, r.mtp_kv_cache, r.block_size, 16, k,
                                                      tuple(buckets), scratch_slot=r.num_blocks * r.block_size)
     monkeypatch.setattr(fast_decode, "fast_path_enabled", lambda t: True)
     monkeypatch.setattr(layernorm, "fast_path_enabled", lambda t: True)
+    cap_mla_decode_splits(monkeypatch.setattr)
     return graphs
 
 class EagerSpecRows(SpecRowsRunner):

@@ -342,6 +342,7 @@ def _decode_logits(model, caches, prompts, block_size, tables):
     (torch.float32, 0, 0), (torch.float32, 8, 0), (torch.bfloat16, 0, 0), (torch.bfloat16, 8, 0),
     (torch.float32, 8, 8),  # W_UK in the prep kernel (fp32: its tight tolerance)
 ])
+@pytest.mark.usefixtures("few_mla_decode_splits")  # conftest: interpreted, 4 splits, not 32 (the same outputs here)
 def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_uv_max_batch, absorb_rows):
     """The whole model: the Triton decode path (norms, prep, split-K attention; one GEMM for q_a and kv_a, row-strided
     views into the kernels; W_UV in the merge stage or as a separate bmm; W_UK in the prep kernel or a bmm) vs the
@@ -369,6 +370,7 @@ def test_fast_decode_path_equals_eager_model(monkeypatch, dtype, fused_uv_max_ba
         assert _rel(a, b) < tol
 
 
+@pytest.mark.usefixtures("few_mla_decode_splits")  # conftest: interpreted, 4 splits, not 32 (the same outputs here)
 def test_spec_graph_forwards_equal_the_eager_rows(monkeypatch):
     """The forwards the spec-step CUDA graphs capture (engine/spec_graph_runner.SpecGraphRunner, run uncaptured on
     CPU, captured and replayed on CUDA: the Triton decode kernels on its static buffers, MTP attention with

@@ -20,7 +20,7 @@ def test_readme_has_the_two_fresh_machine_commands():
     serve, tests = _quick_start_commands()[:2]
     assert serve.endswith("longcat-serve")
     assert "torch==2.13.0" in serve and "torch==2.13.0" in tests  # a CPU build, never an unpinned CUDA torch
-    assert tests.endswith("pytest -q -rs") and '".[test]"' in tests
+    assert tests.endswith("pytest -q -rs -n 2 --dist loadscope") and '".[test]"' in tests
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
