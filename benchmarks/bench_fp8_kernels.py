@@ -1,27 +1,27 @@
 """Block-FP8 kernels on one GPU against the bf16 kernels they replace and torch's blockwise scaled-mm.
 
     python benchmarks/bench_fp8_kernels.py [--sections rates,dense,dense_decode,experts,grouped] [--reps 20]
-        [--out fp8.json] [--splitk 0,1,2,3,4,8,mma] [--sweep-batches 8,16,64,128]
+        [--out fp8.json] [--splitk auto,0,1,3,mma] [--sweep-batches 8,16,64,128]
         [--configs all|variants|base|N | --config-list 'c1;c2'] [--tokens 4096[,1024,...]] [--no-fusion]
         [--dense-rows 16,32,64,128] [--dense-configs sweep|default|'bn,split,stages,warps[,swap][,tma][,fuse];...']
 
 dense_decode: the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py, incl. the activation quantization) against
 kernels/fp8_gemm.w8a8_linear (quantization + cuBLAS blockwise scaled-mm, what fp8_linear runs above DECODE_ROWS
-unless LONGCAT_FP8_SPLITK_MAX_ROWS is set) and the byte floor (weight + scale + x + y bytes / the measured copy
+where SHAPE_CONFIGS has no entry) and the byte floor (weight + scale + x + y bytes / the measured copy
 rate), on the LongCat-Flash-2L dense shapes (DENSE_SHAPES, each 4 times a decode step: 2 layers x 2 sublayers) at
 --dense-rows rows: split-K at its default config (fp8_splitk.config_for) and, with --dense-configs sweep (the
 default), fp8_splitk.SWEEP_CONFIGS at their auto split plus the default config at half and double its split (or a
 ';'-list of configs, each at every shape and row count). Then the step table (the 20 linears: floor, cuBLAS,
 split-K default, split-K best per shape), the largest row count up to which split-K beats cuBLAS on the step (for
-LONGCAT_FP8_SPLITK_MAX_ROWS) and the SHAPE_CONFIGS entries to paste where a shape's fastest config beats the
-default by more than 3%.
+LONGCAT_FP8_SPLITK_MAX_ROWS) and the SHAPE_CONFIGS entries to paste where a shape's fastest config beats cuBLAS
+by more than 3% (the dispatch takes split-K on those shapes only).
 
 dense: LongCat-Flash's dense projections (N x K) at M = 1, 2, 4, 8, 16, 64 (decode) and 4096 (prefill) rows. ours =
 ops.fp8.fp8_linear, the layers' dispatch (CUDA dense_gemv_fp8 up to DECODE_ROWS rows, else kernels/fp8_gemm.w8a8_linear:
 torch's blockwise scaled-mm where it takes the shape, else the Triton w8a8 GEMM, incl. the activation quantization);
-At M <= 4 the CUDA dense_gemv_fp8 alone is also timed under each --splitk setting (LONGCAT_FP8_GEMV_SPLITK: 0 = the
-plain kernel, 1 = its split-K rule, 2..8 = K split that many ways; mma = LONGCAT_FP8_GEMV_MMA=1, the tensor-core
-kernel; a second table).
+At M <= DECODE_ROWS the CUDA dense_gemv_fp8 alone is also timed under each --splitk setting (auto = its default
+rule; FMA kernels with LONGCAT_FP8_GEMV_SPLITK: 0 = the plain kernel, 1 = its split-K rule, 2..8 = K split that
+many ways; mma = LONGCAT_FP8_GEMV_MMA=1, the tensor-core kernel; a second table).
 w8a8 = the Triton w8a8 GEMM at every M (to place the thresholds); bf16 = the bf16
 path today (dense_gemv up to 8 rows, else F.linear); scaled_mm = quantization + torch's blockwise scaled-mm (where
 this torch has it). experts: the routed experts of one layer, E = 512, H = 6144, I = 2048 (TP1) and 256 (a TP8
@@ -124,12 +124,16 @@ def _quant_scaled_mm(x, w8, scale):
     return scaled_mm_blockwise(x8, xs, w8, scale)
 
 
-SPLITK_MAX_ROWS = 4  # fp8_linear's GEMV rows (ops/fp8.DECODE_ROWS)
-SPLITK_SETTINGS = "0,1,2,3,4,8,mma"
+SPLITK_MAX_ROWS = fp8_ops.DECODE_ROWS  # fp8_linear's GEMV rows
+SPLITK_SETTINGS = "auto,0,1,3,mma"
 
 
 def gemv_variant_env(setting):
-    """--splitk setting -> the switches: mma = LONGCAT_FP8_GEMV_MMA=1, else LONGCAT_FP8_GEMV_SPLITK=setting."""
+    """--splitk setting -> the switches: auto = the kernel's default rule (tensor cores from 3 rows and for short K,
+    else the FMA kernels with their split rule); mma = LONGCAT_FP8_GEMV_MMA=1; else the FMA kernels with
+    LONGCAT_FP8_GEMV_SPLITK=setting."""
+    if setting == "auto":
+        return {"LONGCAT_FP8_GEMV_MMA": "auto", "LONGCAT_FP8_GEMV_SPLITK": "1"}
     mma = setting == "mma"
     return {"LONGCAT_FP8_GEMV_MMA": "1" if mma else "0", "LONGCAT_FP8_GEMV_SPLITK": "0" if mma else setting}
 
@@ -264,7 +268,7 @@ def _step_total(group, key_fn):
     return DENSE_PER_STEP * sum(vals) if vals and all(isinstance(v, float) for v in vals) else None
 
 
-SHAPE_EXCEPTION_GAIN = 0.03  # a shape's fastest config is printed as a SHAPE_CONFIGS entry when this much faster
+SHAPE_EXCEPTION_GAIN = 0.03  # a shape's fastest config is a SHAPE_CONFIGS entry when this much faster than cuBLAS
 
 
 def print_dense_decode(rows, copy_tbps):
@@ -304,18 +308,19 @@ def print_dense_decode(rows, copy_tbps):
     for name, (max_rows, _) in bounds.items():
         print(f"split-K ({name} configs) beats cuBLAS on the step at every measured row count up to "
               f"{max_rows or 'none'} (-> LONGCAT_FP8_SPLITK_MAX_ROWS={max_rows})")
-    best_by_key = {}
+    winners = {}
     for r in rows:
         cfg, t = _best_splitk(r)
-        if cfg is None or cfg == r["default_config"] or not isinstance(r["splitk_us"], float):
+        if cfg is None or not isinstance(r["cublas_us"], float):
             continue
-        if t < (1 - SHAPE_EXCEPTION_GAIN) * r["splitk_us"]:
-            key = (r.get("block_m", r["M"]), r["N"], r["K"])
-            if key not in best_by_key or r["M"] > best_by_key[key][0]:  # the row tile's largest row count decides
-                best_by_key[key] = (r["M"], cfg, t / r["splitk_us"])
-    print("SHAPE_CONFIGS = {  # (row tile, N, K): fastest config (time / the default's at that many rows)")
-    for (tile, n, k), (m, cfg, ratio) in sorted(best_by_key.items()):
-        print(f'    ({tile}, {n}, {k}): parse_splitk_config("{cfg}"),  # {ratio:.2f} at {m} rows')
+        key = (r.get("block_m", r["M"]), r["N"], r["K"])
+        if key in winners and r["M"] <= winners[key][0]:
+            continue  # the row tile's largest row count decides (the first shape of equal ones)
+        winners[key] = (r["M"], cfg, t, r["cublas_us"], t < (1 - SHAPE_EXCEPTION_GAIN) * r["cublas_us"])
+    print("SHAPE_CONFIGS = {  # (row tile, N, K): the fastest split-K config where it beats cuBLAS (us split-K / cuBLAS)")
+    for (tile, n, k), (m, cfg, t, cublas, wins) in sorted(winners.items()):
+        line = f'({tile}, {n}, {k}): parse_splitk_config("{cfg}"),  # {t:.1f} / {cublas:.1f} at {m} rows'
+        print(f"    {line}" if wins else f"    # not faster: {line}")
     print("}")
 
 
@@ -545,8 +550,8 @@ def print_tables(res):
                 effs = " ".join(f"{r['byte_floor_us'] / t:.2f}" if t else "-" for t in times)
                 print(f"{r['shape']:>14} {r['N']:>5}x{r['K']:<6} {r['M']:>5} " + " ".join(_fmt(t) for t in times)
                       + f" {_fmt(r['byte_floor_us'])}  {effs}")
-            print("S=0 the plain kernel, S=1 the split-K rule, S=2..8 K split that many ways (LONGCAT_FP8_GEMV_SPLITK), "
-                  "S=mma the tensor-core kernel (LONGCAT_FP8_GEMV_MMA=1)")
+            print("S=auto the default rule, S=0 the plain FMA kernel, S=1 its split-K rule, S=2..8 K split that many "
+                  "ways (LONGCAT_FP8_GEMV_SPLITK), S=mma the tensor-core kernel (LONGCAT_FP8_GEMV_MMA=1)")
     if res.get("dense_decode"):
         print_dense_decode(res["dense_decode"], res["copy_TBps"])
     if res.get("experts"):

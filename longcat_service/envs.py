@@ -114,12 +114,11 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("LONGCAT_MOE_OVERLAP_MAX_TOKENS", "int", 8, "tuning",
            "CUDA-graph decode steps of up to this many tokens run the shortcut MoE on a side stream; 0: never "
            "(H200: batch 1 1.48 vs 1.58 ms inline; at every batch size it cost ~1 ms at batch 64)", _nonneg_int),
-    Switch("LONGCAT_FP8_SPLITK_MAX_ROWS", "int", 0, "tuning",
+    Switch("LONGCAT_FP8_SPLITK_MAX_ROWS", "int", 64, "tuning",
            "dense linears with block-FP8 weights of more rows than the CUDA GEMV takes (ops/fp8.DECODE_ROWS) up to "
-           "this many (larger values act as 128) run the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py) instead of cuBLAS's "
-           "blockwise scaled-mm; 0: never. NOT YET MEASURED: off until the H200 A/B (bench_fp8_kernels.py --sections "
-           "dense_decode; cuBLAS reached ~0.5 of the copy rate on the 2L decode shapes at 16-128 rows)",
-           _nonneg_int),
+           "this many (larger values act as 128) run the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py) instead of "
+           "cuBLAS's blockwise scaled-mm, on the shapes where it measured faster (its SHAPE_CONFIGS); 0: never "
+           "(H200, 2L decode linears: 484 vs 584 us at 16 rows, 596 vs 629 at 64)", _nonneg_int),
     Switch("LONGCAT_MLA_DECODE_TILE", "bn,stages", "32,2", "tuning",
            "MQA-form MLA decode stage 1 (bf16/fp16; kernels/mla_decode.py): cache tokens per step and software-"
            "pipeline stages. 32,2 keeps one cache tile in flight while the next page index is read synchronously "
@@ -170,17 +169,17 @@ SWITCHES: tuple[Switch, ...] = (
            "or the CUDA expert_ffn_fp8; auto = ops/extension.py's rule (Triton from 16 tokens for wide experts, from 8 "
            "for narrow ones: the fastest on the H200); forcing one is for tests and benchmarks",
            _one_of("auto", "triton", "cuda")),
-    Switch("LONGCAT_FP8_GEMV_SPLITK", "0|1|2|3|4|6|8", "0", "testing",
-           "CUDA dense_gemv_fp8 (block-FP8 decode GEMV, read by csrc/cuda/dense_gemv_fp8.cu at each call): 0 = one "
-           "warp per column group over the whole K; 1 = split K over the warps of a block where the kernel's rule "
-           "picks it (N too small to fill the SMs: q_a + kv_a); 2..8 = split K that many ways on every shape (tests, "
-           "benchmarks). Default 0 until the H200 A/B (bench_fp8_kernels.py --sections dense)",
+    Switch("LONGCAT_FP8_GEMV_SPLITK", "0|1|2|3|4|6|8", "1", "testing",
+           "CUDA dense_gemv_fp8's FMA kernels (block-FP8 decode GEMV, read by csrc/cuda/dense_gemv_fp8.cu at each "
+           "call): 1 = split K over the warps of a block where the kernel's rule picks it (N too small to fill the "
+           "SMs: q_a + kv_a, H200 6.1 vs 6.9 us at 1 row); 0 = one warp per column group over the whole K; 2..8 = "
+           "split K that many ways on every shape; forcing one is for tests and benchmarks",
            _one_of("0", "1", "2", "3", "4", "6", "8")),
-    Switch("LONGCAT_FP8_GEMV_MMA", "0|1", "0", "testing",
-           "CUDA dense_gemv_fp8 on tensor cores (mma.sync bf16 on the weights dequantized in registers, 16 columns x "
-           "all rows per warp, K split over a block's warps; takes precedence over LONGCAT_FP8_GEMV_SPLITK): the "
-           "FMA kernels' cost grows with the rows (M = 4 about 1.5x M = 1), this one's does not. Default off until "
-           "the H200 A/B (bench_fp8_kernels.py --sections dense)", _one_of("0", "1")),
+    Switch("LONGCAT_FP8_GEMV_MMA", "auto|0|1", "auto", "testing",
+           "CUDA dense_gemv_fp8 on tensor cores (mma.sync on the weights dequantized in registers, 16 columns x all "
+           "rows per warp; its time does not grow with the rows): auto = from 3 rows and for K <= 2048 (q_b), the "
+           "FMA kernels below (the fastest on the H200 at each row count and shape); 0 / 1 = never / always, for "
+           "tests and benchmarks", _one_of("auto", "0", "1")),
     Switch("LONGCAT_MLA_DECODE_KERNEL", "auto|old|new", "auto", "testing",
            "MLA decode attention kernels (read at each call): new = up to 64 heads per program sharing each cache "
            "tile (kernels/_mla_decode_mqa_triton.py), old = 16-head programs (kernels/_mla_decode_triton.py); auto = "

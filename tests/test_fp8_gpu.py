@@ -69,14 +69,23 @@ GEMV_SHAPES = [(1, 16), (7, 64), (33, 1536), (130, 272), (4227, 1552), (2112, 61
                (24576, 6144), (6144, 12288)]
 
 
-# The GEMV variants as (LONGCAT_FP8_GEMV_SPLITK, LONGCAT_FP8_GEMV_MMA): the plain kernel, the split-K rule, forced
-# split-K (S = 2, 3, 8 here; 4 and 6 in test_dense_gemv_fp8_splitk_variants_agree) and the tensor-core kernel.
-GEMV_SPLITS = (("0", "0"), ("1", "0"), ("2", "0"), ("3", "0"), ("8", "0"), ("0", "1"))
+# The GEMV variants as (LONGCAT_FP8_GEMV_SPLITK, LONGCAT_FP8_GEMV_MMA): the default rule, the plain FMA kernel, its
+# split-K rule, forced split-K (S = 2, 3, 8 here; 4 and 6 in test_dense_gemv_fp8_splitk_variants_agree) and the
+# tensor-core kernel.
+GEMV_SPLITS = (("1", "auto"), ("0", "0"), ("1", "0"), ("2", "0"), ("3", "0"), ("8", "0"), ("0", "1"))
 
 
 def _gemv_variant(monkeypatch, variant):
     monkeypatch.setenv("LONGCAT_FP8_GEMV_SPLITK", variant[0])
     monkeypatch.setenv("LONGCAT_FP8_GEMV_MMA", variant[1])
+
+
+def _gemv_kernel_of(variant, m, k):
+    """The forced variant the default rule ("auto") runs at m rows and this K (csrc/cuda/dense_gemv_fp8.cu use_mma:
+    tensor cores from 3 rows and for K <= 2048, else the FMA kernels with their split rule)."""
+    if variant[1] != "auto":
+        return variant
+    return ("0", "1") if m >= 3 or k <= 2048 else ("1", "0")
 
 
 @needs_ops
@@ -89,7 +98,6 @@ def test_dense_gemv_fp8_matches_exact(n, k, split, monkeypatch):
     w8, scale = _quantized((n, k), seed=n + k, std=k**-0.5)
     g = torch.Generator(device=DEV).manual_seed(k)
     rows = torch.randn(8, k, device=DEV, generator=g).to(torch.bfloat16)
-    one_row = {}
     for m in (0, 1, 2, 3, 5, 8):
         x = rows[:m]
         assert extension.dense_gemv_fp8_supported(x, w8, scale)
@@ -98,8 +106,12 @@ def test_dense_gemv_fp8_matches_exact(n, k, split, monkeypatch):
         if m:
             exact, mag = _weight_only_exact(x, w8, scale)
             _assert_bf16_within(out, exact, mag, k, f"N{n} K{k} M{m}")
-            one_row.setdefault("r0", L.dense_gemv_fp8(x[:1], w8, scale))
-            assert torch.equal(out[:1], one_row["r0"]), "row 0 depends on the batch size"
+            # row 0 never depends on the batch size within a kernel (auto: the kernel it picks at m rows)
+            kernel = _gemv_kernel_of(split, m, k)
+            _gemv_variant(monkeypatch, kernel)
+            assert torch.equal(out, L.dense_gemv_fp8(x, w8, scale)), f"auto at M{m} is not {kernel}"
+            assert torch.equal(out[:1], L.dense_gemv_fp8(x[:1], w8, scale)), "row 0 depends on the batch size"
+            _gemv_variant(monkeypatch, split)
     # and against the weight-only reference (weights rounded to bf16 there): a bf16-level difference
     want = fr.fp8_linear_ref(rows, w8, scale).float()
     got = L.dense_gemv_fp8(rows, w8, scale).float()
@@ -502,8 +514,8 @@ def test_prefill_expert_ffn_fp8_path():
 
 
 def test_fp8_linear_dispatch(monkeypatch):
-    """ops/fp8.fp8_linear (the layers' dispatch): up to DECODE_ROWS (4) rows the CUDA GEMV, more rows the w8a8
-    GEMM (kernels/fp8_gemm.w8a8_linear: scaled-mm or Triton)."""
+    """ops/fp8.fp8_linear (the layers' dispatch): up to DECODE_ROWS (8) rows the CUDA GEMV, more rows the w8a8
+    GEMM (kernels/fp8_gemm.w8a8_linear: scaled-mm or Triton; this shape has no split-K SHAPE_CONFIGS entry)."""
     w8, scale = _quantized((2112, 6144), seed=6, std=6144**-0.5)
     calls = []
     if HAVE_FP8_OPS:
@@ -514,8 +526,8 @@ def test_fp8_linear_dispatch(monkeypatch):
     real_w8a8 = fp8_ops._w8a8_gemm()
     assert real_w8a8 is not None
     monkeypatch.setattr(fp8_ops, "_w8a8_gemm", lambda: lambda *a, **kw: calls.append("w8a8") or real_w8a8(*a, **kw))
-    assert fp8_ops.DECODE_ROWS == 4
-    for m in (1, 4, 5, 512):
+    assert fp8_ops.DECODE_ROWS == 8
+    for m in (1, 8, 9, 512):
         x = torch.randn(m, 6144, device=DEV).to(torch.bfloat16)
         out = fp8_ops.fp8_linear(x, w8, scale)
         want = fr.fp8_linear_ref(x, w8, scale).float()

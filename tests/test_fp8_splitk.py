@@ -159,7 +159,7 @@ def test_config_grammar_and_rules():
     # the default rule: about TARGET_WAVES x SMs programs, at least MIN_GROUPS_PER_SPLIT groups each (2L shapes)
     for rows in (8, 16, 64, 128):
         for n, k in ((2176, 6144), (12288, 1536), (6144, 8192), (24576, 6144), (6144, 12288)):
-            cfg = fs.config_for(rows, n, k)
+            cfg = fs.default_config(rows, n, k)
             split, per = fs.resolve_split(k, cfg.split)
             programs = -(-n // cfg.block_n) * split
             assert per >= fs.MIN_GROUPS_PER_SPLIT or split == 1
@@ -176,9 +176,9 @@ def test_shape_configs_take_precedence(monkeypatch):
     assert fs.config_for(64, 6144, 8192).split == fs.auto_split(6144, 8192, 64)  # split 0: resolved
 
 
-def test_dispatch_switch_is_off_by_default_and_capped(monkeypatch):
+def test_dispatch_switch_default_and_cap(monkeypatch):
     monkeypatch.delenv("LONGCAT_FP8_SPLITK_MAX_ROWS", raising=False)
-    assert fp8_ops.splitk_max_rows() == 0
+    assert fp8_ops.splitk_max_rows() == 64
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "64")
     assert fp8_ops.splitk_max_rows() == 64
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "4096")
@@ -186,6 +186,17 @@ def test_dispatch_switch_is_off_by_default_and_capped(monkeypatch):
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "-1")
     with pytest.raises(ValueError, match="LONGCAT_FP8_SPLITK_MAX_ROWS"):
         fp8_ops.splitk_max_rows()
+    # the dispatch takes split-K above the GEMV's rows, up to the bound, on the measured shapes only
+    w_qa = torch.empty(2176, 6144, dtype=fs.FP8_DTYPE, device="meta")
+    w_qb = torch.empty(12288, 1536, dtype=fs.FP8_DTYPE, device="meta")
+    monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "64")
+    assert [fp8_ops.splitk_wins(r, w_qa) for r in (fp8_ops.DECODE_ROWS, fp8_ops.DECODE_ROWS + 1, 16, 64, 65)] == [
+        False, True, True, True, False]
+    assert not any(fp8_ops.splitk_wins(r, w_qb) for r in (9, 16, 64))  # cuBLAS measured faster there
+    for (tile, n, k), cfg in fs.SHAPE_CONFIGS.items():
+        assert fs.measured_config(tile, n, k) is cfg and fs.config_for(tile, n, k) == cfg
+    monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "0")
+    assert not fp8_ops.splitk_wins(16, w_qa)
     # CPU tensors take the reference whatever the switch says
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "128")
     x, w8, ws = _case(8, 40, 256, seed=7)
@@ -280,8 +291,13 @@ def test_bench_dense_decode_candidates_and_table(capsys):
     assert "CompilationError" not in out and "64,6,4,4,swap:error" in out
     # step totals: 4 x the shapes' sums; split-K wins at 16 rows (140 < 200), loses at 64 by default (100 > 80)
     assert "up to 16 (-> LONGCAT_FP8_SPLITK_MAX_ROWS=16)" in out
-    assert "(64, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 0.76 at 64 rows" in out
-    assert "(16, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 0.80 at 16 rows" in out
+    # SHAPE_CONFIGS: the fastest split-K config where it beats cuBLAS by more than 3%
+    assert "    (64, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 19.0 / 20.0 at 64 rows" in out
+    assert "    (16, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 12.0 / 20.0 at 16 rows" in out
+    rows[2]["variants_us"] = {"64,6,4,4,swap": 19.5}  # within 3% of cuBLAS: commented out
+    print_dense_decode(rows, 4.2)
+    out = capsys.readouterr().out
+    assert "    # not faster: (64, 6144, 8192): parse_splitk_config(\"64,6,4,4,swap\"),  # 19.5 / 20.0 at 64 rows" in out
 
 
 def test_bench_dense_decode_runs_on_the_cpu(monkeypatch, capsys):

@@ -77,23 +77,28 @@ def test_fused_quantization_equals_the_unfused(m):
 
 
 def test_dispatch_switch(monkeypatch):
-    x, w8, ws = _case(24, 6144, 8192, seed=5)
+    x, w8, ws = _case(14, 6144, 8192, seed=5)  # o_proj: a SHAPE_CONFIGS entry at the 16-row tile
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "0")
     assert torch.equal(fp8_ops.fp8_linear(x, w8, ws), w8a8_linear(x, w8, ws))
-    monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "32")
-    got = fp8_ops.fp8_linear(x.view(2, 12, -1), w8, ws)
-    assert got.shape == (2, 12, 6144)
-    assert torch.equal(got.view(24, -1), fs.w8a8_splitk_linear(x, w8, ws))
-    monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "16")  # 24 rows: above the bound, cuBLAS again
+    monkeypatch.delenv("LONGCAT_FP8_SPLITK_MAX_ROWS")  # the default
+    got = fp8_ops.fp8_linear(x.view(2, 7, -1), w8, ws)
+    assert got.shape == (2, 7, 6144)
+    assert torch.equal(got.view(14, -1), fs.w8a8_splitk_linear(x, w8, ws))
+    monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "12")  # 14 rows: above the bound, cuBLAS again
     assert torch.equal(fp8_ops.fp8_linear(x, w8, ws), w8a8_linear(x, w8, ws))
+    monkeypatch.delenv("LONGCAT_FP8_SPLITK_MAX_ROWS")
+    xb, w8b, wsb = _case(14, 12288, 1536, seed=6)  # q_b: no entry (cuBLAS measured faster), cuBLAS
+    assert torch.equal(fp8_ops.fp8_linear(xb, w8b, wsb), w8a8_linear(xb, w8b, wsb))
 
 
-@pytest.mark.parametrize("shape", ["o_proj", "gate_up"])
-def test_splitk_inside_a_cuda_graph(shape, monkeypatch):
-    """fp8_linear (switch on) captured in a CUDA graph: replays with new inputs give the eager call's bits."""
-    monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "128")
+@pytest.mark.parametrize("shape,rows", [("o_proj", 16), ("gate_up", 64)])
+def test_splitk_inside_a_cuda_graph(shape, rows, monkeypatch):
+    """fp8_linear (default switch, shapes with a SHAPE_CONFIGS entry) captured in a CUDA graph: replays with new
+    inputs give the eager call's bits."""
+    monkeypatch.delenv("LONGCAT_FP8_SPLITK_MAX_ROWS", raising=False)
     n, k = SHAPES_2L[shape]
-    x, w8, ws = _case(64, n, k, seed=9)
+    assert fs.measured_config(rows, n, k) is not None
+    x, w8, ws = _case(rows, n, k, seed=9)
     static_x = x.clone()
     fp8_ops.fp8_linear(static_x, w8, ws)  # compile outside the capture
     torch.cuda.synchronize()
@@ -101,7 +106,7 @@ def test_splitk_inside_a_cuda_graph(shape, monkeypatch):
     with torch.cuda.graph(graph):
         static_out = fp8_ops.fp8_linear(static_x, w8, ws)
     for seed in (10, 11):
-        fresh, _, _ = _case(64, 1, k, seed=seed)
+        fresh, _, _ = _case(rows, 1, k, seed=seed)
         static_x.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()

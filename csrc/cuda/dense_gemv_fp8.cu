@@ -5,12 +5,14 @@
 // reduction. Each 16-weight partial sum is scaled once by its block's scale (read through L1: the scale tensor is
 // small and shared by the 128 rows of a block). A row's accumulation order depends only on K and the lane, never on
 // M or NR, so row i of an M-row call equals the 1-row call bit for bit. No host sync, CUDA-graph capturable.
-// Split-K variant (LONGCAT_FP8_GEMV_SPLITK, default off until measured): the S warps of a column group each take a
-// contiguous K slice of the same NR columns and their partial sums are added through shared memory in slice order:
-// for projections whose N alone gives too few warps to keep the HBM busy (q_a + kv_a: N = 2176). Deterministic, and
-// the order depends on K and S only (S from N, K and the SM count, never M), so the row property holds within it.
-// Tensor-core variant (LONGCAT_FP8_GEMV_MMA=1, default off until measured; dense_gemv_fp8_mma_kernel below): its cost
-// does not grow with M. Each variant's sums differ from the others' in order (all within the tests' fp32 bound).
+// Split-K variant (where auto_split says so; LONGCAT_FP8_GEMV_SPLITK forces it): the S warps of a column group each
+// take a contiguous K slice of the same NR columns and their partial sums are added through shared memory in slice
+// order: for projections whose N alone gives too few warps to keep the HBM busy (q_a + kv_a: N = 2176).
+// Deterministic, and the order depends on K and S only (S from N, K and the SM count, never M), so the row
+// property holds within it.
+// Tensor-core variant (dense_gemv_fp8_mma_kernel below; use_mma says where): its cost does not grow with M. Each
+// variant's sums differ from the others' in order (all within the tests' fp32 bound), so under the default rule
+// row i of a 1- or 2-row call (FMA) and of a 3..8-row call (tensor cores) may differ in the last bit.
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -199,7 +201,7 @@ void launch_splitk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tensor-core variant (LONGCAT_FP8_GEMV_MMA=1, opt-in until measured): fp8_mma_chunk.cuh's 64-wide chunk (lane
+// Tensor-core variant (use_mma says where; LONGCAT_FP8_GEMV_MMA forces it): fp8_mma_chunk.cuh's 64-wide chunk (lane
 // (g, t): 16 e4m3 of weight rows n0 + g and n0 + g + 8 at k = 64 c + 16 t, 16 bf16 of x row g; exact e4m3 -> bf16;
 // 4 x mma.sync m16n8k16 with fp32 accumulation), so a warp owns 16 columns x all M <= 8 rows at once: the FMA
 // kernels' M x 16 FMAs per 16 weights (the M = 4 slowdown: issue-bound) become 4 MMAs per 1 KB whatever M is. Each
@@ -277,7 +279,7 @@ __global__ void __launch_bounds__(S * kWarp)
 }
 
 // The most K slices (of 1, 2, 4, 8; each >= one 128-block) that keep all warps in one wave at kMmaWarpsPerSm
-// resident warps per SM (~120 registers a thread: 16). Unmeasured guess (S: q_a + kv_a 8, q_b 2, o_proj 4, gate_up
+// resident warps per SM (~120 registers a thread: 16). Timed as a whole (use_mma) (S: q_a + kv_a 8, q_b 2, o_proj 4, gate_up
 // 1, down 4). A function of N, K and the SM count, never of M.
 constexpr int64_t kMmaWarpsPerSm = 16;
 int mma_split(int64_t N, int64_t K, int sms) {
@@ -310,11 +312,26 @@ void launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   }
 }
 
-bool mma_setting() {
+// LONGCAT_FP8_GEMV_MMA, read at every call (a CUDA graph keeps what it captured): unset / auto = use_mma's rule,
+// 0 = the FMA kernels everywhere, 1 = the tensor-core kernel everywhere (tests, benchmarks). Returns -1 for auto.
+int mma_setting() {
   const char* v = std::getenv("LONGCAT_FP8_GEMV_MMA");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "1") == 0, "LONGCAT_FP8_GEMV_MMA must be 0 or 1, got '", v, "'");
-  return true;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return -1;
+  if (std::strcmp(v, "0") == 0) return 0;
+  TORCH_CHECK(std::strcmp(v, "1") == 0, "LONGCAT_FP8_GEMV_MMA must be auto, 0 or 1, got '", v, "'");
+  return 1;
+}
+
+// The tensor-core kernel from 3 rows, and at every row count for short K (q_b: K = 1536, 3 of the FMA kernel's
+// 512-wide steps per warp): H200, 2026-12-04 (bench_fp8_kernels.py --sections dense; us, FMA kernel with the split
+// rule / tensor cores), q_a+kv_a M=1 6.1/9.1, M=4 10.1/8.8; q_b M=1 10.4/8.9; o_proj M=1 15.9/18.0, M=2 16.7/18.0,
+// M=4 22.6/18.1; gate_up M=1 40.2/47.9, M=4 63.8/48.1; down M=1 23.3/26.7, M=4 34.3/26.3. The tensor-core kernel's
+// time does not grow with M (it computes 8 rows whatever M is); the FMA kernels' does.
+constexpr int64_t kMmaMinRows = 3, kMmaMaxShortK = 2048;
+bool use_mma(int64_t M, int64_t K) {
+  const int setting = mma_setting();
+  if (setting >= 0) return setting == 1;
+  return M >= kMmaMinRows || K <= kMmaMaxShortK;
 }
 
 template <typename T, int NR>
@@ -340,13 +357,13 @@ void launch_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// LONGCAT_FP8_GEMV_SPLITK, read at every call (a CUDA graph keeps what it captured): unset / 0 = the one-warp-per-
-// column-group kernel everywhere; 1 = split K where auto_split says so; 2, 3, 4, 6, 8 = split K that many ways on
-// every shape (tests, benchmarks). Returns S (1 = no split) or -1 for auto.
+// LONGCAT_FP8_GEMV_SPLITK, read at every call (a CUDA graph keeps what it captured), for the FMA kernels: unset / 1 =
+// split K where auto_split says so (the default); 0 = one warp per column group everywhere; 2, 3, 4, 6, 8 = split
+// K that many ways on every shape (tests, benchmarks). Returns S (1 = no split) or -1 for auto.
 int splitk_setting() {
   const char* v = std::getenv("LONGCAT_FP8_GEMV_SPLITK");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return 1;
-  if (std::strcmp(v, "1") == 0) return -1;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "1") == 0) return -1;
+  if (std::strcmp(v, "0") == 0) return 1;
   for (const char* forced : {"2", "3", "4", "6", "8"}) {
     if (std::strcmp(v, forced) == 0) return forced[0] - '0';
   }
@@ -356,8 +373,9 @@ int splitk_setting() {
 // Split only where the plain kernel at NR = 4 would leave fewer than kSplitBelowWarpsPerSm warps per SM (q_a + kv_a:
 // 544 column groups on 132 SMs; q_b, o_proj, gate_up and down have >= 1536): the most slices (of 2, 3, 4, 6, 8) that
 // keep every warp in one wave at kSplitMaxWarpsPerSm warps per SM (the kRows = 1 kernel's ~98 registers allow ~19)
-// and >= kSplitMinSteps steps (512 k each) per slice. Unmeasured guess (q_a + kv_a: S = 3, 4 steps per warp);
-// LONGCAT_FP8_GEMV_SPLITK=2..8 forces each for the benchmark. A function of N, K and the SM count, never of M.
+// and >= kSplitMinSteps steps (512 k each) per slice (q_a + kv_a: S = 3, 4 steps per warp; H200 2026-12-04, M = 1:
+// 6.1 us against 6.9 unsplit, forced S = 2 7.8, 4 9.9, 8 11.2); LONGCAT_FP8_GEMV_SPLITK=2..8 forces each. A
+// function of N, K and the SM count, never of M.
 constexpr int64_t kSplitBelowWarpsPerSm = 8, kSplitMaxWarpsPerSm = 16, kSplitMinSteps = 2;
 int auto_split(int64_t N, int64_t K, int sms) {
   const int64_t groups = (N + kSplitNR - 1) / kSplitNR;
@@ -376,7 +394,7 @@ void dispatch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int64_t N = w.size(0);
-  if (mma_setting()) return launch_mma(x, w, scale, out, sms, stream);
+  if (use_mma(x.size(0), x.size(1))) return launch_mma(x, w, scale, out, sms, stream);
   int split = splitk_setting();
   if (split < 0) split = auto_split(N, x.size(1), sms);
   switch (split) {

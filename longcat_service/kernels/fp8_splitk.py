@@ -14,9 +14,9 @@ split order: deterministic).
 Configs (SplitKConfig: block_n, split, stages, warps, swap, tma, fuse = quantize x inside the GEMM instead of a
 separate per_token_group_quant_fp8 launch, the same bits): the row tile is next_pow2(M) (16..128, one row tile
 for decode batches, so the weight is read once), not part of the config. config_for(m, n, k) takes SHAPE_CONFIGS
-(measured exceptions, empty until the lead's H200 run) else the rule of default_config. Choices use shapes only:
-CUDA-graph safe (no host sync; the partial workspace is a plain allocation of each call, the graph's pool at capture).
-ops/fp8.fp8_linear takes it for rows in (DECODE_ROWS, LONGCAT_FP8_SPLITK_MAX_ROWS] (default 0: off).
+(the measured winners) else the rule of default_config. Choices use shapes only: CUDA-graph safe (no host sync; the
+partial workspace is a plain allocation of each call, the graph's pool at capture). ops/fp8.fp8_linear takes it for
+rows in (DECODE_ROWS, LONGCAT_FP8_SPLITK_MAX_ROWS] on the shapes with a SHAPE_CONFIGS entry only.
 """
 
 from __future__ import annotations
@@ -82,9 +82,24 @@ def parse_splitk_config(text: str) -> SplitKConfig:
     return SplitKConfig(bn, split, stages, warps, swap_ab="swap" in flags, tma="tma" in flags, fuse="fuse" in flags)
 
 
-# Measured exceptions to default_config: (row tile, N, K) -> config. NOT YET MEASURED: empty until
-# `benchmarks/bench_fp8_kernels.py --sections dense_decode` runs on the H200 (it prints the entries to paste).
-SHAPE_CONFIGS: dict[tuple[int, int, int], SplitKConfig] = {}
+# Where split-K beats cuBLAS's blockwise scaled-mm (the dispatch takes it there only): (row tile, N, K) -> the fastest
+# config. H200 2026-12-04, `python benchmarks/bench_fp8_kernels.py --sections dense_decode --reps 10 --dense-rows
+# 16,64` (us, this config / cuBLAS / the rule's default config). Not entered: q_b 12288x1536 (16 rows 12.2 / 11.7,
+# 64 rows 12.3 / 11.3), o_proj and down at 64 rows (29.1 / 28.9, 40.7 / 40.9), the 32- and 128-row tiles (untimed).
+SHAPE_CONFIGS: dict[tuple[int, int, int], SplitKConfig] = {
+    (16, 2176, 6144): parse_splitk_config("64,8,4,4,swap,tma"),  # 12.4 / 15.4 / 14.7
+    (16, 6144, 8192): parse_splitk_config("64,3,4,4,swap,tma"),  # 21.7 / 24.4 / 32.3
+    (16, 24576, 6144): parse_splitk_config("64,1,4,4,swap,tma"),  # 45.5 / 60.1 / 68.8
+    (16, 6144, 12288): parse_splitk_config("64,3,4,4,swap,tma"),  # 29.1 / 34.4 / 45.8
+    (64, 2176, 6144): parse_splitk_config("128,12,4,4,tma"),  # 15.6 / 21.9 / 16.1
+    (64, 24576, 6144): parse_splitk_config("128,1,4,4,swap,tma"),  # 51.1 / 54.2 / 67.0
+}
+
+
+def measured_config(rows: int, n: int, k: int) -> SplitKConfig | None:
+    """The SHAPE_CONFIGS entry of this many rows' tile and shape: where the dispatch takes split-K."""
+    return SHAPE_CONFIGS.get((block_m_for(rows), n, k))
+
 
 # Candidates the benchmark times per shape and row count beside the default (split 0 = the rule's for the shape).
 SWEEP_CONFIGS: tuple[SplitKConfig, ...] = tuple(parse_splitk_config(c) for c in (
@@ -116,7 +131,8 @@ def auto_split(n: int, k: int, block_n: int, sms: int = DEFAULT_SMS) -> int:
 
 
 def default_config(rows: int, n: int, k: int, sms: int = DEFAULT_SMS) -> SplitKConfig:
-    """NOT YET MEASURED, a starting point: 128-row weight tiles (64 where the 128-row grid is under one program per
+    """The config of shapes without a SHAPE_CONFIGS entry (direct calls; the dispatch does not take those). Timed on
+    the H200 2026-12-04: slower than cuBLAS on every LongCat shape at 16 and 64 rows. The rule: 128-row weight tiles (64 where the 128-row grid is under one program per
     SM, and for the 128-row tile: 128 x 128 fp32 accumulators need 8 warps and still spill in the sm_90 build),
     the swapped product (unswapped, Triton's sm_90 build of a 16-row tile runs no FP8 MMA at all), TMA loads (fewer
     registers than pointer loads in the sm_90 build: 208 against 246 at 64 rows x 128), 4 stages, 4 warps, the

@@ -7,10 +7,10 @@ it always takes the reference path. None: the standard block layout.
 
 On CUDA, with the extension / Triton kernels present (h15k's wrappers, looked up once, guarded so either side
 works alone): decode rows (<= DECODE_ROWS) stream the FP8 weight through `dense_gemv_fp8` (dequantized in
-registers), more rows take the w8a8 block GEMM (dynamic per-token-group activation quantization; torch's
-cuBLASLt blockwise scaled-mm on Hopper where it takes the shape, else the Triton kernel; with
-LONGCAT_FP8_SPLITK_MAX_ROWS set, rows above DECODE_ROWS up to it take the Triton split-K w8a8 GEMM,
-kernels/fp8_splitk.py, the same numerics up to fp32 summation order); the routed
+registers), more rows take a w8a8 block GEMM (dynamic per-token-group activation quantization): up to
+LONGCAT_FP8_SPLITK_MAX_ROWS rows the Triton split-K GEMM (kernels/fp8_splitk.py) on the shapes where it measured
+faster than cuBLAS (its SHAPE_CONFIGS), else torch's cuBLASLt blockwise scaled-mm on Hopper where it takes the
+shape, else the Triton block GEMM (the same numerics up to fp32 summation order); the routed
 experts take `extension.expert_ffn_fp8`, which picks its own decode / grouped-GEMM regime. Everywhere else
 (CPU, unsupported shapes): the reference, i.e. dequantize to the activation dtype, then the bf16/fp32 op
 (weight-only: equal to the unquantized model run on the dequantized weights). Choices use shapes, dtypes and the
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from longcat_service import envs, ops
 from longcat_service.ops.fp8_reference import BLOCK, FP8_DTYPE, block_dequant, per_token_group_quant
 
-# Rows up to which the dense linears stream the weight through dense_gemv_fp8 (which takes up to 8). H200 run 1
-# (benchmarks/RESULTS.md): the GEMV wins at 1-4 rows on every LongCat shape but gate_up at 4 (66 vs 52 us w8a8),
-# and loses at 8 on all but q_a_kv_a (q_b 20 vs 13, o_proj 51 vs 27 scaled-mm, gate_up 122 vs 53, down 76 vs 35).
-DECODE_ROWS = 4
+# Rows up to which the dense linears stream the weight through dense_gemv_fp8 (which takes up to 8). Its tensor-core
+# kernel (from 3 rows) costs the same at 8 rows as at 1: H200 2026-12-04 at 4 rows, us, GEMV / cuBLAS at 16 rows:
+# q_a+kv_a 8.8 / 15.4, q_b 9.0 / 11.7, o_proj 18.1 / 24.4, gate_up 48.1 / 60.1, down 26.3 / 34.4. (With the FMA
+# kernels alone, run 1, 8 rows lost to cuBLAS on all but q_a+kv_a.)
+DECODE_ROWS = 8
 
 
 def cdiv(a: int, b: int = BLOCK) -> int:
@@ -116,6 +117,15 @@ def splitk_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) ->
     return module is not None and fast_path_enabled(x2) and module.supported(x2, w8, scale)
 
 
+def splitk_wins(rows: int, w8: torch.Tensor) -> bool:
+    """Whether this many rows of this weight shape take the split-K GEMM: up to splitk_max_rows() rows, and only
+    where the H200 measured it faster than cuBLAS (a fp8_splitk.SHAPE_CONFIGS entry for the row tile and shape;
+    its rule's default configs lost to cuBLAS on every LongCat shape)."""
+    module = _splitk()
+    return (DECODE_ROWS < rows <= splitk_max_rows() and module is not None
+            and module.measured_config(rows, *w8.shape) is not None)
+
+
 def w8a8_supported(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
     """What the Triton w8a8 GEMM takes: CUDA with FP8 tensor cores (sm_89+), Triton on, x [M, K] bf16 / fp16 and
     w8 [N, K] e4m3 with unit last strides and its standard block scale. Host metadata only."""
@@ -149,7 +159,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, parts: Se
         ext = _extension()
         if x2.shape[0] <= DECODE_ROWS and ext is not None and ext.dense_gemv_fp8_supported(x2, w8, scale):
             return ext.dense_gemv_fp8(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
-        if DECODE_ROWS < x2.shape[0] <= splitk_max_rows() and splitk_supported(x2, w8, scale):
+        if splitk_wins(x2.shape[0], w8) and splitk_supported(x2, w8, scale):
             return _splitk().w8a8_splitk_linear(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
         if w8a8_supported(x2, w8, scale):  # prefill rows, or decode rows the GEMV does not take
             return _w8a8_gemm()(x2, w8, scale).view(*x.shape[:-1], w8.shape[0])
@@ -211,5 +221,5 @@ def moe_forward_fp8(hidden, router_logits, correction_bias, experts, top_k, rout
 
 
 __all__ = ["BLOCK", "DECODE_ROWS", "FP8_DTYPE", "cdiv", "dequant", "fp8_expert_ffn", "fp8_linear",
-           "moe_forward_fp8", "quant_dequant", "splitk_max_rows", "splitk_supported", "standard_layout",
+           "moe_forward_fp8", "quant_dequant", "splitk_max_rows", "splitk_supported", "splitk_wins", "standard_layout",
            "w8a8_supported"]
