@@ -1,25 +1,24 @@
-"""MLA decode attention on one GPU at LongCat-Flash shapes: every selectable variant side by side, with the
-latent-cache byte floor, in one run.
+"""MLA decode attention on one GPU at LongCat-Flash shapes: both kernel families side by side, with the latent-cache
+byte floor, and the MLA chain with and without the W_UK absorb in the prep kernel, in one run.
 
     python benchmarks/bench_mla_decode.py [--batches 1,16,64] [--contexts 256,1024,4096] [--heads 64]
-                                          [--tiles '32,2;32,3;32,5;64,3'] [--min-splits 0,256] [--old-stages 2,3,5]
                                           [--block-size 16] [--sweep] [--out f.json]
 
+(`--batches 1,2,4,8 --contexts 1024` times the absorb at the rows LONGCAT_MLA_ABSORB_PREP_MAX_ROWS may cover.)
 Per (batch, context), every row at that context, pages scattered over the cache:
-- latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels at each
-  stage-1 pipeline depth (`old stS`: LONGCAT_MLA_DECODE_KERNEL=old LONGCAT_MLA_DECODE_OLD_STAGES=S; `... early` also
-  LONGCAT_MLA_DECODE_MERGE=early; `old st2` is today's default below 16 rows) and the MQA-form ones at each stage-1 tile (`new bn,stages`:
-  LONGCAT_MLA_DECODE_KERNEL=new LONGCAT_MLA_DECODE_TILE=bn,stages, `... msN` also LONGCAT_MLA_DECODE_MIN_SPLIT=N,
-  `... early` also LONGCAT_MLA_DECODE_MERGE=early; `new 32,2` is today's default from 16 rows).
-- chain columns: one attention's MLA chain between q_b_proj and o_proj as layers/fast_decode.py runs it at the
-  default switches (mla_prep, the W_UK bmm, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows,
-  else o_latent then the W_UV bmm): `chain` today; `chain absorb` with LONGCAT_MLA_ABSORB_PREP_MAX_ROWS covering the
-  batch (the W_UK product inside the prep kernel: one launch less; up to 8 rows only); `chain best` with the
-  fastest latent variant of this row forced; `chain absorb best` both.
+- latent columns: mla_decode alone (o_latent out, both stages), us per call, for the 16-head kernels (`old st2`:
+  LONGCAT_MLA_DECODE_KERNEL=old, 2 pipeline stages; the default below 16 rows) and the MQA-form ones (`new 64,3`:
+  LONGCAT_MLA_DECODE_KERNEL=new, 64-token steps at 3 stages; the default from 16 rows).
+- chain columns: one attention's MLA chain between q_b_proj and o_proj as layers/fast_decode.py runs it (mla_prep,
+  the W_UK product, mla_decode with W_UV fused into the merge up to FUSED_UV_MAX_BATCH rows, else o_latent then the
+  W_UV bmm), the kernels chosen by the batch: `chain` with the W_UK product as a cuBLAS bmm after mla_prep;
+  `chain absorb` with it inside the prep kernel (one launch less; what fast_decode runs up to
+  LONGCAT_MLA_ABSORB_PREP_MAX_ROWS rows; timed up to ABSORB_MAX_BATCH rows); `chain best` with the faster latent
+  kernel of this row forced; `chain absorb best` both.
 - floor: the latent cache bytes (B x context x 576 x 2) at the copy rate measured in this run.
 - err: the largest relative error of any variant's output against mla_decode_reference (GPU tests allow 1e-2);
   `chain absorb` against `chain`.
---sweep adds each MQA tile's latent time at forced split counts (1..32).
+--sweep adds the MQA kernels' latent time at forced split counts (1..32).
 Times: one CUDA graph of REPEAT calls replayed (no launch overhead, as in the served decode step), median per call.
 Writes the JSON to --out, else to $OUT/bench_mla_decode.json when OUT is set; the table also to $OUT/bench_mla_decode.md.
 """
@@ -41,8 +40,9 @@ RANK, ROPE, NOPE, DV, SCALE = 512, 64, 128, 128, 0.0722
 REPEAT = 20
 ABSORB_MAX_BATCH = 8
 DEVICE = "cuda"  # (a CPU smoke run of the table logic sets "cpu")
-SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_DECODE_TILE", "LONGCAT_MLA_DECODE_MIN_SPLIT",
-            "LONGCAT_MLA_DECODE_OLD_STAGES", "LONGCAT_MLA_DECODE_MERGE", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
+SWITCHES = ("LONGCAT_MLA_DECODE_KERNEL", "LONGCAT_MLA_ABSORB_PREP_MAX_ROWS")
+# the latent variants: name -> switches (the column names of the earlier runs in benchmarks/RESULTS.md)
+LATENT_VARIANTS = {"old st2": {"LONGCAT_MLA_DECODE_KERNEL": "old"}, "new 64,3": {"LONGCAT_MLA_DECODE_KERNEL": "new"}}
 
 
 def _case(batch: int, ctx: int, heads: int, block_size: int, gen: torch.Generator) -> dict:
@@ -114,31 +114,14 @@ def _with(settings: dict, fn):
                 os.environ[k] = v
 
 
-def _latent_variants(tiles: list[str], old_stages: list[str], min_splits: list[str]) -> dict[str, dict]:
-    variants = {}
-    for st in old_stages:
-        for merge in ("default", "early"):
-            variants[f"old st{st}{' early' if merge == 'early' else ''}"] = {
-                "LONGCAT_MLA_DECODE_KERNEL": "old", "LONGCAT_MLA_DECODE_OLD_STAGES": st,
-                "LONGCAT_MLA_DECODE_MERGE": merge}
-    for tile in tiles:
-        for ms in min_splits:
-            variants[f"new {tile}{f' ms{ms}' if ms != '0' else ''}"] = {
-                "LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile, "LONGCAT_MLA_DECODE_MIN_SPLIT": ms}
-        variants[f"new {tile} early"] = {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile,
-                                         "LONGCAT_MLA_DECODE_MERGE": "early"}
-    return variants
-
-
-def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stages, min_splits, sweep) -> dict:
+def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, sweep) -> dict:
     c = _case(batch, ctx, heads, block_size, gen)
     attn = c["attn"]
     ref = md.mla_decode_reference(*attn)
     row = dict(batch=batch, context=ctx, heads=heads, block_size=block_size,
                splits_new=md.choose_num_splits(batch, heads),
                floor_us=batch * ctx * (RANK + ROPE) * 2 / copy_bw * 1e6, latent_us={}, err={})
-    variants = _latent_variants(tiles, old_stages, min_splits)
-    for name, settings in variants.items():
+    for name, settings in LATENT_VARIANTS.items():
         row["err"][name] = _with(settings, lambda: _rel(md.mla_decode(*attn), ref))
         row["latent_us"][name] = _with(settings, lambda: _graph_us(lambda: md.mla_decode(*attn), reps))
     done = {k: v for k, v in row["latent_us"].items() if v is not None}
@@ -149,23 +132,22 @@ def _measure(batch, ctx, heads, block_size, gen, copy_bw, reps, tiles, old_stage
         row["err"]["chain absorb"] = _rel(_chain(c, absorb=True), base)
         row["chain_absorb_us"] = _graph_us(lambda: _chain(c, absorb=True), reps)
     if row["best_latent"]:
-        row["chain_best_us"] = _with(variants[row["best_latent"]],
+        row["chain_best_us"] = _with(LATENT_VARIANTS[row["best_latent"]],
                                      lambda: _graph_us(lambda: _chain(c, absorb=False), reps))
         if batch <= ABSORB_MAX_BATCH:
-            row["chain_absorb_best_us"] = _with(variants[row["best_latent"]],
+            row["chain_absorb_best_us"] = _with(LATENT_VARIANTS[row["best_latent"]],
                                                 lambda: _graph_us(lambda: _chain(c, absorb=True), reps))
     if sweep:
         row["sweep_latent_us"] = {}
-        for tile in tiles:
-            for splits in (1, 2, 4, 8, 16, 32):
-                row["sweep_latent_us"][f"{tile} splits {splits}"] = _with(
-                    {"LONGCAT_MLA_DECODE_KERNEL": "new", "LONGCAT_MLA_DECODE_TILE": tile},
-                    lambda s=splits: _graph_us(lambda: md.mla_decode(*attn, num_splits=s), reps))
+        for splits in (1, 2, 4, 8, 16, 32):
+            row["sweep_latent_us"][f"new splits {splits}"] = _with(
+                LATENT_VARIANTS["new 64,3"],
+                lambda n=splits: _graph_us(lambda: md.mla_decode(*attn, num_splits=n), reps))
     return row
 
 
-def _table(results: list[dict], tiles: list[str], old_stages: list[str], min_splits: list[str]) -> list[str]:
-    names = list(_latent_variants(tiles, old_stages, min_splits))
+def _table(results: list[dict]) -> list[str]:
+    names = list(LATENT_VARIANTS)
     header = (["batch", "context", "splits new", "floor us"] + [f"latent {n}" for n in names]
               + ["chain", "chain absorb", "chain best", "chain absorb best", "max err"])
     rows = []
@@ -187,17 +169,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--heads", type=int, default=64)
-    ap.add_argument("--tiles", default="32,2;32,3;32,5;64,3", help="MQA stage-1 tiles 'bn,stages', ';'-separated")
-    ap.add_argument("--min-splits", default="0,256", help="MQA shortest split lengths (tokens; 0 = one step)")
-    ap.add_argument("--old-stages", default="2,3,5", help="stage-1 pipeline stages of the 16-head kernels")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    tiles = [t.strip() for t in a.tiles.split(";") if t.strip()]
-    old_stages = [s.strip() for s in a.old_stages.split(",") if s.strip()]
-    min_splits = [s.strip() for s in a.min_splits.split(",") if s.strip()]
     out = a.out or (os.path.join(os.environ["OUT"], "bench_mla_decode.json") if os.environ.get("OUT") else "")
     dev = torch.device("cuda")
     copy_bw, _ = harness.measure_ceilings(dev)
@@ -206,14 +182,13 @@ def main() -> None:
     results = []
     for ctx in harness.ints(a.contexts):
         for batch in harness.ints(a.batches):
-            results.append(_measure(batch, ctx, a.heads, a.block_size, gen, copy_bw, a.reps, tiles, old_stages,
-                                    min_splits, a.sweep))
+            results.append(_measure(batch, ctx, a.heads, a.block_size, gen, copy_bw, a.reps, a.sweep))
             print(json.dumps(results[-1]), flush=True)
             torch.cuda.empty_cache()
             if out:  # after every row: a run cut short still leaves what it measured
                 with open(out, "w") as f:
                     json.dump(dict(commit=harness.commit(), copy_bytes_per_s=copy_bw, results=results), f, indent=1)
-    table = "\n".join(_table(results, tiles, old_stages, min_splits))
+    table = "\n".join(_table(results))
     print(table)
     if out:
         with open(os.path.splitext(out)[0] + ".md", "w") as f:

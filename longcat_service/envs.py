@@ -57,24 +57,6 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
-def _stages(raw: str) -> int:
-    value = int(raw)
-    if not 1 <= value <= 6:
-        raise ValueError("expected 1..6")
-    return value
-
-
-def _mla_tile(raw: str) -> str:
-    """'block_n,stages' of the MQA-form MLA decode stage 1 (kernels/mla_decode.py), normalised."""
-    parts = raw.replace(" ", "").split(",")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError("expected 'block_n,stages', e.g. 32,5")
-    block_n, stages = int(parts[0]), int(parts[1])
-    if block_n not in (16, 32, 64) or not 1 <= stages <= 6:
-        raise ValueError("block_n must be 16, 32 or 64 and stages 1..6")
-    return f"{block_n},{stages}"
-
-
 @dataclass(frozen=True)
 class Switch:
     name: str
@@ -119,29 +101,6 @@ SWITCHES: tuple[Switch, ...] = (
            "this many (larger values act as 128) run the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py) instead of "
            "cuBLAS's blockwise scaled-mm, on the shapes where it measured faster (its SHAPE_CONFIGS); 0: never "
            "(H200, 2L decode linears: 484 vs 584 us at 16 rows, 596 vs 629 at 64)", _nonneg_int),
-    Switch("LONGCAT_MLA_DECODE_TILE", "bn,stages", "32,2", "tuning",
-           "MQA-form MLA decode stage 1 (bf16/fp16; kernels/mla_decode.py): cache tokens per step and software-"
-           "pipeline stages. 32,2 keeps one cache tile in flight while the next page index is read synchronously "
-           "(~2 memory latencies per step); 32,5 keeps two tiles in flight (185 KB shared memory), 64,3 halves the "
-           "steps (222 KB); candidates timed side by side by benchmarks/bench_mla_decode.py, not yet on a GPU",
-           _mla_tile),
-    Switch("LONGCAT_MLA_DECODE_MIN_SPLIT", "int", 0, "tuning",
-           "shortest split (tokens, rounded up to whole steps) of the MQA-form MLA decode: a row shorter than "
-           "splits x this fills fewer splits, so fewer programs load q (72 KB at 64 heads) and write a 128 KB fp32 "
-           "partial for a few tokens; 0: one step (the split count alone decides). Not yet timed on a GPU "
-           "(benchmarks/bench_mla_decode.py --min-splits)", _nonneg_int),
-    Switch("LONGCAT_MLA_DECODE_OLD_STAGES", "int", 2, "tuning",
-           "software-pipeline stages of the 16-head MLA decode stage 1 (kernels/_mla_decode_triton.py, below 16 "
-           "rows): at 2 each 32-token step waits for a synchronous page-index load, then its cache rows; 3 loads the "
-           "page indices asynchronously, 5 also keeps two cache tiles in flight (94 KB shared memory, 255 registers, "
-           "still 2 programs per SM on sm_90a); not yet timed on a GPU (benchmarks/bench_mla_decode.py)",
-           _stages),
-    Switch("LONGCAT_MLA_DECODE_MERGE", "default|early", "default", "tuning",
-           "loads of the MLA decode split merge (stage 2, with or without W_UV): default = as measured (16-head "
-           "kernels: a loop over the active splits, one memory round trip each, not pipelined: ~16 at batch 1 and "
-           "512 tokens; MQA kernels: the partials read once their log-sum-exps are); early = every load issued up "
-           "front (all splits' partials in one masked load, the W_UV tile before the merge). Not yet timed on a GPU "
-           "(benchmarks/bench_mla_decode.py)", _one_of("default", "early")),
     Switch("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", "int", 0, "tuning",
            "decode batches of up to this many rows (CUDA, Triton) fold the W_UK absorb (q_nope @ W_UK) into the MLA "
            "prep kernel (one launch instead of prep + cuBLAS bmm; each program reads its W_UK slice once for all "

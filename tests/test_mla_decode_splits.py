@@ -22,7 +22,7 @@ from longcat_service.kernels import mla_decode as md  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 BF16_TOL = 2e-3 if ON_GPU else 3 * 2**-7  # as tests/test_kernels.py: the interpreter truncates to bf16
-BN = md.BLOCK_N
+BN = md.stage1_tile(torch.float32)[0]  # the tests' fp32 step (32 tokens); 16-bit inputs step md.BLOCK_N (64)
 HEADS, RANK, ROPE, DV, PAGE = 4, 16, 8, 12, 8
 
 
@@ -39,8 +39,8 @@ def _split_len(seq_len: int, num_splits: int, block_n: int = BN) -> int:
     return max(_cdiv(_cdiv(seq_len, num_splits), block_n) * block_n, block_n)
 
 
-def _active(seq_len: int, num_splits: int) -> int:
-    return _cdiv(seq_len, _split_len(seq_len, num_splits))
+def _active(seq_len: int, num_splits: int, block_n: int = BN) -> int:
+    return _cdiv(seq_len, _split_len(seq_len, num_splits, block_n))
 
 
 @pytest.fixture(autouse=True)
@@ -63,26 +63,27 @@ def _case(seed, lens, dtype, heads=HEADS, rank=RANK, rope=ROPE, dv=DV, lens_dtyp
     return (q_lat, q_rope, cache, tables.int().to(DEVICE), seq), w_kv_b[:, 3:, :]  # W_UV strided like kv_b_proj
 
 
-def _edge_lens(num_splits: int) -> list[int]:
+def _edge_lens(num_splits: int, block_n: int = BN) -> list[int]:
     """0, 1, one block -1/0/+1, a row that exactly fills all num_splits one-block splits (or, where that would
     exceed 1024 tokens, as many as fit in 1024) and one token more, a long row: within one batch, so rows fill
     different numbers of splits."""
-    shortest = _split_len(1, num_splits)
+    shortest = _split_len(1, num_splits, block_n)
     full = min(num_splits, max(1024 // shortest, 1)) * shortest
-    return [0, 1, BN - 1, BN, BN + 1, full, full + 1, 700]
+    return [0, 1, block_n - 1, block_n, block_n + 1, full, full + 1, 700]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_active_splits_match_reference(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2 * BF16_TOL
+    bn = md.stage1_tile(dtype)[0]
     for num_splits in (1, 3, 32):
-        lens = _edge_lens(num_splits)
-        if num_splits == 32:  # 32 stage-1 programs a row: fewer rows (1, BN -1, BN: covered at 1 and 3 splits)
-            lens = [n for n in lens if n not in (1, BN - 1, BN)]
+        lens = _edge_lens(num_splits, bn)
+        if num_splits == 32:  # 32 stage-1 programs a row: fewer rows (1, bn - 1, bn: covered at 1 and 3 splits)
+            lens = [n for n in lens if n not in (1, bn - 1, bn)]
         full = lens[-3]
-        assert full == _active(full, num_splits) * _split_len(full, num_splits)  # exactly filled
+        assert full == _active(full, num_splits, bn) * _split_len(full, num_splits, bn)  # exactly filled
         if num_splits > 1:  # rows fill different numbers of splits
-            assert len({_active(n, num_splits) for n in lens}) > 2
+            assert len({_active(n, num_splits, bn) for n in lens}) > 2
         args, w_uv = _case(num_splits * 10, lens, dtype)
         ref = md.mla_decode_reference(*args, scale=0.37)
         out = md.mla_decode(*args, scale=0.37, num_splits=num_splits)
@@ -215,60 +216,45 @@ def test_kernel_choice_by_rows(monkeypatch):
     assert not md.use_mqa_kernels(64)
 
 
-@pytest.mark.parametrize("tile", ["64,3"])  # 32,5 steps as the default here: its stages exist only on a GPU
+def test_stage1_tile_by_dtype():
+    """16-bit inputs step 64 cache tokens at 3 pipeline stages (the fastest MQA tile on the H200), fp32 32 at 2 (its
+    larger tiles would not fit in shared memory); the 16-head kernels 32 at 2 stages for every dtype."""
+    from longcat_service.kernels import _mla_decode_triton as old
+
+    for dtype, tile in ((torch.bfloat16, (64, 3)), (torch.float16, (64, 3)), (torch.float32, (32, 2))):
+        assert md.stage1_tile(dtype) == tile
+        cfg = md.launch_config(16, 64, 512, 64, dtype, dv=128)
+        assert (cfg.stage1["BLOCK_N"], cfg.stage1["num_stages"]) == tile and cfg.stage2["BLOCK_N"] == tile[0]
+        stage1 = old.launch_config(1, 64, 512, 64, dtype)[3]
+        assert (stage1["BLOCK_N"], stage1["num_stages"]) == (32, 2)
+
+
 @pytest.mark.parametrize("lens,num_splits", [
     ([1], None),  # batch 1, one token: the default split count (32) far past the row's blocks
-    ([0, 1, 63, 64, 65, 200, 7], None),  # odd batch: empty, one token, one tile -1/0/+1 at 64, not a multiple
+    ([0, 1, 63, 64, 65, 200, 7], None),  # odd batch: empty, one token, one tile -1/0/+1, not a multiple
     ([129, 5, 300], 7),  # splits > a short row's tiles; uneven split lengths
     ([130, 64], 1),  # one split: stage 1 writes the output (no W_UV) or the merge applies W_UV
 ])
-def test_stage1_tiles_match_reference(monkeypatch, tile, lens, num_splits):
-    """LONGCAT_MLA_DECODE_TILE's other cache-token steps (the stage count only matters on a GPU) give the
-    reference's output, with and without W_UV, for the lengths that cut the rows differently at each step."""
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_TILE", tile)
-    block_n = int(tile.split(",")[0])
+def test_16bit_stage1_tile_matches_reference(lens, num_splits):
+    """The 64-token steps of 16-bit inputs give the reference's output, with and without W_UV, for the lengths that
+    cut the rows differently at that step."""
     cfg = md.launch_config(len(lens), HEADS, RANK, ROPE, torch.bfloat16, num_splits=num_splits)
-    assert cfg.stage1["BLOCK_N"] == block_n and cfg.stage1["num_stages"] == int(tile.split(",")[1])
-    args, w_uv = _case(len(lens) * 3 + block_n, lens, torch.bfloat16)
+    assert cfg.stage1["BLOCK_N"] == 64
+    args, w_uv = _case(len(lens) * 3 + 64, lens, torch.bfloat16)
     ref = md.mla_decode_reference(*args, scale=0.37)
     out = md.mla_decode(*args, scale=0.37, num_splits=num_splits)
-    assert torch.isfinite(out).all() and _rel(out, ref) < 2 * BF16_TOL, (tile, lens)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 2 * BF16_TOL, lens
     assert all((out[b] == 0).all() for b, n in enumerate(lens) if n == 0)
     out_uv = md.mla_decode(*args, scale=0.37, num_splits=num_splits, w_uv=w_uv)
-    assert _rel(out_uv, md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)) < 2 * BF16_TOL, (tile, lens)
-
-
-def test_stage1_tile_switch_is_validated_and_fp32_keeps_the_default(monkeypatch):
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_TILE", "64,3")
-    assert md.stage1_tile(torch.bfloat16) == (64, 3)
-    assert md.stage1_tile(torch.float32) == (md.BLOCK_N, md.STAGE1_STAGES)
-    for bad in ("48,2", "32", "32,0", "a,b"):
-        monkeypatch.setenv("LONGCAT_MLA_DECODE_TILE", bad)
-        with pytest.raises(ValueError, match="LONGCAT_MLA_DECODE_TILE"):
-            md.stage1_tile()
-    monkeypatch.delenv("LONGCAT_MLA_DECODE_TILE")
-    assert md.stage1_tile() == (md.BLOCK_N, md.STAGE1_STAGES)
-
-
-def test_old_kernel_stages_switch(monkeypatch):
-    """LONGCAT_MLA_DECODE_OLD_STAGES sets the 16-head stage 1's pipeline depth (16-bit inputs only), validated."""
-    from longcat_service.kernels import _mla_decode_triton as old
-
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_OLD_STAGES", "5")
-    assert old.launch_config(1, 64, 512, 64, torch.bfloat16)[3]["num_stages"] == 5
-    assert old.launch_config(1, 64, 512, 64, torch.float32)[3]["num_stages"] == old.STAGE1_STAGES
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_OLD_STAGES", "0")
-    with pytest.raises(ValueError, match="LONGCAT_MLA_DECODE_OLD_STAGES"):
-        old.launch_config(1, 64, 512, 64, torch.bfloat16)
+    assert _rel(out_uv, md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv)) < 2 * BF16_TOL, lens
 
 
 @pytest.mark.parametrize("kernel", ["old", "new"])
-def test_early_merge_matches_reference(monkeypatch, kernel):
-    """LONGCAT_MLA_DECODE_MERGE=early (16-head kernels: all splits in one masked load; MQA ones: the partials not
-    waiting for the log-sum-exps; both: W_UV loaded first): the reference's output with and without W_UV, rows
-    filling 0, 1, some and all splits, the MTP cache's first_pos 1."""
+def test_split_merge_matches_reference(monkeypatch, kernel):
+    """The merge of both kernel families (all active splits' partials in one masked load, issued before their
+    log-sum-exps are read; the W_UV tile loaded first): the reference's output with and without W_UV, rows filling
+    0, 1, some and all splits, the MTP cache's first_pos 1 (a split whose only token is masked: weight 0)."""
     monkeypatch.setenv("LONGCAT_MLA_DECODE_KERNEL", kernel)
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_MERGE", "early")
     tol = 1e-5  # fp32 partials either way: fp32 inputs check the merge's math tightly
     for num_splits, first_pos in ((8, 0), (3, 1)):  # 8: more splits than most rows' blocks
         lens = [0, 1 + first_pos, BN - 1, BN + 1, 200, 7]  # first_pos 1: seq_len >= 2 or 0 (mla_decode)
@@ -279,28 +265,6 @@ def test_early_merge_matches_reference(monkeypatch, kernel):
         ref_uv = md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv, first_pos=first_pos)
         out_uv = md.mla_decode(*args, scale=0.37, num_splits=num_splits, w_uv=w_uv, first_pos=first_pos)
         assert _rel(out_uv, ref_uv) < tol and (out_uv[0] == 0).all()
-
-
-def test_min_split_length_fills_fewer_splits(monkeypatch):
-    """LONGCAT_MLA_DECODE_MIN_SPLIT (rounded up to whole steps): a short row fills only cdiv(len, max(even split,
-    min split)) splits, stage 1 writes those alone, the merge reads them alone, and the output equals the reference
-    (with and without W_UV); the launch configuration still does not depend on the lengths."""
-    monkeypatch.setenv("LONGCAT_MLA_DECODE_MIN_SPLIT", "100")  # -> 4 steps of 32 tokens
-    lens, num_splits = [0, 1, 127, 128, 129, 700], 4
-    args, w_uv = _case(13, lens, torch.float32)
-    batch = len(lens)
-    for dv in (None, DV):
-        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.bfloat16, dv=dv, num_splits=num_splits)
-        assert cfg.stage1["MIN_SPLIT"] == 4 * BN and cfg.stage2["MIN_SPLIT"] == 4 * BN
-        cfg = md.launch_config(batch, HEADS, RANK, ROPE, torch.float32, dv=dv, num_splits=num_splits)
-        part_out = torch.full((batch, HEADS, num_splits, RANK), float("nan"), device=DEVICE)
-        part_lse = torch.full((batch, HEADS, num_splits), float("nan"), device=DEVICE)
-        out = tri.launch(*args, 0.37, cfg, w_uv=None if dv is None else w_uv, parts=(part_out, part_lse))
-        ref = (md.mla_decode_reference(*args, scale=0.37) if dv is None
-               else md.mla_decode_uv_reference(*args, scale=0.37, w_uv=w_uv))
-        assert torch.isfinite(out).all() and _rel(out, ref) < 1e-5
-        written = torch.isfinite(part_lse).sum(-1)[:, 0].tolist()
-        assert written == [_cdiv(n, max(_split_len(n, num_splits), 4 * BN)) for n in lens] == [0, 1, 1, 1, 2, 4]
 
 
 # ---- the GPU build, compiled offline (catches what the interpreter accepts and Triton's GPU compiler refuses) ------
@@ -321,23 +285,21 @@ def usage(ck):
         return subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
 
 B, H, R, D, bf = 64, 64, 512, 64, torch.bfloat16
-for tile in ("32,5", "64,3"):
-    os.environ["LONGCAT_MLA_DECODE_TILE"] = tile
-    cfg = md.launch_config(B, H, R, D, bf)
-    kw = dict(cfg.stage1)
-    warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
-    f32 = torch.empty(B, H, cfg.num_splits, R)
-    values = dict(q_lat_ptr=torch.empty(B, H, R, dtype=bf), q_rope_ptr=torch.empty(B, H, D, dtype=bf),
-                  cache_ptr=torch.empty(8, 16, R + D, dtype=bf), tables_ptr=torch.empty(B, 8, dtype=torch.int32),
-                  lens_ptr=torch.empty(B, dtype=torch.int32), part_out_ptr=f32, part_lse_ptr=f32,
-                  out_ptr=torch.empty(B, H, R, dtype=bf), qk_scale=0.1, num_heads=H, block_size=16,
-                  s_qlb=H * R, s_qlh=R, s_qrb=H * D, s_qrh=D, s_cb=16 * (R + D), s_ct=R + D, s_tb=8,
-                  s_pob=H * 2 * R, s_poh=2 * R, s_pos=R, s_plb=H * 2, s_plh=2, s_ob=H * R, s_oh=R)
-    ck = _aot(mqa.stage1, values, kw, warps, stages, 90)
-    use = usage(ck)
-    assert "STACK:0 " in use and "LOCAL:0" in use, (tile, "spills registers", use)
-    assert "wgmma.mma_async" in ck.asm["ptx"], (tile, "no wgmma")
-    print("stage1", tile, ck.metadata.shared, flush=True)
+cfg = md.launch_config(B, H, R, D, bf)  # the 16-bit tile: md.stage1_tile(bf)
+kw = dict(cfg.stage1)
+warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
+f32 = torch.empty(B, H, cfg.num_splits, R)
+values = dict(q_lat_ptr=torch.empty(B, H, R, dtype=bf), q_rope_ptr=torch.empty(B, H, D, dtype=bf),
+              cache_ptr=torch.empty(8, 16, R + D, dtype=bf), tables_ptr=torch.empty(B, 8, dtype=torch.int32),
+              lens_ptr=torch.empty(B, dtype=torch.int32), part_out_ptr=f32, part_lse_ptr=f32,
+              out_ptr=torch.empty(B, H, R, dtype=bf), qk_scale=0.1, num_heads=H, block_size=16,
+              s_qlb=H * R, s_qlh=R, s_qrb=H * D, s_qrh=D, s_cb=16 * (R + D), s_ct=R + D, s_tb=8,
+              s_pob=H * 2 * R, s_poh=2 * R, s_pos=R, s_plb=H * 2, s_plh=2, s_ob=H * R, s_oh=R)
+ck = _aot(mqa.stage1, values, kw, warps, stages, 90)
+use = usage(ck)
+assert "STACK:0 " in use and "LOCAL:0" in use, ("stage1 spills registers", use)
+assert "wgmma.mma_async" in ck.asm["ptx"], "stage1: no wgmma"
+print("stage1", ck.metadata.shared, flush=True)
 values = dict(q_ptr=torch.empty(1, H, 192, dtype=bf), kva_ptr=torch.empty(1, R + D, dtype=bf),
               cos_ptr=torch.empty(1, 32, dtype=bf), sin_ptr=torch.empty(1, 32, dtype=bf), w_ptr=torch.empty(R, dtype=bf),
               slot_ptr=torch.empty(1, dtype=torch.int64), cache_ptr=torch.empty(8, 16, R + D, dtype=bf),
@@ -352,9 +314,10 @@ print("prep_absorb", ck.metadata.shared, flush=True)
 """
 
 
-def test_sm90_build_of_the_new_variants():
-    """The MQA stage 1 at the candidate tiles (64 heads, rank 512, bf16) compiles for sm_90 to wgmma within an H200
-    SM's shared memory without register spills; mla_prep_absorb at LongCat shapes compiles without spills."""
+def test_sm90_build_of_the_16bit_tile_and_prep_absorb():
+    """The MQA stage 1 at its 16-bit tile (64 tokens, 3 stages; 64 heads, rank 512, bf16) compiles for sm_90 to
+    wgmma within an H200 SM's shared memory without register spills; mla_prep_absorb at LongCat shapes compiles
+    without spills."""
     import subprocess
     import sys
 
@@ -368,6 +331,6 @@ def test_sm90_build_of_the_new_variants():
     out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["stage1", "stage1", "prep_absorb"], lines
+    assert [line.split()[0] for line in lines] == ["stage1", "prep_absorb"], lines
     for line in lines:
         assert int(line.split()[-1]) <= 227 * 1024, line

@@ -1,5 +1,6 @@
 """The small-batch Triton side of mla_decode (below mla_decode.MQA_MIN_ROWS rows, where it measured faster than the
-MQA-form kernels on the H200): 16-head programs (each cache tile loaded once per 16 heads), a serial split merge.
+MQA-form kernels on the H200): 16-head programs (each cache tile loaded once per 16 heads), a split merge of all
+active splits in one load.
 """
 
 from __future__ import annotations
@@ -8,13 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_service import envs
 from longcat_service.kernels import interpreter_mode, next_pow2
 
 BLOCK_N = 32  # cache tokens per inner step
 BLOCK_H = 16  # heads per program
 TARGET_PROGRAMS = 2 * 132  # ~2 programs per H200 SM
 MAX_SPLITS = 32
+# 2 pipeline stages: each 32-token step waits for a synchronous page-index load, then its cache rows. 3 (page
+# indices loaded asynchronously) and 5 (also two cache tiles in flight) measured slower on the H200 (2026-12-04,
+# 64 heads, us per call, stages 2 / 3 / 5): batch 1 at 256 tokens 9.9 / 11.1 / 13.4, at 1024 15.3 / 16.7 / 18.6;
+# batch 16 at 1024 47.1 / 56.1 / 59.0; batch 64 at 1024 127.9 / 148.0 / 141.3.
 STAGE1_WARPS, STAGE1_STAGES = 4, 2
 UV_BLOCK_D = 32  # W_UV columns per program of the W_UV merge stage
 
@@ -31,18 +35,15 @@ def launch_config(batch, heads, rank, rope, dtype, dv=None, num_splits=None, fir
         num_splits = choose_num_splits(batch, heads)
     interp = interpreter_mode()
     rank_pad = next_pow2(rank)
-    # LONGCAT_MLA_DECODE_OLD_STAGES for 16-bit inputs (fp32's 16-head tiles are twice the bytes: the default)
-    stages = envs.LONGCAT_MLA_DECODE_OLD_STAGES if dtype.itemsize <= 2 else STAGE1_STAGES
     stage1 = dict(
         RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H,
         BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp,
-        USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=stages,
+        USE_WHILE=interp, FIRST_POS=first_pos, num_warps=STAGE1_WARPS, num_stages=STAGE1_STAGES,
     )
-    # the parallel merge holds every split's partial in registers at once: 8 warps from 16 splits (as the MQA merge)
-    parallel = envs.LONGCAT_MLA_DECODE_MERGE == "early"
+    # the merge holds every split's partial in registers at once: 8 warps from 16 splits (as the MQA merge)
     splits_pad = next_pow2(num_splits, minimum=2)
-    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, USE_WHILE=interp,
-                  PARALLEL=parallel, SPLITS_PAD=splits_pad, num_warps=8 if parallel and splits_pad >= 16 else 4)
+    stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, BLOCK_N=BLOCK_N, SPLITS_PAD=splits_pad,
+                  num_warps=8 if splits_pad >= 16 else 4)
     grid1 = (-(-heads // BLOCK_H), num_splits, batch)
     if dv is None:
         return num_splits, grid1, (heads, batch), stage1, stage2
@@ -146,26 +147,18 @@ def _stage1(
 
 
 @triton.jit
-def _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask):
-    """Split s's partial folded into the running (max, weight sum, weighted output) of the merge."""
-    lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + s + tl.arange(0, 1))
-    part = tl.load(part_out_ptr + b * s_pob + h * s_poh + s * s_pos + offs_r, mask=rmask, other=0.0)
-    m_new = tl.maximum(m, lse)
-    safe = m_new > float("-inf")
-    m_ref = tl.where(safe, m_new, 0.0)
-    alpha = tl.where(safe, tl.exp(m - m_ref), 0.0)
-    w = tl.where(safe, tl.exp(lse - m_ref), 0.0)
-    acc = acc * alpha + w * part
-    total = total * alpha + w
-    return m_new, total, acc
-
-
-@triton.jit
-def _merge_parallel(part_out_ptr, part_lse_ptr, b, h, n_active, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                    SPLITS_PAD: tl.constexpr):
-    """_merge_splits's result from one masked load of all active splits' partials and one of their log-sum-exps,
-    issued together (the serial loop waits one memory round trip per split: ~16 at batch 1, 512 tokens). Every
-    active split's partial is written by stage 1 (zeros where FIRST_POS masks all its tokens, whose weight is 0)."""
+def _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
+                  NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One (row, head)'s split partials merged by their log-sum-exps -> the normalised fp32 output [RANK_PAD].
+    Only the splits that hold tokens (stage 1's split length of this row's seq_len): a short row merges a few
+    partials, not NUM_SPLITS; a row with seq_len 0 merges none and gives zeros. One masked load of all active
+    splits' partials and one of their log-sum-exps, issued together (every active split's partial is written by
+    stage 1, zeros where FIRST_POS masks all its tokens, whose weight is 0). It replaced a loop over the splits, one
+    memory round trip each (~16 at batch 1, 512 tokens), which measured slower on the H200 (2026-12-04, 64 heads,
+    us per call, loop / this): batch 1 at 256 tokens 9.9 / 9.5, at 1024 15.3 / 10.6; batch 64 at 1024 127.9 /
+    126.9 (0.4-4.7 us less at batches 1-64, contexts 256 and 1024)."""
+    seq_len = tl.load(lens_ptr + b)
+    n_active = tl.minimum(tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N)), NUM_SPLITS)
     offs_s = tl.arange(0, SPLITS_PAD)
     smask = offs_s < n_active
     lse = tl.load(part_lse_ptr + b * s_plb + h * s_plh + offs_s, mask=smask, other=float("-inf"))
@@ -178,47 +171,18 @@ def _merge_parallel(part_out_ptr, part_lse_ptr, b, h, n_active, s_pob, s_poh, s_
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                  NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  RANK_PAD: tl.constexpr, USE_WHILE: tl.constexpr, PARALLEL: tl.constexpr = False,
-                  SPLITS_PAD: tl.constexpr = 2):
-    """One (row, head)'s split partials merged by their log-sum-exps -> the normalised fp32 output [RANK_PAD].
-    Only the splits that hold tokens (stage 1's split length of this row's seq_len): a short row merges a few
-    partials, not NUM_SPLITS; a row with seq_len 0 merges none and gives zeros."""
-    seq_len = tl.load(lens_ptr + b)
-    n_active = tl.minimum(tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N)), NUM_SPLITS)
-    if PARALLEL:
-        return _merge_parallel(part_out_ptr, part_lse_ptr, b, h, n_active, s_pob, s_poh, s_pos, s_plb, s_plh,
-                               offs_r, rmask, SPLITS_PAD)
-    m = tl.full([1], float("-inf"), tl.float32)
-    total = tl.zeros([1], tl.float32)
-    acc = tl.zeros([RANK_PAD], tl.float32)
-    if USE_WHILE:  # Triton's CPU interpreter cannot take device values as range() bounds
-        s = 0
-        while s < n_active:
-            m, total, acc = _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos,
-                                       s_plb, s_plh, offs_r, rmask)
-            s += 1
-    else:
-        for s in range(0, n_active):
-            m, total, acc = _merge_one(s, m, total, acc, part_out_ptr, part_lse_ptr, b, h, s_pob, s_poh, s_pos,
-                                       s_plb, s_plh, offs_r, rmask)
-    return acc / tl.where(total > 0.0, total, 1.0)
-
-
-@triton.jit
 def _stage2(
     part_out_ptr, part_lse_ptr, lens_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WHILE: tl.constexpr, PARALLEL: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     offs_r = tl.arange(0, RANK_PAD)
     rmask = offs_r < RANK
     out = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                        NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE, PARALLEL, SPLITS_PAD)
+                        NUM_SPLITS, BLOCK_N, SPLITS_PAD)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -227,7 +191,7 @@ def _stage2_uv(
     part_out_ptr, part_lse_ptr, lens_ptr, w_ptr, out_ptr,
     s_pob, s_poh, s_pos, s_plb, s_plh, s_wh, s_wd, s_ob, s_oh,
     RANK: tl.constexpr, RANK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WHILE: tl.constexpr, PARALLEL: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
 ):
     """_stage2, then this head's W_UV: out[b, h, d] = o_latent[b, h] . w_uv[h, d] for BLOCK_D columns d. Each of the
     DV / BLOCK_D programs of a head merges the (L2-resident) partials itself, so no o_latent round trip and no
@@ -239,16 +203,13 @@ def _stage2_uv(
     rmask = offs_r < RANK
     offs_d = d0 + tl.arange(0, BLOCK_D)
     dmask = offs_d < DV
-    if PARALLEL:  # the W_UV tile's load issued before the merge's, so that both are in flight together
-        wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :],
-                     mask=dmask[:, None] & rmask[None, :], other=0.0)
+    # the W_UV tile's load issued before the merge's, so that both are in flight together
+    wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :], mask=dmask[:, None] & rmask[None, :],
+                 other=0.0)
     o = _merge_splits(part_out_ptr, part_lse_ptr, lens_ptr, b, h, s_pob, s_poh, s_pos, s_plb, s_plh, offs_r, rmask,
-                      NUM_SPLITS, BLOCK_N, RANK_PAD, USE_WHILE, PARALLEL, SPLITS_PAD)
+                      NUM_SPLITS, BLOCK_N, SPLITS_PAD)
     # o_latent rounded to the model dtype first, as the unfused path stores it before its bmm
     o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
-    if not PARALLEL:
-        wt = tl.load(w_ptr + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :],
-                     mask=dmask[:, None] & rmask[None, :], other=0.0)
     y = tl.sum(wt.to(tl.float32) * o[None, :], axis=1)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_d, y.to(out_ptr.dtype.element_ty), mask=dmask)
 

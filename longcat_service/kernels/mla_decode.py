@@ -7,17 +7,15 @@ entries [latent | rope key] directly, and the output stays in the latent space (
 
 This is multi-query attention: all heads of a row read the same cache entries. From MQA_MIN_ROWS rows, stage 1
 (_mla_decode_mqa_triton) runs one program per (block of up to 64 heads, split, row): the heads are the M side of its tensor-core dots, so
-each cache tile is loaded once for all of them. The row is cut into `num_splits` even chunks of whole BLOCK_N
-blocks (so small batches still fill the GPU); stage 1 writes each chunk's normalised partial output and
+each cache tile is loaded once for all of them. The row is cut into `num_splits` even chunks of whole stage-1
+steps (stage1_tile; so small batches still fill the GPU); stage 1 writes each chunk's normalised partial output and
 log-sum-exp, stage 2 merges them (and may apply W_UV). With one split and no W_UV, stage 1 writes the output
 itself. Splits past a row's end (a short row fills only the first few) do no work and are skipped by the merge.
 Sequence lengths are read from device memory and every grid size depends only on B, the head count and the
 dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with
 seq_len 0 (batch padding) produce zeros.
-Untimed variants, for benchmarks/bench_mla_decode.py to A/B (the defaults are the measured kernels):
-LONGCAT_MLA_DECODE_TILE (the MQA stage 1's cache step and pipeline depth), LONGCAT_MLA_DECODE_MIN_SPLIT (its
-shortest split), LONGCAT_MLA_DECODE_MERGE (both kernels' split merge: loads issued up front) and
-LONGCAT_MLA_DECODE_OLD_STAGES (the 16-head stage 1's pipeline depth).
+Tiles, pipeline depths and merges are the fastest of those timed side by side on the H200 (2026-12-04,
+benchmarks/bench_mla_decode.py): see the comments at BLOCK_N here, and at the merges of both kernel files.
 """
 
 from __future__ import annotations
@@ -29,13 +27,11 @@ import torch
 from longcat_service import envs
 from longcat_service.kernels import interpreter_mode, next_pow2
 
-BLOCK_N = 32  # cache tokens per inner step: the default of LONGCAT_MLA_DECODE_TILE (and fp32's, always)
 MAX_BLOCK_H = 64  # heads per stage-1 program; fewer heads per rank (TP) pad up to tl.dot's 16 rows
 # A 64-head program fills an SM on its own (147 KB shared memory, 237 registers x 8 warps on sm_90a), so one wave
 # of programs is one per H200 SM.
 TARGET_PROGRAMS = 132
 MAX_SPLITS = 32
-STAGE1_STAGES = 2
 # Why stage 1 took 53 us at batch 64 / ~500 tokens against a ~9 us KV byte floor (H200 profile, 2026-12-03; the
 # TTGIR/PTX compiled offline for sm_90a): 64 rows x 2 splits = 128 programs, one wave of one program per SM, each
 # walking ~8 tiles of 32 tokens one after another, so the time is 8 x the latency of one step plus the prologue
@@ -48,7 +44,14 @@ STAGE1_STAGES = 2
 # the per-SM chain (same steps per SM, more prologues and partials). What helps is more tiles in flight per SM:
 # 5 stages make the page indices and the cache rows asynchronous, with two cache tiles in flight while one is
 # computed (3 x 36 KB buffers, 185 KB shared memory, 246 registers); BLOCK_N 64 at 3 stages halves the steps
-# (222 KB, 255 registers, no spills). LONGCAT_MLA_DECODE_TILE selects them; the default stays until timed.
+# (222 KB, 255 registers, no spills). Timed on the H200 (2026-12-04, `python benchmarks/bench_mla_decode.py
+# --batches 1,16,64 --contexts 256,1024`, 64 heads, us per call), tiles 32,2 / 32,5 / 64,3 (32,5 without the
+# early merge, which saved 0-0.8 us elsewhere): batch 16 at 256 tokens 16.2 / 18.2 / 17.2, at 1024 27.1 / 29.0 /
+# 25.8; batch 64 at 256 31.6 / 31.4 / 29.4, at 1024 79.6 / 73.5 / 67.0; 32,3 between 32,2 and 32,5 everywhere. So
+# 16-bit inputs take 64,3, the fastest where these kernels run (from MQA_MIN_ROWS rows) but for batch 16 at 256
+# tokens (1 us behind). fp32 keeps 32,2: its 64-token or 5-stage tiles would not fit in shared memory.
+BLOCK_N, STAGE1_STAGES = 64, 3  # cache tokens per step, software-pipeline stages (16-bit inputs)
+FP32_BLOCK_N, FP32_STAGES = 32, 2
 UV_BLOCK_D = 32  # W_UV columns per program of the W_UV merge stage (a [32, 512] tile: 32 KB of bf16)
 # Rows from which the MQA-form kernels run; below, the 16-head ones (_mla_decode_triton). H200, 2026-12-03,
 # `python benchmarks/bench_mla_decode.py` (64 heads, W_UV path as in production, us): batch 1 old 13.4 / new 19.3
@@ -91,12 +94,8 @@ def choose_num_splits(batch: int, heads: int, dtype: torch.dtype = torch.bfloat1
 
 
 def stage1_tile(dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    """(BLOCK_N, num_stages) of stage 1: LONGCAT_MLA_DECODE_TILE for 16-bit inputs; fp32 always the default (its
-    64-token or 5-stage tiles would not fit in shared memory)."""
-    if dtype.itemsize > 2:
-        return BLOCK_N, STAGE1_STAGES
-    block_n, stages = envs.LONGCAT_MLA_DECODE_TILE.split(",")
-    return int(block_n), int(stages)
+    """(BLOCK_N, num_stages) of stage 1 (and the split granularity of both stages) for this input dtype."""
+    return (BLOCK_N, STAGE1_STAGES) if dtype.itemsize <= 2 else (FP32_BLOCK_N, FP32_STAGES)
 
 
 def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dtype, dv: int | None = None,
@@ -109,15 +108,12 @@ def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dty
     rank_pad = next_pow2(rank)
     block_h = block_heads(heads, dtype)
     block_n, stages = stage1_tile(dtype)
-    # LONGCAT_MLA_DECODE_MIN_SPLIT rounded up to whole steps: short rows fill fewer splits (fewer q loads and fp32
-    # partials; the grid is unchanged, so graphs still replay any length)
-    min_split = max(block_n, -(-envs.LONGCAT_MLA_DECODE_MIN_SPLIT // block_n) * block_n)
     direct = num_splits == 1 and dv is None
     stage1 = dict(
         RANK=rank, ROPE=rope, RANK_PAD=rank_pad, ROPE_PAD=next_pow2(rope), NUM_SPLITS=num_splits, BLOCK_H=block_h,
         BLOCK_N=block_n, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interp,  # the CPU interpreter has no bf16 matmul: compute in fp32 there
-        USE_WHILE=interp, FIRST_POS=first_pos, DIRECT_OUT=direct, MIN_SPLIT=min_split,
+        USE_WHILE=interp, FIRST_POS=first_pos, DIRECT_OUT=direct,
         num_warps=8 if block_h >= 32 else 4,  # 32 heads on 4 warps spill registers, on 8 they do not (sm_90a)
         num_stages=stages,
     )
@@ -126,7 +122,6 @@ def launch_config(batch: int, heads: int, rank: int, rope: int, dtype: torch.dty
         return LaunchConfig(num_splits, grid1, (), stage1, {})
     splits_pad = next_pow2(num_splits, minimum=2)
     stage2 = dict(RANK=rank, RANK_PAD=rank_pad, NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, BLOCK_N=block_n,
-                  MIN_SPLIT=min_split, EARLY=envs.LONGCAT_MLA_DECODE_MERGE == "early",
                   num_warps=8 if splits_pad >= 16 else 4)
     if dv is None:
         return LaunchConfig(num_splits, grid1, (heads, batch), stage1, stage2)
