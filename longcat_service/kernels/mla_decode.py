@@ -15,7 +15,8 @@ Sequence lengths are read from device memory and every grid size depends only on
 dtype (see launch_config), so a launch can be captured in a CUDA graph and replayed with new lengths. Rows with
 seq_len 0 (batch padding) produce zeros.
 Tiles, pipeline depths and merges are the fastest of those timed side by side on the H200 (2026-12-04,
-benchmarks/bench_mla_decode.py): see the comments at BLOCK_N here, and at the merges of both kernel files.
+benchmarks/bench_mla_decode.py): see the comments at BLOCK_N here and at STAGE1_STAGES and the merges of both kernel
+files.
 """
 
 from __future__ import annotations
