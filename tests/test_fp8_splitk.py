@@ -178,7 +178,7 @@ def test_shape_configs_take_precedence(monkeypatch):
 
 def test_dispatch_switch_default_and_cap(monkeypatch):
     monkeypatch.delenv("LONGCAT_FP8_SPLITK_MAX_ROWS", raising=False)
-    assert fp8_ops.splitk_max_rows() == 64
+    assert fp8_ops.splitk_max_rows() == 128
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "64")
     assert fp8_ops.splitk_max_rows() == 64
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "4096")
@@ -191,7 +191,11 @@ def test_dispatch_switch_default_and_cap(monkeypatch):
     w_qb = torch.empty(12288, 1536, dtype=fs.FP8_DTYPE, device="meta")
     monkeypatch.setenv("LONGCAT_FP8_SPLITK_MAX_ROWS", "64")
     assert [fp8_ops.splitk_wins(r, w_qa) for r in (fp8_ops.DECODE_ROWS, fp8_ops.DECODE_ROWS + 1, 16, 64, 65)] == [
-        False, True, True, True, False]
+        False, True, True, True, False]  # 65: above the bound
+    w_o = torch.empty(6144, 8192, dtype=fs.FP8_DTYPE, device="meta")
+    monkeypatch.delenv("LONGCAT_FP8_SPLITK_MAX_ROWS")
+    assert [fp8_ops.splitk_wins(r, w_o) for r in (16, 32, 64, 128)] == [True, True, False, False]  # measured tiles
+    assert fp8_ops.splitk_wins(128, w_qa) and not fp8_ops.splitk_wins(129, w_qa)
     assert not any(fp8_ops.splitk_wins(r, w_qb) for r in (9, 16, 64))  # cuBLAS measured faster there
     for (tile, n, k), cfg in fs.SHAPE_CONFIGS.items():
         assert fs.measured_config(tile, n, k) is cfg and fs.config_for(tile, n, k) == cfg

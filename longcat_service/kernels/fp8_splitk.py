@@ -84,15 +84,22 @@ def parse_splitk_config(text: str) -> SplitKConfig:
 
 # Where split-K beats cuBLAS's blockwise scaled-mm (the dispatch takes it there only): (row tile, N, K) -> the fastest
 # config. H200 2026-12-04, `python benchmarks/bench_fp8_kernels.py --sections dense_decode --reps 10 --dense-rows
-# 16,64` (us, this config / cuBLAS / the rule's default config). Not entered: q_b 12288x1536 (16 rows 12.2 / 11.7,
-# 64 rows 12.3 / 11.3), o_proj and down at 64 rows (29.1 / 28.9, 40.7 / 40.9), the 32- and 128-row tiles (untimed).
+# 16,64` and `--dense-rows 32,128` (us at the tile's row count: this config / cuBLAS). Not entered (cuBLAS as fast or
+# faster): q_b 12288x1536 at every tile (16: 12.2 / 11.7, 32: 12.6 / 12.0, 64: 12.3 / 11.3, 128: 12.4 / 11.5),
+# o_proj and down at 64 (29.1 / 28.9, 40.7 / 40.9) and 128 rows (36.1 / 29.9, 53.2 / 42.1), gate_up at 128 (71.6 /
+# 56.2). The 20 linears of a 2L decode step: 484 / 584 us at 16 rows, 502 / 623 at 32, 596 / 629 at 64.
 SHAPE_CONFIGS: dict[tuple[int, int, int], SplitKConfig] = {
-    (16, 2176, 6144): parse_splitk_config("64,8,4,4,swap,tma"),  # 12.4 / 15.4 / 14.7
-    (16, 6144, 8192): parse_splitk_config("64,3,4,4,swap,tma"),  # 21.7 / 24.4 / 32.3
-    (16, 24576, 6144): parse_splitk_config("64,1,4,4,swap,tma"),  # 45.5 / 60.1 / 68.8
-    (16, 6144, 12288): parse_splitk_config("64,3,4,4,swap,tma"),  # 29.1 / 34.4 / 45.8
-    (64, 2176, 6144): parse_splitk_config("128,12,4,4,tma"),  # 15.6 / 21.9 / 16.1
-    (64, 24576, 6144): parse_splitk_config("128,1,4,4,swap,tma"),  # 51.1 / 54.2 / 67.0
+    (16, 2176, 6144): parse_splitk_config("64,8,4,4,swap,tma"),  # 12.4 / 15.4
+    (16, 6144, 8192): parse_splitk_config("64,3,4,4,swap,tma"),  # 21.7 / 24.4
+    (16, 24576, 6144): parse_splitk_config("64,1,4,4,swap,tma"),  # 45.5 / 60.1
+    (16, 6144, 12288): parse_splitk_config("64,3,4,4,swap,tma"),  # 29.1 / 34.4
+    (32, 2176, 6144): parse_splitk_config("64,8,4,4,swap,tma"),  # 13.2 / 15.7
+    (32, 6144, 8192): parse_splitk_config("64,3,4,4,swap,tma"),  # 22.5 / 28.6
+    (32, 24576, 6144): parse_splitk_config("64,1,4,4,swap,tma"),  # 46.7 / 58.9
+    (32, 6144, 12288): parse_splitk_config("64,3,4,4,swap,tma"),  # 30.6 / 40.5
+    (64, 2176, 6144): parse_splitk_config("128,12,4,4,tma"),  # 15.6 / 21.9
+    (64, 24576, 6144): parse_splitk_config("128,1,4,4,swap,tma"),  # 51.1 / 54.2
+    (128, 2176, 6144): parse_splitk_config("64,4,4,4,swap,tma"),  # 18.5 / 22.4
 }
 
 
