@@ -101,12 +101,12 @@ SWITCHES: tuple[Switch, ...] = (
            "this many (larger values act as 128) run the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py) instead of "
            "cuBLAS's blockwise scaled-mm, on the shapes where it measured faster (its SHAPE_CONFIGS); 0: never "
            "(H200, the 20 linears of a 2L decode step: 484 vs 584 us at 16 rows, 502 vs 623 at 32, 596 vs 629 at 64)", _nonneg_int),
-    Switch("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", "int", 1, "tuning",
+    Switch("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", "int", 2, "tuning",
            "decode batches of up to this many rows (CUDA, Triton) fold the W_UK absorb (q_nope @ W_UK) into the MLA "
            "prep kernel (one launch instead of prep + cuBLAS bmm; each program reads its W_UK slice once for all "
-           "rows); 0: never (H200, 64 heads, the MLA chain between q_b_proj and o_proj at batch 1: 18.53 -> 15.84 us "
-           "at context 256, 24.07 -> 21.38 at 1024; larger batches not yet timed: benchmarks/bench_mla_decode.py "
-           "--batches 1,2,4,8)", _nonneg_int),
+           "rows); 0: never. H200, 64 heads, context 1024, the MLA chain between q_b_proj and o_proj, us, bmm / "
+           "absorbed: batch 1 22.25 / 20.23, 2 31.76 / 30.47, 4 46.91 / 50.07, 8 55.08 / 65.11 "
+           "(benchmarks/bench_mla_decode.py --batches 1,2,4,8 --contexts 1024)", _nonneg_int),
     Switch("LONGCAT_GROUPED_GEMM_CONFIG", "str", "128,64,128,3,8,tma,split", "tuning",
            "tiles of the Triton grouped GEMM of the prefill experts, 'bn,bk,bm,stages,warps[,tma][,split]' "
            "(H200: the default streamed the weights at 88-92% of the copy rate, torch._grouped_mm 75-79%; "

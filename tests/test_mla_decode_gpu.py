@@ -144,7 +144,7 @@ def test_mla_prep_absorb_at_longcat_shapes(n, heads):
     cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
     w = (1 + 0.1 * torch.randn(RANK, device="cuda", generator=gen)).bfloat16()
     w_uk = (torch.randn(heads, 128 + DV, RANK, device="cuda", generator=gen) * 0.05).bfloat16()[:, :128, :]
-    slots = torch.arange(n, device="cuda") * 3 - (n > 1)  # the first row a padding slot (-1) when n > 1
+    slots = torch.arange(n, device="cuda") * 3 - int(n > 1)  # the first row a padding slot (-1) when n > 1
     caches = [torch.zeros(8, 16, RANK + ROPE, device="cuda").bfloat16() for _ in range(2)]
     q_lat, q_pe = mla_prep_absorb(q, kv_a, cos, sin, w, 1e-6, 0.5, 3.0, slots, caches[0], ROPE, w_uk)
     q_ref = mla_prep(q, kv_a, cos, sin, w, 1e-6, 0.5, 3.0, slots, caches[1], ROPE)
