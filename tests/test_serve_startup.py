@@ -170,6 +170,31 @@ def test_the_prefill_warm_up_runs_a_step_of_the_whole_token_budget():
     small.runner.execute = lambda batch: steps.append(sum(s.num_new_tokens for s in batch)) or []
     assert small.runner.warm_up_prefill()  # the cache cannot hold the budget: the 1100-token step still runs
     assert steps[-2] == 1101
+    assert 4096 not in steps  # no step between the 1100-token one and a budget below 4096
+
+
+def test_the_prefill_warm_up_runs_a_step_at_each_kernel_regime_below_the_budget(monkeypatch):
+    """A budget above 4096 tokens: besides the budget's step, a 4096-token prompt step (the FP8 prefill experts'
+    middle config, kernels/fp8_gemm.prefill_expert_configs), so that no prompt length compiles inside a request."""
+    from longcat_service.engine.model_runner import WARMUP_MID_STEP_TOKENS
+    from longcat_service.kernels.fp8_gemm import prefill_expert_configs
+    from tests.engine_utils import make_engine
+
+    engine = make_engine(block_size=16, num_kv_blocks=800, max_model_len=4096, max_num_batched_tokens=9000)
+    import dataclasses
+
+    # the tiny model's context is 4096 tokens: a copy of its config with a longer one (the warm-up reads only this)
+    monkeypatch.setattr(engine.runner, "config", dataclasses.replace(engine.runner.config, max_position_embeddings=16384))
+    steps = []
+    engine.runner.execute = lambda batch: steps.append(sum(s.num_new_tokens for s in batch)) or []
+    free_before = engine.scheduler.block_manager.num_free_blocks
+    assert engine.runner.warm_up_prefill()
+    assert max(steps) == 9000 and 4096 in steps
+    assert engine.scheduler.block_manager.num_free_blocks == free_before
+    # every config of the FP8 prefill experts is reached by one of the steps
+    reached = {prefill_expert_configs(n) for n in steps}
+    assert reached == {prefill_expert_configs(n) for n in (512, 4096, 9000)} and len(reached) == 3
+    assert WARMUP_MID_STEP_TOKENS == (4096,)
 
 
 def test_the_server_logs_what_it_runs_at_start():

@@ -27,6 +27,10 @@ PROMPT_LOGPROB_ROWS_PER_CHUNK = 256  # bounds the [rows, vocab] fp32 logits held
 # warm-up prompt: 512 tokens x top-12 slots reach the grouped-GEMM MoE path for 512 experts (>= 8 rows each)
 WARMUP_PROMPT_TOKENS = 512
 WARMUP_LONG_TOKENS = 1100
+# prompt steps between the long step's two sizes at which kernels take other configs (the FP8 prefill experts:
+# kernels/fp8_gemm.prefill_expert_configs switches at 2048 and 8192 tokens; the H200 log of a 4096-token prompt
+# after a warm-up of 512, 1100 and 16383-token steps showed its gate_up config compiled inside the request)
+WARMUP_MID_STEP_TOKENS = (4096,)
 
 
 @dataclass
@@ -145,8 +149,9 @@ class ModelRunner:
         the caching allocator set up) the prefill path now rather than inside the first requests' time to first
         token: flash attention on a whole prompt and on a chunk after cached context, lengths that are and are
         not multiples of 16, several prompts in one step, a MoE with enough slots for the grouped-GEMM path, a step
-        over 1024 tokens (where the opt-in side-stream MoE starts), and decode rows mixed with a prefill. Uses the first KV blocks while
-        the engine holds none (their contents never matter: a block is written before any request reads it).
+        over 1024 tokens (where the opt-in side-stream MoE starts), a step of the whole token budget and one of each
+        WARMUP_MID_STEP_TOKENS below it, and decode rows mixed with a prefill. Uses the first KV blocks while the
+        engine holds none (their contents never matter: a block is written before any request reads it).
         False when the cache or the model's context is too small for it."""
         from longcat_service.engine.sequence import Sequence, SequenceGroup
         from longcat_service.sampling_params import SamplingParams
@@ -183,6 +188,14 @@ class ModelRunner:
                    [ScheduledSeq(a, chunk, first_len)],  # a chunk after cached context
                    [ScheduledSeq(a, 1, first_len + chunk), ScheduledSeq(b, long_len, 0)],  # a decode row + a long prompt
                    [ScheduledSeq(s, s.num_tokens, 0) for s in seqs[2:]]]  # two short prompts
+        for n in WARMUP_MID_STEP_TOKENS:
+            if WARMUP_LONG_TOKENS < n < long_len:  # the long prompt's blocks hold it
+                prompt = torch.randint(3, self.vocab_size, (n,), generator=gen).tolist()
+                params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+                mid = Sequence(SequenceGroup(f"__warmup_mid_{n}", prompt, params, time.monotonic()), 0)
+                mid.block_table = b.block_table[: -(-n // self.block_size)]
+                seqs.append(mid)
+                batches.append([ScheduledSeq(mid, n, 0)])
         if k:  # an eager verify of k drafts (a multi-token query) beside a prompt
             batches.append([ScheduledSeq(a, 1 + k, first_len + chunk, draft_token_ids=[3] * k),
                             ScheduledSeq(seqs[2], seqs[2].num_tokens, 0)])
