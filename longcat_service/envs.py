@@ -100,7 +100,8 @@ SWITCHES: tuple[Switch, ...] = (
            "dense linears with block-FP8 weights of more rows than the CUDA GEMV takes (ops/fp8.DECODE_ROWS) up to "
            "this many (larger values act as 128) run the Triton split-K w8a8 GEMM (kernels/fp8_splitk.py) instead of "
            "cuBLAS's blockwise scaled-mm, on the shapes where it measured faster (its SHAPE_CONFIGS); 0: never "
-           "(H200, the 20 linears of a 2L decode step: 484 vs 584 us at 16 rows, 502 vs 623 at 32, 596 vs 629 at 64)", _nonneg_int),
+           "(H200, the 20 linears of a 2L decode step: 484 vs 584 us at 16 rows, 502 vs 623 at 32, 596 vs 629 at "
+           "64)", _nonneg_int),
     Switch("LONGCAT_MLA_ABSORB_PREP_MAX_ROWS", "int", 2, "tuning",
            "decode batches of up to this many rows (CUDA, Triton) fold the W_UK absorb (q_nope @ W_UK) into the MLA "
            "prep kernel (one launch instead of prep + cuBLAS bmm; each program reads its W_UK slice once for all "

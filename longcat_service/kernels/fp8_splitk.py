@@ -141,11 +141,11 @@ def default_config(rows: int, n: int, k: int, sms: int = DEFAULT_SMS) -> SplitKC
     """The config of shapes without a SHAPE_CONFIGS entry (direct calls; the dispatch does not take those). Timed on
     the H200 2026-12-04: slower than cuBLAS on every LongCat shape at 16 and 64 rows. The rule: 128-row weight tiles
     (64 where the 128-row grid is under one program per SM, and for the 128-row tile: 128 x 128 fp32 accumulators
-    need 8 warps and still spill in the sm_90 build), the swapped product (unswapped, Triton's sm_90 build of a 16-row tile runs no FP8 MMA at all), TMA loads (fewer
-    registers than pointer loads in the sm_90 build: 208 against 246 at 64 rows x 128), 4 stages, 4 warps, the
-    auto split, and the quantization fused up to 32-row tiles (it saves a launch of a few us against linears whose
-    byte floor is 3-35 us; each program's share of it grows with the rows, 16 divisions per thread and group at
-    16 rows, 64 at 64)."""
+    need 8 warps and still spill in the sm_90 build), the swapped product (unswapped, Triton's sm_90 build of a
+    16-row tile runs no FP8 MMA at all), TMA loads (fewer registers than pointer loads in the sm_90 build: 208
+    against 246 at 64 rows x 128), 4 stages, 4 warps, the auto split, and the quantization fused up to 32-row tiles
+    (it saves a launch of a few us against linears whose byte floor is 3-35 us; each program's share of it grows
+    with the rows, 16 divisions per thread and group at 16 rows, 64 at 64)."""
     tile = block_m_for(rows)
     block_n = 128 if -(-n // 128) >= sms and tile <= 64 else 64
     return SplitKConfig(block_n=block_n, split=auto_split(n, k, block_n, sms), num_stages=4, num_warps=4, tma=True,
