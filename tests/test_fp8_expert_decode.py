@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.sm90_aot import assert_fits_shared_memory, compile_for_sm90
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
@@ -299,19 +299,9 @@ for cfg in (SWEEP_CONFIGS[0], SWEEP_CONFIGS[1]):
 def test_sm90_build_of_every_config():
     """Every benchmarked config compiles for sm_90 to wgmma with pipelined loads (TMA at the LongCat shapes) and fits
     the shared memory; so do odd shapes (the pointer-load fallback) and specialisations."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
-        pytest.skip("triton's CUDA backend is not installed")
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = out.stdout.strip().splitlines()
+    lines = compile_for_sm90(_AOT)
     assert len(lines) == 2 * len(fd.SWEEP_CONFIGS) + 4
-    for line in lines:
-        assert int(line.split()[-1]) <= 227 * 1024, line
+    assert_fits_shared_memory(lines)
 
 
 # ---- GPU: LongCat-Flash shapes, graphs, dispatch ----------------------------------------------------------------

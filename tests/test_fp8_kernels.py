@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from tests.sm90_aot import assert_fits_shared_memory, compile_for_sm90
+
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -570,22 +572,9 @@ for n, k, cfg in [(4096, 6144, GROUPED_CONFIGS[0]), (6144, 2048, GROUPED_CONFIGS
 
 def test_sm90_build_uses_fp8_tensor_cores():
     """The Triton kernels compile for sm_90 to FP8 wgmma (and TMA where asked); the quantizer rounds like torch."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
-        pytest.skip("triton's CUDA backend is not installed")
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = out.stdout.strip().splitlines()
+    lines = compile_for_sm90(_AOT)
     assert len(lines) == 8, lines
-    for line in lines[3:]:
-        assert int(line.split()[-1]) <= 227 * 1024, line
+    assert_fits_shared_memory(lines[3:])
 
 
 _AOT_VARIANTS = """
@@ -612,20 +601,7 @@ def test_sm90_build_of_the_grouped_variants():
     """Every VARIANT_CONFIGS kernel compiles for sm_90 at the LongCat down shape (6144 x 2048): FP8 wgmma, TMA, no
     register spills, shared memory that fits an H200 SM (228 KB, 1 KB reserved per block) for each of a persistent
     config's programs per SM."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
-        pytest.skip("triton's CUDA backend is not installed")
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _AOT_VARIANTS], capture_output=True, text=True, env=env, cwd=root,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = out.stdout.strip().splitlines()
+    lines = compile_for_sm90(_AOT_VARIANTS)
     assert len(lines) == len(fg.VARIANT_CONFIGS), lines
     for cfg, line in zip(fg.VARIANT_CONFIGS, lines, strict=True):
         shared = int(line.split()[-2])

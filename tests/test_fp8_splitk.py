@@ -17,6 +17,8 @@ import os
 import pytest
 import torch
 
+from tests.sm90_aot import assert_fits_shared_memory, compile_for_sm90
+
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -243,22 +245,9 @@ def test_sm90_build_of_the_default_configs():
     """The default configs at 2L decode shapes (and a ragged one) compile for sm_90 to FP8 wgmma with the row tile
     on the wgmma's N side (swap-AB) and TMA loads, in an H200 SM's shared memory, without register spills where K
     is whole groups (every LongCat shape)."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
-        pytest.skip("triton's CUDA backend is not installed")
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = out.stdout.strip().splitlines()
+    lines = compile_for_sm90(_AOT)
     assert len(lines) == 5, lines
-    for line in lines:
-        assert int(line.split()[-1]) <= 227 * 1024, line
+    assert_fits_shared_memory(lines)
 
 
 # ---- the benchmark's dense_decode section (its GPU timings need a device; its selection and tables do not) -----

@@ -13,11 +13,11 @@ Tests marked gpu run the real shapes against torch._grouped_mm.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.sm90_aot import assert_fits_shared_memory, compile_for_sm90
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
@@ -245,20 +245,9 @@ for n, k, cfg in cases:
 
 def test_sm90_build_of_every_config():
     """Every config compiles for sm_90 (Hopper: wgmma, TMA where asked) and fits its shared memory."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
-        pytest.skip("triton's CUDA backend is not installed")
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = out.stdout.strip().splitlines()
+    lines = compile_for_sm90(_AOT)
     assert len(lines) == len(CONFIGS) + 2
-    for line in lines:
-        assert int(line.split()[-1]) <= 227 * 1024, line
+    assert_fits_shared_memory(lines)
 
 
 # ---- GPU: real shapes against torch._grouped_mm -----------------------------------------------------------------

@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from tests.sm90_aot import assert_fits_shared_memory, compile_for_sm90
+
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -318,19 +320,6 @@ def test_sm90_build_of_the_16bit_tile_and_prep_absorb():
     """The MQA stage 1 at its 16-bit tile (64 tokens, 3 stages; 64 heads, rank 512, bf16) compiles for sm_90 to
     wgmma within an H200 SM's shared memory without register spills; mla_prep_absorb at LongCat shapes compiles
     without spills."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
-        pytest.skip("triton's CUDA backend is not installed")
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = out.stdout.strip().splitlines()
+    lines = compile_for_sm90(_AOT)
     assert [line.split()[0] for line in lines] == ["stage1", "prep_absorb"], lines
-    for line in lines:
-        assert int(line.split()[-1]) <= 227 * 1024, line
+    assert_fits_shared_memory(lines)
