@@ -16,6 +16,31 @@ def _rot(xe, xo, c, s, dt: tl.constexpr):
 
 
 @triton.jit
+def _store_cache_entry(kva_ptr, w_ptr, cache_ptr, tok, slot, s_kn, c, s, eps, kv_scale, dt: tl.constexpr,
+                       RANK: tl.constexpr, ROPE: tl.constexpr, RANK_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Token tok's cache entry at slot (none for a padding slot < 0): the latent's RMSNorm (fp32 math, rounded,
+    then the model-dtype weight product) times the LoRA scale, and the shared rope key rotated by (c, s)."""
+    HALF: tl.constexpr = ROPE // 2
+    write = slot >= 0
+    cache_row = cache_ptr + slot * (RANK + ROPE)
+    offs_i = tl.arange(0, HALF_PAD)
+    imask = offs_i < HALF
+    offs_r = tl.arange(0, RANK_PAD)
+    rmask = offs_r < RANK
+    lat = tl.load(kva_ptr + tok * s_kn + offs_r, mask=rmask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(lat * lat, 0) / RANK + eps)
+    w = tl.load(w_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
+    lat = ((lat * rstd).to(dt).to(tl.float32) * w).to(dt)
+    lat = (lat.to(tl.float32) * kv_scale).to(dt)
+    tl.store(cache_row + offs_r, lat.to(cache_ptr.dtype.element_ty), mask=rmask & write)
+    ke = tl.load(kva_ptr + tok * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
+    ko = tl.load(kva_ptr + tok * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
+    k1, k2 = _rot(ke, ko, c, s, dt)
+    tl.store(cache_row + RANK + offs_i, k1.to(cache_ptr.dtype.element_ty), mask=imask & write)
+    tl.store(cache_row + RANK + HALF + offs_i, k2.to(cache_ptr.dtype.element_ty), mask=imask & write)
+
+
+@triton.jit
 def _mla_prep_kernel(
     q_ptr, kva_ptr, cos_ptr, sin_ptr, w_ptr, slot_ptr, cache_ptr, qout_ptr,
     eps, q_scale, kv_scale, heads,
@@ -27,30 +52,14 @@ def _mla_prep_kernel(
     head_block = tl.program_id(1)
     dt = qout_ptr.dtype.element_ty
     HALF: tl.constexpr = ROPE // 2
-    slot = tl.load(slot_ptr + row).to(tl.int64)
-    write = slot >= 0
-    cache_row = cache_ptr + slot * (RANK + ROPE)
-
     offs_i = tl.arange(0, HALF_PAD)
     imask = offs_i < HALF
     c = tl.load(cos_ptr + row * s_cos + offs_i, mask=imask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + row * s_sin + offs_i, mask=imask, other=0.0).to(tl.float32)
     if head_block == 0:  # the token's cache entry, once
-        # latent: RMSNorm (fp32 math, rounded, then the model-dtype weight product), then the LoRA scale
-        offs_r = tl.arange(0, RANK_PAD)
-        rmask = offs_r < RANK
-        lat = tl.load(kva_ptr + row * s_kn + offs_r, mask=rmask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(lat * lat, 0) / RANK + eps)
-        w = tl.load(w_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
-        lat = ((lat * rstd).to(dt).to(tl.float32) * w).to(dt)
-        lat = (lat.to(tl.float32) * kv_scale).to(dt)
-        tl.store(cache_row + offs_r, lat.to(cache_ptr.dtype.element_ty), mask=rmask & write)
-        # shared rope key
-        ke = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
-        ko = tl.load(kva_ptr + row * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
-        k1, k2 = _rot(ke, ko, c, s, dt)
-        tl.store(cache_row + RANK + offs_i, k1.to(cache_ptr.dtype.element_ty), mask=imask & write)
-        tl.store(cache_row + RANK + HALF + offs_i, k2.to(cache_ptr.dtype.element_ty), mask=imask & write)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        _store_cache_entry(kva_ptr, w_ptr, cache_ptr, row, slot, s_kn, c, s, eps, kv_scale, dt,
+                           RANK, ROPE, RANK_PAD, HALF_PAD)
 
     # queries of this program's heads: scale everything, rotate the rope part
     offs_h = head_block * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)
@@ -117,23 +126,10 @@ def _mla_prep_absorb_kernel(
         tok = (p - heads).to(tl.int64)
         if c == 0:
             slot = tl.load(slot_ptr + tok).to(tl.int64)
-            write = slot >= 0
-            cache_row = cache_ptr + slot * (RANK + ROPE)
             kc = tl.load(cos_ptr + tok * s_cos + offs_i, mask=imask, other=0.0).to(tl.float32)
             ks = tl.load(sin_ptr + tok * s_sin + offs_i, mask=imask, other=0.0).to(tl.float32)
-            offs_r = tl.arange(0, RANK_PAD)
-            rmask = offs_r < RANK
-            lat = tl.load(kva_ptr + tok * s_kn + offs_r, mask=rmask, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(lat * lat, 0) / RANK + eps)
-            w = tl.load(w_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
-            lat = ((lat * rstd).to(dt).to(tl.float32) * w).to(dt)
-            lat = (lat.to(tl.float32) * kv_scale).to(dt)
-            tl.store(cache_row + offs_r, lat.to(cache_ptr.dtype.element_ty), mask=rmask & write)
-            ke = tl.load(kva_ptr + tok * s_kn + RANK + 2 * offs_i, mask=imask, other=0.0).to(tl.float32)
-            ko = tl.load(kva_ptr + tok * s_kn + RANK + 2 * offs_i + 1, mask=imask, other=0.0).to(tl.float32)
-            k1, k2 = _rot(ke, ko, kc, ks, dt)
-            tl.store(cache_row + RANK + offs_i, k1.to(cache_ptr.dtype.element_ty), mask=imask & write)
-            tl.store(cache_row + RANK + HALF + offs_i, k2.to(cache_ptr.dtype.element_ty), mask=imask & write)
+            _store_cache_entry(kva_ptr, w_ptr, cache_ptr, tok, slot, s_kn, kc, ks, eps, kv_scale, dt,
+                               RANK, ROPE, RANK_PAD, HALF_PAD)
     else:
         h = p.to(tl.int64)
         offs_d = tl.arange(0, NOPE_PAD)
