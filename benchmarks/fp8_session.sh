@@ -16,11 +16,7 @@ BUDGET=${BUDGET:-470}
 : > "$L/steps.tsv"
 source "$(dirname "${BASH_SOURCE[0]}")/session_steps.sh"  # step NAME CAP CMD...
 
-PY=$(command -v python || command -v python3)
-if compgen -G ".whl/*.whl" >/dev/null; then
-  pip install --no-index --no-deps --target /tmp/site .whl/*.whl >"$L/wheels.log" 2>&1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+session_python  # PY, the carried wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv >"$L/gpu.txt" 2>&1
 echo "${LONGCAT_COMMIT:-$(git log --oneline -1 2>/dev/null)}" >"$L/commit.txt"
 

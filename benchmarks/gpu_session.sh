@@ -20,9 +20,7 @@ BUDGET=${BUDGET:-560}
 
 source "$(dirname "${BASH_SOURCE[0]}")/session_steps.sh"  # step NAME CAP CMD...
 
-PY=$(command -v python || command -v python3)
-pip install --no-index --no-deps --target /tmp/site .whl/*.whl >"$L/wheels.log" 2>&1
-export PYTHONPATH=/tmp/site:$PWD
+session_python  # PY, the carried wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv >"$L/gpu.txt" 2>&1
 echo "${LONGCAT_COMMIT:-$(git log --oneline -1)}" >"$L/commit.txt" 2>&1
 # the device copy of the tree may carry a stale .git: the caller passes LONGCAT_COMMIT

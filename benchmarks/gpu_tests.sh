@@ -16,11 +16,7 @@ PER_FILE=${PER_FILE:-180}
 : > "$L/steps.tsv"
 source "$(dirname "${BASH_SOURCE[0]}")/session_steps.sh"  # step NAME CAP CMD...
 
-PY=$(command -v python || command -v python3)
-if compgen -G ".whl/*.whl" >/dev/null; then
-  pip install --no-index --no-deps --target /tmp/site .whl/*.whl >"$L/wheels.log" 2>&1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+session_python  # PY, the carried wheels, PYTHONPATH
 if [[ -z ${SKIP_BUILD:-} ]]; then
   step build 220 LONGCAT_BUILD_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace
 fi
