@@ -113,9 +113,12 @@ def report(args, results: dict, bw: float, flops: float, fp8_rates: dict, device
         fp8_tensorwise = fp8_rates.get("tensorwise")
         share_fp8 = (f", {100 * p['tflops'] * 1e12 / fp8_tensorwise:.0f}% of the FP8 rate"
                      if isinstance(fp8_tensorwise, float) else "")
+        alone = p.get("gpu_alone")
+        gpu_alone = (f"; the GPU alone {alone['gpu_alone_ms']:.1f} ms (queued behind a sleep kernel), the host's "
+                     f"launches {alone['host_ms'].get('forward_ms', 0.0):.1f} ms" if alone else "")
         lines.append(f"Prefill {p['tokens']} tokens, {fmt}: {p['seconds'] * 1e3:.1f} ms, {p['tflops']:.0f} TFLOP/s = "
                      f"{100 * p['share_of_matmul']:.0f}% of the bf16 matmul rate{share_fp8}"
-                     + (f" (target {TARGETS_MS['prefill']} ms)" if fmt == "fp8" else "") + ".")
+                     + (f" (target {TARGETS_MS['prefill']} ms)" if fmt == "fp8" else "") + gpu_alone + ".")
     return "\n".join(lines) + "\n"
 
 

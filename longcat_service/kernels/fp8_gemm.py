@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from longcat_service.kernels import next_pow2
+from longcat_service.kernels import device_capability, next_pow2
 from longcat_service.kernels.grouped_gemm import GroupedGemmConfig, parse_config
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -307,7 +307,7 @@ def scaled_mm_supported(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor
     return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "scaled_mm") and m >= SCALED_MM_MIN_ROWS
             and n % GROUP == 0 and k % GROUP == 0 and (k // GROUP) % 4 == 0 and w8.is_contiguous()
             and w_scale.is_contiguous() and w_scale.dtype == torch.float32 and w8.device == x.device
-            and torch.cuda.get_device_capability(x.device) == (9, 0))
+            and device_capability(x.device) == (9, 0))
 
 
 def w8a8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
