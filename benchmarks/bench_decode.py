@@ -38,7 +38,7 @@ from decode_driver import (  # noqa: E402  (re-exported: tests import the floors
     Driver,
     RouterProbe,
     decode_floor_bytes,
-    gpu_alone_prefill_ms,
+    gpu_alone_prefill,
     param_bytes,
     prefill_flops,
     profile_decode,
@@ -154,7 +154,7 @@ def bench_ours(args, raw: dict, device: torch.device, ceil_bw: float, ceil_flops
         runs = []
         for _ in range(3):
             seq = drv.new_seq(prompt, 1)
-            runs.append(gpu_alone_prefill_ms(drv, seq))
+            runs.append(gpu_alone_prefill(drv, seq))
             drv.release([seq])
         gpu_alone = sorted(runs, key=lambda r: r["gpu_alone_ms"])[1]
         print(f"prefill behind a sleep kernel (GPU alone, host phases): {json.dumps(gpu_alone)}", flush=True)

@@ -101,29 +101,23 @@ def traced_prefill(drv: Driver, seq, sync) -> dict:
     return {k: round(v, 3) for k, v in trace.records[0].items() if k.endswith("_ms")}
 
 
-def gpu_alone_prefill_ms(drv: Driver, seq, sleep_ms: float = 80.0) -> dict:
-    """The prefill of `seq` queued behind a sleep kernel (CUDA): the host enqueues the whole step while the GPU
+def gpu_alone_prefill(drv: Driver, seq, sleep_ms: float = 80.0) -> dict:
+    """traced_prefill of `seq` queued behind a sleep kernel (CUDA): the host enqueues the whole step while the GPU
     sleeps, so the time from the sleep's end to the step's last kernel is the GPU's work alone, with no launch gap,
-    and the step trace's phases (traced_prefill) are host time alone. wall - gpu_alone_ms is what the host adds."""
+    and the phases before the wait are host time alone. wall - gpu_alone_ms is what the host adds."""
     import torch
 
-    from longcat_service.engine.step_trace import StepTrace
-
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    trace = StepTrace(keep=True)
-    saved, drv.runner.trace = drv.runner.trace, trace
-    try:
+
+    def sync_then_sleep():
         torch.cuda.synchronize()
         torch.cuda._sleep(int(sleep_ms * 2e6))  # cycles: sleep_ms or longer at clocks up to 2 GHz
         start.record()
-        trace.start()
-        drv.prefill([seq], max_tokens=seq.num_tokens)  # returns after the read-back, so after the last kernel
-        trace.end()
-        end.record()
-        torch.cuda.synchronize()
-    finally:
-        drv.runner.trace = saved
-    host = {k: round(v, 3) for k, v in trace.records[0].items() if k.endswith("_ms") and k not in ("wall_ms", "wait_ms")}
+
+    phases = traced_prefill(drv, seq, sync_then_sleep)  # returns after the read-back, so after the last kernel
+    end.record()
+    torch.cuda.synchronize()
+    host = {k: v for k, v in phases.items() if k not in ("wall_ms", "wait_ms")}
     return {"gpu_alone_ms": round(start.elapsed_time(end), 3), "host_ms": host}
 
 
