@@ -39,7 +39,10 @@ class StepTrace:
         if not self.enabled or not self._marks:
             return
         t0 = self._marks[0][1]
-        record = {"t": t0, "wall_ms": (time.perf_counter() - t0) * 1e3}
+        # the step ends at its last mark, so the phases partition wall_ms exactly (a GC pause or a preempted
+        # thread between the last mark and end() would otherwise show up in no phase)
+        t_end = self._marks[-1][1] if len(self._marks) > 1 else time.perf_counter()
+        record = {"t": t0, "wall_ms": (t_end - t0) * 1e3}
         for (_, prev), (phase, t) in zip(self._marks, self._marks[1:], strict=False):
             record[f"{phase}_ms"] = record.get(f"{phase}_ms", 0.0) + (t - prev) * 1e3
         record.update(fields)
