@@ -199,6 +199,60 @@ def test_the_service_stays_healthy_after_bad_requests(client, model, base_url):
     assert client.chat.completions.create(model=model, messages=HELLO, max_tokens=2).choices[0].message.content
 
 
+LONE_SURROGATE_BODIES = [  # raw JSON: a lone surrogate escape decodes to a str that no UTF-8 encoder takes
+    ("/v1/chat/completions", '{"model": "M", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", '{"model": "M", "messages": [{"role": "user", "content": [{"type": "text", '
+                             '"text": "\\udc00"}]}]}', "messages[0].content[0].text"),
+    ("/v1/chat/completions", '{"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}',
+     "stop[0]"),
+    ("/v1/chat/completions", '{"model": "M", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": '
+                             '"function", "function": {"name": "f", "parameters": {"properties": {"\\ud800": {}}}}}]}',
+     "tools[0].function.parameters"),
+    ("/v1/completions", '{"model": "M", "prompt": "x\\ud800"}', "prompt"),
+    ("/v1/completions", '{"model": "M", "prompt": ["ok", "x\\udfff"]}', "prompt[1]"),
+    ("/tokenize", '{"model": "M", "prompt": "\\ud800"}', "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", LONE_SURROGATE_BODIES, ids=[p for _, _, p in LONE_SURROGATE_BODIES])
+def test_text_with_a_lone_surrogate_is_a_400_naming_the_field(base_url, model, path, body, param):
+    r = httpx.post(base_url + path, content=body.replace('"M"', f'"{model}"'),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "surrogate" in error["message"], error
+    assert httpx.get(base_url + "/health").json() == {"status": "ok"}
+
+
+def test_a_surrogate_pair_is_text(base_url, model):
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "\\ud83d\\ude00 hi"}}], "max_tokens": 2}}'
+    r = httpx.post(base_url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_what_the_server_cannot_honour_is_refused_not_ignored(client, model):
+    for kind in ("json_object", "json_schema"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=HELLO, max_tokens=2, response_format={"type": kind})
+        assert e.value.body["param"] == "response_format" and kind in e.value.message
+    text = client.chat.completions.create(model=model, messages=HELLO, max_tokens=2, response_format={"type": "text"})
+    assert text.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="Hi", max_tokens=2, n=1, best_of=3)
+    assert e.value.body["param"] == "best_of"
+    assert len(client.completions.create(model=model, prompt="Hi", max_tokens=2, n=2, best_of=2).choices) == 2
+
+
+def test_a_union_field_names_the_real_reason_not_a_member_type(base_url, model):
+    """prompt: str | list[str] | list[int] | list[list[int]]: a list of numbers fails as token ids, not as a string"""
+    r = httpx.post(base_url + "/v1/completions", json={"model": model, "prompt": [1.5]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[0]", r.text
+    assert "integer" in r.json()["error"]["message"]
+    r = httpx.post(base_url + "/v1/chat/completions", json={"model": 1})  # not a union: the first error stays first
+    assert r.json()["error"]["param"] == "model", r.text
+
+
 def test_tokenize_and_detokenize_round_trip(base_url, model, llm):
     ids = httpx.post(base_url + "/tokenize", json={"model": model, "prompt": "Hello cats"}).json()["tokens"]
     assert ids == llm.tokenizer.encode("Hello cats", add_special_tokens=True)

@@ -9,7 +9,7 @@ import uuid
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.background import BackgroundTask
 
-from longcat_service.server.openai_api.errors import ApiError
+from longcat_service.server.openai_api.errors import ApiError, invalid
 from longcat_service.server.openai_api.generation import Generation, HttpContext
 from longcat_service.server.openai_api.prompts import ChatPrompt, render_chat
 from longcat_service.server.openai_api.protocol import (
@@ -51,6 +51,10 @@ def usage_of(outputs, num_cached: int) -> Usage:
 
 
 async def create_chat_completion(ctx: HttpContext, request: ChatCompletionRequest, receive):
+    if request.response_format is not None and request.response_format.type != "text":
+        # answering JSON mode with free text would break the client's parser later, far from the cause
+        raise invalid("response_format", f"type {request.response_format.type!r} is not supported (this server has "
+                                         "no constrained decoding; only 'text')")
     prompt = render_chat(request, ctx.engine.tokenizer, ctx.engine.max_model_len)
     params = sampling_params(request, ctx.vocab_size())
     gen = Generation(ctx, [prompt.token_ids], params, "messages", request.timeout_ms, receive)

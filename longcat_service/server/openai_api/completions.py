@@ -60,6 +60,9 @@ def _echo_text(ctx: HttpContext, prompt_ids: list[int], original: str | None) ->
 async def create_completion(ctx: HttpContext, request: CompletionRequest, receive):
     if request.suffix:
         raise invalid("suffix", "not supported")
+    if request.best_of is not None and request.best_of != request.n:
+        raise invalid("best_of", f"only best_of = n is supported (no server-side ranking), got best_of "
+                                 f"{request.best_of} and n {request.n}")
     prompts = completion_prompts(request.prompt, ctx.engine.tokenizer, ctx.engine.max_model_len)
     if isinstance(request.prompt, str):
         texts = [request.prompt]

@@ -60,7 +60,11 @@ def _is_union_tag(p: str) -> bool:
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    # a union field (`content: str | list[TextPart]`) reports one error per member; the member whose type the value
+    # has fails for the real reason, the others only for their type: name the real reason
+    reasons = [e for e in errors if not (str(e.get("type", "")).endswith("_type")
+                                         and any(isinstance(p, str) and _is_union_tag(p) for p in e.get("loc", ())))]
+    first = (reasons or errors or [{"loc": (), "msg": "invalid request"}])[0]
     if first.get("type") == "json_invalid":
         return invalid("body", f"not valid JSON ({first.get('msg')})").response()
     param = _param_of(tuple(first.get("loc", ())))

@@ -1,14 +1,44 @@
 """Request and response schemas of the OpenAI wire format (the fields this server reads or writes).
 
 Requests ignore unknown fields, as OpenAI-compatible servers do (clients such as LangChain send extras);
-vLLM's sampling extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, ...) are accepted in the body."""
+vLLM's sampling extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, ...) are accepted in the body.
+Text that reaches the tokenizer, the chat template or the logs is `Text`: JSON can escape a lone UTF-16 surrogate
+(`"\\ud800"`), which decodes to a Python str that no tokenizer or UTF-8 encoder takes; it is refused here, as a 400
+naming the field, instead of failing deep in the request."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+
+def _unicode_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("unpaired_surrogate", "contains an unpaired UTF-16 surrogate at character {pos} "
+                                  "(not valid Unicode text)", {"pos": e.start}) from None
+    return value
+
+
+def _unicode_json(value: Any) -> Any:
+    """_unicode_text on every key and string of a JSON value (a tool's parameter schema)."""
+    if isinstance(value, str):
+        _unicode_text(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unicode_text(k)
+            _unicode_json(v)
+    elif isinstance(value, list):
+        for v in value:
+            _unicode_json(v)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class _Request(BaseModel):
@@ -29,12 +59,12 @@ class SamplingFields(_Request):
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -48,34 +78,34 @@ class SamplingFields(_Request):
 
 
 class FunctionCall(_Request):
-    name: str
-    arguments: str = "{}"
+    name: Text
+    arguments: Text = "{}"
 
 
 class ToolCall(_Request):
-    id: str | None = None
+    id: Text | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class TextPart(_Request):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
     role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-    reasoning_content: str | None = None
+    tool_call_id: Text | None = None
+    reasoning_content: Text | None = None
 
 
 class FunctionDefinition(_Request):
-    name: str = Field(min_length=1, max_length=256)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
+    name: Text = Field(min_length=1, max_length=256)
+    description: Text | None = None
+    parameters: Annotated[dict[str, Any], AfterValidator(_unicode_json)] | None = None
 
 
 class Tool(_Request):
@@ -84,7 +114,7 @@ class Tool(_Request):
 
 
 class NamedFunction(_Request):
-    name: str
+    name: Text
 
 
 class NamedToolChoice(_Request):
@@ -92,8 +122,13 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
+class ResponseFormat(_Request):
+    type: str
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
+    response_format: ResponseFormat | None = None  # read so that a JSON mode it cannot honour is refused
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -103,16 +138,17 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for /v1/completions
     echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
+    best_of: int | None = None
 
 
 class TokenizeRequest(_Request):
     model: str | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
@@ -198,7 +234,7 @@ class ResponseToolCall(_Response):
 
 class DeltaToolCall(_Response):
     index: int
-    id: str | None = None
+    id: Text | None = None
     type: Literal["function"] | None = None
     function: ResponseFunctionCall | None = None
 
