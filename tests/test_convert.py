@@ -204,6 +204,14 @@ def test_request_id_limits():
         assert (field_of(excinfo), str(excinfo.value)) == ("request_id", message)
 
 
+def test_timeout_ms_zero_is_refused_and_unset_or_positive_pass():
+    convert.validate_timeout(pb.GenerateRequest(text="hi"))
+    convert.validate_timeout(pb.GenerateRequest(text="hi", timeout_ms=1))
+    with pytest.raises(RequestError) as excinfo:
+        convert.validate_timeout(pb.GenerateRequest(text="hi", timeout_ms=0))
+    assert field_of(excinfo) == "timeout_ms" and "must be > 0" in str(excinfo.value)
+
+
 # ---- responses --------------------------------------------------------------------------------------------------
 
 def test_chunk_is_none_when_the_step_added_nothing():

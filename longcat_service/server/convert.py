@@ -111,6 +111,12 @@ def engine_deadline(request: pb.GenerateRequest, grpc_time_remaining: float | No
     return time.monotonic() + min(budgets) if budgets else None
 
 
+def validate_timeout(request: pb.GenerateRequest) -> None:
+    # 0 would end the request before its first token; the HTTP API's timeout_ms refuses it likewise
+    if request.HasField("timeout_ms") and request.timeout_ms == 0:
+        raise RequestError("timeout_ms", "must be > 0 (leave it unset for no timeout)")
+
+
 def validate_request_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise RequestError("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")

@@ -143,6 +143,7 @@ class LongCatServicer(pb_grpc.LongCatServicer):
             prompt = convert.prompt_from_request(request, self.engine.tokenizer, self.engine.max_model_len)
             params = convert.sampling_params_from_proto(request.sampling, self._vocab_size())
             convert.validate_request_id(request.request_id)
+            convert.validate_timeout(request)
         except convert.RequestError as e:
             raise call_status.invalid_request(e) from e
         request_id = request.request_id or uuid.uuid4().hex
