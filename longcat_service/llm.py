@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from longcat_service.engine.engine_args import EngineArgs
 from longcat_service.engine.llm_engine import LLMEngine
@@ -90,6 +90,9 @@ class LLM:
     def _as_list(prompts) -> list:
         if isinstance(prompts, (str, Mapping)):
             return [prompts]
+        if not isinstance(prompts, Iterable):
+            raise TypeError(f"prompts: expected a string, token ids, a dict or a list of them, got "
+                            f"{type(prompts).__name__}")
         prompts = list(prompts)
         if prompts and all(isinstance(t, int) for t in prompts):
             return [prompts]  # a single token-id prompt

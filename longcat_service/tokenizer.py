@@ -71,6 +71,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (Python str can hold one); the tokenizer's error is cryptic
+            raise ValueError(f"text contains an unpaired UTF-16 surrogate at character {e.start} (not valid Unicode "
+                             "text)") from None
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         # Like transformers' fast tokenizers: add_bos_token in tokenizer_config asks for a BOS even when
         # tokenizer.json carries no post-processor that adds it.

@@ -61,3 +61,12 @@ def test_bad_prompt_queues_nothing(llm):
     with pytest.raises(PromptError):
         llm.generate([[5, 6], []])
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_prompts_of_no_known_shape_are_a_clear_type_error(llm):
+    for bad in (None, 5, 2.5):
+        with pytest.raises(TypeError, match="prompts: expected a string, token ids, a dict or a list of them"):
+            llm.generate(bad)
+    with pytest.raises(ValueError, match="surrogate"):
+        llm.generate(["fine", "a\udfffb"])
+    assert not llm.engine.has_unfinished_requests()

@@ -135,3 +135,9 @@ def test_chat_template_jinja_file_takes_precedence(demo_dir, tmp_path):
 def test_encode_rejects_non_string(tok):
     with pytest.raises(TypeError, match="text"):
         tok.encode([1, 2])
+
+
+def test_encode_rejects_a_lone_surrogate_naming_it_and_takes_a_pair(tok):
+    with pytest.raises(ValueError, match="unpaired UTF-16 surrogate at character 1"):
+        tok.encode("a\ud800b")
+    assert tok.decode(tok.encode("a\U0001f600b")) == "a\U0001f600b"
