@@ -34,6 +34,9 @@ ODD = dict(TINY_CONFIG, hidden_size=160, q_lora_rank=128, kv_lora_rank=64, num_a
 ALIGNED = dict(TINY_CONFIG, hidden_size=160, q_lora_rank=96, kv_lora_rank=64, num_attention_heads=4,
                qk_nope_head_dim=64, qk_rope_head_dim=64, head_dim=64, v_head_dim=64, ffn_hidden_size=256,
                expert_ffn_hidden_size=256)
+# TP=8, the single-node FP8 recipe's size: 2 heads per rank, so q_b, kv_b and o_proj shards are whole 128-blocks
+# (2 x 128 rows, 2 x 64 columns) as the real model's are at TP8 (8 heads per rank); ffn and experts 128 per rank.
+ALIGNED_TP8 = dict(ALIGNED, num_attention_heads=16, ffn_hidden_size=1024, expert_ffn_hidden_size=1024)
 
 
 def meta_model(raw: dict) -> LongcatFlashForCausalLM:

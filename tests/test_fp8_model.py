@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from longcat_service.model.loader import load_model
 from longcat_service.ops.fp8_reference import block_dequant, block_quant
 from tests.engine_utils import full_forward_logits
-from tests.fp8_checkpoint import ALIGNED, FP8_QUANT, ODD, quantized_keys, save, write_pair
+from tests.fp8_checkpoint import ALIGNED, ALIGNED_TP8, FP8_QUANT, ODD, quantized_keys, save, write_pair
 
 TOKENS = [5, 9, 17, 33, 4, 70, 96, 3, 12, 44, 61, 100, 2, 7]
 
@@ -176,6 +176,21 @@ def test_tp2_fp8_equals_tp1_fp8(aligned):
                                  TOKENS)
     logits_q, _ = run_on_ranks(2, fp8_rank_logits, str(aligned["bf16"]), TOKENS, "fp8")
     torch.testing.assert_close(torch.from_numpy(logits_q), want_q, atol=2e-5, rtol=1e-5)
+
+
+def test_tp8_fp8_equals_tp1_fp8(tmp_path):
+    """The single-node FP8 recipe's TP size on 8 gloo ranks: the scales sliced 8 ways (2 heads, 128 ffn and expert
+    rows per rank), vocab 128 in 8 shards, and the identity experts added once."""
+    from tests.tp_harness import run_on_ranks
+
+    path = write_pair(tmp_path, ALIGNED_TP8, seed=5)["fp8"]
+    want = full_forward_logits(load_model(path, dtype="float32", device="cpu"), TOKENS)
+    logits, shapes = run_on_ranks(8, fp8_rank_logits, str(path), TOKENS, timeout_s=300.0)
+    torch.testing.assert_close(torch.from_numpy(logits), want, atol=2e-5, rtol=1e-5)
+    # q_b: 16 heads x 128 = 2048 rows -> 256 per rank (2 block rows) x q_lora 96; o_proj in 16 x 64 -> 128 (1 block
+    # column) x hidden 160 (2 block rows); experts' intermediate 1024 -> 128 (gate and up: one block row each)
+    assert shapes == {"q_b": (256, 96), "q_b_scale": (2, 1), "o_scale": (2, 1), "w13_scale": (6, 2, 2),
+                      "w2_scale": (6, 2, 1)}
 
 
 def test_tp_shard_that_splits_a_scale_block_is_refused_naming_the_tp_size(odd):
