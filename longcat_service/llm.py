@@ -36,6 +36,18 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's worker ranks and leave its process group, so that another LLM can be
+        created in this process (it is refused while one with tensor_parallel_size > 1 is open). Also on exit of
+        `with LLM(...) as llm:`; harmless at tp 1 and when called twice."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],

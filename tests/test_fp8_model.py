@@ -178,12 +178,17 @@ def test_tp2_fp8_equals_tp1_fp8(aligned):
     torch.testing.assert_close(torch.from_numpy(logits_q), want_q, atol=2e-5, rtol=1e-5)
 
 
-def test_tp8_fp8_equals_tp1_fp8(tmp_path):
+@pytest.fixture(scope="module")
+def aligned_tp8(tmp_path_factory):
+    return write_pair(tmp_path_factory.mktemp("fp8_tp8"), ALIGNED_TP8, seed=5)
+
+
+def test_tp8_fp8_equals_tp1_fp8(aligned_tp8):
     """The single-node FP8 recipe's TP size on 8 gloo ranks: the scales sliced 8 ways (2 heads, 128 ffn and expert
     rows per rank), vocab 128 in 8 shards, and the identity experts added once."""
     from tests.tp_harness import run_on_ranks
 
-    path = write_pair(tmp_path, ALIGNED_TP8, seed=5)["fp8"]
+    path = aligned_tp8["fp8"]
     want = full_forward_logits(load_model(path, dtype="float32", device="cpu"), TOKENS)
     logits, shapes = run_on_ranks(8, fp8_rank_logits, str(path), TOKENS, timeout_s=300.0)
     torch.testing.assert_close(torch.from_numpy(logits), want, atol=2e-5, rtol=1e-5)
@@ -191,6 +196,21 @@ def test_tp8_fp8_equals_tp1_fp8(tmp_path):
     # column) x hidden 160 (2 block rows); experts' intermediate 1024 -> 128 (gate and up: one block row each)
     assert shapes == {"q_b": (256, 96), "q_b_scale": (2, 1), "o_scale": (2, 1), "w13_scale": (6, 2, 2),
                       "w2_scale": (6, 2, 1)}
+
+
+def test_llm_at_tp8_generates_the_tp1_greedy_tokens(aligned_tp8):
+    """The engine over 8 local ranks (the worker launcher, its step messages and the rank-0 sampler) on FP8."""
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12)
+    prompts = [[5, 9, 17, 33], TOKENS, [100, 2]]
+
+    def greedy(**kwargs):
+        with LLM(model=str(aligned_tp8["fp8"]), device="cpu", dtype="float32", **kwargs) as llm:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    assert greedy(tensor_parallel_size=8) == greedy()  # TP=1 after TP=8 in one process: close() left the group
 
 
 def test_tp_shard_that_splits_a_scale_block_is_refused_naming_the_tp_size(odd):

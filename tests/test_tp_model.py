@@ -102,3 +102,24 @@ def test_llm_tp2_greedy_tokens_and_logprobs_equal_tp1(checkpoints):
             assert lg.logprob == pytest.approx(lr.logprob, abs=1e-4)
         for pr, pg in zip(r.prompt_logprobs[1:], g.prompt_logprobs[1:], strict=True):
             assert pg.logprob == pytest.approx(pr.logprob, abs=1e-4)
+
+
+def test_a_second_llm_is_refused_while_a_tp_llm_is_open_and_works_after_close(checkpoints):
+    """Before close() existed, a dropped TP LLM left its process group behind: the next LLM in the process ran its
+    collectives in that group and hung (TP=8 then TP=1) or failed on a worker's broken pipe."""
+    from longcat_service.distributed import parallel_state
+    from longcat_service.engine.errors import EngineArgsError
+    from longcat_service.llm import LLM
+    from longcat_service.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    kwargs = dict(model=checkpoints["base"], dtype="float32", device="cpu")
+    with LLM(tensor_parallel_size=2, **kwargs) as llm:
+        got = llm.generate([TOKENS], params)[0].outputs[0].token_ids
+        with pytest.raises(EngineArgsError, match="still drives a tensor-parallel engine of 2 ranks: close it first"):
+            LLM(**kwargs)
+        assert llm.generate([TOKENS], params)[0].outputs[0].token_ids == got  # the open one still serves
+    assert parallel_state.get_tp_size() == 1
+    llm.close()  # twice: harmless
+    with LLM(**kwargs) as tp1:
+        assert tp1.generate([TOKENS], params)[0].outputs[0].token_ids == got

@@ -121,9 +121,7 @@ def run_engine_core(args, cmd_conn, out_conn) -> None:
     try:
         _CoreLoop(engine, cmd_conn, out_conn, heartbeat_interval(args.step_timeout_s)).run()
     finally:  # a multiprocessing child skips atexit: stop tensor-parallel ranks here, or exit would wait for them
-        close = getattr(engine.runner, "close", None)
-        if close is not None:
-            close()
+        engine.close()
     # Nothing else is left to tear down: skip the interpreter's teardown, which takes ~2 s with torch loaded and
     # would make the server's exit overrun --drain-grace-s. Buffered files are flushed first.
     engine.trace.close()

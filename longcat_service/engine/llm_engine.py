@@ -153,6 +153,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
+    def close(self) -> None:
+        """Release what outlives the engine object: a tensor-parallel runner's worker ranks and process group (a
+        later engine in this process needs them gone). Idempotent; steps after it fail their requests."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
     def load(self) -> EngineLoad:
         return EngineLoad(
             num_running=len(self.scheduler.running),

@@ -55,6 +55,11 @@ MSG_STEP, MSG_SHUTDOWN = "step", "shutdown"
 def create_model_runner(args: EngineArgs, model_path) -> ModelRunner:
     """ModelRunner at tp 1; otherwise rank 0's TPDriverRunner (joining torchrun's job, or spawning local ranks)."""
     tp = args.tensor_parallel_size
+    if parallel_state.get_tp_size() > 1:
+        # a second engine would run its collectives in the open engine's group and hang there
+        raise EngineArgsError("tensor_parallel_size", f"this process still drives a tensor-parallel engine of "
+                              f"{parallel_state.get_tp_size()} ranks: close it first (LLM.close(), LLMEngine.close(), "
+                              "or `with LLM(...) as llm:`)")
     env = torchrun_env()
     if env is not None and env.world_size > 1:
         if tp != env.world_size:
