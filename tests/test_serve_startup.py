@@ -90,6 +90,23 @@ def test_a_bad_engine_flag_is_exit_2():
     assert "--block-size" in proc.stderr
 
 
+@pytest.mark.parametrize("flag,value,reason", [
+    ("--port", "99999", "must be a port number in [0, 65535], got 99999"),  # was an OverflowError traceback
+    ("--http-port", "-1", "must be a port number in [0, 65535], got -1"),
+    ("--metrics-port", "x", "not an integer: 'x'"),
+    ("--max-queued-requests", "0", "must be >= 1, got 0"),  # was a ValueError traceback after the engine loaded
+    ("--max-queued-tokens", "-5", "must be >= 1, got -5"),
+    ("--stream-buffer-size", "0", "must be >= 1, got 0"),
+    ("--slow-reader-timeout-s", "nan", "must be a finite number > 0, got nan"),
+    ("--drain-grace-s", "-3", "must be a finite number >= 0, got -3"),  # was accepted
+])
+def test_a_bad_server_flag_is_refused_by_the_parser_naming_it(capsys, flag, value, reason):
+    with pytest.raises(SystemExit) as exit_info:
+        serve_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {reason}" in capsys.readouterr().err
+
+
 def _catches(pid: int, sig: int) -> bool:
     """The process has a handler for `sig` (/proc/<pid>/status SigCgt)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import signal
 import sys
 
@@ -43,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXIT_CODES, formatter_class=_HelpFormatter)
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free port (printed at startup)")
-    g.add_argument("--metrics-port", type=int, default=None,
+    g.add_argument("--port", type=port_number, default=50051, help="gRPC port; 0 picks a free port (printed at startup)")
+    g.add_argument("--metrics-port", type=port_number, default=None,
                    help="Prometheus /metrics HTTP port (default: no metrics endpoint)")
     g = p.add_argument_group("OpenAI-compatible HTTP API (same process, loop and engine as gRPC)")
     g.add_argument("--http-host", default=None, help="default: --host")
-    g.add_argument("--http-port", type=int, default=None,
+    g.add_argument("--http-port", type=port_number, default=None,
                    help="default 8000 (0 with --port 0); 0 picks a free port (printed at startup)")
     g.add_argument("--no-http", action="store_true", help="serve gRPC only")
     g.add_argument("--reasoning-parser", choices=["longcat"], default=None,
@@ -120,15 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key-file", default=None, help="file with one accepted key per line (default: none)")
     g = p.add_argument_group("limits")
     d = ServerOptions()
-    g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+    g.add_argument("--max-queued-requests", type=at_least_one, default=d.max_queued_requests,
                    help="requests admitted but not yet running; more are RESOURCE_EXHAUSTED with retry-after-ms")
-    g.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+    g.add_argument("--max-queued-tokens", type=at_least_one, default=d.max_queued_tokens,
                    help="prompt tokens admitted but not yet running; more are RESOURCE_EXHAUSTED")
-    g.add_argument("--stream-buffer-size", type=int, default=d.stream_buffer_size,
+    g.add_argument("--stream-buffer-size", type=at_least_one, default=d.stream_buffer_size,
                    help="responses buffered per stream for a slow reader")
-    g.add_argument("--slow-reader-timeout-s", type=float, default=d.slow_reader_timeout_s,
+    g.add_argument("--slow-reader-timeout-s", type=positive_seconds, default=d.slow_reader_timeout_s,
                    help="a client that reads nothing for this long is dropped (UNAVAILABLE) and its request aborted")
-    g.add_argument("--drain-grace-s", type=float, default=30.0,
+    g.add_argument("--drain-grace-s", type=non_negative_seconds, default=30.0,
                    help="on SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, and in-flight requests get "
                         "this many seconds to finish; streams still running then end with UNAVAILABLE ('server "
                         "shut down', output sent so far stays delivered) and the server stops within about 1 s "
@@ -137,6 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     g.add_argument("--log-prompts", action="store_true", help="log prompt and output text (off: counts only)")
     return p
+
+
+def port_number(text: str) -> int:
+    port = _number(int, text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {port}")
+    return port
+
+
+def at_least_one(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = _number(float, text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    value = _number(float, text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _number(kind: type, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
 
 
 def hf_overrides_json(text: str) -> dict:
