@@ -138,3 +138,44 @@ def test_cli_reports_errors(server, capsys):
     assert client_main(["--address", server.address, "--json", "--top-p", "5", "hi"]) == 1
     event = json.loads(capsys.readouterr().out.strip())
     assert event["error"] == "INVALID_ARGUMENT" and event["details"].startswith("sampling.top_p")
+
+
+class _InterleavedClient:
+    """Stands in for LongCatClient in the CLI: the chunks of n=2 completions interleaved, as the server sends them."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def generate_stream(self, **kwargs):
+        from contextlib import nullcontext
+        from types import SimpleNamespace
+
+        def chunk(index, text, reason=None, tokens=0):
+            return SimpleNamespace(index=index, text=text, finished=reason is not None, finish_reason=reason,
+                                   usage=SimpleNamespace(completion_tokens=tokens))
+
+        return nullcontext([chunk(1, "Good"), chunk(0, "Once"), chunk(1, "bye", "stop", 2), chunk(0, " upon"),
+                            chunk(0, "", "length", 2)])
+
+
+def test_cli_prints_several_completions_whole_in_index_order(monkeypatch, capsys):
+    monkeypatch.setattr("longcat_service.client.cli.LongCatClient", _InterleavedClient)
+    assert client_main(["-n", "2", "hi"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "Once upon\nGoodbye\n"  # streamed as they came it read "GoodOncebye upon"
+    assert out.err.splitlines() == ["[0: length, 2 tokens]", "[1: stop, 2 tokens]"]
+
+
+def test_cli_bad_root_cert_and_timeout_are_one_line_exit_2(capsys, tmp_path):
+    missing = tmp_path / "no-such-ca.pem"
+    assert client_main(["--tls", "--root-cert", str(missing), "hi"]) == 2
+    assert capsys.readouterr().err.strip() == f"longcat-client: --root-cert {missing}: No such file or directory"
+    with pytest.raises(SystemExit) as exit_info:
+        client_main(["--timeout", "-1", "hi"])
+    assert exit_info.value.code == 2 and "argument --timeout: must be > 0, got -1" in capsys.readouterr().err

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send the prompt as one user message (chat template)")
     p.add_argument("--system", default=None, help="system message for --chat (default: none)")
     p.add_argument("--json", action="store_true", help="one JSON object per streamed event")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole call")
+    p.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds for the whole call")
     p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer KEY' (default: none)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (implied by grpcs://)")
     p.add_argument("--root-cert", default=None,
@@ -76,6 +76,23 @@ _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition
              "presence_penalty", "seed", "min_tokens", "ignore_eos", "stop", "logprobs", "n")
 
 
+def _print_whole(parts: dict[int, list[str]], finished: dict[int, str]) -> None:
+    for index in sorted(finished):
+        print(terminal_safe("".join(parts.get(index, []))), flush=True)
+        print(finished[index], file=sys.stderr, flush=True)
+    finished.clear()
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     text = " ".join(args.prompt) if args.prompt else sys.stdin.read()
@@ -86,21 +103,37 @@ def main(argv: list[str] | None = None) -> int:
         target = {"messages": messages}
     else:
         target = {"prompt": text}
-    client = LongCatClient(args.address, api_key=args.api_key, tls=args.tls or None,
-                           root_certificates=args.root_cert, timeout=args.timeout)
+    try:
+        client = LongCatClient(args.address, api_key=args.api_key, tls=args.tls or None,
+                               root_certificates=args.root_cert, timeout=args.timeout)
+    except OSError as e:  # the --root-cert file
+        print(f"longcat-client: --root-cert {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    # one completion streams as it comes; several would interleave their chunks: they are printed whole, in index
+    # order, when the stream ends (also when it ends with an error: the finished ones)
+    several = (args.n or 1) > 1
+    parts: dict[int, list[str]] = {}
+    finished: dict[int, str] = {}
     try:
         with client, client.generate_stream(**target, **sampling) as stream:
             for chunk in stream:
+                marker = None
+                if chunk.finished:
+                    marker = f"[{chunk.index}: {chunk.finish_reason}, {chunk.usage.completion_tokens} tokens]"
                 if args.json:
                     print(json.dumps(dataclasses.asdict(chunk)), flush=True)
-                elif chunk.finished:
-                    if (args.n or 1) == 1:
-                        print(flush=True)
-                    print(f"[{chunk.index}: {chunk.finish_reason}, {chunk.usage.completion_tokens} tokens]",
-                          file=sys.stderr)
+                elif several:
+                    parts.setdefault(chunk.index, []).append(chunk.text)
+                    if marker:
+                        finished[chunk.index] = marker
+                elif marker:
+                    print(flush=True)
+                    print(marker, file=sys.stderr, flush=True)
                 else:
                     print(terminal_safe(chunk.text), end="", flush=True)
+        _print_whole(parts, finished)
     except LongCatError as e:
+        _print_whole(parts, finished)
         if args.json:
             print(json.dumps({"error": e.code.name if e.code else "UNKNOWN", "details": e.details}), flush=True)
         print(f"longcat-client: {e.code.name if e.code else 'error'}: {terminal_safe(str(e.details))}", file=sys.stderr)
