@@ -244,6 +244,17 @@ def test_what_the_server_cannot_honour_is_refused_not_ignored(client, model):
     assert len(client.completions.create(model=model, prompt="Hi", max_tokens=2, n=2, best_of=2).choices) == 2
 
 
+def test_content_is_required_but_for_an_assistant_turn(base_url, model):
+    for role in ("user", "system", "tool"):
+        r = httpx.post(base_url + "/v1/chat/completions", json={"model": model, "messages": [{"role": role}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+    r = httpx.post(base_url + "/v1/chat/completions", json={
+        "model": model, "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                     {"role": "user", "content": "again"}]})
+    assert r.status_code == 200, r.text
+
+
 def test_a_union_field_names_the_real_reason_not_a_member_type(base_url, model):
     """prompt: str | list[str] | list[int] | list[list[int]]: a list of numbers fails as token ids, not as a string"""
     r = httpx.post(base_url + "/v1/completions", json={"model": model, "prompt": [1.5]})

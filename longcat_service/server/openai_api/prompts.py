@@ -84,6 +84,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     turns: list[dict] = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
+        if m.content is None and role in ("system", "user", "tool"):  # as OpenAI: an assistant turn may omit it
+            raise invalid(f"messages[{i}].content", f"required for role {m.role!r}")
         text = _text_of(m, i)
         if role == "tool":
             block = f"{TOOL_RESPONSE_START}{text}{TOOL_RESPONSE_END}"
