@@ -52,14 +52,17 @@ SHUTDOWN_ACK_TIMEOUT_S = 30.0
 MSG_STEP, MSG_SHUTDOWN = "step", "shutdown"
 
 
+_open_driver: TPDriverRunner | None = None  # this process's TP group's rank 0, from its start to its close()
+
+
 def create_model_runner(args: EngineArgs, model_path) -> ModelRunner:
     """ModelRunner at tp 1; otherwise rank 0's TPDriverRunner (joining torchrun's job, or spawning local ranks)."""
     tp = args.tensor_parallel_size
-    if parallel_state.get_tp_size() > 1:
+    if _open_driver is not None:
         # a second engine would run its collectives in the open engine's group and hang there
         raise EngineArgsError("tensor_parallel_size", f"this process still drives a tensor-parallel engine of "
-                              f"{parallel_state.get_tp_size()} ranks: close it first (LLM.close(), LLMEngine.close(), "
-                              "or `with LLM(...) as llm:`)")
+                              f"{_open_driver.info.world_size} ranks: close it first (LLM.close(), "
+                              "LLMEngine.close(), or `with LLM(...) as llm:`)")
     env = torchrun_env()
     if env is not None and env.world_size > 1:
         if tp != env.world_size:
@@ -143,6 +146,8 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
             self._abandon_workers()
             raise
         atexit.register(self.close)
+        global _open_driver
+        _open_driver = self
         logger.info("tensor parallel: rank 0 of %d ready (%s)", tp, "torchrun" if env else "local processes")
 
     def _spawn_workers(self, args: EngineArgs, model_path, info: RankInfo) -> None:
@@ -242,6 +247,9 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
             if self.heartbeat is not None:
                 self.heartbeat.stop()
             parallel_state.destroy_distributed()
+            global _open_driver
+            if _open_driver is self:
+                _open_driver = None
             logger.info("tensor parallel: all ranks shut down")
         finally:
             self._lock.release()
