@@ -260,6 +260,11 @@ def test_a_union_field_names_the_real_reason_not_a_member_type(base_url, model):
     r = httpx.post(base_url + "/v1/completions", json={"model": model, "prompt": [1.5]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[0]", r.text
     assert "integer" in r.json()["error"]["message"]
+    for bad in ([True], [[5, False]]):  # lax mode took true as token 1
+        r = httpx.post(base_url + "/v1/completions", json={"model": model, "prompt": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt[0]"), r.text
+    r = httpx.post(base_url + "/detokenize", json={"model": model, "tokens": [1, True]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens[1]", r.text
     r = httpx.post(base_url + "/v1/chat/completions", json={"model": 1})  # not a union: the first error stays first
     assert r.json()["error"]["param"] == "model", r.text
 

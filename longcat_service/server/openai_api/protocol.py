@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 
@@ -39,6 +39,15 @@ def _unicode_json(value: Any) -> Any:
 
 
 Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # lax mode would read true as token 1
+        raise PydanticCustomError("token_id", "must be an integer token id, got {value}", {"value": value})
+    return value
+
+
+TokenId = Annotated[int, BeforeValidator(_not_a_bool)]
 
 
 class _Request(BaseModel):
@@ -71,7 +80,7 @@ class SamplingFields(_Request):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
     # this server's extension: the gRPC request's timeout_ms (the request ends at this deadline)
     timeout_ms: int | None = Field(default=None, gt=0)
@@ -138,7 +147,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = 16  # OpenAI's default for /v1/completions
     echo: bool = False
     logprobs: int | None = None
@@ -155,7 +164,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # ---- responses ---------------------------------------------------------------------------------------------
