@@ -7,16 +7,15 @@ import time
 from collections.abc import Mapping, Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from longcat_service.client.channel import ChannelConfig
 from longcat_service.client.errors import from_rpc_error
 from longcat_service.client.request import generate_request, tokenize_request
-from longcat_service.client.retry import RetryPolicy, retry_pause
-from longcat_service.client.sync_client import _UNSET, DEFAULT_TIMEOUT_S, _remaining, _StreamState
+from longcat_service.client.retry import retry_pause
+from longcat_service.client.sync_client import _UNSET, _ClientBase, _remaining, _StreamState
 from longcat_service.client.types import GenerationChunk, GenerationResult, chunk_from_proto
 from longcat_service.server.generated import longcat_pb2 as pb
-from longcat_service.server.generated import longcat_pb2_grpc as pb_grpc
 
 
 class AsyncGenerationStream(_StreamState):
@@ -65,20 +64,13 @@ class AsyncGenerationStream(_StreamState):
         await self.close()
 
 
-class AsyncLongCatClient:
-    """Create inside a running event loop; `async with AsyncLongCatClient(addr) as client: ...`."""
+class AsyncLongCatClient(_ClientBase):
+    """Create inside a running event loop; `async with AsyncLongCatClient(addr) as client: ...` (the arguments of
+    LongCatClient)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: bool | None = None,
-                 root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
-                 client_key: bytes | str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
-                 retry: RetryPolicy | None = None, channel_options: Sequence = ()):
-        self._config = ChannelConfig(address, tls, root_certificates, client_certificate, client_key, api_key,
-                                     tuple(channel_options))
-        self.timeout = timeout
-        self.retry = retry if retry is not None else RetryPolicy()
-        self._channel = self._config.aio_channel()
-        self._stub = pb_grpc.LongCatStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    @staticmethod
+    def _open_channel(config: ChannelConfig) -> grpc.aio.Channel:
+        return config.aio_channel()
 
     def generate_stream(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Mapping] | None = None,
                         request_id: str | None = None, timeout=_UNSET, timeout_ms: int | None = None,
@@ -129,9 +121,6 @@ class AsyncLongCatClient:
                     attempt += 1
                     continue
                 raise from_rpc_error(e.code(), e.details(), e.trailing_metadata()) from None
-
-    def _timeout(self, timeout) -> float | None:
-        return self.timeout if timeout is _UNSET else timeout
 
     async def close(self) -> None:
         await self._channel.close()

@@ -86,12 +86,9 @@ class GenerationStream(_StreamState):
         self.close()
 
 
-class LongCatClient:
-    """`LongCatClient("127.0.0.1:50051")`; see ChannelConfig for TLS and API keys.
-
-    `timeout` (seconds, None = none) is the default deadline per call; `retry` applies to UNAVAILABLE and to
-    RESOURCE_EXHAUSTED with the server's retry-after-ms hint (waiting at least the hint), for streams only
-    before the first chunk."""
+class _ClientBase:
+    """The connection settings and stubs that LongCatClient and AsyncLongCatClient share; each opens its kind of
+    channel (`_open_channel`)."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: bool | None = None,
                  root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
@@ -101,9 +98,28 @@ class LongCatClient:
                                      tuple(channel_options))
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
-        self._channel = self._config.sync_channel()
+        self._channel = self._open_channel(self._config)
         self._stub = pb_grpc.LongCatStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @staticmethod
+    def _open_channel(config: ChannelConfig):
+        raise NotImplementedError
+
+    def _timeout(self, timeout) -> float | None:
+        return self.timeout if timeout is _UNSET else timeout
+
+
+class LongCatClient(_ClientBase):
+    """`LongCatClient("127.0.0.1:50051")`; see ChannelConfig for TLS and API keys.
+
+    `timeout` (seconds, None = none) is the default deadline per call; `retry` applies to UNAVAILABLE and to
+    RESOURCE_EXHAUSTED with the server's retry-after-ms hint (waiting at least the hint), for streams only
+    before the first chunk."""
+
+    @staticmethod
+    def _open_channel(config: ChannelConfig) -> grpc.Channel:
+        return config.sync_channel()
 
     # ---- generation --------------------------------------------------------------------------------
     def generate_stream(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Mapping] | None = None,
@@ -158,9 +174,6 @@ class LongCatClient:
                     attempt += 1
                     continue
                 raise from_rpc_error(e.code(), e.details(), e.trailing_metadata()) from None
-
-    def _timeout(self, timeout) -> float | None:
-        return self.timeout if timeout is _UNSET else timeout
 
     def close(self) -> None:
         self._channel.close()
