@@ -9,7 +9,7 @@ import uuid
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.background import BackgroundTask
 
-from longcat_service.server.openai_api.errors import ApiError, invalid
+from longcat_service.server.openai_api.errors import invalid
 from longcat_service.server.openai_api.generation import Generation, HttpContext
 from longcat_service.server.openai_api.prompts import ChatPrompt, render_chat
 from longcat_service.server.openai_api.protocol import (
@@ -29,11 +29,10 @@ from longcat_service.server.openai_api.protocol import (
     speculative_usage,
 )
 from longcat_service.server.openai_api.reasoning_parser import ReasoningStreamParser, split_reasoning
+from longcat_service.server.openai_api.request_end import collect_non_streaming, stream_events
 from longcat_service.server.openai_api.sampling import sampling_params
 from longcat_service.server.openai_api.tokens import TokenText
 from longcat_service.server.openai_api.tool_parser import ToolCallStreamParser, extract_tool_calls
-
-DONE = format_sse_event(data_str="[DONE]")
 
 
 def openai_finish_reason(reason: str | None, has_tool_calls: bool) -> str | None:
@@ -95,32 +94,6 @@ async def _last_output(gen: Generation):
     return last
 
 
-async def collect_non_streaming(gen: Generation, outputs):
-    """A non-streaming response's outputs (the awaitable `outputs`), with the request closed and its outcome
-    recorded; a deadline or engine error raises its ApiError, a disconnect closes the request as cancelled."""
-    try:
-        result = await gen.until_disconnect(outputs)
-    except ApiError as e:
-        await gen.close(e.outcome)
-        raise gen.recorded(e) from None
-    except BaseException:
-        await gen.close("cancelled")
-        raise
-    outcome = gen.final_outcome()
-    await gen.close(outcome)
-    _raise_for_outcome(outcome, gen)
-    return result
-
-
-def _raise_for_outcome(outcome: str, gen: Generation) -> None:
-    """After gen.close(outcome): a request that ended at its deadline or in an engine error is an error."""
-    if outcome == "deadline":
-        raise gen.recorded(ApiError(504, f"deadline (timeout_ms) passed after {gen.num_tokens} output token(s)",
-                                    outcome="deadline", headers={"x-should-retry": "false"}))
-    if outcome == "error":
-        raise gen.recorded(ApiError(500, "the engine failed while generating"))
-
-
 class _ChoiceStream:
     """One choice's parsers: reasoning first (when enabled), then tool calls on the content."""
 
@@ -154,7 +127,7 @@ class _ChoiceStream:
         return Delta(content=content or None, reasoning_content=reasoning or None, tool_calls=calls or None)
 
 
-async def _stream(ctx: HttpContext, gen: Generation, request: ChatCompletionRequest, prompt: ChatPrompt,
+def _stream(ctx: HttpContext, gen: Generation, request: ChatCompletionRequest, prompt: ChatPrompt,
                   completion_id: str):
     created = int(time.time())
     tokens = TokenText(ctx.engine.tokenizer)
@@ -167,7 +140,8 @@ async def _stream(ctx: HttpContext, gen: Generation, request: ChatCompletionRequ
                                     usage=usage)
         return format_sse_event(data_str=chunk.model_dump_json(exclude_none=True))
 
-    try:
+    async def chunks():
+        nonlocal final
         yield event([ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in choices])
         async for _, out in gen.outputs():
             final = out
@@ -185,14 +159,10 @@ async def _stream(ctx: HttpContext, gen: Generation, request: ChatCompletionRequ
                 if c.finished:
                     reason = openai_finish_reason(c.finish_reason, state.num_calls > 0)
                     yield event([ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=reason)])
-        outcome = gen.final_outcome()
-        _raise_for_outcome(outcome, gen)
+
+    def usage():
         if request.stream_options is not None and request.stream_options.include_usage and final is not None:
-            yield event([], usage_of([final], final.num_cached_tokens))
-        yield DONE
-        await gen.close(outcome)
-    except ApiError as e:
-        await gen.close(e.outcome)
-        yield format_sse_event(data_str=e.body().model_dump_json())
-    finally:
-        await gen.close("cancelled")
+            return event([], usage_of([final], final.num_cached_tokens))
+        return None
+
+    return stream_events(gen, chunks(), usage)

@@ -9,8 +9,7 @@ import uuid
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.background import BackgroundTask
 
-from longcat_service.server.openai_api.chat import DONE, _raise_for_outcome, collect_non_streaming
-from longcat_service.server.openai_api.errors import ApiError, invalid
+from longcat_service.server.openai_api.errors import invalid
 from longcat_service.server.openai_api.generation import Generation, HttpContext
 from longcat_service.server.openai_api.prompts import completion_prompts
 from longcat_service.server.openai_api.protocol import (
@@ -22,6 +21,7 @@ from longcat_service.server.openai_api.protocol import (
     Usage,
     speculative_usage,
 )
+from longcat_service.server.openai_api.request_end import collect_non_streaming, stream_events
 from longcat_service.server.openai_api.sampling import sampling_params
 from longcat_service.server.openai_api.tokens import TokenText
 
@@ -112,7 +112,7 @@ async def _final_outputs(gen: Generation) -> dict:
     return finals
 
 
-async def _stream(ctx: HttpContext, gen: Generation, request: CompletionRequest, prompts, texts, completion_id: str):
+def _stream(ctx: HttpContext, gen: Generation, request: CompletionRequest, prompts, texts, completion_id: str):
     created = int(time.time())
     tokens = TokenText(ctx.engine.tokenizer)
     builders: dict[int, _LogprobsBuilder] = {}
@@ -124,7 +124,7 @@ async def _stream(ctx: HttpContext, gen: Generation, request: CompletionRequest,
                                    usage=usage)
         return format_sse_event(data_str=chunk.model_dump_json(exclude_none=True))
 
-    try:
+    async def chunks():
         async for p, out in gen.outputs():
             finals[p] = out
             for c in out.outputs:
@@ -149,14 +149,10 @@ async def _stream(ctx: HttpContext, gen: Generation, request: CompletionRequest,
                 if text or c.new_token_ids or c.finished:
                     yield event([CompletionChoice(index=index, text=text, logprobs=logprobs,
                                                   finish_reason=c.finish_reason)])
-        outcome = gen.final_outcome()
-        _raise_for_outcome(outcome, gen)
+
+    def usage():
         if request.stream_options is not None and request.stream_options.include_usage:
-            yield event([], _usage(finals))
-        yield DONE
-        await gen.close(outcome)
-    except ApiError as e:
-        await gen.close(e.outcome)
-        yield format_sse_event(data_str=e.body().model_dump_json())
-    finally:
-        await gen.close("cancelled")
+            return event([], _usage(finals))
+        return None
+
+    return stream_events(gen, chunks(), usage)
