@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 MAX_N = 16
@@ -25,6 +27,13 @@ class _DefaultMaxTokens(int):
 
 
 DEFAULT_MAX_TOKENS = _DefaultMaxTokens(16)
+
+
+_OPTIONAL_INTS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")  # None means unset / unlimited
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class SamplingParamsError(ValueError):
@@ -57,12 +66,36 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
         self.validate()
+
+    def _check_types(self) -> None:
+        """Python callers can pass anything: a wrong type is a SamplingParamsError naming the field, not a
+        TypeError from deep inside (or, for a float n or a string of stop token ids, a silent misreading)."""
+        for name in ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if not (_is_int(value) or (value is None and name in _OPTIONAL_INTS)):
+                raise SamplingParamsError(name, f"must be an integer, got {value!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(name, f"must be True or False, got {getattr(self, name)!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise SamplingParamsError("stop", f"must be a string or a list of strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")
+        if not isinstance(self.logit_bias, Mapping):
+            raise SamplingParamsError("logit_bias", f"must be a mapping of token id to bias, got {self.logit_bias!r}")
+        for tok, bias in self.logit_bias.items():
+            if not _is_int(tok):
+                raise SamplingParamsError("logit_bias", f"keys must be token ids, got {tok!r}")
+            if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
+                raise SamplingParamsError("logit_bias", f"must be a finite number, got {bias!r}")
 
     @property
     def max_tokens_is_default(self) -> bool:
@@ -76,7 +109,8 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> None:
         def finite(name: str, value: float) -> None:
-            if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+                    or math.isinf(value)):
                 raise SamplingParamsError(name, f"must be a finite number, got {value!r}")
 
         for name in (
