@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -75,12 +80,22 @@ class EngineArgs:
             self.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS.get(kind, DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu"])
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise EngineArgsError(name, f"must be a positive integer, got {value!r}")
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise EngineArgsError(name, f"must be a positive integer or None, got {value!r}")
+        if not _is_int(self.seed):
+            raise EngineArgsError("seed", f"must be an integer, got {self.seed!r}")
+        for name in ("enable_prefix_caching", "enable_expert_parallel", "collect_expert_load", "overlap_steps",
+                     "async_scheduling", "capture_graphs_at_startup"):
+            if not isinstance(getattr(self, name), bool):  # a string such as "no" would read as true
+                raise EngineArgsError(name, f"must be True or False, got {getattr(self, name)!r}")
+        for name in ("gpu_memory_utilization", "step_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                raise EngineArgsError(name, f"must be a number, got {value!r}")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise EngineArgsError("hf_overrides", f"must be a dict of config.json keys, got {self.hf_overrides!r}")
         if self.quantization not in (None, "fp8"):

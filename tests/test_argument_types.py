@@ -1,6 +1,7 @@
-"""SamplingParams from Python: a value of the wrong type is a SamplingParamsError naming the field (it was a
-TypeError from inside __post_init__, or silently taken: n=2.5, stop_token_ids="abc" as three ids, ignore_eos="no" as
-true); integers of any integral type (numpy's too) and tuples still work."""
+"""SamplingParams and EngineArgs from Python: a value of the wrong type is an error naming the field
+(SamplingParamsError, EngineArgsError). It was a TypeError from inside, or silently taken: n=2.5, stop_token_ids="abc"
+as three ids, ignore_eos="no" or enable_prefix_caching="no" as true. Integers of any integral type (numpy's too) and
+tuples still work in SamplingParams."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def test_integral_and_sequence_types_are_taken_as_they_are():
     assert p.n == 2 and p.max_tokens == 4 and p.stop == ["a", "b"] and p.stop_token_ids == [3, 4]
     assert p.logit_bias == {5: 1.5} and SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(max_tokens=None).max_tokens is None
+
+
+@pytest.mark.parametrize("kwargs,field,message", [
+    (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization", "must be a number, got '0.9'"),  # was a TypeError
+    (dict(step_timeout_s=float("nan")), "step_timeout_s", "must be a number, got nan"),
+    (dict(enable_prefix_caching="no"), "enable_prefix_caching", "must be True or False, got 'no'"),  # was true
+    (dict(async_scheduling=1), "async_scheduling", "must be True or False, got 1"),
+    (dict(max_model_len=True), "max_model_len", "must be a positive integer or None, got True"),  # was 1
+    (dict(block_size=False), "block_size", "must be a positive integer, got False"),
+    (dict(seed="1"), "seed", "must be an integer, got '1'"),
+])
+def test_engine_args_of_the_wrong_type_name_the_field(kwargs, field, message):
+    from longcat_service.engine.engine_args import EngineArgs
+    from longcat_service.engine.errors import EngineArgsError
+
+    with pytest.raises(EngineArgsError) as e:
+        EngineArgs(device="cpu", **kwargs)
+    assert e.value.field == field and str(e.value) == f"{field}: {message}"
