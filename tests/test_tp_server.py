@@ -181,6 +181,7 @@ def test_worker_killed_mid_stream_server_exits_nonzero_and_clients_get_unavailab
         assert code == 3, server.text[-3000:]
         assert elapsed < 15
         assert "tensor-parallel group lost" in server.text
+        assert f"(pid {worker}) exited with code -9" in server.text  # the signal, not None (reaped first)
         assert "NOT_SERVING" in statuses, statuses
         assert len(errors) == 1 and isinstance(errors[0], LongCatError), errors
         assert errors[0].code == grpc.StatusCode.UNAVAILABLE

@@ -167,6 +167,8 @@ class TPDriverRunner(_TPRunnerMixin, ModelRunner):
         if self._closing:
             return
         dead = [p for p in procs if p.sentinel in ready]
+        for p in dead:
+            p.join(timeout=1.0)  # reap it: until then exitcode reads None
         self.fail(", ".join(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}" for p in dead))
 
     # ---- the step ------------------------------------------------------------------------------
