@@ -8,42 +8,21 @@ import pytest
 
 from longcat_service.client import cli
 from longcat_service.client.types import GenerationChunk, Usage
+from tests.scripted_client import scripted_client
 
 HOSTILE = "ok \x1b[2J\x1b]0;pwned\x07 back\rX\x00\x7f\x9b \u202etxt.exe\nnext\tline é"
 
 
-class _FakeStream:
-    def __init__(self, chunks):
-        self.chunks = chunks
-
-    def __enter__(self):
-        return iter(self.chunks)
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _FakeClient:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def generate_stream(self, **kwargs):
-        return _FakeStream([
-            GenerationChunk(request_id="r", index=0, text=HOSTILE[:10]),
-            GenerationChunk(request_id="r", index=0, text=HOSTILE[10:]),
-            GenerationChunk(request_id="r", index=0, finish_reason="length", usage=Usage(completion_tokens=2)),
-        ])
+CHUNKS = [
+    GenerationChunk(request_id="r", index=0, text=HOSTILE[:10]),
+    GenerationChunk(request_id="r", index=0, text=HOSTILE[10:]),
+    GenerationChunk(request_id="r", index=0, finish_reason="length", usage=Usage(completion_tokens=2)),
+]
 
 
 @pytest.fixture
 def fake_client(monkeypatch):
-    monkeypatch.setattr(cli, "LongCatClient", _FakeClient)
+    monkeypatch.setattr(cli, "LongCatClient", scripted_client(CHUNKS))
 
 
 def test_plain_mode_escapes_control_characters(fake_client, capsys):

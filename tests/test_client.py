@@ -27,8 +27,10 @@ from longcat_service.client import (
 from longcat_service.client.cli import main as client_main
 from longcat_service.client.errors import from_rpc_error
 from longcat_service.client.request import generate_request
+from longcat_service.client.types import GenerationChunk, Usage
 from longcat_service.server.app import ServerConfig
 from longcat_service.server.background import BackgroundServer
+from tests.scripted_client import scripted_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,32 +142,18 @@ def test_cli_reports_errors(server, capsys):
     assert event["error"] == "INVALID_ARGUMENT" and event["details"].startswith("sampling.top_p")
 
 
-class _InterleavedClient:
-    """Stands in for LongCatClient in the CLI: the chunks of n=2 completions interleaved, as the server sends them."""
+def _chunk(index, text, reason=None, tokens=0):
+    return GenerationChunk(request_id="r", index=index, text=text, finish_reason=reason,
+                           usage=Usage(completion_tokens=tokens) if reason else None)
 
-    def __init__(self, *args, **kwargs):
-        pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def generate_stream(self, **kwargs):
-        from contextlib import nullcontext
-        from types import SimpleNamespace
-
-        def chunk(index, text, reason=None, tokens=0):
-            return SimpleNamespace(index=index, text=text, finished=reason is not None, finish_reason=reason,
-                                   usage=SimpleNamespace(completion_tokens=tokens))
-
-        return nullcontext([chunk(1, "Good"), chunk(0, "Once"), chunk(1, "bye", "stop", 2), chunk(0, " upon"),
-                            chunk(0, "", "length", 2)])
+# the chunks of n=2 completions interleaved, as the server sends them
+INTERLEAVED = [_chunk(1, "Good"), _chunk(0, "Once"), _chunk(1, "bye", "stop", 2), _chunk(0, " upon"),
+               _chunk(0, "", "length", 2)]
 
 
 def test_cli_prints_several_completions_whole_in_index_order(monkeypatch, capsys):
-    monkeypatch.setattr("longcat_service.client.cli.LongCatClient", _InterleavedClient)
+    monkeypatch.setattr("longcat_service.client.cli.LongCatClient", scripted_client(INTERLEAVED))
     assert client_main(["-n", "2", "hi"]) == 0
     out = capsys.readouterr()
     assert out.out == "Once upon\nGoodbye\n"  # streamed as they came it read "GoodOncebye upon"
