@@ -72,11 +72,14 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate (Python str can hold one); the tokenizer's error is cryptic
-            raise ValueError(f"text contains an unpaired UTF-16 surrogate at character {e.start} (not valid Unicode "
-                             "text)") from None
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # a lone surrogate (a Python str can hold one) reads "TextInputSequence must be str"
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text contains an unpaired UTF-16 surrogate at character {e.start} (not valid "
+                                 "Unicode text)") from None
+            raise
         # Like transformers' fast tokenizers: add_bos_token in tokenizer_config asks for a BOS even when
         # tokenizer.json carries no post-processor that adds it.
         if add_special_tokens and self._add_bos_token and self.bos_token_id is not None:

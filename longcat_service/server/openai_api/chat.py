@@ -128,7 +128,7 @@ class _ChoiceStream:
 
 
 def _stream(ctx: HttpContext, gen: Generation, request: ChatCompletionRequest, prompt: ChatPrompt,
-                  completion_id: str):
+            completion_id: str):
     created = int(time.time())
     tokens = TokenText(ctx.engine.tokenizer)
     top_n = request.top_logprobs or 0
